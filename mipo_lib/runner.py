@@ -1,0 +1,138 @@
+"""The batch reproduction: execute the numbered notebooks with papermill for one preset and a list of seeds.
+
+Each notebook runs in its own kernel with `PRESET`, `SEEDS` and `REDO` injected into its `parameters` cell, and is
+written executed to `runs/<preset>/notebooks/`. Wall time and peak resident memory (kernel included, sampled every
+0.2 s) go to `runs/<preset>/notebooks/timings.csv`. Stages reuse finished artefacts (pairs, adapters,
+evaluations) unless `redo` is set, so re-running after an interruption continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from mipo_lib.config import get_preset, repo_root, run_dir
+from mipo_lib.errors import MipoError
+
+
+@dataclass
+class NotebookRun:
+    notebook: str
+    preset: str
+    wall_s: float
+    peak_rss_mb: float
+    ok: bool
+
+
+def notebooks_dir() -> Path:
+    return repo_root() / "notebooks"
+
+
+def list_notebooks(names: Sequence[str] | None = None) -> list[Path]:
+    """The numbered notebooks in order (`NN_slug.ipynb`), or the ones whose name starts with one of `names`."""
+    found = sorted(notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
+    if not names:
+        return found
+    chosen = [p for p in found if any(p.stem.startswith(n) or p.name == n for n in names)]
+    if len(chosen) == 0:
+        raise MipoError(f"no notebook matches {list(names)}; available: {[p.stem for p in found]}")
+    return chosen
+
+
+class _PeakMemory:
+    """Samples the resident memory of this process and all its children (the notebook kernel) in a thread."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self._interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        import psutil
+
+        total = 0
+        for proc in [self._proc, *self._proc.children(recursive=True)]:
+            try:
+                total += proc.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> "_PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_notebook(path: Path, preset: str, seeds: Sequence[int] | None, redo: bool, out_dir: Path, progress: bool) -> NotebookRun:
+    """Execute one notebook with papermill; the executed copy lands in `out_dir` even when a cell fails."""
+    import papermill as pm
+
+    params = {"PRESET": preset, "SEEDS": list(seeds) if seeds else None, "REDO": redo}
+    start = time.perf_counter()
+    ok = False
+    with _PeakMemory() as mem:
+        try:
+            pm.execute_notebook(
+                str(path),
+                str(out_dir / path.name),
+                parameters=params,
+                cwd=str(path.parent),
+                progress_bar=progress,
+                kernel_name="python3",
+            )
+            ok = True
+        finally:
+            wall = time.perf_counter() - start
+    return NotebookRun(path.stem, preset, round(wall, 1), round(mem.peak / 2**20, 1), ok)
+
+
+def reproduce(
+    preset: str = "cpu",
+    seeds: Sequence[int] | None = None,
+    notebooks: Sequence[str] | None = None,
+    redo: bool = False,
+    progress: bool = True,
+) -> list[NotebookRun]:
+    """Run the workbook for a preset: every numbered notebook in order, stopping at the first failure."""
+    get_preset(preset)  # fail fast on an unknown preset name
+    out_dir = run_dir(preset, "notebooks")
+    timings = out_dir / "timings.csv"
+    runs: list[NotebookRun] = []
+    for path in list_notebooks(notebooks):
+        print(f"[mipo] {preset}: running {path.name} ...", flush=True)
+        try:
+            run = run_notebook(path, preset, seeds, redo, out_dir, progress)
+        except Exception:
+            _append_timing(timings, NotebookRun(path.stem, preset, float("nan"), float("nan"), False))
+            print(f"[mipo] {path.name} failed; the executed copy with the error is in {out_dir}", flush=True)
+            raise
+        _append_timing(timings, run)
+        print(f"[mipo] {path.name}: {run.wall_s:.0f} s, peak {run.peak_rss_mb:.0f} MB", flush=True)
+        runs.append(run)
+    return runs
+
+
+def _append_timing(path: Path, run: NotebookRun) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as fh:
+        writer = csv.writer(fh)
+        if new:
+            writer.writerow(["notebook", "preset", "wall_s", "peak_rss_mb", "ok", "finished_at"])
+        writer.writerow([run.notebook, run.preset, run.wall_s, run.peak_rss_mb, run.ok, time.strftime("%Y-%m-%dT%H:%M:%S")])
