@@ -1,0 +1,186 @@
+"""Benchmark of the pipeline's hot paths, side by side in one run (ratios, not absolute times).
+
+    python benchmarks/run.py            # the cpu preset's model (SmolLM2-135M), writes benchmarks/results.md
+    python benchmarks/run.py --smoke    # tiny random model, seconds; CI runs this so the script cannot rot
+
+Measured:
+1. generation: tokens/s of the library's batched, length-sorted generation vs naive one-prompt-at-a-time
+   `generate` (same prompts, same sampling settings), and vs teacher-forced scoring of the same tokens (the roof);
+2. scoring: base-model log-prob tokens/s, batched and length-sorted;
+3. DPO: one epoch with reference log-probs reused from the pairs vs TRL's default (a reference forward every step,
+   adapter disabled), peak memory of both, and whether a second copy of the base weights exists;
+4. 4-bit NF4 vs the default dtype: load footprint and one training step;
+5. end to end: wall time and peak memory per notebook from the runner's timings.csv, when a cpu run exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from mipo_lib import dpo  # noqa: E402
+from mipo_lib.config import get_preset, run_dir  # noqa: E402
+from mipo_lib.environment import versions  # noqa: E402
+from mipo_lib.generate import GenerationStats, chat_prompt_ids, generate_batches  # noqa: E402
+from mipo_lib.models import is_4bit, load_for_preset, memory_footprint_mb  # noqa: E402
+from mipo_lib.pairs import build_pairs  # noqa: E402
+from mipo_lib.runner import _PeakMemory  # noqa: E402
+from mipo_lib.scoring import sequence_logprobs  # noqa: E402
+from mipo_lib.tasks import get_task  # noqa: E402
+
+GOALS = {"generation_vs_naive": (">=", 8.0), "generation_vs_scoring": (">=", 0.30), "dpo_precomputed_vs_default": ("<=", 0.70)}
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def bench_generation(preset: Any, n_prompts: int) -> dict[str, float]:
+    """Batched vs naive generation and the scoring roof, over the same prompts and sampling settings."""
+    model, tok = load_for_preset(preset)
+    task = get_task(preset.task)
+    prompts = [task.prompt(e) for e in task.examples("train", n_prompts, seed=0)][:n_prompts]
+    ids = [chat_prompt_ids(tok, p) for p in prompts]
+    kw = dict(max_new_tokens=preset.max_new_tokens, temperature=preset.temperature, top_p=preset.top_p, seed=0, progress=False)
+
+    batched = GenerationStats()
+    texts: list[str] = [""] * len(ids)
+    for batch, out in generate_batches(model, tok, ids, batch_size=preset.gen_batch_size, stats=batched, **kw):
+        for r, t in zip(batch.rows, out):
+            texts[r] = t
+    naive_n = max(2, len(ids) // 4)  # the naive loop is slow: time a quarter of the prompts, compare rates
+    naive = GenerationStats()
+    for b in range(naive_n):
+        for _ in generate_batches(model, tok, [ids[b]], batch_size=1, stats=naive, **kw):
+            pass
+    (_, n_tok), score_s = timed(lambda: sequence_logprobs(model, tok, prompts, texts, batch_size=preset.score_batch_size))
+    scoring_tps = float(n_tok.sum()) / score_s
+    return {
+        "generation_batched_tokens_per_s": batched.tokens_per_s,
+        "generation_naive_tokens_per_s": naive.tokens_per_s,
+        "scoring_tokens_per_s": scoring_tps,
+        "generation_vs_naive": batched.tokens_per_s / naive.tokens_per_s,
+        "generation_vs_scoring": batched.tokens_per_s / scoring_tps,
+    }
+
+
+def _dpo_epoch(preset: Any, pairs: list[dict[str, Any]], reuse: bool, load_in_4bit: bool = False) -> dict[str, Any]:
+    model, tok = load_for_preset(preset, load_in_4bit=load_in_4bit)
+    with tempfile.TemporaryDirectory() as tmp, _PeakMemory() as mem:
+        res, seconds = timed(lambda: dpo.train_dpo(model, tok, pairs, preset, 0, Path(tmp), reuse_reference=reuse, redo=True, progress=False))
+    return {"seconds": res.seconds, "wall_s": seconds, "peak_rss_mb": mem.peak / 2**20, "steps": len(res.log), "model": model}
+
+
+def bench_dpo(preset: Any) -> dict[str, float]:
+    """One epoch with reference log-probs from the pairs vs TRL's reference forward every step."""
+    model, tok = load_for_preset(preset)
+    pairs = build_pairs(model, tok, get_task(preset.task), preset, seed=0, progress=False)
+    del model
+    one_epoch = preset.with_overrides(epochs=1)
+    reuse = _dpo_epoch(one_epoch, pairs, reuse=True)
+    default = _dpo_epoch(one_epoch, pairs, reuse=False)
+    q4 = _dpo_epoch(one_epoch.with_overrides(extra={"bench": "4bit"}), pairs[: 2 * one_epoch.batch_size], reuse=True, load_in_4bit=True)
+    plain = _dpo_epoch(one_epoch, pairs[: 2 * one_epoch.batch_size], reuse=True)
+    m16, _ = load_for_preset(preset)
+    m4, _ = load_for_preset(preset, load_in_4bit=True)
+    return {
+        "dpo_epoch_reused_reference_s": reuse["seconds"],
+        "dpo_epoch_trl_default_s": default["seconds"],
+        "dpo_precomputed_vs_default": reuse["seconds"] / default["seconds"],
+        "dpo_peak_rss_reused_mb": reuse["peak_rss_mb"],
+        "dpo_peak_rss_default_mb": default["peak_rss_mb"],
+        "dpo_steps_per_epoch": reuse["steps"],
+        "base_weight_copies": 1.0,  # asserted below: TRL keeps no ref_model with a PEFT adapter
+        "footprint_default_mb": memory_footprint_mb(m16),
+        "footprint_4bit_mb": memory_footprint_mb(m4),
+        "is_4bit": float(is_4bit(m4)),
+        "step_time_4bit_vs_default": (q4["seconds"] / q4["steps"]) / (plain["seconds"] / plain["steps"]),
+    }
+
+
+def single_weight_copy(preset: Any) -> bool:
+    """True when the DPO trainer holds no separate reference model (the adapter is disabled instead)."""
+    model, tok = load_for_preset(preset)
+    pairs = build_pairs(model, tok, get_task(preset.task), preset, seed=0, progress=False)
+    DPOConfig, Trainer, _, _ = dpo._trainer_classes()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(model=model, args=DPOConfig(**dpo.dpo_config_kwargs(preset, 0, Path(tmp), model, progress=False)),
+                          train_dataset=dpo.dpo_dataset(pairs), processing_class=tok, peft_config=dpo.lora_config(preset))
+        return trainer.ref_model is None
+
+
+def end_to_end(preset_name: str) -> list[str]:
+    path = run_dir(preset_name, "notebooks") / "timings.csv"
+    if not path.exists():
+        return [f"(no {preset_name} run yet: `make reproduce` writes {path.name})"]
+    import pandas as pd
+
+    df = pd.read_csv(path).drop_duplicates("notebook", keep="last")
+    rows = [f"| {r.notebook} | {r.wall_s:.0f} s | {r.peak_rss_mb:.0f} MB |" for r in df.itertuples()]
+    return ["| notebook | wall time | peak RSS |", "|---|---|---|", *rows, f"| total | {df.wall_s.sum():.0f} s | |"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny random model, a few prompts (CI)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.md"))
+    parser.add_argument("--prompts", type=int, default=None, help="prompts for the generation benchmark")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    if args.smoke:
+        preset = get_preset("smoke", n_train_prompts=16, batch_size=4)
+        n_prompts = args.prompts or 16
+    else:
+        preset = get_preset("cpu", n_train_prompts=48)
+        n_prompts = args.prompts or 64
+    os.environ.setdefault("MIPO_RUNS_DIR", tempfile.mkdtemp(prefix="mipo-bench-"))
+
+    results: dict[str, float] = {}
+    results.update(bench_generation(preset, n_prompts))
+    results.update(bench_dpo(preset))
+    assert single_weight_copy(preset), "DPO trainer created a second copy of the base model"
+
+    lines = [
+        f"# Benchmark results ({'smoke' if args.smoke else preset.name} preset)",
+        "",
+        f"- date: {dt.date.today().isoformat()}",
+        f"- machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, torch threads {torch.get_num_threads()}",
+        f"- device: {'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}",
+        f"- model: {preset.model_id}, dtype {preset.dtype}; {n_prompts} prompts for generation, {preset.n_train_prompts} pairs for DPO",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
+        "",
+        "## Headline ratios (goal in brackets)",
+        "",
+    ]
+    for name, (op, goal) in GOALS.items():
+        value = results[name]
+        met = value >= goal if op == ">=" else value <= goal
+        lines.append(f"{name}: {value:.2f}")
+        lines.append(f"  (goal {op} {goal}: {'met' if met else 'MISSED'})")
+    lines += ["", "## All measurements", "", "| measure | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in results.items()]
+    lines += ["", "## End to end (`make reproduce`, cpu preset)", "", *end_to_end("cpu"), ""]
+    text = "\n".join(lines)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""DPO (MIPO) and the SFT baseline through TRL with a PEFT LoRA adapter: the only module that imports TRL.
+
+Keeping every TRL call here means an API change touches one file, and `tests/test_api_drift.py` checks each keyword
+argument built below against the installed signatures.
+
+Choices that matter:
+- The reference model is the base model with the adapter disabled (TRL does that for PEFT models): no second copy.
+- Reference log-probs come from the pairs file (computed once, while building pairs, with the same tokenization):
+  `precompute_ref_log_probs=True` tells TRL to read them from the batch, and `_PairsDPOTrainer` skips TRL's own
+  precompute pass when the columns are already there. No reference forward pass runs during training.
+- Sigmoid loss, summed log-probs, beta from the preset, cosine schedule with warm-up, as in the official code.
+- Precision follows `models.select_dtype`: bf16 where supported, fp16 on a T4 (adapters kept in fp32), fp32 on CPUs
+  without native bf16. With 4-bit the base stays NF4; only the LoRA matrices train.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+import torch
+
+from mipo_lib.config import Preset
+from mipo_lib.errors import MipoError
+from mipo_lib.models import lora_config
+
+DONE_MARKER = "training_done.json"
+
+
+@dataclass
+class TrainResult:
+    """What a training run leaves behind (also read back when a finished run is reused)."""
+
+    adapter_dir: Path
+    log: pd.DataFrame
+    seconds: float
+    peak_memory_mb: float | None
+    lora_changed: dict[str, bool] | None
+    sanity: dict[str, float] | None
+    reused: bool
+
+
+# ------------------------------------------------------------------------------------------------------- datasets
+def dpo_dataset(pairs: Sequence[dict[str, Any]], with_reference: bool = True) -> Any:
+    """Conversational preference rows for TRL, carrying the base model's log-probs as reference log-probs."""
+    from datasets import Dataset
+
+    rows = {
+        "prompt": [p["prompt"] for p in pairs],
+        "chosen": [[{"role": "assistant", "content": p["chosen"]}] for p in pairs],
+        "rejected": [[{"role": "assistant", "content": p["rejected"]}] for p in pairs],
+    }
+    if with_reference:
+        rows["ref_chosen_logps"] = [float(p["ref_chosen_logps"]) for p in pairs]
+        rows["ref_rejected_logps"] = [float(p["ref_rejected_logps"]) for p in pairs]
+    return Dataset.from_dict(rows)
+
+
+def sft_dataset(pairs: Sequence[dict[str, Any]]) -> Any:
+    """Prompt-completion rows of the positives (one per prompt even when K > 1 negatives share it)."""
+    from datasets import Dataset
+
+    seen: dict[str, dict[str, Any]] = {}
+    for p in pairs:
+        seen.setdefault(p["example_id"], p)
+    return Dataset.from_dict({
+        "prompt": [p["prompt"] for p in seen.values()],
+        "completion": [[{"role": "assistant", "content": p["chosen"]}] for p in seen.values()],
+    })
+
+
+# -------------------------------------------------------------------------------------------------------- configs
+def precision_flags(model: Any) -> dict[str, bool]:
+    """bf16/fp16 mixed-precision flags matching the model's compute dtype (TRL defaults bf16=True otherwise)."""
+    dtype = _compute_dtype(model)
+    return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
+
+
+def _compute_dtype(model: Any) -> torch.dtype:
+    qcfg = getattr(model.config, "quantization_config", None)
+    if qcfg is not None:
+        compute = qcfg.get("bnb_4bit_compute_dtype") if isinstance(qcfg, dict) else getattr(qcfg, "bnb_4bit_compute_dtype", None)
+        if compute is not None:
+            return getattr(torch, str(compute).replace("torch.", "")) if not isinstance(compute, torch.dtype) else compute
+    return next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
+
+
+def common_args(preset: Preset, seed: int, output_dir: Path, model: Any, progress: bool) -> dict[str, Any]:
+    """Arguments shared by DPOConfig and SFTConfig (both are transformers TrainingArguments)."""
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    return {
+        "output_dir": str(output_dir),
+        "num_train_epochs": preset.epochs,
+        "per_device_train_batch_size": preset.batch_size,
+        "gradient_accumulation_steps": preset.grad_accum,
+        "max_length": preset.max_length,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": preset.warmup_ratio,
+        "logging_steps": 1,
+        "save_strategy": "epoch",
+        "save_total_limit": 1,
+        "report_to": "none",
+        "seed": seed,
+        "disable_tqdm": not progress,
+        "use_cpu": on_cpu,
+        "dataloader_pin_memory": not on_cpu,
+        **precision_flags(model),
+        # only when asked: the flag is being renamed in transformers (activation_checkpointing)
+        **({"gradient_checkpointing": True} if preset.gradient_checkpointing else {}),
+    }
+
+
+def dpo_config_kwargs(preset: Preset, seed: int, output_dir: Path, model: Any, reuse_reference: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Every keyword passed to `DPOConfig` (the API-drift test inspects this)."""
+    return {
+        **common_args(preset, seed, output_dir, model, progress),
+        "beta": preset.beta,
+        "loss_type": ["sigmoid"],
+        "learning_rate": preset.learning_rate,
+        "precompute_ref_log_probs": reuse_reference,
+        "disable_dropout": True,
+    }
+
+
+def sft_config_kwargs(preset: Preset, seed: int, output_dir: Path, model: Any, progress: bool = True) -> dict[str, Any]:
+    """Every keyword passed to `SFTConfig`: loss on the completion only, same LoRA and schedule as DPO."""
+    return {
+        **common_args(preset, seed, output_dir, model, progress),
+        "learning_rate": preset.sft_learning_rate,
+        "completion_only_loss": True,
+    }
+
+
+# ------------------------------------------------------------------------------------------------------- trainers
+def _trainer_classes() -> tuple[type, type, type, type]:
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    class PairsDPOTrainer(DPOTrainer):
+        """DPOTrainer that takes reference log-probs already present in the dataset instead of recomputing them."""
+
+        def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
+            if {"ref_chosen_logps", "ref_rejected_logps"} <= set(dataset.column_names):
+                return dataset
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    return DPOConfig, PairsDPOTrainer, SFTConfig, SFTTrainer
+
+
+def check_reference_tokens(trainer: Any, pairs: Sequence[dict[str, Any]], max_length: int) -> None:
+    """Fail loudly if TRL tokenized a completion differently from the scoring that produced its reference log-probs."""
+    ds = trainer.train_dataset
+    if len(ds) != len(pairs):
+        raise MipoError(f"TRL dropped {len(pairs) - len(ds)} pairs whose prompt fills max_length; raise max_length in the preset")
+    for row, pair in zip(ds, pairs):
+        for side in ("chosen", "rejected"):
+            n = min(len(row[f"{side}_ids"]), max_length - len(row["prompt_ids"]))
+            if n != pair[f"{side}_tokens"]:
+                raise MipoError(
+                    f"pair {pair['pair_id']}: TRL tokenized {n} {side} tokens, scoring used {pair[f'{side}_tokens']}; "
+                    "the stored reference log-probs do not match; regenerate pairs with redo=True"
+                )
+
+
+def _lora_snapshot(model: Any) -> dict[str, torch.Tensor]:
+    return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _quiet(trainer: Any, progress: bool) -> Any:
+    """Without progress bars, transformers prints every log dict; keep notebooks and CI output readable."""
+    if not progress:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def _keep_adapters_fp32(model: Any) -> None:
+    """TRL casts QLoRA adapters to bf16; a T4 (fp16) or an fp32 CPU run wants them in fp32."""
+    if _compute_dtype(model) != torch.bfloat16:
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+
+
+def _peak_memory_mb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return None
+
+
+def _log_frame(history: list[dict[str, Any]]) -> pd.DataFrame:
+    steps = [h for h in history if "loss" in h and "train_runtime" not in h]
+    return pd.DataFrame(steps)
+
+
+def _reuse(adapter_dir: Path) -> TrainResult | None:
+    marker = adapter_dir / DONE_MARKER
+    if not marker.exists():
+        return None
+    info = json.loads(marker.read_text())
+    return TrainResult(
+        adapter_dir=adapter_dir,
+        log=pd.read_csv(adapter_dir / "train_log.csv"),
+        seconds=info["seconds"],
+        peak_memory_mb=info.get("peak_memory_mb"),
+        lora_changed=info.get("lora_changed"),
+        sanity=info.get("sanity"),
+        reused=True,
+    )
+
+
+def _finish(trainer: Any, adapter_dir: Path, seconds: float, before: dict[str, torch.Tensor], sanity: dict[str, float] | None) -> TrainResult:
+    after = _lora_snapshot(trainer.model)
+    changed = {n: bool(not torch.equal(before[n], after[n])) for n in before}
+    trainer.model.save_pretrained(adapter_dir)
+    log = _log_frame(trainer.state.log_history)
+    log.to_csv(adapter_dir / "train_log.csv", index=False)
+    peak = _peak_memory_mb(next(trainer.model.parameters()).device)
+    info = {"seconds": round(seconds, 2), "peak_memory_mb": peak, "lora_changed": changed, "sanity": sanity}
+    (adapter_dir / DONE_MARKER).write_text(json.dumps(info, indent=1))
+    for ckpt in adapter_dir.glob("checkpoint-*"):
+        import shutil
+
+        shutil.rmtree(ckpt)
+    return TrainResult(adapter_dir, log, seconds, peak, changed, sanity, reused=False)
+
+
+def _train(trainer: Any, adapter_dir: Path) -> float:
+    """Train, resuming from the last epoch checkpoint of an interrupted run if there is one."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(adapter_dir)) if adapter_dir.exists() else None
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=last)
+    return time.perf_counter() - start
+
+
+def train_dpo(
+    model: Any,
+    tokenizer: Any,
+    pairs: Sequence[dict[str, Any]],
+    preset: Preset,
+    seed: int,
+    adapter_dir: Path,
+    *,
+    reuse_reference: bool = True,
+    redo: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """MIPO: DPO on the pairs with a fresh LoRA adapter on `model` (modified in place). Reuses a finished run."""
+    adapter_dir = Path(adapter_dir)
+    if not redo and (done := _reuse(adapter_dir)):
+        return done
+    DPOConfig, PairsDPOTrainer, _, _ = _trainer_classes()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    args = DPOConfig(**dpo_config_kwargs(preset, seed, adapter_dir, model, reuse_reference, progress))
+    trainer = PairsDPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=dpo_dataset(pairs, with_reference=reuse_reference),
+        processing_class=tokenizer,
+        peft_config=lora_config(preset),
+    )
+    _quiet(trainer, progress)
+    _keep_adapters_fp32(trainer.model)
+    if reuse_reference:
+        check_reference_tokens(trainer, pairs, preset.max_length)
+    sanity = initial_sanity(trainer, pairs, reuse_reference)
+    before = _lora_snapshot(trainer.model)
+    seconds = _train(trainer, adapter_dir)
+    return _finish(trainer, adapter_dir, seconds, before, sanity)
+
+
+def initial_sanity(trainer: Any, pairs: Sequence[dict[str, Any]], reuse_reference: bool, n: int = 16) -> dict[str, float]:
+    """DPO loss and reward margin before any update: they must be log 2 = 0.6931 and 0 (policy == reference)."""
+    subset = dpo_dataset(pairs[:n], with_reference=reuse_reference)
+    metrics = trainer.evaluate(eval_dataset=subset, metric_key_prefix="init")
+    margin = next((v for k, v in metrics.items() if k.endswith("rewards/margins")), float("nan"))
+    return {"loss": float(metrics["init_loss"]), "margin": float(margin)}
+
+
+def train_sft(
+    model: Any,
+    tokenizer: Any,
+    pairs: Sequence[dict[str, Any]],
+    preset: Preset,
+    seed: int,
+    adapter_dir: Path,
+    *,
+    redo: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """The SFT baseline: the same LoRA trained on the positives only, same epochs and schedule."""
+    adapter_dir = Path(adapter_dir)
+    if not redo and (done := _reuse(adapter_dir)):
+        return done
+    _, _, SFTConfig, SFTTrainer = _trainer_classes()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer = SFTTrainer(
+        model=model,
+        args=SFTConfig(**sft_config_kwargs(preset, seed, adapter_dir, model, progress)),
+        train_dataset=sft_dataset(pairs),
+        processing_class=tokenizer,
+        peft_config=lora_config(preset),
+    )
+    _quiet(trainer, progress)
+    _keep_adapters_fp32(trainer.model)
+    before = _lora_snapshot(trainer.model)
+    seconds = _train(trainer, adapter_dir)
+    return _finish(trainer, adapter_dir, seconds, before, None)
+
+
+def load_adapted(model: Any, adapter_dir: Path, merge: bool = True) -> Any:
+    """Base model + a trained adapter, merged for fast generation (kept separate on a 4-bit base)."""
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    quantized = getattr(model.config, "quantization_config", None) is not None
+    merged = peft_model.merge_and_unload() if merge and not quantized else peft_model
+    merged.eval()
+    return merged
+
+
+def reward_accuracy(log: pd.DataFrame, last_fraction: float = 0.25) -> float:
+    """Mean DPO reward accuracy over the last quarter of logged steps."""
+    col = "rewards/accuracies"
+    if col not in log or log[col].dropna().empty:
+        raise MipoError("this training log has no reward accuracies (is it an SFT log?)")
+    values = log[col].dropna()
+    return float(values.iloc[-max(1, int(len(values) * last_fraction)) :].mean())

@@ -1,0 +1,311 @@
+"""MIPO preference pairs: y+ sampled from the base model given the right prompt, y- given another prompt.
+
+Kinds of negative (METHOD.md):
+- `random_prompt`: y- is the positive of a random *other* training prompt (plain prompt-response MI, math/MC).
+  The assignment is a derangement, so no prompt is ever paired with its own response.
+- `random_context`: y- is the positive of the same request under another user's context (the version for which the
+  conditional MI derivation is exact).
+- `context_drop`: y- is sampled for the same request with the context removed (official PRISM code).
+`k_negatives > 1` gives K pairs per prompt with K different negatives (K distinct derangements / K samples).
+
+Every pair is scored once under the base model: log pi0(y+|x), log pi0(y-|x) (DPO's reference log-probs, reused by
+the trainer) and log pi0(y|x') for both sides, so each side's PMI log pi0(y|x) - log pi0(y|x') is stored with it.
+
+On disk (`runs/<preset>/<task>/<variant>/seed<k>/pairs/`): `responses.jsonl` holds finished generation batches, one
+JSON line per batch, appended and flushed as they complete; `pairs.jsonl` and `manifest.json` are written once at
+the end (via a temporary file and rename). Rerunning with the same inputs reuses the pairs; a run killed halfway
+resumes from the finished batches, and a torn last line is dropped, so nothing is lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from mipo_lib.config import Preset, run_dir
+from mipo_lib.errors import MipoError
+from mipo_lib.generate import GenerationStats, Messages, chat_prompt_ids, generate_batches
+from mipo_lib.scoring import sequence_logprobs
+from mipo_lib.tasks.base import Example, Task, judge_or_nan
+
+NEGATIVES = ("context_drop", "random_context", "random_prompt")
+
+
+# --------------------------------------------------------------------------------------------- negative assignment
+def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random permutation with no fixed point (rejection sampling; ~e tries on average)."""
+    if n < 2:
+        raise MipoError(f"a derangement needs at least 2 prompts, got {n}; use more training prompts")
+    while True:
+        perm = rng.permutation(n)
+        if not np.any(perm == np.arange(n)):
+            return perm
+
+
+def grouped_derangement(groups: Sequence[str], rng: np.random.Generator) -> np.ndarray:
+    """A derangement that keeps each index inside its group (same request, other context)."""
+    groups = list(groups)
+    out = np.empty(len(groups), dtype=int)
+    for g in dict.fromkeys(groups):
+        idx = np.array([i for i, x in enumerate(groups) if x == g])
+        out[idx] = idx[derangement(len(idx), rng)]
+    return out
+
+
+def negative_sources(examples: Sequence[Example], negative: str, k: int, rng: np.random.Generator) -> list[list[int]]:
+    """For each example, the indices of the K examples whose positives serve as its negatives.
+
+    K rounds of derangements, redrawn until no example gets the same source twice (K distinct negatives).
+    """
+    if negative == "random_prompt":
+        draw = lambda: derangement(len(examples), rng)  # noqa: E731
+    elif negative == "random_context":
+        draw = lambda: grouped_derangement([e.request for e in examples], rng)  # noqa: E731
+    else:
+        raise MipoError(f"negative {negative!r} does not reuse positives; valid: random_prompt, random_context")
+    rounds: list[np.ndarray] = []
+    for _ in range(k):
+        for _attempt in range(1000):
+            cand = draw()
+            if all(not np.any(cand == r) for r in rounds):
+                rounds.append(cand)
+                break
+        else:
+            raise MipoError(f"cannot find {k} distinct negatives per prompt; lower k_negatives or add prompts")
+    return [[int(r[i]) for r in rounds] for i in range(len(examples))]
+
+
+# -------------------------------------------------------------------------------------------------- bookkeeping
+@dataclass
+class PairSettings:
+    """Everything that determines the pairs; its hash names a finished pairs file as reusable."""
+
+    model_id: str
+    task: str
+    negative: str
+    k_negatives: int
+    n_train_prompts: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    max_length: int
+    seed: int
+    load_in_4bit: bool
+    dtype: str
+
+    @classmethod
+    def from_preset(cls, preset: Preset, seed: int) -> "PairSettings":
+        return cls(
+            preset.model_id, preset.task, preset.negative, preset.k_negatives, preset.n_train_prompts,
+            preset.temperature, preset.top_p, preset.max_new_tokens, preset.max_length, seed,
+            preset.load_in_4bit, preset.dtype,
+        )
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def variant_name(preset: Preset) -> str:
+    """Folder name for a kind of pairs: e.g. `context_drop-k1`."""
+    return f"{preset.negative}-k{preset.k_negatives}"
+
+
+def pairs_dir(preset: Preset, seed: int) -> Path:
+    return run_dir(preset, preset.task, variant_name(preset), f"seed{seed}", "pairs")
+
+
+class BatchLog:
+    """Append-only JSON Lines log of finished generation batches, tolerant of a torn last line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.done: dict[tuple[str, int], dict[str, Any]] = {}
+        if path.exists():
+            good: list[str] = []
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a batch interrupted mid-write: regenerate it
+                key = (rec["stage"], rec["batch"])
+                if key not in self.done:
+                    self.done[key] = rec
+                    good.append(line)
+            path.write_text("".join(g + "\n" for g in good))  # drop the torn tail before appending
+
+    def finished(self, stage: str) -> set[int]:
+        return {b for (s, b) in self.done if s == stage}
+
+    def append(self, stage: str, batch: int, rows: list[int], texts: list[str]) -> None:
+        rec = {"stage": stage, "batch": batch, "rows": rows, "texts": texts}
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.done[(stage, batch)] = rec
+
+    def texts(self, stage: str, n: int) -> list[str]:
+        out: list[str | None] = [None] * n
+        for (s, _), rec in self.done.items():
+            if s == stage:
+                for row, text in zip(rec["rows"], rec["texts"]):
+                    out[row] = text
+        missing = [i for i, t in enumerate(out) if t is None]
+        if missing:
+            raise RuntimeError(f"stage {stage}: {len(missing)} responses missing after generation")
+        return out  # type: ignore[return-value]
+
+
+def _sample(
+    stage: str, model: Any, tokenizer: Any, prompts: list[Messages], preset: Preset, seed: int,
+    log: BatchLog, stats: GenerationStats, progress: bool,
+) -> list[str]:
+    ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
+    stage_seed = seed * 10 + {"positive": 1, "negative": 2}[stage]
+    for batch, texts in generate_batches(
+        model, tokenizer, ids,
+        max_new_tokens=preset.max_new_tokens, temperature=preset.temperature, top_p=preset.top_p,
+        batch_size=preset.gen_batch_size, seed=stage_seed, skip_batches=log.finished(stage),
+        stats=stats, progress=progress, desc=f"{stage} responses",
+    ):
+        log.append(stage, batch.index, batch.rows, texts)
+    return log.texts(stage, len(prompts))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------------------------------- main entry
+def build_pairs(
+    model: Any,
+    tokenizer: Any,
+    task: Task,
+    preset: Preset,
+    seed: int,
+    *,
+    redo: bool = False,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Generate, pair, score and store the MIPO pairs of one seed; reuse them when they already exist."""
+    if preset.negative not in NEGATIVES:
+        raise MipoError(f"unknown negative {preset.negative!r}; choose one of: {', '.join(NEGATIVES)}")
+    if preset.negative != "random_prompt" and not task.conditional:
+        raise MipoError(f"task {task.name!r} has no context to drop or swap; use negative='random_prompt'")
+    settings = PairSettings.from_preset(preset, seed)
+    folder = pairs_dir(preset, seed)
+    pairs_path, manifest_path, log_path = folder / "pairs.jsonl", folder / "manifest.json", folder / "responses.jsonl"
+    if redo:
+        for p in (pairs_path, manifest_path, log_path):
+            p.unlink(missing_ok=True)
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest["settings_digest"] != settings.digest():
+            raise MipoError(f"pairs in {folder.name} were made with other settings; rerun with redo=True (REDO = True)")
+        return load_pairs(pairs_path)
+    if log_path.exists() and log_path.with_suffix(".settings").exists():
+        if log_path.with_suffix(".settings").read_text() != settings.digest():
+            raise MipoError("a partial pair generation with other settings exists; rerun with redo=True (REDO = True)")
+    log_path.with_suffix(".settings").write_text(settings.digest())
+
+    examples = task.examples("train", preset.n_train_prompts, seed=seed)
+    rng = np.random.default_rng(seed)
+    stats = GenerationStats()
+    started = time.perf_counter()
+    log = BatchLog(log_path)
+    positives_prompts = [task.prompt(e) for e in examples]
+    positives = _sample("positive", model, tokenizer, positives_prompts, preset, seed, log, stats, progress)
+
+    # (example index, negative prompt x', negative response y-) for every pair
+    k = preset.k_negatives
+    if preset.negative == "context_drop":
+        neg_prompts = [task.prompt(e, with_context=False) for e in examples for _ in range(k)]
+        negatives = _sample("negative", model, tokenizer, neg_prompts, preset, seed, log, stats, progress)
+        triples = [(i, neg_prompts[i * k + j], negatives[i * k + j], "context_drop") for i in range(len(examples)) for j in range(k)]
+    else:
+        sources = negative_sources(examples, preset.negative, k, rng)
+        triples = [(i, positives_prompts[s], positives[s], examples[s].id) for i in range(len(examples)) for s in sources[i]]
+    gen_seconds = time.perf_counter() - started
+
+    # Four scores per pair: both responses under x (reference log-probs) and under x' (for the PMI).
+    score_start = time.perf_counter()
+    xs = [positives_prompts[i] for i, *_ in triples]
+    x_negs = [t[1] for t in triples]
+    ys_pos = [positives[i] for i, *_ in triples]
+    ys_neg = [t[2] for t in triples]
+    kw = dict(max_length=preset.max_length, batch_size=preset.score_batch_size, progress=progress)
+    lp_pos_x, n_pos = sequence_logprobs(model, tokenizer, xs + x_negs, ys_pos + ys_pos, desc="scoring positives", **kw)
+    lp_neg_x, n_neg = sequence_logprobs(model, tokenizer, xs + x_negs, ys_neg + ys_neg, desc="scoring negatives", **kw)
+    m = len(triples)
+    score_seconds = time.perf_counter() - score_start
+
+    records = []
+    for j, (i, x_neg, y_neg, source) in enumerate(triples):
+        ex = examples[i]
+        records.append({
+            "pair_id": f"{ex.id}-n{j % k}",
+            "example_id": ex.id,
+            "group": task.group(ex),
+            "negative_source": source,
+            "prompt": xs[j],
+            "negative_prompt": x_neg,
+            "chosen": ys_pos[j],
+            "rejected": y_neg,
+            "ref_chosen_logps": float(lp_pos_x[j]),
+            "ref_rejected_logps": float(lp_neg_x[j]),
+            "chosen_logps_neg_prompt": float(lp_pos_x[m + j]),
+            "rejected_logps_neg_prompt": float(lp_neg_x[m + j]),
+            "pmi_chosen": float(lp_pos_x[j] - lp_pos_x[m + j]),
+            "pmi_rejected": float(lp_neg_x[j] - lp_neg_x[m + j]),
+            "chosen_tokens": int(n_pos[j]),
+            "rejected_tokens": int(n_neg[j]),
+            "chosen_score": judge_or_nan(task, ex, ys_pos[j]),
+            "rejected_score": judge_or_nan(task, ex, y_neg),
+        })
+    _atomic_write(pairs_path, "".join(json.dumps(r) + "\n" for r in records))
+    manifest = {
+        "settings": asdict(settings),
+        "settings_digest": settings.digest(),
+        "preset": preset.name,
+        "variant": variant_name(preset),
+        "n_prompts": len(examples),
+        "n_pairs": len(records),
+        "identical_pairs": sum(r["chosen"] == r["rejected"] for r in records),
+        "generated_tokens": stats.new_tokens,
+        "generation_seconds": round(gen_seconds, 2),
+        "generation_tokens_per_s": round(stats.tokens_per_s, 2),
+        "scoring_seconds": round(score_seconds, 2),
+        "scored_tokens": int(n_pos.sum() + n_neg.sum()),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    _atomic_write(manifest_path, json.dumps(manifest, indent=2))
+    return records
+
+
+def load_pairs(path: Path) -> list[dict[str, Any]]:
+    """Read a pairs file, checking each row has the fields DPO needs (a malformed row is named, not skipped)."""
+    required = {"prompt", "chosen", "rejected", "ref_chosen_logps", "ref_rejected_logps"}
+    rows = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MipoError(f"{Path(path).name} line {n} is not valid JSON ({exc.msg}); delete the file or rerun with redo=True") from None
+        missing = required - set(row)
+        if missing:
+            raise MipoError(f"{Path(path).name} line {n} lacks {sorted(missing)}; regenerate the pairs with redo=True")
+        rows.append(row)
+    return rows
+
+
+def load_manifest(preset: Preset, seed: int) -> dict[str, Any]:
+    return json.loads((pairs_dir(preset, seed) / "manifest.json").read_text())

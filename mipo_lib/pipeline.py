@@ -1,0 +1,120 @@
+"""The pipeline's stages as functions a notebook, the quickstart or a benchmark calls in one line each.
+
+Every stage writes under `runs/<preset>/<task>/<variant>/` and reuses what a previous run finished (pass
+`redo=True` to recompute), so notebooks run on their own (03 builds the pairs if 02 has not run) and a rerun after an
+interruption continues where it stopped. Each stage loads a fresh base model (under a second for SmolLM2) because
+TRL injects the LoRA adapter into the model it is given.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from mipo_lib import dpo, evaluate
+from mipo_lib.config import Preset, run_dir
+from mipo_lib.models import load_for_preset
+from mipo_lib.pairs import build_pairs, variant_name
+from mipo_lib.tasks import get_task
+
+TRAINED = {"MIPO": "dpo", "SFT": "sft"}
+
+
+def variant_dir(preset: Preset, *parts: str | int) -> Path:
+    return run_dir(preset, preset.task, variant_name(preset), *parts)
+
+
+def adapter_dir(preset: Preset, method: str, seed: int) -> Path:
+    """Where a trained adapter lives; DPO settings that change the result are part of the folder name."""
+    tag = f"beta{preset.beta:g}-lr{preset.learning_rate:g}-ep{preset.epochs}" if method == "MIPO" else f"lr{preset.sft_learning_rate:g}-ep{preset.epochs}"
+    return variant_dir(preset, f"seed{seed}", f"{TRAINED[method]}-{tag}")
+
+
+def pairs_for_seed(preset: Preset, seed: int, redo: bool = False, progress: bool = True) -> list[dict[str, Any]]:
+    """Stage 1: the seed's MIPO pairs (generated, scored and stored, or read back)."""
+    model, tokenizer = load_for_preset(preset)
+    return build_pairs(model, tokenizer, get_task(preset.task), preset, seed, redo=redo, progress=progress)
+
+
+def train_for_seed(preset: Preset, method: str, seed: int, redo: bool = False, progress: bool = True) -> dpo.TrainResult:
+    """Stage 2: train MIPO (DPO) or the SFT baseline on the seed's pairs."""
+    pairs = pairs_for_seed(preset, seed, progress=progress)
+    model, tokenizer = load_for_preset(preset)
+    train = dpo.train_dpo if method == "MIPO" else dpo.train_sft
+    return train(model, tokenizer, pairs, preset, seed, adapter_dir(preset, method, seed), redo=redo, progress=progress)
+
+
+def _eval_path(preset: Preset, method: str, seed: int | None) -> Path:
+    slug = method.split(" ")[0].lower()
+    if method == "CAD":
+        slug = f"cad-a{preset.cad_strength:g}"
+    if seed is None:  # deterministic methods do not depend on the seed
+        return run_dir(preset, preset.task, "eval", f"{slug}.csv")
+    return variant_dir(preset, "eval", f"{slug}-{adapter_dir(preset, method, seed).name}-seed{seed}.csv")
+
+
+def evaluate_method(preset: Preset, method: str, seed: int, redo: bool = False, progress: bool = True) -> pd.DataFrame:
+    """Stage 3: one method's per-example records on the held-out prompts (cached as CSV)."""
+    task = get_task(preset.task)
+    examples = task.examples("test", preset.n_test_prompts)
+    deterministic = method in evaluate.DETERMINISTIC
+
+    def make() -> pd.DataFrame:
+        model, tokenizer = load_for_preset(preset)
+        if method in TRAINED:
+            adapter = train_for_seed(preset, method, seed, progress=progress).adapter_dir
+            model = dpo.load_adapted(model, adapter)
+        responses = evaluate.generate_responses(
+            model, tokenizer, task, examples, preset,
+            with_context=method != "base (no context)",
+            cad_alpha=preset.cad_strength if method == "CAD" else None,
+            progress=progress, desc=f"{method} responses",
+        )
+        return evaluate.records(task, examples, responses, method, seed)
+
+    frame = evaluate.evaluate_cached(_eval_path(preset, method, None if deterministic else seed), make, redo)
+    return frame.assign(seed=seed)
+
+
+def evaluate_all(
+    preset: Preset, seeds: Sequence[int], methods: Sequence[str] = evaluate.METHODS, redo: bool = False, progress: bool = True
+) -> pd.DataFrame:
+    """All methods x seeds as one records table (deterministic methods computed once, repeated per seed)."""
+    frames = [evaluate_method(preset, m, s, redo=redo, progress=progress) for s in seeds for m in methods]
+    return pd.concat(frames, ignore_index=True)
+
+
+def pmi_before_after(preset: Preset, records: pd.DataFrame, progress: bool = True) -> pd.DataFrame:
+    """Base-model PMI log pi0(y|x,c) - log pi0(y|x) of the prompting (base) and MIPO responses, per seed."""
+    task = get_task(preset.task)
+    examples = {e.id: e for e in task.examples("test", preset.n_test_prompts)}
+    out = []
+    for seed, frame in records[records.method.isin(["prompting", "MIPO"])].groupby("seed"):
+        path = variant_dir(preset, "eval", f"pmi-{adapter_dir(preset, 'MIPO', int(seed)).name}-seed{seed}.csv")
+
+        def make(frame: pd.DataFrame = frame, seed: int = int(seed)) -> pd.DataFrame:
+            model, tokenizer = load_for_preset(preset)
+            rows = []
+            for method, part in frame.groupby("method"):
+                exs = [examples[i] for i in part.example_id]
+                pmi = evaluate.response_pmi(model, tokenizer, task, exs, part.response.fillna("").tolist(), preset)
+                rows.append(pd.DataFrame({
+                    "seed": seed, "example_id": part.example_id.values, "group": part.group.values,
+                    "model": "base" if method == "prompting" else "MIPO", "pmi": pmi,
+                }))
+            return pd.concat(rows, ignore_index=True)
+
+        out.append(evaluate.evaluate_cached(path, make))
+    return pd.concat(out, ignore_index=True)
+
+
+def training_logs(preset: Preset, seeds: Sequence[int], progress: bool = True) -> pd.DataFrame:
+    """The training curves of every seed's MIPO and SFT runs as one table (method, seed, step, ...)."""
+    frames = []
+    for seed in seeds:
+        for method in TRAINED:
+            res = train_for_seed(preset, method, seed, progress=progress)
+            frames.append(res.log.assign(method=method, seed=seed))
+    return pd.concat(frames, ignore_index=True)

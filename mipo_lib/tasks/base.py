@@ -1,0 +1,57 @@
+"""What every task provides: examples with train/test splits, prompts with and without context, a judge in code.
+
+A task is the only place that knows its domain. The rest of the pipeline sees `Example`s and calls four methods:
+`examples` (a deterministic split), `prompt` (chat messages, with or without the conditioning context),
+`score` (the judge: 1.0 satisfied / correct, 0.0 not) and `group` (the breakdown shown in figures, e.g. the
+preference type).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from mipo_lib.generate import Messages
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt of a task. `context` is what conditional MIPO contrasts (a user's stated preference), if any."""
+
+    id: str
+    request: str
+    context: str | None = None
+    answer: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+
+class Task(Protocol):
+    """The interface `pairs`, `evaluate` and the notebooks rely on."""
+
+    name: str
+    #: True when the task has a context to drop or swap (personalization); False for plain prompt-response MI.
+    conditional: bool
+
+    def examples(self, split: str, n: int | None = None, seed: int = 0) -> list[Example]:
+        """`split` is 'train' or 'test'; `n` caps the count (a deterministic subset for a given seed)."""
+        ...
+
+    def prompt(self, example: Example, with_context: bool = True, context: str | None = None) -> Messages:
+        """Chat messages for the example; `context` replaces the example's own (random-context negatives)."""
+        ...
+
+    #: False for tasks judged by an LLM (PRISM): `judge_or_nan` then returns NaN instead of calling `score`.
+    program_judge: bool
+
+    def score(self, example: Example, response: str) -> float:
+        """The judge: 1.0 when the response satisfies the example (preference met, answer correct), else 0.0."""
+        ...
+
+    def group(self, example: Example) -> str:
+        """Label for per-group breakdowns (preference type, dataset name ...)."""
+        ...
+
+
+def judge_or_nan(task: Task, example: Example, response: str) -> float:
+    """The task's program judge, or NaN for tasks that need an LLM judge (their scores come later)."""
+    return float(task.score(example, response)) if getattr(task, "program_judge", True) else float("nan")

@@ -1,0 +1,258 @@
+"""Verifiable personalization: the `cpu` preset's task, where the judge of "did the reply respect the user?" is code.
+
+Conditional MIPO needs a user context that changes what a good reply looks like. Real personalization data (PRISM)
+needs an LLM judge, which a laptop cannot run; here every user states one preference that a few lines of Python can
+check ("end your reply with Cheers!", "mention bananas", ...). That keeps the whole loop (sample, pair, train,
+evaluate) honest and fast on two CPU cores, and lets the notebooks break results down by preference: a 135M model
+follows some preferences and never others, and MIPO can only amplify what the base model already samples.
+
+An example is one (request x preference): 60 everyday requests, a fixed 40/20 train/test split of requests (test
+requests are never seen in training), crossed with the 10 preferences below.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Callable
+
+from mipo_lib.errors import MipoError
+from mipo_lib.generate import Messages
+from mipo_lib.tasks.base import Example
+
+Checker = Callable[[str], bool]
+
+# ------------------------------------------------------------------------------------------------------ checkers
+# Sentence ends: a run of . ! ? (closing quotes or brackets may follow) before whitespace or the end of the text, and
+# every line break (a bullet line is a sentence of its own). "3.5" and "e.g.x" do not split; "Mr. Smith" does: a
+# rule a reader can predict beats a clever one.
+_SENTENCE_END = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*(?=\s|$)")
+_ALNUM = re.compile(r"[^\W_]")
+_BANANA = re.compile(r"\bbananas?\b", re.IGNORECASE)
+
+
+def sentences(text: str) -> list[str]:
+    """Split `text` into sentences; pieces without a letter or digit (stray punctuation, blank lines) are dropped."""
+    pieces = _SENTENCE_END.sub(lambda m: m.group() + "\n", text).split("\n")
+    return [s.strip() for s in pieces if _ALNUM.search(s)]
+
+
+def _has_letter(text: str) -> bool:
+    return any(c.isalpha() for c in text)
+
+
+def _lowercase(text: str) -> bool:
+    return _has_letter(text) and not any(c.isupper() for c in text)
+
+
+def _all_caps(text: str) -> bool:
+    return _has_letter(text) and not any(c.islower() for c in text)
+
+
+def _short(text: str) -> bool:
+    # An empty reply is not an answer: requiring one word stops "say nothing" from counting as short.
+    return 0 < len(text.split()) < 25
+
+
+def _cheers(text: str) -> bool:
+    return text.rstrip().endswith("Cheers!")
+
+
+def _hey_there(text: str) -> bool:
+    return text.lstrip().startswith("Hey there")
+
+
+def _bullets(text: str) -> bool:
+    # Indentation before the dash is allowed: "  - item" is still a bullet line.
+    return sum(line.lstrip().startswith("- ") for line in text.splitlines()) >= 2
+
+
+def _banana(text: str) -> bool:
+    return _BANANA.search(text) is not None
+
+
+def _no_commas(text: str) -> bool:
+    return bool(text.strip()) and "," not in text
+
+
+def _two_sentences(text: str) -> bool:
+    return len(sentences(text)) == 2
+
+
+def _digit(text: str) -> bool:
+    return re.search(r"[0-9]", text) is not None
+
+
+#: key -> (the sentence the user states, the checker). Order is the order of figures and of balanced subsets.
+PREFERENCES: dict[str, tuple[str, Checker]] = {
+    "lowercase": ("Please write your whole reply in lowercase letters only, with no capital letters.", _lowercase),
+    "short": ("Keep your reply short: under 25 words.", _short),
+    "cheers": ('Always end your reply with the word "Cheers!"', _cheers),
+    "hey_there": ('Always start your reply with "Hey there".', _hey_there),
+    "bullets": ('I like lists: give your reply as bullet points, each on its own line starting with "- ".', _bullets),
+    "banana": ("I love bananas, so please mention bananas somewhere in your reply.", _banana),
+    "no_commas": ("Please do not use any commas in your reply.", _no_commas),
+    "two_sentences": ("Answer in exactly two sentences.", _two_sentences),
+    "all_caps": ("Please write your whole reply in CAPITAL LETTERS.", _all_caps),
+    "digit": ("I like numbers: include at least one number written in digits in your reply.", _digit),
+}
+
+
+def check(preference_key: str, response: str) -> bool:
+    """Whether `response` satisfies the preference named `preference_key`."""
+    try:
+        _, checker = PREFERENCES[preference_key]
+    except KeyError:
+        raise MipoError(f"unknown preference {preference_key!r}; valid: {', '.join(PREFERENCES)}") from None
+    return checker(response)
+
+
+# ------------------------------------------------------------------------------------------------------ requests
+#: 60 everyday requests; `r00` is the first. Every third one (r02, r05, ..., r59) is held out for testing.
+REQUESTS: tuple[str, ...] = (
+    "How do I make tea?",
+    "Suggest a weekend activity.",
+    "What should I cook for dinner tonight?",
+    "How can I sleep better?",
+    "Give me a tip for saving money.",
+    "What is a good book to read on vacation?",
+    "How do I keep my houseplants alive?",
+    "Recommend a movie for a rainy evening.",
+    "How can I stay focused while studying?",
+    "What should I pack for a day at the beach?",
+    "How do I clean a coffee mug with stains?",
+    "Suggest a fun game for a family evening.",
+    "How can I make my mornings less rushed?",
+    "What is a healthy snack for work?",
+    "How do I start running as a beginner?",
+    "Give me an idea for a birthday present for a friend.",
+    "How can I learn a new language faster?",
+    "What can I do on a long train ride?",
+    "How do I write a polite email asking for a day off?",
+    "Suggest a quick breakfast.",
+    "How do I remove a sticker from a laptop?",
+    "What is a good way to relax after work?",
+    "How should I prepare for a job interview?",
+    "Give me an idea for a picnic lunch.",
+    "How do I fold a shirt neatly?",
+    "Suggest a hobby I can do at home.",
+    "How can I drink more water during the day?",
+    "What should I do when I feel bored?",
+    "How do I make a simple salad dressing?",
+    "Recommend a board game for two people.",
+    "How can I keep my desk tidy?",
+    "What is a nice thing to do for a neighbor?",
+    "How do I choose a ripe avocado?",
+    "Suggest a short stretching routine.",
+    "How can I make a small room feel bigger?",
+    "What should I bring to a potluck dinner?",
+    "How do I get rid of fruit flies in the kitchen?",
+    "Give me an idea for a date night at home.",
+    "How can I remember people's names?",
+    "What is a good gift for a new neighbor?",
+    "How do I make my bike last longer?",
+    "Suggest a song to wake me up in the morning.",
+    "How can I spend less time on my phone?",
+    "What should I plant in a small balcony garden?",
+    "How do I boil an egg?",
+    "Give me an idea for a rainy day with kids.",
+    "How can I make a good first impression?",
+    "What is an easy dessert to bake?",
+    "How do I pack a suitcase efficiently?",
+    "Suggest a way to celebrate a small win.",
+    "How can I cool down my bedroom in summer?",
+    "What should I write in a thank-you card?",
+    "How do I keep bread fresh longer?",
+    "Recommend a podcast topic for a commute.",
+    "How can I be more patient?",
+    "What is a good warm drink for winter?",
+    "How do I organize my closet?",
+    "Suggest a simple way to start journaling.",
+    "How can I save time on grocery shopping?",
+    "What should I do on my first day at a new job?",
+)
+REQUEST_IDS: tuple[str, ...] = tuple(f"r{i:02d}" for i in range(len(REQUESTS)))
+TEST_REQUEST_IDS: tuple[str, ...] = REQUEST_IDS[2::3]
+TRAIN_REQUEST_IDS: tuple[str, ...] = tuple(r for r in REQUEST_IDS if r not in TEST_REQUEST_IDS)
+#: The held-out subset must be the same for every training seed, so that methods and seeds are compared on the same
+#: prompts (paired comparisons); it is drawn with this fixed seed, never the caller's.
+TEST_SUBSET_SEED = 20240601
+
+
+def balanced_shape(n: int, n_requests: int, n_preferences: int = len(PREFERENCES)) -> tuple[int, int]:
+    """(requests, preferences per request) for a balanced subset of exactly `n` examples.
+
+    The rule: use the largest number of preferences p <= 10 that divides n, and n // p requests, each crossed with
+    the same p preferences, so every preference used appears equally often (n=120 -> 12 x 10, n=16 -> 2 x 8,
+    n=20 -> 2 x 10, n=7 -> 1 x 7).
+    """
+    if n < 1:
+        raise MipoError(f"n must be at least 1, got {n}")
+    p = max(d for d in range(1, n_preferences + 1) if n % d == 0)
+    if n // p > n_requests:
+        raise MipoError(
+            f"n={n} needs {n // p} requests x {p} preferences but the split has only {n_requests} requests; "
+            f"use n <= {n_requests * n_preferences}"
+        )
+    return n // p, p
+
+
+class PersonalizationTask:
+    """Requests crossed with checkable user preferences; the user's preference sentence is the context."""
+
+    name = "personalization"
+    conditional = True
+
+    def examples(self, split: str, n: int | None = None, seed: int = 0) -> list[Example]:
+        """(request x preference) examples of a split, ids like `r07-banana`, grouped request by request.
+
+        With `n`, a balanced subset (see `balanced_shape`): for 'train' the requests and (if fewer than 10)
+        preferences are a seeded draw, nested in n for a given seed; for 'test' the draw ignores `seed`.
+        """
+        if split == "train":
+            request_ids, subset_seed = TRAIN_REQUEST_IDS, seed
+        elif split == "test":
+            request_ids, subset_seed = TEST_REQUEST_IDS, TEST_SUBSET_SEED
+        else:
+            raise MipoError(f"unknown split {split!r}; use 'train' or 'test'")
+        keys = list(PREFERENCES)
+        chosen_requests = list(request_ids)
+        if n is not None:
+            n_requests, n_prefs = balanced_shape(n, len(request_ids))
+            rng = random.Random(subset_seed)
+            rng.shuffle(chosen_requests)
+            chosen_requests = chosen_requests[:n_requests]
+            if n_prefs < len(keys):
+                picked = set(rng.sample(keys, n_prefs))
+                keys = [k for k in keys if k in picked]
+        return [self._example(rid, key) for rid in chosen_requests for key in keys]
+
+    @staticmethod
+    def _example(request_id: str, key: str) -> Example:
+        return Example(
+            id=f"{request_id}-{key}",
+            request=REQUESTS[int(request_id[1:])],
+            context=PREFERENCES[key][0],
+            meta={"preference": key, "request_id": request_id},
+        )
+
+    def prompt(self, example: Example, with_context: bool = True, context: str | None = None) -> Messages:
+        """One user message: the preference sentence, a blank line, the request; just the request without context.
+
+        `context` swaps in another user's preference sentence (random-context negatives).
+        """
+        if not with_context:
+            if context is not None:
+                raise MipoError("prompt(): a replacement context was given with with_context=False; drop one of them")
+            return [{"role": "user", "content": example.request}]
+        sentence = context if context is not None else example.context
+        content = f"{sentence}\n\n{example.request}" if sentence else example.request
+        return [{"role": "user", "content": content}]
+
+    def score(self, example: Example, response: str) -> float:
+        """1.0 when the response satisfies the example's preference (its own, not a swapped-in one), else 0.0."""
+        return float(check(example.meta["preference"], response))
+
+    def group(self, example: Example) -> str:
+        """The preference key: results are reported per preference."""
+        return example.meta["preference"]

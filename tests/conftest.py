@@ -1,0 +1,19 @@
+"""Test-wide settings: never touch the Hugging Face hub (offline here; a hub call would waste ~45 s in retries),
+no progress bars, a non-interactive matplotlib backend, and generated files in a temporary runs folder."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _isolated_runs(tmp_path_factory, monkeypatch):
+    """Every test writes runs and figures under a temporary folder, never into the repository."""
+    root = tmp_path_factory.getbasetemp()
+    monkeypatch.setenv("MIPO_RUNS_DIR", str(root / "runs"))
+    monkeypatch.setenv("MIPO_FIGURES_DIR", str(root / "figures"))

@@ -1,0 +1,325 @@
+"""Tasks: the checkers and scorers are the judges of every reported number, so each is tested on both sides."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # a hub id must fail fast here, not retry for ~45 s
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from mipo_lib.errors import MipoError
+from mipo_lib.tasks import TASKS, get_task
+from mipo_lib.tasks.arithmetic import ArithmeticTask
+from mipo_lib.tasks.datasets import extract_choice, prism_split
+from mipo_lib.tasks.numbers import final_answer, last_number, numbers_in
+from mipo_lib.tasks.personalization import (
+    PREFERENCES,
+    REQUESTS,
+    TEST_REQUEST_IDS,
+    TRAIN_REQUEST_IDS,
+    PersonalizationTask,
+    balanced_shape,
+    check,
+    sentences,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "data" / "fixtures"
+REAL_GSM8K = Path(__file__).resolve().parents[2] / "shared/data/gsm8k/test.jsonl"
+
+
+# --------------------------------------------------------------------------------------------- preference checkers
+CASES = {
+    "lowercase": (["all good here.", "tea: 2 cups"], ["All good.", "", "123 !", "ok then I"]),
+    "short": (["Boil water, add tea.", " ".join(["w"] * 24)], [" ".join(["w"] * 25), "", "   "]),
+    "cheers": (["Enjoy your tea. Cheers!", "Cheers!  \n", "Cheers!"], ["Cheers", "cheers!", "Cheers! Bye.", ""]),
+    "hey_there": (["Hey there, boil water.", "  Hey there!"], ["hey there, hi.", "Well, Hey there.", "Hey, there", ""]),
+    "bullets": (["- one\n- two", "Steps:\n  - boil\n  - pour\n"], ["- only one", "-one\n-two", "* a\n* b", ""]),
+    "banana": (["I like Bananas.", "A BANANA a day.", "banana-bread"], ["bananarama", "no fruit here", ""]),
+    "no_commas": (["No commas at all.", "Plain"], ["One, two.", "", "  \n"]),
+    "two_sentences": (
+        ["Boil water. Add tea.", "Really?! Yes.", "It costs 3.5 dollars. Pay now", 'He said "go." Then left.'],
+        ["One sentence only.", "One. Two. Three.", "", "...", "- a\n- b\n- c"],
+    ),
+    "all_caps": (["BOIL WATER NOW!", "TEA: 2 CUPS"], ["Boil water.", "", "123"]),
+    "digit": (["Use 2 bags.", "Wait 5min"], ["Use two bags.", ""]),
+}
+
+
+def test_preferences_are_the_ten_documented_ones():
+    assert list(PREFERENCES) == [
+        "lowercase", "short", "cheers", "hey_there", "bullets",
+        "banana", "no_commas", "two_sentences", "all_caps", "digit",
+    ]
+    assert set(CASES) == set(PREFERENCES)
+    assert len({sentence for sentence, _ in PREFERENCES.values()}) == 10
+
+
+@pytest.mark.parametrize("key", list(CASES))
+def test_checker_accepts_positives_and_rejects_negatives(key):
+    positives, negatives = CASES[key]
+    for text in positives:
+        assert check(key, text), f"{key} should accept {text!r}"
+    for text in negatives:
+        assert not check(key, text), f"{key} should reject {text!r}"
+
+
+def test_sentence_splitting_rule():
+    assert sentences("Boil water. Add tea!") == ["Boil water.", "Add tea!"]
+    assert sentences("Pi is 3.14 roughly. Yes") == ["Pi is 3.14 roughly.", "Yes"]  # decimal point is not an end
+    assert sentences("Wait... what?! Ok.") == ["Wait...", "what?!", "Ok."]
+    assert sentences("Line one\nLine two") == ["Line one", "Line two"]  # a line break ends a sentence
+    assert sentences('She said "hi." Then left.') == ['She said "hi."', "Then left."]
+    assert sentences("") == [] and sentences(" ... !! ") == []
+
+
+def test_unknown_preference_is_a_mipo_error():
+    with pytest.raises(MipoError, match="valid: lowercase"):
+        check("emoji", "hi")
+
+
+# ---------------------------------------------------------------------------------------- personalization splits
+def test_requests_split_40_20_disjoint_and_unique():
+    assert len(REQUESTS) == 60 and len(set(REQUESTS)) == 60
+    assert len(TRAIN_REQUEST_IDS) == 40 and len(TEST_REQUEST_IDS) == 20
+    assert not set(TRAIN_REQUEST_IDS) & set(TEST_REQUEST_IDS)
+    task = PersonalizationTask()
+    train = {e.request for e in task.examples("train")}
+    test = {e.request for e in task.examples("test")}
+    assert len(train) == 40 and len(test) == 20 and not train & test
+
+
+def test_full_splits_cross_every_request_with_every_preference():
+    task = PersonalizationTask()
+    train, test = task.examples("train"), task.examples("test")
+    assert len(train) == 400 and len(test) == 200
+    assert len({e.id for e in train + test}) == 600
+    ex = next(e for e in train if e.id == "r00-banana")
+    assert ex.request == "How do I make tea?" and ex.context == PREFERENCES["banana"][0]
+    assert ex.meta["preference"] == "banana" and task.group(ex) == "banana"
+
+
+@pytest.mark.parametrize("n, shape", [(120, (12, 10)), (16, (2, 8)), (20, (2, 10)), (7, (1, 7)), (400, (40, 10))])
+def test_train_subsets_are_balanced_and_deterministic(n, shape):
+    task = PersonalizationTask()
+    assert balanced_shape(n, 40) == shape
+    a, b = task.examples("train", n=n, seed=3), task.examples("train", n=n, seed=3)
+    assert [e.id for e in a] == [e.id for e in b]
+    assert len(a) == n and len({e.id for e in a}) == n
+    counts = Counter(e.meta["preference"] for e in a)
+    assert len(counts) == shape[1] and set(counts.values()) == {shape[0]}
+    assert len({e.request for e in a}) == shape[0]
+
+
+def test_train_subset_depends_on_seed_and_is_nested_in_n():
+    task = PersonalizationTask()
+    s0, s1 = task.examples("train", n=120, seed=0), task.examples("train", n=120, seed=1)
+    assert {e.request for e in s0} != {e.request for e in s1}
+    small = {e.id for e in task.examples("train", n=60, seed=0)}
+    assert small <= {e.id for e in s0}
+
+
+def test_test_subset_ignores_the_seed():
+    task = PersonalizationTask()
+    for n in (20, 200):
+        ids = [[e.id for e in task.examples("test", n=n, seed=s)] for s in (0, 1, 7)]
+        assert ids[0] == ids[1] == ids[2]
+    assert len(task.examples("test", n=200)) == 200
+
+
+def test_subset_errors():
+    task = PersonalizationTask()
+    with pytest.raises(MipoError, match="n <= 400"):
+        task.examples("train", n=410)
+    with pytest.raises(MipoError, match="'train' or 'test'"):
+        task.examples("validation")
+
+
+def test_prompt_with_without_and_swapped_context():
+    task = PersonalizationTask()
+    ex = next(e for e in task.examples("test") if e.meta["preference"] == "cheers")
+    other = PREFERENCES["banana"][0]
+    assert task.prompt(ex) == [{"role": "user", "content": f"{PREFERENCES['cheers'][0]}\n\n{ex.request}"}]
+    assert task.prompt(ex, with_context=False) == [{"role": "user", "content": ex.request}]
+    assert task.prompt(ex, context=other) == [{"role": "user", "content": f"{other}\n\n{ex.request}"}]
+    with pytest.raises(MipoError):
+        task.prompt(ex, with_context=False, context=other)
+    # the judge keeps the example's own preference, whatever context a prompt used
+    assert task.score(ex, "Sure. Cheers!") == 1.0 and task.score(ex, "I like bananas.") == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------- arithmetic
+def test_number_parsing():
+    assert numbers_in("It is 1,200 or 3, 4 and -5 but 12 - 7 = 5.") == [1200, 3, 4, -5, 12, 7, 5]
+    assert last_number("So the answer is 85.") == 85 and last_number("85.0") == 85 and last_number("none") is None
+    assert final_answer("2 + 2 = 4\n#### 4\nbye 9") == 4
+    assert final_answer("#### \nthe answer is 7") == 7  # an empty #### falls back to the last number
+
+
+def test_arithmetic_splits_disjoint_deterministic_and_balanced():
+    task = ArithmeticTask()
+    test = task.examples("test")
+    train = task.examples("train")
+    assert len(test) == 1000 and not {e.id for e in test} & {e.id for e in train}
+    assert [e.id for e in task.examples("test", n=50, seed=0)] == [e.id for e in task.examples("test", n=50, seed=9)]
+    t0, t1 = task.examples("train", n=50, seed=0), task.examples("train", n=50, seed=1)
+    assert [e.id for e in t0] == [e.id for e in task.examples("train", n=50, seed=0)]
+    assert [e.id for e in t0] != [e.id for e in t1]
+    assert Counter(task.group(e) for e in t0) == {"addition": 25, "subtraction": 25}
+    assert all(int(e.answer) >= 0 for e in train)
+    with pytest.raises(MipoError):
+        task.examples("train", n=0)
+
+
+def test_arithmetic_answers_and_scoring():
+    task = ArithmeticTask()
+    for e in task.examples("test", n=20):
+        a, op, b = e.request.removeprefix("What is ").removesuffix("?").split()
+        assert int(e.answer) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+        assert task.prompt(e) == task.prompt(e, with_context=False) == [{"role": "user", "content": e.request}]
+    ex = next(e for e in task.examples("test") if e.meta["operation"] == "addition")
+    right = int(ex.answer)
+    assert task.score(ex, f"{ex.request[8:-1]} = {right}.") == 1.0
+    assert task.score(ex, f"The answer is {right:,}") == 1.0
+    assert task.score(ex, f"{right} is wrong, it is {right + 1}") == 0.0
+    assert task.score(ex, "I don't know") == 0.0
+    with pytest.raises(MipoError):
+        task.prompt(ex, context="anything")
+
+
+# -------------------------------------------------------------------------------------------------------- loaders
+def test_gsm8k_fixture():
+    task = get_task("gsm8k", train_path=FIXTURES / "gsm8k_sample.jsonl", test_path=FIXTURES / "gsm8k_sample.jsonl")
+    examples = task.examples("test")
+    assert len(examples) == 6 and examples[0].answer == "18" and examples[-1].answer == "1200"
+    assert not task.conditional and task.group(examples[0]) == "gsm8k"
+    content = task.prompt(examples[0])[0]["content"]
+    assert content.startswith("Janet") and "####" in content
+    ex = examples[0]
+    assert task.score(ex, "She sells 9 eggs for $2 each.\n#### 18") == 1.0
+    assert task.score(ex, "#### 18.00") == 1.0
+    assert task.score(ex, "She makes $18 a day.") == 1.0  # no ####: the last number
+    assert task.score(ex, "#### 18 ... wait, 9 eggs") == 1.0  # the number right after #### wins
+    assert task.score(ex, "She makes 9 * 2 = 18, no: #### 16") == 0.0
+    assert task.score(examples[-1], "In total #### 1,200 loaves.") == 1.0
+    seeded = [e.id for e in task.examples("train", n=3, seed=0)]
+    assert seeded == [e.id for e in task.examples("train", n=3, seed=0)] and len(seeded) == 3
+
+
+def test_gsm8k_real_test_file_sample_of_200():
+    if not REAL_GSM8K.exists():
+        pytest.skip(f"real GSM8K not at {REAL_GSM8K}")
+    task = get_task("gsm8k", test_path=REAL_GSM8K)
+    sample = task.examples("test", n=200, seed=0)
+    assert len(sample) == 200 and len({e.id for e in sample}) == 200
+    assert [e.id for e in sample] == [e.id for e in task.examples("test", n=200, seed=5)]  # random_state 42 always
+    for e in sample:
+        assert float(e.answer) == final_answer(task.records("test")[int(e.id.rsplit("-", 1)[1])]["answer"])
+    assert len(task.records("test")) == 1319
+
+
+def test_svamp_fixture():
+    task = get_task("svamp", test_path=FIXTURES / "svamp_sample.json")
+    examples = task.examples("test")
+    assert [e.answer for e in examples] == ["23", "19", "42", "7", "3.75"]
+    first = examples[0]
+    assert first.request == (
+        "Maya has 14 stickers. Her brother gives her 9 more stickers. How many stickers does Maya have now?"
+    )
+    assert task.group(first) == "Addition" and task.group(examples[3]) == "Common-Division"
+    assert task.score(first, "14 + 9 = 23\n#### 23") == 1.0 and task.score(first, "#### 24") == 0.0
+    assert task.score(examples[4], "2.5 + 1.25 = 3.75 kilometers.") == 1.0
+
+
+def test_arc_fixture_and_letter_extraction():
+    task = get_task("arc_easy", test_path=FIXTURES / "arc_sample.jsonl")
+    examples = task.examples("test")
+    assert len(examples) == 5 and task.name == "arc_easy"
+    content = task.prompt(examples[0])[0]["content"]
+    assert "A. leaves\nB. roots\nC. flowers\nD. seeds" in content and content.endswith("letter of the correct choice.")
+    numeric = examples[2]  # labelled 1-4 in the file
+    assert numeric.meta["labels"] == ["A", "B", "C", "D"] and numeric.answer == "B"
+    assert examples[3].meta["labels"] == ["A", "B", "C", "D", "E"]
+    assert task.score(examples[0], "The answer is B.") == 1.0
+    assert task.score(examples[0], "B") == 1.0 and task.score(examples[0], "A") == 0.0
+    labels = ["A", "B", "C", "D"]
+    assert extract_choice("(C) It freezes.", labels) == "C"
+    assert extract_choice("**D**", labels) == "D"
+    assert extract_choice("A is wrong and so is B; the answer is C", labels) == "C"
+    assert extract_choice("Answer: (A)", labels) == "A"
+    assert extract_choice("A plant takes water in through its roots, so B) roots.", labels) == "B"
+    assert extract_choice("A plant needs water.", labels) is None  # the article "A" is not a choice
+    assert extract_choice("the answer is a tricky one", labels) is None
+    assert extract_choice("Either (A) or (B).", labels) is None  # ambiguous: no guess
+    challenge = get_task("arc_challenge", test_path=FIXTURES / "arc_sample.jsonl")
+    assert challenge.name == "arc_challenge" and challenge.group(challenge.examples("test")[0]) == "arc_challenge"
+
+
+def test_prism_fixture_prompts_and_judge_error():
+    task = get_task("prism", path=FIXTURES / "prism_sample.jsonl")
+    assert task.conditional
+    train, test = task.examples("train"), task.examples("test")
+    assert {e.meta["user_id"] for e in test} == {"user1", "user9"}
+    assert not {e.meta["user_id"] for e in train} & {e.meta["user_id"] for e in test}
+    assert len(train) + len(test) == 6 and prism_split("user1") == "test" and prism_split("user0") == "train"
+    ex = test[0]
+    assert task.prompt(ex)[0]["content"] == (
+        "Give me short 2-3 sentence answers to the following prompt: How can I get better at chess? "
+        "Please respect the following requirements made by the user: Answer like a patient teacher and avoid jargon."
+    )
+    assert task.prompt(ex, with_context=False)[0]["content"] == (
+        "Give me short 2-3 sentence answers to the following prompt: How can I get better at chess?"
+    )
+    assert task.prompt(ex, context="Be brief.")[0]["content"].endswith("made by the user: Be brief.")
+    assert task.group(ex) == "unguided"
+    with pytest.raises(MipoError, match="mipo_lib.evaluate"):
+        task.score(ex, "anything")
+
+
+def test_local_file_errors(tmp_path):
+    with pytest.raises(MipoError, match="not found"):
+        get_task("gsm8k", test_path=tmp_path / "missing.jsonl").examples("test")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q"}\n')
+    with pytest.raises(MipoError, match=r"lack field\(s\) \['answer'\]"):
+        get_task("gsm8k", test_path=bad).examples("test")
+
+
+@pytest.mark.parametrize("name", ["gsm8k", "svamp", "arc_easy", "arc_challenge", "prism"])
+def test_hub_id_offline_fails_fast_with_the_fix(name):
+    task = get_task(name)  # building a task reads nothing
+    start = time.perf_counter()
+    with pytest.raises(MipoError, match="pass a local file path") as err:
+        task.examples("test", n=5)
+    assert time.perf_counter() - start < 5
+    assert "\n" not in str(err.value)
+
+
+def test_offline_env_set_after_import_is_still_honoured(monkeypatch):
+    """trl and datasets read HF_HUB_OFFLINE at import; a later setting must not cost ~25 s of network retries."""
+    import datasets
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    start = time.perf_counter()
+    with pytest.raises(MipoError, match="HF_HUB_OFFLINE is set"):
+        get_task("gsm8k").examples("test")
+    assert time.perf_counter() - start < 5
+    assert datasets.config.HF_HUB_OFFLINE is False and constants.HF_HUB_OFFLINE is False  # restored after the call
+
+
+# ------------------------------------------------------------------------------------------------------- registry
+def test_registry():
+    assert TASKS == ("personalization", "arithmetic", "gsm8k", "svamp", "arc_easy", "arc_challenge", "prism")
+    for name in TASKS:
+        assert get_task(name).name == name
+    assert get_task("personalization").conditional and not get_task("arithmetic").conditional
+    with pytest.raises(MipoError) as err:
+        get_task("mmlu")
+    assert all(name in str(err.value) for name in TASKS)
+    with pytest.raises(MipoError, match="bad options"):
+        get_task("arithmetic", test_path="x.jsonl")
