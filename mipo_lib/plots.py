@@ -7,10 +7,15 @@ overrides both.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
+
+from mipo_lib import stats
 from mipo_lib.config import Preset, repo_root, run_dir
 
 REFERENCE_PRESET = "cpu"
@@ -49,13 +54,378 @@ def apply_style() -> None:
 def savefig(fig: Any, name: str, preset: Preset | str, caption: str | None = None) -> Path:
     """Save `fig` as `<name>.png` and `<name>.pdf`; a caption is drawn under the axes so it travels with the file.
 
-    Returns the png path. Metadata dates are dropped so a rerun with equal numbers gives an identical pdf.
+    Returns the png path. The caption is added to the figure, so save a figure once. Metadata dates are dropped so a rerun with equal numbers gives an identical pdf.
     """
     out = figures_dir(preset)
     if caption:
-        fig.text(0.01, 0.005, caption, ha="left", va="bottom", fontsize=7.5, wrap=True, color="#333333")
-        fig.subplots_adjust(bottom=max(fig.subplotpars.bottom, 0.08 + 0.035 * caption.count("\n")))
+        # Hung below the figure's bottom edge: `bbox_inches="tight"` grows the saved image to include it, so the
+        # caption can never overlap tick labels, however they are rotated.
+        fig.text(0.01, -0.01, caption, ha="left", va="top", fontsize=7.5, wrap=True, color="#333333")
     png = out / f"{name}.png"
     fig.savefig(png, bbox_inches="tight", metadata={"Software": None})
     fig.savefig(out / f"{name}.pdf", bbox_inches="tight", metadata={"CreationDate": None, "Producer": None, "Creator": None})
     return png
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Figure functions. Each returns a matplotlib Figure with its caption in `fig.mipo_caption` (pass it to `savefig`).
+# Every figure shows per-seed points plus 95% bootstrap CI bars, and says so in its caption with n seeds/examples.
+# ----------------------------------------------------------------------------------------------------------------
+
+METHOD_ORDER = stats.METHOD_ORDER
+_FALLBACK_COLOURS = ("#c44e52", "#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd")
+_PMI_COLOURS = {"base": PALETTE["prompting"], "MIPO": PALETTE["MIPO"]}  # base model's response = prompting's
+BARS_SEEDS_EXAMPLES = "95% bootstrap CI over seeds and examples"
+PAPER_SETTING = "paper: 1B-7B instruct models, full fine-tuning, PRISM / Community Alignment / GSM8K / SVAMP / ARC, LLM judge"
+
+
+def colour(method: str) -> str:
+    """The method's colour from `PALETTE`; methods outside it get a stable fallback colour."""
+    if method in PALETTE:
+        return PALETTE[method]
+    return _FALLBACK_COLOURS[sum(map(ord, method)) % len(_FALLBACK_COLOURS)]
+
+
+def caption(
+    preset_name: str,
+    model: str,
+    task: str,
+    n_seeds: int | None,
+    n_examples: int | None,
+    bars: str = BARS_SEEDS_EXAMPLES,
+    extra: str | None = None,
+    examples_word: str = "held-out examples",
+    dots: str = "Dots: individual seeds",
+    bars_word: str = "bars",
+) -> str:
+    """The one caption format: setting and n seeds x n examples, then what dots and bars are, then a note.
+
+    >>> caption("cpu", "SmolLM2-135M-Instruct", "personalization", 3, 200).splitlines()[1]
+    'Dots: individual seeds; bars: 95% bootstrap CI over seeds and examples.'
+    """
+    size = []
+    if n_seeds is not None:
+        size.append(f"{n_seeds} seed{'s' if n_seeds != 1 else ''}")
+    if n_examples is not None:
+        size.append(f"{n_examples} {examples_word}")
+    text = f"Preset {preset_name} | {model} | task: {task}" + (f" | {' x '.join(size)}" if size else "")
+    text += f".\n{dots}; {bars_word}: {bars}."
+    if extra:
+        text += f"\n{extra}"
+    return text
+
+
+def _meta_caption(
+    meta: dict[str, Any], bars: str = BARS_SEEDS_EXAMPLES, extra: str | None = None, **over: Any
+) -> str:
+    """`caption` from a figure's `meta` dict; keyword overrides (n_seeds=..., dots=...) win over `meta`."""
+    m = {"preset": "?", "model": "?", "task": "?", "n_seeds": None, "n_examples": None, **meta, **over}
+    style = {k: m[k] for k in ("examples_word", "dots", "bars_word") if k in m}
+    return caption(str(m["preset"]), str(m["model"]), str(m["task"]), m["n_seeds"], m["n_examples"], bars, extra,
+                   **style)
+
+
+def _finish(fig: Any, cap: str) -> Any:
+    fig.mipo_caption = cap  # the caller does savefig(fig, name, preset, caption=fig.mipo_caption)
+    return fig
+
+
+def _jitter(n: int, width: float = 0.18) -> np.ndarray:
+    """Deterministic horizontal offsets for n per-seed dots (no randomness: figures are reproducible)."""
+    return np.zeros(1) if n == 1 else np.linspace(-width, width, n)
+
+
+def _subplots(nrows: int, ncols: int, figsize: tuple[float, float]) -> tuple[Any, Any]:
+    import matplotlib.pyplot as plt
+
+    apply_style()
+    return plt.subplots(nrows, ncols, figsize=figsize, squeeze=False)
+
+
+def _fmt_signed(x: float, digits: int = 1) -> str:
+    return "nan" if not math.isfinite(x) else f"{x:+.{digits}f}"
+
+
+def plot_method_rates(
+    records: pd.DataFrame,
+    meta: dict[str, Any],
+    treatment: str = "MIPO",
+    baseline: str = "prompting",
+    n_boot: int = 5_000,
+    seed: int = 0,
+) -> Any:
+    """Success rate per method: bar = mean over seeds and examples, black bar = CI, dots = seeds.
+
+    The paired `treatment - baseline` difference (same examples, shared bootstrap draws) is written on the figure,
+    because the two methods' separate CIs overlap more than their paired difference's CI suggests.
+    """
+    methods = stats.ordered_methods(records["method"])
+    fig, axes = _subplots(1, 1, (1.5 + 1.25 * len(methods), 4.4))
+    ax = axes[0, 0]
+    top = 0.0
+    for i, m in enumerate(methods):
+        h = stats.hierarchical_bootstrap(records, m, n_boot=n_boot, seed=seed)
+        mean, lo, hi = 100 * h["mean"], 100 * h["lo"], 100 * h["hi"]
+        ax.bar(i, mean, width=0.65, color=colour(m), alpha=0.85, zorder=1)
+        ax.errorbar(i, mean, yerr=[[mean - lo], [hi - mean]], fmt="none", ecolor="black", capsize=6, lw=1.6, zorder=3)
+        per_seed = 100 * np.asarray(h["per_seed"])
+        ax.scatter(i + _jitter(len(per_seed)), per_seed, s=22, color="white", edgecolor="black", lw=0.9, zorder=4)
+        ax.text(i, hi + 1.0, f"{mean:.1f}%", ha="center", va="bottom", fontsize=9)
+        top = max(top, hi, float(per_seed.max()))
+    ax.set_xticks(range(len(methods)), methods, rotation=15 if len(methods) > 3 else 0)
+    ax.set_ylabel(meta.get("metric_label", "success rate (%)"))
+    ax.set_ylim(0, max(10.0, top * 1.35 + 6))
+    note = None
+    if treatment in methods and baseline in methods:
+        d = stats.paired_difference(records, treatment, baseline, n_boot=n_boot, seed=seed)
+        note = (f"{treatment} - {baseline} (paired): {_fmt_signed(100 * d['mean'])} pts "
+                f"[95% CI {100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]\n"
+                f"relative gain: {_fmt_signed(100 * d['relative_gain'], 0)}% "
+                f"[95% CI {_fmt_signed(100 * d['relative_lo'], 0)}, {_fmt_signed(100 * d['relative_hi'], 0)}]")
+        ax.text(0.02, 0.97, note, transform=ax.transAxes, va="top", ha="left", fontsize=9,
+                bbox={"boxstyle": "round", "fc": "white", "ec": colour(treatment)})
+    ax.set_title("Success rate per method")
+    n_seeds = int(records["seed"].nunique())
+    n_ex = int(records.groupby(["task", "example_id"]).ngroups) if "task" in records else int(records["example_id"].nunique())
+    cap = _meta_caption(meta, extra="Paired difference: same examples for both methods, resampled together."
+                        if note else None, n_seeds=meta.get("n_seeds", n_seeds), n_examples=meta.get("n_examples", n_ex))
+    fig.tight_layout()
+    return _finish(fig, cap)
+
+
+def plot_per_group(records: pd.DataFrame, meta: dict[str, Any], n_boot: int = 2_000, seed: int = 0) -> Any:
+    """Rate per preference type (group) and method: a dot plot with CI bars and per-seed dots.
+
+    Why per group: a pooled gain can come from a few preferences while others stay at 0 for every method
+    (a 135M model cannot write ALL CAPS however it is trained); readers should see where the gain comes from.
+    """
+    table = stats.per_group_rates(records, n_boot=n_boot, seed=seed)
+    methods = stats.ordered_methods(table["method"])
+    groups = sorted(table["group"].unique(), key=str)
+    fig, axes = _subplots(1, 1, (8.0, 1.2 + 0.5 * len(groups) * max(1.0, len(methods) / 4)))
+    ax = axes[0, 0]
+    offsets = _jitter(len(methods), 0.32)
+    for j, m in enumerate(methods):
+        sub = table[table["method"] == m].set_index("group")
+        for gi, g in enumerate(groups):
+            if g not in sub.index:
+                continue
+            r = sub.loc[g]
+            y = gi + offsets[j]
+            ax.errorbar(100 * r["rate"], y, xerr=[[100 * (r["rate"] - r["lo"])], [100 * (r["hi"] - r["rate"])]],
+                        fmt="o", color=colour(m), ms=6, capsize=3, lw=1.4, zorder=3, label=m if gi == 0 else None)
+            ps = 100 * np.asarray(r["per_seed"], dtype=float)
+            ax.scatter(ps, np.full(ps.shape, y), s=12, color=colour(m), alpha=0.45, edgecolor="none", zorder=2)
+    ax.set_yticks(range(len(groups)), [str(g) for g in groups])
+    ax.invert_yaxis()
+    ax.set_xlim(-3, 103)
+    ax.set_xlabel(meta.get("metric_label", "success rate (%)"))
+    ax.set_title("Success rate per preference type")
+    ax.legend(loc="lower right", fontsize=8, frameon=True)
+    n_per_group = int(table["n_examples"].median()) if len(table) else None
+    cap = _meta_caption(meta, bars="95% bootstrap CI over seeds and examples within the group",
+                        extra=f"About {n_per_group} examples per group." if n_per_group else None)
+    fig.tight_layout()
+    return _finish(fig, cap)
+
+
+def _curve(ax: Any, log: pd.DataFrame, column: str, col: str, label: str, n_boot: int, seed: int) -> bool:
+    """Per-seed thin lines, mean over seeds, and a 95% bootstrap band over seeds at each step."""
+    sub = log[["seed", "step", column]].dropna() if column in log.columns else pd.DataFrame()
+    if sub.empty:
+        return False
+    for _, s in sub.groupby("seed"):
+        s = s.sort_values("step")
+        ax.plot(s["step"], s[column], color=col, lw=0.7, alpha=0.4)
+    rows = []
+    for step, s in sub.groupby("step"):
+        mean, lo, hi = stats.bootstrap_ci(s[column].to_numpy(), n_boot=n_boot, seed=seed)
+        rows.append((step, mean, lo, hi))
+    arr = np.asarray(rows, dtype=float)
+    ax.plot(arr[:, 0], arr[:, 1], color=col, lw=2.0, label=label)
+    ax.fill_between(arr[:, 0], arr[:, 2], arr[:, 3], color=col, alpha=0.18, lw=0)
+    return True
+
+
+def plot_training_curves(train_log: pd.DataFrame, meta: dict[str, Any], n_boot: int = 1_000, seed: int = 0) -> Any:
+    """MIPO loss, reward margin and reward accuracy vs step, and SFT loss: mean over seeds, band, per-seed lines.
+
+    Reference lines teach the sanity checks: an untrained DPO loss is log 2 = 0.693 with margin 0, and a reward
+    accuracy of 0.5 is chance.
+    """
+    fig, axes = _subplots(2, 2, (10.0, 6.6))
+    mipo = train_log[train_log["method"] == "MIPO"]
+    sft = train_log[train_log["method"] == "SFT"]
+    panels = [
+        (axes[0, 0], mipo, "loss", "MIPO (DPO) loss", "MIPO"),
+        (axes[0, 1], mipo, "rewards/margins", "MIPO reward margin (chosen - rejected)", "MIPO"),
+        (axes[1, 0], mipo, "rewards/accuracies", "MIPO reward accuracy", "MIPO"),
+        (axes[1, 1], sft, "loss", "SFT loss", "SFT"),
+    ]
+    for ax, log, column, title, method in panels:
+        ok = _curve(ax, log, column, colour(method), method, n_boot, seed)
+        ax.set_title(title, fontsize=11)
+        ax.set_xlabel("step")
+        if not ok:
+            ax.text(0.5, 0.5, f"not logged ({method})", ha="center", va="center", transform=ax.transAxes, color="gray")
+            continue
+        if method == "MIPO" and column == "loss":
+            ax.axhline(math.log(2), color="gray", ls="--", lw=1, label="log 2 = 0.693 (untrained)")
+            ax.legend(fontsize=8)
+        elif column == "rewards/margins":
+            ax.axhline(0.0, color="gray", ls="--", lw=1)
+        elif column == "rewards/accuracies":
+            ax.axhline(0.5, color="gray", ls="--", lw=1, label="chance")
+            ax.set_ylim(-0.03, 1.03)
+            ax.legend(fontsize=8)
+    n_seeds = int(train_log["seed"].nunique()) if len(train_log) else 0
+    cap = _meta_caption(meta, bars="95% bootstrap CI of the mean over seeds at each step",
+                        n_seeds=meta.get("n_seeds", n_seeds), n_examples=meta.get("n_pairs"),
+                        examples_word="training pairs", bars_word="band",
+                        dots="Thin lines: individual seeds; thick line: mean over seeds")
+    fig.tight_layout()
+    return _finish(fig, cap)
+
+
+def plot_pmi_shift(pmi: pd.DataFrame, meta: dict[str, Any], n_boot: int = 5_000, seed: int = 0) -> Any:
+    """Base-model PMI log p(y|x,c) - log p(y|x) of each model's own greedy response, before vs after MIPO.
+
+    MIPO's optimum maximizes the base model's expected PMI (METHOD.md), so the trained model's responses should
+    carry more information about the context under the *frozen base model*: the distribution shifts right.
+    Left: histograms pooled over seeds; right: per-seed means, CI over seeds and examples, paired shift.
+    """
+    models = [m for m in ("base", "MIPO") if m in set(pmi["model"])] + sorted(set(pmi["model"]) - {"base", "MIPO"})
+    fig, axes = _subplots(1, 2, (10.5, 4.2))
+    ax_h, ax_p = axes[0]
+    vals = pmi["pmi"].to_numpy(dtype=float)
+    vals = vals[np.isfinite(vals)]
+    bins = np.linspace(vals.min(), vals.max(), 31) if vals.size and vals.min() < vals.max() else 20
+    for i, m in enumerate(models):
+        v = pmi.loc[pmi["model"] == m, "pmi"].dropna().to_numpy(dtype=float)
+        c = _PMI_COLOURS.get(m, colour(m))
+        ax_h.hist(v, bins=bins, density=True, histtype="stepfilled", alpha=0.3, color=c, label=f"{m} (mean {v.mean():.2f})")
+        ax_h.hist(v, bins=bins, density=True, histtype="step", color=c, lw=1.4)
+        ax_h.axvline(v.mean(), color=c, ls="--", lw=1.2)
+        h = stats.hierarchical_bootstrap(pmi, m, n_boot=n_boot, seed=seed, value="pmi", unit="model")
+        ax_p.errorbar(i, h["mean"], yerr=[[h["mean"] - h["lo"]], [h["hi"] - h["mean"]]], fmt="o", color=c, ms=9,
+                      capsize=6, lw=1.6, zorder=3)
+        ps = np.asarray(h["per_seed"])
+        ax_p.scatter(i + _jitter(len(ps)), ps, s=22, color="white", edgecolor=c, lw=1.2, zorder=4)
+    ax_h.axvline(0.0, color="black", lw=0.8)
+    ax_h.set_xlabel("base-model PMI of the response (nats)")
+    ax_h.set_ylabel("density")
+    ax_h.set_title("PMI distribution (pooled over seeds)")
+    ax_h.legend(fontsize=8)
+    ax_p.set_xticks(range(len(models)), models)
+    ax_p.set_xlim(-0.6, len(models) - 0.4)
+    ax_p.axhline(0.0, color="black", lw=0.8)
+    ax_p.set_ylabel("mean PMI (nats)")
+    ax_p.set_title("Mean PMI per model")
+    if {"base", "MIPO"} <= set(models):
+        d = stats.paired_difference(pmi, "MIPO", "base", n_boot=n_boot, seed=seed, value="pmi", unit="model")
+        ax_p.text(0.03, 0.97, f"MIPO - base (paired): {d['mean']:+.2f} nats\n[95% CI {d['lo']:+.2f}, {d['hi']:+.2f}]",
+                  transform=ax_p.transAxes, va="top", fontsize=9, bbox={"boxstyle": "round", "fc": "white", "ec": "gray"})
+    n_seeds = int(pmi["seed"].nunique())
+    n_ex = int(pmi["example_id"].nunique())
+    cap = _meta_caption(meta, extra="PMI = log p(y|x,c) - log p(y|x) under the frozen base model, y = each model's own "
+                        "greedy response.", n_seeds=meta.get("n_seeds", n_seeds), n_examples=meta.get("n_examples", n_ex))
+    fig.tight_layout()
+    return _finish(fig, cap)
+
+
+def plot_reported_vs_reproduced(
+    reported_df: pd.DataFrame, reproduced: dict[str, Any], meta: dict[str, Any], setting_note: str | None = None
+) -> Any:
+    """The paper's abstract-level claims (intervals, labelled so) next to our measured gain with its CI.
+
+    `reproduced` is the dict returned by `stats.paired_difference` (MIPO vs prompting by default): its relative gain
+    goes in the top panel next to the reported relative gains, its difference in points in the bottom panel next
+    to the reported point gains. Reported rows that are levels, not gains (e.g. a base accuracy), are not drawn.
+    The settings differ (model size, LoRA, task, judge), so a text box states the difference: the comparison is one
+    of magnitudes, not a replication of a table.
+    """
+    import matplotlib.pyplot as plt
+
+    apply_style()
+    panels = [
+        ("relative gain %", ("relative_gain", "relative_lo", "relative_hi", "relative_gain"), "relative gain (%)", "%"),
+        ("absolute points", ("mean", "lo", "hi", "diff"), "gain (points)", " pts"),
+    ]
+    n_rows = [int((reported_df["metric"] == metric).sum()) + 1 for metric, *_ in panels]
+    fig, axes = plt.subplots(2, 1, figsize=(10.5, 2.2 + 0.36 * sum(n_rows)), gridspec_kw={"height_ratios": n_rows},
+                             squeeze=False)
+    ours_label = f"ours: {reproduced.get('a', 'MIPO')} vs {reproduced.get('b', 'prompting')} ({meta.get('task', '?')})"
+    rep_colour, rep_point, ours_colour = "#8c8c8c", "#4d4d4d", colour(reproduced.get("a", "MIPO"))
+    for ax, (metric, keys, xlabel, unit) in zip(axes[:, 0], panels):
+        rows = reported_df[reported_df["metric"] == metric].reset_index(drop=True)
+        mean, lo, hi = (100.0 * float(reproduced.get(k, float("nan"))) for k in keys[:3])
+        ax.errorbar(mean, 0, xerr=[[mean - lo], [hi - mean]], fmt="o", color=ours_colour, ms=9, capsize=6, lw=2.2,
+                    zorder=4, label="reproduced (ours): mean, 95% CI")
+        per_seed = [100.0 * float(p.get(keys[3], float("nan"))) for p in reproduced.get("per_seed", [])]
+        if per_seed:
+            ax.scatter(per_seed, np.zeros(len(per_seed)), s=22, color="white", edgecolor=ours_colour, lw=1.2,
+                       zorder=5, label="ours: individual seeds")
+        labels = [f"{ours_label}\n{mean:+.1f}{unit} [95% CI {lo:+.1f}, {hi:+.1f}]"]
+        for i, r in rows.iterrows():
+            y = i + 1
+            low, high = float(r["low"]), float(r["high"])
+            if high > low:
+                ax.plot([low, high], [y, y], color=rep_colour, lw=7, alpha=0.6, solid_capstyle="butt",
+                        label="reported (abstract-level): range")
+            else:
+                ax.scatter([low], [y], marker="D", s=40, color=rep_point, zorder=3,
+                           label="reported (abstract-level): single value")
+            label = f"{r['source']} | {r['domain']} | {r['model_or_setting']}"
+            labels.append(label if len(label) <= 72 else label[:69] + "...")
+        ax.set_yticks(range(len(labels)), labels, fontsize=7.5)
+        ax.get_yticklabels()[0].set_fontweight("bold")
+        ax.set_ylim(len(labels) - 0.5, -0.6)
+        ax.axvline(0.0, color="black", lw=0.8)
+        ax.set_xlabel(xlabel)
+        ax.set_title(f"{metric}: reported (abstract-level) vs reproduced", fontsize=10)
+        handles, names = ax.get_legend_handles_labels()
+        unique = dict(zip(names, handles))
+        ax.legend(unique.values(), unique.keys(), fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ours = setting_note or (f"ours: {meta.get('model', '?')}, LoRA, {meta.get('task', '?')}, "
+                            f"{meta.get('n_seeds', '?')} seeds x {meta.get('n_examples', '?')} examples, "
+                            f"preset {meta.get('preset', '?')}")
+    axes[0, 0].text(1.01, 0.0, f"{ours}\n\n{PAPER_SETTING}", transform=axes[0, 0].transAxes, ha="left",
+                    va="bottom", fontsize=7.5, wrap=True,
+                    bbox={"boxstyle": "round", "fc": "#fff8e1", "ec": "#c9a227"})
+    cap = _meta_caption(meta, extra="Grey: the paper's abstract-level claims (ranges as bars, single values as "
+                        "diamonds); whether its percentages are relative or absolute is not stated at abstract "
+                        "level.\nThe settings differ (see the box): compare magnitudes, not numbers.")
+    fig.tight_layout()
+    return _finish(fig, cap)
+
+
+def plot_diversity(div_df: pd.DataFrame, meta: dict[str, Any], n_boot: int = 2_000, seed: int = 0) -> Any:
+    """Distinct-2, Self-BLEU and mean length per method (from `stats.diversity_table`): dots = seeds, CI over seeds.
+
+    Why: preference optimization can collapse replies onto a template; a higher Self-BLEU / lower distinct-2 for
+    MIPO would show it, and mean words shows how much of a gain could be shorter replies.
+    """
+    columns = [(c, t) for c, t in (("distinct_2", "distinct-2 (higher = more diverse)"),
+                                   ("self_bleu", "Self-BLEU (lower = more diverse)"),
+                                   ("mean_words", "mean words per reply")) if c in div_df.columns]
+    methods = stats.ordered_methods(div_df["method"])
+    fig, axes = _subplots(1, len(columns), (3.6 * len(columns), 3.9))
+    for ax, (col, title) in zip(axes[0], columns):
+        for i, m in enumerate(methods):
+            v = div_df.loc[div_df["method"] == m, col].dropna().to_numpy(dtype=float)
+            if v.size == 0:
+                continue
+            mean, lo, hi = stats.bootstrap_ci(v, n_boot=n_boot, seed=seed)
+            ax.errorbar(i, mean, yerr=[[mean - lo], [hi - mean]], fmt="s", color=colour(m), ms=8, capsize=5, lw=1.6)
+            ax.scatter(i + _jitter(v.size), v, s=20, color="white", edgecolor=colour(m), lw=1.1, zorder=4)
+        ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
+        ax.set_xlim(-0.6, len(methods) - 0.4)
+        ax.set_title(title, fontsize=10)
+    n_seeds = int(div_df["seed"].nunique()) if len(div_df) else 0
+    n_ex = int(div_df["n"].max()) if "n" in div_df.columns and len(div_df) else None
+    cap = _meta_caption(meta, bars="95% bootstrap CI over seeds (none for single-seed deterministic methods)",
+                        n_seeds=meta.get("n_seeds", n_seeds), n_examples=meta.get("n_examples", n_ex),
+                        extra="Metrics over all responses of a seed; Self-BLEU: smoothed 4-gram BLEU of each reply "
+                        "against the others (subsampled to 200 replies, seeded).")
+    fig.tight_layout()
+    return _finish(fig, cap)

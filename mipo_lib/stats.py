@@ -1,0 +1,507 @@
+"""Statistics for the results: per-seed metrics, bootstrap CIs over seeds *and* examples, paired differences.
+
+Why this module exists: the paper reports means over (mostly) three seeds with no error bars, and a 200-prompt
+evaluation has a standard error of about 3 points per seed (../PILOT.md). A gain of a few points is therefore only
+believable with (1) a confidence interval that accounts for both sources of noise, training seeds and the finite set
+of evaluation prompts, and (2) a *paired* comparison: every method is scored on the same example ids, so the
+per-example difference cancels most of the prompt-to-prompt variance ("this prompt is hard for everybody").
+
+Conventions used throughout:
+- `records` is the per-example evaluation frame (`task, method, seed, example_id, group, score, response, n_words`).
+- An example is identified by `(task, example_id)`, so a frame that holds several tasks pools them correctly.
+- The hierarchical bootstrap resamples seeds with replacement, then examples with replacement *within* each drawn
+  seed, and averages. With 3 seeds the seed level is coarse, which is the honest answer: 3 seeds carry little
+  information about seed-to-seed variance.
+- A deterministic method (greedy decoding, no training: base, prompting, CAD) may be stored with one seed only. When
+  it is compared with a trained method, its single row of scores is paired with every seed of the other method.
+- Everything takes a `seed` and uses `numpy.random.default_rng(seed)`: same inputs, same numbers.
+
+Only numpy and pandas are imported, so the notebooks' results cells and CI stay light.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mipo_lib.config import repo_root
+from mipo_lib.errors import MipoError
+
+METHOD_ORDER: tuple[str, ...] = ("base (no context)", "prompting", "SFT", "MIPO", "CAD")
+"""Display order of the methods in tables and figures (unknown methods follow, sorted)."""
+
+REPORTED_LABEL = "reported (abstract-level)"
+REPORTED_COLUMNS: tuple[str, ...] = (
+    "source", "domain", "metric", "low", "high", "model_or_setting", "compared_to", "note", "label",
+)
+_RECORD_COLUMNS = ("task", "method", "seed", "example_id", "score")
+_CHUNK_ELEMENTS = 2_000_000  # bootstrap draws per vectorised chunk (about 16 MB of indices), whatever n_boot is
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def ordered_methods(methods: Iterable[str]) -> list[str]:
+    """Methods present, in the workbook's fixed order (base, prompting, SFT, MIPO, CAD), unknown ones after."""
+    present = list(dict.fromkeys(methods))
+    known = [m for m in METHOD_ORDER if m in present]
+    return known + sorted(m for m in present if m not in METHOD_ORDER)
+
+
+def _check_columns(df: pd.DataFrame, columns: Iterable[str], what: str) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise MipoError(f"{what} is missing column(s) {missing}; it has {list(df.columns)}")
+
+
+def _score_matrix(
+    df: pd.DataFrame, value: str = "score", unit: str = "method", name: str | None = None
+) -> tuple[np.ndarray, list[Any], list[Any]]:
+    """Pivot one method's rows to a (seeds x examples) matrix; keep only examples scored in every seed.
+
+    Why a matrix: the bootstrap then reduces to integer indexing, vectorised over thousands of replicates.
+    Duplicate (seed, example) rows are an upstream bug (an example evaluated twice), so they raise instead of being
+    silently averaged.
+    """
+    if df.empty:
+        raise MipoError(f"no rows for {unit} {name!r}; present: check the {unit!r} column of the frame")
+    keys = ["task", "example_id"] if "task" in df.columns else ["example_id"]
+    dup = df.duplicated(["seed", *keys])
+    if dup.any():
+        raise MipoError(f"{unit} {name!r} has {int(dup.sum())} duplicate (seed, example) rows; evaluate each once")
+    wide = df.pivot(index="seed", columns=keys, values=value).sort_index()
+    wide = wide.loc[:, wide.notna().all(axis=0)]
+    if wide.shape[1] == 0:
+        raise MipoError(f"{unit} {name!r}: no example is scored in every seed")
+    wide = wide.sort_index(axis=1)
+    return wide.to_numpy(dtype=float), list(wide.index), list(wide.columns)
+
+
+def _paired_matrices(
+    df: pd.DataFrame, a: str, b: str, value: str = "score", unit: str = "method"
+) -> tuple[np.ndarray, np.ndarray, list[Any], list[Any]]:
+    """Aligned (seeds x examples) matrices of `a` and `b` on their common seeds and common examples.
+
+    Seed alignment: a unit stored with one seed (deterministic) is broadcast to all seeds of the other; otherwise
+    the common seeds are used (seed s of SFT is not "paired" with seed s of MIPO in any causal sense, but using the
+    same labels keeps the rule simple and is harmless). Example alignment: the intersection of example ids.
+    """
+    ma, seeds_a, ex_a = _score_matrix(df[df[unit] == a], value, unit, a)
+    mb, seeds_b, ex_b = _score_matrix(df[df[unit] == b], value, unit, b)
+    common = sorted(set(ex_a) & set(ex_b))
+    if not common:
+        raise MipoError(f"{a!r} and {b!r} share no example ids; a paired comparison needs the same examples")
+    pos_a = {e: i for i, e in enumerate(ex_a)}
+    pos_b = {e: i for i, e in enumerate(ex_b)}
+    ia = [pos_a[e] for e in common]
+    ib = [pos_b[e] for e in common]
+    ma, mb = ma[:, ia], mb[:, ib]
+    if len(seeds_a) == 1 and len(seeds_b) > 1:
+        ma, seeds = np.repeat(ma, len(seeds_b), axis=0), seeds_b
+    elif len(seeds_b) == 1 and len(seeds_a) > 1:
+        mb, seeds = np.repeat(mb, len(seeds_a), axis=0), seeds_a
+    elif len(seeds_a) == 1 and len(seeds_b) == 1:
+        seeds = seeds_a
+    else:
+        both = sorted(set(seeds_a) & set(seeds_b))
+        if not both:
+            raise MipoError(f"{a!r} (seeds {seeds_a}) and {b!r} (seeds {seeds_b}) share no seed")
+        ma = ma[[seeds_a.index(s) for s in both]]
+        mb = mb[[seeds_b.index(s) for s in both]]
+        seeds = both
+    return ma, mb, list(seeds), common
+
+
+def _hier_indices(rng: np.random.Generator, n_rep: int, n_seeds: int, n_ex: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seed indices (n_rep, n_seeds) and example indices (n_rep, n_seeds, n_ex) of a two-level bootstrap."""
+    s_idx = rng.integers(0, n_seeds, size=(n_rep, n_seeds))
+    e_idx = rng.integers(0, n_ex, size=(n_rep, n_seeds, n_ex))
+    return s_idx, e_idx
+
+
+def _hier_boot_means(mats: Sequence[np.ndarray], n_boot: int, seed: int) -> list[np.ndarray]:
+    """Bootstrap means of several aligned (seeds x examples) matrices with *shared* indices.
+
+    Sharing the indices across matrices is what makes a comparison paired: in every replicate both methods see the
+    same seeds and the same example ids, so prompt difficulty cancels in their difference.
+    """
+    n_seeds, n_ex = mats[0].shape
+    rng = np.random.default_rng(seed)
+    out = [np.empty(n_boot) for _ in mats]
+    done = 0
+    while done < n_boot:
+        n_rep = min(max(1, _CHUNK_ELEMENTS // (n_seeds * n_ex)), n_boot - done)
+        s_idx, e_idx = _hier_indices(rng, n_rep, n_seeds, n_ex)
+        for m, res in zip(mats, out):
+            rows = m[s_idx]  # (n_rep, n_seeds, n_ex)
+            res[done : done + n_rep] = np.take_along_axis(rows, e_idx, axis=2).mean(axis=(1, 2))
+        done += n_rep
+    return out
+
+
+def _percentile_ci(boot: np.ndarray, ci: float) -> tuple[float, float]:
+    finite = boot[np.isfinite(boot)]
+    if finite.size == 0:
+        return float("nan"), float("nan")
+    alpha = (1.0 - ci) / 2.0
+    lo, hi = np.quantile(finite, [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
+def _relative(diff: np.ndarray | float, base: np.ndarray | float) -> np.ndarray:
+    """(a - b) / b, NaN where the baseline rate is 0 (a relative gain over nothing is undefined)."""
+    d = np.asarray(diff, dtype=float)
+    b = np.asarray(base, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(b > 0, d / np.where(b > 0, b, 1.0), np.nan)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rates and CIs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def per_seed_metrics(records: pd.DataFrame) -> pd.DataFrame:
+    """One row per (task, method, seed): `n` examples, `rate` (mean score) and `mean_words`.
+
+    These are the numbers a reader can check by hand (PILOT.md's "30.5 / 28.5 / 30.0%"), and the dots of every
+    figure. `mean_words` is kept next to the rate because part of a preference gain can be shorter replies.
+    """
+    _check_columns(records, _RECORD_COLUMNS, "records")
+    df = records.copy()
+    if "n_words" not in df.columns:
+        df["n_words"] = np.nan
+    out = (
+        df.groupby(["task", "method", "seed"], sort=False)
+        .agg(n=("score", "size"), rate=("score", "mean"), mean_words=("n_words", "mean"))
+        .reset_index()
+    )
+    order = {m: i for i, m in enumerate(ordered_methods(out["method"]))}
+    out = out.sort_values(["task", "method", "seed"], key=lambda s: s.map(order) if s.name == "method" else s)
+    out["n"] = out["n"].astype(int)
+    return out.reset_index(drop=True)
+
+
+def bootstrap_ci(
+    values: Sequence[float] | np.ndarray, n_boot: int = 10_000, ci: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """Sample mean and percentile-bootstrap CI of the mean of `values` (NaNs dropped).
+
+    The percentile bootstrap needs no normality assumption, which matters for 0/1 scores near 0 or 1. One value
+    gives a zero-width interval (there is no spread to resample), not an error.
+    """
+    x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        raise MipoError("bootstrap_ci got no finite values")
+    mean = float(x.mean())
+    if x.size == 1:
+        return mean, mean, mean
+    rng = np.random.default_rng(seed)
+    boots = np.empty(n_boot)
+    done = 0
+    chunk = max(1, _CHUNK_ELEMENTS // x.size)
+    while done < n_boot:
+        n_rep = min(chunk, n_boot - done)
+        boots[done : done + n_rep] = x[rng.integers(0, x.size, size=(n_rep, x.size))].mean(axis=1)
+        done += n_rep
+    lo, hi = _percentile_ci(boots, ci)
+    return mean, lo, hi
+
+
+def hierarchical_bootstrap(
+    records: pd.DataFrame,
+    method: str,
+    n_boot: int = 10_000,
+    seed: int = 0,
+    ci: float = 0.95,
+    value: str = "score",
+    unit: str = "method",
+) -> dict[str, Any]:
+    """Mean rate of `method` and its CI "over seeds and examples" (resample seeds, then examples within seed).
+
+    Returns `dict(mean, lo, hi, n_seeds, n_examples, per_seed)` where `per_seed` lists the per-seed rates. `value`
+    and `unit` let the same machinery run on other per-example quantities (e.g. PMI per `model`).
+    """
+    _check_columns(records, ("seed", "example_id", value, unit), "records")
+    m, seeds, examples = _score_matrix(records[records[unit] == method], value, unit, method)
+    (boot,) = _hier_boot_means([m], n_boot, seed)
+    lo, hi = _percentile_ci(boot, ci)
+    return {
+        "mean": float(m.mean()),
+        "lo": lo,
+        "hi": hi,
+        "n_seeds": len(seeds),
+        "n_examples": len(examples),
+        "per_seed": [float(v) for v in m.mean(axis=1)],
+        "seeds": list(seeds),
+    }
+
+
+def paired_difference(
+    records: pd.DataFrame,
+    a: str = "MIPO",
+    b: str = "prompting",
+    n_boot: int = 10_000,
+    seed: int = 0,
+    ci: float = 0.95,
+    value: str = "score",
+    unit: str = "method",
+) -> dict[str, Any]:
+    """Rate of `a` minus rate of `b` on the same examples, with a paired hierarchical-bootstrap CI.
+
+    Each replicate draws seed indices, then example ids within each drawn seed, and applies the *same* draws to
+    both methods; that is the pairing, and it is why this CI is much tighter than two independent CIs would
+    suggest. The relative gain (a - b) / b, the quantity the paper's abstracts quote, is computed per replicate
+    from the same draws so its CI is consistent with the difference's.
+
+    Returns `dict(mean, lo, hi, n_seeds, n_examples, relative_gain, relative_lo, relative_hi, rate_a, rate_b, a, b,
+    per_seed=[dict(seed, rate_a, rate_b, diff, relative_gain)], p_not_positive)`; `p_not_positive` is the share of
+    replicates with a difference <= 0 (a one-sided bootstrap "p-value", for teaching, not a test to publish).
+    """
+    _check_columns(records, ("seed", "example_id", value, unit), "records")
+    ma, mb, seeds, examples = _paired_matrices(records, a, b, value, unit)
+    boot_a, boot_b = _hier_boot_means([ma, mb], n_boot, seed)
+    diff = boot_a - boot_b
+    rel = _relative(diff, boot_b)
+    lo, hi = _percentile_ci(diff, ci)
+    rlo, rhi = _percentile_ci(rel, ci)
+    rate_a, rate_b = float(ma.mean()), float(mb.mean())
+    per_seed = []
+    for i, s in enumerate(seeds):
+        ra, rb = float(ma[i].mean()), float(mb[i].mean())
+        per_seed.append({"seed": s, "rate_a": ra, "rate_b": rb, "diff": ra - rb, "relative_gain": float(_relative(ra - rb, rb))})
+    return {
+        "a": a,
+        "b": b,
+        "mean": rate_a - rate_b,
+        "lo": lo,
+        "hi": hi,
+        "n_seeds": len(seeds),
+        "n_examples": len(examples),
+        "rate_a": rate_a,
+        "rate_b": rate_b,
+        "relative_gain": float(_relative(rate_a - rate_b, rate_b)),
+        "relative_lo": rlo,
+        "relative_hi": rhi,
+        "p_not_positive": float(np.mean(diff <= 0)),
+        "per_seed": per_seed,
+    }
+
+
+def summary_table(
+    records: pd.DataFrame, baseline: str = "prompting", n_boot: int = 10_000, seed: int = 0, ci: float = 0.95
+) -> pd.DataFrame:
+    """The committed results table: one row per method (in display order), rates in [0, 1].
+
+    Columns: `method, rate, lo, hi, per_seed` (rates as text, e.g. "0.305 / 0.285 / 0.300"), `n_seeds, n_examples,
+    mean_words, baseline, diff, diff_lo, diff_hi, rel_gain, rel_lo, rel_hi`. The paired columns are NaN on the
+    baseline's own row and when the baseline is absent. If `records` holds several tasks, examples of all tasks
+    are pooled (keyed by task and example id); call it per task for per-task tables.
+    """
+    _check_columns(records, _RECORD_COLUMNS, "records")
+    methods = ordered_methods(records["method"])
+    rows = []
+    for method in methods:
+        sub = records[records["method"] == method]
+        h = hierarchical_bootstrap(sub, method, n_boot=n_boot, seed=seed, ci=ci)
+        row: dict[str, Any] = {
+            "method": method,
+            "rate": h["mean"],
+            "lo": h["lo"],
+            "hi": h["hi"],
+            "per_seed": " / ".join(f"{r:.3f}" for r in h["per_seed"]),
+            "n_seeds": h["n_seeds"],
+            "n_examples": h["n_examples"],
+            "mean_words": float(sub["n_words"].mean()) if "n_words" in sub.columns else float("nan"),
+            "baseline": baseline,
+            "diff": np.nan, "diff_lo": np.nan, "diff_hi": np.nan,
+            "rel_gain": np.nan, "rel_lo": np.nan, "rel_hi": np.nan,
+        }
+        if method != baseline and baseline in methods:
+            d = paired_difference(records, method, baseline, n_boot=n_boot, seed=seed, ci=ci)
+            row.update(diff=d["mean"], diff_lo=d["lo"], diff_hi=d["hi"],
+                       rel_gain=d["relative_gain"], rel_lo=d["relative_lo"], rel_hi=d["relative_hi"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def per_group_rates(records: pd.DataFrame, n_boot: int = 2_000, seed: int = 0, ci: float = 0.95) -> pd.DataFrame:
+    """Rate per (method, group), e.g. per preference type, with a CI over seeds and examples within the group.
+
+    Why: a pooled gain can come from a few easy preferences (PILOT.md: "Hey there", bullets, short replies) while
+    others stay at zero for every method; the per-group view shows where the gain is real. Columns: `method, group,
+    rate, lo, hi, per_seed` (list of floats), `seeds, n_seeds, n_examples`.
+    """
+    _check_columns(records, (*_RECORD_COLUMNS, "group"), "records")
+    rows = []
+    for method in ordered_methods(records["method"]):
+        sub_m = records[records["method"] == method]
+        for group in sorted(sub_m["group"].unique(), key=str):
+            sub = sub_m[sub_m["group"] == group]
+            h = hierarchical_bootstrap(sub, method, n_boot=n_boot, seed=seed, ci=ci)
+            rows.append({"method": method, "group": group, "rate": h["mean"], "lo": h["lo"], "hi": h["hi"],
+                         "per_seed": h["per_seed"], "seeds": h["seeds"],
+                         "n_seeds": h["n_seeds"], "n_examples": h["n_examples"]})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# diversity
+# ----------------------------------------------------------------------------------------------------------------
+
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-cased word and punctuation tokens: a model-free tokenizer so diversity numbers are comparable
+    across models with different vocabularies."""
+    return _TOKEN.findall(str(text).lower())
+
+
+def _ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def distinct_n(responses: Iterable[str], n: int = 2) -> float:
+    """Distinct-n: unique n-grams / total n-grams over the whole set of responses (0 when there are no n-grams).
+
+    A collapse to a few template replies, a known risk of preference optimization, shows up as a falling distinct-n.
+    """
+    total = 0
+    unique: set[tuple[str, ...]] = set()
+    for r in responses:
+        grams = _ngrams(tokenize(r), n)
+        total += len(grams)
+        unique.update(grams)
+    return len(unique) / total if total else 0.0
+
+
+def _sentence_bleu(
+    hyp: list[str], ref_counts: Sequence[list[Counter]], ref_lens: Sequence[int], max_n: int, epsilon: float
+) -> float:
+    """Multi-reference sentence BLEU with clipped counts, brevity penalty and add-epsilon smoothing.
+
+    Orders longer than the hypothesis are skipped (sacrebleu's "effective order"), so two identical 2-word replies
+    score exactly 1 instead of 0. Zero matches at an order count as `epsilon` matches (NLTK smoothing method 1),
+    so disjoint replies score near 0 instead of exactly 0 or log(0).
+    """
+    c = len(hyp)
+    orders = min(max_n, c)
+    log_p = 0.0
+    for n in range(1, orders + 1):
+        counts = Counter(_ngrams(hyp, n))
+        max_ref: Counter = Counter()
+        for rc in ref_counts:
+            for g, k in rc[n - 1].items():
+                if g in counts and k > max_ref[g]:
+                    max_ref[g] = k
+        matches = sum(min(k, max_ref[g]) for g, k in counts.items())
+        total = sum(counts.values())
+        log_p += math.log((matches if matches > 0 else epsilon) / total)
+    closest = min(ref_lens, key=lambda r: (abs(r - c), r))
+    bp = 1.0 if c > closest else math.exp(1.0 - closest / c)
+    return bp * math.exp(log_p / orders)
+
+
+def self_bleu(
+    responses: Sequence[str], max_n: int = 4, sample: int | None = 200, seed: int = 0, epsilon: float = 0.1
+) -> float:
+    """Self-BLEU: mean BLEU of each response against all the others as references (1 = all alike, ~0 = disjoint).
+
+    O(N^2) in the number of responses; with more than `sample` responses a seeded random subset is scored (each
+    against the other members of the subset). Empty responses are ignored; fewer than two non-empty ones give NaN.
+    """
+    toks = [t for t in (tokenize(r) for r in responses) if t]
+    if sample is not None and len(toks) > sample:
+        rng = np.random.default_rng(seed)
+        keep = np.sort(rng.choice(len(toks), size=sample, replace=False))
+        toks = [toks[i] for i in keep]
+    if len(toks) < 2:
+        return float("nan")
+    counts = [[Counter(_ngrams(t, n)) for n in range(1, max_n + 1)] for t in toks]
+    lens = [len(t) for t in toks]
+    scores = []
+    for i, hyp in enumerate(toks):
+        refs = counts[:i] + counts[i + 1 :]
+        ref_lens = lens[:i] + lens[i + 1 :]
+        scores.append(_sentence_bleu(hyp, refs, ref_lens, max_n, epsilon))
+    return float(np.mean(scores))
+
+
+def diversity_table(records: pd.DataFrame, sample: int | None = 200, seed: int = 0) -> pd.DataFrame:
+    """Diversity of the responses per (task, method, seed): `n, distinct_1, distinct_2, self_bleu, mean_words`.
+
+    Computed over all of a seed's responses (across users/preferences), so it measures whether a method still
+    answers different prompts differently.
+    """
+    _check_columns(records, ("task", "method", "seed", "response"), "records")
+    rows = []
+    for method in ordered_methods(records["method"]):
+        sub_m = records[records["method"] == method]
+        for (task, s), sub in sub_m.groupby(["task", "seed"], sort=True):
+            resp = [str(r) for r in sub["response"].fillna("")]
+            words = sub["n_words"] if "n_words" in sub.columns else pd.Series([len(r.split()) for r in resp])
+            rows.append({
+                "task": task, "method": method, "seed": s, "n": len(resp),
+                "distinct_1": distinct_n(resp, 1), "distinct_2": distinct_n(resp, 2),
+                "self_bleu": self_bleu(resp, sample=sample, seed=seed),
+                "mean_words": float(words.mean()) if len(words) else float("nan"),
+            })
+    return pd.DataFrame(rows, columns=["task", "method", "seed", "n", "distinct_1", "distinct_2", "self_bleu",
+                                       "mean_words"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LLM-judge win rates and the paper's reported numbers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def win_rates(policy_scores: Sequence[float] | np.ndarray, reference_scores: Sequence[float] | np.ndarray) -> dict[str, float]:
+    """Win rates from paired 1-5 judge scores: `win_or_tie` (score >= reference, the paper's metric) and
+    `strict_win` (>), plus `tie`, `loss` and `n`.
+
+    Both are reported because with a coarse 1-5 scale ties are frequent, and counting them as wins inflates the
+    headline number (a method identical to the reference scores 100%). Pairs where either score is missing (judge
+    output could not be parsed) are dropped and `n` says how many were used.
+    """
+    p = np.asarray(policy_scores, dtype=float)
+    r = np.asarray(reference_scores, dtype=float)
+    if p.shape != r.shape:
+        raise MipoError(f"policy and reference scores must be paired (same length); got {p.shape} and {r.shape}")
+    ok = np.isfinite(p) & np.isfinite(r)
+    p, r = p[ok], r[ok]
+    if p.size == 0:
+        nan = float("nan")
+        return {"win_or_tie": nan, "strict_win": nan, "tie": nan, "loss": nan, "n": 0}
+    return {
+        "win_or_tie": float(np.mean(p >= r)),
+        "strict_win": float(np.mean(p > r)),
+        "tie": float(np.mean(p == r)),
+        "loss": float(np.mean(p < r)),
+        "n": int(p.size),
+    }
+
+
+def load_reported_gains(path: str | None = None) -> pd.DataFrame:
+    """The paper's abstract-level claims (`data/reported_gains.csv`), checked so every row is labelled as such.
+
+    The full paper tables were not available, so these are the only paper numbers the workbook quotes; the label
+    column ("reported (abstract-level)") travels into every figure that shows them.
+    """
+    p = repo_root() / "data" / "reported_gains.csv" if path is None else path
+    df = pd.read_csv(p)
+    _check_columns(df, REPORTED_COLUMNS, str(p))
+    if (df["label"] != REPORTED_LABEL).any() or df["source"].isna().any():
+        raise MipoError(f"{p}: every row needs a source and the label {REPORTED_LABEL!r}")
+    df["low"] = df["low"].astype(float)
+    df["high"] = df["high"].astype(float)
+    return df

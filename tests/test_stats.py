@@ -1,0 +1,243 @@
+"""Unit tests of mipo_lib.stats on seeded synthetic data (fast, no model)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mipo_lib import stats
+from mipo_lib.errors import MipoError
+
+GROUPS = ["short", "banana", "digit", "bullets"]
+
+
+def make_records(
+    rates: dict[str, float],
+    n_examples: int = 200,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    deterministic: tuple[str, ...] = (),
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Synthetic per-example records; methods in `deterministic` get one seed (seed 0) only."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for method, rate in rates.items():
+        for s in (seeds[:1] if method in deterministic else seeds):
+            for e in range(n_examples):
+                score = float(rng.random() < rate)
+                n_words = int(rng.integers(5, 40))
+                rows.append({"task": "personalization", "method": method, "seed": s, "example_id": f"ex{e:04d}",
+                             "group": GROUPS[e % len(GROUPS)], "score": score,
+                             "response": " ".join(f"w{rng.integers(0, 50)}" for _ in range(n_words)),
+                             "n_words": n_words})
+    return pd.DataFrame(rows)
+
+
+def planted(n_examples: int, delta: float = 0.1, seeds=(0, 1, 2), seed: int = 0) -> pd.DataFrame:
+    """Paired data with a known difference: B ~ Bernoulli(0.3); A = B plus a flip 0->1 with prob delta/(1-0.3)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in seeds:
+        b = (rng.random(n_examples) < 0.3).astype(float)
+        flip = rng.random(n_examples) < delta / 0.7
+        a = np.where(b == 1, 1.0, flip.astype(float))
+        for name, sc in (("MIPO", a), ("prompting", b)):
+            rows += [{"task": "t", "method": name, "seed": s, "example_id": e, "group": "g", "score": v,
+                      "n_words": 10} for e, v in enumerate(sc)]
+    return pd.DataFrame(rows)
+
+
+def test_bootstrap_ci_contains_mean_and_shrinks():
+    rng = np.random.default_rng(1)
+    small = rng.normal(0.5, 1.0, 30)
+    large = rng.normal(0.5, 1.0, 3000)
+    m1, lo1, hi1 = stats.bootstrap_ci(small, n_boot=2000, seed=0)
+    m2, lo2, hi2 = stats.bootstrap_ci(large, n_boot=2000, seed=0)
+    assert lo1 < m1 < hi1 and lo2 < m2 < hi2
+    assert m1 == pytest.approx(small.mean())
+    assert (hi2 - lo2) < 0.3 * (hi1 - lo1)  # width ~ 1/sqrt(n): 10x less
+    assert lo2 < 0.5 < hi2
+
+
+def test_bootstrap_ci_is_deterministic_and_handles_one_value():
+    x = np.arange(20.0)
+    assert stats.bootstrap_ci(x, n_boot=500, seed=3) == stats.bootstrap_ci(x, n_boot=500, seed=3)
+    assert stats.bootstrap_ci([2.0], n_boot=100) == (2.0, 2.0, 2.0)
+    with pytest.raises(MipoError):
+        stats.bootstrap_ci([float("nan")])
+
+
+def test_per_seed_metrics():
+    rec = make_records({"prompting": 0.25, "MIPO": 0.45}, n_examples=100, deterministic=("prompting",))
+    out = stats.per_seed_metrics(rec)
+    assert list(out.columns) == ["task", "method", "seed", "n", "rate", "mean_words"]
+    assert list(out["method"]) == ["prompting", "MIPO", "MIPO", "MIPO"]  # display order, deterministic = 1 seed
+    assert (out["n"] == 100).all()
+    first = rec[(rec.method == "MIPO") & (rec.seed == 1)]
+    assert out.set_index(["method", "seed"]).loc[("MIPO", 1), "rate"] == pytest.approx(first["score"].mean())
+
+
+def test_hierarchical_bootstrap_ci_contains_mean_and_shrinks():
+    small = make_records({"MIPO": 0.3}, n_examples=50)
+    large = make_records({"MIPO": 0.3}, n_examples=2000, seeds=(0, 1, 2, 3, 4, 5))
+    h1 = stats.hierarchical_bootstrap(small, "MIPO", n_boot=2000)
+    h2 = stats.hierarchical_bootstrap(large, "MIPO", n_boot=2000)
+    for h in (h1, h2):
+        assert h["lo"] <= h["mean"] <= h["hi"]
+    assert h1["n_seeds"] == 3 and h1["n_examples"] == 50 and len(h1["per_seed"]) == 3
+    assert h2["hi"] - h2["lo"] < 0.5 * (h1["hi"] - h1["lo"])
+    assert h2["lo"] < 0.3 < h2["hi"]
+    assert stats.hierarchical_bootstrap(small, "MIPO", n_boot=500, seed=7) == \
+        stats.hierarchical_bootstrap(small, "MIPO", n_boot=500, seed=7)
+
+
+def test_hierarchical_bootstrap_sees_seed_variance():
+    """Seeds that disagree widen the CI beyond what the examples alone would give."""
+    rows = []
+    for s, rate in zip((0, 1, 2), (0.1, 0.3, 0.5)):
+        rows += [{"task": "t", "method": "MIPO", "seed": s, "example_id": e, "score": float(e < 1000 * rate)}
+                 for e in range(1000)]
+    h = stats.hierarchical_bootstrap(pd.DataFrame(rows), "MIPO", n_boot=2000)
+    assert h["hi"] - h["lo"] > 0.2  # examples alone (3000 Bernoulli draws) would give ~0.03
+
+
+def test_paired_difference_identical_methods_is_exactly_zero():
+    rec = make_records({"prompting": 0.3}, n_examples=100)
+    twin = rec.assign(method="MIPO")
+    d = stats.paired_difference(pd.concat([rec, twin]), "MIPO", "prompting", n_boot=1000)
+    assert d["mean"] == 0.0 and d["lo"] == 0.0 and d["hi"] == 0.0
+    assert d["relative_gain"] == 0.0 and d["relative_lo"] == 0.0 and d["relative_hi"] == 0.0
+    assert all(p["diff"] == 0.0 for p in d["per_seed"])
+
+
+def test_paired_difference_recovers_planted_difference():
+    d = stats.paired_difference(planted(3000), n_boot=2000, seed=0)
+    assert d["lo"] <= 0.1 <= d["hi"]
+    assert d["lo"] > 0.0
+    assert d["mean"] == pytest.approx(0.1, abs=0.02)
+    assert d["relative_gain"] == pytest.approx(0.1 / 0.3, abs=0.08)
+    assert d["relative_lo"] < d["relative_gain"] < d["relative_hi"]
+    assert d["n_seeds"] == 3 and d["n_examples"] == 3000
+    assert d["p_not_positive"] == 0.0
+
+
+def test_pairing_gives_tighter_ci_than_independent_cis():
+    rec = planted(300)
+    d = stats.paired_difference(rec, n_boot=2000)
+    ha = stats.hierarchical_bootstrap(rec, "MIPO", n_boot=2000)
+    hb = stats.hierarchical_bootstrap(rec, "prompting", n_boot=2000)
+    assert d["hi"] - d["lo"] < 0.8 * math.hypot(ha["hi"] - ha["lo"], hb["hi"] - hb["lo"])
+
+
+def test_paired_difference_small_n_can_include_zero():
+    d = stats.paired_difference(planted(20, delta=0.05, seeds=(0,)), n_boot=2000)
+    assert d["lo"] <= 0.0 <= d["hi"]
+
+
+def test_deterministic_single_seed_is_paired_with_every_seed():
+    rec = make_records({"prompting": 0.25, "MIPO": 0.45}, n_examples=80, deterministic=("prompting",))
+    d = stats.paired_difference(rec, n_boot=500)
+    assert d["n_seeds"] == 3
+    base = rec[rec.method == "prompting"]["score"].mean()
+    assert [p["rate_b"] for p in d["per_seed"]] == pytest.approx([base] * 3)
+    # the same deterministic method stored for every seed gives the same answer
+    full = pd.concat([rec[rec.method == "MIPO"]] + [rec[rec.method == "prompting"].assign(seed=s) for s in (0, 1, 2)])
+    d2 = stats.paired_difference(full, n_boot=500)
+    assert d2["mean"] == pytest.approx(d["mean"]) and d2["lo"] == pytest.approx(d["lo"])
+
+
+def test_paired_difference_uses_common_examples_and_rejects_disjoint():
+    rec = make_records({"prompting": 0.3, "MIPO": 0.4}, n_examples=50)
+    dropped = rec[~((rec.method == "MIPO") & (rec.example_id == "ex0000"))]
+    assert stats.paired_difference(dropped, n_boot=200)["n_examples"] == 49
+    other = rec.copy()
+    other.loc[other.method == "MIPO", "example_id"] += "_x"
+    with pytest.raises(MipoError, match="share no example"):
+        stats.paired_difference(other, n_boot=200)
+    with pytest.raises(MipoError, match="duplicate"):
+        stats.paired_difference(pd.concat([rec, rec]), n_boot=200)
+
+
+def test_summary_table_shape():
+    rec = make_records({"base (no context)": 0.03, "prompting": 0.25, "SFT": 0.25, "MIPO": 0.45, "CAD": 0.3},
+                       n_examples=60, deterministic=("base (no context)", "prompting", "CAD"))
+    tab = stats.summary_table(rec, n_boot=300)
+    assert list(tab["method"]) == ["base (no context)", "prompting", "SFT", "MIPO", "CAD"]
+    for col in ["rate", "lo", "hi", "per_seed", "n_seeds", "n_examples", "mean_words", "diff", "diff_lo", "diff_hi",
+                "rel_gain", "rel_lo", "rel_hi"]:
+        assert col in tab.columns
+    t = tab.set_index("method")
+    assert t.loc["MIPO", "n_seeds"] == 3 and t.loc["prompting", "n_seeds"] == 1
+    assert (t["n_examples"] == 60).all()
+    assert np.isnan(t.loc["prompting", "diff"]) and not np.isnan(t.loc["MIPO", "diff"])
+    assert (tab["lo"] <= tab["rate"]).all() and (tab["rate"] <= tab["hi"]).all()
+    assert t.loc["MIPO", "diff"] == pytest.approx(t.loc["MIPO", "rate"] - t.loc["prompting", "rate"])
+
+
+def test_per_group_rates():
+    rec = make_records({"prompting": 0.2, "MIPO": 0.5}, n_examples=80)
+    out = stats.per_group_rates(rec, n_boot=200)
+    assert len(out) == 2 * len(GROUPS)
+    assert set(out.columns) >= {"method", "group", "rate", "lo", "hi", "per_seed", "n_seeds", "n_examples"}
+    assert (out["n_examples"] == 20).all()
+    row = out[(out.method == "MIPO") & (out.group == "banana")].iloc[0]
+    expect = rec[(rec.method == "MIPO") & (rec.group == "banana")]["score"].mean()
+    assert row["rate"] == pytest.approx(expect)
+
+
+def test_distinct_n():
+    assert stats.distinct_n(["a b c", "a b c"], n=2) == pytest.approx(2 / 4)
+    assert stats.distinct_n(["a b c", "d e f"], n=2) == 1.0
+    assert stats.distinct_n(["a b c d"], n=1) == 1.0
+    assert stats.distinct_n(["a", ""], n=2) == 0.0
+
+
+def test_self_bleu_identical_and_disjoint():
+    same = ["the cat sat on the mat today"] * 5
+    assert stats.self_bleu(same) == pytest.approx(1.0)
+    assert stats.self_bleu(["hi there"] * 3) == pytest.approx(1.0)  # shorter than 4 tokens: effective order
+    disjoint = [" ".join(f"w{i}_{j}" for j in range(8)) for i in range(6)]
+    assert stats.self_bleu(disjoint) < 0.05
+    partial = ["the cat sat on the mat", "the cat sat on a rug", "dogs run fast in parks"]
+    assert 0.05 < stats.self_bleu(partial) < 1.0
+    assert math.isnan(stats.self_bleu(["only one"]))
+
+
+def test_self_bleu_subsampling_is_seeded():
+    rng = np.random.default_rng(0)
+    resp = [" ".join(f"w{rng.integers(0, 30)}" for _ in range(10)) for _ in range(60)]
+    a = stats.self_bleu(resp, sample=20, seed=1)
+    assert a == stats.self_bleu(resp, sample=20, seed=1)
+    assert a != stats.self_bleu(resp, sample=20, seed=2)
+
+
+def test_diversity_table():
+    rec = make_records({"prompting": 0.2, "MIPO": 0.4}, n_examples=30, deterministic=("prompting",))
+    out = stats.diversity_table(rec, sample=20)
+    assert list(out.columns) == ["task", "method", "seed", "n", "distinct_1", "distinct_2", "self_bleu", "mean_words"]
+    assert len(out) == 4 and (out["n"] == 30).all()
+    assert out["distinct_2"].between(0, 1).all() and out["self_bleu"].between(0, 1).all()
+
+
+def test_win_rates_ties_count_as_wins():
+    w = stats.win_rates([3, 4, 2, 5], [3, 3, 4, 5])
+    assert w["win_or_tie"] == 0.75 and w["strict_win"] == 0.25 and w["tie"] == 0.5 and w["loss"] == 0.25
+    same = stats.win_rates([1, 2, 3], [1, 2, 3])
+    assert same["win_or_tie"] == 1.0 and same["strict_win"] == 0.0
+    assert stats.win_rates([5, np.nan], [1, 1])["n"] == 1
+    with pytest.raises(MipoError):
+        stats.win_rates([1, 2], [1])
+
+
+def test_reported_gains_csv():
+    df = stats.load_reported_gains()
+    assert len(df) >= 8
+    assert (df["label"] == "reported (abstract-level)").all()
+    assert df["source"].str.len().gt(0).all()
+    assert (df["low"] <= df["high"]).all()
+    assert {"personalization", "math+MC"} <= set(df["domain"])
+    v1 = df[df["source"].str.contains("v1 abstract") & (df["domain"] == "personalization")].iloc[0]
+    assert (v1["low"], v1["high"]) == (3, 40)
