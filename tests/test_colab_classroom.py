@@ -1,0 +1,75 @@
+"""Colab and classroom path: every notebook carries the badge, the Colab install cell, the environment cell and
+exercise solutions; the pins exist; the environment report is honest; `accelerate launch` runs the DPO stage."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from mipo_lib import environment
+from mipo_lib.environment import REPO, colab_badge
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_badge_colab_cell_and_environment_cell(path):
+    nb = nbformat.read(path, as_version=4)
+    first = nb.cells[0]
+    assert first.cell_type == "markdown" and colab_badge(path.name) in first.source, f"{path.name}: badge missing or not for {REPO}"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    colab = code[0].source
+    assert colab.startswith("# NBVAL_SKIP") and '"google.colab" in sys.modules' in colab and REPO in colab
+    assert "requirements-colab.txt" in colab and "torch" not in colab.replace("# Colab", ""), "the Colab cell must leave torch alone"
+    assert "parameters" in code[1].get("metadata", {}).get("tags", []), f"{path.name}: parameters must follow the Colab cell"
+    assert any("environment_report()" in c.source for c in code[2:5]), f"{path.name}: no environment cell near the top"
+
+
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.stem[:2] in {"01", "02", "03", "04"}], ids=lambda p: p.stem)
+def test_exercises_have_hidden_solutions_that_check_themselves(path):
+    nb = nbformat.read(path, as_version=4)
+    solutions = [c for c in nb.cells if "solution" in c.get("metadata", {}).get("tags", [])]
+    assert solutions, f"{path.name}: no exercise solutions"
+    for cell in solutions:
+        assert cell.cell_type == "code" and cell.metadata.get("jupyter", {}).get("source_hidden") is True
+        assert "assert" in cell.source, "a solution should check its own answer"
+
+
+def test_colab_pins_cover_the_stack_but_not_torch():
+    pins = environment.pinned_versions()
+    assert "torch" not in pins
+    for name in ("transformers", "trl", "peft", "bitsandbytes", "accelerate"):
+        assert name in pins
+
+
+def test_environment_report_on_this_machine():
+    report = environment.environment_report()
+    assert "device:" in report and "recommended preset:" in report and "bitsandbytes 4-bit:" in report
+
+
+@pytest.mark.parametrize("gb,preset", [(None, "cpu"), (15.0, "t4"), (16.0, "t4"), (40.0, "paper"), (80.0, "paper")])
+def test_recommended_preset(gb, preset):
+    assert environment.recommend_preset(gb) == preset
+
+
+def test_version_mismatch_is_reported(monkeypatch):
+    monkeypatch.setattr(environment, "pinned_versions", lambda path=None: {"trl": "0.0.1"})
+    assert environment.version_mismatches() and "0.0.1" in environment.version_mismatches()[0]
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_the_dpo_stage_on_cpu(tmp_path):
+    env = dict(os.environ, MIPO_RUNS_DIR=str(tmp_path / "runs"), ACCELERATE_USE_CPU="true", PYTHONWARNINGS="ignore")
+    config = ROOT / "mipo_lib" / "accelerate" / "cpu.yaml"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+           "-m", "mipo_lib.launch_dpo", "--preset", "smoke", "--seed", "0"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "MIPO seed 0:" in proc.stdout and "reward accuracy" in proc.stdout
+    assert list((tmp_path / "runs" / "smoke").rglob("adapter_config.json"))
