@@ -50,9 +50,10 @@ def _eval_path(preset: Preset, method: str, seed: int | None) -> Path:
     slug = method.split(" ")[0].lower()
     if method == "CAD":
         slug = f"cad-a{preset.cad_strength:g}"
+    slug = f"{slug}-n{preset.n_test_prompts}-len{preset.eval_max_new_tokens}"
     if seed is None:  # deterministic methods do not depend on the seed
-        return run_dir(preset, preset.task, "eval", f"{slug}.csv")
-    return variant_dir(preset, "eval", f"{slug}-{adapter_dir(preset, method, seed).name}-seed{seed}.csv")
+        return run_dir(preset, preset.task, "eval") / f"{slug}.csv"  # run_dir makes folders: the file name goes outside
+    return variant_dir(preset, "eval") / f"{slug}-{adapter_dir(preset, method, seed).name}-seed{seed}.csv"
 
 
 def evaluate_method(preset: Preset, method: str, seed: int, redo: bool = False, progress: bool = True) -> pd.DataFrame:
@@ -87,26 +88,30 @@ def evaluate_all(
 
 
 def pmi_before_after(preset: Preset, records: pd.DataFrame, progress: bool = True) -> pd.DataFrame:
-    """Base-model PMI log pi0(y|x,c) - log pi0(y|x) of the prompting (base) and MIPO responses, per seed."""
+    """Base-model PMI log pi0(y|x,c) - log pi0(y|x) of the prompting (base model) and MIPO responses, per seed.
+
+    The prompting responses are greedy and the same for every seed, so their PMI is computed once.
+    """
     task = get_task(preset.task)
     examples = {e.id: e for e in task.examples("test", preset.n_test_prompts)}
-    out = []
-    for seed, frame in records[records.method.isin(["prompting", "MIPO"])].groupby("seed"):
-        path = variant_dir(preset, "eval", f"pmi-{adapter_dir(preset, 'MIPO', int(seed)).name}-seed{seed}.csv")
 
-        def make(frame: pd.DataFrame = frame, seed: int = int(seed)) -> pd.DataFrame:
+    def scored(part: pd.DataFrame, model_name: str, path: Path) -> pd.DataFrame:
+        def make() -> pd.DataFrame:
             model, tokenizer = load_for_preset(preset)
-            rows = []
-            for method, part in frame.groupby("method"):
-                exs = [examples[i] for i in part.example_id]
-                pmi = evaluate.response_pmi(model, tokenizer, task, exs, part.response.fillna("").tolist(), preset)
-                rows.append(pd.DataFrame({
-                    "seed": seed, "example_id": part.example_id.values, "group": part.group.values,
-                    "model": "base" if method == "prompting" else "MIPO", "pmi": pmi,
-                }))
-            return pd.concat(rows, ignore_index=True)
+            exs = [examples[i] for i in part.example_id]
+            pmi = evaluate.response_pmi(model, tokenizer, task, exs, part.response.fillna("").tolist(), preset)
+            return pd.DataFrame({"example_id": part.example_id.values, "group": part.group.values, "model": model_name, "pmi": pmi})
 
-        out.append(evaluate.evaluate_cached(path, make))
+        return evaluate.evaluate_cached(path, make)
+
+    seeds = sorted(records.seed.unique())
+    prompting = records[(records.method == "prompting") & (records.seed == seeds[0])]
+    base = scored(prompting, "base", run_dir(preset, preset.task, "eval") / f"pmi-prompting-n{preset.n_test_prompts}.csv")
+    out = []
+    for seed in seeds:
+        mipo = records[(records.method == "MIPO") & (records.seed == seed)]
+        path = variant_dir(preset, "eval") / f"pmi-n{preset.n_test_prompts}-{adapter_dir(preset, 'MIPO', int(seed)).name}-seed{seed}.csv"
+        out += [base.assign(seed=seed), scored(mipo, "MIPO", path).assign(seed=seed)]
     return pd.concat(out, ignore_index=True)
 
 
