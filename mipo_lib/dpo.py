@@ -197,7 +197,8 @@ def _log_frame(history: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(steps)
 
 
-def _reuse(adapter_dir: Path) -> TrainResult | None:
+def finished_run(adapter_dir: Path) -> TrainResult | None:
+    """A finished training run read back from its folder, or None."""
     marker = adapter_dir / DONE_MARKER
     if not marker.exists():
         return None
@@ -253,7 +254,7 @@ def train_dpo(
 ) -> TrainResult:
     """MIPO: DPO on the pairs with a fresh LoRA adapter on `model` (modified in place). Reuses a finished run."""
     adapter_dir = Path(adapter_dir)
-    if not redo and (done := _reuse(adapter_dir)):
+    if not redo and (done := finished_run(adapter_dir)):
         return done
     DPOConfig, PairsDPOTrainer, _, _ = _trainer_classes()
     if torch.cuda.is_available():
@@ -297,7 +298,7 @@ def train_sft(
 ) -> TrainResult:
     """The SFT baseline: the same LoRA trained on the positives only, same epochs and schedule."""
     adapter_dir = Path(adapter_dir)
-    if not redo and (done := _reuse(adapter_dir)):
+    if not redo and (done := finished_run(adapter_dir)):
         return done
     _, _, SFTConfig, SFTTrainer = _trainer_classes()
     if torch.cuda.is_available():

@@ -207,11 +207,8 @@ def build_pairs(
     if redo:
         for p in (pairs_path, manifest_path, log_path):
             p.unlink(missing_ok=True)
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest["settings_digest"] != settings.digest():
-            raise MipoError(f"pairs in {folder.name} were made with other settings; rerun with redo=True (REDO = True)")
-        return load_pairs(pairs_path)
+    if (finished := cached_pairs(preset, seed)) is not None:
+        return finished
     if log_path.exists() and log_path.with_suffix(".settings").exists():
         if log_path.with_suffix(".settings").read_text() != settings.digest():
             raise MipoError("a partial pair generation with other settings exists; rerun with redo=True (REDO = True)")
@@ -289,6 +286,18 @@ def build_pairs(
     }
     _atomic_write(manifest_path, json.dumps(manifest, indent=2))
     return records
+
+
+def cached_pairs(preset: Preset, seed: int) -> list[dict[str, Any]] | None:
+    """The finished pairs of a seed (no model needed), None if there are none; other settings -> a clear error."""
+    folder = pairs_dir(preset, seed)
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.exists():
+        return None
+    manifest = json.loads(manifest_path.read_text())
+    if manifest["settings_digest"] != PairSettings.from_preset(preset, seed).digest():
+        raise MipoError(f"pairs in {folder} were made with other settings; rerun with redo=True (REDO = True)")
+    return load_pairs(folder / "pairs.jsonl")
 
 
 def load_pairs(path: Path) -> list[dict[str, Any]]:

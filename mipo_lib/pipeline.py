@@ -16,7 +16,7 @@ import pandas as pd
 from mipo_lib import dpo, evaluate
 from mipo_lib.config import Preset, run_dir
 from mipo_lib.models import load_for_preset
-from mipo_lib.pairs import build_pairs, variant_name
+from mipo_lib.pairs import build_pairs, cached_pairs, variant_name
 from mipo_lib.tasks import get_task
 
 TRAINED = {"MIPO": "dpo", "SFT": "sft"}
@@ -34,12 +34,17 @@ def adapter_dir(preset: Preset, method: str, seed: int) -> Path:
 
 def pairs_for_seed(preset: Preset, seed: int, redo: bool = False, progress: bool = True) -> list[dict[str, Any]]:
     """Stage 1: the seed's MIPO pairs (generated, scored and stored, or read back)."""
+    if not redo and (finished := cached_pairs(preset, seed)) is not None:
+        return finished  # no model load for a finished stage
     model, tokenizer = load_for_preset(preset)
     return build_pairs(model, tokenizer, get_task(preset.task), preset, seed, redo=redo, progress=progress)
 
 
 def train_for_seed(preset: Preset, method: str, seed: int, redo: bool = False, progress: bool = True) -> dpo.TrainResult:
     """Stage 2: train MIPO (DPO) or the SFT baseline on the seed's pairs."""
+    folder = adapter_dir(preset, method, seed)
+    if not redo and (finished := dpo.finished_run(folder)) is not None:
+        return finished
     pairs = pairs_for_seed(preset, seed, progress=progress)
     model, tokenizer = load_for_preset(preset)
     train = dpo.train_dpo if method == "MIPO" else dpo.train_sft

@@ -71,11 +71,12 @@ def test_notebook_ends_with_versions_cell(path):
 @pytest.fixture(scope="session")
 def smoke_copies(tmp_path_factory):
     """Papermill-parameterized copies of every notebook with PRESET='smoke' (not executed yet)."""
+    from papermill.iorw import load_notebook_node
     from papermill.parameterize import parameterize_notebook
 
     out = tmp_path_factory.mktemp("nbval")
     for path in NOTEBOOKS:
-        nb = nbformat.read(path, as_version=4)
+        nb = load_notebook_node(str(path))  # papermill's loader: gives every cell the `tags` list it looks up
         nb = parameterize_notebook(nb, {"PRESET": "smoke"})
         nbformat.write(nb, out / path.name)
     return out
