@@ -12,7 +12,7 @@ SEEDS  ?=
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup reproduce test benchmark clean
+.PHONY: setup reproduce ablations test benchmark clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,9 @@ $(STAMP): pyproject.toml Makefile
 
 reproduce: $(STAMP)
 	$(BIN)/python -m mipo_lib reproduce --preset $(PRESET) $(if $(SEEDS),--seeds $(SEEDS))
+
+ablations: $(STAMP)
+	$(BIN)/python -m mipo_lib reproduce --preset $(PRESET) --notebooks 06 $(if $(SEEDS),--seeds $(SEEDS))
 
 test: $(STAMP)
 	MPLBACKEND=Agg TQDM_DISABLE=1 $(BIN)/python -m pytest

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("reproduce", help="run the numbered notebooks with papermill for a preset")
     rep.add_argument("--preset", default="cpu")
     rep.add_argument("--seeds", type=_parse_seeds, default=None, help="e.g. 0,1,2 (default: the preset's seeds)")
-    rep.add_argument("--notebooks", nargs="*", default=None, help="prefixes such as 01 03 (default: all)")
+    rep.add_argument("--notebooks", nargs="*", default=None, help="prefixes such as 01 03, or all (default: 00-05; the ablations 06 are opt-in)")
     rep.add_argument("--redo", action="store_true", help="recompute pairs, adapters and evaluations")
     rep.add_argument("--no-progress", action="store_true")
 

@@ -32,10 +32,17 @@ def notebooks_dir() -> Path:
     return repo_root() / "notebooks"
 
 
+#: The main job (`make reproduce`): quickstart, lessons and results. Ablations (06) are opt-in: `make ablations`.
+MAIN_NOTEBOOKS = ("00", "01", "02", "03", "04", "05")
+
+
 def list_notebooks(names: Sequence[str] | None = None) -> list[Path]:
-    """The numbered notebooks in order (`NN_slug.ipynb`), or the ones whose name starts with one of `names`."""
+    """The main numbered notebooks in order (`NN_slug.ipynb`), or the ones whose name starts with one of `names`
+    ('all' selects every numbered notebook)."""
     found = sorted(notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
     if not names:
+        return [p for p in found if p.stem[:2] in MAIN_NOTEBOOKS]
+    if list(names) == ["all"]:
         return found
     chosen = [p for p in found if any(p.stem.startswith(n) or p.name == n for n in names)]
     if len(chosen) == 0:
