@@ -25,6 +25,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -352,6 +353,62 @@ def per_group_rates(records: pd.DataFrame, n_boot: int = 2_000, seed: int = 0, c
                          "per_seed": h["per_seed"], "seeds": h["seeds"],
                          "n_seeds": h["n_seeds"], "n_examples": h["n_examples"]})
     return pd.DataFrame(rows)
+
+
+COMPARISONS: tuple[tuple[str, str], ...] = (("MIPO", "prompting"), ("MIPO", "SFT"), ("MIPO", "CAD"))
+"""The paired differences of the results table: MIPO against the paper's main baseline, SFT and its decoding twin."""
+
+RESULTS_COLUMNS: tuple[str, ...] = (
+    "kind", "task", "method", "baseline", "seed", "n", "n_seeds", "rate", "baseline_rate", "mean_words",
+    "diff", "diff_lo", "diff_hi", "rel_gain", "rel_lo", "rel_hi",
+)
+
+
+def results_table(
+    records: pd.DataFrame,
+    comparisons: Sequence[tuple[str, str]] = COMPARISONS,
+    n_boot: int = 10_000,
+    seed: int = 0,
+    ci: float = 0.95,
+) -> pd.DataFrame:
+    """The reference results as one flat table: per-seed metrics, then the paired differences.
+
+    Rows with `kind == "per_seed"` are `per_seed_metrics` (method, seed, n, rate, mean_words); rows with
+    `kind == "paired_difference"` are `paired_difference(records, method, baseline)` per task (seed empty, `n` the
+    number of paired examples, `rate` / `baseline_rate` the two methods' rates, `diff*` and `rel_*` with their CIs).
+    Comparisons whose methods are not both in the records are skipped.
+    """
+    _check_columns(records, _RECORD_COLUMNS, "records")
+    per = per_seed_metrics(records).assign(kind="per_seed", baseline="", n_seeds=1)
+    rows = []
+    for task, sub in records.groupby("task", sort=True):
+        present = set(sub["method"])
+        for a, b in comparisons:
+            if a not in present or b not in present:
+                continue
+            d = paired_difference(sub, a, b, n_boot=n_boot, seed=seed, ci=ci)
+            rows.append({
+                "kind": "paired_difference", "task": task, "method": a, "baseline": b, "seed": np.nan,
+                "n": d["n_examples"], "n_seeds": d["n_seeds"], "rate": d["rate_a"], "baseline_rate": d["rate_b"],
+                "mean_words": float(sub.loc[sub["method"] == a, "n_words"].mean()) if "n_words" in sub else np.nan,
+                "diff": d["mean"], "diff_lo": d["lo"], "diff_hi": d["hi"],
+                "rel_gain": d["relative_gain"], "rel_lo": d["relative_lo"], "rel_hi": d["relative_hi"],
+            })
+    out = pd.concat([per, pd.DataFrame(rows)], ignore_index=True) if rows else per
+    return out.reindex(columns=list(RESULTS_COLUMNS))
+
+
+def write_results(records: pd.DataFrame, path: Any, **kwargs: Any) -> pd.DataFrame:
+    """Write `results_table(records, **kwargs)` to the CSV `path` (6 significant digits) and return it.
+
+    Pass `plots.figures_dir(preset) / f"results_{preset.name}.csv"`: only the default preset writes into the
+    repository's `figures/` (the committed reference), so smoke runs and tests never overwrite it.
+    """
+    table = results_table(records, **kwargs)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(path, index=False, float_format="%.6g")
+    return table
 
 
 # ----------------------------------------------------------------------------------------------------------------

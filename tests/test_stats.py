@@ -177,6 +177,22 @@ def test_summary_table_shape():
     assert t.loc["MIPO", "diff"] == pytest.approx(t.loc["MIPO", "rate"] - t.loc["prompting", "rate"])
 
 
+def test_write_results_per_seed_and_paired_rows(tmp_path):
+    rec = make_records({"prompting": 0.25, "SFT": 0.25, "MIPO": 0.45}, n_examples=60, deterministic=("prompting",))
+    path = tmp_path / "sub" / "results_x.csv"
+    tab = stats.write_results(rec, path, n_boot=300)
+    back = pd.read_csv(path)
+    assert list(back.columns) == list(stats.RESULTS_COLUMNS) and len(back) == len(tab)
+    per = back[back["kind"] == "per_seed"]
+    assert len(per) == len(stats.per_seed_metrics(rec)) == 1 + 3 + 3
+    paired = back[back["kind"] == "paired_difference"].set_index("baseline")
+    assert list(paired.index) == ["prompting", "SFT"]  # MIPO - CAD is skipped: no CAD records
+    d = stats.paired_difference(rec, "MIPO", "prompting", n_boot=300)
+    assert paired.loc["prompting", "diff"] == pytest.approx(d["mean"], rel=1e-5)
+    assert paired.loc["prompting", "diff_lo"] == pytest.approx(d["lo"], rel=1e-5)
+    assert paired.loc["prompting", "n"] == 60 and paired.loc["prompting", "n_seeds"] == 3
+
+
 def test_per_group_rates():
     rec = make_records({"prompting": 0.2, "MIPO": 0.5}, n_examples=80)
     out = stats.per_group_rates(rec, n_boot=200)
