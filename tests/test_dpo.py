@@ -1,0 +1,224 @@
+"""DPO (MIPO) and SFT through TRL with LoRA, on the smoke preset's tiny model: the untrained sanity values, every
+LoRA weight moving, reference log-probs read from the pairs (never recomputed), 4-bit QLoRA on the CPU, reuse."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mipo_lib import dpo, models
+from mipo_lib.config import get_preset
+from mipo_lib.errors import MipoError
+from mipo_lib.generate import generate_batches
+from mipo_lib.models import load_for_preset
+from mipo_lib.pairs import build_pairs
+from mipo_lib.tasks import get_task
+
+N_LORA_TENSORS = 2 * 4 * 2  # layers x target modules x (A, B)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def preset():
+    # 16 pairs, 4 per step, 2 epochs: 8 optimizer steps
+    return get_preset("smoke", n_train_prompts=16, batch_size=4, epochs=2)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("dpo")
+
+
+@pytest.fixture(scope="module")
+def pairs(preset, workdir):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MIPO_RUNS_DIR", str(workdir / "runs"))
+        model, tok = load_for_preset(preset)
+        return build_pairs(model, tok, get_task("personalization"), preset, seed=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def trained(preset, pairs, workdir):
+    model, tok = load_for_preset(preset)
+    result = dpo.train_dpo(model, tok, pairs, preset, 0, workdir / "dpo-adapter", progress=False)
+    return result, model
+
+
+# ------------------------------------------------------------------------------------------------------------- DPO
+def test_initial_sanity_is_log2_and_zero_margin(trained):
+    result, _ = trained
+    assert result.sanity["loss"] == pytest.approx(math.log(2), abs=1e-3)
+    assert abs(result.sanity["margin"]) < 1e-3
+    assert not result.reused
+
+
+def test_training_ran_all_steps(trained):
+    result, _ = trained
+    log = result.log
+    assert len(log) >= 8
+    assert log["step"].tolist() == list(range(1, len(log) + 1))
+    assert np.isfinite(log["loss"]).all()
+    for col in ("rewards/margins", "rewards/accuracies", "learning_rate"):
+        assert col in log
+    assert 0.0 <= dpo.reward_accuracy(log) <= 1.0
+
+
+def test_every_lora_parameter_changed(trained):
+    result, model = trained
+    changed = result.lora_changed
+    assert len(changed) == N_LORA_TENSORS
+    assert all("lora_A" in n or "lora_B" in n for n in changed)
+    assert all(changed.values()), [n for n, c in changed.items() if not c]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)  # fp32 CPU run keeps fp32 adapters
+
+
+def test_adapter_folder(trained, preset):
+    result, _ = trained
+    folder = result.adapter_dir
+    for name in ("adapter_config.json", "adapter_model.safetensors", "train_log.csv", dpo.DONE_MARKER):
+        assert (folder / name).is_file(), name
+    assert not list(folder.glob("checkpoint-*"))  # epoch checkpoints are removed once training is done
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["r"] == preset.lora_r and set(cfg["target_modules"]) == set(preset.lora_target_modules)
+
+
+def test_finished_run_is_reused(trained, preset, pairs, monkeypatch):
+    result, _ = trained
+
+    def forbidden():
+        raise AssertionError("a finished run must not build a trainer")
+
+    monkeypatch.setattr(dpo, "_trainer_classes", forbidden)
+    model, tok = load_for_preset(preset)
+    again = dpo.train_dpo(model, tok, pairs, preset, 0, result.adapter_dir, progress=False)
+    assert again.reused
+    assert again.sanity == pytest.approx(result.sanity)
+    assert again.lora_changed == result.lora_changed
+    assert len(again.log) == len(result.log)
+    assert np.allclose(again.log["loss"], result.log["loss"])
+
+
+def test_reference_logps_come_from_the_pairs(preset, pairs, workdir, monkeypatch):
+    """Shift the stored ref log-probs of the chosen side by +5: the untrained margin must move by -beta*5, and no
+    reference forward pass may run at all (neither at set-up, in the sanity check, nor while training)."""
+    import trl
+
+    def no_reference_forward(*args, **kwargs):
+        raise AssertionError("TRL computed reference log-probs although the pairs carry them")
+
+    monkeypatch.setattr(trl.DPOTrainer, "compute_ref_log_probs", no_reference_forward)
+    shifted = [{**p, "ref_chosen_logps": p["ref_chosen_logps"] + 5.0} for p in pairs]
+    one_epoch = preset.with_overrides(epochs=1)
+    model, tok = load_for_preset(one_epoch)
+    result = dpo.train_dpo(model, tok, shifted, one_epoch, 0, workdir / "dpo-shifted", progress=False)
+    assert result.sanity["margin"] == pytest.approx(-preset.beta * 5.0, abs=1e-2)
+    expected_loss = -math.log(1 / (1 + math.exp(preset.beta * 5.0)))  # -log sigmoid(-beta * 5)
+    assert result.sanity["loss"] == pytest.approx(expected_loss, abs=1e-2)
+
+
+def test_stored_reference_equals_trls_own(preset, pairs, workdir):
+    """What TRL computes itself (adapter disabled, its tokenization and collator) equals the stored log-probs."""
+    DPOConfig, PairsDPOTrainer, _, _ = dpo._trainer_classes()
+    model, tok = load_for_preset(preset)
+    args = DPOConfig(**dpo.dpo_config_kwargs(preset, 0, workdir / "trl-ref", model, reuse_reference=True, progress=False))
+    trainer = PairsDPOTrainer(
+        model=model, args=args, train_dataset=dpo.dpo_dataset(pairs, with_reference=False),
+        processing_class=tok, peft_config=models.lora_config(preset),
+    )
+    ds = trainer.train_dataset
+    assert len(ds) == len(pairs)
+    np.testing.assert_allclose(ds["ref_chosen_logps"], [p["ref_chosen_logps"] for p in pairs], atol=1e-3)
+    np.testing.assert_allclose(ds["ref_rejected_logps"], [p["ref_rejected_logps"] for p in pairs], atol=1e-3)
+    dpo.check_reference_tokens(trainer, pairs, preset.max_length)
+
+
+def test_token_mismatch_is_caught(preset, pairs, workdir):
+    bad = [dict(p) for p in pairs]
+    bad[3]["rejected_tokens"] += 1
+    model, tok = load_for_preset(preset)
+    with pytest.raises(MipoError, match=rf"{bad[3]['pair_id']}.*redo=True"):
+        dpo.train_dpo(model, tok, bad, preset, 0, workdir / "dpo-bad", progress=False)
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_gradient_checkpointing_follows_the_preset(preset, workdir, flag):
+    """TRL's configs default to activation checkpointing on; the preset's setting must win either way."""
+    DPOConfig, _, SFTConfig, _ = dpo._trainer_classes()
+    p = preset.with_overrides(gradient_checkpointing=flag)
+    model, _ = load_for_preset(preset)
+    dargs = DPOConfig(**dpo.dpo_config_kwargs(p, 0, workdir / "gc", model, progress=False))
+    sargs = SFTConfig(**dpo.sft_config_kwargs(p, 0, workdir / "gc", model, progress=False))
+    assert bool(dargs.gradient_checkpointing) is flag
+    assert bool(sargs.gradient_checkpointing) is flag
+
+
+def test_qlora_dpo_step_on_cpu(preset, pairs, workdir):
+    one_epoch = preset.with_overrides(epochs=1)
+    model, tok = load_for_preset(one_epoch, load_in_4bit=True)
+    assert models.is_4bit(model)
+    import bitsandbytes as bnb
+
+    base_before = {
+        n: m.weight.data.clone() for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)
+    }
+    assert base_before
+    result = dpo.train_dpo(model, tok, pairs, one_epoch, 0, workdir / "qlora", progress=False)
+    assert models.is_4bit(model)
+    base_after = {
+        n.replace("base_model.model.", "").replace(".base_layer", ""): m.weight.data
+        for n, m in model.named_modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+    }
+    assert set(base_after) == set(base_before)
+    for n, w in base_before.items():
+        assert base_after[n].dtype == torch.uint8
+        assert torch.equal(base_after[n], w), f"{n}: the frozen NF4 weight changed"
+    assert len(result.lora_changed) == N_LORA_TENSORS and all(result.lora_changed.values())
+    assert result.sanity["loss"] == pytest.approx(math.log(2), abs=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------- SFT and loading
+def test_train_sft(preset, pairs, workdir):
+    one_epoch = preset.with_overrides(epochs=1)
+    model, tok = load_for_preset(one_epoch)
+    result = dpo.train_sft(model, tok, pairs, one_epoch, 0, workdir / "sft", progress=False)
+    assert not result.reused and result.sanity is None
+    assert len(result.lora_changed) == N_LORA_TENSORS and all(result.lora_changed.values())
+    assert len(result.log) >= 4 and np.isfinite(result.log["loss"]).all()
+    assert (result.adapter_dir / "adapter_config.json").is_file()
+    with pytest.raises(MipoError, match="reward accuracies"):
+        dpo.reward_accuracy(result.log)
+
+
+def test_sft_dataset_has_one_row_per_prompt(pairs):
+    doubled = pairs + [{**p, "pair_id": p["pair_id"] + "x"} for p in pairs]
+    ds = dpo.sft_dataset(doubled)
+    assert len(ds) == len({p["example_id"] for p in pairs})
+    assert ds[0]["completion"] == [{"role": "assistant", "content": pairs[0]["chosen"]}]
+
+
+def test_load_adapted_merges_and_generates(trained, preset):
+    result, _ = trained
+    base, tok = load_for_preset(preset)
+    reference = {n: p.detach().clone() for n, p in base.named_parameters()}
+    adapted = dpo.load_adapted(base, result.adapter_dir)
+    assert type(adapted).__name__ == "LlamaForCausalLM"  # merged: no PEFT wrapper left, full speed
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(dict(adapted.named_parameters())[q], reference[q])
+    ids = [tok.encode("say hello", add_special_tokens=False), tok.encode("abc", add_special_tokens=False)]
+    out = [texts for _, texts in generate_batches(adapted, tok, ids, max_new_tokens=4, temperature=1.0, progress=False)]
+    assert len(out) == 1 and len(out[0]) == 2 and all(isinstance(t, str) for t in out[0])

@@ -1,0 +1,238 @@
+"""Evaluation: context-aware decoding (exact formula, cached context-free stream), the LLM-judge parser, the records
+table, and the whole smoke pipeline (five methods, cached on the second call)."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import LogitsProcessorList
+
+from mipo_lib import evaluate, pipeline
+from mipo_lib.config import get_preset
+from mipo_lib.evaluate import ContextAwareDecoding, parse_judge_score
+from mipo_lib.generate import chat_prompt_ids, generate_batches
+from mipo_lib.models import load_for_preset
+from mipo_lib.tasks import get_task
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def preset():
+    return get_preset("smoke", n_train_prompts=16, n_test_prompts=10)
+
+
+@pytest.fixture(scope="module")
+def tiny(preset):
+    return load_for_preset(preset)
+
+
+@pytest.fixture(scope="module")
+def task():
+    return get_task("personalization")
+
+
+def _raw(tok, texts):
+    return [tok.encode(t, add_special_tokens=False) for t in texts]
+
+
+# Conditional prompts of different lengths, and context-free ones of other lengths (so both streams are left-padded).
+COND = ["prefer short. tell me about k", "hello there, say q", "abc", "a much longer conditional prompt ending in z"]
+UNCOND = ["tell me about k", "say something long here q", "abcdefg", "z"]
+
+
+def _cad_factory(model, tok, uncond_ids, alpha, made=None):
+    def factory(batch):
+        cad = ContextAwareDecoding(model, [uncond_ids[r] for r in batch.rows], tok.pad_token_id, alpha)
+        if made is not None:
+            made.append((batch, cad))
+        return LogitsProcessorList([cad])
+
+    return factory
+
+
+# ---------------------------------------------------------------------------------------------------------- CAD
+def test_cad_with_alpha_zero_equals_plain_greedy(tiny):
+    model, tok = tiny
+    cond, uncond = _raw(tok, COND), _raw(tok, UNCOND)
+    kw = dict(max_new_tokens=6, temperature=0.0, batch_size=3, progress=False)
+    plain = {tuple(b.rows): t for b, t in generate_batches(model, tok, cond, **kw)}
+    cad = {tuple(b.rows): t for b, t in generate_batches(model, tok, cond, logits_processor_factory=_cad_factory(model, tok, uncond, 0.0), **kw)}
+    assert cad == plain
+    assert all(t for texts in plain.values() for t in texts)
+
+
+def test_cad_alpha_zero_in_generate_responses(tiny, task, preset):
+    model, tok = tiny
+    examples = task.examples("test", 10)
+    plain = evaluate.generate_responses(model, tok, task, examples, preset, progress=False)
+    cad = evaluate.generate_responses(model, tok, task, examples, preset, cad_alpha=0.0, progress=False)
+    assert cad == plain and len(plain) == 10
+
+
+def test_cad_one_step_matches_the_formula(tiny):
+    model, tok = tiny
+    alpha = 2.5
+    cond, uncond = _raw(tok, COND), _raw(tok, UNCOND)
+    width = max(map(len, cond))
+    input_ids = torch.full((len(cond), width), tok.pad_token_id)
+    mask = torch.zeros_like(input_ids)
+    for i, r in enumerate(cond):
+        input_ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        scores = model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
+    out = ContextAwareDecoding(model, uncond, tok.pad_token_id, alpha)(input_ids, scores.clone())
+    for i in range(len(cond)):
+        with torch.no_grad():
+            logp_c = torch.log_softmax(model(input_ids=torch.tensor([cond[i]])).logits[0, -1].double(), -1)
+            logp_u = torch.log_softmax(model(input_ids=torch.tensor([uncond[i]])).logits[0, -1].double(), -1)
+        expected = (1 + alpha) * logp_c - alpha * logp_u
+        torch.testing.assert_close(out[i].double(), expected, atol=1e-4, rtol=0)
+
+
+def test_cad_context_free_stream_follows_the_generated_tokens(tiny, monkeypatch):
+    """Over several sampled steps, the cached context-free logits equal a fresh forward pass of (context-free prompt +
+    tokens generated so far), row by row despite left padding: the KV cache and positions are right."""
+    model, tok = tiny
+    cond, uncond = _raw(tok, COND), _raw(tok, UNCOND)
+    recorded = []  # per step: (what the conditional stream holds, the context-free logits the processor used)
+    real_forward = ContextAwareDecoding._forward
+    real_call = ContextAwareDecoding.__call__
+    seen_ids = []
+
+    def recording_call(self, input_ids, scores):
+        seen_ids.append(input_ids.clone())
+        return real_call(self, input_ids, scores)
+
+    def recording_forward(self, ids):
+        logits = real_forward(self, ids)
+        recorded.append((seen_ids[-1], logits.clone()))
+        return logits
+
+    monkeypatch.setattr(ContextAwareDecoding, "__call__", recording_call)
+    monkeypatch.setattr(ContextAwareDecoding, "_forward", recording_forward)
+    made = []
+    steps = 5
+    out = list(generate_batches(
+        model, tok, cond, max_new_tokens=steps, temperature=1.0, batch_size=4, seed=3, progress=False,
+        logits_processor_factory=_cad_factory(model, tok, uncond, 1.0, made),
+    ))
+    assert len(out) == 1 and len(made) == 1 and len(recorded) == steps
+    batch = made[0][0]
+    width = recorded[0][0].shape[1]  # the left-padded conditional prompts
+    generated = recorded[-1][0][:, width:].tolist()  # tokens sampled at steps 0 .. steps-2
+    assert len(generated[0]) == steps - 1
+    eos = {tok.eos_token_id, tok.pad_token_id}
+    checked = 0
+    for t in range(steps):
+        for i, row in enumerate(batch.rows):
+            if eos & set(generated[i][:t]):
+                continue  # row finished: later steps feed padding
+            ids = torch.tensor([uncond[row] + generated[i][:t]])
+            with torch.no_grad():
+                expected = model(input_ids=ids).logits[0, -1].float()
+            torch.testing.assert_close(recorded[t][1][i], expected, atol=1e-4, rtol=0)
+            checked += 1
+    assert checked >= 2 * len(batch.rows)
+
+
+def test_cad_changes_decoding_when_strong(tiny):
+    """Sanity that the processor acts: a large alpha changes the greedy continuation of the tiny model."""
+    model, tok = tiny
+    cond, uncond = _raw(tok, COND), _raw(tok, UNCOND)
+    kw = dict(max_new_tokens=6, temperature=0.0, batch_size=4, progress=False)
+    plain = [t for _, texts in generate_batches(model, tok, cond, **kw) for t in texts]
+    strong = [t for _, texts in generate_batches(model, tok, cond, logits_processor_factory=_cad_factory(model, tok, uncond, 10.0), **kw) for t in texts]
+    assert strong != plain
+
+
+# ------------------------------------------------------------------------------------------------------- LLM judge
+@pytest.mark.parametrize(
+    "text,score",
+    [
+        ("Score: 4", 4),
+        ("score=5", 5),
+        ("SCORE:2.", 2),
+        ("Score : 1", 1),
+        ("I'd give it 3/5", 3),
+        ("I would give it a 4", 4),
+        ("The response scores 2 overall.", 2),
+        ("Score: 3\nReason: ok", 3),
+        ("no idea", None),
+        ("", None),
+        ("Score: 7", None),
+        ("Score: 10", None),
+        ("4.5", None),
+        ("Score: 0", None),
+    ],
+)
+def test_parse_judge_score(text, score):
+    assert parse_judge_score(text) == score
+
+
+def test_llm_judge_with_tiny_model(tiny, task, preset):
+    model, tok = tiny
+    examples = task.examples("test", 10)[:3]
+    scores = evaluate.llm_judge_scores(model, tok, examples, ["Hey there! Tea.", "", "- a\n- b"], preset, progress=False)
+    assert len(scores) == 3
+    assert all(s is None or (isinstance(s, int) and 1 <= s <= 5) for s in scores)
+
+
+# ---------------------------------------------------------------------------------------------------------- records
+def test_records_columns(task):
+    examples = task.examples("test", 10)[:3]
+    responses = ["Hey there, boil water.", "", "one two three"]
+    frame = evaluate.records(task, examples, responses, "prompting", seed=2)
+    assert list(frame.columns) == ["task", "method", "seed", "example_id", "group", "response", "score", "n_words"]
+    assert len(frame) == 3
+    assert (frame.method == "prompting").all() and (frame.seed == 2).all() and (frame.task == "personalization").all()
+    assert frame.example_id.tolist() == [e.id for e in examples]
+    assert frame.group.tolist() == [e.meta["preference"] for e in examples]
+    assert frame.n_words.tolist() == [4, 0, 3]
+    assert frame.score.tolist() == [task.score(e, r) for e, r in zip(examples, responses)]
+
+
+def test_evaluate_cached_round_trips_empty_responses(tmp_path, task):
+    examples = task.examples("test", 10)[:2]
+    frame = evaluate.records(task, examples, ["", "NA"], "SFT", seed=0)
+    path = tmp_path / "eval" / "x.csv"
+    evaluate.evaluate_cached(path, lambda: frame)
+    again = evaluate.evaluate_cached(path, lambda: pytest.fail("should be read from the cache"))
+    assert again.response.tolist() == ["", "NA"]  # not NaN
+
+
+# --------------------------------------------------------------------------------------------------------- pipeline
+def test_evaluate_all_smoke(preset, tmp_path, monkeypatch):
+    monkeypatch.setenv("MIPO_RUNS_DIR", str(tmp_path / "runs"))
+    frame = pipeline.evaluate_all(preset, seeds=[0], progress=False)
+    assert set(frame.method) == set(evaluate.METHODS)
+    assert frame.groupby("method").size().to_dict() == {m: 10 for m in evaluate.METHODS}
+    assert set(frame.score.unique()) <= {0.0, 1.0}
+    assert (frame.seed == 0).all()
+    test_ids = [e.id for e in get_task("personalization").examples("test", 10)]
+    for _, part in frame.groupby("method"):
+        assert sorted(part.example_id) == sorted(test_ids)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a cached evaluation must not load a model")
+
+    monkeypatch.setattr(pipeline, "load_for_preset", no_model)
+    again = pipeline.evaluate_all(preset, seeds=[0], progress=False)
+    pd.testing.assert_frame_equal(
+        again.sort_values(["method", "example_id"]).reset_index(drop=True)[["method", "example_id", "score", "response"]],
+        frame.sort_values(["method", "example_id"]).reset_index(drop=True)[["method", "example_id", "score", "response"]],
+        check_dtype=False,
+    )
+    assert np.isfinite(again.score).all()
