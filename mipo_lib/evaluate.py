@@ -112,14 +112,18 @@ def records(task: Task, examples: Sequence[Example], responses: Sequence[str], m
 
 
 def evaluate_cached(path: Path, make: Any, redo: bool = False) -> pd.DataFrame:
-    """Read a finished evaluation table, or build it with `make()` and write it (via a temporary file)."""
+    """Read a finished evaluation table, or build it with `make()` and write it (via a temporary file).
+
+    JSON Lines, not CSV: responses are arbitrary text (carriage returns, quotes, bytes from a random smoke model),
+    and JSON round-trips every one of them exactly with the column types intact.
+    """
     path = Path(path)
     if path.exists() and not redo:
-        return pd.read_csv(path, keep_default_na=False)
+        return pd.read_json(path, lines=True, dtype=False, convert_dates=False)
     frame = make()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    frame.to_csv(tmp, index=False)
+    frame.to_json(tmp, orient="records", lines=True, force_ascii=False)
     tmp.replace(path)
     return frame
 

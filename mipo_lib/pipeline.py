@@ -57,8 +57,8 @@ def _eval_path(preset: Preset, method: str, seed: int | None) -> Path:
         slug = f"cad-a{preset.cad_strength:g}"
     slug = f"{slug}-n{preset.n_test_prompts}-len{preset.eval_max_new_tokens}"
     if seed is None:  # deterministic methods do not depend on the seed
-        return run_dir(preset, preset.task, "eval") / f"{slug}.csv"  # run_dir makes folders: the file name goes outside
-    return variant_dir(preset, "eval") / f"{slug}-{adapter_dir(preset, method, seed).name}-seed{seed}.csv"
+        return run_dir(preset, preset.task, "eval") / f"{slug}.jsonl"  # run_dir makes folders: the file name goes outside
+    return variant_dir(preset, "eval") / f"{slug}-{adapter_dir(preset, method, seed).name}-seed{seed}.jsonl"
 
 
 def evaluate_method(preset: Preset, method: str, seed: int, redo: bool = False, progress: bool = True) -> pd.DataFrame:
@@ -111,11 +111,11 @@ def pmi_before_after(preset: Preset, records: pd.DataFrame, progress: bool = Tru
 
     seeds = sorted(records.seed.unique())
     prompting = records[(records.method == "prompting") & (records.seed == seeds[0])]
-    base = scored(prompting, "base", run_dir(preset, preset.task, "eval") / f"pmi-prompting-n{preset.n_test_prompts}.csv")
+    base = scored(prompting, "base", run_dir(preset, preset.task, "eval") / f"pmi-prompting-n{preset.n_test_prompts}.jsonl")
     out = []
     for seed in seeds:
         mipo = records[(records.method == "MIPO") & (records.seed == seed)]
-        path = variant_dir(preset, "eval") / f"pmi-n{preset.n_test_prompts}-{adapter_dir(preset, 'MIPO', int(seed)).name}-seed{seed}.csv"
+        path = variant_dir(preset, "eval") / f"pmi-n{preset.n_test_prompts}-{adapter_dir(preset, 'MIPO', int(seed)).name}-seed{seed}.jsonl"
         out += [base.assign(seed=seed), scored(mipo, "MIPO", path).assign(seed=seed)]
     return pd.concat(out, ignore_index=True)
 

@@ -206,11 +206,13 @@ def test_records_columns(task):
 
 def test_evaluate_cached_round_trips_empty_responses(tmp_path, task):
     examples = task.examples("test", 10)[:2]
-    frame = evaluate.records(task, examples, ["", "NA"], "SFT", seed=0)
-    path = tmp_path / "eval" / "x.csv"
+    frame = evaluate.records(task, examples, ["", "NA"], "SFT", seed=0).assign(response=["", "NA"])
+    frame.loc[1, "response"] = 'a "quoted",\r\nbare\rreturn \x00 and 1,5'
+    path = tmp_path / "eval" / "x.jsonl"
     evaluate.evaluate_cached(path, lambda: frame)
     again = evaluate.evaluate_cached(path, lambda: pytest.fail("should be read from the cache"))
-    assert again.response.tolist() == ["", "NA"]  # not NaN
+    assert again.response.tolist() == frame.response.tolist()  # empty stays empty, odd text survives exactly
+    assert again.score.dtype == float and again.seed.dtype == int
 
 
 # --------------------------------------------------------------------------------------------------------- pipeline
