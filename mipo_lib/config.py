@@ -97,9 +97,20 @@ PRESETS: dict[str, Preset] = {
     ),
     "cpu": Preset(
         name="cpu",
-        description="SmolLM2-135M-Instruct bundled offline, bf16 on CPU, verifiable personalization, 3 seeds",
+        description="SmolLM2-135M-Instruct bundled offline, on CPU, verifiable personalization, 3 seeds",
         model_id=BUNDLED_MODEL,
         dtype="auto",
+        # Sized to finish 3 seeds of everything on 2 slow cores: 60 pairs (6 requests x 10 preferences), 32-token
+        # replies, 100 held-out prompts (10 unseen requests x 10 preferences), 2 epochs at batch 4 (30 DPO steps).
+        n_train_prompts=60,
+        n_test_prompts=100,
+        max_new_tokens=32,
+        gen_batch_size=64,
+        score_batch_size=32,
+        batch_size=4,
+        max_length=192,
+        eval_max_new_tokens=32,
+        eval_batch_size=100,
     ),
     "t4": Preset(
         name="t4",
