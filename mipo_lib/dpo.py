@@ -239,6 +239,23 @@ def _finish(trainer: Any, adapter_dir: Path, seconds: float, before: dict[str, t
     return TrainResult(adapter_dir, log, seconds, peak, changed, sanity, reused=False)
 
 
+def _reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _prepare(trainer: Any, progress: bool) -> None:
+    _quiet(trainer, progress)
+    _keep_adapters_fp32(trainer.model)
+
+
+def _run(trainer: Any, adapter_dir: Path, sanity: dict[str, float] | None) -> TrainResult:
+    """Train (resuming an interrupted run), then save the adapter, its log and what changed."""
+    before = _lora_snapshot(trainer.model)
+    seconds = _train(trainer, adapter_dir)
+    return _finish(trainer, adapter_dir, seconds, before, sanity)
+
+
 def _train(trainer: Any, adapter_dir: Path) -> float:
     """Train, resuming from the last epoch checkpoint of an interrupted run if there is one."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -266,8 +283,7 @@ def train_dpo(
     if not redo and (done := finished_run(adapter_dir)):
         return done
     DPOConfig, PairsDPOTrainer, _, _ = _trainer_classes()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    _reset_peak_memory()
     args = DPOConfig(**dpo_config_kwargs(preset, seed, adapter_dir, model, reuse_reference, progress))
     trainer = PairsDPOTrainer(
         model=model,
@@ -276,14 +292,10 @@ def train_dpo(
         processing_class=tokenizer,
         peft_config=lora_config(preset),
     )
-    _quiet(trainer, progress)
-    _keep_adapters_fp32(trainer.model)
+    _prepare(trainer, progress)
     if reuse_reference:
         check_reference_tokens(trainer, pairs, preset.max_length)
-    sanity = initial_sanity(trainer, pairs, reuse_reference)
-    before = _lora_snapshot(trainer.model)
-    seconds = _train(trainer, adapter_dir)
-    return _finish(trainer, adapter_dir, seconds, before, sanity)
+    return _run(trainer, adapter_dir, sanity=initial_sanity(trainer, pairs, reuse_reference))
 
 
 def initial_sanity(trainer: Any, pairs: Sequence[dict[str, Any]], reuse_reference: bool, n: int = 16) -> dict[str, float]:
@@ -310,8 +322,7 @@ def train_sft(
     if not redo and (done := finished_run(adapter_dir)):
         return done
     _, _, SFTConfig, SFTTrainer = _trainer_classes()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    _reset_peak_memory()
     trainer = SFTTrainer(
         model=model,
         args=SFTConfig(**sft_config_kwargs(preset, seed, adapter_dir, model, progress)),
@@ -319,11 +330,8 @@ def train_sft(
         processing_class=tokenizer,
         peft_config=lora_config(preset),
     )
-    _quiet(trainer, progress)
-    _keep_adapters_fp32(trainer.model)
-    before = _lora_snapshot(trainer.model)
-    seconds = _train(trainer, adapter_dir)
-    return _finish(trainer, adapter_dir, seconds, before, None)
+    _prepare(trainer, progress)
+    return _run(trainer, adapter_dir, sanity=None)
 
 
 def load_adapted(model: Any, adapter_dir: Path, merge: bool = True) -> Any:

@@ -17,3 +17,14 @@ def _isolated_runs(tmp_path_factory, monkeypatch):
     root = tmp_path_factory.getbasetemp()
     monkeypatch.setenv("MIPO_RUNS_DIR", str(root / "runs"))
     monkeypatch.setenv("MIPO_FIGURES_DIR", str(root / "figures"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny-model tests run on one torch thread: on a busy 2-core machine two threads are ~25x slower for them."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

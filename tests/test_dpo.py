@@ -23,12 +23,7 @@ from mipo_lib.tasks import get_task
 N_LORA_TENSORS = 2 * 4 * 2  # layers x target modules x (A, B)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,17 +14,12 @@ from transformers import LogitsProcessorList
 from mipo_lib import evaluate, pipeline
 from mipo_lib.config import get_preset
 from mipo_lib.evaluate import ContextAwareDecoding, parse_judge_score
-from mipo_lib.generate import chat_prompt_ids, generate_batches
+from mipo_lib.generate import generate_batches
 from mipo_lib.models import load_for_preset
 from mipo_lib.tasks import get_task
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import torch
 
 from mipo_lib import pairs as pairs_mod
 from mipo_lib.config import get_preset
@@ -33,13 +32,7 @@ N = 16
 REAL_GENERATE_BATCHES = pairs_mod.generate_batches
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread is several times faster than two when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
