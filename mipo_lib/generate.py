@@ -9,7 +9,7 @@ responses as an uninterrupted one: finished batches are skipped, not regenerated
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -39,7 +39,6 @@ class GenerationStats:
     new_tokens: int = 0
     seconds: float = 0.0
     batches: int = 0
-    per_batch: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -131,7 +130,6 @@ def generate_batches(
             stats.new_tokens += n_tokens
             stats.seconds += elapsed
             stats.batches += 1
-            stats.per_batch.append((n_tokens, elapsed))
         bar.update(len(batch.rows))
         yield batch, texts
     bar.close()
