@@ -48,7 +48,7 @@ def train_for_seed(preset: Preset, method: str, seed: int, redo: bool = False, p
     pairs = pairs_for_seed(preset, seed, progress=progress)
     model, tokenizer = load_for_preset(preset)
     train = dpo.train_dpo if method == "MIPO" else dpo.train_sft
-    return train(model, tokenizer, pairs, preset, seed, adapter_dir(preset, method, seed), redo=redo, progress=progress)
+    return train(model, tokenizer, pairs, preset, seed, folder, redo=redo, progress=progress)
 
 
 def _eval_path(preset: Preset, method: str, seed: int | None) -> Path:
@@ -62,15 +62,16 @@ def _eval_path(preset: Preset, method: str, seed: int | None) -> Path:
 
 
 def evaluate_method(preset: Preset, method: str, seed: int, redo: bool = False, progress: bool = True) -> pd.DataFrame:
-    """Stage 3: one method's per-example records on the held-out prompts (cached as CSV)."""
+    """Stage 3: one method's per-example records on the held-out prompts (cached as JSON Lines)."""
     task = get_task(preset.task)
     examples = task.examples("test", preset.n_test_prompts)
     deterministic = method in evaluate.DETERMINISTIC
 
     def make() -> pd.DataFrame:
+        # train first (if needed): that stage loads its own copy, so only one model is in memory at a time
+        adapter = train_for_seed(preset, method, seed, progress=progress).adapter_dir if method in TRAINED else None
         model, tokenizer = load_for_preset(preset)
-        if method in TRAINED:
-            adapter = train_for_seed(preset, method, seed, progress=progress).adapter_dir
+        if adapter is not None:
             model = dpo.load_adapted(model, adapter)
         responses = evaluate.generate_responses(
             model, tokenizer, task, examples, preset,
