@@ -412,6 +412,13 @@ def sampled_kl(
                          "n_tokens": [len(c) for c in completions], "kl": lp_pol - lp_ref})
 
 
+def base_and_mipo(preset: Preset, seed: int, progress: bool = True) -> tuple[Any, Any, Any]:
+    """The base model, the seed's MIPO policy (trained first if missing, adapter merged) and the tokenizer."""
+    trained = pipeline.train_for_seed(preset, "MIPO", seed, progress=progress).adapter_dir
+    base, tokenizer = load_for_preset(preset)
+    return base, dpo.load_adapted(load_for_preset(preset)[0], trained), tokenizer
+
+
 def kl_to_base(
     preset: Preset,
     seed: int,
@@ -433,9 +440,7 @@ def kl_to_base(
     path = pipeline.variant_dir(preset, "eval") / f"kl-{adapter.name}-seed{seed}-n{n}-t{new_tokens}-s{sample_seed}.jsonl"
 
     def make() -> pd.DataFrame:
-        trained = pipeline.train_for_seed(preset, "MIPO", seed, progress=progress).adapter_dir
-        base, tokenizer = load_for_preset(preset)
-        policy = dpo.load_adapted(load_for_preset(preset)[0], trained)
+        base, policy, tokenizer = base_and_mipo(preset, seed, progress)
         frame = sampled_kl(
             policy, base, tokenizer, [task.prompt(e) for e in examples], max_new_tokens=new_tokens,
             batch_size=preset.gen_batch_size, score_batch_size=preset.score_batch_size, seed=sample_seed,
@@ -494,9 +499,7 @@ def generation_cost(
     path = pipeline.variant_dir(preset, "eval") / f"cost-{adapter.name}-a{preset.cad_strength:g}-seed{seed}-n{n}.jsonl"
 
     def make() -> pd.DataFrame:
-        trained = pipeline.train_for_seed(preset, "MIPO", seed, progress=progress).adapter_dir
-        base, tokenizer = load_for_preset(preset)
-        mipo = dpo.load_adapted(load_for_preset(preset)[0], trained)
+        base, mipo, tokenizer = base_and_mipo(preset, seed, progress)
         rows = []
         for method, model, alpha in (("prompting", base, None), ("MIPO", mipo, None), ("CAD", base, preset.cad_strength)):
             warm = examples[: min(len(examples), preset.eval_batch_size)]

@@ -28,3 +28,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(preset):
+    """The test module's `preset` model and tokenizer, loaded once per module."""
+    from mipo_lib.models import load_for_preset
+
+    return load_for_preset(preset)
+
+
+@pytest.fixture(scope="module")
+def task():
+    from mipo_lib.tasks import get_task
+
+    return get_task("personalization")

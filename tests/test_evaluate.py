@@ -15,7 +15,6 @@ from mipo_lib import evaluate, pipeline
 from mipo_lib.config import get_preset
 from mipo_lib.evaluate import ContextAwareDecoding, parse_judge_score
 from mipo_lib.generate import generate_batches
-from mipo_lib.models import load_for_preset
 from mipo_lib.tasks import get_task
 
 
@@ -25,16 +24,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def preset():
     return get_preset("smoke", n_train_prompts=16, n_test_prompts=10)
-
-
-@pytest.fixture(scope="module")
-def tiny(preset):
-    return load_for_preset(preset)
-
-
-@pytest.fixture(scope="module")
-def task():
-    return get_task("personalization")
 
 
 def _raw(tok, texts):

@@ -14,7 +14,6 @@ import pytest
 from mipo_lib import pairs as pairs_mod
 from mipo_lib.config import get_preset
 from mipo_lib.errors import MipoError
-from mipo_lib.models import load_for_preset
 from mipo_lib.pairs import (
     BatchLog,
     build_pairs,
@@ -38,16 +37,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def preset():
     return get_preset("smoke", n_train_prompts=N, gen_batch_size=4)
-
-
-@pytest.fixture(scope="module")
-def tiny(preset):
-    return load_for_preset(preset)
-
-
-@pytest.fixture(scope="module")
-def task():
-    return get_task("personalization")
 
 
 @pytest.fixture
