@@ -35,7 +35,7 @@ from mipo_lib.errors import MipoError
 from mipo_lib.generate import Messages, chat_prompt_ids, plan_batches
 from mipo_lib.models import load_for_preset
 from mipo_lib.pairs import NEGATIVES
-from mipo_lib.plots import PALETTE, _jitter, _subplots, caption, colour
+from mipo_lib.plots import PALETTE, caption, colour, jitter, subplots
 from mipo_lib.tasks import get_task
 
 #: The issue's full settings (the notebook's defaults).
@@ -241,6 +241,36 @@ def run_ablation(
         "table": compare_variants(records, labels, reference, n_boot=n_boot),
         "baseline": stats.hierarchical_bootstrap(records, BASELINE, n_boot=n_boot, unit="variant"),
     }
+
+
+SUMMARY_COLUMNS: tuple[str, ...] = (
+    "ablation", "variant", "rate", "lo", "hi", "vs_prompting", "vs_prompting_lo", "vs_prompting_hi",
+    "vs_reference", "vs_reference_lo", "vs_reference_hi", "kl_nats", "kl_lo", "kl_hi", "n_seeds", "n_examples",
+    "per_seed_rate",
+)
+
+
+def summary_table(ablations: dict[str, dict[str, Any]], kl: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Every ablation's variants in one long table (`SUMMARY_COLUMNS`): rate, paired differences vs prompting and
+    vs the reference variant, each with its 95% CI, and the KL to the base where `kl` (a `kl_table`) has the variant.
+
+    `ablations` maps a name ("K", "negative", "beta") to a `run_ablation` result. This is the small reference result
+    the notebook writes next to its figures, so the numbers behind them can be read without rerunning anything.
+    """
+    kl_by = kl.set_index("variant") if kl is not None and len(kl) else None
+    rows = []
+    for name, ab in ablations.items():
+        for r in ab["table"].itertuples():
+            row = {"ablation": name, "variant": r.variant, "rate": r.rate, "lo": r.lo, "hi": r.hi,
+                   "vs_prompting": r.gain, "vs_prompting_lo": r.gain_lo, "vs_prompting_hi": r.gain_hi,
+                   "vs_reference": r.vs_ref, "vs_reference_lo": r.vs_ref_lo, "vs_reference_hi": r.vs_ref_hi,
+                   "n_seeds": r.n_seeds, "n_examples": r.n_examples,
+                   "per_seed_rate": " ".join(f"{v:.4g}" for v in r.per_seed)}
+            if name == "beta" and kl_by is not None and r.variant in kl_by.index:
+                k = kl_by.loc[r.variant]
+                row.update({"kl_nats": k["mean"], "kl_lo": k["lo"], "kl_hi": k["hi"]})
+            rows.append(row)
+    return pd.DataFrame(rows).reindex(columns=list(SUMMARY_COLUMNS))
 
 
 def format_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -538,7 +568,7 @@ def _meta(meta: dict[str, Any], **over: Any) -> dict[str, Any]:
 def _dots(ax: Any, x: float, values: Sequence[float], col: str, horizontal: bool = False) -> None:
     v = np.asarray(values, dtype=float)
     if v.size:
-        j = x + _jitter(v.size, 0.16)
+        j = x + jitter(v.size, 0.16)
         ax.scatter(v if horizontal else j, j if horizontal else v, s=22, color="white", edgecolor=col, lw=1.2, zorder=4)
 
 
@@ -559,7 +589,7 @@ def plot_variants(
     """
     n_panels = 3 if kl is not None else 2
     labels = list(table["variant"])
-    fig, axes = _subplots(1, n_panels, (4.2 * n_panels + 0.6, 4.3))
+    fig, axes = subplots(1, n_panels, (4.2 * n_panels + 0.6, 4.3))
     ax_r, ax_d = axes[0, 0], axes[0, 1]
     mipo_c = colour("MIPO")
     if baseline_row is not None:
@@ -589,7 +619,7 @@ def plot_variants(
             ax_d.errorbar(i + shift, m, yerr=[[m - lo], [hi - m]], fmt=marker, color=mipo_c, mfc=face, ms=7, capsize=4,
                           lw=1.4, zorder=3, label=name if first else None)
             ps = 100 * np.asarray(r[f"{key}_per_seed"], dtype=float)
-            ax_d.scatter(np.full(ps.shape, i + shift) + _jitter(ps.size, 0.05), ps, s=14, color="gray", zorder=4)
+            ax_d.scatter(np.full(ps.shape, i + shift) + jitter(ps.size, 0.05), ps, s=14, color="gray", zorder=4)
             first = False
     ax_d.axhline(0.0, color="black", lw=0.8)
     ax_d.set_xticks(range(len(labels)), labels, rotation=15 if len(labels) > 2 else 0)
@@ -642,7 +672,7 @@ def kl_table(kl: pd.DataFrame, labels: Sequence[str], n_boot: int = 5_000, seed:
 def plot_twin(records: pd.DataFrame, cost: pd.DataFrame, meta: dict[str, Any], n_boot: int = 5_000, seed: int = 0) -> Any:
     """MIPO vs context-aware decoding: (left) success rate of prompting, MIPO and CAD with the paired MIPO - CAD
     difference, (right) generation cost in seconds per prompt (same prompts, same batch size)."""
-    fig, axes = _subplots(1, 2, (10.0, 4.3))
+    fig, axes = subplots(1, 2, (10.0, 4.3))
     ax_q, ax_c = axes[0]
     methods = [m for m in ("prompting", "MIPO", "CAD") if m in set(records["method"])]
     top = 10.0
@@ -687,7 +717,7 @@ def plot_twin(records: pd.DataFrame, cost: pd.DataFrame, meta: dict[str, Any], n
 
 def plot_win_rates(table: pd.DataFrame, meta: dict[str, Any], a: str = "MIPO", b: str = BASELINE) -> Any:
     """Win-or-tie, strict win, tie and loss of `a` vs `b`: bars = mean, error bars = CI, dots = seeds."""
-    fig, axes = _subplots(1, 1, (6.4, 4.2))
+    fig, axes = subplots(1, 1, (6.4, 4.2))
     ax = axes[0, 0]
     cols = {"win-or-tie": "#55a868", "strict win": "#2d6a3e", "tie": "#9e9e9e", "loss": "#c44e52"}
     for i, r in table.reset_index(drop=True).iterrows():

@@ -130,12 +130,13 @@ def _finish(fig: Any, cap: str) -> Any:
     return fig
 
 
-def _jitter(n: int, width: float = 0.18) -> np.ndarray:
+def jitter(n: int, width: float = 0.18) -> np.ndarray:
     """Deterministic horizontal offsets for n per-seed dots (no randomness: figures are reproducible)."""
     return np.zeros(1) if n == 1 else np.linspace(-width, width, n)
 
 
-def _subplots(nrows: int, ncols: int, figsize: tuple[float, float]) -> tuple[Any, Any]:
+def subplots(nrows: int, ncols: int, figsize: tuple[float, float]) -> tuple[Any, Any]:
+    """plt.subplots in the workbook's style, always a 2-D axes array (so plotting code indexes one way)."""
     import matplotlib.pyplot as plt
 
     apply_style()
@@ -160,7 +161,7 @@ def plot_method_rates(
     because the two methods' separate CIs overlap more than their paired difference's CI suggests.
     """
     methods = stats.ordered_methods(records["method"])
-    fig, axes = _subplots(1, 1, (1.5 + 1.25 * len(methods), 4.4))
+    fig, axes = subplots(1, 1, (1.5 + 1.25 * len(methods), 4.4))
     ax = axes[0, 0]
     top = 0.0
     for i, m in enumerate(methods):
@@ -169,7 +170,7 @@ def plot_method_rates(
         ax.bar(i, mean, width=0.65, color=colour(m), alpha=0.85, zorder=1)
         ax.errorbar(i, mean, yerr=[[mean - lo], [hi - mean]], fmt="none", ecolor="black", capsize=6, lw=1.6, zorder=3)
         per_seed = 100 * np.asarray(h["per_seed"])
-        ax.scatter(i + _jitter(len(per_seed)), per_seed, s=22, color="white", edgecolor="black", lw=0.9, zorder=4)
+        ax.scatter(i + jitter(len(per_seed)), per_seed, s=22, color="white", edgecolor="black", lw=0.9, zorder=4)
         ax.text(i, hi + 1.0, f"{mean:.1f}%", ha="center", va="bottom", fontsize=9)
         top = max(top, hi, float(per_seed.max()))
     ax.set_xticks(range(len(methods)), methods, rotation=15 if len(methods) > 3 else 0)
@@ -202,9 +203,9 @@ def plot_per_group(records: pd.DataFrame, meta: dict[str, Any], n_boot: int = 2_
     table = stats.per_group_rates(records, n_boot=n_boot, seed=seed)
     methods = stats.ordered_methods(table["method"])
     groups = sorted(table["group"].unique(), key=str)
-    fig, axes = _subplots(1, 1, (8.0, 1.2 + 0.5 * len(groups) * max(1.0, len(methods) / 4)))
+    fig, axes = subplots(1, 1, (8.0, 1.2 + 0.5 * len(groups) * max(1.0, len(methods) / 4)))
     ax = axes[0, 0]
-    offsets = _jitter(len(methods), 0.32)
+    offsets = jitter(len(methods), 0.32)
     for j, m in enumerate(methods):
         sub = table[table["method"] == m].set_index("group")
         for gi, g in enumerate(groups):
@@ -253,7 +254,7 @@ def plot_training_curves(train_log: pd.DataFrame, meta: dict[str, Any], n_boot: 
     Reference lines teach the sanity checks: an untrained DPO loss is log 2 = 0.693 with margin 0, and a reward
     accuracy of 0.5 is chance.
     """
-    fig, axes = _subplots(2, 2, (10.0, 6.6))
+    fig, axes = subplots(2, 2, (10.0, 6.6))
     mipo = train_log[train_log["method"] == "MIPO"]
     sft = train_log[train_log["method"] == "SFT"]
     panels = [
@@ -295,7 +296,7 @@ def plot_pmi_shift(pmi: pd.DataFrame, meta: dict[str, Any], n_boot: int = 5_000,
     Left: histograms pooled over seeds; right: per-seed means, CI over seeds and examples, paired shift.
     """
     models = [m for m in ("base", "MIPO") if m in set(pmi["model"])] + sorted(set(pmi["model"]) - {"base", "MIPO"})
-    fig, axes = _subplots(1, 2, (10.5, 4.2))
+    fig, axes = subplots(1, 2, (10.5, 4.2))
     ax_h, ax_p = axes[0]
     vals = pmi["pmi"].to_numpy(dtype=float)
     vals = vals[np.isfinite(vals)]
@@ -310,7 +311,7 @@ def plot_pmi_shift(pmi: pd.DataFrame, meta: dict[str, Any], n_boot: int = 5_000,
         ax_p.errorbar(i, h["mean"], yerr=[[h["mean"] - h["lo"]], [h["hi"] - h["mean"]]], fmt="o", color=c, ms=9,
                       capsize=6, lw=1.6, zorder=3)
         ps = np.asarray(h["per_seed"])
-        ax_p.scatter(i + _jitter(len(ps)), ps, s=22, color="white", edgecolor=c, lw=1.2, zorder=4)
+        ax_p.scatter(i + jitter(len(ps)), ps, s=22, color="white", edgecolor=c, lw=1.2, zorder=4)
     ax_h.axvline(0.0, color="black", lw=0.8)
     ax_h.set_xlabel("base-model PMI of the response (nats)")
     ax_h.set_ylabel("density")
@@ -409,7 +410,7 @@ def plot_diversity(div_df: pd.DataFrame, meta: dict[str, Any], n_boot: int = 2_0
                                    ("self_bleu", "Self-BLEU (lower = more diverse)"),
                                    ("mean_words", "mean words per reply")) if c in div_df.columns]
     methods = stats.ordered_methods(div_df["method"])
-    fig, axes = _subplots(1, len(columns), (3.6 * len(columns), 3.9))
+    fig, axes = subplots(1, len(columns), (3.6 * len(columns), 3.9))
     for ax, (col, title) in zip(axes[0], columns):
         for i, m in enumerate(methods):
             v = div_df.loc[div_df["method"] == m, col].dropna().to_numpy(dtype=float)
@@ -417,7 +418,7 @@ def plot_diversity(div_df: pd.DataFrame, meta: dict[str, Any], n_boot: int = 2_0
                 continue
             mean, lo, hi = stats.bootstrap_ci(v, n_boot=n_boot, seed=seed)
             ax.errorbar(i, mean, yerr=[[mean - lo], [hi - mean]], fmt="s", color=colour(m), ms=8, capsize=5, lw=1.6)
-            ax.scatter(i + _jitter(v.size), v, s=20, color="white", edgecolor=colour(m), lw=1.1, zorder=4)
+            ax.scatter(i + jitter(v.size), v, s=20, color="white", edgecolor=colour(m), lw=1.1, zorder=4)
         ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
         ax.set_xlim(-0.6, len(methods) - 0.4)
         ax.set_title(title, fontsize=10)

@@ -209,6 +209,20 @@ def test_compare_variants_finds_a_real_gain_and_a_null():
     assert "no detectable effect" in null.loc[0, "gain_text"]
 
 
+def test_summary_table_carries_every_variant_with_its_cis_and_the_kl():
+    gain = ablations.compare_variants(_synthetic(0.45, 0.25), ["K=2"], reference=None, n_boot=300)
+    beta = gain.assign(variant="beta=0.3")
+    kl = pd.DataFrame({"variant": ["beta=0.3"], "mean": [1.2], "lo": [0.8], "hi": [1.6]})
+    out = ablations.summary_table({"K": {"table": gain}, "beta": {"table": beta}}, kl)
+    assert list(out.columns) == list(ablations.SUMMARY_COLUMNS)
+    assert out["ablation"].tolist() == ["K", "beta"] and out["variant"].tolist() == ["K=2", "beta=0.3"]
+    k, b = out.iloc[0], out.iloc[1]
+    assert k["vs_prompting_lo"] <= k["vs_prompting"] <= k["vs_prompting_hi"] and k["vs_prompting_lo"] > 0
+    assert np.isnan(k["vs_reference"]) and np.isnan(k["kl_nats"])  # no reference given; KL only for beta variants
+    assert b["kl_nats"] == 1.2 and (b["kl_lo"], b["kl_hi"]) == (0.8, 1.6)
+    assert len(k["per_seed_rate"].split()) == 3 and k["n_seeds"] == 3
+
+
 def test_seed_difference_is_over_seeds():
     d = ablations.seed_difference([0.5, 0.6, 0.55], [0.3, 0.3, 0.3], n_boot=500)
     assert d["ci_over"] == "seeds" and d["n_seeds"] == 3 and d["lo"] > 0
