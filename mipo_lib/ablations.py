@@ -171,6 +171,9 @@ def conclusion(
     head = f"{what}: {fmt.format(scale * mean)}{unit_text} [95% CI {fmt.format(scale * lo)}, {fmt.format(scale * hi)}]"
     if diff.get("ci_over") == "seeds" and n_seeds is not None and int(n_seeds) < 2:
         return f"{head}; one seed only, so no CI over seeds: no conclusion{size_text}."
+    if diff.get("deterministic"):
+        return f"{head}; both sides are identical in every seed (deterministic methods), so the CI over seeds is " \
+               f"degenerate: one measured difference, no verdict{size_text}."
     if lo > 0:
         return f"{head}; the CI excludes 0: a detectable {words[0]}{size_text}."
     if hi < 0:
@@ -180,13 +183,18 @@ def conclusion(
 
 def seed_difference(a: Sequence[float], b: Sequence[float], n_boot: int = 10_000, seed: int = 0) -> dict[str, Any]:
     """Mean of per-seed differences a_s - b_s with a bootstrap CI over seeds (for per-seed metrics such as
-    distinct-2 or seconds per prompt, which have no per-example values). `ci_over = "seeds"`."""
+    distinct-2 or seconds per prompt, which have no per-example values). `ci_over = "seeds"`; `deterministic` is
+    True when both sides are the same in every seed (e.g. greedy CAD vs prompting), where that CI has zero width
+    and says nothing: `conclusion` then gives no verdict."""
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     d = d[np.isfinite(d)]
     if d.size == 0:
         return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n_seeds": 0, "ci_over": "seeds"}
     mean, lo, hi = stats.bootstrap_ci(d, n_boot=n_boot, seed=seed)
-    return {"mean": mean, "lo": lo, "hi": hi, "n_seeds": int(d.size), "per_seed": d.tolist(), "ci_over": "seeds"}
+    a_, b_ = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    fixed = bool(np.ptp(a_[np.isfinite(a_)]) == 0 and np.ptp(b_[np.isfinite(b_)]) == 0) if d.size > 1 else False
+    return {"mean": mean, "lo": lo, "hi": hi, "n_seeds": int(d.size), "per_seed": d.tolist(), "ci_over": "seeds",
+            "deterministic": fixed}
 
 
 def compare_variants(

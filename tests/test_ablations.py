@@ -226,7 +226,10 @@ def test_summary_table_carries_every_variant_with_its_cis_and_the_kl():
 def test_seed_difference_is_over_seeds():
     d = ablations.seed_difference([0.5, 0.6, 0.55], [0.3, 0.3, 0.3], n_boot=500)
     assert d["ci_over"] == "seeds" and d["n_seeds"] == 3 and d["lo"] > 0
-    assert "detectable gain" in ablations.conclusion(d, "distinct-2")
+    assert "detectable gain" in ablations.conclusion(d, "distinct-2") and not d["deterministic"]
+    fixed = ablations.seed_difference([0.5, 0.5, 0.5], [0.3, 0.3, 0.3], n_boot=200)  # two deterministic methods
+    assert fixed["deterministic"] and fixed["lo"] == fixed["hi"]
+    assert "no verdict" in ablations.conclusion(fixed, "distinct-2") and "detectable" not in ablations.conclusion(fixed, "x")
 
 
 def test_win_tie_table_matches_stats_win_rates():
