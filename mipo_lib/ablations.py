@@ -258,16 +258,16 @@ SUMMARY_COLUMNS: tuple[str, ...] = (
 )
 
 
-def summary_table(ablations: dict[str, dict[str, Any]], kl: pd.DataFrame | None = None) -> pd.DataFrame:
+def summary_table(results: dict[str, dict[str, Any]], kl: pd.DataFrame | None = None) -> pd.DataFrame:
     """Every ablation's variants in one long table (`SUMMARY_COLUMNS`): rate, paired differences vs prompting and
     vs the reference variant, each with its 95% CI, and the KL to the base where `kl` (a `kl_table`) has the variant.
 
-    `ablations` maps a name ("K", "negative", "beta") to a `run_ablation` result. This is the small reference result
+    `results` maps a name ("K", "negative", "beta") to a `run_ablation` result. This is the small reference result
     the notebook writes next to its figures, so the numbers behind them can be read without rerunning anything.
     """
     kl_by = kl.set_index("variant") if kl is not None and len(kl) else None
     rows = []
-    for name, ab in ablations.items():
+    for name, ab in results.items():
         for r in ab["table"].itertuples():
             row = {"ablation": name, "variant": r.variant, "rate": r.rate, "lo": r.lo, "hi": r.hi,
                    "vs_prompting": r.gain, "vs_prompting_lo": r.gain_lo, "vs_prompting_hi": r.gain_hi,
