@@ -186,15 +186,16 @@ def seed_difference(a: Sequence[float], b: Sequence[float], n_boot: int = 10_000
     distinct-2 or seconds per prompt, which have no per-example values). `ci_over = "seeds"`; `deterministic` is
     True when both sides are the same in every seed (e.g. greedy CAD vs prompting), where that CI has zero width
     and says nothing: `conclusion` then gives no verdict."""
-    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    d = d[np.isfinite(d)]
+    a_, b_ = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    ok = np.isfinite(a_ - b_)
+    a_, b_ = a_[ok], b_[ok]
+    d = a_ - b_
     if d.size == 0:
         return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n_seeds": 0, "ci_over": "seeds"}
     mean, lo, hi = stats.bootstrap_ci(d, n_boot=n_boot, seed=seed)
-    a_, b_ = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    fixed = bool(np.ptp(a_[np.isfinite(a_)]) == 0 and np.ptp(b_[np.isfinite(b_)]) == 0) if d.size > 1 else False
+    fixed = d.size > 1 and np.ptp(a_) == 0 and np.ptp(b_) == 0
     return {"mean": mean, "lo": lo, "hi": hi, "n_seeds": int(d.size), "per_seed": d.tolist(), "ci_over": "seeds",
-            "deterministic": fixed}
+            "deterministic": bool(fixed)}
 
 
 def compare_variants(
@@ -274,7 +275,7 @@ def summary_table(results: dict[str, dict[str, Any]], kl: pd.DataFrame | None = 
                    "vs_reference": r.vs_ref, "vs_reference_lo": r.vs_ref_lo, "vs_reference_hi": r.vs_ref_hi,
                    "n_seeds": r.n_seeds, "n_examples": r.n_examples,
                    "per_seed_rate": " ".join(f"{v:.4g}" for v in r.per_seed)}
-            if name == "beta" and kl_by is not None and r.variant in kl_by.index:
+            if kl_by is not None and r.variant in kl_by.index:
                 k = kl_by.loc[r.variant]
                 row.update({"kl_nats": k["mean"], "kl_lo": k["lo"], "kl_hi": k["hi"]})
             rows.append(row)
