@@ -36,6 +36,7 @@ from mipo_lib.generate import Messages, chat_prompt_ids, plan_batches
 from mipo_lib.models import load_for_preset
 from mipo_lib.pairs import NEGATIVES
 from mipo_lib.plots import PALETTE, caption, colour, jitter, subplots
+from mipo_lib.scoring import completion_logprobs
 from mipo_lib.tasks import get_task
 
 #: The issue's full settings (the notebook's defaults).
@@ -392,29 +393,8 @@ def sample_token_ids(
 def token_logprobs(
     model: Any, prompt_ids: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int, batch_size: int = 16
 ) -> np.ndarray:
-    """Summed log model(completion | prompt) of exactly these token ids (right-padded batches, fp32 log-softmax)."""
-    device = next(model.parameters()).device
-    out = np.zeros(len(prompt_ids), dtype=np.float64)
-    order = sorted(range(len(prompt_ids)), key=lambda i: -(len(prompt_ids[i]) + len(completions[i])))
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        seqs = [list(prompt_ids[r]) + list(completions[r]) for r in rows]
-        width = max(map(len, seqs))
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        target = torch.zeros_like(ids, dtype=torch.bool)
-        for k, r in enumerate(rows):
-            n_p, n_c = len(prompt_ids[r]), len(completions[r])
-            ids[k, : n_p + n_c] = torch.tensor(seqs[k])
-            mask[k, : n_p + n_c] = 1
-            target[k, n_p : n_p + n_c] = True
-        ids, mask, target = ids.to(device), mask.to(device), target.to(device)
-        with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-            lp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-            sums = (lp * target[:, 1:]).sum(dim=1)
-        out[rows] = sums.double().cpu().numpy()
-    return out
+    """Summed log model(completion | prompt) of exactly these token ids (`scoring.completion_logprobs`)."""
+    return completion_logprobs(model, prompt_ids, completions, pad_id, batch_size=batch_size)
 
 
 def sampled_kl(

@@ -8,13 +8,45 @@ responses as an uninterrupted one: finished batches are skipped, not regenerated
 
 from __future__ import annotations
 
+import datetime
+import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from mipo_lib.errors import MipoError
+
 Messages = list[dict[str, str]]
+
+
+# Llama 3.x templates print "Today Date: <strftime_now(...)>" into every system header; this is their own fallback.
+TEMPLATE_DATE = datetime.date(2024, 7, 26)
+_STRFTIME_CALL = re.compile(r"""strftime_now\(\s*(['"])(.*?)\1\s*\)""")
+
+
+def pin_chat_template_date(tokenizer: Any, date: datetime.date = TEMPLATE_DATE) -> Any:
+    """Replace every `strftime_now("<fmt>")` in the tokenizer's chat template with that date, formatted (in place).
+
+    Some templates (Llama 3.x) render today's date into each prompt. Pairs are tokenized and scored under the base
+    model on one day and trained on another, and the stored reference log-probs are only valid for the same tokens:
+    a run that crosses midnight would silently train against log-probs of different prompts. Pinning the date makes
+    prompts a function of the data alone. A template that calls `strftime_now` with a non-literal format cannot be
+    pinned and fails here rather than drifting later.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str) or "strftime_now" not in template:
+        return tokenizer
+    pinned = _STRFTIME_CALL.sub(lambda m: json.dumps(date.strftime(m.group(2))), template)
+    if "strftime_now" in pinned:
+        raise MipoError(
+            "the chat template calls strftime_now with a non-literal format, so its date cannot be pinned; "
+            "set tokenizer.chat_template to a copy with a fixed date string"
+        )
+    tokenizer.chat_template = pinned
+    return tokenizer
 
 
 def chat_prompt_ids(tokenizer: Any, messages: Messages) -> list[int]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -32,8 +33,10 @@ import numpy as np
 from mipo_lib.config import Preset, run_dir
 from mipo_lib.errors import MipoError
 from mipo_lib.generate import GenerationStats, Messages, chat_prompt_ids, generate_batches
-from mipo_lib.scoring import sequence_logprobs
+from mipo_lib.scoring import pair_tokens, sequence_logprobs, token_digest
 from mipo_lib.tasks.base import Example, Task, judge_or_nan
+
+logger = logging.getLogger(__name__)
 
 NEGATIVES = ("context_drop", "random_context", "random_prompt")
 
@@ -268,6 +271,8 @@ def build_pairs(
             "pmi_rejected": float(lp_neg_x[j] - lp_neg_x[m + j]),
             "chosen_tokens": int(n_pos[j]),
             "rejected_tokens": int(n_neg[j]),
+            "chosen_token_digest": token_digest(*pair_tokens(tokenizer, xs[j], ys_pos[j], preset.max_length)),
+            "rejected_token_digest": token_digest(*pair_tokens(tokenizer, xs[j], y_neg, preset.max_length)),
             "chosen_score": judge_or_nan(task, ex, ys_pos[j]),
             "rejected_score": judge_or_nan(task, ex, y_neg),
         })
@@ -280,6 +285,7 @@ def build_pairs(
         "n_prompts": len(examples),
         "n_pairs": len(records),
         "identical_pairs": sum(r["chosen"] == r["rejected"] for r in records),
+        "duplicate_negatives": duplicate_negatives(records),
         "generated_tokens": stats.new_tokens,
         "generation_seconds": round(gen_seconds, 2),
         "generation_tokens_per_s": round(stats.tokens_per_s, 2),
@@ -288,7 +294,28 @@ def build_pairs(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     _atomic_write(manifest_path, json.dumps(manifest, indent=2))
+    if manifest["duplicate_negatives"]:
+        logger.warning(
+            "%d of %d negatives repeat another negative of the same prompt (K=%d, temperature %g): those pairs add no "
+            "new contrast; raise the temperature or lower k_negatives",
+            manifest["duplicate_negatives"], len(records), k, preset.temperature,
+        )
     return records
+
+
+def duplicate_negatives(records: Sequence[dict[str, Any]]) -> int:
+    """How many pairs repeat a negative already used for the same prompt (text equal after whitespace trimming).
+
+    With K > 1 negatives sampled at a low temperature (the `paper` preset's 0.1) the K replies are often the same
+    text: such pairs duplicate a contrast instead of adding one, and K then means less than it says.
+    """
+    seen: set[tuple[str, str]] = set()
+    repeats = 0
+    for r in records:
+        key = (r["example_id"], " ".join(str(r["rejected"]).split()))
+        repeats += key in seen
+        seen.add(key)
+    return repeats
 
 
 def cached_pairs(preset: Preset, seed: int) -> list[dict[str, Any]] | None:

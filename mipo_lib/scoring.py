@@ -10,6 +10,8 @@ start (TRL's default `keep_start`). `dpo.check_reference_tokens` verifies the ma
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 from typing import Any, Sequence
 
 import numpy as np
@@ -39,6 +41,91 @@ def pair_tokens(tokenizer: Any, prompt: Messages, response: str, max_length: int
     return prompt_ids, completion
 
 
+def selective_log_softmax(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[..., target] in fp32, one sequence at a time, without a full fp32 copy of the batch.
+
+    A plain `log_softmax(logits.float())` materialises two fp32 tensors of batch x length x vocabulary: with
+    Qwen2.5's 151,936-token vocabulary and the `t4` preset's score batch (8 x 1,024 tokens) that is ~5 GB each, more
+    than a T4 has next to the model. Here only one row (length x vocabulary) is upcast at a time, and the
+    log-normaliser is a logsumexp, so the peak beyond the model's own logits is about two rows in fp32. The values
+    equal the full log-softmax's (same fp32 arithmetic). TRL's `selective_log_softmax` follows the same idea.
+    """
+    out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+    for i in range(logits.shape[0]):
+        row = logits[i].float()
+        out[i] = row.gather(-1, targets[i].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(row, dim=-1)
+        del row
+    return out
+
+
+def _supports_logits_to_keep(model: Any) -> bool:
+    """Whether `model.forward` takes `logits_to_keep` (transformers' causal LMs do; PEFT wrappers pass it on)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def completion_logprobs(
+    model: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    pad_id: int,
+    *,
+    batch_size: int = 16,
+    progress: bool = False,
+    desc: str = "scoring",
+) -> np.ndarray:
+    """Summed log model(completion | prompt) of exactly these token ids: every place that scores tokens calls this.
+
+    Batches are length-sorted (longest first, so an out-of-memory error shows at once) and right-padded; only the
+    completion positions enter the sum. Memory stays bounded: the model computes logits only from the earliest
+    completion position of the batch on (`logits_to_keep`: a long prompt costs no vocabulary-sized logits), and
+    `selective_log_softmax` upcasts one row at a time.
+    """
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    keep_supported = _supports_logits_to_keep(model)
+    out = np.zeros(len(prompt_ids), dtype=np.float64)
+    order = sorted(range(len(prompt_ids)), key=lambda i: -(len(prompt_ids[i]) + len(completion_ids[i])))
+    bar = tqdm(total=len(order), desc=desc, disable=not progress, unit="seq")
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = max(len(prompt_ids[r]) + len(completion_ids[r]) for r in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        completion = torch.zeros_like(input_ids, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            n_p, n_c = len(prompt_ids[r]), len(completion_ids[r])
+            input_ids[i, : n_p + n_c] = torch.tensor(list(prompt_ids[r]) + list(completion_ids[r]), dtype=torch.long)
+            attention[i, : n_p + n_c] = 1
+            completion[i, n_p : n_p + n_c] = True
+        # the logit at position t predicts token t + 1: keep positions first - 1 .. width - 2
+        first = max(1, min(len(prompt_ids[r]) for r in rows))
+        keep = width - first + 1
+        input_ids, attention, completion = input_ids.to(device), attention.to(device), completion.to(device)
+        kwargs = {"logits_to_keep": keep} if keep_supported else {}
+        with torch.inference_mode():
+            logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False, **kwargs).logits
+            logits = logits[:, -keep:-1]  # predictions of tokens first .. width - 1
+            token_logps = selective_log_softmax(logits, input_ids[:, first:])
+            del logits
+            sums = (token_logps * completion[:, first:]).sum(dim=1)
+        out[rows] = sums.double().cpu().numpy()
+        bar.update(len(rows))
+    bar.close()
+    return out
+
+
+def token_digest(prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> str:
+    """A short fingerprint of the exact tokens a reference log-prob was computed on.
+
+    Stored with each pair and compared by `dpo.check_reference_tokens` against the tokens TRL trains on: equal
+    counts are not enough (a chat template that renders the date changes the prompt, not its length).
+    """
+    text = ",".join(map(str, prompt_ids)) + "|" + ",".join(map(str, completion_ids))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def sequence_logprobs(
     model: Any,
     tokenizer: Any,
@@ -52,36 +139,12 @@ def sequence_logprobs(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Summed log pi(response | prompt) for each pair, and the number of completion tokens scored.
 
-    Batches are length-sorted and right-padded; only completion positions enter the sum.
+    Tokenized as TRL tokenizes a pair (`pair_tokens`), scored by `completion_logprobs`.
     """
-    from tqdm.auto import tqdm
-
     tokens = [pair_tokens(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)]
     lengths = np.array([len(c) for _, c in tokens])
-    order = sorted(range(len(tokens)), key=lambda i: -(len(tokens[i][0]) + len(tokens[i][1])))
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id
-    out = np.zeros(len(tokens), dtype=np.float64)
-    bar = tqdm(total=len(tokens), desc=desc, disable=not progress, unit="seq")
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        seqs = [tokens[r][0] + tokens[r][1] for r in rows]
-        width = max(len(s) for s in seqs)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention = torch.zeros_like(input_ids)
-        completion = torch.zeros_like(input_ids, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            p, c = tokens[r]
-            input_ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-            attention[i, : len(p) + len(c)] = 1
-            completion[i, len(p) : len(p) + len(c)] = True
-        input_ids, attention, completion = input_ids.to(device), attention.to(device), completion.to(device)
-        with torch.inference_mode():
-            logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits[:, :-1].float()
-            targets = input_ids[:, 1:]
-            token_logps = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            sums = (token_logps * completion[:, 1:]).sum(dim=1)
-        out[rows] = sums.double().cpu().numpy()
-        bar.update(len(rows))
-    bar.close()
-    return out, lengths
+    sums = completion_logprobs(
+        model, [p for p, _ in tokens], [c for _, c in tokens], tokenizer.pad_token_id,
+        batch_size=batch_size, progress=progress, desc=desc,
+    )
+    return sums, lengths
