@@ -1,6 +1,6 @@
 """Evaluation on held-out prompts: every method's responses, scored by the task's judge, as per-example records.
 
-Methods (display names used in tables and figures):
+Methods are the entries of `mipo_lib.methods` (display names used in tables and figures):
 - `base (no context)`: the base model without the user's context (what the user gets if nobody personalizes);
 - `prompting`: the base model with the context in the prompt, no training (the paper's main baseline);
 - `SFT` / `MIPO`: the base model plus a trained LoRA adapter, prompted with the context;
@@ -23,9 +23,6 @@ from mipo_lib.config import Preset
 from mipo_lib.generate import Batch, Messages, chat_prompt_ids, generate_batches
 from mipo_lib.scoring import sequence_logprobs
 from mipo_lib.tasks.base import Example, Task, judge_or_nan
-
-METHODS = ("base (no context)", "prompting", "SFT", "MIPO", "CAD")
-DETERMINISTIC = ("base (no context)", "prompting", "CAD")
 
 
 class ContextAwareDecoding:

@@ -14,12 +14,11 @@ from typing import Any, Sequence
 import pandas as pd
 
 from mipo_lib import dpo, evaluate
+from mipo_lib import methods as registry
 from mipo_lib.config import Preset, run_dir
 from mipo_lib.models import load_for_preset
 from mipo_lib.pairs import build_pairs, cached_pairs, variant_name
 from mipo_lib.tasks import get_task
-
-TRAINED = {"MIPO": "dpo", "SFT": "sft"}
 
 
 def variant_dir(preset: Preset, *parts: str | int) -> Path:
@@ -28,8 +27,9 @@ def variant_dir(preset: Preset, *parts: str | int) -> Path:
 
 def adapter_dir(preset: Preset, method: str, seed: int) -> Path:
     """Where a trained adapter lives; DPO settings that change the result are part of the folder name."""
-    tag = f"beta{preset.beta:g}-lr{preset.learning_rate:g}-ep{preset.epochs}" if method == "MIPO" else f"lr{preset.sft_learning_rate:g}-ep{preset.epochs}"
-    return variant_dir(preset, f"seed{seed}", f"{TRAINED[method]}-{tag}")
+    training = registry.get_method(method).training
+    tag = f"beta{preset.beta:g}-lr{preset.learning_rate:g}-ep{preset.epochs}" if training == "dpo" else f"lr{preset.sft_learning_rate:g}-ep{preset.epochs}"
+    return variant_dir(preset, f"seed{seed}", f"{training}-{tag}")
 
 
 def pairs_for_seed(preset: Preset, seed: int, redo: bool = False, progress: bool = True) -> list[dict[str, Any]]:
@@ -41,20 +41,19 @@ def pairs_for_seed(preset: Preset, seed: int, redo: bool = False, progress: bool
 
 
 def train_for_seed(preset: Preset, method: str, seed: int, redo: bool = False, progress: bool = True) -> dpo.TrainResult:
-    """Stage 2: train MIPO (DPO) or the SFT baseline on the seed's pairs."""
+    """Stage 2: train a method with a training stage (MIPO: DPO, the SFT baseline: SFT) on the seed's pairs."""
     folder = adapter_dir(preset, method, seed)
     if not redo and (finished := dpo.finished_run(folder)) is not None:
         return finished
     pairs = pairs_for_seed(preset, seed, progress=progress)
     model, tokenizer = load_for_preset(preset)
-    train = dpo.train_dpo if method == "MIPO" else dpo.train_sft
+    train = {"dpo": dpo.train_dpo, "sft": dpo.train_sft}[registry.get_method(method).training]
     return train(model, tokenizer, pairs, preset, seed, folder, redo=redo, progress=progress)
 
 
 def _eval_path(preset: Preset, method: str, seed: int | None) -> Path:
-    slug = method.split(" ")[0].lower()
-    if method == "CAD":
-        slug = f"cad-a{preset.cad_strength:g}"
+    m = registry.get_method(method)
+    slug = f"{m.slug}-a{preset.cad_strength:g}" if m.decoding == "cad" else m.slug
     slug = f"{slug}-n{preset.n_test_prompts}-len{preset.eval_max_new_tokens}"
     if seed is None:  # deterministic methods do not depend on the seed
         return run_dir(preset, preset.task, "eval") / f"{slug}.jsonl"  # run_dir makes folders: the file name goes outside
@@ -65,30 +64,32 @@ def evaluate_method(preset: Preset, method: str, seed: int, redo: bool = False, 
     """Stage 3: one method's per-example records on the held-out prompts (cached as JSON Lines)."""
     task = get_task(preset.task)
     examples = task.examples("test", preset.n_test_prompts)
-    deterministic = method in evaluate.DETERMINISTIC
+    m = registry.get_method(method)
 
     def make() -> pd.DataFrame:
         # train first (if needed): that stage loads its own copy, so only one model is in memory at a time
-        adapter = train_for_seed(preset, method, seed, progress=progress).adapter_dir if method in TRAINED else None
+        adapter = train_for_seed(preset, method, seed, progress=progress).adapter_dir if m.training else None
         model, tokenizer = load_for_preset(preset)
         if adapter is not None:
             model = dpo.load_adapted(model, adapter)
         responses = evaluate.generate_responses(
             model, tokenizer, task, examples, preset,
-            with_context=method != "base (no context)",
-            cad_alpha=preset.cad_strength if method == "CAD" else None,
+            with_context=m.with_context,
+            cad_alpha=preset.cad_strength if m.decoding == "cad" else None,
             progress=progress, desc=f"{method} responses",
         )
         return evaluate.records(task, examples, responses, method, seed)
 
-    frame = evaluate.evaluate_cached(_eval_path(preset, method, None if deterministic else seed), make, redo)
+    frame = evaluate.evaluate_cached(_eval_path(preset, method, None if m.deterministic else seed), make, redo)
     return frame.assign(seed=seed)
 
 
 def evaluate_all(
-    preset: Preset, seeds: Sequence[int], methods: Sequence[str] = evaluate.METHODS, redo: bool = False, progress: bool = True
+    preset: Preset, seeds: Sequence[int], methods: Sequence[str] | None = None, redo: bool = False, progress: bool = True
 ) -> pd.DataFrame:
-    """All methods x seeds as one records table (deterministic methods computed once, repeated per seed)."""
+    """`methods` (default: every registered method) x seeds as one records table (deterministic methods computed
+    once, repeated per seed)."""
+    methods = registry.names() if methods is None else methods
     frames = [evaluate_method(preset, m, s, redo=redo, progress=progress) for s in seeds for m in methods]
     return pd.concat(frames, ignore_index=True)
 
@@ -122,10 +123,10 @@ def pmi_before_after(preset: Preset, records: pd.DataFrame, progress: bool = Tru
 
 
 def training_logs(preset: Preset, seeds: Sequence[int], progress: bool = True) -> pd.DataFrame:
-    """The training curves of every seed's MIPO and SFT runs as one table (method, seed, step, ...)."""
+    """The training curves of every seed's trained methods (MIPO, SFT) as one table (method, seed, step, ...)."""
     frames = []
     for seed in seeds:
-        for method in TRAINED:
-            res = train_for_seed(preset, method, seed, progress=progress)
-            frames.append(res.log.assign(method=method, seed=seed))
+        for m in registry.trained():
+            res = train_for_seed(preset, m.name, seed, progress=progress)
+            frames.append(res.log.assign(method=m.name, seed=seed))
     return pd.concat(frames, ignore_index=True)

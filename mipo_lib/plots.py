@@ -9,23 +9,36 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from mipo_lib import methods as registry
 from mipo_lib import stats
 from mipo_lib.config import Preset, repo_root, run_dir
 
 REFERENCE_PRESET = "cpu"
-PALETTE = {
-    "base (no context)": "#9e9e9e",
-    "prompting": "#4c72b0",
-    "SFT": "#dd8452",
-    "MIPO": "#55a868",
-    "CAD": "#8172b3",
-}
+
+
+class _Palette(Mapping[str, str]):
+    """Method name -> colour, read live from the method registry (a method registered later has its colour here)."""
+
+    def __getitem__(self, name: str) -> str:
+        if name not in registry.names():
+            raise KeyError(name)
+        return registry.get_method(name).colour
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(registry.names())
+
+    def __len__(self) -> int:
+        return len(registry.names())
+
+
+PALETTE: Mapping[str, str] = _Palette()
 
 
 def figures_dir(preset: Preset | str) -> Path:
@@ -72,7 +85,6 @@ def savefig(fig: Any, name: str, preset: Preset | str, caption: str | None = Non
 # Every figure shows per-seed points plus 95% bootstrap CI bars, and says so in its caption with n seeds/examples.
 # ----------------------------------------------------------------------------------------------------------------
 
-METHOD_ORDER = stats.METHOD_ORDER
 _FALLBACK_COLOURS = ("#c44e52", "#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd")
 _PMI_COLOURS = {"base": PALETTE["prompting"], "MIPO": PALETTE["MIPO"]}  # base model's response = prompting's
 BARS_SEEDS_EXAMPLES = "95% bootstrap CI over seeds and examples"
@@ -80,7 +92,7 @@ PAPER_SETTING = "paper: 1B-7B instruct models, full fine-tuning, PRISM / Communi
 
 
 def colour(method: str) -> str:
-    """The method's colour from `PALETTE`; methods outside it get a stable fallback colour."""
+    """The method's registered colour (`PALETTE`); unregistered methods get a stable fallback colour."""
     if method in PALETTE:
         return PALETTE[method]
     return _FALLBACK_COLOURS[sum(map(ord, method)) % len(_FALLBACK_COLOURS)]

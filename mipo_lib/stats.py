@@ -31,11 +31,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mipo_lib import methods as registry
 from mipo_lib.config import repo_root
 from mipo_lib.errors import MipoError
-
-METHOD_ORDER: tuple[str, ...] = ("base (no context)", "prompting", "SFT", "MIPO", "CAD")
-"""Display order of the methods in tables and figures (unknown methods follow, sorted)."""
 
 REPORTED_LABEL = "reported (abstract-level)"
 REPORTED_COLUMNS: tuple[str, ...] = (
@@ -51,10 +49,10 @@ _CHUNK_ELEMENTS = 2_000_000  # bootstrap draws per vectorised chunk (about 16 MB
 
 
 def ordered_methods(methods: Iterable[str]) -> list[str]:
-    """Methods present, in the workbook's fixed order (base, prompting, SFT, MIPO, CAD), unknown ones after."""
+    """Methods present, in the registry's display order (`mipo_lib.methods`), unregistered ones after, sorted."""
     present = list(dict.fromkeys(methods))
-    known = [m for m in METHOD_ORDER if m in present]
-    return known + sorted(m for m in present if m not in METHOD_ORDER)
+    order = registry.names()
+    return [m for m in order if m in present] + sorted(m for m in present if m not in order)
 
 
 def _check_columns(df: pd.DataFrame, columns: Iterable[str], what: str) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LogitsProcessorList
 
-from mipo_lib import evaluate, pipeline
+from mipo_lib import evaluate, methods, pipeline
 from mipo_lib.config import get_preset
 from mipo_lib.evaluate import ContextAwareDecoding, parse_judge_score
 from mipo_lib.generate import generate_batches
@@ -203,8 +203,8 @@ def test_evaluate_cached_round_trips_empty_responses(tmp_path, task):
 def test_evaluate_all_smoke(preset, tmp_path, monkeypatch):
     monkeypatch.setenv("MIPO_RUNS_DIR", str(tmp_path / "runs"))
     frame = pipeline.evaluate_all(preset, seeds=[0], progress=False)
-    assert set(frame.method) == set(evaluate.METHODS)
-    assert frame.groupby("method").size().to_dict() == {m: 10 for m in evaluate.METHODS}
+    assert set(frame.method) == set(methods.names())
+    assert frame.groupby("method").size().to_dict() == {m: 10 for m in methods.names()}
     assert set(frame.score.unique()) <= {0.0, 1.0}
     assert (frame.seed == 0).all()
     test_ids = [e.id for e in get_task("personalization").examples("test", 10)]
