@@ -4,6 +4,7 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # a hub id must fail fast here, not retry for ~45 s
 
+import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mipo_lib.errors import MipoError
-from mipo_lib.tasks import TASKS, get_task
+from mipo_lib.tasks import get_task, task_names
 from mipo_lib.tasks.arithmetic import ArithmeticTask
 from mipo_lib.tasks.datasets import extract_choice, prism_split
 from mipo_lib.tasks.numbers import final_answer, last_number, numbers_in
@@ -288,6 +289,28 @@ def test_local_file_errors(tmp_path):
         get_task("gsm8k", test_path=bad).examples("test")
 
 
+@pytest.mark.parametrize("name,text", [("empty.jsonl", ""), ("blank.jsonl", "\n\n"), ("empty.json", "[]")])
+def test_empty_data_file_is_refused(tmp_path, name, text):
+    """An empty file used to load as 0 examples and fail much later (0 pairs); it must fail where it is read."""
+    path = tmp_path / name
+    path.write_text(text)
+    for task in (get_task("gsm8k", test_path=path), get_task("svamp", test_path=path), get_task("prism", path=path)):
+        with pytest.raises(MipoError, match="has no records; pass a file with at least one example") as err:
+            task.examples("test")
+        assert "\n" not in str(err.value)
+
+
+def test_prism_split_without_users_is_refused(tmp_path):
+    """A PRISM file whose users all hash to train leaves the test split empty: say so, not "0 examples"."""
+    train_user = next(u for u in (f"user{i}" for i in range(50)) if prism_split(u) == "train")
+    path = tmp_path / "prism.jsonl"
+    record = {"conversation_id": "c1", "user_id": train_user, "opening_prompt": "hi", "system_string": "be brief"}
+    path.write_text(json.dumps(record) + "\n")
+    assert len(get_task("prism", path=path).examples("train")) == 1
+    with pytest.raises(MipoError, match="no user among 1 records falls in the test split"):
+        get_task("prism", path=path).examples("test")
+
+
 @pytest.mark.parametrize("name", ["gsm8k", "svamp", "arc_easy", "arc_challenge", "prism"])
 def test_hub_id_offline_fails_fast_with_the_fix(name):
     task = get_task(name)  # building a task reads nothing
@@ -314,12 +337,13 @@ def test_offline_env_set_after_import_is_still_honoured(monkeypatch):
 
 # ------------------------------------------------------------------------------------------------------- registry
 def test_registry():
-    assert TASKS == ("personalization", "arithmetic", "gsm8k", "svamp", "arc_easy", "arc_challenge", "prism")
-    for name in TASKS:
+    builtin = ("personalization", "arithmetic", "gsm8k", "svamp", "arc_easy", "arc_challenge", "prism")
+    assert task_names()[: len(builtin)] == builtin
+    for name in builtin:
         assert get_task(name).name == name
     assert get_task("personalization").conditional and not get_task("arithmetic").conditional
     with pytest.raises(MipoError) as err:
         get_task("mmlu")
-    assert all(name in str(err.value) for name in TASKS)
+    assert all(name in str(err.value) for name in builtin)
     with pytest.raises(MipoError, match="bad options"):
         get_task("arithmetic", test_path="x.jsonl")

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import itertools
 import random
+from typing import TYPE_CHECKING
 
 from mipo_lib.errors import MipoError
-from mipo_lib.generate import Messages
 from mipo_lib.tasks.base import Example
 from mipo_lib.tasks.numbers import last_number, same_number
+
+if TYPE_CHECKING:  # generate imports torch: tasks stay cheap to import, since presets check task names
+    from mipo_lib.generate import Messages
 
 OPERATIONS: dict[str, str] = {"addition": "+", "subtraction": "-"}
 TEST_PER_OPERATION = 500

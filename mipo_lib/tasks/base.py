@@ -9,9 +9,10 @@ preference type).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from mipo_lib.generate import Messages
+if TYPE_CHECKING:  # generate imports torch: tasks stay cheap to import, since presets check task names
+    from mipo_lib.generate import Messages
 
 
 @dataclass(frozen=True)

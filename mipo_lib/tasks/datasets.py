@@ -18,14 +18,14 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from mipo_lib.errors import MipoError
-from mipo_lib.generate import Messages
 from mipo_lib.tasks.base import Example
 from mipo_lib.tasks.numbers import final_answer, format_number, same_number
+
+if TYPE_CHECKING:  # generate imports torch: tasks stay cheap to import, since presets check task names
+    from mipo_lib.generate import Messages
 
 Record = dict[str, Any]
 Source = str | Path
@@ -108,6 +108,8 @@ def subset(records: list[Record], split: str, n: int | None, seed: int) -> list[
         raise MipoError(f"n must be at least 1, got {n}")
     if n is None or n >= len(records):
         return list(enumerate(records))
+    import pandas as pd  # here, not at the top: pandas costs half a second and presets import the task registry
+
     state = TEST_RANDOM_STATE if split == "test" else seed
     rows = pd.Series(range(len(records))).sample(n=n, random_state=state).tolist()
     return [(i, records[i]) for i in rows]
@@ -137,6 +139,11 @@ class _FileOrHubTask:
             raise MipoError(f"unknown split {split!r}; use 'train' or 'test'")
         if split not in self._cache:
             records = self._load(self._sources[split], split)
+            if not records:  # an empty file would otherwise give 0 pairs and a division by zero much later
+                raise MipoError(
+                    f"{self.name} {split} split from {self._sources[split]} has no records; "
+                    "pass a file with at least one example in the dataset's schema"
+                )
             _require(records, self.fields, f"{self.name} {split} split")
             self._cache[split] = records
         return self._cache[split]
@@ -313,7 +320,13 @@ class PRISMTask(_FileOrHubTask):
                 for c in load_hub(str(source), "conversations", "train")
                 if c["user_id"] in survey
             ]
-        return [r for r in records if prism_split(str(r.get("user_id", ""))) == split]
+        chosen = [r for r in records if prism_split(str(r.get("user_id", ""))) == split]
+        if records and not chosen:
+            raise MipoError(
+                f"prism: no user among {len(records)} records falls in the {split} split (users are split one in five "
+                "to test by a hash of user_id); pass records from more users"
+            )
+        return chosen
 
     def _example(self, index: int, record: Record, split: str) -> Example:
         return Example(

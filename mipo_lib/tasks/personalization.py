@@ -7,18 +7,22 @@ evaluate) honest and fast on two CPU cores, and lets the notebooks break results
 follows some preferences and never others, and MIPO can only amplify what the base model already samples.
 
 An example is one (request x preference): 60 everyday requests, a fixed 40/20 train/test split of requests (test
-requests are never seen in training), crossed with the 10 preferences below.
+requests are never seen in training), crossed with the 10 preferences below. `register_preference` adds another
+checkable preference (key, sentence, checker); it then appears in pairs, training, evaluation, the per-preference
+figure and tables like the built-in ones.
 """
 
 from __future__ import annotations
 
 import random
 import re
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from mipo_lib.errors import MipoError
-from mipo_lib.generate import Messages
 from mipo_lib.tasks.base import Example
+
+if TYPE_CHECKING:  # generate imports torch: tasks stay cheap to import, since presets check task names
+    from mipo_lib.generate import Messages
 
 Checker = Callable[[str], bool]
 
@@ -84,6 +88,7 @@ def _digit(text: str) -> bool:
 
 
 #: key -> (the sentence the user states, the checker). Order is the order of figures and of balanced subsets.
+#: Add to it with `register_preference` (which checks the entry), not by assignment.
 PREFERENCES: dict[str, tuple[str, Checker]] = {
     "lowercase": ("Please write your whole reply in lowercase letters only, with no capital letters.", _lowercase),
     "short": ("Keep your reply short: under 25 words.", _short),
@@ -96,6 +101,48 @@ PREFERENCES: dict[str, tuple[str, Checker]] = {
     "all_caps": ("Please write your whole reply in CAPITAL LETTERS.", _all_caps),
     "digit": ("I like numbers: include at least one number written in digits in your reply.", _digit),
 }
+
+
+#: Preference keys end up in example ids (`r07-banana`) and folder-free tables: lower-case letters, digits and _.
+_KEY = re.compile(r"[a-z][a-z0-9_]*")
+#: Replies a checker is tried on when it is registered: an empty one and an ordinary one.
+_PROBES = ("", "Hey there, here is a short reply. Cheers!")
+
+
+def register_preference(key: str, sentence: str, checker: Checker, *, replace: bool = False) -> None:
+    """Add a preference users can state: `sentence` goes into the prompt, `checker(reply)` judges the reply.
+
+    The checker is tried at once on an empty and an ordinary reply and must return a bool: a checker that crashes
+    or returns something else would otherwise fail at evaluation time, after minutes of generation. Sentences must
+    differ between preferences (random-context negatives swap them). Training and test subsets then cross requests
+    with every registered preference when the size allows it (see `balanced_shape`): with 11 preferences choose
+    n_train_prompts and n_test_prompts as multiples of 11.
+    """
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
+        raise MipoError(f"preference key {key!r} must be lower-case letters, digits and _ (it goes into example ids)")
+    if key in PREFERENCES and not replace:
+        raise MipoError(f"preference {key!r} is already registered; pick another key or pass replace=True")
+    if not isinstance(sentence, str) or not sentence.strip():
+        raise MipoError(f"preference {key!r}: the sentence must be the non-empty text a user states")
+    clash = [k for k, (s, _) in PREFERENCES.items() if s == sentence and k != key]
+    if clash:
+        raise MipoError(f"preference {key!r}: the sentence is already the one of {clash[0]!r}; word it differently")
+    if not callable(checker):
+        raise MipoError(f"preference {key!r}: the checker must be a function from the reply text to True/False")
+    for probe in _PROBES:
+        try:
+            verdict = checker(probe)
+        except Exception as err:  # noqa: BLE001 - any crash on an ordinary reply is the same mistake to the user
+            raise MipoError(f"preference {key!r}: the checker fails on the reply {probe!r} ({type(err).__name__}: {err})") from None
+        if type(verdict).__name__ not in ("bool", "bool_"):  # numpy's bool is fine too
+            raise MipoError(f"preference {key!r}: the checker returned {verdict!r} for {probe!r}; return True or False")
+    PREFERENCES[key] = (sentence, checker)
+
+
+def unregister_preference(key: str) -> None:
+    """Remove a preference (tests undo their registrations with it)."""
+    if PREFERENCES.pop(key, None) is None:
+        raise MipoError(f"unknown preference {key!r}; valid: {', '.join(PREFERENCES)}")
 
 
 def check(preference_key: str, response: str) -> bool:
@@ -179,13 +226,18 @@ TRAIN_REQUEST_IDS: tuple[str, ...] = tuple(r for r in REQUEST_IDS if r not in TE
 TEST_SUBSET_SEED = 20240601
 
 
-def balanced_shape(n: int, n_requests: int, n_preferences: int = len(PREFERENCES)) -> tuple[int, int]:
+def balanced_shape(n: int, n_requests: int, n_preferences: int | None = None) -> tuple[int, int]:
     """(requests, preferences per request) for a balanced subset of exactly `n` examples.
 
-    The rule: use the largest number of preferences p <= 10 that divides n, and n // p requests, each crossed with
-    the same p preferences, so every preference used appears equally often (n=120 -> 12 x 10, n=16 -> 2 x 8,
-    n=20 -> 2 x 10, n=7 -> 1 x 7).
+    The rule: use the largest number of preferences p <= n_preferences (default: all registered, 10 built in) that
+    divides n, and n // p requests, each crossed with the same p preferences, so every preference used appears
+    equally often (with 10: n=120 -> 12 x 10, n=16 -> 2 x 8, n=20 -> 2 x 10, n=7 -> 1 x 7). The default is read at
+    call time, so a registered preference is part of every subset whose size it divides.
     """
+    if n_preferences is None:
+        n_preferences = len(PREFERENCES)
+    if n_preferences < 1:
+        raise MipoError(f"n_preferences must be at least 1, got {n_preferences}; register_preference one")
     if n < 1:
         raise MipoError(f"n must be at least 1, got {n}")
     p = max(d for d in range(1, n_preferences + 1) if n % d == 0)
@@ -206,7 +258,7 @@ class PersonalizationTask:
     def examples(self, split: str, n: int | None = None, seed: int = 0) -> list[Example]:
         """(request x preference) examples of a split, ids like `r07-banana`, grouped request by request.
 
-        With `n`, a balanced subset (see `balanced_shape`): for 'train' the requests and (if fewer than 10)
+        With `n`, a balanced subset (see `balanced_shape`): for 'train' the requests and (if fewer than all)
         preferences are a seeded draw, nested in n for a given seed; for 'test' the draw ignores `seed`.
         """
         if split == "train":
@@ -216,9 +268,11 @@ class PersonalizationTask:
         else:
             raise MipoError(f"unknown split {split!r}; use 'train' or 'test'")
         keys = list(PREFERENCES)
+        if not keys:
+            raise MipoError("the personalization task has no preferences (all unregistered); register_preference one")
         chosen_requests = list(request_ids)
         if n is not None:
-            n_requests, n_prefs = balanced_shape(n, len(request_ids))
+            n_requests, n_prefs = balanced_shape(n, len(request_ids), len(keys))
             rng = random.Random(subset_seed)
             rng.shuffle(chosen_requests)
             chosen_requests = chosen_requests[:n_requests]
