@@ -36,7 +36,7 @@ from mipo_lib.environment import versions  # noqa: E402
 from mipo_lib.generate import GenerationStats, chat_prompt_ids, generate_batches  # noqa: E402
 from mipo_lib.models import is_4bit, load_for_preset, memory_footprint_mb  # noqa: E402
 from mipo_lib.pairs import build_pairs  # noqa: E402
-from mipo_lib.runner import _PeakMemory  # noqa: E402
+from mipo_lib.runner import PeakMemory  # noqa: E402
 from mipo_lib.scoring import sequence_logprobs  # noqa: E402
 from mipo_lib.tasks import get_task  # noqa: E402
 
@@ -80,7 +80,7 @@ def bench_generation(preset: Any, n_prompts: int) -> dict[str, float]:
 
 def _dpo_epoch(preset: Any, pairs: list[dict[str, Any]], reuse: bool, load_in_4bit: bool = False) -> dict[str, Any]:
     model, tok = load_for_preset(preset, load_in_4bit=load_in_4bit)
-    with tempfile.TemporaryDirectory() as tmp, _PeakMemory() as mem:
+    with tempfile.TemporaryDirectory() as tmp, PeakMemory() as mem:
         res, seconds = timed(lambda: dpo.train_dpo(model, tok, pairs, preset, 0, Path(tmp), reuse_reference=reuse, redo=True, progress=False))
     return {"seconds": res.seconds, "wall_s": seconds, "peak_rss_mb": mem.peak / 2**20, "steps": len(res.log), "model": model}
 

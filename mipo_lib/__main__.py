@@ -1,7 +1,9 @@
 """Command line: `python -m mipo_lib {setup,reproduce,chat}`.
 
-User mistakes (unknown preset, offline hub id, no 4-bit backend) print one line starting with `error:` and exit 2,
-without a traceback.
+Any preset field can be changed with a repeatable `--set field=value` (parsed by the field's type: `beta=0.3`,
+`load_in_4bit=true`, `cad_alpha=none`, `lora_target_modules=q_proj,v_proj`, `seeds=0,1`); `reproduce` hands the same
+overrides to every notebook. User mistakes (unknown preset or field, a value of the wrong type or out of range,
+offline hub id, no 4-bit backend) print one line starting with `error:` and exit 2, without a traceback.
 """
 
 from __future__ import annotations
@@ -34,11 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("message")
     chat.add_argument("--preset", default="cpu")
     chat.add_argument("--max-new-tokens", type=int, default=64)
+    for command in (rep, chat):
+        command.add_argument(
+            "--set", action="append", default=[], dest="overrides", metavar="FIELD=VALUE",
+            help="change one preset field, e.g. --set beta=0.3 (repeatable; fields: see mipo_lib/config.py)",
+        )
 
     args = parser.parse_args(argv)
     from mipo_lib.errors import MipoError
 
     try:
+        from mipo_lib.config import parse_assignments
+
+        overrides = parse_assignments(getattr(args, "overrides", []))
         if args.command == "setup":
             from mipo_lib.models import bundled_checkpoint, tiny_checkpoint
 
@@ -47,13 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "reproduce":
             from mipo_lib.runner import reproduce
 
-            reproduce(args.preset, args.seeds, args.notebooks, args.redo, progress=not args.no_progress)
+            reproduce(args.preset, args.seeds, args.notebooks, args.redo, progress=not args.no_progress, overrides=overrides)
         elif args.command == "chat":
             from mipo_lib.config import get_preset
             from mipo_lib.generate import chat_reply
             from mipo_lib.models import load_for_preset
 
-            model, tokenizer = load_for_preset(get_preset(args.preset))
+            model, tokenizer = load_for_preset(get_preset(args.preset, **overrides))
             print(chat_reply(model, tokenizer, args.message, max_new_tokens=args.max_new_tokens))
     except MipoError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,22 +1,43 @@
 """Presets: one switch from a laptop CPU to the paper's GPU settings.
 
 Every notebook and the batch runner derive all their settings from one `Preset`, so papermill, nbval and Colab use a
-single mechanism: a notebook's `parameters` cell names the preset (and optional overrides), the next cell calls
-`get_preset`. Settings come from ../METHOD.md (official code) adapted for LoRA/QLoRA, and from the CPU pilot.
+single mechanism: a notebook's `parameters` cell names the preset (`PRESET`) and optional field overrides
+(`OVERRIDES`, a dict), the next cell calls `get_preset(PRESET, **OVERRIDES)`; the command line fills both
+(`python -m mipo_lib reproduce --preset cpu --set beta=0.3`). Settings come from ../METHOD.md (official code) adapted
+for LoRA/QLoRA, and from the CPU pilot.
+
+Values are checked where they enter: every `Preset` (built in, overridden or built by hand) is coerced to its fields'
+types and validated in `__post_init__`, so `beta=-1` or `seeds=()` fails at once with one line naming the fix instead
+of minutes later inside TRL. Overrides given as text (the command line, papermill) are parsed by the field's type.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
+import numbers
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from mipo_lib.errors import MipoError
 
 BUNDLED_MODEL = "bundled:SmolLM2-135M-Instruct"
 TINY_MODEL = "tiny-random"
+#: Compute dtypes `models.select_dtype` understands ("auto" picks one from the device).
+DTYPES: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
+#: Kinds of negative `pairs.build_pairs` makes (pairs.py explains each one).
+NEGATIVES: tuple[str, ...] = ("context_drop", "random_context", "random_prompt")
+#: Fields that count things or set step sizes: zero or less is always a mistake.
+POSITIVE_FIELDS: tuple[str, ...] = (
+    "n_train_prompts", "n_test_prompts", "k_negatives", "max_new_tokens", "gen_batch_size", "score_batch_size",
+    "lora_r", "lora_alpha", "beta", "learning_rate", "sft_learning_rate", "epochs", "batch_size", "grad_accum",
+    "max_length", "eval_max_new_tokens", "eval_batch_size",
+)
 
 
 @dataclass(frozen=True)
@@ -60,21 +81,182 @@ class Preset:
     eval_batch_size: int = 50
     cad_alpha: float | None = None  # context-aware decoding strength; None means 1/beta (MIPO's decode-time twin)
     seeds: tuple[int, ...] = (0, 1, 2)
+    # what training leaves behind, as TRL users know it (defaults: no logger, the bare adapter)
+    report_to: str = "none"  # transformers' report_to: "none", "tensorboard" (pip install tensorboard), "wandb", ...
+    save_model_card: bool = False  # also save the tokenizer and a TRL model card (README.md) next to the adapter
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Coerce each value to its field's type (text is parsed, lists become tuples), then `validate`."""
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, conform(f.name, getattr(self, f.name)))
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse values that cannot work, with one line naming the field and a value that would."""
+        for name in POSITIVE_FIELDS:
+            self._require(getattr(self, name) > 0, name, "must be greater than 0")
+        self._require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        self._require(self.temperature >= 0, "temperature", "must be >= 0 (0 is greedy)")
+        self._require(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+        self._require(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        self._require(self.cad_alpha is None or self.cad_alpha >= 0, "cad_alpha", "must be >= 0, or none for 1/beta")
+        self._require(bool(self.name.strip()) and "/" not in self.name, "name", "must be a non-empty folder name")
+        self._require(bool(self.model_id.strip()), "model_id", "must name a model")
+        self._require(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}")
+        self._require(self.negative in NEGATIVES, "negative", f"is an unknown negative; choose one of {', '.join(NEGATIVES)}")
+        self._require(all(m.strip() for m in self.lora_target_modules) and bool(self.lora_target_modules),
+                      "lora_target_modules", "must name at least one module")
+        self._require(bool(self.seeds), "seeds", "must hold at least one seed")
+        self._require(len(set(self.seeds)) == len(self.seeds) and min(self.seeds) >= 0, "seeds",
+                      "must be distinct integers >= 0")
+        self._require(bool(self.report_to.strip()), "report_to", "must be 'none' or a logger such as tensorboard")
+        from mipo_lib import tasks  # imported here, not at the top, so that a task module may import config
+
+        if self.task not in tasks.task_names():
+            tasks.load_plugins()  # a task registered by a MIPO_PLUGINS module
+        self._require(self.task in tasks.task_names(), "task",
+                      f"is an unknown task; choose one of {', '.join(tasks.task_names())} (or register_task it)")
+
+    def _require(self, ok: bool, name: str, rule: str) -> None:
+        """Raise the one-line error for field `name` unless `ok` (NaN fails every comparison, so it lands here)."""
+        if not ok:
+            raise MipoError(f"preset {self.name!r}: {name}={getattr(self, name)!r} {rule}{_example(name)}")
 
     @property
     def cad_strength(self) -> float:
         return self.cad_alpha if self.cad_alpha is not None else 1.0 / self.beta
 
     def with_overrides(self, **overrides: Any) -> "Preset":
-        """Return a copy with some fields changed; unknown field names fail with the list of valid ones."""
-        valid = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - valid)
-        if unknown:
-            raise MipoError(f"unknown preset field(s) {unknown}; valid fields: {sorted(valid)}")
-        if "seeds" in overrides:
-            overrides["seeds"] = tuple(int(s) for s in overrides["seeds"])
+        """Return a validated copy with some fields changed; unknown field names fail naming the valid ones."""
+        for name in overrides:
+            field_type(name)
         return dataclasses.replace(self, **overrides)
+
+
+_FIELD_TYPES: dict[str, Any] = typing.get_type_hints(Preset)
+_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in dataclasses.fields(Preset) if f.default is not dataclasses.MISSING and f.default is not None
+}
+
+
+def field_type(name: str) -> Any:
+    """The declared type of preset field `name`; an unknown name fails with the closest match and every valid one."""
+    try:
+        return _FIELD_TYPES[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, _FIELD_TYPES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise MipoError(f"unknown preset field {name!r}{hint}; valid fields: {', '.join(_FIELD_TYPES)}") from None
+
+
+def _describe(hint: Any) -> str:
+    """How a type reads in an error message ("an integer", "comma-separated text", ...)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args if a is not type(None)) + " or none"
+    if typing.get_origin(hint) is tuple:
+        return f"comma-separated {'integers' if args[0] is int else 'text'}"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "text", dict: "a JSON object"}
+    return names.get(typing.get_origin(hint) or hint, str(hint))
+
+
+def cli_text(value: Any) -> str:
+    """A value as `--set field=<text>` spells it (tuples comma-separated, None as none, booleans lower-case)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return str(value)
+
+
+def conform(name: str, value: Any) -> Any:
+    """`value` as field `name`'s type: text is parsed (`parse_value`), sequences (lists, arrays) become tuples, ints
+    become floats where a float is declared; anything else of the wrong type fails in one line with an example of the right one."""
+    return _conform(name, value, field_type(name))
+
+
+def _conform(name: str, value: Any, hint: Any) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if isinstance(value, str) and hint is not str:
+        return _parse(name, value, hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _conform(name, value, inner)
+    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and is_number and isinstance(value, numbers.Integral):
+        return int(value)
+    if hint is float and is_number:
+        return float(value)
+    if hint is str and isinstance(value, str):
+        return value
+    if origin is tuple and isinstance(value, Iterable) and not isinstance(value, (str, bytes, dict)):
+        return tuple(_conform(name, v, args[0]) for v in value)
+    if origin is dict and isinstance(value, dict):
+        return dict(value)
+    raise MipoError(f"preset field {name} takes {_describe(hint)}, got {value!r}{_example(name)}")
+
+
+def _example(name: str) -> str:
+    """"; e.g. beta=0.1": the field's default as the fix an error message suggests (nothing for fields without one)."""
+    default = _DEFAULTS.get(name)
+    return f"; e.g. {name}={cli_text(default)}" if default is not None else ""
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def parse_value(name: str, text: str) -> Any:
+    """Field `name`'s value from command-line text, by the field's type: `0.3`, `true`, `none`, `q_proj,v_proj`."""
+    return _parse(name, text, field_type(name))
+
+
+def _parse(name: str, text: str, hint: Any) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    word = text.strip()
+    try:
+        if origin in (typing.Union, types.UnionType):
+            if word.lower() in ("none", "null", ""):
+                return None
+            (inner,) = [a for a in args if a is not type(None)]
+            return _parse(name, word, inner)
+        if hint is bool:
+            if word.lower() in _TRUE + _FALSE:
+                return word.lower() in _TRUE
+            raise ValueError(word)
+        if hint in (int, float):
+            return hint(word)
+        if hint is str:
+            return text
+        if origin is tuple:
+            return tuple(_parse(name, item.strip(), args[0]) for item in word.split(",") if item.strip())
+        if origin is dict:
+            parsed = json.loads(word)
+            if isinstance(parsed, dict):
+                return parsed
+            raise ValueError(word)
+    except (ValueError, json.JSONDecodeError):
+        raise MipoError(f"preset field {name} takes {_describe(hint)}, got {text!r}{_example(name)}") from None
+    raise MipoError(f"preset field {name} of type {hint} cannot be set from text; set it from Python")
+
+
+def parse_assignments(items: Iterable[str]) -> dict[str, Any]:
+    """`["beta=0.3", "seeds=0,1"]` (the command line's repeatable `--set`) as overrides `{"beta": 0.3, "seeds": (0, 1)}`."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise MipoError(f"--set expects field=value (e.g. --set beta=0.3), got {item!r}")
+        overrides[name.strip()] = parse_value(name.strip(), text)
+    return overrides
 
 
 PRESETS: dict[str, Preset] = {
@@ -163,7 +345,14 @@ PRESETS: dict[str, Preset] = {
 
 
 def get_preset(name: str, **overrides: Any) -> Preset:
-    """Look a preset up by name and apply overrides. Unknown names fail with the list of valid ones."""
+    """Look a preset up by name and apply overrides (validated). Unknown names fail with the list of valid ones.
+
+    Imports the MIPO_PLUGINS modules first (see `mipo_lib.tasks`), so tasks and preferences that a researcher
+    registers in a module exist in every process that asks for a preset: the command line and each notebook kernel.
+    """
+    from mipo_lib.tasks import load_plugins
+
+    load_plugins()
     try:
         preset = PRESETS[name]
     except KeyError:

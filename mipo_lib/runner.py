@@ -1,7 +1,7 @@
 """The batch reproduction: execute the numbered notebooks with papermill for one preset and a list of seeds.
 
-Each notebook runs in its own kernel with `PRESET`, `SEEDS` and `REDO` injected into its `parameters` cell, and is
-written executed to `runs/<preset>/notebooks/`. Wall time and peak resident memory (kernel included, sampled every
+Each notebook runs in its own kernel with `PRESET`, `SEEDS`, `REDO` and `OVERRIDES` (preset fields to change, a dict)
+injected into its `parameters` cell, and is written executed to `runs/<preset>/notebooks/`. Wall time and peak resident memory (kernel included, sampled every
 0.2 s) go to `runs/<preset>/notebooks/timings.csv`. Stages reuse finished artefacts (pairs, adapters,
 evaluations) unless `redo` is set, so re-running after an interruption continues where it stopped.
 """
@@ -9,11 +9,12 @@ evaluations) unless `redo` is set, so re-running after an interruption continues
 from __future__ import annotations
 
 import csv
+import json
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from mipo_lib.config import get_preset, repo_root, run_dir
 from mipo_lib.errors import MipoError
@@ -50,8 +51,11 @@ def list_notebooks(names: Sequence[str] | None = None) -> list[Path]:
     return chosen
 
 
-class _PeakMemory:
-    """Samples the resident memory of this process and all its children (the notebook kernel) in a thread."""
+class PeakMemory:
+    """Samples the resident memory of this process and all its children (the notebook kernel) in a thread.
+
+    A context manager; `peak` holds the largest sum seen, in bytes. Public because the benchmarks measure with it too.
+    """
 
     def __init__(self, interval: float = 0.2) -> None:
         import psutil
@@ -78,7 +82,7 @@ class _PeakMemory:
             self.peak = max(self.peak, self._sample())
             self._stop.wait(self._interval)
 
-    def __enter__(self) -> "_PeakMemory":
+    def __enter__(self) -> "PeakMemory":
         self._thread.start()
         return self
 
@@ -87,14 +91,31 @@ class _PeakMemory:
         self._thread.join()
 
 
-def run_notebook(path: Path, preset: str, seeds: Sequence[int] | None, redo: bool, out_dir: Path, progress: bool) -> NotebookRun:
-    """Execute one notebook with papermill; the executed copy lands in `out_dir` even when a cell fails."""
+def run_notebook(
+    path: Path,
+    preset: str,
+    seeds: Sequence[int] | None,
+    redo: bool,
+    out_dir: Path,
+    progress: bool,
+    overrides: Mapping[str, Any] | None = None,
+) -> NotebookRun:
+    """Execute one notebook with papermill; the executed copy lands in `out_dir` even when a cell fails.
+
+    `overrides` reach the notebook as its `OVERRIDES` parameter, as JSON values (tuples become lists: papermill writes
+    only JSON-like literals into the cell, and `get_preset` turns lists back into the fields' tuples).
+    """
     import papermill as pm
 
-    params = {"PRESET": preset, "SEEDS": list(seeds) if seeds else None, "REDO": redo}
+    params = {
+        "PRESET": preset,
+        "SEEDS": list(seeds) if seeds else None,
+        "REDO": redo,
+        "OVERRIDES": json.loads(json.dumps(dict(overrides or {}))),
+    }
     start = time.perf_counter()
     ok = False
-    with _PeakMemory() as mem:
+    with PeakMemory() as mem:
         try:
             pm.execute_notebook(
                 str(path),
@@ -116,16 +137,22 @@ def reproduce(
     notebooks: Sequence[str] | None = None,
     redo: bool = False,
     progress: bool = True,
+    overrides: Mapping[str, Any] | None = None,
 ) -> list[NotebookRun]:
-    """Run the workbook for a preset: every numbered notebook in order, stopping at the first failure."""
-    get_preset(preset)  # fail fast on an unknown preset name
-    out_dir = run_dir(preset, "notebooks")
+    """Run the workbook for a preset: every numbered notebook in order, stopping at the first failure.
+
+    `overrides` change preset fields in every notebook (`--set field=value` on the command line); they are validated
+    here first, so a bad value fails before the first kernel starts. Output goes to the overridden preset's folder
+    (`--set name=...` keeps a variant's notebooks apart).
+    """
+    effective = get_preset(preset, **dict(overrides or {}))  # fail fast on an unknown name, field or value
+    out_dir = run_dir(effective, "notebooks")
     timings = out_dir / "timings.csv"
     runs: list[NotebookRun] = []
     for path in list_notebooks(notebooks):
-        print(f"[mipo] {preset}: running {path.name} ...", flush=True)
+        print(f"[mipo] {effective.name}: running {path.name} ...", flush=True)
         try:
-            run = run_notebook(path, preset, seeds, redo, out_dir, progress)
+            run = run_notebook(path, preset, seeds, redo, out_dir, progress, overrides)
         except Exception:
             _append_timing(timings, NotebookRun(path.stem, preset, float("nan"), float("nan"), False))
             print(f"[mipo] {path.name} failed; the executed copy with the error is in {out_dir}", flush=True)
