@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -166,14 +165,32 @@ def tiny_checkpoint() -> Path:
 
 
 # ------------------------------------------------------------------------------------------------------ hub models
-def hub_reachable(timeout: float = 2.0) -> bool:
-    """False when HF_HUB_OFFLINE is set or huggingface.co does not answer within `timeout` (fails fast offline)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
+def hub_reachable(model_id: str, timeout: float = 10.0) -> bool:
+    """Whether the Hugging Face hub answers about `model_id`, asked through huggingface_hub itself.
+
+    Going through `huggingface_hub.model_info` honours what its users configure: HF_ENDPOINT (a mirror or private
+    hub), HTTPS proxies, tokens, and its offline mode. Offline mode (HF_HUB_OFFLINE, also when it was set after
+    huggingface_hub was imported) answers False without any request, so offline runs fail fast; so does a network
+    error. When the hub does answer that the repository does not exist or is gated, that is the fix the user needs,
+    not a cache fallback: it raises a one-line MipoError.
+    """
+    from huggingface_hub import constants, model_info
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
         return False
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        model_info(model_id, timeout=timeout)
         return True
-    except OSError:
+    except GatedRepoError:
+        raise MipoError(
+            f"model {model_id!r} is gated on the hub: accept its licence on the model page, then `hf auth login`"
+        ) from None
+    except RepositoryNotFoundError:
+        raise MipoError(
+            f"the hub has no model {model_id!r} (or it is private: `hf auth login`); check the id in the preset's model_id"
+        ) from None
+    except Exception:  # noqa: BLE001 - connection errors come from the HTTP client under huggingface_hub
         return False
 
 
@@ -181,7 +198,8 @@ def resolve_model_path(model_id: str) -> str:
     """Turn a preset's model id into something `from_pretrained` can open without surprises.
 
     `bundled:` -> the cached SmolLM2 checkpoint; `tiny-random` -> the tiny checkpoint; a local folder -> itself;
-    a hub id -> itself when the hub answers, else the local HF cache, else a one-line error naming the fix.
+    a hub id -> itself when the hub answers (`hub_reachable`), else its snapshot in the local Hugging Face cache,
+    else a one-line error naming the fix.
     """
     if model_id == BUNDLED_MODEL:
         return str(bundled_checkpoint())
@@ -193,13 +211,14 @@ def resolve_model_path(model_id: str) -> str:
         raise MipoError(
             f"unknown model {model_id!r}: use {BUNDLED_MODEL!r}, {TINY_MODEL!r}, a local checkpoint folder or a hub id like 'Qwen/Qwen2.5-1.5B-Instruct'"
         )
-    if hub_reachable():
+    if hub_reachable(model_id):
         return model_id
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         return snapshot_download(model_id, local_files_only=True)
-    except Exception:  # noqa: BLE001 - any miss in the local cache means the same thing to the user
+    except (LocalEntryNotFoundError, ValueError):  # not cached (ValueError: an id huggingface_hub rejects)
         raise MipoError(
             f"model {model_id!r} is not in the local Hugging Face cache and the hub is unreachable (offline); "
             f"use the bundled model: preset 'cpu' (model_id={BUNDLED_MODEL!r}), or download it where there is internet"

@@ -74,3 +74,69 @@ def test_accelerate_launch_runs_the_dpo_stage_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "MIPO seed 0:" in proc.stdout and "reward accuracy" in proc.stdout
     assert list((tmp_path / "runs" / "smoke").rglob("adapter_config.json"))
+
+
+# ------------------------------------------------------------------------------------------------- hub access
+def _hub_error(cls):
+    """An instance of one of huggingface_hub's HTTP errors without a real response (their __init__ wants one)."""
+    err = cls.__new__(cls)
+    Exception.__init__(err, f"{cls.__name__} (simulated)")
+    return err
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """Pretend offline mode is off; every test using it replaces the request itself, so nothing leaves the machine."""
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+def test_hub_check_offline_sends_no_request(monkeypatch):
+    """HF_HUB_OFFLINE (even when set after huggingface_hub read it) answers False without asking the hub."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from mipo_lib import models
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda *a, **k: pytest.fail("offline must not ask the hub"))
+    assert models.hub_reachable("Qwen/Qwen2.5-1.5B-Instruct") is False
+
+
+def test_hub_check_goes_through_huggingface_hub(monkeypatch, online):
+    """The check is huggingface_hub's own request (so HF_ENDPOINT, proxies and tokens apply), not a raw socket."""
+    import huggingface_hub
+
+    from mipo_lib import models
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda repo_id, timeout: asked.append((repo_id, timeout)))
+    assert models.hub_reachable("org/model", timeout=3.0) is True
+    assert models.resolve_model_path("org/model") == "org/model"
+    assert asked == [("org/model", 3.0), ("org/model", 10.0)]
+
+
+def test_hub_answers_are_one_line_fixes_network_errors_fall_back_to_the_cache(monkeypatch, online):
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    from mipo_lib import models
+    from mipo_lib.errors import MipoError
+
+    for cls, fix in ((GatedRepoError, "hf auth login"), (RepositoryNotFoundError, "check the id")):
+        monkeypatch.setattr(huggingface_hub, "model_info", lambda *a, cls=cls, **k: (_ for _ in ()).throw(_hub_error(cls)))
+        with pytest.raises(MipoError, match=fix) as err:
+            models.resolve_model_path("org/model")
+        assert "\n" not in str(err.value)
+
+    def no_network(*args, **kwargs):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(huggingface_hub, "model_info", no_network)
+    assert models.hub_reachable("org/model") is False
+    with pytest.raises(MipoError, match="not in the local Hugging Face cache") as err:
+        models.resolve_model_path("org/not-cached-model")
+    assert "\n" not in str(err.value) and "bundled" in str(err.value)
