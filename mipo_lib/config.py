@@ -81,9 +81,9 @@ class Preset:
     eval_batch_size: int = 50
     cad_alpha: float | None = None  # context-aware decoding strength; None means 1/beta (MIPO's decode-time twin)
     seeds: tuple[int, ...] = (0, 1, 2)
-    # what training leaves behind, as TRL users know it (defaults: no logger, the bare adapter)
-    report_to: str = "none"  # transformers' report_to: "none", "tensorboard" (pip install tensorboard), "wandb", ...
-    save_model_card: bool = False  # also save the tokenizer and a TRL model card (README.md) next to the adapter
+    # training logs: transformers' report_to, "none" or loggers such as "tensorboard" (pip install tensorboard) or
+    # "tensorboard,wandb"; TensorBoard writes under the adapter's folder (tensorboard --logdir runs/<preset>)
+    report_to: str = "none"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -104,7 +104,7 @@ def common_args(preset: Preset, seed: int, output_dir: Path, model: Any, progres
         "logging_steps": 1,
         "save_strategy": "epoch",
         "save_total_limit": 1,
-        "report_to": "none",
+        "report_to": report_to(preset),
         "seed": seed,
         "disable_tqdm": not progress,
         "use_cpu": on_cpu,
@@ -113,6 +113,23 @@ def common_args(preset: Preset, seed: int, output_dir: Path, model: Any, progres
         # always explicit: TRL's configs default it to True, which would ignore the preset (and slow CPU runs)
         _checkpointing_key(): preset.gradient_checkpointing,
     }
+
+
+def report_to(preset: Preset) -> str | list[str]:
+    """The preset's loggers for transformers' `report_to`, checked to be installed now rather than at trainer start.
+
+    transformers only notices a missing logger when the trainer is built, after the model is loaded; here the
+    one-line error says which package to install or to set report_to=none.
+    """
+    if preset.report_to.strip() == "none":
+        return "none"
+    from transformers.integrations import get_available_reporting_integrations
+
+    wanted = [name.strip() for name in preset.report_to.split(",") if name.strip()]
+    missing = [name for name in wanted if name != "all" and name not in get_available_reporting_integrations()]
+    if missing:
+        raise MipoError(f"report_to={preset.report_to!r}: {', '.join(missing)} is not installed; pip install it or set report_to=none")
+    return wanted
 
 
 def _checkpointing_key() -> str:
@@ -226,7 +243,7 @@ def finished_run(adapter_dir: Path) -> TrainResult | None:
 def _finish(trainer: Any, adapter_dir: Path, seconds: float, before: dict[str, torch.Tensor], sanity: dict[str, float] | None) -> TrainResult:
     after = _lora_snapshot(trainer.model)
     changed = {n: bool(not torch.equal(before[n], after[n])) for n in before}
-    trainer.model.save_pretrained(adapter_dir)
+    _save_adapter(trainer, adapter_dir)
     log = _log_frame(trainer.state.log_history)
     log.to_csv(adapter_dir / "train_log.csv", index=False)
     peak = _peak_memory_mb(next(trainer.model.parameters()).device)
@@ -237,6 +254,18 @@ def _finish(trainer: Any, adapter_dir: Path, seconds: float, before: dict[str, t
 
         shutil.rmtree(ckpt)
     return TrainResult(adapter_dir, log, seconds, peak, changed, sanity, reused=False)
+
+
+def _save_adapter(trainer: Any, adapter_dir: Path) -> None:
+    """Save what TRL users expect beside an adapter: `trainer.save_model` (the LoRA weights, the tokenizer with its
+    chat template, the training arguments) and TRL's model card (README.md, base model and training method).
+
+    The tokenizer makes the folder loadable on its own (`AutoTokenizer.from_pretrained(adapter_dir)` next to
+    `PeftModel.from_pretrained`); the card, which TRL otherwise writes only with epoch checkpoints, is rewritten for
+    the final adapter. Both land in `trainer.args.output_dir`, which `common_args` sets to `adapter_dir`.
+    """
+    trainer.save_model(str(adapter_dir))
+    trainer.create_model_card(model_name=Path(adapter_dir).name, tags=["mipo"])
 
 
 def _reset_peak_memory() -> None:

@@ -146,3 +146,31 @@ def test_trainer_reads_reference_columns():
     assert batch["ref_rejected_logps"].tolist() == [-2.5]
     ds = dpo.dpo_dataset([{"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b", "ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0}])
     assert {"ref_chosen_logps", "ref_rejected_logps"} <= set(ds.column_names)
+
+
+def test_report_to_reaches_the_configs_and_missing_loggers_fail_early(tmp_path, monkeypatch):
+    """`Preset.report_to` is passed to TRL (TensorBoard optional); a logger that is not installed fails in one line
+    when the arguments are built, not after the model has loaded."""
+    import transformers.integrations
+
+    from mipo_lib.errors import MipoError
+
+    model = _FakeModel(torch.float32)
+    assert dpo.dpo_config_kwargs(PRESETS["smoke"], 0, tmp_path, model, progress=False)["report_to"] == "none"
+    tensorboard = PRESETS["smoke"].with_overrides(report_to="tensorboard")
+    monkeypatch.setattr(transformers.integrations, "get_available_reporting_integrations", lambda: [])
+    with pytest.raises(MipoError, match="tensorboard is not installed; pip install it or set report_to=none") as err:
+        dpo.sft_config_kwargs(tensorboard, 0, tmp_path, model, progress=False)
+    assert "\n" not in str(err.value)
+    monkeypatch.setattr(transformers.integrations, "get_available_reporting_integrations", lambda: ["tensorboard"])
+    kwargs = dpo.dpo_config_kwargs(tensorboard, 0, tmp_path, model, progress=False)
+    assert kwargs["report_to"] == ["tensorboard"]
+    assert "report_to" in _params(trl.DPOConfig) and "report_to" in _params(trl.SFTConfig)
+
+
+def test_adapter_is_saved_the_trl_way():
+    """`_save_adapter` uses the Trainer API TRL users know: save_model (adapter + tokenizer) and create_model_card."""
+    assert callable(getattr(trl.DPOTrainer, "save_model", None)) and callable(getattr(trl.SFTTrainer, "save_model", None))
+    for cls in (trl.DPOTrainer, trl.SFTTrainer):
+        params = inspect.signature(cls.create_model_card).parameters
+        assert {"model_name", "tags"} <= set(params), f"TRL {trl.__version__}: {cls.__name__}.create_model_card{list(params)}"
