@@ -65,12 +65,10 @@ def test_cad_strength_defaults_to_inverse_beta():
 
 
 # ---------------------------------------------------------------------------------------------------- dtype/device
-def test_select_dtype_cpu_auto(monkeypatch):
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
-    assert models.select_dtype(cpu) is torch.float32
-    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
-    assert models.select_dtype(cpu) is torch.bfloat16
+def test_select_dtype_cpu_auto(cpu_native_bf16):
+    expected = torch.bfloat16 if cpu_native_bf16 else torch.float32
+    assert models.select_dtype(torch.device("cpu")) is expected
+    assert models.select_dtype(torch.device("cpu"), "auto") is expected
 
 
 def test_select_dtype_auto_on_this_cpu_matches_flags():
@@ -123,15 +121,33 @@ def test_tiny_tokenizer_has_chatml_template():
     assert tok.pad_token_id != tok.eos_token_id
 
 
-def test_tiny_model_loads():
+def test_tiny_model_loads(cpu_native_bf16):
+    """Both CPU dtypes that "auto" can pick (fp32, or bf16 on AVX512-BF16/AMX CPUs) load and run the tiny model."""
     model, tok = models.load_model_and_tokenizer(TINY_MODEL)
     assert model.config.vocab_size == len(tok)
     assert tok.padding_side == "left"
     assert model.generation_config.pad_token_id == tok.pad_token_id
     assert not model.training
-    assert next(model.parameters()).dtype in (torch.float32, torch.bfloat16)
+    assert next(model.parameters()).dtype is (torch.bfloat16 if cpu_native_bf16 else torch.float32)
     out = model(**tok(["hello"], return_tensors="pt"))
     assert out.logits.shape[-1] == len(tok)
+    assert torch.isfinite(out.logits).all()
+
+
+@pytest.mark.parametrize("architecture", models.TINY_ARCHITECTURES)
+def test_tiny_models_fit_every_4bit_kernel(architecture):
+    """bitsandbytes' AVX512-BF16 CPU kernel repacks 4-bit weights in blocks of 64 inputs x 32 outputs."""
+    model = models.build_tiny_model(architecture)
+    linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    assert len(linears) == 2 * 7
+    for layer in linears:
+        assert layer.in_features % 64 == 0 and layer.out_features % 32 == 0, layer
+    assert (model.model.layers[0].self_attn.q_proj.bias is not None) is (architecture == "qwen2")
+
+
+def test_unknown_tiny_architecture():
+    with pytest.raises(MipoError, match="gpt2.*llama, qwen2"):
+        models.build_tiny_model("gpt2")
 
 
 def test_tiny_model_weights_are_deterministic():
@@ -160,15 +176,23 @@ def test_malformed_model_id(bad):
 
 
 # ------------------------------------------------------------------------------------------------------------ 4-bit
-def test_tiny_model_in_4bit_is_smaller():
+def test_tiny_model_in_4bit_is_smaller(bnb_avx512bf16):
+    """On both bitsandbytes CPU paths: with AVX512-BF16 the first eval forward repacks the weights for its kernel."""
+    import bitsandbytes as bnb
+
     fp32, _ = models.load_model_and_tokenizer(TINY_MODEL, dtype="float32")
     q4, tok = models.load_model_and_tokenizer(TINY_MODEL, dtype="float32", load_in_4bit=True)
     assert models.is_4bit(q4)
     assert not models.is_4bit(fp32)
     assert models.memory_footprint_mb(q4) < models.memory_footprint_mb(fp32)
+    batch = tok(["hi there"], return_tensors="pt")
     with torch.inference_mode():
-        logits = q4(**tok(["hi there"], return_tensors="pt")).logits
+        logits = q4(**batch).logits
+        again = q4(**batch).logits
     assert torch.isfinite(logits).all()
+    assert torch.equal(logits, again)
+    layers = [m for m in q4.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert {bool(getattr(m.weight.quant_state, "packing_format_for_cpu", False)) for m in layers} == {bnb_avx512bf16}
 
 
 def test_4bit_without_bitsandbytes_is_a_one_line_error(monkeypatch):

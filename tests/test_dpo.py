@@ -161,7 +161,10 @@ def test_gradient_checkpointing_follows_the_preset(preset, workdir, flag):
     assert bool(sargs.gradient_checkpointing) is flag
 
 
-def test_qlora_dpo_step_on_cpu(preset, pairs, workdir):
+def test_qlora_dpo_step_on_cpu(preset, pairs, workdir, bnb_avx512bf16):
+    """QLoRA on both bitsandbytes CPU paths: the NF4 base stays frozen, every adapter learns, and the run starts at
+    log 2. The pairs were scored by the full-precision model, so the reference here is TRL's own, from the 4-bit
+    model with the adapter off (with the stored one the start would be off by the quantization error)."""
     one_epoch = preset.with_overrides(epochs=1)
     model, tok = load_for_preset(one_epoch, load_in_4bit=True)
     assert models.is_4bit(model)
@@ -171,7 +174,9 @@ def test_qlora_dpo_step_on_cpu(preset, pairs, workdir):
         n: m.weight.data.clone() for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)
     }
     assert base_before
-    result = dpo.train_dpo(model, tok, pairs, one_epoch, 0, workdir / "qlora", progress=False)
+    result = dpo.train_dpo(
+        model, tok, pairs, one_epoch, 0, workdir / f"qlora-{bnb_avx512bf16}", reuse_reference=False, progress=False
+    )
     assert models.is_4bit(model)
     base_after = {
         n.replace("base_model.model.", "").replace(".base_layer", ""): m.weight.data
@@ -184,6 +189,117 @@ def test_qlora_dpo_step_on_cpu(preset, pairs, workdir):
         assert torch.equal(base_after[n], w), f"{n}: the frozen NF4 weight changed"
     assert len(result.lora_changed) == N_LORA_TENSORS and all(result.lora_changed.values())
     assert result.sanity["loss"] == pytest.approx(math.log(2), abs=1e-3)
+
+
+def test_lora_dpo_step_in_either_cpu_dtype(preset, pairs, workdir, cpu_native_bf16):
+    """dtype "auto" on the CPU is bf16 with AVX512-BF16/AMX (the `cpu` preset's path there) and fp32 elsewhere: both
+    train every adapter. The pairs were scored in fp32, so only the fp32 run starts exactly at log 2."""
+    one_epoch = preset.with_overrides(epochs=1, dtype="auto")
+    model, tok = load_for_preset(one_epoch)
+    dtype = torch.bfloat16 if cpu_native_bf16 else torch.float32
+    assert model.dtype is dtype and dpo.precision_flags(model)["bf16"] is cpu_native_bf16
+    result = dpo.train_dpo(model, tok, pairs, one_epoch, 0, workdir / f"lora-{dtype}", progress=False)
+    assert np.isfinite(result.log["loss"]).all()
+    assert len(result.lora_changed) == N_LORA_TENSORS and all(result.lora_changed.values())
+    assert result.sanity["loss"] == pytest.approx(math.log(2), abs=1e-3 if dtype is torch.float32 else 0.05)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    """The tiny model in both architectures the presets use: Llama (smoke, cpu) and Qwen2 (t4: q/k/v biases)."""
+    folders = {}
+    for architecture in models.TINY_ARCHITECTURES:
+        folder = tmp_path_factory.mktemp(f"tiny-{architecture}")
+        models.build_tiny_model(architecture).save_pretrained(folder)
+        models.build_tiny_tokenizer().save_pretrained(folder)
+        folders[architecture] = folder
+    return folders
+
+
+def _lora_weights(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().float().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+@pytest.fixture(scope="module")
+def qlora_without_eval(tiny_checkpoints, preset, pairs, workdir):
+    """LoRA weights after one QLoRA epoch of a model that never saw an eval pass nor bitsandbytes' CPU repacking, per
+    (architecture, dtype), trained once per module: what a run after an eval pass must reproduce."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    trained: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+
+    def weights(architecture: str, dtype: str) -> dict[str, torch.Tensor]:
+        if (architecture, dtype) not in trained:
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(bnb_modules, "has_avx512bf16", lambda: False)
+                model, tok = models.load_model_and_tokenizer(str(tiny_checkpoints[architecture]), load_in_4bit=True, dtype=dtype)
+            one_epoch = preset.with_overrides(epochs=1, dtype=dtype)
+            dpo.train_dpo(model, tok, pairs, one_epoch, 0, workdir / f"qlora-no-eval-{architecture}-{dtype}", progress=False)
+            trained[architecture, dtype] = _lora_weights(model)
+        return trained[architecture, dtype]
+
+    return weights
+
+
+@pytest.mark.parametrize("architecture", models.TINY_ARCHITECTURES)
+def test_qlora_trains_after_an_eval_pass(
+    architecture, tiny_checkpoints, preset, pairs, workdir, qlora_without_eval, bnb_avx512bf16, cpu_native_bf16
+):
+    """The workbook generates and scores with the 4-bit model before it trains it. On an AVX512-BF16 CPU that eval
+    pass repacks the weights for a kernel without gradients: Qwen2 then fails at its q/k/v biases, and Llama trains
+    without gradients through the base weights - every adapter still moves, but to weights more than 100% away from
+    the correct ones. On both bitsandbytes paths and in both CPU dtypes, training after an eval pass must give what
+    training without one gives (within 6% in bf16, 0.6% in fp32: the repacking stored the NF4 scales in bf16). The
+    pairs' reference log-probs come from the Llama model; the tokenizer is the same, so Qwen2 only starts elsewhere."""
+    import bitsandbytes as bnb
+
+    one_epoch = preset.with_overrides(epochs=1, dtype="auto")
+    model, tok = models.load_model_and_tokenizer(str(tiny_checkpoints[architecture]), load_in_4bit=True, dtype="auto")
+    dtype = torch.bfloat16 if cpu_native_bf16 else torch.float32
+    assert next(p for p in model.parameters() if p.dtype.is_floating_point).dtype is dtype
+    prompts = tok(["say hello", "abc"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        model.generate(**prompts, max_new_tokens=4, do_sample=False)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert {bool(getattr(m.weight.quant_state, "packing_format_for_cpu", False)) for m in layers} == {bnb_avx512bf16}
+    adapter_dir = workdir / f"qlora-eval-{architecture}-{bnb_avx512bf16}-{cpu_native_bf16}"
+    result = dpo.train_dpo(model, tok, pairs, one_epoch, 0, adapter_dir, progress=False)
+    assert np.isfinite(result.log["loss"]).all()
+    assert len(result.lora_changed) == N_LORA_TENSORS
+    assert all(result.lora_changed.values()), [n for n, c in result.lora_changed.items() if not c]
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    expected = qlora_without_eval(architecture, str(dtype).removeprefix("torch."))
+    got = _lora_weights(model)
+    assert set(got) == set(expected)
+    off = {n: ((got[n] - w).norm() / w.norm()).item() for n, w in expected.items()}
+    assert max(off.values()) < 0.25, sorted(off.items(), key=lambda kv: -kv[1])[:4]
+
+
+def test_prepare_4bit_for_training_unpacks_exactly(bnb_avx512bf16):
+    """Unpacking restores the NF4 codes bit for bit and switches repacking off, so an eval pass cannot redo it."""
+    import bitsandbytes as bnb
+
+    model, tok = models.load_model_and_tokenizer(models.TINY_MODEL, load_in_4bit=True, dtype="float32")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    codes = [m.weight.data.clone() for m in layers]
+    batch = tok(["hello"], return_tensors="pt")
+    with torch.no_grad():
+        before = model(**batch).logits
+    assert models.prepare_4bit_for_training(model) == (len(layers) if bnb_avx512bf16 else 0)
+    assert models.prepare_4bit_for_training(model) == 0
+    with torch.no_grad():
+        after = model(**batch).logits
+    for m, c in zip(layers, codes):
+        assert not m.support_avx512bf16_for_cpu
+        assert not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+        assert torch.equal(m.weight.data, c)
+    # the fused kernel computes in bf16 and the unpacked scales are re-quantized: close, and identical without packing
+    torch.testing.assert_close(after, before, atol=0.02 if bnb_avx512bf16 else 0.0, rtol=0.0)
+
+
+def test_prepare_4bit_for_training_ignores_full_precision_models(preset):
+    model, _ = load_for_preset(preset)
+    assert models.prepare_4bit_for_training(model) == 0
 
 
 # ------------------------------------------------------------------------------------------------- SFT and loading
