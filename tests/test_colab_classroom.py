@@ -49,6 +49,59 @@ def test_colab_pins_cover_the_stack_but_not_torch():
         assert name in pins
 
 
+def _pins(path: Path) -> dict[str, str]:
+    """name -> version of every `name==version` line (names canonical: huggingface_hub == huggingface-hub)."""
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and version.strip(), f"{path.name}: {line!r} is not an exact pin name==version"
+            pins[canonicalize_name(name)] = version.strip()
+    return pins
+
+
+def _direct_dependencies() -> set[str]:
+    """Every package pyproject.toml names (dependencies and extras), except the package itself."""
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    specs = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    names = {canonicalize_name(Requirement(spec).name) for spec in specs}
+    return names - {canonicalize_name(project["name"])}
+
+
+def test_colab_pins_agree_with_the_constraints_local_and_ci_install():
+    """Local set-up, CI and Colab must test the same versions: requirements-colab.txt is a subset of constraints.txt
+    with the same versions, and the constraints pin every direct dependency the Makefile installs (torch apart)."""
+    constraints, colab = _pins(ROOT / "constraints.txt"), _pins(ROOT / "requirements-colab.txt")
+    differ = {n: (v, constraints.get(n)) for n, v in colab.items() if constraints.get(n) != v}
+    assert not differ, f"requirements-colab.txt and constraints.txt disagree (colab, constraints): {differ}; make them equal"
+    unpinned = sorted(_direct_dependencies() - set(constraints) - {"torch", "tensorboard"})
+    assert not unpinned, f"pyproject.toml dependencies without an exact pin in constraints.txt: {unpinned}"
+    assert "torch" not in constraints, "torch's build is chosen by the Makefile's TORCH_SPEC, not by constraints.txt"
+    assert 'pip install --quiet -c constraints.txt -e ".[dev]"' in (ROOT / "Makefile").read_text()
+    assert "- -c constraints.txt" in (ROOT / "environment.yml").read_text()
+
+
+def test_installed_versions_are_the_constraints():
+    """What runs here is what constraints.txt pins (set-up installs with it), so a test result is one of those versions."""
+    import importlib.metadata
+
+    installed = {}
+    for name in _pins(ROOT / "constraints.txt"):
+        try:
+            installed[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    differ = {n: v for n, v in installed.items() if v != _pins(ROOT / "constraints.txt")[n]}
+    assert not differ, f"installed versions differ from constraints.txt: {differ}; rerun `make setup` or update the pins"
+
+
 def test_environment_report_on_this_machine():
     report = environment.environment_report()
     assert "device:" in report and "recommended preset:" in report and "bitsandbytes 4-bit:" in report
