@@ -344,8 +344,11 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def get_preset(name: str, **overrides: Any) -> Preset:
+def get_preset(name: str, /, **overrides: Any) -> Preset:
     """Look a preset up by name and apply overrides (validated). Unknown names fail with the list of valid ones.
+
+    `name` is positional-only, so `name` can be overridden too (`get_preset("cpu", name="cpu-beta03")` keeps a
+    variant's runs in their own folder).
 
     Imports the MIPO_PLUGINS modules first (see `mipo_lib.tasks`), so tasks and preferences that a researcher
     registers in a module exist in every process that asks for a preset: the command line and each notebook kernel.
