@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +26,11 @@ from typing import Any, Sequence
 import pandas as pd
 import torch
 
+from mipo_lib import cache
 from mipo_lib.config import Preset
 from mipo_lib.errors import MipoError
 from mipo_lib.models import lora_config, prepare_4bit_for_training
+from mipo_lib.pairs import pairs_key
 
 DONE_MARKER = "training_done.json"
 
@@ -223,10 +226,18 @@ def _log_frame(history: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(steps)
 
 
-def finished_run(adapter_dir: Path) -> TrainResult | None:
-    """A finished training run read back from its folder, or None."""
+def run_key(training: str, preset: Preset, seed: int, pairs: Sequence[dict[str, Any]]) -> cache.Key:
+    """The cache key of a run given its pairs (`training` is "dpo" or "sft"): the training fields, the pairs' key and
+    a digest of the pairs themselves. The pipeline passes its own key instead, built before the pairs are loaded."""
+    return cache.stage_key(training, preset, f"{training.upper()} adapter (seed {seed})", upstream=pairs_key(preset, seed),
+                           pairs=cache.content_digest(list(pairs))[:16])
+
+
+def finished_run(adapter_dir: Path, key: cache.Key) -> TrainResult | None:
+    """A finished training run of `key` read back from its folder, or None (none, unfinished or other settings)."""
+    adapter_dir = Path(adapter_dir)
     marker = adapter_dir / DONE_MARKER
-    if not marker.exists():
+    if not cache.reuse(marker, key):
         return None
     info = json.loads(marker.read_text())
     return TrainResult(
@@ -248,12 +259,20 @@ def _finish(trainer: Any, adapter_dir: Path, seconds: float, before: dict[str, t
     log.to_csv(adapter_dir / "train_log.csv", index=False)
     peak = _peak_memory_mb(next(trainer.model.parameters()).device)
     info = {"seconds": round(seconds, 2), "peak_memory_mb": peak, "lora_changed": changed, "sanity": sanity}
-    (adapter_dir / DONE_MARKER).write_text(json.dumps(info, indent=1))
+    cache.write_text(adapter_dir / DONE_MARKER, json.dumps(info, indent=1))
     for ckpt in adapter_dir.glob("checkpoint-*"):
-        import shutil
-
         shutil.rmtree(ckpt)
     return TrainResult(adapter_dir, log, seconds, peak, changed, sanity, reused=False)
+
+
+def _claim(adapter_dir: Path, key: cache.Key, redo: bool) -> None:
+    """Make `adapter_dir` this run's before training: a run of other settings (or any run, with `redo`) is cleared so
+    training never resumes from another run's checkpoint; an interrupted run of the same key is kept and resumed.
+    The key is stored inside the folder, next to the done marker that `finished_run` waits for."""
+    marker = adapter_dir / DONE_MARKER
+    if cache.prepare(marker, key) or redo:
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+    cache.store(marker, key)
 
 
 def _save_adapter(trainer: Any, adapter_dir: Path) -> None:
@@ -305,13 +324,16 @@ def train_dpo(
     adapter_dir: Path,
     *,
     reuse_reference: bool = True,
+    key: cache.Key | None = None,
     redo: bool = False,
     progress: bool = True,
 ) -> TrainResult:
-    """MIPO: DPO on the pairs with a fresh LoRA adapter on `model` (modified in place). Reuses a finished run."""
-    adapter_dir = Path(adapter_dir)
-    if not redo and (done := finished_run(adapter_dir)):
+    """MIPO: DPO on the pairs with a fresh LoRA adapter on `model` (modified in place). Reuses a finished run of the
+    same cache `key` (default `run_key`) and resumes an interrupted one."""
+    adapter_dir, key = Path(adapter_dir), key or run_key("dpo", preset, seed, pairs)
+    if not redo and (done := finished_run(adapter_dir, key)):
         return done
+    _claim(adapter_dir, key, redo)
     DPOConfig, PairsDPOTrainer, _, _ = _trainer_classes()
     _reset_peak_memory()
     args = DPOConfig(**dpo_config_kwargs(preset, seed, adapter_dir, model, reuse_reference, progress))
@@ -344,13 +366,15 @@ def train_sft(
     seed: int,
     adapter_dir: Path,
     *,
+    key: cache.Key | None = None,
     redo: bool = False,
     progress: bool = True,
 ) -> TrainResult:
-    """The SFT baseline: the same LoRA trained on the positives only, same epochs and schedule."""
-    adapter_dir = Path(adapter_dir)
-    if not redo and (done := finished_run(adapter_dir)):
+    """The SFT baseline: the same LoRA trained on the positives only, same epochs and schedule (cached like DPO)."""
+    adapter_dir, key = Path(adapter_dir), key or run_key("sft", preset, seed, pairs)
+    if not redo and (done := finished_run(adapter_dir, key)):
         return done
+    _claim(adapter_dir, key, redo)
     _, _, SFTConfig, SFTTrainer = _trainer_classes()
     _reset_peak_memory()
     trainer = SFTTrainer(

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
+from mipo_lib import cache
 from mipo_lib.config import Preset
 from mipo_lib.generate import Batch, Messages, chat_prompt_ids, generate_batches
 from mipo_lib.scoring import sequence_logprobs
@@ -108,21 +109,28 @@ def records(task: Task, examples: Sequence[Example], responses: Sequence[str], m
     })
 
 
-def evaluate_cached(path: Path, make: Any, redo: bool = False) -> pd.DataFrame:
-    """Read a finished evaluation table, or build it with `make()` and write it (via a temporary file).
+def evaluate_cached(path: Path, make: Callable[[], pd.DataFrame], redo: bool = False, key: cache.Key | None = None) -> pd.DataFrame:
+    """Read a finished table stored under `key`, or build it with `make()`, write it atomically and store the key.
 
-    JSON Lines, not CSV: responses are arbitrary text (carriage returns, quotes, bytes from a random smoke model),
-    and JSON round-trips every one of them exactly with the column types intact.
+    Without a `key`, the file name must carry everything the table depends on (the ablations name theirs by the
+    adapter's keyed folder): the key is then the name alone. JSON Lines, not CSV: responses are arbitrary text
+    (carriage returns, quotes, bytes from a random smoke model), and JSON round-trips every one of them exactly with
+    the column types intact (floats with 15 digits).
     """
     path = Path(path)
-    if path.exists() and not redo:
-        return pd.read_json(path, lines=True, dtype=False, convert_dates=False)
+    key = key or cache.Key("named", path.name, {})
+    if not redo and cache.reuse(path, key):
+        return _read_records(path)
+    cache.prepare(path, key)
     frame = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    frame.to_json(tmp, orient="records", lines=True, force_ascii=False)
-    tmp.replace(path)
-    return frame
+    with cache.atomic(path) as tmp:
+        frame.to_json(tmp, orient="records", lines=True, force_ascii=False, double_precision=15)
+    cache.store(path, key)
+    return _read_records(path)  # what a later, cached call returns: the first call gives the very same numbers
+
+
+def _read_records(path: Path) -> pd.DataFrame:
+    return pd.read_json(path, lines=True, dtype=False, convert_dates=False)
 
 
 def response_pmi(

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mipo_lib.cache import atomic
 from mipo_lib.config import BUNDLED_MODEL, TINY_MODEL, Preset, cache_dir
 from mipo_lib.errors import MipoError
 
@@ -98,14 +97,9 @@ def bundled_checkpoint() -> Path:
     plain = LlamaForCausalLM(config)
     plain.load_state_dict(gguf_model.state_dict())
     plain.generation_config.pad_token_id = tokenizer.pad_token_id
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if target.exists():  # another process won the race
-        shutil.rmtree(tmp)
-    else:
-        tmp.rename(target)
+    with atomic(target, directory=True) as tmp:  # another process may win the race: its folder is kept
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return target
 
 
@@ -174,14 +168,9 @@ def tiny_checkpoint() -> Path:
     if (target / "model.safetensors").exists():
         return target
     model, tokenizer = build_tiny_model(), build_tiny_tokenizer()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(tmp)
-    else:
-        tmp.rename(target)
+    with atomic(target, directory=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return target
 
 

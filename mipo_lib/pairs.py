@@ -11,29 +11,31 @@ Kinds of negative (METHOD.md):
 Every pair is scored once under the base model: log pi0(y+|x), log pi0(y-|x) (DPO's reference log-probs, reused by
 the trainer) and log pi0(y|x') for both sides, so each side's PMI log pi0(y|x) - log pi0(y|x') is stored with it.
 
-On disk (`runs/<preset>/<task>/<variant>/seed<k>/pairs/`): `responses.jsonl` holds finished generation batches, one
-JSON line per batch, appended and flushed as they complete; `pairs.jsonl` and `manifest.json` are written once at
-the end (via a temporary file and rename). Rerunning with the same inputs reuses the pairs; a run killed halfway
-resumes from the finished batches, and a torn last line is dropped, so nothing is lost or duplicated.
+On disk (`runs/<preset>/<task>/<variant>/seed<k>/pairs-<digest>/`, the digest of the generation key, see
+`mipo_lib.cache`): `responses.jsonl` holds finished generation batches, one JSON line per batch, appended and flushed
+as they complete; `pairs.jsonl` and `manifest.json` are written once at the end (atomically). Rerunning with the same
+settings reuses the pairs; a run killed halfway resumes from the finished batches (only under the same generation
+key), and a torn last line is dropped, so nothing is lost or duplicated. A changed scoring setting (`score_batch_size`,
+`max_length`) rescores the stored responses without generating them again.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from mipo_lib import cache
 from mipo_lib.config import Preset, run_dir
 from mipo_lib.errors import MipoError
 from mipo_lib.generate import GenerationStats, Messages, chat_prompt_ids, generate_batches
 from mipo_lib.scoring import pair_tokens, sequence_logprobs, token_digest
+from mipo_lib.tasks import get_task
 from mipo_lib.tasks.base import Example, Task, judge_or_nan
 
 logger = logging.getLogger(__name__)
@@ -86,33 +88,17 @@ def negative_sources(examples: Sequence[Example], negative: str, k: int, rng: np
 
 
 # -------------------------------------------------------------------------------------------------- bookkeeping
-@dataclass
-class PairSettings:
-    """Everything that determines the pairs; its hash names a finished pairs file as reusable."""
+def generation_key(preset: Preset, seed: int, task: Task | None = None) -> cache.Key:
+    """What the sampled responses depend on: the generation fields, the seed and the training prompts (the batch
+    plan depends on the exact prompts, so a partial log resumes only when they are unchanged)."""
+    task = task or get_task(preset.task)
+    prompts = cache.prompts_digest(task, task.examples("train", preset.n_train_prompts, seed=seed))
+    return cache.stage_key("generation", preset, f"generated responses (seed {seed})", seed=seed, prompts=prompts)
 
-    model_id: str
-    task: str
-    negative: str
-    k_negatives: int
-    n_train_prompts: int
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-    max_length: int
-    seed: int
-    load_in_4bit: bool
-    dtype: str
 
-    @classmethod
-    def from_preset(cls, preset: Preset, seed: int) -> "PairSettings":
-        return cls(
-            preset.model_id, preset.task, preset.negative, preset.k_negatives, preset.n_train_prompts,
-            preset.temperature, preset.top_p, preset.max_new_tokens, preset.max_length, seed,
-            preset.load_in_4bit, preset.dtype,
-        )
-
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+def pairs_key(preset: Preset, seed: int, task: Task | None = None) -> cache.Key:
+    """What the finished pairs depend on: the generation key and the scoring fields."""
+    return cache.stage_key("pairs", preset, f"pairs (seed {seed})", upstream=generation_key(preset, seed, task))
 
 
 def variant_name(preset: Preset) -> str:
@@ -120,8 +106,10 @@ def variant_name(preset: Preset) -> str:
     return f"{preset.negative}-k{preset.k_negatives}"
 
 
-def pairs_dir(preset: Preset, seed: int) -> Path:
-    return run_dir(preset, preset.task, variant_name(preset), f"seed{seed}", "pairs")
+def pairs_dir(preset: Preset, seed: int, task: Task | None = None) -> Path:
+    """The seed's pairs folder, named by the generation key: other sampling settings get a folder of their own."""
+    key = generation_key(preset, seed, task)
+    return run_dir(preset, preset.task, variant_name(preset), f"seed{seed}", f"pairs-{key.digest}")
 
 
 class BatchLog:
@@ -141,7 +129,7 @@ class BatchLog:
                 if key not in self.done:
                     self.done[key] = rec
                     good.append(line)
-            path.write_text("".join(g + "\n" for g in good))  # drop the torn tail before appending
+            cache.write_text(path, "".join(g + "\n" for g in good))  # drop the torn tail before appending
 
     def finished(self, stage: str) -> set[int]:
         return {b for (s, b) in self.done if s == stage}
@@ -182,12 +170,6 @@ def _sample(
     return log.texts(stage, len(prompts))
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 # ----------------------------------------------------------------------------------------------------- main entry
 def build_pairs(
     model: Any,
@@ -204,23 +186,20 @@ def build_pairs(
         raise MipoError(f"unknown negative {preset.negative!r}; choose one of: {', '.join(NEGATIVES)}")
     if preset.negative != "random_prompt" and not task.conditional:
         raise MipoError(f"task {task.name!r} has no context to drop or swap; use negative='random_prompt'")
-    settings = PairSettings.from_preset(preset, seed)
-    folder = pairs_dir(preset, seed)
+    gen_key, key = generation_key(preset, seed, task), pairs_key(preset, seed, task)
+    folder = pairs_dir(preset, seed, task)
     pairs_path, manifest_path, log_path = folder / "pairs.jsonl", folder / "manifest.json", folder / "responses.jsonl"
     if redo:
-        for p in (pairs_path, manifest_path, log_path, log_path.with_suffix(".settings")):
+        for p in (pairs_path, manifest_path, log_path, cache.key_file(pairs_path), cache.key_file(log_path)):
             p.unlink(missing_ok=True)
-    if (finished := cached_pairs(preset, seed)) is not None:
-        return finished
+    if cache.reuse(pairs_path, key):
+        return load_pairs(pairs_path)
+    cache.prepare(pairs_path, key)  # says why they are (re)made; the pairs file is replaced below
+    if log_path.exists() and not cache.reuse(log_path, gen_key) and cache.prepare(log_path, gen_key):
+        log_path.unlink()  # a partial generation of other settings: start afresh
+    cache.store(log_path, gen_key)  # the resume marker: finished batches below belong to this key
     examples = task.examples("train", preset.n_train_prompts, seed=seed)
     positives_prompts = [task.prompt(e) for e in examples]
-    # The batch plan depends on the exact prompts, so a partial log is only resumable for the same settings *and*
-    # the same prompts (a task edit between runs would otherwise mix two plans).
-    inputs = hashlib.sha256((settings.digest() + json.dumps(positives_prompts)).encode()).hexdigest()[:16]
-    marker = log_path.with_suffix(".settings")
-    if log_path.exists() and marker.exists() and marker.read_text() != inputs:
-        raise MipoError("a partial pair generation with other settings or prompts exists; rerun with redo=True (REDO = True)")
-    marker.write_text(inputs)
 
     rng = np.random.default_rng(seed)
     stats = GenerationStats()
@@ -276,10 +255,10 @@ def build_pairs(
             "chosen_score": judge_or_nan(task, ex, ys_pos[j]),
             "rejected_score": judge_or_nan(task, ex, y_neg),
         })
-    _atomic_write(pairs_path, "".join(json.dumps(r) + "\n" for r in records))
+    cache.write_text(pairs_path, "".join(json.dumps(r) + "\n" for r in records))
     manifest = {
-        "settings": asdict(settings),
-        "settings_digest": settings.digest(),
+        "settings": dict(key.values),
+        "settings_digest": key.digest,
         "preset": preset.name,
         "variant": variant_name(preset),
         "n_prompts": len(examples),
@@ -293,7 +272,8 @@ def build_pairs(
         "scored_tokens": int(n_pos.sum() + n_neg.sum()),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    _atomic_write(manifest_path, json.dumps(manifest, indent=2))
+    cache.write_text(manifest_path, json.dumps(manifest, indent=2))
+    cache.store(pairs_path, key)  # last: the pairs count as finished only once pairs and manifest are written
     if manifest["duplicate_negatives"]:
         logger.warning(
             "%d of %d negatives repeat another negative of the same prompt (K=%d, temperature %g): those pairs add no "
@@ -319,15 +299,9 @@ def duplicate_negatives(records: Sequence[dict[str, Any]]) -> int:
 
 
 def cached_pairs(preset: Preset, seed: int) -> list[dict[str, Any]] | None:
-    """The finished pairs of a seed (no model needed), None if there are none; other settings -> a clear error."""
-    folder = pairs_dir(preset, seed)
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.exists():
-        return None
-    manifest = json.loads(manifest_path.read_text())
-    if manifest["settings_digest"] != PairSettings.from_preset(preset, seed).digest():
-        raise MipoError(f"pairs in {folder} were made with other settings; rerun with redo=True (REDO = True)")
-    return load_pairs(folder / "pairs.jsonl")
+    """The finished pairs of a seed made with these settings (no model needed), None if there are none."""
+    path = pairs_dir(preset, seed) / "pairs.jsonl"
+    return load_pairs(path) if cache.reuse(path, pairs_key(preset, seed)) else None
 
 
 def load_pairs(path: Path) -> list[dict[str, Any]]:

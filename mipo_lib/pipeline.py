@@ -1,8 +1,9 @@
 """The pipeline's stages as functions a notebook, the quickstart or a benchmark calls in one line each.
 
-Every stage writes under `runs/<preset>/<task>/<variant>/` and reuses what a previous run finished (pass
-`redo=True` to recompute), so notebooks run on their own (03 builds the pairs if 02 has not run) and a rerun after an
-interruption continues where it stopped. Each stage loads a fresh base model (under a second for SmolLM2) because
+Every stage writes under `runs/<preset>/<task>/<variant>/` and reuses what a previous run finished with the same
+settings (`mipo_lib.cache`: each result is stored with the key of every setting it depends on; pass `redo=True` to
+recompute), so notebooks run on their own (03 builds the pairs if 02 has not run) and a rerun after an interruption
+continues where it stopped. Each stage loads a fresh base model (under a second for SmolLM2) because
 TRL injects the LoRA adapter into the model it is given.
 """
 
@@ -13,11 +14,12 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from mipo_lib import dpo, evaluate
+from mipo_lib import cache, dpo, evaluate
 from mipo_lib import methods as registry
 from mipo_lib.config import Preset, run_dir
+from mipo_lib.errors import MipoError
 from mipo_lib.models import load_for_preset
-from mipo_lib.pairs import build_pairs, cached_pairs, variant_name
+from mipo_lib.pairs import build_pairs, cached_pairs, pairs_key, variant_name
 from mipo_lib.tasks import get_task
 
 
@@ -25,11 +27,44 @@ def variant_dir(preset: Preset, *parts: str | int) -> Path:
     return run_dir(preset, preset.task, variant_name(preset), *parts)
 
 
+def training_key(preset: Preset, method: str, seed: int) -> cache.Key:
+    """What a trained method's adapter depends on: its training stage's fields and the seed's pairs key."""
+    m = _trained(method)
+    return cache.stage_key(m.training, preset, f"{method} adapter (seed {seed})", upstream=pairs_key(preset, seed), method=method)
+
+
 def adapter_dir(preset: Preset, method: str, seed: int) -> Path:
-    """Where a trained adapter lives; DPO settings that change the result are part of the folder name."""
-    training = registry.get_method(method).training
-    tag = f"beta{preset.beta:g}-lr{preset.learning_rate:g}-ep{preset.epochs}" if training == "dpo" else f"lr{preset.sft_learning_rate:g}-ep{preset.epochs}"
-    return variant_dir(preset, f"seed{seed}", f"{training}-{tag}")
+    """Where a trained adapter lives: `<variant>/seed<k>/<slug>-<digest of its key>` (not created here)."""
+    return variant_dir(preset, f"seed{seed}") / f"{registry.get_method(method).slug}-{training_key(preset, method, seed).digest}"
+
+
+def evaluation_key(preset: Preset, method: str, seed: int) -> cache.Key:
+    """What a method's records depend on: the evaluation fields (and CAD's strength), the held-out prompts, the
+    method's definition, and a trained method's adapter key (so also its seed)."""
+    m = registry.get_method(method)
+    task = get_task(preset.task)
+    label = f"{method} evaluation" + ("" if m.deterministic else f" (seed {seed})")
+    return cache.stage_key(
+        "evaluation-cad" if m.decoding == "cad" else "evaluation", preset, label,
+        upstream=training_key(preset, method, seed) if m.training else None,
+        method=method, with_context=m.with_context, decoding=m.decoding,
+        prompts=cache.prompts_digest(task, task.examples("test", preset.n_test_prompts)),
+    )
+
+
+def _eval_path(preset: Preset, method: str, seed: int) -> Path:
+    """A method's records: deterministic ones once per task (outside any variant), trained ones per variant and seed."""
+    m, digest = registry.get_method(method), evaluation_key(preset, method, seed).digest
+    if m.deterministic:  # run_dir makes folders: the file name goes outside
+        return run_dir(preset, preset.task, "eval") / f"{m.slug}-{digest}.jsonl"
+    return variant_dir(preset, "eval") / f"{m.slug}-seed{seed}-{digest}.jsonl"
+
+
+def _trained(method: str) -> registry.Method:
+    m = registry.get_method(method)
+    if m.training is None:
+        raise MipoError(f"method {method!r} has no training stage; train one of {[t.name for t in registry.trained()]}")
+    return m
 
 
 def pairs_for_seed(preset: Preset, seed: int, redo: bool = False, progress: bool = True) -> list[dict[str, Any]]:
@@ -42,22 +77,13 @@ def pairs_for_seed(preset: Preset, seed: int, redo: bool = False, progress: bool
 
 def train_for_seed(preset: Preset, method: str, seed: int, redo: bool = False, progress: bool = True) -> dpo.TrainResult:
     """Stage 2: train a method with a training stage (MIPO: DPO, the SFT baseline: SFT) on the seed's pairs."""
-    folder = adapter_dir(preset, method, seed)
-    if not redo and (finished := dpo.finished_run(folder)) is not None:
+    m, key, folder = _trained(method), training_key(preset, method, seed), adapter_dir(preset, method, seed)
+    if not redo and (finished := dpo.finished_run(folder, key)) is not None:
         return finished
     pairs = pairs_for_seed(preset, seed, progress=progress)
     model, tokenizer = load_for_preset(preset)
-    train = {"dpo": dpo.train_dpo, "sft": dpo.train_sft}[registry.get_method(method).training]
-    return train(model, tokenizer, pairs, preset, seed, folder, redo=redo, progress=progress)
-
-
-def _eval_path(preset: Preset, method: str, seed: int | None) -> Path:
-    m = registry.get_method(method)
-    slug = f"{m.slug}-a{preset.cad_strength:g}" if m.decoding == "cad" else m.slug
-    slug = f"{slug}-n{preset.n_test_prompts}-len{preset.eval_max_new_tokens}"
-    if seed is None:  # deterministic methods do not depend on the seed
-        return run_dir(preset, preset.task, "eval") / f"{slug}.jsonl"  # run_dir makes folders: the file name goes outside
-    return variant_dir(preset, "eval") / f"{slug}-{adapter_dir(preset, method, seed).name}-seed{seed}.jsonl"
+    train = {"dpo": dpo.train_dpo, "sft": dpo.train_sft}[m.training]
+    return train(model, tokenizer, pairs, preset, seed, folder, key=key, redo=redo, progress=progress)
 
 
 def evaluate_method(preset: Preset, method: str, seed: int, redo: bool = False, progress: bool = True) -> pd.DataFrame:
@@ -80,7 +106,8 @@ def evaluate_method(preset: Preset, method: str, seed: int, redo: bool = False, 
         )
         return evaluate.records(task, examples, responses, method, seed)
 
-    frame = evaluate.evaluate_cached(_eval_path(preset, method, None if m.deterministic else seed), make, redo)
+    key = evaluation_key(preset, method, seed)
+    frame = evaluate.evaluate_cached(_eval_path(preset, method, seed), make, redo, key=key)
     return frame.assign(seed=seed)
 
 
@@ -94,6 +121,17 @@ def evaluate_all(
     return pd.concat(frames, ignore_index=True)
 
 
+def pmi_key(preset: Preset, part: pd.DataFrame, label: str) -> cache.Key:
+    """What a PMI table depends on: the scoring fields, the held-out prompts and the scored responses themselves
+    (`part`'s example ids and responses), whichever evaluation they came from."""
+    task = get_task(preset.task)
+    responses = [[str(i), str(r)] for i, r in zip(part.example_id, part.response.fillna(""))]
+    return cache.stage_key(
+        "pmi", preset, label, prompts=cache.prompts_digest(task, task.examples("test", preset.n_test_prompts)),
+        responses=cache.content_digest(responses)[:16],
+    )
+
+
 def pmi_before_after(preset: Preset, records: pd.DataFrame, progress: bool = True) -> pd.DataFrame:
     """Base-model PMI log pi0(y|x,c) - log pi0(y|x) of the prompting (base model) and MIPO responses, per seed.
 
@@ -102,23 +140,24 @@ def pmi_before_after(preset: Preset, records: pd.DataFrame, progress: bool = Tru
     task = get_task(preset.task)
     examples = {e.id: e for e in task.examples("test", preset.n_test_prompts)}
 
-    def scored(part: pd.DataFrame, model_name: str, path: Path) -> pd.DataFrame:
+    def scored(part: pd.DataFrame, model_name: str, label: str, folder: Path, slug: str) -> pd.DataFrame:
         def make() -> pd.DataFrame:
             model, tokenizer = load_for_preset(preset)
             exs = [examples[i] for i in part.example_id]
             pmi = evaluate.response_pmi(model, tokenizer, task, exs, part.response.fillna("").tolist(), preset)
             return pd.DataFrame({"example_id": part.example_id.values, "group": part.group.values, "model": model_name, "pmi": pmi})
 
-        return evaluate.evaluate_cached(path, make)
+        key = pmi_key(preset, part, label)
+        return evaluate.evaluate_cached(folder / f"{slug}-{key.digest}.jsonl", make, key=key)
 
     seeds = sorted(records.seed.unique())
     prompting = records[(records.method == "prompting") & (records.seed == seeds[0])]
-    base = scored(prompting, "base", run_dir(preset, preset.task, "eval") / f"pmi-prompting-n{preset.n_test_prompts}.jsonl")
+    base = scored(prompting, "base", "PMI of the prompting responses", run_dir(preset, preset.task, "eval"), "pmi-prompting")
     out = []
     for seed in seeds:
         mipo = records[(records.method == "MIPO") & (records.seed == seed)]
-        path = variant_dir(preset, "eval") / f"pmi-n{preset.n_test_prompts}-{adapter_dir(preset, 'MIPO', int(seed)).name}-seed{seed}.jsonl"
-        out += [base.assign(seed=seed), scored(mipo, "MIPO", path).assign(seed=seed)]
+        label = f"PMI of the MIPO responses (seed {seed})"
+        out += [base.assign(seed=seed), scored(mipo, "MIPO", label, variant_dir(preset, "eval"), f"pmi-mipo-seed{seed}").assign(seed=seed)]
     return pd.concat(out, ignore_index=True)
 
 

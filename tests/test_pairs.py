@@ -11,6 +11,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from mipo_lib import cache
 from mipo_lib import pairs as pairs_mod
 from mipo_lib.config import get_preset
 from mipo_lib.errors import MipoError
@@ -187,16 +188,35 @@ def test_second_call_reuses_the_file(tiny, task, preset, fresh_runs, monkeypatch
     assert build_pairs(model, tok, task, preset, seed=0, progress=False) == first
 
 
-def test_changed_settings_need_redo(tiny, task, preset, fresh_runs):
+def test_changed_sampling_settings_get_their_own_pairs(tiny, task, preset, fresh_runs, caplog):
     model, tok = tiny
-    build_pairs(model, tok, task, preset, seed=0, progress=False)
-    hotter = preset.with_overrides(temperature=1.3)  # same folder, other settings
-    assert pairs_dir(hotter, 0) == pairs_dir(preset, 0)
-    with pytest.raises(MipoError, match="redo"):
-        build_pairs(model, tok, task, hotter, seed=0, progress=False)
-    rows = build_pairs(model, tok, task, hotter, seed=0, redo=True, progress=False)
+    first = build_pairs(model, tok, task, preset, seed=0, progress=False)
+    hotter = preset.with_overrides(temperature=1.3)
+    assert pairs_dir(hotter, 0) != pairs_dir(preset, 0)  # side by side, neither replaces the other
+    with caplog.at_level("INFO", logger="mipo_lib.cache"):
+        rows = build_pairs(model, tok, task, hotter, seed=0, progress=False)
+    assert "computing pairs (seed 0)" in caplog.text and "temperature 0.8 -> 1.3" in caplog.text
     assert pairs_mod.load_manifest(hotter, 0)["settings"]["temperature"] == 1.3
-    assert len(rows) == N
+    assert len(rows) == N and rows != first
+    assert pairs_mod.cached_pairs(preset, 0) == first and pairs_mod.cached_pairs(hotter, 0) == rows
+
+
+def test_changed_scoring_settings_rescore_without_generating(tiny, task, preset, fresh_runs, monkeypatch, caplog):
+    model, tok = tiny
+    first = build_pairs(model, tok, task, preset, seed=0, progress=False)
+    smaller = preset.with_overrides(score_batch_size=3)
+    assert pairs_dir(smaller, 0) == pairs_dir(preset, 0)  # same responses: same folder
+    assert pairs_mod.cached_pairs(smaller, 0) is None
+    counter = _Counting()
+    monkeypatch.setattr(pairs_mod, "generate_batches", counter)
+    with caplog.at_level("INFO", logger="mipo_lib.cache"):
+        rows = build_pairs(model, tok, task, smaller, seed=0, progress=False)
+    assert counter.yielded == []  # every batch came from the stored responses
+    assert "other settings (score_batch_size 16 -> 3)" in caplog.text and "reusing generated responses" in caplog.text
+    assert [(r["chosen"], r["rejected"]) for r in rows] == [(r["chosen"], r["rejected"]) for r in first]
+    # the same responses, rescored: padding in other batches moves the log-probs in the last digits only
+    assert [r["ref_chosen_logps"] for r in rows] == pytest.approx([r["ref_chosen_logps"] for r in first], rel=1e-5)
+    assert pairs_mod.cached_pairs(preset, 0) is None  # the folder now holds the rescored pairs
 
 
 # ------------------------------------------------------------------------------------------------ kill and resume
@@ -287,15 +307,39 @@ def test_torn_last_line_is_dropped_and_regenerated(tiny, task, preset, tmp_path,
         json.loads(line)
 
 
-def test_partial_run_with_other_settings_needs_redo(tiny, task, preset, fresh_runs, monkeypatch):
+def test_partial_run_resumes_only_under_its_own_key(tiny, task, preset, fresh_runs, monkeypatch, caplog):
     crashing = _Counting(crash_after=1)
     monkeypatch.setattr(pairs_mod, "generate_batches", crashing)
     with pytest.raises(KeyboardInterrupt):
         build_pairs(*tiny, task, preset, seed=0, progress=False)
-    monkeypatch.setattr(pairs_mod, "generate_batches", crashing.real)
-    with pytest.raises(MipoError, match="redo"):
-        build_pairs(*tiny, task, preset.with_overrides(top_p=0.5), seed=0, progress=False)
-    _check_complete(build_pairs(*tiny, task, preset.with_overrides(top_p=0.5), seed=0, redo=True, progress=False))
+    log = pairs_dir(preset, 0) / "responses.jsonl"
+    assert len(log.read_text().splitlines()) == 1
+    # other sampling settings start afresh in a folder of their own and leave the partial run alone
+    other = _Counting()
+    monkeypatch.setattr(pairs_mod, "generate_batches", other)
+    _check_complete(build_pairs(*tiny, task, preset.with_overrides(top_p=0.5), seed=0, progress=False))
+    assert len(other.yielded) == 8 and len(log.read_text().splitlines()) == 1
+    # a partial log whose stored key no longer matches (as after a code change) is discarded, and the log says why
+    key_path = cache.key_file(log)
+    stored = json.loads(key_path.read_text())
+    key_path.write_text(json.dumps({**stored, "values": {**stored["values"], "top_p": 0.25}}))
+    again = _Counting()
+    monkeypatch.setattr(pairs_mod, "generate_batches", again)
+    with caplog.at_level("INFO", logger="mipo_lib.cache"):
+        _check_complete(build_pairs(*tiny, task, preset, seed=0, progress=False))
+    assert "generated responses (seed 0)" in caplog.text and "top_p 0.25 -> 0.95" in caplog.text
+    assert len(again.yielded) == 8  # nothing resumed from the stale log
+
+
+def test_keys_stored_next_to_the_pairs(tiny, task, preset, fresh_runs, monkeypatch):
+    build_pairs(*tiny, task, preset, seed=0, progress=False)
+    folder = pairs_dir(preset, 0)
+    assert folder.name == f"pairs-{pairs_mod.generation_key(preset, 0).digest}"
+    stored = json.loads(cache.key_file(folder / "pairs.jsonl").read_text())
+    assert stored["values"] == dict(pairs_mod.pairs_key(preset, 0).values)
+    assert pairs_mod.load_manifest(preset, 0)["settings_digest"] == stored["digest"]
+    (folder / "pairs.jsonl.key.json").unlink()  # a pairs file without its key is never taken for finished
+    assert pairs_mod.cached_pairs(preset, 0) is None
 
 
 def test_batch_log_ignores_duplicates_and_torn_lines(tmp_path):

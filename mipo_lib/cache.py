@@ -1,0 +1,257 @@
+"""One cache contract for every stage: a result is reused only when it was made with the same settings.
+
+Every stage (pairs, training, evaluation, PMI) declares below, in `STAGE_FIELDS`, the preset fields it reads. Its key
+is those fields' values plus its upstream's key (the pairs' for training, the adapter's for evaluating a trained
+method) plus a few values that are not preset fields (the seed, a digest of the task's prompts, the method). The key
+is stored next to the result as `<result>.key.json` and checked before any reuse, so a changed setting can never
+silently reuse a stale result. Folder and file names carry the key's short digest (`mipo-3f2a9c0d1b7e/`), so results
+of other settings sit side by side (an ablation and the reference run share a runs folder) instead of replacing each
+other.
+
+A stage says what it does on the `mipo_lib.cache` logger, one line each, shown in a notebook cell's output: when it
+reuses a result (what and from where), and when it computes one although results of other settings exist (which
+fields differ from the nearest one). Silence it with `logging.getLogger("mipo_lib.cache").setLevel("WARNING")`.
+
+Results are written through `atomic` (a temporary file or folder renamed into place), so an interrupted run never
+leaves a half-written result that a later run would take for a finished one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mipo_lib.config import Preset, runs_dir
+
+if TYPE_CHECKING:
+    from mipo_lib.tasks.base import Example, Task
+
+_MODEL = ("model_id", "dtype", "load_in_4bit")
+_TRAINING = (
+    "gradient_checkpointing", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "epochs", "batch_size",
+    "grad_accum", "warmup_ratio",
+)
+_EVALUATION = _MODEL + ("task", "n_test_prompts", "eval_max_new_tokens", "eval_batch_size")
+
+STAGE_FIELDS: dict[str, tuple[str, ...]] = {
+    # sampled responses of the pairs (a partial generation resumes only under this key); + seed, train prompts.
+    # Batch sizes count: the batch plan seeds the sampling, and padding changes the numerics.
+    "generation": _MODEL + (
+        "task", "n_train_prompts", "negative", "k_negatives", "temperature", "top_p", "max_new_tokens", "gen_batch_size",
+    ),
+    # the scored pairs (reference log-probs, PMI); + the generation key
+    "pairs": ("score_batch_size", "max_length"),
+    # a trained adapter; + the pairs key and the method
+    "dpo": _TRAINING + ("beta", "learning_rate"),
+    "sft": _TRAINING + ("sft_learning_rate",),
+    # one method's records on the held-out prompts; + test prompts, the method's definition, a trained one's adapter key
+    "evaluation": _EVALUATION,
+    "evaluation-cad": _EVALUATION + ("beta", "cad_alpha"),  # context-aware decoding's strength is cad_alpha or 1/beta
+    # base-model PMI of responses; + test prompts and a digest of the responses themselves
+    "pmi": _MODEL + ("task", "n_test_prompts", "max_length", "score_batch_size"),
+}
+
+NOT_AFFECTING: dict[str, str] = {
+    "name": "names the runs folder (runs/<name>/) the results live in",
+    "description": "documentation only",
+    "seeds": "which seeds to run; each result is keyed by its own seed",
+    "report_to": "where training logs are sent, not what is trained",
+    "save_model_card": "extra files next to an adapter, not its weights",
+    "extra": "free-form notes; no stage reads it",
+}
+"""Preset fields no result depends on, each with the reason. Every field is here or in a stage's `STAGE_FIELDS`
+(tests/test_cache.py checks it), so a new field cannot be forgotten by the cache."""
+
+KEY_SUFFIX = ".key.json"
+log = logging.getLogger(__name__)
+
+
+class _CellHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to the `sys.stdout` of the moment: a notebook cell's output, or pytest's capture (quiet unless a test
+    fails), instead of the stream that was current when the library was imported."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout
+        super().emit(record)
+
+
+if not log.handlers:
+    _handler = _CellHandler()
+    _handler.setFormatter(logging.Formatter("cache: %(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(logging.INFO)
+
+
+# ------------------------------------------------------------------------------------------------------------ keys
+@dataclass(frozen=True)
+class Key:
+    """What a result depends on: `values` (preset fields, upstream values, seed, ...); `label` names the result in
+    log lines ("MIPO adapter (seed 0)") and, with `stage`, tells which stored results are versions of the same one."""
+
+    stage: str
+    label: str
+    values: Mapping[str, Any]
+
+    @property
+    def digest(self) -> str:
+        """12 hex digits of the values' hash: short enough for a folder name, far from any collision here."""
+        return content_digest(self.values)[:12]
+
+    def to_json(self) -> str:
+        return json.dumps({"stage": self.stage, "label": self.label, "digest": self.digest, "values": self.values}, indent=1)
+
+
+def stage_key(stage: str, preset: Preset, label: str, *, upstream: Key | None = None, **extra: Any) -> Key:
+    """The key of `stage`: its declared fields of `preset`, the upstream key's values and the `extra` values."""
+    own = {name: getattr(preset, name) for name in STAGE_FIELDS[stage]}
+    values = {**(upstream.values if upstream else {}), **own, **extra}
+    return Key(stage, label, json.loads(json.dumps(values, default=str)))  # tuples -> lists: equal after a round trip
+
+
+def content_digest(obj: Any) -> str:
+    """Hash of any JSON-able value (dict order does not matter)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def prompts_digest(task: Task, examples: Sequence[Example]) -> str:
+    """Digest of a task's prompts for `examples`, with and without the context: editing a task's prompts or its
+    example list changes every key that includes it."""
+    prompts = [(e.id, task.prompt(e), task.prompt(e, with_context=False)) for e in examples]
+    return content_digest(prompts)[:16]
+
+
+# --------------------------------------------------------------------------------------------------- reuse or not
+def key_file(result: Path) -> Path:
+    """Where `result`'s key is stored: next to it (`pairs.jsonl.key.json`; a folder's result is the file that marks
+    it finished, as `training_done.json` for an adapter, so the key travels with the folder)."""
+    return result.with_name(result.name + KEY_SUFFIX)
+
+
+def reuse(result: Path, key: Key) -> bool:
+    """True (and one log line) when `result` exists and was stored under `key`."""
+    stored = _stored(key_file(result))
+    if stored is None or stored.get("values") != key.values or not result.exists():
+        return False
+    log.info("reusing %s from %s", key.label, _shown(result))
+    return True
+
+
+def prepare(result: Path, key: Key) -> bool:
+    """Before computing `result` for `key`: log why when other settings were stored, drop a stale stored key (so an
+    interrupted rewrite can never pass for a finished one), and return True when `result` itself holds a result of
+    other settings (or of unknown ones: no key), which the caller replaces or clears.
+
+    Nothing stored at `result`: the nearest stored result with the same label (the same seed's adapter of an earlier
+    `lora_r`, say) is named with the fields that differ, so the reader sees why the stage runs again.
+    """
+    stored = _stored(key_file(result))
+    if stored is not None and stored.get("values") != key.values:
+        log.info("%s in %s was made with other settings (%s): recomputing", key.label, _shown(result),
+                 changes(stored.get("values", {}), key.values))
+        key_file(result).unlink(missing_ok=True)
+        return True
+    if stored is None and result.exists():
+        log.info("%s in %s has no cache key (made by an older version): recomputing", key.label, _shown(result))
+        return True
+    if stored is None and (nearest := _nearest(result, key)) is not None:
+        path, values = nearest
+        log.info("computing %s: the nearest stored one, %s, differs in %s", key.label, _shown(path), changes(values, key.values))
+    return False
+
+
+def store(result: Path, key: Key) -> None:
+    """Store `key` next to `result`: after the result is complete, or, for a resumable stage (training), as it starts
+    (`reuse` still waits for the result itself)."""
+    write_text(key_file(result), key.to_json())
+
+
+def changes(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 6) -> str:
+    """`lora_r 8 -> 4, beta 0.1 -> 0.3`: the values that differ, at most `limit` named."""
+    diff = [f"{k} {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}" for k in sorted({*old, *new}) if old.get(k) != new.get(k)]
+    more = f" and {len(diff) - limit} more" if len(diff) > limit else ""
+    return ", ".join(diff[:limit]) + more
+
+
+def _stored(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # none stored, or torn: treated as no key
+
+
+def _nearest(result: Path, key: Key) -> tuple[Path, Mapping[str, Any]] | None:
+    """The stored result of the same stage and label closest to `key` (fewest differing values, then the newest): a
+    sibling file (`eval/*.jsonl`) or the same file in a sibling folder (`seed0/pairs-*/pairs.jsonl`,
+    `seed0/mipo-*/training_done.json`)."""
+    own = key_file(result)
+    candidates = {*result.parent.glob(f"*{KEY_SUFFIX}"), *result.parent.parent.glob(f"*/{own.name}")} - {own}
+    found = []
+    for path in candidates:
+        stored = _stored(path)
+        if stored and stored.get("stage") == key.stage and stored.get("label") == key.label:
+            values = stored.get("values", {})
+            n = sum(values.get(k) != key.values.get(k) for k in {*values, *key.values})
+            found.append((n, -path.stat().st_mtime, path.with_name(path.name[: -len(KEY_SUFFIX)]), values))
+    if not found:
+        return None
+    _, _, path, values = min(found, key=lambda f: f[:2])
+    return path, values
+
+
+def _shown(path: Path) -> str:
+    """A path as the reader knows it: `<runs>/smoke/personalization/...` inside the runs folder."""
+    try:
+        return f"<runs>/{path.relative_to(runs_dir()).as_posix()}"
+    except ValueError:
+        return str(path)
+
+
+# --------------------------------------------------------------------------------------------------- atomic writes
+@contextmanager
+def atomic(target: Path, *, directory: bool = False) -> Iterator[Path]:
+    """A temporary file (or folder) next to `target` to write into; it becomes `target` in one rename when the block
+    ends, and is removed if the block fails, so no reader ever sees a half-written result.
+
+    A file replaces an older `target`. A folder is only renamed if `target` does not exist yet: when another process
+    finished the same conversion first, its folder is kept and this one dropped.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if directory:
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    else:
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    if not directory:
+        os.replace(tmp, target)
+    elif target.exists():
+        _remove(tmp)
+    else:
+        tmp.rename(target)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (see `atomic`)."""
+    with atomic(path) as tmp:
+        tmp.write_text(text)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

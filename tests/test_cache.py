@@ -1,0 +1,232 @@
+"""The cache contract: every stage's key changes with every preset field the stage reads and with nothing else, every
+preset field is accounted for, writes are atomic, and a run says what it reuses and why it recomputes.
+
+The end-to-end check runs the smoke preset's tiny model (8 pairs, one epoch of 2 steps) three times in one runs
+folder: `lora_r` changed (training and what follows rerun, and the log names the field), then unchanged (everything
+reused, no model loaded)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mipo_lib import cache, dpo, pairs, pipeline
+from mipo_lib.config import Preset, get_preset
+
+F = cache.STAGE_FIELDS
+ALL_FIELDS = tuple(f.name for f in dataclasses.fields(Preset))
+SPECIAL_VALUES = {
+    "name": "smoke_other", "description": "another description", "model_id": "bundled:SmolLM2-135M-Instruct",
+    "dtype": "bfloat16", "task": "arithmetic", "negative": "random_prompt", "lora_target_modules": ("q_proj",),
+    "cad_alpha": 2.0, "seeds": (7,), "report_to": "tensorboard", "extra": {"note": "x"},
+}
+
+
+@pytest.fixture(scope="module")
+def preset() -> Preset:
+    return get_preset("smoke", n_train_prompts=8, n_test_prompts=4, seeds=(0,), epochs=1, batch_size=4)
+
+
+def changed(preset: Preset, name: str) -> Preset:
+    """`preset` with field `name` set to another valid value."""
+    old = getattr(preset, name)
+    if name in SPECIAL_VALUES:
+        value = SPECIAL_VALUES[name]
+    elif isinstance(old, bool):
+        value = not old
+    elif isinstance(old, int):
+        value = old + 1
+    elif isinstance(old, float):
+        value = old + 0.05 if old < 0.5 else old / 2
+    else:
+        raise AssertionError(f"add a changed value for preset field {name!r} to SPECIAL_VALUES")
+    assert value != old, name
+    return preset.with_overrides(**{name: value})
+
+
+def _responses() -> pd.DataFrame:
+    return pd.DataFrame({"example_id": ["a", "b"], "response": ["one", None]})
+
+
+# (what, key of the stage, every field it reads: its own and its upstream stages', the path named by the key)
+STAGES: list[tuple[str, Callable[[Preset], cache.Key], tuple[str, ...], Callable[[Preset], Path] | None]] = [
+    ("generation", lambda p: pairs.generation_key(p, 0), F["generation"], lambda p: pairs.pairs_dir(p, 0)),
+    ("pairs", lambda p: pairs.pairs_key(p, 0), F["generation"] + F["pairs"], None),
+    ("MIPO adapter", lambda p: pipeline.training_key(p, "MIPO", 0), F["generation"] + F["pairs"] + F["dpo"],
+     lambda p: pipeline.adapter_dir(p, "MIPO", 0)),
+    ("SFT adapter", lambda p: pipeline.training_key(p, "SFT", 0), F["generation"] + F["pairs"] + F["sft"],
+     lambda p: pipeline.adapter_dir(p, "SFT", 0)),
+    ("adapter trained directly", lambda p: dpo.run_key("dpo", p, 0, [{"chosen": "a"}]),
+     F["generation"] + F["pairs"] + F["dpo"], None),
+    ("prompting evaluation", lambda p: pipeline.evaluation_key(p, "prompting", 0), F["evaluation"],
+     lambda p: pipeline._eval_path(p, "prompting", 0)),
+    ("base evaluation", lambda p: pipeline.evaluation_key(p, "base (no context)", 0), F["evaluation"], None),
+    ("CAD evaluation", lambda p: pipeline.evaluation_key(p, "CAD", 0), F["evaluation-cad"],
+     lambda p: pipeline._eval_path(p, "CAD", 0)),
+    ("MIPO evaluation", lambda p: pipeline.evaluation_key(p, "MIPO", 0),
+     F["evaluation"] + F["generation"] + F["pairs"] + F["dpo"], lambda p: pipeline._eval_path(p, "MIPO", 0)),
+    ("PMI", lambda p: pipeline.pmi_key(p, _responses(), "PMI"), F["pmi"], None),
+]
+
+
+# --------------------------------------------------------------------------------------------------------- keys
+def test_every_preset_field_is_read_by_a_stage_or_declared_irrelevant():
+    read = {name for fields in F.values() for name in fields}
+    assert not read - set(ALL_FIELDS), "a stage declares a field the preset does not have"
+    assert not read & set(cache.NOT_AFFECTING), "a field cannot both matter and not matter"
+    forgotten = set(ALL_FIELDS) - read - set(cache.NOT_AFFECTING)
+    assert not forgotten, f"add {sorted(forgotten)} to a stage in cache.STAGE_FIELDS, or to cache.NOT_AFFECTING"
+
+
+@pytest.mark.parametrize("what,key_of,reads,path_of", STAGES, ids=[s[0] for s in STAGES])
+def test_key_changes_with_every_field_the_stage_reads_and_no_other(preset, what, key_of, reads, path_of):
+    base = key_of(preset)
+    assert base == key_of(preset) and len(base.digest) == 12
+    for name in ALL_FIELDS:
+        other = changed(preset, name)
+        if name in reads:
+            assert key_of(other).digest != base.digest, f"{what}: changing {name} must recompute"
+            assert name in cache.changes(base.values, key_of(other).values), name
+            if path_of is not None:
+                assert path_of(other) != path_of(preset), f"{what}: {name} must lead to another folder or file"
+        else:
+            assert key_of(other) == base, f"{what} does not read {name}: changing it must reuse the result"
+
+
+def test_keys_of_seeds_methods_and_responses_differ(preset):
+    assert pairs.pairs_key(preset, 0) != pairs.pairs_key(preset, 1)
+    assert pipeline.training_key(preset, "MIPO", 0).digest != pipeline.training_key(preset, "MIPO", 1).digest
+    assert pipeline.evaluation_key(preset, "prompting", 0) == pipeline.evaluation_key(preset, "prompting", 3)
+    assert pipeline.evaluation_key(preset, "MIPO", 0) != pipeline.evaluation_key(preset, "MIPO", 3)
+    assert pipeline.evaluation_key(preset, "prompting", 0) != pipeline.evaluation_key(preset, "base (no context)", 0)
+    other = _responses().assign(response=["one", "two"])
+    assert pipeline.pmi_key(preset, other, "PMI") != pipeline.pmi_key(preset, _responses(), "PMI")
+    direct = [dpo.run_key("dpo", preset, 0, [{"chosen": c}]) for c in ("a", "b")]
+    assert direct[0] != direct[1]  # a run trained directly is keyed by its pairs' content too
+
+
+# ------------------------------------------------------------------------------------------------ reuse, prepare
+def _key(**values) -> cache.Key:
+    return cache.Key("stage", "thing (seed 0)", {"lora_r": 8, **values})
+
+
+def test_reuse_needs_the_same_key_and_a_finished_result(tmp_path, caplog):
+    result = tmp_path / "thing.jsonl"
+    assert not cache.reuse(result, _key())
+    cache.store(result, _key())
+    assert not cache.reuse(result, _key())  # key stored, result missing (an interrupted run)
+    result.write_text("x")
+    assert not cache.reuse(result, _key(lora_r=4))
+    with caplog.at_level(logging.INFO, logger="mipo_lib.cache"):
+        assert cache.reuse(result, _key())
+    assert caplog.messages == [f"reusing thing (seed 0) from {result}"]
+
+
+def test_prepare_names_the_changed_fields_and_drops_the_stale_key(tmp_path, caplog):
+    result = tmp_path / "thing.jsonl"
+    result.write_text("x")
+    with caplog.at_level(logging.INFO, logger="mipo_lib.cache"):
+        assert cache.prepare(result, _key())  # a result without a key: settings unknown
+        cache.store(result, _key())
+        assert not cache.prepare(result, _key())  # same settings: nothing to say
+        assert cache.prepare(result, _key(lora_r=4))
+    assert "no cache key" in caplog.messages[0]
+    assert caplog.messages[1] == f"thing (seed 0) in {result} was made with other settings (lora_r 8 -> 4): recomputing"
+    assert len(caplog.messages) == 2 and not cache.key_file(result).exists()
+
+
+def test_prepare_names_the_nearest_stored_sibling(tmp_path, caplog):
+    for name, r, beta in (("a", 8, 0.1), ("b", 16, 0.3)):
+        (tmp_path / name).write_text("x")
+        cache.store(tmp_path / name, _key(lora_r=r, beta=beta))
+    cache.store(tmp_path / "other", cache.Key("stage", "another thing", {"lora_r": 4}))
+    with caplog.at_level(logging.INFO, logger="mipo_lib.cache"):
+        assert not cache.prepare(tmp_path / "c", _key(lora_r=4, beta=0.1))
+    assert caplog.messages == [f"computing thing (seed 0): the nearest stored one, {tmp_path / 'a'}, differs in lora_r 8 -> 4"]
+
+
+def test_a_torn_key_is_no_key(tmp_path):
+    result = tmp_path / "thing.jsonl"
+    result.write_text("x")
+    cache.key_file(result).write_text('{"values": {"lora')
+    assert not cache.reuse(result, _key())
+
+
+# ------------------------------------------------------------------------------------------------- atomic writes
+def test_atomic_file_is_all_or_nothing(tmp_path):
+    target = tmp_path / "sub" / "table.jsonl"
+    cache.write_text(target, "old")
+    with pytest.raises(RuntimeError):
+        with cache.atomic(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old" and sorted(p.name for p in target.parent.iterdir()) == ["table.jsonl"]
+    cache.write_text(target, "new")
+    assert target.read_text() == "new" and len(list(target.parent.iterdir())) == 1
+
+
+def test_atomic_directory_is_all_or_nothing_and_first_wins(tmp_path):
+    target = tmp_path / "checkpoint"
+    with pytest.raises(RuntimeError):
+        with cache.atomic(target, directory=True) as tmp:
+            (tmp / "model.safetensors").write_text("half")
+            raise RuntimeError("killed mid-conversion")
+    assert list(tmp_path.iterdir()) == []
+    with cache.atomic(target, directory=True) as tmp:
+        (tmp / "model.safetensors").write_text("first")
+    with cache.atomic(target, directory=True) as tmp:  # another process converted it meanwhile
+        (tmp / "model.safetensors").write_text("second")
+    assert (target / "model.safetensors").read_text() == "first" and list(tmp_path.iterdir()) == [target]
+
+
+# ---------------------------------------------------------------------------------------------------- end to end
+def _run_stages(preset: Preset) -> tuple[dpo.TrainResult, pd.DataFrame]:
+    """What notebooks 02-05 run for one seed: pairs, the MIPO adapter, two evaluations and the PMI of both."""
+    pipeline.pairs_for_seed(preset, 0, progress=False)
+    trained = pipeline.train_for_seed(preset, "MIPO", 0, progress=False)
+    records = pd.concat([pipeline.evaluate_method(preset, m, 0, progress=False) for m in ("prompting", "MIPO")])
+    pipeline.pmi_before_after(preset, records, progress=False)
+    return trained, records
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_changed_lora_r_retrains_and_says_why_then_everything_is_reused(preset, tmp_path, monkeypatch, caplog, capsys):
+    monkeypatch.setenv("MIPO_RUNS_DIR", str(tmp_path / "runs"))
+    first, _ = _run_stages(preset)
+    assert not first.reused
+    smaller = preset.with_overrides(lora_r=4)
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mipo_lib.cache"):
+        second, records = _run_stages(smaller)
+    text = caplog.text
+    assert not second.reused and second.adapter_dir != first.adapter_dir
+    assert "reusing pairs (seed 0)" in text and "reusing prompting evaluation" in text
+    assert "computing MIPO adapter (seed 0): the nearest stored one" in text and "lora_r 8 -> 4" in text
+    assert "computing MIPO evaluation (seed 0)" in text
+    assert json.loads((second.adapter_dir / "adapter_config.json").read_text())["r"] == 4
+    assert (first.adapter_dir / dpo.DONE_MARKER).exists()  # the lora_r=8 run stays, for a switch back
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("everything is cached: no model may be loaded")
+
+    monkeypatch.setattr(pipeline, "load_for_preset", no_model)
+    caplog.clear()
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO, logger="mipo_lib.cache"):
+        third, again = _run_stages(smaller)
+    assert third.reused and third.adapter_dir == second.adapter_dir
+    pd.testing.assert_frame_equal(again.reset_index(drop=True), records.reset_index(drop=True), check_dtype=False)
+    reused = [m.split(" from ")[0] for m in caplog.messages]
+    assert reused == [
+        "reusing pairs (seed 0)", "reusing MIPO adapter (seed 0)", "reusing prompting evaluation",
+        "reusing MIPO evaluation (seed 0)", "reusing PMI of the prompting responses",
+        "reusing PMI of the MIPO responses (seed 0)",
+    ]
+    assert "cache: reusing MIPO adapter (seed 0) from <runs>/smoke/" in capsys.readouterr().out  # a notebook shows it
