@@ -114,8 +114,21 @@ class Key:
 def stage_key(stage: str, preset: Preset, label: str, *, upstream: Key | None = None, **extra: Any) -> Key:
     """The key of `stage`: its declared fields of `preset`, the upstream key's values and the `extra` values."""
     own = {name: getattr(preset, name) for name in STAGE_FIELDS[stage]}
+    if "dtype" in own:
+        own["resolved_dtype"] = resolved_dtype(preset)
     values = {**(upstream.values if upstream else {}), **own, **extra}
     return Key(stage, label, json.loads(json.dumps(values, default=str)))  # tuples -> lists: equal after a round trip
+
+
+def resolved_dtype(preset: Preset) -> str:
+    """The dtype `preset.dtype` means on this machine ("auto" is bf16 on a CPU with AVX512-BF16, fp32 on one without).
+
+    Part of every key that reads `dtype`: a runs folder copied between two such machines must not pass off fp32
+    results as bf16 ones (or the reverse).
+    """
+    from mipo_lib.models import select_device, select_dtype  # models imports this module for its atomic writes
+
+    return str(select_dtype(select_device(), preset.dtype)).replace("torch.", "")
 
 
 def content_digest(obj: Any) -> str:

@@ -230,3 +230,18 @@ def test_changed_lora_r_retrains_and_says_why_then_everything_is_reused(preset, 
         "reusing PMI of the MIPO responses (seed 0)",
     ]
     assert "cache: reusing MIPO adapter (seed 0) from <runs>/smoke/" in capsys.readouterr().out  # a notebook shows it
+
+
+def test_the_dtype_auto_resolves_to_is_part_of_the_key(monkeypatch):
+    """Two CPUs, one with AVX512-BF16: the same "auto" preset must not share cached results between them."""
+    from mipo_lib import cache, models
+    from mipo_lib.config import get_preset
+
+    preset = get_preset("cpu")
+    keys = {}
+    for native in (False, True):
+        monkeypatch.setattr(models, "cpu_has_native_bf16", lambda native=native: native)
+        monkeypatch.setattr(models.torch.cuda, "is_available", lambda: False)
+        keys[native] = cache.stage_key("generation", preset, "pairs")
+    assert keys[False].values["resolved_dtype"] == "float32" and keys[True].values["resolved_dtype"] == "bfloat16"
+    assert keys[False].digest != keys[True].digest
