@@ -59,6 +59,12 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "evaluation-cad": _EVALUATION + ("beta", "cad_alpha"),  # context-aware decoding's strength is cad_alpha or 1/beta
     # base-model PMI of responses; + test prompts and a digest of the responses themselves
     "pmi": _MODEL + ("task", "n_test_prompts", "max_length", "score_batch_size"),
+    # ablations: Monte-Carlo KL of the MIPO policy to the base model (replies sampled in gen batches, both models score
+    # them); + the adapter key, the prompts, the token cap used and the sampling seed
+    "kl": _MODEL + ("task", "eval_max_new_tokens", "gen_batch_size", "score_batch_size"),
+    # ablations: seconds per prompt of prompting, MIPO and CAD (greedy evaluation settings, CAD's strength); + the
+    # adapter key, the prompts and the number of timed repeats
+    "generation-cost": _MODEL + ("task", "eval_max_new_tokens", "eval_batch_size", "beta", "cad_alpha"),
 }
 
 NOT_AFFECTING: dict[str, str] = {
@@ -66,7 +72,6 @@ NOT_AFFECTING: dict[str, str] = {
     "description": "documentation only",
     "seeds": "which seeds to run; each result is keyed by its own seed",
     "report_to": "where training logs are sent, not what is trained",
-    "save_model_card": "extra files next to an adapter, not its weights",
     "extra": "free-form notes; no stage reads it",
 }
 """Preset fields no result depends on, each with the reason. Every field is here or in a stage's `STAGE_FIELDS`

@@ -82,6 +82,8 @@ def test_every_preset_field_is_read_by_a_stage_or_declared_irrelevant():
     assert not read & set(cache.NOT_AFFECTING), "a field cannot both matter and not matter"
     forgotten = set(ALL_FIELDS) - read - set(cache.NOT_AFFECTING)
     assert not forgotten, f"add {sorted(forgotten)} to a stage in cache.STAGE_FIELDS, or to cache.NOT_AFFECTING"
+    stale = (read | set(cache.NOT_AFFECTING)) - set(ALL_FIELDS)
+    assert not stale, f"{sorted(stale)} are not Preset fields any more: remove them from the cache declarations"
 
 
 @pytest.mark.parametrize("what,key_of,reads,path_of", STAGES, ids=[s[0] for s in STAGES])
