@@ -87,6 +87,7 @@ def plan_batches(prompt_ids: Sequence[Sequence[int]], batch_size: int, seed: int
 
 
 def _left_pad(rows: list[Sequence[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """`input_ids` and `attention_mask` of rows padded on the left, so every row's next token is the last column."""
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(rows), width), dtype=torch.long)
@@ -100,7 +101,26 @@ def _model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
-def generate_batches(
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Every token id that ends a reply: the generation config's end-of-sequence id(s) (chat models often list
+    several, e.g. `<|im_end|>` and `<|endoftext|>`) and the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+
+
+def _through_first_eos(row: list[int], eos: set[int]) -> list[int]:
+    """New tokens up to and including the first end-of-sequence token (all of them if none ended the reply)."""
+    cut = next((i for i, t in enumerate(row) if t in eos), None)
+    return row if cut is None else row[: cut + 1]
+
+
+def decode_reply(tokenizer: Any, token_ids: Sequence[int], eos: set[int]) -> str:
+    """A reply's text from its new tokens, without the end-of-sequence token that closed it."""
+    kept = token_ids[:-1] if token_ids and token_ids[-1] in eos else token_ids
+    return str(tokenizer.decode(list(kept), skip_special_tokens=True)).strip()
+
+
+def generate_token_batches(
     model: Any,
     tokenizer: Any,
     prompt_ids: Sequence[Sequence[int]],
@@ -115,11 +135,14 @@ def generate_batches(
     stats: GenerationStats | None = None,
     progress: bool = True,
     desc: str = "generating",
-) -> Iterator[tuple[Batch, list[str]]]:
-    """Yield (batch, decoded responses) for each batch of the plan not in `skip_batches`.
+) -> Iterator[tuple[Batch, list[list[int]]]]:
+    """Yield (batch, new token ids of each row, up to and including the first end-of-sequence token) for each batch
+    of the plan not in `skip_batches`.
 
-    `temperature == 0` means greedy decoding. `logits_processor_factory(batch)` may return a transformers
-    `LogitsProcessorList` for that batch (context-aware decoding uses it to bring its second context).
+    `temperature == 0` means greedy decoding; sampling uses the model's own distribution at that temperature with
+    nucleus `top_p` and never top-k (a generation config's default top-k would silently truncate it).
+    `logits_processor_factory(batch)` may return a transformers `LogitsProcessorList` for that batch (context-aware
+    decoding uses it to bring its second context).
     """
     from tqdm.auto import tqdm
 
@@ -128,8 +151,7 @@ def generate_batches(
     todo = [b for b in plan if b.index not in skip_batches]
     device = _model_device(model)
     pad_id = tokenizer.pad_token_id
-    eos_ids = model.generation_config.eos_token_id
-    eos_set = set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) | {tokenizer.eos_token_id}
+    eos = eos_ids(model, tokenizer)
     sampling = temperature > 0
     bar = tqdm(total=sum(len(b.rows) for b in todo), desc=desc, disable=not progress, unit="prompt")
     for batch in todo:
@@ -151,20 +173,43 @@ def generate_batches(
         with torch.inference_mode():
             out = model.generate(**enc, **kwargs)
         elapsed = time.perf_counter() - start
-        new = out[:, enc["input_ids"].shape[1] :].tolist()
-        texts, n_tokens = [], 0
-        for row in new:
-            cut = next((i for i, t in enumerate(row) if t in eos_set), None)
-            kept = row if cut is None else row[:cut]
-            n_tokens += len(kept) + (cut is not None)
-            texts.append(tokenizer.decode(kept, skip_special_tokens=True).strip())
+        rows = [_through_first_eos(row, eos) for row in out[:, enc["input_ids"].shape[1] :].tolist()]
         if stats is not None:
-            stats.new_tokens += n_tokens
+            stats.new_tokens += sum(map(len, rows))
             stats.seconds += elapsed
             stats.batches += 1
         bar.update(len(batch.rows))
-        yield batch, texts
+        yield batch, rows
     bar.close()
+
+
+def generate_batches(
+    model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], **kwargs: Any
+) -> Iterator[tuple[Batch, list[str]]]:
+    """Yield (batch, decoded responses) for each batch of the plan (options: `generate_token_batches`)."""
+    eos = eos_ids(model, tokenizer)
+    for batch, rows in generate_token_batches(model, tokenizer, prompt_ids, **kwargs):
+        yield batch, [decode_reply(tokenizer, row, eos) for row in rows]
+
+
+def sample_token_ids(
+    model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int = 16,
+    seed: int = 0, progress: bool = False,
+) -> list[list[int]]:
+    """One reply per prompt sampled from the model's own distribution (temperature 1, no top-k, no top-p), as the
+    generated token ids up to and including the first end-of-sequence token (or `max_new_tokens` tokens).
+
+    Batches and seeds are those of `generate_batches`; unlike that function this keeps the token ids, so they can
+    be scored exactly as sampled (decoding and re-encoding text can change them).
+    """
+    out: list[list[int]] = [[] for _ in prompt_ids]
+    for batch, rows in generate_token_batches(
+        model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0,
+        batch_size=batch_size, seed=seed, progress=progress, desc="sampling from the policy",
+    ):
+        for row, ids in zip(batch.rows, rows):
+            out[row] = ids
+    return out
 
 
 def generate(

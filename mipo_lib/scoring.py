@@ -6,6 +6,9 @@ reference forward pass every step. That reuse is only correct if the tokens are 
 tokenization below mirrors TRL's conversational path: prompt = chat template with the generation header,
 completion = the rest of (prompt + assistant message) after their common prefix, truncated to `max_length` from the
 start (TRL's default `keep_start`). `dpo.check_reference_tokens` verifies the match at training time.
+
+`sampled_kl` scores sampled tokens the same way: the Monte-Carlo KL between two models is a difference of two
+`completion_logprobs` of exactly the token ids one of them sampled.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import inspect
 from typing import Any, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 
-from mipo_lib.generate import Messages, chat_prompt_ids
+from mipo_lib.generate import Messages, chat_prompt_ids, decode_reply, eos_ids, sample_token_ids
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -148,3 +152,36 @@ def sequence_logprobs(
         batch_size=batch_size, progress=progress, desc=desc,
     )
     return sums, lengths
+
+
+def sampled_kl(
+    policy: Any,
+    reference: Any,
+    tokenizer: Any,
+    prompts: Sequence[Messages],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    score_batch_size: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Monte-Carlo KL(policy || reference) per prompt, sequence level: one reply y ~ policy(.|x) per prompt
+    (temperature 1, no top-k/top-p, seeded), then log policy(y|x) - log reference(y|x) of exactly the sampled tokens.
+
+    Averaged over y ~ policy this is KL(policy || reference) exactly, so one sample per prompt is an unbiased but
+    noisy estimate (a single prompt's value can be negative): report the mean over prompts with a CI. Replies stop
+    at `max_new_tokens`, so it is the KL of the first `max_new_tokens` tokens (at most the full KL). The sampled
+    token ids are scored as they are: decoding to text and re-tokenizing would score different tokens and bias the
+    estimate. `batch_size` is for sampling, `score_batch_size` (default: the same) for scoring. Columns:
+    `response, logp_policy, logp_base, n_tokens, kl` (nats).
+    """
+    ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
+    completions = sample_token_ids(policy, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   seed=seed, progress=progress)
+    score_bs = score_batch_size or batch_size
+    lp_pol = completion_logprobs(policy, ids, completions, tokenizer.pad_token_id, batch_size=score_bs)
+    lp_ref = completion_logprobs(reference, ids, completions, tokenizer.pad_token_id, batch_size=score_bs)
+    eos = eos_ids(policy, tokenizer)
+    return pd.DataFrame({"response": [decode_reply(tokenizer, c, eos) for c in completions], "logp_policy": lp_pol,
+                         "logp_base": lp_ref, "n_tokens": [len(c) for c in completions], "kl": lp_pol - lp_ref})
