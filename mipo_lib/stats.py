@@ -353,8 +353,113 @@ def per_group_rates(records: pd.DataFrame, n_boot: int = 2_000, seed: int = 0, c
     return pd.DataFrame(rows)
 
 
-COMPARISONS: tuple[tuple[str, str], ...] = (("MIPO", "prompting"), ("MIPO", "SFT"), ("MIPO", "CAD"))
-"""The paired differences of the results table: MIPO against the paper's main baseline, SFT and its decoding twin."""
+# ----------------------------------------------------------------------------------------------------------------
+# per-seed differences, KL and cost summaries, and the sentence that states a conclusion
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def seed_difference(a: Sequence[float], b: Sequence[float], n_boot: int = 10_000, seed: int = 0) -> dict[str, Any]:
+    """Mean of per-seed differences a_s - b_s with a bootstrap CI over seeds (for per-seed metrics such as
+    distinct-2 or seconds per prompt, which have no per-example values). `ci_over = "seeds"`; `deterministic` is
+    True when both sides are the same in every seed (e.g. greedy CAD vs prompting), where that CI has zero width
+    and says nothing: `conclusion` then gives no verdict."""
+    a_, b_ = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    ok = np.isfinite(a_ - b_)
+    a_, b_ = a_[ok], b_[ok]
+    d = a_ - b_
+    if d.size == 0:
+        return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n_seeds": 0, "ci_over": "seeds"}
+    mean, lo, hi = bootstrap_ci(d, n_boot=n_boot, seed=seed)
+    fixed = d.size > 1 and np.ptp(a_) == 0 and np.ptp(b_) == 0
+    return {"mean": mean, "lo": lo, "hi": hi, "n_seeds": int(d.size), "per_seed": d.tolist(), "ci_over": "seeds",
+            "deterministic": bool(fixed)}
+
+
+def kl_table(kl: pd.DataFrame, labels: Sequence[str], n_boot: int = 5_000, seed: int = 0) -> pd.DataFrame:
+    """Mean KL per variant with a CI over seeds and prompts (`variant, mean, lo, hi, per_seed, n_seeds, n_prompts`),
+    from per-prompt KL rows with a `variant` column (`ablations.kl_for_variants`); absent labels are skipped."""
+    rows = []
+    for v in labels:
+        if v not in set(kl["variant"]):
+            continue
+        h = hierarchical_bootstrap(kl, v, n_boot=n_boot, seed=seed, value="kl", unit="variant")
+        rows.append({"variant": v, "mean": h["mean"], "lo": h["lo"], "hi": h["hi"], "per_seed": h["per_seed"],
+                     "n_seeds": h["n_seeds"], "n_prompts": h["n_examples"]})
+    return pd.DataFrame(rows)
+
+
+def cost_summary(cost: pd.DataFrame, n_boot: int = 10_000, seed: int = 0) -> pd.DataFrame:
+    """Mean seconds per prompt per method with a bootstrap CI over seeds, and the ratio to MIPO (`x_mipo`), from the
+    per-seed timings of `ablations.generation_cost`."""
+    rows = []
+    mipo = cost.loc[cost["method"] == "MIPO", "s_per_prompt"].mean()
+    for method in ordered_methods(cost["method"]):
+        v = cost.loc[cost["method"] == method, "s_per_prompt"].to_numpy(float)
+        mean, lo, hi = bootstrap_ci(v, n_boot=n_boot, seed=seed)
+        rows.append({"method": method, "s_per_prompt": mean, "lo": lo, "hi": hi, "n_seeds": len(v),
+                     "x_mipo": mean / mipo if mipo else np.nan,
+                     "mean_words": float(cost.loc[cost["method"] == method, "mean_words"].mean())})
+    return pd.DataFrame(rows)
+
+
+def conclusion(
+    diff: dict[str, Any],
+    what: str,
+    *,
+    unit: str = "points",
+    scale: float = 100.0,
+    digits: int = 1,
+    words: tuple[str, str] = ("gain", "loss"),
+) -> str:
+    """One sentence from a difference with a 95% CI (a `paired_difference` dict, or any dict with
+    `mean`, `lo`, `hi` and optionally `n_seeds`, `n_examples`, `ci_over`).
+
+    Rates are in [0, 1], so the default `scale=100` writes points. The verdict comes from the CI alone: above 0 is a
+    detectable gain, below 0 a detectable loss, straddling 0 "no detectable effect at this size" (not "no effect":
+    a small effect may hide in a wide CI). A CI over seeds only, from one seed, gives no verdict.
+
+    >>> conclusion({"mean": 0.05, "lo": 0.02, "hi": 0.08, "n_seeds": 3, "n_examples": 200}, "MIPO - prompting")
+    'MIPO - prompting: +5.0 points [95% CI +2.0, +8.0]; the CI excludes 0: a detectable gain (3 seeds x 200 examples).'
+    """
+    mean, lo, hi = (float(diff.get(k, float("nan"))) for k in ("mean", "lo", "hi"))
+    if not all(map(math.isfinite, (mean, lo, hi))):
+        return f"{what}: not computable (no finite values)."
+    n_seeds, n_ex = diff.get("n_seeds"), diff.get("n_examples")
+    size = []
+    if n_seeds is not None:
+        size.append(f"{int(n_seeds)} seed{'s' if int(n_seeds) != 1 else ''}")
+    if n_ex is not None:
+        size.append(f"{int(n_ex)} examples")
+    size_text = f" ({' x '.join(size)})" if size else ""
+    biggest = max(abs(scale * mean), abs(scale * lo), abs(scale * hi))
+    while 0 < biggest < 10 ** (1 - digits) and digits < 6:  # tiny values: more decimals, so "+0.0" never hides them
+        digits += 1
+    fmt = f"{{:+.{digits}f}}"
+    unit_text = f" {unit}" if unit else ""
+    head = f"{what}: {fmt.format(scale * mean)}{unit_text} [95% CI {fmt.format(scale * lo)}, {fmt.format(scale * hi)}]"
+    if diff.get("ci_over") == "seeds" and n_seeds is not None and int(n_seeds) < 2:
+        return f"{head}; one seed only, so no CI over seeds: no conclusion{size_text}."
+    if diff.get("deterministic"):
+        return f"{head}; both sides are identical in every seed (deterministic methods), so the CI over seeds is " \
+               f"degenerate: one measured difference, no verdict{size_text}."
+    if lo > 0:
+        return f"{head}; the CI excludes 0: a detectable {words[0]}{size_text}."
+    if hi < 0:
+        return f"{head}; the CI excludes 0: a detectable {words[1]}{size_text}."
+    return f"{head}; the CI includes 0: no detectable effect at this size{size_text}."
+
+
+def default_comparisons() -> tuple[tuple[str, str], ...]:
+    """The paired differences of the results table, read from the method registry: every preference-optimized
+    (DPO-trained) method against every other registered method that sees the user's context, in display order.
+
+    For the built-in methods: MIPO against the paper's main baseline (prompting), SFT and its decoding twin (CAD).
+    The context-free base model is left out: it answers another question, so a gain over it says nothing about MIPO.
+    """
+    treated = [m for m in registry.trained() if m.training == "dpo"]
+    return tuple((a.name, b.name) for a in treated for b in registry.all_methods()
+                 if b.with_context and b.training != "dpo")
+
 
 RESULTS_COLUMNS: tuple[str, ...] = (
     "kind", "task", "method", "baseline", "seed", "n", "n_seeds", "rate", "baseline_rate", "mean_words",
@@ -364,7 +469,7 @@ RESULTS_COLUMNS: tuple[str, ...] = (
 
 def results_table(
     records: pd.DataFrame,
-    comparisons: Sequence[tuple[str, str]] = COMPARISONS,
+    comparisons: Sequence[tuple[str, str]] | None = None,
     n_boot: int = 10_000,
     seed: int = 0,
     ci: float = 0.95,
@@ -374,14 +479,15 @@ def results_table(
     Rows with `kind == "per_seed"` are `per_seed_metrics` (method, seed, n, rate, mean_words); rows with
     `kind == "paired_difference"` are `paired_difference(records, method, baseline)` per task (seed empty, `n` the
     number of paired examples, `rate` / `baseline_rate` the two methods' rates, `diff*` and `rel_*` with their CIs).
-    Comparisons whose methods are not both in the records are skipped.
+    `comparisons` defaults to `default_comparisons()`; those whose methods are not both in the records are skipped.
     """
     _check_columns(records, _RECORD_COLUMNS, "records")
+    pairs = default_comparisons() if comparisons is None else comparisons
     per = per_seed_metrics(records).assign(kind="per_seed", baseline="", n_seeds=1)
     rows = []
     for task, sub in records.groupby("task", sort=True):
         present = set(sub["method"])
-        for a, b in comparisons:
+        for a, b in pairs:
             if a not in present or b not in present:
                 continue
             d = paired_difference(sub, a, b, n_boot=n_boot, seed=seed, ci=ci)
@@ -544,6 +650,55 @@ def win_rates(policy_scores: Sequence[float] | np.ndarray, reference_scores: Seq
         "loss": float(np.mean(p < r)),
         "n": int(p.size),
     }
+
+
+def _paired_scores(records: pd.DataFrame, a: str, b: str) -> list[tuple[Any, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per seed: (seed, example ids, scores of a, scores of b) on their common examples, both scores finite.
+    A method stored with one seed (deterministic) is paired with every seed of the other."""
+    pa = records[records["method"] == a].pivot(index="example_id", columns="seed", values="score")
+    pb = records[records["method"] == b].pivot(index="example_id", columns="seed", values="score")
+    if pa.empty or pb.empty:
+        raise MipoError(f"a win-rate comparison needs records of both {a!r} and {b!r}")
+    out = []
+    for s in sorted(set(pa.columns) | set(pb.columns)):
+        sa = pa[s] if s in pa.columns else pa.iloc[:, 0]
+        sb = pb[s] if s in pb.columns else pb.iloc[:, 0]
+        common = sa.index.intersection(sb.index)
+        x, y = sa.loc[common].to_numpy(float), sb.loc[common].to_numpy(float)
+        ok = np.isfinite(x) & np.isfinite(y)
+        out.append((s, np.asarray(common)[ok], x[ok], y[ok]))
+    return out
+
+
+def win_rates_per_seed(records: pd.DataFrame, a: str = "MIPO", b: str = "prompting") -> pd.DataFrame:
+    """`win_rates` (the function the LLM-judge path applies to 1-5 scores) on each seed's paired scores."""
+    return pd.DataFrame([{"seed": s, **win_rates(x, y)} for s, _, x, y in _paired_scores(records, a, b)])
+
+
+WIN_TIE_METRICS: tuple[str, ...] = ("win-or-tie", "strict win", "tie", "loss")
+
+
+def win_tie_frame(records: pd.DataFrame, a: str = "MIPO", b: str = "prompting") -> pd.DataFrame:
+    """Per (seed, example) outcome of `a` against `b` on the same example, as 0/1 indicators in long form:
+    `metric` in `WIN_TIE_METRICS`, `score` 0/1, so `hierarchical_bootstrap(..., unit="metric")` gives each rate a CI
+    over seeds and examples."""
+    rows = []
+    for s, ids, x, y in _paired_scores(records, a, b):
+        for metric, ind in zip(WIN_TIE_METRICS, (x >= y, x > y, x == y, x < y)):
+            rows.append(pd.DataFrame({"seed": s, "example_id": ids, "metric": metric, "score": ind.astype(float)}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def win_tie_table(records: pd.DataFrame, a: str = "MIPO", b: str = "prompting", n_boot: int = 5_000, seed: int = 0) -> pd.DataFrame:
+    """Win-or-tie, strict-win, tie and loss rates of `a` vs `b` with CIs over seeds and examples (`per_seed` equals
+    `win_rates_per_seed`)."""
+    frame = win_tie_frame(records, a, b)
+    rows = []
+    for metric in WIN_TIE_METRICS:
+        h = hierarchical_bootstrap(frame, metric, n_boot=n_boot, seed=seed, unit="metric")
+        rows.append({"metric": metric, "rate": h["mean"], "lo": h["lo"], "hi": h["hi"], "per_seed": h["per_seed"],
+                     "n_seeds": h["n_seeds"], "n_examples": h["n_examples"]})
+    return pd.DataFrame(rows)
 
 
 def load_reported_gains(path: str | None = None) -> pd.DataFrame:

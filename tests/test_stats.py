@@ -248,6 +248,99 @@ def test_win_rates_ties_count_as_wins():
         stats.win_rates([1, 2], [1])
 
 
+def test_win_tie_table_matches_win_rates_per_seed():
+    records = make_records({"MIPO": 0.45, "prompting": 0.25})
+    table = stats.win_tie_table(records, n_boot=300).set_index("metric")
+    per_seed = stats.win_rates_per_seed(records)
+    assert list(table.index) == list(stats.WIN_TIE_METRICS) and len(per_seed) == 3
+    for metric, column in zip(stats.WIN_TIE_METRICS, ("win_or_tie", "strict_win", "tie", "loss")):
+        np.testing.assert_allclose(table.loc[metric, "per_seed"], per_seed[column].to_numpy())
+    assert table.loc["win-or-tie", "rate"] == pytest.approx(table.loc["strict win", "rate"] + table.loc["tie", "rate"])
+    assert math.isclose(table.loc["win-or-tie", "rate"] + table.loc["loss", "rate"], 1.0)
+    # a method that changed nothing wins-or-ties every time and never strictly wins
+    same = records[records.method == "prompting"]
+    w = stats.win_rates_per_seed(pd.concat([same, same.assign(method="MIPO")]))
+    assert (w["win_or_tie"] == 1.0).all() and (w["strict_win"] == 0.0).all()
+
+
+def test_win_rates_pair_a_deterministic_method_with_every_seed_and_need_both():
+    records = make_records({"MIPO": 0.45, "prompting": 0.25}, deterministic=("prompting",))
+    assert stats.win_rates_per_seed(records)["seed"].tolist() == [0, 1, 2]
+    with pytest.raises(MipoError, match="records of both"):
+        stats.win_tie_table(records, "MIPO", "SFT")
+
+
+@pytest.mark.parametrize(
+    "diff,expected",
+    [
+        ({"mean": 0.05, "lo": 0.02, "hi": 0.08, "n_seeds": 3, "n_examples": 200}, "the CI excludes 0: a detectable gain"),
+        ({"mean": 0.01, "lo": -0.02, "hi": 0.04, "n_seeds": 3, "n_examples": 200}, "the CI includes 0: no detectable effect at this size"),
+        ({"mean": -0.05, "lo": -0.08, "hi": -0.01, "n_seeds": 3, "n_examples": 200}, "the CI excludes 0: a detectable loss"),
+        ({"mean": 0.0, "lo": 0.0, "hi": 0.0, "n_seeds": 1, "n_examples": 20}, "the CI includes 0: no detectable effect"),
+        ({"mean": 0.3, "lo": 0.3, "hi": 0.3, "n_seeds": 1, "ci_over": "seeds"}, "one seed only, so no CI over seeds"),
+        ({"mean": float("nan"), "lo": float("nan"), "hi": float("nan")}, "not computable"),
+    ],
+)
+def test_conclusion_wording(diff, expected):
+    text = stats.conclusion(diff, "MIPO - prompting")
+    assert text.startswith("MIPO - prompting: ") and expected in text
+
+
+def test_conclusion_numbers_and_units():
+    text = stats.conclusion({"mean": 0.053, "lo": 0.021, "hi": 0.084, "n_seeds": 3, "n_examples": 200}, "gain")
+    assert text == "gain: +5.3 points [95% CI +2.1, +8.4]; the CI excludes 0: a detectable gain (3 seeds x 200 examples)."
+    kl = stats.conclusion({"mean": 1.5, "lo": 0.9, "hi": 2.2}, "KL", unit="nats", scale=1.0, digits=2,
+                          words=("increase", "decrease"))
+    assert kl == "KL: +1.50 nats [95% CI +0.90, +2.20]; the CI excludes 0: a detectable increase."
+    tiny = stats.conclusion({"mean": 0.0004, "lo": 0.0001, "hi": 0.0007}, "tiny")
+    assert tiny.startswith("tiny: +0.040 points [95% CI +0.010, +0.070]")  # more decimals, never "+0.0"
+
+
+def test_seed_difference_is_over_seeds():
+    d = stats.seed_difference([0.5, 0.6, 0.55], [0.3, 0.3, 0.3], n_boot=500)
+    assert d["ci_over"] == "seeds" and d["n_seeds"] == 3 and d["lo"] > 0
+    assert "detectable gain" in stats.conclusion(d, "distinct-2") and not d["deterministic"]
+    fixed = stats.seed_difference([0.5, 0.5, 0.5], [0.3, 0.3, 0.3], n_boot=200)  # two deterministic methods
+    assert fixed["deterministic"] and fixed["lo"] == fixed["hi"]
+    assert "no verdict" in stats.conclusion(fixed, "distinct-2") and "detectable" not in stats.conclusion(fixed, "x")
+    assert stats.seed_difference([np.nan], [0.3])["n_seeds"] == 0
+
+
+def test_kl_table_per_variant_over_seeds_and_prompts():
+    rng = np.random.default_rng(0)
+    kl = pd.DataFrame([{"variant": v, "seed": s, "example_id": e, "kl": rng.normal(mu, 0.2)}
+                       for v, mu in (("beta=0.05", 2.0), ("beta=0.3", 0.5)) for s in (0, 1, 2) for e in range(30)])
+    table = stats.kl_table(kl, ["beta=0.05", "beta=0.3", "absent"], n_boot=300).set_index("variant")
+    assert list(table.index) == ["beta=0.05", "beta=0.3"] and (table["n_prompts"] == 30).all()
+    assert (table["lo"] <= table["mean"]).all() and (table["mean"] <= table["hi"]).all()
+    assert table.loc["beta=0.3", "hi"] < table.loc["beta=0.05", "lo"] and len(table.loc["beta=0.3", "per_seed"]) == 3
+
+
+def test_cost_summary_ratio_to_mipo_in_display_order():
+    cost = pd.DataFrame([{"method": m, "seed": s, "s_per_prompt": t * (1 + 0.1 * s), "mean_words": 10.0}
+                         for m, t in (("CAD", 0.2), ("MIPO", 0.1), ("prompting", 0.1)) for s in (0, 1, 2)])
+    out = stats.cost_summary(cost, n_boot=200).set_index("method")
+    assert list(out.index) == ["prompting", "MIPO", "CAD"]
+    assert out.loc["MIPO", "x_mipo"] == pytest.approx(1.0) and out.loc["CAD", "x_mipo"] == pytest.approx(2.0)
+    assert (out["n_seeds"] == 3).all() and (out["lo"] <= out["s_per_prompt"]).all()
+
+
+def test_default_comparisons_read_the_method_registry():
+    from mipo_lib import methods
+
+    assert stats.default_comparisons() == (("MIPO", "prompting"), ("MIPO", "SFT"), ("MIPO", "CAD"))
+    methods.register_method("MIPO-long", slug="mipo_long", training="dpo", colour="#123456")
+    try:
+        added = stats.default_comparisons()
+        assert ("MIPO-long", "prompting") in added and ("MIPO", "MIPO-long") not in added
+        records = make_records({"MIPO-long": 0.5, "prompting": 0.25}, deterministic=("prompting",))
+        paired = stats.results_table(records, n_boot=100).query("kind == 'paired_difference'")
+        assert paired[["method", "baseline"]].values.tolist() == [["MIPO-long", "prompting"]]
+    finally:
+        methods.unregister_method("MIPO-long")
+    assert stats.default_comparisons() == (("MIPO", "prompting"), ("MIPO", "SFT"), ("MIPO", "CAD"))
+
+
 def test_reported_gains_csv():
     df = stats.load_reported_gains()
     assert len(df) >= 8
