@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +147,13 @@ def jitter(n: int, width: float = 0.18) -> np.ndarray:
     return np.zeros(1) if n == 1 else np.linspace(-width, width, n)
 
 
+def _seed_dots(ax: Any, x: float, values: Sequence[float], col: str, width: float = 0.16) -> None:
+    """One white dot per seed around `x`, edged in `col` (spread by `jitter`, drawn above bars and error bars)."""
+    v = np.asarray(values, dtype=float)
+    if v.size:
+        ax.scatter(x + jitter(v.size, width), v, s=22, color="white", edgecolor=col, lw=1.2, zorder=4)
+
+
 def subplots(nrows: int, ncols: int, figsize: tuple[float, float]) -> tuple[Any, Any]:
     """plt.subplots in the workbook's style, always a 2-D axes array (so plotting code indexes one way)."""
     import matplotlib.pyplot as plt
@@ -261,28 +268,31 @@ def _curve(ax: Any, log: pd.DataFrame, column: str, col: str, label: str, n_boot
 
 
 def plot_training_curves(train_log: pd.DataFrame, meta: dict[str, Any], n_boot: int = 1_000, seed: int = 0) -> Any:
-    """MIPO loss, reward margin and reward accuracy vs step, and SFT loss: mean over seeds, band, per-seed lines.
+    """DPO loss, reward margin and reward accuracy vs step, and SFT loss: mean over seeds, band, per-seed lines.
 
-    Reference lines teach the sanity checks: an untrained DPO loss is log 2 = 0.693 with margin 0, and a reward
-    accuracy of 0.5 is chance.
+    The methods come from the registry (`mipo_lib.methods`): every DPO-trained method (MIPO) in the three DPO
+    panels, every SFT-trained one in the SFT panel, each in its colour. Reference lines teach the sanity checks: an
+    untrained DPO loss is log 2 = 0.693 with margin 0, and a reward accuracy of 0.5 is chance.
     """
     fig, axes = subplots(2, 2, (10.0, 6.6))
-    mipo = train_log[train_log["method"] == "MIPO"]
-    sft = train_log[train_log["method"] == "SFT"]
+    methods = {t: [m.name for m in registry.trained() if m.training == t] for t in registry.TRAININGS}
+    names = {t: " / ".join(found) or t.upper() for t, found in methods.items()}
     panels = [
-        (axes[0, 0], mipo, "loss", "MIPO (DPO) loss", "MIPO"),
-        (axes[0, 1], mipo, "rewards/margins", "MIPO reward margin (chosen - rejected)", "MIPO"),
-        (axes[1, 0], mipo, "rewards/accuracies", "MIPO reward accuracy", "MIPO"),
-        (axes[1, 1], sft, "loss", "SFT loss", "SFT"),
+        (axes[0, 0], "dpo", "loss", f"{names['dpo']} (DPO) loss"),
+        (axes[0, 1], "dpo", "rewards/margins", f"{names['dpo']} reward margin (chosen - rejected)"),
+        (axes[1, 0], "dpo", "rewards/accuracies", f"{names['dpo']} reward accuracy"),
+        (axes[1, 1], "sft", "loss", f"{names['sft']} loss"),
     ]
-    for ax, log, column, title, method in panels:
-        ok = _curve(ax, log, column, colour(method), method, n_boot, seed)
+    for ax, training, column, title in panels:
+        drawn = [_curve(ax, train_log[train_log["method"] == m], column, colour(m), m, n_boot, seed)
+                 for m in methods[training]]
         ax.set_title(title, fontsize=11)
         ax.set_xlabel("step")
-        if not ok:
-            ax.text(0.5, 0.5, f"not logged ({method})", ha="center", va="center", transform=ax.transAxes, color="gray")
+        if not any(drawn):
+            ax.text(0.5, 0.5, f"not logged ({names[training]})", ha="center", va="center", transform=ax.transAxes,
+                    color="gray")
             continue
-        if method == "MIPO" and column == "loss":
+        if training == "dpo" and column == "loss":
             ax.axhline(math.log(2), color="gray", ls="--", lw=1, label="log 2 = 0.693 (untrained)")
             ax.legend(fontsize=8)
         elif column == "rewards/margins":
@@ -322,8 +332,7 @@ def plot_pmi_shift(pmi: pd.DataFrame, meta: dict[str, Any], n_boot: int = 5_000,
         h = stats.hierarchical_bootstrap(pmi, m, n_boot=n_boot, seed=seed, value="pmi", unit="model")
         ax_p.errorbar(i, h["mean"], yerr=[[h["mean"] - h["lo"]], [h["hi"] - h["mean"]]], fmt="o", color=c, ms=9,
                       capsize=6, lw=1.6, zorder=3)
-        ps = np.asarray(h["per_seed"])
-        ax_p.scatter(i + jitter(len(ps)), ps, s=22, color="white", edgecolor=c, lw=1.2, zorder=4)
+        _seed_dots(ax_p, i, h["per_seed"], c, width=0.18)
     ax_h.axvline(0.0, color="black", lw=0.8)
     ax_h.set_xlabel("base-model PMI of the response (nats)")
     ax_h.set_ylabel("density")
@@ -440,5 +449,160 @@ def plot_diversity(div_df: pd.DataFrame, meta: dict[str, Any], n_boot: int = 2_0
                         n_seeds=meta.get("n_seeds", n_seeds), n_examples=meta.get("n_examples", n_ex),
                         extra="Metrics over all responses of a seed; Self-BLEU: smoothed 4-gram BLEU of each reply "
                         "against the others (subsampled to 200 replies, seeded).")
+    fig.tight_layout()
+    return _finish(fig, cap)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ablation figures (notebook 06): variants of MIPO, MIPO vs its decoding twin, win-or-tie vs strict win.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def plot_variants(
+    table: pd.DataFrame,
+    meta: dict[str, Any],
+    title: str,
+    baseline_row: dict[str, Any] | None = None,
+    reference: str | None = None,
+    kl: pd.DataFrame | None = None,
+) -> Any:
+    """An ablation at a glance: (left) MIPO's success rate per variant with the prompting baseline as a band,
+    (middle) paired differences vs prompting and vs the reference variant, (right, optional) KL to the base model.
+
+    `table` comes from `ablations.compare_variants`; `baseline_row` from `stats.hierarchical_bootstrap` of the
+    baseline; `kl` is a table with columns `variant, mean, lo, hi, per_seed` (see `stats.kl_table`). Bars/markers:
+    means; error bars: 95% CIs over seeds and examples; white dots: individual seeds.
+    """
+    n_panels = 3 if kl is not None else 2
+    labels = list(table["variant"])
+    fig, axes = subplots(1, n_panels, (4.2 * n_panels + 0.6, 4.3))
+    ax_r, ax_d = axes[0, 0], axes[0, 1]
+    mipo_c = colour("MIPO")
+    if baseline_row is not None:
+        ax_r.axhspan(100 * baseline_row["lo"], 100 * baseline_row["hi"], color=PALETTE["prompting"], alpha=0.15, lw=0)
+        ax_r.axhline(100 * baseline_row["mean"], color=PALETTE["prompting"], ls="--", lw=1.3,
+                     label=f"prompting {100 * baseline_row['mean']:.1f}%")
+    top = 10.0
+    for i, r in table.reset_index(drop=True).iterrows():
+        mean, lo, hi = 100 * r["rate"], 100 * r["lo"], 100 * r["hi"]
+        ax_r.bar(i, mean, width=0.6, color=mipo_c, alpha=0.9 if r["variant"] == reference else 0.55, zorder=1)
+        ax_r.errorbar(i, mean, yerr=[[mean - lo], [hi - mean]], fmt="none", ecolor="black", capsize=5, lw=1.5, zorder=3)
+        _seed_dots(ax_r, i, 100 * np.asarray(r["per_seed"]), "black")
+        top = max(top, hi, *(100 * np.asarray(r["per_seed"])))
+    ax_r.set_xticks(range(len(labels)), labels, rotation=15 if len(labels) > 2 else 0)
+    ax_r.set_ylim(0, top * 1.3 + 5)
+    ax_r.set_ylabel("MIPO success rate (%)")
+    ax_r.set_title(title, fontsize=11)
+    if baseline_row is not None:
+        ax_r.legend(fontsize=8, loc="upper left")
+    for key, marker, shift, name in (("gain", "o", -0.12, "vs prompting"), ("vs_ref", "s", 0.12, f"vs {reference}")):
+        first = True
+        for i, r in table.reset_index(drop=True).iterrows():
+            if not np.isfinite(r[key]):
+                continue
+            m, lo, hi = 100 * r[key], 100 * r[f"{key}_lo"], 100 * r[f"{key}_hi"]
+            face = mipo_c if key == "gain" else "white"
+            ax_d.errorbar(i + shift, m, yerr=[[m - lo], [hi - m]], fmt=marker, color=mipo_c, mfc=face, ms=7, capsize=4,
+                          lw=1.4, zorder=3, label=name if first else None)
+            ps = 100 * np.asarray(r[f"{key}_per_seed"], dtype=float)
+            ax_d.scatter(np.full(ps.shape, i + shift) + jitter(ps.size, 0.05), ps, s=14, color="gray", zorder=4)
+            first = False
+    ax_d.axhline(0.0, color="black", lw=0.8)
+    ax_d.set_xticks(range(len(labels)), labels, rotation=15 if len(labels) > 2 else 0)
+    ax_d.set_xlim(-0.6, len(labels) - 0.4)
+    ax_d.set_ylabel("paired difference (points)")
+    ax_d.set_title("Paired differences, same examples", fontsize=11)
+    if ax_d.get_legend_handles_labels()[0]:
+        ax_d.legend(fontsize=8)
+    if kl is not None:
+        ax_k = axes[0, 2]
+        for i, v in enumerate(labels):
+            sub = kl[kl["variant"] == v]
+            if sub.empty:
+                continue
+            r = sub.iloc[0]
+            ax_k.errorbar(i, r["mean"], yerr=[[r["mean"] - r["lo"]], [r["hi"] - r["mean"]]], fmt="D", color=mipo_c,
+                          ms=7, capsize=5, lw=1.5, zorder=3)
+            _seed_dots(ax_k, i, r["per_seed"], mipo_c)
+        ax_k.axhline(0.0, color="black", lw=0.8)
+        ax_k.set_xticks(range(len(labels)), labels)
+        ax_k.set_xlim(-0.6, len(labels) - 0.4)
+        ax_k.set_ylabel("KL(policy || base) per prompt (nats)")
+        ax_k.set_title("How far the policy moved", fontsize=11)
+    extra = (f"Left: bars = MIPO mean, dashed line and band = prompting (no training) with its CI. "
+             f"{'Middle' if kl is not None else 'Right'}: paired differences on the same examples (filled: vs "
+             f"prompting; open: vs the reference variant {reference}); grey dots: seeds.")
+    if kl is not None:
+        extra += (f"\nRight: Monte-Carlo KL, one sampled reply (temperature 1) per prompt on "
+                  f"{meta.get('kl_prompts', '?')} held-out prompts; bars: 95% CI over seeds and prompts.")
+    cap = _meta_caption(meta, extra=extra)
+    fig.tight_layout()
+    return _finish(fig, cap)
+
+
+def plot_twin(records: pd.DataFrame, cost: pd.DataFrame, meta: dict[str, Any], n_boot: int = 5_000, seed: int = 0) -> Any:
+    """MIPO vs context-aware decoding: (left) success rate of prompting, MIPO and CAD with the paired MIPO - CAD
+    difference, (right) generation cost in seconds per prompt (same prompts, same batch size; from
+    `ablations.generation_cost`)."""
+    fig, axes = subplots(1, 2, (10.0, 4.3))
+    ax_q, ax_c = axes[0]
+    methods = [m for m in ("prompting", "MIPO", "CAD") if m in set(records["method"])]
+    top = 10.0
+    for i, m in enumerate(methods):
+        h = stats.hierarchical_bootstrap(records, m, n_boot=n_boot, seed=seed)
+        mean, lo, hi = 100 * h["mean"], 100 * h["lo"], 100 * h["hi"]
+        ax_q.bar(i, mean, width=0.6, color=colour(m), alpha=0.85)
+        ax_q.errorbar(i, mean, yerr=[[mean - lo], [hi - mean]], fmt="none", ecolor="black", capsize=5, lw=1.5)
+        _seed_dots(ax_q, i, 100 * np.asarray(h["per_seed"]), "black")
+        top = max(top, hi)
+    ax_q.set_xticks(range(len(methods)), methods)
+    ax_q.set_ylim(0, top * 1.35 + 6)
+    ax_q.set_ylabel("success rate (%)")
+    ax_q.set_title("Quality", fontsize=11)
+    if {"MIPO", "CAD"} <= set(methods):
+        d = stats.paired_difference(records, "MIPO", "CAD", n_boot=n_boot, seed=seed)
+        ax_q.text(0.03, 0.97, f"MIPO - CAD (paired): {100 * d['mean']:+.1f} pts\n[95% CI {100 * d['lo']:+.1f}, "
+                  f"{100 * d['hi']:+.1f}]", transform=ax_q.transAxes, va="top", fontsize=9,
+                  bbox={"boxstyle": "round", "fc": "white", "ec": "gray"})
+    summary = stats.cost_summary(cost, n_boot=n_boot, seed=seed)
+    for i, r in summary.reset_index(drop=True).iterrows():
+        ax_c.bar(i, r["s_per_prompt"], width=0.6, color=colour(r["method"]), alpha=0.85)
+        ax_c.errorbar(i, r["s_per_prompt"], yerr=[[r["s_per_prompt"] - r["lo"]], [r["hi"] - r["s_per_prompt"]]],
+                      fmt="none", ecolor="black", capsize=5, lw=1.5)
+        _seed_dots(ax_c, i, cost.loc[cost["method"] == r["method"], "s_per_prompt"].to_numpy(float), "black")
+        top_c = max(r["hi"], float(cost.loc[cost["method"] == r["method"], "s_per_prompt"].max()))
+        ax_c.text(i, top_c * 1.04, f"{r['x_mipo']:.2f}x", ha="center", va="bottom", fontsize=9)
+    ax_c.set_xticks(range(len(summary)), list(summary["method"]))
+    ax_c.set_ylim(0, float(cost["s_per_prompt"].max()) * 1.25)
+    ax_c.set_ylabel("seconds per prompt (greedy)")
+    ax_c.set_title("Generation cost (ratio to MIPO on top)", fontsize=11)
+    cap = _meta_caption(meta, bars="95% bootstrap CI over seeds and examples (left), over seeds (right)",
+                        extra=f"CAD strength a = 1/beta = {meta.get('cad_alpha', '?')}. Cost: wall-clock seconds per "
+                        f"prompt on {meta.get('cost_prompts', '?')} held-out prompts, best of repeated timings per seed "
+                        "(shared machine: timings vary); prompting and CAD use the base model, MIPO the merged adapter.")
+    fig.tight_layout()
+    return _finish(fig, cap)
+
+
+_WIN_TIE_COLOURS = {"win-or-tie": "#55a868", "strict win": "#2d6a3e", "tie": "#9e9e9e", "loss": "#c44e52"}
+
+
+def plot_win_rates(table: pd.DataFrame, meta: dict[str, Any], a: str = "MIPO", b: str = "prompting") -> Any:
+    """Win-or-tie, strict win, tie and loss of `a` vs `b` (`stats.win_tie_table`): bars = mean, error bars = CI,
+    dots = seeds."""
+    fig, axes = subplots(1, 1, (6.4, 4.2))
+    ax = axes[0, 0]
+    for i, r in table.reset_index(drop=True).iterrows():
+        mean, lo, hi = 100 * r["rate"], 100 * r["lo"], 100 * r["hi"]
+        ax.bar(i, mean, width=0.6, color=_WIN_TIE_COLOURS.get(r["metric"], "gray"), alpha=0.85)
+        ax.errorbar(i, mean, yerr=[[mean - lo], [hi - mean]], fmt="none", ecolor="black", capsize=5, lw=1.5)
+        _seed_dots(ax, i, 100 * np.asarray(r["per_seed"]), "black")
+        ax.text(i, hi + 1.5, f"{mean:.1f}%", ha="center", va="bottom", fontsize=9)
+    ax.set_xticks(range(len(table)), list(table["metric"]))
+    ax.set_ylim(0, 115)
+    ax.set_ylabel(f"share of prompts (%), {a} vs {b}")
+    ax.set_title(f"{a} vs {b}: ties counted as wins or not", fontsize=11)
+    cap = _meta_caption(meta, extra="Scores here are the program judge's 0/1 (satisfied or not), so a tie means both "
+                        "failed or both passed; the paper's LLM judge scores 1-5 and needs a GPU preset.")
     fig.tight_layout()
     return _finish(fig, cap)

@@ -90,15 +90,37 @@ def _train_log() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _titles(fig) -> list[str]:
+    return [ax.get_title() for ax in fig.axes]
+
+
 def test_plot_training_curves(tmp_path):
     fig = plots.plot_training_curves(_train_log(), META)
-    assert len(fig.axes) == 4
+    assert _titles(fig) == ["MIPO (DPO) loss", "MIPO reward margin (chosen - rejected)", "MIPO reward accuracy",
+                            "SFT loss"]
     _save(fig, "training", tmp_path)
 
 
 def test_plot_training_curves_without_sft(tmp_path):
     log = _train_log()
-    _save(plots.plot_training_curves(log[log.method == "MIPO"], META), "training_nosft", tmp_path)
+    fig = plots.plot_training_curves(log[log.method == "MIPO"], META)
+    assert [t.get_text() for t in fig.axes[3].texts] == ["not logged (SFT)"]
+    _save(fig, "training_nosft", tmp_path)
+
+
+def test_plot_training_curves_draw_every_registered_trained_method():
+    from mipo_lib import methods
+
+    log = _train_log()
+    methods.register_method("MIPO-long", slug="mipo_long", training="dpo", colour="#123456")
+    try:
+        fig = plots.plot_training_curves(pd.concat([log, log[log.method == "MIPO"].assign(method="MIPO-long")]), META)
+    finally:
+        methods.unregister_method("MIPO-long")
+    assert _titles(fig)[0] == "MIPO / MIPO-long (DPO) loss"
+    colours = {matplotlib.colors.to_hex(line.get_color()) for line in fig.axes[0].lines}
+    assert {"#123456", plots.PALETTE["MIPO"]} <= colours and "#123456" not in {
+        matplotlib.colors.to_hex(line.get_color()) for line in fig.axes[3].lines}
 
 
 def test_plot_pmi_shift(tmp_path):
@@ -127,3 +149,42 @@ def test_plot_reported_vs_reproduced(records, tmp_path):
 def test_plot_diversity(records, tmp_path):
     div = stats.diversity_table(records, sample=20)
     _save(plots.plot_diversity(div, META, n_boot=200), "diversity", tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------- ablation figures
+def _variant_records(records: pd.DataFrame) -> pd.DataFrame:
+    """MIPO as the variant "K=2" next to the prompting baseline, as `ablations.run_variants` returns them."""
+    both = records[records.method.isin(["MIPO", "prompting"])]
+    return both.assign(variant=both.method.map({"MIPO": "K=2", "prompting": "prompting"}))
+
+
+def test_plot_variants_with_kl(records, tmp_path):
+    from mipo_lib import ablations
+
+    variants = _variant_records(records)
+    table = ablations.compare_variants(variants, ["K=2"], reference=None, n_boot=200)
+    base = stats.hierarchical_bootstrap(variants, "prompting", n_boot=200, unit="variant")
+    kl = pd.DataFrame({"variant": ["K=2"], "mean": [1.0], "lo": [0.5], "hi": [1.5], "per_seed": [[0.9, 1.0, 1.1]]})
+    fig = plots.plot_variants(table, {**META, "kl_prompts": 30}, "K", baseline_row=base, reference="K=2", kl=kl)
+    assert len(fig.axes) == 3 and _titles(fig)[2] == "How far the policy moved"
+    assert fig.mipo_caption.startswith("Preset smoke | tiny-random | task: personalization | 3 seeds x 40")
+    assert "on 30 held-out prompts" in fig.mipo_caption
+    _save(fig, "variants", tmp_path)
+    assert len(plots.plot_variants(table, META, "K").axes) == 2  # without KL: two panels
+
+
+def test_plot_twin(records, tmp_path):
+    cost = pd.DataFrame([{"method": m, "seed": s, "n_prompts": 6, "s_per_prompt": t + 0.01 * s, "mean_words": 9.0}
+                         for m, t in (("prompting", 0.1), ("MIPO", 0.1), ("CAD", 0.2)) for s in (0, 1, 2)])
+    fig = plots.plot_twin(records, cost, {**META, "cad_alpha": "10", "cost_prompts": 6}, n_boot=200)
+    assert any("MIPO - CAD (paired)" in t.get_text() for t in fig.axes[0].texts)
+    assert [t.get_text() for t in fig.axes[1].texts][1] == "1.00x"  # MIPO's own ratio
+    assert "a = 1/beta = 10" in fig.mipo_caption and "on 6 held-out prompts" in fig.mipo_caption
+    _save(fig, "twin", tmp_path)
+
+
+def test_plot_win_rates(records, tmp_path):
+    fig = plots.plot_win_rates(stats.win_tie_table(records, n_boot=200), META)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == list(stats.WIN_TIE_METRICS)
+    assert fig.mipo_caption.startswith("Preset smoke | tiny-random") and "needs a GPU preset" in fig.mipo_caption
+    _save(fig, "win_rates", tmp_path)
