@@ -1,24 +1,20 @@
-"""Ablations (mipo_lib.ablations): variant presets and their folders, K negatives, the Monte-Carlo KL to the base
-model, generation cost, win rates and the sentences that state each conclusion. Models: the smoke preset's tiny
-random model, 16 training prompts, 10 held-out prompts, one seed."""
+"""Ablations (mipo_lib.ablations): variant presets and their folders, K negatives, the cached KL to the base model and
+generation cost (their cache keys), the variant comparison and summary tables. Models: the smoke preset's tiny random
+model, 16 training prompts, 10 held-out prompts, one seed. The statistics and figures they use are tested in
+test_stats.py and test_plots.py, the sampled KL itself in test_sampled_kl.py."""
 
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import math
-
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
-from mipo_lib import ablations, pipeline, stats
+from mipo_lib import ablations, cache, pipeline, stats
 from mipo_lib.config import get_preset
 from mipo_lib.errors import MipoError
-from mipo_lib.models import load_for_preset, lora_config
 from mipo_lib.pairs import pairs_dir
-from mipo_lib.tasks import get_task
 
 SEED = 0
 
@@ -90,57 +86,43 @@ def test_k2_makes_twice_as_many_pairs_with_distinct_negatives(preset):
 
 
 # ------------------------------------------------------------------------------------------------------------ KL
-def test_sampled_kl_is_zero_when_the_policy_is_the_base(preset):
-    base, tok = load_for_preset(preset)
-    task = get_task(preset.task)
-    prompts = [task.prompt(e) for e in task.examples("test", 10)]
-    kw = dict(max_new_tokens=6, batch_size=5, seed=3)
-    same = ablations.sampled_kl(base, base, tok, prompts, **kw)
-    assert len(same) == 10 and (same["kl"] == 0).all() and np.isfinite(same["logp_base"]).all()
-
-    # an untrained LoRA adapter has B = 0: the policy is the base model, so the KL is ~0
-    from peft import get_peft_model
-
-    policy = get_peft_model(load_for_preset(preset)[0], lora_config(preset)).eval()
-    fresh = ablations.sampled_kl(policy, base, tok, prompts, **kw)
-    assert fresh["response"].tolist() == same["response"].tolist()  # same seed, same distribution: same samples
-    assert fresh["kl"].abs().max() < 1e-4
-
-
-def test_sampled_tokens_are_scored_as_sampled_from_the_unmodified_distribution(preset):
-    """The sampler must draw from the model's own distribution (no top-k/top-p from a generation config), and the
-    scorer must give the log-probability of exactly those tokens: then the Monte-Carlo KL is unbiased."""
-    from mipo_lib.generate import chat_prompt_ids
-
-    model, tok = load_for_preset(preset)
-    task = get_task(preset.task)
-    ids = [chat_prompt_ids(tok, task.prompt(e)) for e in task.examples("test", 10)[:3]]
-    completions = ablations.sample_token_ids(model, tok, ids, max_new_tokens=6, batch_size=1, seed=5)
-    scored = ablations.token_logprobs(model, ids, completions, tok.pad_token_id, batch_size=3)
-    for i, (p, c) in enumerate(zip(ids, completions)):
-        torch.manual_seed(0)
-        out = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                             max_new_tokens=len(c), do_sample=True, temperature=1.0, top_p=1.0,
-                             top_k=0, pad_token_id=tok.pad_token_id, output_scores=True, output_logits=True,
-                             return_dict_in_generate=True)
-        processed = torch.stack(out.scores, 1)[0]
-        raw = torch.stack(out.logits, 1)[0]
-        assert torch.isfinite(processed).all()  # nothing masked: the full distribution
-        torch.testing.assert_close(processed.log_softmax(-1), raw.float().log_softmax(-1))
-        # the scorer is a plain forward pass: check it against the model's logits on the sampled tokens
-        full = torch.tensor([p + c])
-        lp = model(input_ids=full).logits[0, len(p) - 1 : -1].float().log_softmax(-1)
-        assert abs(float(lp.gather(-1, torch.tensor(c)[:, None]).sum()) - scored[i]) < 1e-3
-
-
 def test_kl_to_base_is_finite_after_training_and_cached(preset):
     kl = ablations.kl_to_base(preset, SEED, n_prompts=10, progress=False)
     assert len(kl) == 10 and list(kl.columns[:4]) == ["seed", "example_id", "group", "kl"]
     assert np.isfinite(kl["kl"]).all() and (kl["n_tokens"] > 0).all()
     again = ablations.kl_to_base(preset, SEED, n_prompts=10, progress=False)
     np.testing.assert_allclose(again["kl"].to_numpy(), kl["kl"].to_numpy())
-    table = ablations.kl_table(kl.assign(variant="beta=0.1"), ["beta=0.1"], n_boot=200)
+    key = ablations.kl_key(preset, SEED, n_prompts=10)
+    stored = pipeline.variant_dir(preset, "eval") / f"kl-seed{SEED}-{key.digest}.jsonl"
+    assert stored.exists() and cache.reuse(stored, key)  # the key travels with the result
+    table = stats.kl_table(kl.assign(variant="beta=0.1"), ["beta=0.1"], n_boot=200)
     assert table.loc[0, "lo"] <= table.loc[0, "mean"] <= table.loc[0, "hi"]
+
+
+@pytest.mark.parametrize("key_of", [ablations.kl_key, ablations.cost_key], ids=["kl", "generation cost"])
+def test_measurement_keys_follow_their_stage_fields_the_adapter_and_the_prompts(preset, key_of):
+    """Keys come from the declared stage fields plus the MIPO adapter's key: a new beta (the adapter) or another
+    number of prompts recomputes, a setting neither reads (the SFT learning rate) reuses."""
+    base = key_of(preset, SEED, n_prompts=10)
+    assert base == key_of(preset, SEED, n_prompts=10) and base.stage in cache.STAGE_FIELDS
+    assert set(cache.STAGE_FIELDS[base.stage]) <= set(base.values)
+    assert key_of(preset, SEED, n_prompts=5) != base
+    assert key_of(preset, SEED + 1, n_prompts=10) != base
+    assert key_of(preset.with_overrides(beta=0.3), SEED, n_prompts=10) != base
+    assert key_of(preset.with_overrides(sft_learning_rate=1e-6), SEED, n_prompts=10) == base
+    assert key_of(preset, SEED, n_prompts=10 + preset.n_test_prompts) == base  # capped at the held-out prompts
+
+
+def test_kl_key_reads_the_token_cap_and_sampling_seed_and_cost_key_the_repeats(preset):
+    kl = ablations.kl_key(preset, SEED)
+    assert ablations.kl_key(preset, SEED, max_new_tokens=preset.eval_max_new_tokens) == kl
+    assert ablations.kl_key(preset, SEED, max_new_tokens=3) != kl and ablations.kl_key(preset, SEED, sample_seed=1) != kl
+    cost = ablations.cost_key(preset, SEED)
+    assert ablations.cost_key(preset, SEED, repeats=3) != cost
+    assert ablations.cost_key(preset.with_overrides(cad_alpha=2.0), SEED) != cost
+    # timings depend on the evaluation batch, the KL's samples do not (they use the generation batch)
+    assert ablations.cost_key(preset.with_overrides(eval_batch_size=3), SEED) != cost
+    assert ablations.kl_key(preset.with_overrides(eval_batch_size=3), SEED) == kl
 
 
 # ---------------------------------------------------------------------------------------------- runs and cost
@@ -161,11 +143,13 @@ def test_generation_cost_times_three_methods_on_the_same_prompts(preset):
     cost = ablations.generation_cost(preset, SEED, n_prompts=6, progress=False)
     assert sorted(cost["method"]) == ["CAD", "MIPO", "prompting"]
     assert (cost["n_prompts"] == 6).all() and (cost["s_per_prompt"] > 0).all()
-    summary = ablations.cost_summary(cost, n_boot=100)
+    summary = stats.cost_summary(cost, n_boot=100)
     assert summary.set_index("method").loc["MIPO", "x_mipo"] == pytest.approx(1.0)
+    again = ablations.generation_cost(preset, SEED, n_prompts=6, progress=False)  # timings are read back, not redone
+    pd.testing.assert_frame_equal(again, cost)
 
 
-# ------------------------------------------------------------------------------------------ statistics, words
+# --------------------------------------------------------------------------------------- comparison tables
 def _synthetic(rate_a: float, rate_b: float, n: int = 200, seeds=(0, 1, 2)) -> pd.DataFrame:
     rng = np.random.default_rng(0)
     rows = []
@@ -175,30 +159,6 @@ def _synthetic(rate_a: float, rate_b: float, n: int = 200, seeds=(0, 1, 2)) -> p
         b = (np.arange(n) < int(rate_b * n)).astype(float)
         rows.append(pd.DataFrame({"task": "t", "method": "prompting", "variant": "prompting", "seed": s, "example_id": range(n), "score": b}))
     return pd.concat(rows, ignore_index=True)
-
-
-@pytest.mark.parametrize(
-    "diff,expected",
-    [
-        ({"mean": 0.05, "lo": 0.02, "hi": 0.08, "n_seeds": 3, "n_examples": 200}, "the CI excludes 0: a detectable gain"),
-        ({"mean": 0.01, "lo": -0.02, "hi": 0.04, "n_seeds": 3, "n_examples": 200}, "the CI includes 0: no detectable effect at this size"),
-        ({"mean": -0.05, "lo": -0.08, "hi": -0.01, "n_seeds": 3, "n_examples": 200}, "the CI excludes 0: a detectable loss"),
-        ({"mean": 0.0, "lo": 0.0, "hi": 0.0, "n_seeds": 1, "n_examples": 20}, "the CI includes 0: no detectable effect"),
-        ({"mean": 0.3, "lo": 0.3, "hi": 0.3, "n_seeds": 1, "ci_over": "seeds"}, "one seed only, so no CI over seeds"),
-        ({"mean": float("nan"), "lo": float("nan"), "hi": float("nan")}, "not computable"),
-    ],
-)
-def test_conclusion_wording(diff, expected):
-    text = ablations.conclusion(diff, "MIPO - prompting")
-    assert text.startswith("MIPO - prompting: ") and expected in text
-
-
-def test_conclusion_numbers_and_units():
-    text = ablations.conclusion({"mean": 0.053, "lo": 0.021, "hi": 0.084, "n_seeds": 3, "n_examples": 200}, "gain")
-    assert text == "gain: +5.3 points [95% CI +2.1, +8.4]; the CI excludes 0: a detectable gain (3 seeds x 200 examples)."
-    kl = ablations.conclusion({"mean": 1.5, "lo": 0.9, "hi": 2.2}, "KL", unit="nats", scale=1.0, digits=2,
-                              words=("increase", "decrease"))
-    assert kl == "KL: +1.50 nats [95% CI +0.90, +2.20]; the CI excludes 0: a detectable increase."
 
 
 def test_compare_variants_finds_a_real_gain_and_a_null():
@@ -221,43 +181,3 @@ def test_summary_table_carries_every_variant_with_its_cis_and_the_kl():
     assert np.isnan(k["vs_reference"]) and np.isnan(k["kl_nats"])  # no reference given; KL only for beta variants
     assert b["kl_nats"] == 1.2 and (b["kl_lo"], b["kl_hi"]) == (0.8, 1.6)
     assert len(k["per_seed_rate"].split()) == 3 and k["n_seeds"] == 3
-
-
-def test_seed_difference_is_over_seeds():
-    d = ablations.seed_difference([0.5, 0.6, 0.55], [0.3, 0.3, 0.3], n_boot=500)
-    assert d["ci_over"] == "seeds" and d["n_seeds"] == 3 and d["lo"] > 0
-    assert "detectable gain" in ablations.conclusion(d, "distinct-2") and not d["deterministic"]
-    fixed = ablations.seed_difference([0.5, 0.5, 0.5], [0.3, 0.3, 0.3], n_boot=200)  # two deterministic methods
-    assert fixed["deterministic"] and fixed["lo"] == fixed["hi"]
-    assert "no verdict" in ablations.conclusion(fixed, "distinct-2") and "detectable" not in ablations.conclusion(fixed, "x")
-
-
-def test_win_tie_table_matches_stats_win_rates():
-    records = _synthetic(0.45, 0.25)
-    table = ablations.win_tie_table(records, n_boot=300).set_index("metric")
-    per_seed = ablations.win_rates_per_seed(records)
-    for metric, column in (("win-or-tie", "win_or_tie"), ("strict win", "strict_win"), ("tie", "tie"), ("loss", "loss")):
-        np.testing.assert_allclose(table.loc[metric, "per_seed"], per_seed[column].to_numpy())
-    assert table.loc["win-or-tie", "rate"] == pytest.approx(table.loc["strict win", "rate"] + table.loc["tie", "rate"])
-    assert math.isclose(table.loc["win-or-tie", "rate"] + table.loc["loss", "rate"], 1.0)
-    # a method that changed nothing wins-or-ties every time and never strictly wins
-    same = records[records.method == "prompting"]
-    same = pd.concat([same, same.assign(method="MIPO")])
-    w = ablations.win_rates_per_seed(same)
-    assert (w["win_or_tie"] == 1.0).all() and (w["strict_win"] == 0.0).all()
-    assert stats.win_rates([1, 0], [0, 0])["strict_win"] == 0.5
-
-
-def test_figures_have_captions_with_preset_and_seeds():
-    records = _synthetic(0.45, 0.25)
-    table = ablations.compare_variants(records, ["K=2"], reference=None, n_boot=200)
-    base = stats.hierarchical_bootstrap(records, "prompting", n_boot=200, unit="variant")
-    meta = {"preset": "smoke", "model": "tiny-random", "task": "personalization", "n_seeds": 3, "n_examples": 200}
-    kl = pd.DataFrame({"variant": ["K=2"], "mean": [1.0], "lo": [0.5], "hi": [1.5], "per_seed": [[0.9, 1.0, 1.1]]})
-    fig = ablations.plot_variants(table, meta, "K", baseline_row=base, reference="K=2", kl=kl)
-    assert fig.mipo_caption.startswith("Preset smoke | tiny-random | task: personalization | 3 seeds x 200")
-    fig2 = ablations.plot_win_rates(ablations.win_tie_table(records, n_boot=200), meta)
-    assert "needs a GPU preset" in fig2.mipo_caption
-    import matplotlib.pyplot as plt
-
-    plt.close("all")
