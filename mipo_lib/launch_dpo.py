@@ -16,10 +16,15 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mipo_lib import methods as registry
+    from mipo_lib.tasks import load_plugins
+
+    load_plugins()  # MIPO_PLUGINS modules may register methods too
+    trained = {m.name: m for m in registry.trained()}  # every registered method with a training stage
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--method", choices=["MIPO", "SFT"], default="MIPO")
+    parser.add_argument("--method", choices=list(trained), default="MIPO")
     parser.add_argument("--redo", action="store_true")
     args = parser.parse_args(argv)
 
@@ -42,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if state.is_main_process:
         summary = f"{args.method} seed {args.seed}: {len(result.log)} steps, {result.seconds:.0f} s, adapter in {result.adapter_dir.name}"
-        if args.method == "MIPO":
+        if trained[args.method].training == "dpo":  # reward accuracy is a DPO metric
             summary += f", reward accuracy (last quarter) {reward_accuracy(result.log):.2f}"
         print(summary)
     return 0

@@ -132,10 +132,15 @@ def pmi_key(preset: Preset, part: pd.DataFrame, label: str) -> cache.Key:
     )
 
 
-def pmi_before_after(preset: Preset, records: pd.DataFrame, progress: bool = True) -> pd.DataFrame:
-    """Base-model PMI log pi0(y|x,c) - log pi0(y|x) of the prompting (base model) and MIPO responses, per seed.
+def pmi_before_after(
+    preset: Preset, records: pd.DataFrame, progress: bool = True, *, before: str = "prompting",
+    after: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Base-model PMI log pi0(y|x,c) - log pi0(y|x) of the responses of `before` (an untrained method, so the base
+    model's own responses: `model = "base"`) and of each trained method in `after` (`model` = its name), per seed.
 
-    The prompting responses are greedy and the same for every seed, so their PMI is computed once.
+    `after` defaults to the registry's DPO-trained methods (MIPO). `before` is deterministic, so its PMI is computed
+    once and repeated for every seed. Cache files are named by the methods' registered slugs.
     """
     task = get_task(preset.task)
     examples = {e.id: e for e in task.examples("test", preset.n_test_prompts)}
@@ -150,14 +155,20 @@ def pmi_before_after(preset: Preset, records: pd.DataFrame, progress: bool = Tru
         key = pmi_key(preset, part, label)
         return evaluate.evaluate_cached(folder / f"{slug}-{key.digest}.jsonl", make, key=key)
 
+    untrained = registry.get_method(before)
+    if not untrained.deterministic:
+        raise MipoError(f"{before!r} is trained per seed; the PMI before training needs an untrained method")
+    trained = [m for m in registry.trained() if m.training == "dpo"] if after is None else [_trained(a) for a in after]
     seeds = sorted(records.seed.unique())
-    prompting = records[(records.method == "prompting") & (records.seed == seeds[0])]
-    base = scored(prompting, "base", "PMI of the prompting responses", run_dir(preset, preset.task, "eval"), "pmi-prompting")
+    first = records[(records.method == before) & (records.seed == seeds[0])]
+    base = scored(first, "base", f"PMI of the {before} responses", run_dir(preset, preset.task, "eval"), f"pmi-{untrained.slug}")
     out = []
     for seed in seeds:
-        mipo = records[(records.method == "MIPO") & (records.seed == seed)]
-        label = f"PMI of the MIPO responses (seed {seed})"
-        out += [base.assign(seed=seed), scored(mipo, "MIPO", label, variant_dir(preset, "eval"), f"pmi-mipo-seed{seed}").assign(seed=seed)]
+        out.append(base.assign(seed=seed))
+        for m in trained:
+            part = records[(records.method == m.name) & (records.seed == seed)]
+            label = f"PMI of the {m.name} responses (seed {seed})"
+            out.append(scored(part, m.name, label, variant_dir(preset, "eval"), f"pmi-{m.slug}-seed{seed}").assign(seed=seed))
     return pd.concat(out, ignore_index=True)
 
 
