@@ -9,9 +9,20 @@ per-example difference cancels most of the prompt-to-prompt variance ("this prom
 Conventions used throughout:
 - `records` is the per-example evaluation frame (`task, method, seed, example_id, group, score, response, n_words`).
 - An example is identified by `(task, example_id)`, so a frame that holds several tasks pools them correctly.
-- The hierarchical bootstrap resamples seeds with replacement, then examples with replacement *within* each drawn
-  seed, and averages. With 3 seeds the seed level is coarse, which is the honest answer: 3 seeds carry little
-  information about seed-to-seed variance.
+- Prompts and seeds are *crossed*: every seed is evaluated on the same held-out prompts. The default bootstrap
+  (`design="crossed"`) therefore draws, per replicate, the prompts (example ids) once and applies that one draw to
+  every seed and to both methods of a paired comparison, and draws the seeds independently with replacement. A
+  nested bootstrap (`design="nested"`: examples redrawn within each seed) treats the seeds' shared prompts as if
+  each seed had its own, so a hard prompt's effect looks like independent noise that averages out over seeds; it
+  divides the prompt variance by the number of seeds and under-covers (tests/test_coverage.py: about 95% for the
+  crossed design vs well under 90% for the nested one on crossed data). It is kept only to show that.
+  `design="cluster"` resamples whole clusters of examples (e.g. every prompt of one preference type) crossed with
+  seeds: a sensitivity analysis for when prompts of a cluster share more than their cluster label.
+  With 3 seeds the seed level is coarse, which is the honest answer: 3 seeds carry little information about
+  seed-to-seed variance.
+- Multiple comparisons: every paired difference carries a two-sided bootstrap p-value from the same replicates as
+  its CI, and comparisons are grouped into *families* (`adjust_family`, `results_table`) whose p-values are
+  Holm-adjusted (`p_holm`). "Detectable" means Holm-adjusted p < 0.05 everywhere (`conclusion`, `results_table`).
 - A deterministic method (greedy decoding, no training: base, prompting, CAD) may be stored with one seed only. When
   it is compared with a trained method, its single row of scores is paired with every seed of the other method.
 - Everything takes a `seed` and uses `numpy.random.default_rng(seed)`: same inputs, same numbers.
@@ -41,6 +52,8 @@ REPORTED_COLUMNS: tuple[str, ...] = (
 )
 _RECORD_COLUMNS = ("task", "method", "seed", "example_id", "score")
 _CHUNK_ELEMENTS = 2_000_000  # bootstrap draws per vectorised chunk (about 16 MB of indices), whatever n_boot is
+CI_DESIGNS: tuple[str, ...] = ("crossed", "nested", "cluster")
+ALPHA = 0.05  # a comparison is "detectable" when its Holm-adjusted p-value is below ALPHA (the 95% CIs' level)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -119,31 +132,86 @@ def _paired_matrices(
     return ma, mb, list(seeds), common
 
 
-def _hier_indices(rng: np.random.Generator, n_rep: int, n_seeds: int, n_ex: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seed indices (n_rep, n_seeds) and example indices (n_rep, n_seeds, n_ex) of a two-level bootstrap."""
-    s_idx = rng.integers(0, n_seeds, size=(n_rep, n_seeds))
-    e_idx = rng.integers(0, n_ex, size=(n_rep, n_seeds, n_ex))
-    return s_idx, e_idx
+def _draw_counts(rng: np.random.Generator, n_rep: int, n: int) -> np.ndarray:
+    """(n_rep, n) multiplicities of n draws with replacement from n units: one bootstrap draw per row.
+
+    Counts instead of index arrays turn every replicate mean into a weighted sum (one matrix product)."""
+    idx = rng.integers(0, n, size=(n_rep, n))
+    flat = (np.arange(n_rep)[:, None] * n + idx).ravel()
+    return np.bincount(flat, minlength=n_rep * n).reshape(n_rep, n)
 
 
-def _hier_boot_means(mats: Sequence[np.ndarray], n_boot: int, seed: int) -> list[np.ndarray]:
-    """Bootstrap means of several aligned (seeds x examples) matrices with *shared* indices.
+def _boot_means(
+    mats: Sequence[np.ndarray], n_boot: int, seed: int, design: str = "crossed", clusters: np.ndarray | None = None
+) -> list[np.ndarray]:
+    """Bootstrap means of several aligned (seeds x examples) matrices with *shared* draws, one array per matrix.
 
-    Sharing the indices across matrices is what makes a comparison paired: in every replicate both methods see the
-    same seeds and the same example ids, so prompt difficulty cancels in their difference.
+    Sharing the draws across matrices is what makes a comparison paired: in every replicate both methods see the
+    same seeds and the same example ids, so prompt difficulty cancels in their difference. `design`:
+    - "crossed" (default): seed weights w (drawn seeds) and example weights c (drawn prompts) are drawn once per
+      replicate; the replicate mean is the bilinear form w M c, so every drawn seed is scored on the *same* drawn
+      prompts, as in the experiment itself.
+    - "nested": seeds, then examples independently within each drawn seed (underestimates the prompt variance of
+      crossed data; kept to demonstrate that, see the module docstring).
+    - "cluster": whole clusters of examples (`clusters`: one label index per column) drawn with replacement,
+      crossed with the seeds; the mean is over the drawn examples, whose number varies with the clusters drawn.
     """
+    if design not in CI_DESIGNS:
+        raise MipoError(f"unknown CI design {design!r}; use one of {CI_DESIGNS}")
+    if design == "cluster" and clusters is None:
+        raise MipoError("design='cluster' needs the cluster of every example (e.g. the records' 'group' column)")
     n_seeds, n_ex = mats[0].shape
     rng = np.random.default_rng(seed)
     out = [np.empty(n_boot) for _ in mats]
     done = 0
     while done < n_boot:
         n_rep = min(max(1, _CHUNK_ELEMENTS // (n_seeds * n_ex)), n_boot - done)
-        s_idx, e_idx = _hier_indices(rng, n_rep, n_seeds, n_ex)
-        for m, res in zip(mats, out):
-            rows = m[s_idx]  # (n_rep, n_seeds, n_ex)
-            res[done : done + n_rep] = np.take_along_axis(rows, e_idx, axis=2).mean(axis=(1, 2))
+        seed_w = _draw_counts(rng, n_rep, n_seeds) / n_seeds  # (n_rep, n_seeds)
+        if design == "nested":
+            s_idx = rng.integers(0, n_seeds, size=(n_rep, n_seeds))
+            e_cnt = _draw_counts(rng, n_rep * n_seeds, n_ex).reshape(n_rep, n_seeds, n_ex) / n_ex
+            for m, res in zip(mats, out):
+                res[done : done + n_rep] = (m[s_idx] * e_cnt).sum(axis=2).mean(axis=1)
+        else:
+            if design == "crossed":
+                ex_w = _draw_counts(rng, n_rep, n_ex) / n_ex  # (n_rep, n_ex), rows sum to 1
+            else:
+                n_clusters = int(clusters.max()) + 1
+                ex_w = _draw_counts(rng, n_rep, n_clusters)[:, clusters].astype(float)  # drawn copies of each example
+                ex_w /= np.maximum(ex_w.sum(axis=1, keepdims=True), 1.0)
+            for m, res in zip(mats, out):
+                res[done : done + n_rep] = ((seed_w @ m) * ex_w).sum(axis=1)
         done += n_rep
     return out
+
+
+def _p_value(boot: np.ndarray, null: float = 0.0) -> float:
+    """Two-sided bootstrap p-value of `null` from the replicates: 2 min(P(d <= null), P(d >= null)), each share
+    counted with the usual +1 correction ((k + 1) / (B + 1)) so a finite bootstrap never reports p = 0.
+
+    It comes from the same replicates as the percentile CI, so p < 0.05 and "the 95% CI excludes the null" agree
+    up to that correction and the quantiles' interpolation."""
+    finite = boot[np.isfinite(boot)]
+    if finite.size == 0:
+        return float("nan")
+    below = (np.count_nonzero(finite <= null) + 1) / (finite.size + 1)
+    above = (np.count_nonzero(finite >= null) + 1) / (finite.size + 1)
+    return float(min(1.0, 2.0 * min(below, above)))
+
+
+def _cluster_codes(df: pd.DataFrame, examples: Sequence[Any], column: str) -> np.ndarray:
+    """Integer cluster code of every example column (order of `examples`, as `_score_matrix` returns them), read
+    from `df[column]`; an example must belong to one cluster only."""
+    _check_columns(df, (column,), "records")
+    keys = ["task", "example_id"] if "task" in df.columns else ["example_id"]
+    labels = df.drop_duplicates([*keys, column]).set_index(keys)[column]
+    if labels.index.duplicated().any():
+        raise MipoError(f"some examples have more than one {column!r}; a cluster bootstrap needs one per example")
+    index = pd.MultiIndex.from_tuples(examples) if len(keys) > 1 else pd.Index(examples)
+    codes, _ = pd.factorize(labels.reindex(index), sort=True)
+    if (codes < 0).any():
+        raise MipoError(f"some examples have no {column!r}")
+    return codes
 
 
 def _percentile_ci(boot: np.ndarray, ci: float) -> tuple[float, float]:
@@ -224,25 +292,39 @@ def hierarchical_bootstrap(
     ci: float = 0.95,
     value: str = "score",
     unit: str = "method",
+    design: str = "crossed",
+    cluster: str = "group",
 ) -> dict[str, Any]:
-    """Mean rate of `method` and its CI "over seeds and examples" (resample seeds, then examples within seed).
+    """Mean rate of `method` and its CI over seeds and examples, by default the crossed bootstrap (one draw of the
+    prompts shared by every drawn seed; see the module docstring and `_boot_means` for `design`). `cluster` names
+    the column whose values are resampled as whole clusters when `design="cluster"`.
 
-    Returns `dict(mean, lo, hi, n_seeds, n_examples, per_seed)` where `per_seed` lists the per-seed rates. `value`
-    and `unit` let the same machinery run on other per-example quantities (e.g. PMI per `model`).
+    Returns `dict(mean, lo, hi, p_value, n_seeds, n_examples, per_seed, seeds, ci_design)`: `per_seed` lists the
+    per-seed rates, `p_value` tests a mean of 0 (useful for signed quantities such as a KL estimate). `value` and
+    `unit` let the same machinery run on other per-example quantities (e.g. PMI per `model`).
     """
     _check_columns(records, ("seed", "example_id", value, unit), "records")
-    m, seeds, examples = _score_matrix(records[records[unit] == method], value, unit, method)
-    (boot,) = _hier_boot_means([m], n_boot, seed)
+    sub = records[records[unit] == method]
+    m, seeds, examples = _score_matrix(sub, value, unit, method)
+    codes = _cluster_codes(sub, examples, cluster) if design == "cluster" else None
+    (boot,) = _boot_means([m], n_boot, seed, design, codes)
     lo, hi = _percentile_ci(boot, ci)
     return {
         "mean": float(m.mean()),
         "lo": lo,
         "hi": hi,
+        "p_value": _p_value(boot),
         "n_seeds": len(seeds),
         "n_examples": len(examples),
         "per_seed": [float(v) for v in m.mean(axis=1)],
         "seeds": list(seeds),
+        "ci_design": _design_label(design, cluster),
     }
+
+
+def _design_label(design: str, cluster: str) -> str:
+    """How a CI was computed, as written in tables: "crossed", "nested" or "cluster(<column>)"."""
+    return f"cluster({cluster})" if design == "cluster" else design
 
 
 def paired_difference(
@@ -254,21 +336,26 @@ def paired_difference(
     ci: float = 0.95,
     value: str = "score",
     unit: str = "method",
+    design: str = "crossed",
+    cluster: str = "group",
 ) -> dict[str, Any]:
-    """Rate of `a` minus rate of `b` on the same examples, with a paired hierarchical-bootstrap CI.
+    """Rate of `a` minus rate of `b` on the same examples, with a paired bootstrap CI and p-value.
 
-    Each replicate draws seed indices, then example ids within each drawn seed, and applies the *same* draws to
-    both methods; that is the pairing, and it is why this CI is much tighter than two independent CIs would
-    suggest. The relative gain (a - b) / b, the quantity the paper's abstracts quote, is computed per replicate
-    from the same draws so its CI is consistent with the difference's.
+    Each replicate draws the seeds and the prompts (by default crossed: one draw of the prompts for every drawn
+    seed; `design="cluster"` draws whole clusters of `records[cluster]`) and applies the *same* draws to both
+    methods; that is the pairing, and it is why this CI is much tighter than two independent CIs would suggest.
+    The relative gain (a - b) / b, the quantity the paper's abstracts quote, is computed per replicate from the
+    same draws so its CI is consistent with the difference's. `p_value` is the two-sided bootstrap p-value of
+    "no difference" from the same replicates (`_p_value`); adjust it within a family of comparisons with
+    `adjust_family` before calling a difference detectable.
 
-    Returns `dict(mean, lo, hi, n_seeds, n_examples, relative_gain, relative_lo, relative_hi, rate_a, rate_b, a, b,
-    per_seed=[dict(seed, rate_a, rate_b, diff, relative_gain)], p_not_positive)`; `p_not_positive` is the share of
-    replicates with a difference <= 0 (a one-sided bootstrap "p-value", for teaching, not a test to publish).
+    Returns `dict(mean, lo, hi, p_value, n_seeds, n_examples, relative_gain, relative_lo, relative_hi, rate_a,
+    rate_b, a, b, ci_design, per_seed=[dict(seed, rate_a, rate_b, diff, relative_gain)])`.
     """
     _check_columns(records, ("seed", "example_id", value, unit), "records")
     ma, mb, seeds, examples = _paired_matrices(records, a, b, value, unit)
-    boot_a, boot_b = _hier_boot_means([ma, mb], n_boot, seed)
+    codes = _cluster_codes(records[records[unit].isin([a, b])], examples, cluster) if design == "cluster" else None
+    boot_a, boot_b = _boot_means([ma, mb], n_boot, seed, design, codes)
     diff = boot_a - boot_b
     rel = _relative(diff, boot_b)
     lo, hi = _percentile_ci(diff, ci)
@@ -284,6 +371,7 @@ def paired_difference(
         "mean": rate_a - rate_b,
         "lo": lo,
         "hi": hi,
+        "p_value": _p_value(diff),
         "n_seeds": len(seeds),
         "n_examples": len(examples),
         "rate_a": rate_a,
@@ -291,9 +379,41 @@ def paired_difference(
         "relative_gain": float(_relative(rate_a - rate_b, rate_b)),
         "relative_lo": rlo,
         "relative_hi": rhi,
-        "p_not_positive": float(np.mean(diff <= 0)),
+        "ci_design": _design_label(design, cluster),
         "per_seed": per_seed,
     }
+
+
+def holm(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Holm's step-down adjustment of a family's p-values (same order; NaN stays NaN and is not counted).
+
+    Why Holm: it controls the chance of *any* false "detectable" in the family at ALPHA, like Bonferroni, without
+    assuming independence between the comparisons (they share a baseline and the same prompts), and it is never
+    less powerful than Bonferroni. The k-th smallest of m p-values is multiplied by m - k + 1, then made monotone.
+    """
+    p = np.asarray(p_values, dtype=float)
+    out = np.full(p.shape, np.nan)
+    ok = np.isfinite(p)
+    q = p[ok]
+    order = np.argsort(q, kind="stable")
+    adjusted = np.empty(q.size)
+    adjusted[order] = np.minimum(np.maximum.accumulate((q.size - np.arange(q.size)) * q[order]), 1.0)
+    out[ok] = adjusted
+    return out
+
+
+def adjust_family(diffs: dict[str, dict[str, Any]], family: str) -> dict[str, dict[str, Any]]:
+    """The comparisons of one family, each a copy of its dict with `family`, `family_size` and `p_holm` added.
+
+    A family is the set of comparisons whose verdicts are read together (notebook 05's MIPO vs its baselines, one
+    ablation of notebook 06); Holm-adjusting within it keeps the chance of any false "detectable" among them at
+    ALPHA. Dicts without a finite `p_value` get `p_holm` NaN and do not count in `family_size`.
+    """
+    p = [float(d.get("p_value", float("nan"))) for d in diffs.values()]
+    adjusted = holm(p)
+    size = int(np.isfinite(p).sum())
+    return {what: {**d, "family": family, "family_size": size, "p_holm": float(q)}
+            for (what, d), q in zip(diffs.items(), adjusted)}
 
 
 def summary_table(
@@ -412,14 +532,21 @@ def conclusion(
     words: tuple[str, str] = ("gain", "loss"),
 ) -> str:
     """One sentence from a difference with a 95% CI (a `paired_difference` dict, or any dict with
-    `mean`, `lo`, `hi` and optionally `n_seeds`, `n_examples`, `ci_over`).
+    `mean`, `lo`, `hi` and optionally `p_value`, `p_holm`, `family`, `family_size`, `n_seeds`, `n_examples`,
+    `ci_over`).
 
-    Rates are in [0, 1], so the default `scale=100` writes points. The verdict comes from the CI alone: above 0 is a
-    detectable gain, below 0 a detectable loss, straddling 0 "no detectable effect at this size" (not "no effect":
-    a small effect may hide in a wide CI). A CI over seeds only, from one seed, gives no verdict.
+    Rates are in [0, 1], so the default `scale=100` writes points. The verdict is the same everywhere in the
+    workbook: a difference is *detectable* when its Holm-adjusted p-value within its family (`adjust_family`) is
+    below ALPHA = 0.05; its sign says gain or loss. Otherwise it is "no detectable effect at this size" (not "no
+    effect": a small effect may hide in a wide CI). A dict with a `p_value` but no family is a family of one (Holm
+    changes nothing); a dict with only a CI (a hand-made example) is judged by the CI, which for a single
+    comparison is the same test. A CI over seeds only, from one seed, gives no verdict.
 
     >>> conclusion({"mean": 0.05, "lo": 0.02, "hi": 0.08, "n_seeds": 3, "n_examples": 200}, "MIPO - prompting")
     'MIPO - prompting: +5.0 points [95% CI +2.0, +8.0]; the CI excludes 0: a detectable gain (3 seeds x 200 examples).'
+    >>> conclusion({"mean": 0.05, "lo": 0.01, "hi": 0.09, "p_value": 0.02, "p_holm": 0.06, "family_size": 3,
+    ...             "family": "main"}, "MIPO - SFT")
+    'MIPO - SFT: +5.0 points [95% CI +1.0, +9.0]; Holm-adjusted p = 0.06 over the 3 comparisons of "main": no detectable effect at this size (its unadjusted CI excludes 0).'
     """
     mean, lo, hi = (float(diff.get(k, float("nan"))) for k in ("mean", "lo", "hi"))
     if not all(map(math.isfinite, (mean, lo, hi))):
@@ -442,11 +569,26 @@ def conclusion(
     if diff.get("deterministic"):
         return f"{head}; both sides are identical in every seed (deterministic methods), so the CI over seeds is " \
                f"degenerate: one measured difference, no verdict{size_text}."
-    if lo > 0:
-        return f"{head}; the CI excludes 0: a detectable {words[0]}{size_text}."
-    if hi < 0:
-        return f"{head}; the CI excludes 0: a detectable {words[1]}{size_text}."
+    direction = words[0] if mean > 0 else words[1]
+    p_holm, p = float(diff.get("p_holm", float("nan"))), float(diff.get("p_value", float("nan")))
+    if math.isfinite(p_holm) or math.isfinite(p):
+        if math.isfinite(p_holm) and int(diff.get("family_size", 1)) > 1:
+            test, p = f"Holm-adjusted p {_fmt_p(p_holm)} over the {int(diff['family_size'])} comparisons of " \
+                      f"\"{diff.get('family', '?')}\"", p_holm
+        else:
+            test = f"p {_fmt_p(p)} (one comparison, nothing to adjust)"
+        if p < ALPHA and mean != 0:
+            return f"{head}; {test}: a detectable {direction}{size_text}."
+        note = " (its unadjusted CI excludes 0)" if lo > 0 or hi < 0 else ""
+        return f"{head}; {test}: no detectable effect at this size{note}{size_text}."
+    if lo > 0 or hi < 0:
+        return f"{head}; the CI excludes 0: a detectable {direction}{size_text}."
     return f"{head}; the CI includes 0: no detectable effect at this size{size_text}."
+
+
+def _fmt_p(p: float) -> str:
+    """Relation and p-value as written in a verdict: "= 0.012" (two significant digits), or "< 0.001"."""
+    return "< 0.001" if p < 0.001 else f"= {p:.2g}"
 
 
 def default_comparisons() -> tuple[tuple[str, str], ...]:
@@ -461,9 +603,37 @@ def default_comparisons() -> tuple[tuple[str, str], ...]:
                  if b.with_context and b.training != "dpo")
 
 
+MAIN_FAMILY = "main: MIPO vs baselines"
+"""The family of the results table's comparisons (notebook 05): their verdicts are Holm-adjusted together."""
+
+
+def compare_methods(
+    records: pd.DataFrame,
+    comparisons: Sequence[tuple[str, str]] | None = None,
+    family: str = MAIN_FAMILY,
+    n_boot: int = 10_000,
+    seed: int = 0,
+    ci: float = 0.95,
+    design: str = "crossed",
+    cluster: str = "group",
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """`paired_difference` of every `(a, b)` in `comparisons` whose methods are both in `records`, keyed by
+    `(a, b)`, Holm-adjusted as one family (`adjust_family`): the dicts notebook 05 states its verdicts from.
+
+    `comparisons` defaults to `default_comparisons()`. Every comparison uses the same bootstrap `seed`, as
+    `results_table` does, so the sentences and the table agree to the last digit.
+    """
+    pairs = default_comparisons() if comparisons is None else comparisons
+    present = set(records["method"])
+    diffs = {(a, b): paired_difference(records, a, b, n_boot=n_boot, seed=seed, ci=ci, design=design, cluster=cluster)
+             for a, b in pairs if a in present and b in present}
+    return adjust_family(diffs, family)
+
+
 RESULTS_COLUMNS: tuple[str, ...] = (
     "kind", "task", "method", "baseline", "seed", "n", "n_seeds", "rate", "baseline_rate", "mean_words",
-    "diff", "diff_lo", "diff_hi", "rel_gain", "rel_lo", "rel_hi",
+    "diff", "diff_lo", "diff_hi", "rel_gain", "rel_lo", "rel_hi", "ci_design", "family", "p_value", "p_holm",
+    "detectable",
 )
 
 
@@ -473,6 +643,8 @@ def results_table(
     n_boot: int = 10_000,
     seed: int = 0,
     ci: float = 0.95,
+    family: str = MAIN_FAMILY,
+    cluster: str | None = "group",
 ) -> pd.DataFrame:
     """The reference results as one flat table: per-seed metrics, then the paired differences.
 
@@ -480,23 +652,34 @@ def results_table(
     `kind == "paired_difference"` are `paired_difference(records, method, baseline)` per task (seed empty, `n` the
     number of paired examples, `rate` / `baseline_rate` the two methods' rates, `diff*` and `rel_*` with their CIs).
     `comparisons` defaults to `default_comparisons()`; those whose methods are not both in the records are skipped.
+
+    Every comparison appears once per CI design (`ci_design`): "crossed", the default bootstrap over prompts and
+    seeds, then, when `records` has the `cluster` column, "cluster(<cluster>)", a sensitivity analysis that
+    resamples whole clusters (for personalization the 10 preference types) crossed with seeds, in case prompts of
+    one preference share more than the crossed bootstrap assumes. `p_value` is the two-sided bootstrap p-value of
+    no difference, `p_holm` its Holm adjustment within `family` (all the table's comparisons, over every task,
+    adjusted separately per design: the cluster rows test the same hypotheses, not new ones), and `detectable` is
+    `p_holm < ALPHA` (0.05): the same rule as `conclusion`'s verdicts.
     """
     _check_columns(records, _RECORD_COLUMNS, "records")
-    pairs = default_comparisons() if comparisons is None else comparisons
     per = per_seed_metrics(records).assign(kind="per_seed", baseline="", n_seeds=1)
+    designs = [("crossed", "group")] + ([("cluster", cluster)] if cluster is not None and cluster in records else [])
     rows = []
-    for task, sub in records.groupby("task", sort=True):
-        present = set(sub["method"])
-        for a, b in pairs:
-            if a not in present or b not in present:
-                continue
-            d = paired_difference(sub, a, b, n_boot=n_boot, seed=seed, ci=ci)
+    for design, column in designs:
+        diffs: dict[Any, dict[str, Any]] = {}
+        for task, sub in records.groupby("task", sort=True):
+            for (a, b), d in compare_methods(sub, comparisons, family, n_boot, seed, ci, design, column).items():
+                diffs[(task, a, b)] = d
+        for (task, a, b), d in adjust_family(diffs, family).items():
+            sub_a = records[(records["task"] == task) & (records["method"] == a)]
             rows.append({
                 "kind": "paired_difference", "task": task, "method": a, "baseline": b, "seed": np.nan,
                 "n": d["n_examples"], "n_seeds": d["n_seeds"], "rate": d["rate_a"], "baseline_rate": d["rate_b"],
-                "mean_words": float(sub.loc[sub["method"] == a, "n_words"].mean()) if "n_words" in sub else np.nan,
+                "mean_words": float(sub_a["n_words"].mean()) if "n_words" in sub_a else np.nan,
                 "diff": d["mean"], "diff_lo": d["lo"], "diff_hi": d["hi"],
                 "rel_gain": d["relative_gain"], "rel_lo": d["relative_lo"], "rel_hi": d["relative_hi"],
+                "ci_design": d["ci_design"], "family": family, "p_value": d["p_value"], "p_holm": d["p_holm"],
+                "detectable": bool(d["p_holm"] < ALPHA),
             })
     out = pd.concat([per, pd.DataFrame(rows)], ignore_index=True) if rows else per
     return out.reindex(columns=list(RESULTS_COLUMNS))

@@ -121,7 +121,7 @@ def test_paired_difference_recovers_planted_difference():
     assert d["relative_gain"] == pytest.approx(0.1 / 0.3, abs=0.08)
     assert d["relative_lo"] < d["relative_gain"] < d["relative_hi"]
     assert d["n_seeds"] == 3 and d["n_examples"] == 3000
-    assert d["p_not_positive"] == 0.0
+    assert d["p_value"] == pytest.approx(2 / 2001) and d["ci_design"] == "crossed"  # no replicate <= 0: +1 floor
 
 
 def test_pairing_gives_tighter_ci_than_independent_cis():
@@ -185,12 +185,80 @@ def test_write_results_per_seed_and_paired_rows(tmp_path):
     assert list(back.columns) == list(stats.RESULTS_COLUMNS) and len(back) == len(tab)
     per = back[back["kind"] == "per_seed"]
     assert len(per) == len(stats.per_seed_metrics(rec)) == 1 + 3 + 3
-    paired = back[back["kind"] == "paired_difference"].set_index("baseline")
+    rows = back[back["kind"] == "paired_difference"]
+    assert rows["ci_design"].tolist() == ["crossed", "crossed", "cluster(group)", "cluster(group)"]
+    assert (rows["family"] == stats.MAIN_FAMILY).all() and (rows["p_holm"] >= rows["p_value"]).all()
+    assert (rows["detectable"] == (rows["p_holm"] < 0.05)).all()
+    paired = rows[rows["ci_design"] == "crossed"].set_index("baseline")
     assert list(paired.index) == ["prompting", "SFT"]  # MIPO - CAD is skipped: no CAD records
     d = stats.paired_difference(rec, "MIPO", "prompting", n_boot=300)
     assert paired.loc["prompting", "diff"] == pytest.approx(d["mean"], rel=1e-5)
     assert paired.loc["prompting", "diff_lo"] == pytest.approx(d["lo"], rel=1e-5)
     assert paired.loc["prompting", "n"] == 60 and paired.loc["prompting", "n_seeds"] == 3
+
+
+def test_crossed_bootstrap_draws_prompts_once_for_every_seed():
+    """Three identical seeds carry the information of one: the crossed CI keeps its width (the same prompt draw
+    for every seed), the nested one shrinks it by about sqrt(3), as if each seed had brought new prompts."""
+    one = planted(150, seeds=(0,))
+    three = pd.concat([one.assign(seed=s) for s in (0, 1, 2)], ignore_index=True)
+    width = {design: (lambda d: d["hi"] - d["lo"])(stats.paired_difference(three, n_boot=3000, design=design))
+             for design in ("crossed", "nested")}
+    single = stats.paired_difference(one, n_boot=3000)
+    assert width["crossed"] == pytest.approx(single["hi"] - single["lo"], rel=0.1)
+    assert width["nested"] < 0.7 * width["crossed"]
+    with pytest.raises(MipoError, match="unknown CI design"):
+        stats.paired_difference(three, n_boot=10, design="pigeonhole")
+
+
+def test_cluster_bootstrap_resamples_whole_groups():
+    rec = make_records({"prompting": 0.25, "MIPO": 0.45}, n_examples=80, deterministic=("prompting",))
+    # one cluster per example is the crossed bootstrap itself (same draws, same numbers)
+    singletons = rec.assign(group=rec["example_id"])
+    crossed = stats.paired_difference(rec, n_boot=500, seed=3)
+    per_example = stats.paired_difference(singletons, n_boot=500, seed=3, design="cluster")
+    assert per_example["ci_design"] == "cluster(group)"
+    assert (per_example["lo"], per_example["hi"]) == pytest.approx((crossed["lo"], crossed["hi"]))
+    # a group effect shared by all its examples widens the cluster CI beyond the crossed one
+    effect = rec["group"].map(dict(zip(GROUPS, (0.0, 1.0, 0.0, 1.0))))
+    clustered = rec.assign(score=np.where(rec["method"] == "MIPO", effect, rec["score"]))
+    w = {design: (lambda d: d["hi"] - d["lo"])(stats.paired_difference(clustered, n_boot=2000, design=design))
+         for design in ("crossed", "cluster")}
+    assert w["cluster"] > 1.5 * w["crossed"]
+    with pytest.raises(MipoError, match="more than one 'group'"):
+        stats.paired_difference(rec.assign(group=rec["seed"]), n_boot=10, design="cluster")
+
+
+def test_p_value_agrees_with_the_ci():
+    for delta, n in ((0.1, 600), (0.02, 60), (0.0, 100)):
+        d = stats.paired_difference(planted(n, delta=delta), n_boot=4000)
+        assert (d["p_value"] < 0.05) == (d["lo"] > 0 or d["hi"] < 0)
+    same = planted(50)
+    d = stats.paired_difference(pd.concat([same[same.method == "MIPO"], same[same.method == "MIPO"].assign(
+        method="prompting")]), n_boot=500)
+    assert d["p_value"] == 1.0  # every replicate is exactly 0
+
+
+def test_holm_and_families():
+    assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert stats.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    out = stats.holm([0.02, np.nan, 0.01])
+    assert np.isnan(out[1]) and out[[0, 2]] == pytest.approx([0.02, 0.02])  # NaN is not counted: m = 2
+    fam = stats.adjust_family({"a": {"p_value": 0.01}, "b": {"p_value": 0.04}, "c": {"mean": 1.0}}, "toy")
+    assert fam["a"] == {"p_value": 0.01, "family": "toy", "family_size": 2, "p_holm": pytest.approx(0.02)}
+    assert fam["b"]["p_holm"] == pytest.approx(0.04) and np.isnan(fam["c"]["p_holm"])
+
+
+def test_conclusion_uses_the_holm_adjusted_p_value():
+    base = {"mean": 0.05, "lo": 0.01, "hi": 0.09, "n_seeds": 3, "n_examples": 100}
+    fam = stats.adjust_family({"x": {**base, "p_value": 0.02}, "y": {**base, "p_value": 0.03}}, "toy")
+    text = stats.conclusion(fam["x"], "x")
+    assert 'Holm-adjusted p = 0.04 over the 2 comparisons of "toy": a detectable gain' in text
+    wide = stats.adjust_family({"x": {**base, "p_value": 0.02}, "y": {**base, "p_value": 0.3}, "z": {
+        **base, "p_value": 0.4}}, "toy")
+    assert "no detectable effect at this size (its unadjusted CI excludes 0)" in stats.conclusion(wide["x"], "x")
+    lone = stats.conclusion({**base, "mean": -0.05, "lo": -0.09, "hi": -0.01, "p_value": 0.0004}, "lone")
+    assert "p < 0.001 (one comparison, nothing to adjust): a detectable loss" in lone
 
 
 def test_per_group_rates():
@@ -334,7 +402,7 @@ def test_default_comparisons_read_the_method_registry():
         added = stats.default_comparisons()
         assert ("MIPO-long", "prompting") in added and ("MIPO", "MIPO-long") not in added
         records = make_records({"MIPO-long": 0.5, "prompting": 0.25}, deterministic=("prompting",))
-        paired = stats.results_table(records, n_boot=100).query("kind == 'paired_difference'")
+        paired = stats.results_table(records, n_boot=100, cluster=None).query("kind == 'paired_difference'")
         assert paired[["method", "baseline"]].values.tolist() == [["MIPO-long", "prompting"]]
     finally:
         methods.unregister_method("MIPO-long")
