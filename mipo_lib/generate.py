@@ -86,7 +86,7 @@ def plan_batches(prompt_ids: Sequence[Sequence[int]], batch_size: int, seed: int
     ]
 
 
-def _left_pad(rows: list[Sequence[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
     """`input_ids` and `attention_mask` of rows padded on the left, so every row's next token is the last column."""
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -155,7 +155,7 @@ def generate_token_batches(
     sampling = temperature > 0
     bar = tqdm(total=sum(len(b.rows) for b in todo), desc=desc, disable=not progress, unit="prompt")
     for batch in todo:
-        enc = _left_pad([prompt_ids[r] for r in batch.rows], pad_id, device)
+        enc = left_pad([prompt_ids[r] for r in batch.rows], pad_id, device)
         kwargs: dict[str, Any] = dict(
             max_new_tokens=max_new_tokens,
             do_sample=sampling,
