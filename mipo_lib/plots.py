@@ -87,7 +87,7 @@ def savefig(fig: Any, name: str, preset: Preset | str, caption: str | None = Non
 
 _FALLBACK_COLOURS = ("#c44e52", "#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd")
 _PMI_COLOURS = {"base": PALETTE["prompting"], "MIPO": PALETTE["MIPO"]}  # base model's response = prompting's
-BARS_SEEDS_EXAMPLES = "95% bootstrap CI over seeds and examples"
+BARS_SEEDS_EXAMPLES = "95% crossed bootstrap CI over prompts and seeds"
 PAPER_SETTING = "paper: 1B-7B instruct models, full fine-tuning, PRISM / Community Alignment / GSM8K / SVAMP / ARC, LLM judge"
 
 
@@ -113,7 +113,7 @@ def caption(
     """The one caption format: setting and n seeds x n examples, then what dots and bars are, then a note.
 
     >>> caption("cpu", "SmolLM2-135M-Instruct", "personalization", 3, 200).splitlines()[1]
-    'Dots: individual seeds; bars: 95% bootstrap CI over seeds and examples.'
+    'Dots: individual seeds; bars: 95% crossed bootstrap CI over prompts and seeds.'
     """
     size = []
     if n_seeds is not None:
@@ -243,32 +243,31 @@ def plot_per_group(records: pd.DataFrame, meta: dict[str, Any], n_boot: int = 2_
     ax.set_title("Success rate per preference type")
     ax.legend(loc="lower right", fontsize=8, frameon=True)
     n_per_group = int(table["n_examples"].median()) if len(table) else None
-    cap = _meta_caption(meta, bars="95% bootstrap CI over seeds and examples within the group",
+    cap = _meta_caption(meta, bars="95% crossed bootstrap CI over the group's prompts and seeds",
                         extra=f"About {n_per_group} examples per group." if n_per_group else None)
     fig.tight_layout()
     return _finish(fig, cap)
 
 
-def _curve(ax: Any, log: pd.DataFrame, column: str, col: str, label: str, n_boot: int, seed: int) -> bool:
-    """Per-seed thin lines, mean over seeds, and a 95% bootstrap band over seeds at each step."""
+def _curve(ax: Any, log: pd.DataFrame, column: str, col: str, label: str) -> bool:
+    """Per-seed thin lines and the mean over seeds at each step (thick); no band, see `plot_training_curves`."""
     sub = log[["seed", "step", column]].dropna() if column in log.columns else pd.DataFrame()
     if sub.empty:
         return False
     for _, s in sub.groupby("seed"):
         s = s.sort_values("step")
         ax.plot(s["step"], s[column], color=col, lw=0.7, alpha=0.4)
-    rows = []
-    for step, s in sub.groupby("step"):
-        mean, lo, hi = stats.bootstrap_ci(s[column].to_numpy(), n_boot=n_boot, seed=seed)
-        rows.append((step, mean, lo, hi))
-    arr = np.asarray(rows, dtype=float)
-    ax.plot(arr[:, 0], arr[:, 1], color=col, lw=2.0, label=label)
-    ax.fill_between(arr[:, 0], arr[:, 2], arr[:, 3], color=col, alpha=0.18, lw=0)
+    mean = sub.groupby("step")[column].mean()
+    ax.plot(mean.index, mean.to_numpy(), color=col, lw=2.0, label=label)
     return True
 
 
-def plot_training_curves(train_log: pd.DataFrame, meta: dict[str, Any], n_boot: int = 1_000, seed: int = 0) -> Any:
-    """DPO loss, reward margin and reward accuracy vs step, and SFT loss: mean over seeds, band, per-seed lines.
+def plot_training_curves(train_log: pd.DataFrame, meta: dict[str, Any]) -> Any:
+    """DPO loss, reward margin and reward accuracy vs step, and SFT loss: every seed (thin lines) and their mean.
+
+    No CI band: with 3 seeds a bootstrap band "over seeds" at a step is degenerate (it can only take the values
+    of means of 3 resampled numbers, so it is about as wide as their range and says nothing beyond the thin lines);
+    the seeds themselves are the honest picture of the spread.
 
     The methods come from the registry (`mipo_lib.methods`): every DPO-trained method (MIPO) in the three DPO
     panels, every SFT-trained one in the SFT panel, each in its colour. Reference lines teach the sanity checks: an
@@ -284,7 +283,7 @@ def plot_training_curves(train_log: pd.DataFrame, meta: dict[str, Any], n_boot: 
         (axes[1, 1], "sft", "loss", f"{names['sft']} loss"),
     ]
     for ax, training, column, title in panels:
-        drawn = [_curve(ax, train_log[train_log["method"] == m], column, colour(m), m, n_boot, seed)
+        drawn = [_curve(ax, train_log[train_log["method"] == m], column, colour(m), m)
                  for m in methods[training]]
         ax.set_title(title, fontsize=11)
         ax.set_xlabel("step")
@@ -302,9 +301,10 @@ def plot_training_curves(train_log: pd.DataFrame, meta: dict[str, Any], n_boot: 
             ax.set_ylim(-0.03, 1.03)
             ax.legend(fontsize=8)
     n_seeds = int(train_log["seed"].nunique()) if len(train_log) else 0
-    cap = _meta_caption(meta, bars="95% bootstrap CI of the mean over seeds at each step",
-                        n_seeds=meta.get("n_seeds", n_seeds), n_examples=meta.get("n_pairs"),
-                        examples_word="training pairs", bars_word="band",
+    shown = int(meta.get("n_seeds", n_seeds))
+    cap = _meta_caption(meta, bars=f"with {shown} seed{'s' if shown != 1 else ''} a band over seeds would say no "
+                        "more than the thin lines", n_seeds=shown, n_examples=meta.get("n_pairs"),
+                        examples_word="training pairs", bars_word="no CI band",
                         dots="Thin lines: individual seeds; thick line: mean over seeds")
     fig.tight_layout()
     return _finish(fig, cap)
@@ -576,7 +576,7 @@ def plot_twin(records: pd.DataFrame, cost: pd.DataFrame, meta: dict[str, Any], n
     ax_c.set_ylim(0, float(cost["s_per_prompt"].max()) * 1.25)
     ax_c.set_ylabel("seconds per prompt (greedy)")
     ax_c.set_title("Generation cost (ratio to MIPO on top)", fontsize=11)
-    cap = _meta_caption(meta, bars="95% bootstrap CI over seeds and examples (left), over seeds (right)",
+    cap = _meta_caption(meta, bars="95% crossed bootstrap CI over prompts and seeds (left), over seeds (right)",
                         extra=f"CAD strength a = 1/beta = {meta.get('cad_alpha', '?')}. Cost: wall-clock seconds per "
                         f"prompt on {meta.get('cost_prompts', '?')} held-out prompts, best of repeated timings per seed "
                         "(shared machine: timings vary); prompting and CAD use the base model, MIPO the merged adapter.")

@@ -55,7 +55,7 @@ def _save(fig, name, tmp_path):
 
 def test_caption_format():
     c = plots.caption("cpu", "SmolLM2-135M-Instruct", "personalization", 3, 200)
-    assert "3 seeds" in c and "200 held-out examples" in c and "95% bootstrap CI" in c and "cpu" in c
+    assert "3 seeds" in c and "200 held-out examples" in c and "95% crossed bootstrap CI over prompts and seeds" in c and "cpu" in c
 
 
 def test_plot_method_rates(records, tmp_path):
@@ -99,6 +99,20 @@ def test_plot_training_curves(tmp_path):
     assert _titles(fig) == ["MIPO (DPO) loss", "MIPO reward margin (chosen - rejected)", "MIPO reward accuracy",
                             "SFT loss"]
     _save(fig, "training", tmp_path)
+
+
+def test_plot_training_curves_show_seeds_and_mean_without_a_band():
+    """With 3 seeds a band over seeds is degenerate: each seed is a thin line, their mean a thick one, no band."""
+    log = _train_log()
+    ax = plots.plot_training_curves(log, META).axes[0]
+    n_seeds = log.loc[log.method == "MIPO", "seed"].nunique()
+    widths = sorted(line.get_linewidth() for line in ax.lines if line.get_label() != "log 2 = 0.693 (untrained)")
+    assert widths == [0.7] * n_seeds + [2.0] and not ax.collections  # no fill_between
+    thick = next(line for line in ax.lines if line.get_linewidth() == 2.0)
+    mean = log[log.method == "MIPO"].groupby("step")["loss"].mean()
+    assert np.allclose(thick.get_ydata(), mean.to_numpy())
+    fig = plots.plot_training_curves(log, META)
+    assert "no CI band" in fig.mipo_caption and "thick line: mean over seeds" in fig.mipo_caption
 
 
 def test_plot_training_curves_without_sft(tmp_path):
