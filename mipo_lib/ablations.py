@@ -135,25 +135,33 @@ def compare_variants(
     n_boot: int = 5_000,
     seed: int = 0,
     value: str = "score",
+    family: str = "ablation",
 ) -> pd.DataFrame:
-    """One row per variant: its rate with CI over seeds and examples, its paired difference vs the baseline
-    (prompting) and vs the reference variant, each with a CI, per-seed values and a `stats.conclusion` sentence.
+    """One row per variant: its rate with a crossed CI over prompts and seeds, its paired difference vs the
+    baseline (prompting) and vs the reference variant, each with a CI, per-seed values, its bootstrap p-value
+    (`{key}_p`), the p-value Holm-adjusted over all the table's comparisons as one `family` (`{key}_p_holm`) and a
+    `stats.conclusion` sentence, whose verdict is that adjusted p < 0.05.
 
     Its columns are what `summary_table`, `format_table` and `plots.plot_variants` read."""
     rows = []
+    diffs: dict[tuple[int, str], dict[str, Any]] = {}
     for v in labels:
         h = stats.hierarchical_bootstrap(records, v, n_boot=n_boot, seed=seed, value=value, unit="variant")
         row: dict[str, Any] = {"variant": v, "rate": h["mean"], "lo": h["lo"], "hi": h["hi"], "per_seed": h["per_seed"],
                                "seeds": h["seeds"], "n_seeds": h["n_seeds"], "n_examples": h["n_examples"]}
         for key, other in (("gain", baseline), ("vs_ref", reference)):
             if other is None or other == v or other not in set(records["variant"]):
-                row.update({key: np.nan, f"{key}_lo": np.nan, f"{key}_hi": np.nan, f"{key}_per_seed": [], f"{key}_text": ""})
+                row.update({key: np.nan, f"{key}_lo": np.nan, f"{key}_hi": np.nan, f"{key}_per_seed": [],
+                            f"{key}_p": np.nan, f"{key}_p_holm": np.nan, f"{key}_text": ""})
                 continue
             d = stats.paired_difference(records, v, other, n_boot=n_boot, seed=seed, value=value, unit="variant")
+            diffs[(len(rows), key)] = {**d, "what": f"{v} - {other}"}
             row.update({key: d["mean"], f"{key}_lo": d["lo"], f"{key}_hi": d["hi"],
-                        f"{key}_per_seed": [p["diff"] for p in d["per_seed"]],
-                        f"{key}_text": stats.conclusion(d, f"{v} - {other}")})
+                        f"{key}_per_seed": [p["diff"] for p in d["per_seed"]]})
         rows.append(row)
+    for (i, key), d in stats.adjust_family(diffs, family).items():
+        rows[i].update({f"{key}_p": d["p_value"], f"{key}_p_holm": d["p_holm"],
+                        f"{key}_text": stats.conclusion(d, d["what"])})
     return pd.DataFrame(rows)
 
 
@@ -178,7 +186,7 @@ def run_ablation(
         "variants": variants,
         "reference": reference,
         "records": records,
-        "table": compare_variants(records, labels, reference, n_boot=n_boot),
+        "table": compare_variants(records, labels, reference, n_boot=n_boot, family=f"ablation: {kind}"),
         "baseline": stats.hierarchical_bootstrap(records, BASELINE, n_boot=n_boot, unit="variant"),
     }
 

@@ -272,6 +272,12 @@ def bootstrap_ci(
     mean = float(x.mean())
     if x.size == 1:
         return mean, mean, mean
+    lo, hi = _percentile_ci(_resampled_means(x, n_boot, seed), ci)
+    return mean, lo, hi
+
+
+def _resampled_means(x: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """`n_boot` means of `x` resampled with replacement (chunked: memory bounded whatever n_boot is)."""
     rng = np.random.default_rng(seed)
     boots = np.empty(n_boot)
     done = 0
@@ -280,8 +286,7 @@ def bootstrap_ci(
         n_rep = min(chunk, n_boot - done)
         boots[done : done + n_rep] = x[rng.integers(0, x.size, size=(n_rep, x.size))].mean(axis=1)
         done += n_rep
-    lo, hi = _percentile_ci(boots, ci)
-    return mean, lo, hi
+    return boots
 
 
 def hierarchical_bootstrap(
@@ -482,7 +487,8 @@ def seed_difference(a: Sequence[float], b: Sequence[float], n_boot: int = 10_000
     """Mean of per-seed differences a_s - b_s with a bootstrap CI over seeds (for per-seed metrics such as
     distinct-2 or seconds per prompt, which have no per-example values). `ci_over = "seeds"`; `deterministic` is
     True when both sides are the same in every seed (e.g. greedy CAD vs prompting), where that CI has zero width
-    and says nothing: `conclusion` then gives no verdict."""
+    and says nothing: `conclusion` then gives no verdict. `p_value` is the two-sided bootstrap p-value of no
+    difference from the same replicates as the CI, for `adjust_family`."""
     a_, b_ = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     ok = np.isfinite(a_ - b_)
     a_, b_ = a_[ok], b_[ok]
@@ -490,21 +496,23 @@ def seed_difference(a: Sequence[float], b: Sequence[float], n_boot: int = 10_000
     if d.size == 0:
         return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n_seeds": 0, "ci_over": "seeds"}
     mean, lo, hi = bootstrap_ci(d, n_boot=n_boot, seed=seed)
+    p = _p_value(_resampled_means(d, n_boot, seed)) if d.size > 1 else float("nan")
     fixed = d.size > 1 and np.ptp(a_) == 0 and np.ptp(b_) == 0
-    return {"mean": mean, "lo": lo, "hi": hi, "n_seeds": int(d.size), "per_seed": d.tolist(), "ci_over": "seeds",
-            "deterministic": bool(fixed)}
+    return {"mean": mean, "lo": lo, "hi": hi, "p_value": p, "n_seeds": int(d.size), "per_seed": d.tolist(),
+            "ci_over": "seeds", "deterministic": bool(fixed)}
 
 
 def kl_table(kl: pd.DataFrame, labels: Sequence[str], n_boot: int = 5_000, seed: int = 0) -> pd.DataFrame:
-    """Mean KL per variant with a CI over seeds and prompts (`variant, mean, lo, hi, per_seed, n_seeds, n_prompts`),
+    """Mean KL per variant with a crossed CI over prompts and seeds and the p-value of a zero mean
+    (`variant, mean, lo, hi, p_value, per_seed, n_seeds, n_prompts`),
     from per-prompt KL rows with a `variant` column (`ablations.kl_for_variants`); absent labels are skipped."""
     rows = []
     for v in labels:
         if v not in set(kl["variant"]):
             continue
         h = hierarchical_bootstrap(kl, v, n_boot=n_boot, seed=seed, value="kl", unit="variant")
-        rows.append({"variant": v, "mean": h["mean"], "lo": h["lo"], "hi": h["hi"], "per_seed": h["per_seed"],
-                     "n_seeds": h["n_seeds"], "n_prompts": h["n_examples"]})
+        rows.append({"variant": v, "mean": h["mean"], "lo": h["lo"], "hi": h["hi"], "p_value": h["p_value"],
+                     "per_seed": h["per_seed"], "n_seeds": h["n_seeds"], "n_prompts": h["n_examples"]})
     return pd.DataFrame(rows)
 
 

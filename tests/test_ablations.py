@@ -169,6 +169,18 @@ def test_compare_variants_finds_a_real_gain_and_a_null():
     assert "no detectable effect" in null.loc[0, "gain_text"]
 
 
+def test_compare_variants_holm_adjusts_the_table_as_one_family():
+    rec = _synthetic(0.45, 0.25)
+    rec = pd.concat([rec, rec[rec.variant == "K=2"].assign(variant="K=1")], ignore_index=True)
+    table = ablations.compare_variants(rec, ["K=1", "K=2"], reference="K=1", n_boot=500, family="ablation: K")
+    # three comparisons (K=1 and K=2 vs prompting, K=2 vs K=1): Holm multiplies the smallest p-value by 3
+    p = [table.loc[0, "gain_p"], table.loc[1, "gain_p"], table.loc[1, "vs_ref_p"]]
+    holm = [table.loc[0, "gain_p_holm"], table.loc[1, "gain_p_holm"], table.loc[1, "vs_ref_p_holm"]]
+    assert holm == pytest.approx(list(stats.holm(p))) and min(holm) == pytest.approx(3 * min(p))
+    assert 'over the 3 comparisons of "ablation: K"' in table.loc[1, "gain_text"]
+    assert "no detectable effect" in table.loc[1, "vs_ref_text"]  # identical variants: p = 1
+
+
 def test_summary_table_carries_every_variant_with_its_cis_and_the_kl():
     gain = ablations.compare_variants(_synthetic(0.45, 0.25), ["K=2"], reference=None, n_boot=300)
     beta = gain.assign(variant="beta=0.3")
