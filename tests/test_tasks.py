@@ -14,7 +14,7 @@ import pytest
 from mipo_lib.errors import MipoError
 from mipo_lib.tasks import get_task, task_names
 from mipo_lib.tasks.arithmetic import ArithmeticTask
-from mipo_lib.tasks.datasets import extract_choice, prism_split
+from mipo_lib.tasks.datasets import official_arc_choice, official_math_answer, prism_split
 from mipo_lib.tasks.numbers import final_answer, last_number, numbers_in
 from mipo_lib.tasks.personalization import (
     PREFERENCES,
@@ -197,87 +197,136 @@ def test_gsm8k_fixture():
     examples = task.examples("test")
     assert len(examples) == 6 and examples[0].answer == "18" and examples[-1].answer == "1200"
     assert not task.conditional and task.group(examples[0]) == "gsm8k"
-    content = task.prompt(examples[0])[0]["content"]
-    assert content.startswith("Janet") and "####" in content
+    (message,) = task.prompt(examples[0])
+    content = message["content"]
+    assert message["role"] == "user" and content.startswith("You are a helpful math assistant. Solve the following")
+    assert content.count("\n#### ") == 8 and "Example 8:\nQuestion: Olivia has $23." in content
+    assert content.endswith("\n\nNew question: " + examples[0].request.strip())
     ex = examples[0]
     assert task.score(ex, "She sells 9 eggs for $2 each.\n#### 18") == 1.0
     assert task.score(ex, "#### 18.00") == 1.0
     assert task.score(ex, "She makes $18 a day.") == 1.0  # no ####: the last number
     assert task.score(ex, "#### 18 ... wait, 9 eggs") == 1.0  # the number right after #### wins
     assert task.score(ex, "She makes 9 * 2 = 18, no: #### 16") == 0.0
+    assert task.score(ex, "#### 18\n\nExample 9:\nQuestion: ...\n#### 7") == 1.0  # the FIRST #### (gsm.py line 220)
     assert task.score(examples[-1], "In total #### 1,200 loaves.") == 1.0
     seeded = [e.id for e in task.examples("train", n=3, seed=0)]
     assert seeded == [e.id for e in task.examples("train", n=3, seed=0)] and len(seeded) == 3
 
 
+def test_official_math_answer():
+    assert official_math_answer("#### 5\n#### 6") == 5.0
+    assert official_math_answer("x #### -10 degrees") == -10.0  # the official regex would read 10
+    assert official_math_answer("#### 2,125") == 2125.0  # ... and 2
+    assert official_math_answer("#### none\nso 4 apples") == 4.0  # nothing after ####: the last number
+    assert official_math_answer("no numbers") is None
+    with pytest.raises(MipoError, match="n_shots=0 must be between 1 and 8"):
+        get_task("gsm8k", n_shots=0)
+    one_shot = get_task("gsm8k", test_path=FIXTURES / "gsm8k_sample.jsonl", n_shots=1)
+    content = one_shot.prompt(one_shot.examples("test")[0])[0]["content"]
+    assert "Example 1:" in content and "Example 2:" not in content
+
+
 def test_gsm8k_real_test_file_sample_of_200():
     if not REAL_GSM8K.exists():
         pytest.skip(f"real GSM8K not at {REAL_GSM8K}")
+    import pandas as pd
+
     task = get_task("gsm8k", test_path=REAL_GSM8K)
+    records = task.records("test")
+    assert len(records) == 1319
+    every = task.examples("test")  # every row's gold answer is recovered from its '#### <number>' line
+    for e, r in zip(every, records):
+        tail = r["answer"].split("####")[1].strip()
+        assert float(e.answer) == float(tail.replace(",", "")), (e.id, tail)
     sample = task.examples("test", n=200, seed=0)
-    assert len(sample) == 200 and len({e.id for e in sample}) == 200
+    official = pd.DataFrame(records).sample(n=200, random_state=42, replace=False)  # gsm.py line 177
+    assert [e.id for e in sample] == [f"gsm8k-test-{i:04d}" for i in official.index]
+    assert [e.request for e in sample] == official["question"].tolist()
     assert [e.id for e in sample] == [e.id for e in task.examples("test", n=200, seed=5)]  # random_state 42 always
-    for e in sample:
-        assert float(e.answer) == final_answer(task.records("test")[int(e.id.rsplit("-", 1)[1])]["answer"])
-    assert len(task.records("test")) == 1319
+    assert float(sample[0].answer) == final_answer(official["answer"].iloc[0])
 
 
 def test_svamp_fixture():
-    task = get_task("svamp", test_path=FIXTURES / "svamp_sample.json")
+    task = get_task("svamp", train_path=FIXTURES / "svamp_sample.json", test_path=FIXTURES / "svamp_sample.json",
+                    gsm8k_train_path=FIXTURES / "gsm8k_sample.jsonl")
     examples = task.examples("test")
-    assert [e.answer for e in examples] == ["23", "19", "42", "7", "3.75"]
+    assert [e.answer for e in examples] == ["23", "19", "42", "7", "3.75"]  # all test rows, in file order
     first = examples[0]
     assert first.request == (
         "Maya has 14 stickers. Her brother gives her 9 more stickers. How many stickers does Maya have now?"
     )
+    content = task.prompt(first)[0]["content"]
+    assert content.startswith("You are a helpful math assistant.") and content.endswith("New question: " + first.request)
     assert task.group(first) == "Addition" and task.group(examples[3]) == "Common-Division"
     assert task.score(first, "14 + 9 = 23\n#### 23") == 1.0 and task.score(first, "#### 24") == 0.0
     assert task.score(examples[4], "2.5 + 1.25 = 3.75 kilometers.") == 1.0
+    train = task.examples("train")  # SVAMP's training rows plus GSM8K training rows (700 officially; all 6 here)
+    assert len(train) == 5 + 6 and sum(task.group(e) == "gsm8k" for e in train) == 6
+    assert [e.id for e in task.examples("train", n=4, seed=1)] == [e.id for e in task.examples("train", n=4, seed=1)]
 
 
-def test_arc_fixture_and_letter_extraction():
+def test_arc_fixture_and_official_letter_extraction():
     task = get_task("arc_easy", test_path=FIXTURES / "arc_sample.jsonl")
     examples = task.examples("test")
     assert len(examples) == 5 and task.name == "arc_easy"
     content = task.prompt(examples[0])[0]["content"]
-    assert "A. leaves\nB. roots\nC. flowers\nD. seeds" in content and content.endswith("letter of the correct choice.")
-    numeric = examples[2]  # labelled 1-4 in the file
+    assert content == (
+        "You are a helpful assistant. The following is a multiple choice question with answer choices. Your response "
+        'should show clear and concise reasoning, and you should end with "The answer is: <X>", where X is the correct '
+        "letter choice.\n\nWhich part of a plant takes in water from the soil?\n\nA: leaves\nB: roots\nC: flowers\n"
+        'D: seeds\n\nYour response should end with "The answer is: <X>", where X is the correct letter choice.'
+    )
+    numeric = examples[2]  # labelled 1-4 in the file: lettered by position, the key mapped to its letter
     assert numeric.meta["labels"] == ["A", "B", "C", "D"] and numeric.answer == "B"
     assert examples[3].meta["labels"] == ["A", "B", "C", "D", "E"]
-    assert task.score(examples[0], "The answer is B.") == 1.0
-    assert task.score(examples[0], "B") == 1.0 and task.score(examples[0], "A") == 0.0
+    assert task.score(examples[0], "Roots absorb water. The answer is: B") == 1.0
+    assert task.score(examples[0], "B") == 0.0  # no "the answer is": no answer, as in the official code
     labels = ["A", "B", "C", "D"]
-    assert extract_choice("(C) It freezes.", labels) == "C"
-    assert extract_choice("**D**", labels) == "D"
-    assert extract_choice("A is wrong and so is B; the answer is C", labels) == "C"
-    assert extract_choice("Answer: (A)", labels) == "A"
-    assert extract_choice("A plant takes water in through its roots, so B) roots.", labels) == "B"
-    assert extract_choice("A plant needs water.", labels) is None  # the article "A" is not a choice
-    assert extract_choice("the answer is a tricky one", labels) is None
-    assert extract_choice("Either (A) or (B).", labels) is None  # ambiguous: no guess
+    assert official_arc_choice("THE ANSWER IS (C).", labels) == "C"
+    assert official_arc_choice("The answer is: a tricky one, so D", labels) == "D"  # capitals only: "a" is no choice
+    assert official_arc_choice("The answer is B. Or the answer is C.", labels) == "B"  # the first marker
+    assert official_arc_choice("The answer is E", labels) is None and official_arc_choice("The answer is E", labels + ["E"]) == "E"
+    assert official_arc_choice("I think C.", labels) is None
     challenge = get_task("arc_challenge", test_path=FIXTURES / "arc_sample.jsonl")
     assert challenge.name == "arc_challenge" and challenge.group(challenge.examples("test")[0]) == "arc_challenge"
 
 
-def test_prism_fixture_prompts_and_judge_error():
+def test_prism_fixture_prompts_references_and_judge_error():
     task = get_task("prism", path=FIXTURES / "prism_sample.jsonl")
     assert task.conditional
     train, test = task.examples("train"), task.examples("test")
-    assert {e.meta["user_id"] for e in test} == {"user1", "user9"}
+    assert [e.meta["user_id"] for e in test] == ["user1", "user9"]  # the first test rows, in file order
+    assert [e.id for e in task.examples("test", n=1)] == ["c-fixture-2"]
     assert not {e.meta["user_id"] for e in train} & {e.meta["user_id"] for e in test}
     assert len(train) + len(test) == 6 and prism_split("user1") == "test" and prism_split("user0") == "train"
     ex = test[0]
-    assert task.prompt(ex)[0]["content"] == (
+    assert task.prompt(ex) == [{"role": "user", "content": (
         "Give me short 2-3 sentence answers to the following prompt: How can I get better at chess? "
-        "Please respect the following requirements made by the user: Answer like a patient teacher and avoid jargon."
-    )
+        "Please respect the following requirements made by the user: Answer like a patient teacher and avoid jargon. "
+        "Respond with short 2-3 sentences."
+    )}]
     assert task.prompt(ex, with_context=False)[0]["content"] == (
-        "Give me short 2-3 sentence answers to the following prompt: How can I get better at chess?"
+        "Give me short 2-3 sentence answers to the following prompt: How can I get better at chess? "
+        "Respond with short 2-3 sentences."
     )
-    assert task.prompt(ex, context="Be brief.")[0]["content"].endswith("made by the user: Be brief.")
+    assert task.prompt(ex, context="Be brief.")[0]["content"].endswith(
+        "made by the user: Be brief. Respond with short 2-3 sentences.")
+    assert ex.meta["preferences"] == ["Answer like a patient teacher and avoid jargon."]
+    assert ex.meta["reference"].startswith("Play regularly")
+    two = test[1]  # `instructions` (the official field) wins over system_string: one preference per string
+    assert two.meta["preferences"] == ["Be honest and direct, even if the answer is uncomfortable.", "Keep it to two sentences."]
+    assert two.context == " ".join(two.meta["preferences"])
     assert task.group(ex) == "unguided"
     with pytest.raises(MipoError, match="mipo_lib.evaluate"):
         task.score(ex, "anything")
+
+
+def test_prism_record_without_preferences_is_refused(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"conversation_id": "c", "user_id": "user1", "opening_prompt": "Hi", "system_string": " "}) + "\n")
+    with pytest.raises(MipoError, match="states no preference; give it `instructions`"):
+        get_task("prism", path=path).examples("test")
 
 
 def test_local_file_errors(tmp_path):

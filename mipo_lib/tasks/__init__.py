@@ -1,7 +1,8 @@
 """Task registry: a preset names its task (`Preset.task`), `get_task` builds it from the registry.
 
-`personalization` and `arithmetic` are generated in code and work offline; the others read the paper's datasets from
-the Hugging Face hub, or from local files passed as options (e.g. `get_task("gsm8k", test_path="test.jsonl")`).
+`personalization` and `arithmetic` (with its graded levels `arithmetic_<level>`) are generated in code and work
+offline; the others read the paper's datasets from the Hugging Face hub, or from local files passed as options (e.g.
+`get_task("gsm8k", test_path="test.jsonl")`).
 
 A researcher adds a task without editing this package: write a small class that follows the `Task` protocol
 (`tasks/base.py`), `register_task("mytask", MyTask)`, then `get_preset("cpu", task="mytask")`. Code that runs in
@@ -18,7 +19,7 @@ import re
 from typing import Any, Callable
 
 from mipo_lib.errors import MipoError
-from mipo_lib.tasks.arithmetic import ArithmeticTask
+from mipo_lib.tasks.arithmetic import ArithmeticTask, level_tasks
 from mipo_lib.tasks.base import Example, Task
 from mipo_lib.tasks.datasets import ARCTask, GSM8KTask, PRISMTask, SVAMPTask
 from mipo_lib.tasks.personalization import (
@@ -40,6 +41,7 @@ _REGISTRY: dict[str, TaskFactory] = {
     "arc_easy": lambda **kw: ARCTask("ARC-Easy", **kw),
     "arc_challenge": lambda **kw: ARCTask("ARC-Challenge", **kw),
     "prism": PRISMTask,
+    **level_tasks(),  # arithmetic_one_digit_add ... arithmetic_word: graded difficulty (tasks/arithmetic.py)
 }
 #: What the pipeline calls on a task (`program_judge` is optional: tasks without it are judged in code).
 PROTOCOL: tuple[str, ...] = ("name", "conditional", "examples", "prompt", "score", "group")
@@ -111,6 +113,13 @@ def get_task(name: str, **options: Any) -> Task:
     return task
 
 
+def task_settings(name: str) -> dict[str, Any]:
+    """The preset fields the official code used for task `name` (its `official_settings`; none for tasks without).
+
+    `config.get_preset` applies them for presets with `task_defaults` (t4, paper). Building a task reads no data."""
+    return dict(getattr(get_task(name), "official_settings", {}))
+
+
 __all__ = [
     "PREFERENCES",
     "PROTOCOL",
@@ -123,6 +132,7 @@ __all__ = [
     "register_preference",
     "register_task",
     "task_names",
+    "task_settings",
     "unregister_preference",
     "unregister_task",
 ]
