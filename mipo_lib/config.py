@@ -84,6 +84,9 @@ class Preset:
     # training logs: transformers' report_to, "none" or loggers such as "tensorboard" (pip install tensorboard) or
     # "tensorboard,wandb"; TensorBoard writes under the adapter's folder (tensorboard --logdir runs/<preset>)
     report_to: str = "none"
+    # True: `get_preset` takes the task's `official_settings` (the official code's sampling, token caps, test size
+    # and negative for that dataset) for every field the caller does not set; the t4 and paper presets do
+    task_defaults: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -296,6 +299,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "t4": Preset(
         name="t4",
+        task_defaults=True,
         description="free Colab T4 (16 GB, no bf16): Qwen2.5-1.5B-Instruct in 4-bit NF4 QLoRA, fp16 compute",
         model_id="Qwen/Qwen2.5-1.5B-Instruct",
         load_in_4bit=True,
@@ -320,6 +324,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "paper": Preset(
         name="paper",
+        task_defaults=True,
         description="24-80 GB GPU: Llama-3.2-1B-Instruct as in the paper, bf16 LoRA, official sampling settings",
         model_id="meta-llama/Llama-3.2-1B-Instruct",
         n_train_prompts=400,  # personalization has 400 training prompts; the GSM8K/ARC loaders have more
@@ -352,14 +357,22 @@ def get_preset(name: str, /, **overrides: Any) -> Preset:
 
     Imports the MIPO_PLUGINS modules first (see `mipo_lib.tasks`), so tasks and preferences that a researcher
     registers in a module exist in every process that asks for a preset: the command line and each notebook kernel.
+
+    With `task_defaults` (t4, paper), the task's `official_settings` come between the preset and the overrides:
+    `get_preset("t4", task="gsm8k")` samples pairs at the official temperature 0.1 / top-p 0.9 and evaluates 200
+    problems, while `get_preset("t4", task="gsm8k", temperature=0.7)` keeps the caller's temperature. Only fields the
+    caller did not set are taken, and only in `get_preset`: `Preset.with_overrides` changes exactly what it is given.
     """
-    from mipo_lib.tasks import load_plugins
+    from mipo_lib.tasks import load_plugins, task_settings
 
     load_plugins()
     try:
         preset = PRESETS[name]
     except KeyError:
         raise MipoError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+    if conform("task_defaults", overrides.get("task_defaults", preset.task_defaults)):
+        task = overrides.get("task", preset.task)
+        overrides = {**{k: v for k, v in task_settings(task).items() if k not in overrides}, **overrides}
     return preset.with_overrides(**overrides) if overrides else preset
 
 
