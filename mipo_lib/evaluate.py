@@ -21,7 +21,8 @@ import torch
 
 from mipo_lib import cache
 from mipo_lib.config import Preset
-from mipo_lib.generate import Batch, Messages, chat_prompt_ids, generate_batches
+from mipo_lib.errors import MipoError
+from mipo_lib.generate import Batch, Messages, chat_prompt_ids, generate_batches, left_pad
 from mipo_lib.scoring import sequence_logprobs
 from mipo_lib.tasks.base import Example, Task, judge_or_nan
 
@@ -35,13 +36,8 @@ class ContextAwareDecoding:
 
     def __init__(self, model: Any, uncond_ids: Sequence[Sequence[int]], pad_id: int, alpha: float) -> None:
         self.model, self.alpha, self.pad_id = model, alpha, pad_id
-        width = max(len(r) for r in uncond_ids)
-        device = next(model.parameters()).device
-        self.input_ids = torch.full((len(uncond_ids), width), pad_id, dtype=torch.long, device=device)
-        self.mask = torch.zeros_like(self.input_ids)
-        for i, r in enumerate(uncond_ids):
-            self.input_ids[i, width - len(r) :] = torch.tensor(r, device=device)
-            self.mask[i, width - len(r) :] = 1
+        enc = left_pad(uncond_ids, pad_id, next(model.parameters()).device)
+        self.input_ids, self.mask = enc["input_ids"], enc["attention_mask"]
         self.cache: Any = None
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -147,34 +143,144 @@ def response_pmi(
 
 
 # ------------------------------------------------------------------------------------------------ LLM judge (PRISM)
-JUDGE_RUBRIC = (
-    "You are judging how well a response fits a user's stated preferences.\n"
-    "User preferences: {context}\nUser prompt: {request}\nResponse: {response}\n\n"
-    "On a scale from 1 (ignores the preferences) to 5 (fully respects them and answers the prompt well), "
-    "how well does the response fit? Answer with 'Score: N' and nothing else."
+# The official PRISM protocol (eval_scripts/prism.py of the official repository, lines 208-252): for each prompt and
+# each of the user's stated preferences, one judge call; a system message asks for a 1-5 score, the user message holds
+# the prompt, the response and that one preference; the first integer of the judge's sampled reply (temperature 0.1,
+# top-p 0.9) is the score, a reply without one is skipped, and a response's score is the mean over the preferences.
+# The reference is the dataset's chosen reply, scored the same way; win-or-tie = share of prompts with policy score
+# >= reference score, strict win uses > (prism.py lines 97-100, 252).
+
+#: The judge's system message, verbatim from prism.py line 213.
+JUDGE_SYSTEM = (
+    "You are a helpful assistant, that evaluates another assistant's response based on how well the response is "
+    "personalized to this user based on their stated preference. Give a score between 1 and 5, 1 if the response is "
+    "general, and 5 if the response sufficiently addresses the user's preference. Only respond with a number between "
+    "1 and 5 and do not provide an explanation."
 )
+#: The judge's user message, verbatim from prism.py line 214 (`prompt` is the user's own prompt, without the template).
+JUDGE_USER = "User: {prompt}\n\nAssistant: {response}\n\nUser's preference: {preference}"
+#: The judge samples (prism.py lines 225-231).
+JUDGE_TEMPERATURE, JUDGE_TOP_P = 0.1, 0.9
+#: Enough for a number and a short preamble; the official cap is 1024 tokens, but the judge is told to answer with a
+#: number only, and a batch ends as soon as every reply has.
+JUDGE_MAX_NEW_TOKENS = 32
+#: The official judges: Qwen2.5-14B-Instruct for Qwen policies, Llama-3-8B-Instruct for Llama ones (prism.py lines 24-27).
+JUDGES = {"qwen": "Qwen/Qwen2.5-14B-Instruct", "llama": "meta-llama/Meta-Llama-3-8B-Instruct"}
+#: The method name of the reference replies in judged records (the dataset's chosen reply).
+REFERENCE = "reference"
+
+
+def judge_messages(example: Example, response: str, preference: str) -> Messages:
+    """The official judge call for one stated preference: system rubric, then prompt, response and preference."""
+    return [
+        {"role": "system", "content": JUDGE_SYSTEM},
+        {"role": "user", "content": JUDGE_USER.format(prompt=example.request, response=response, preference=preference)},
+    ]
 
 
 def parse_judge_score(text: str) -> int | None:
-    """The 1-5 score in a judge's reply ('Score: 4', '4/5', 'I would give it a 4'), or None if there is none."""
-    match = re.search(r"score\s*[:=]?\s*([1-5])\b", text, flags=re.IGNORECASE) or re.search(r"(?<![\d.])([1-5])(?![\d.])", text)
-    return int(match.group(1)) if match else None
+    """The first integer in a judge's reply (`re.search(r"\\d+", ...)`, prism.py line 243), or None without one.
+
+    One guard the official code lacks: an integer outside the rubric's 1-5 ("Score: 10", "0") is skipped like a reply
+    without a number, rather than averaged in.
+    """
+    match = re.search(r"\d+", text)
+    score = int(match.group()) if match else None
+    return score if score is not None and 1 <= score <= 5 else None
+
+
+def mean_judge_score(scores: Sequence[int | None]) -> float | None:
+    """A response's score: the mean over the user's preferences of the parsed scores, skipping replies without one
+    (prism.py lines 244-248); None when no reply had a score (the official `np.mean([])` is NaN, never a win)."""
+    kept = [s for s in scores if s is not None]
+    return float(np.mean(kept)) if kept else None
 
 
 def llm_judge_scores(
-    judge_model: Any, judge_tokenizer: Any, examples: Sequence[Example], responses: Sequence[str], preset: Preset, progress: bool = True
-) -> list[int | None]:
-    """Scores 1-5 from an LLM judge with the official-style rubric (None when the judge's reply has no score)."""
-    prompts = [
-        [{"role": "user", "content": JUDGE_RUBRIC.format(context=e.context or "(none)", request=e.request, response=r)}]
-        for e, r in zip(examples, responses)
+    judge_model: Any, judge_tokenizer: Any, examples: Sequence[Example], responses: Sequence[str], preset: Preset,
+    progress: bool = True, seed: int = 0,
+) -> list[float | None]:
+    """Each response's official PRISM score: one sampled judge call per stated preference (`meta["preferences"]`,
+    else the example's context), the first integer of each reply, the mean over the preferences (None if none)."""
+    calls = [
+        (row, judge_messages(e, r, pref))
+        for row, (e, r) in enumerate(zip(examples, responses))
+        for pref in (e.meta.get("preferences") or [e.context or ""])
     ]
-    ids = [chat_prompt_ids(judge_tokenizer, p) for p in prompts]
-    out: list[int | None] = [None] * len(examples)
+    ids = [chat_prompt_ids(judge_tokenizer, messages) for _, messages in calls]
+    parsed: list[int | None] = [None] * len(calls)
     for batch, texts in generate_batches(
-        judge_model, judge_tokenizer, ids, max_new_tokens=8, temperature=0.0, batch_size=preset.eval_batch_size,
-        progress=progress, desc="judging",
+        judge_model, judge_tokenizer, ids, max_new_tokens=JUDGE_MAX_NEW_TOKENS, temperature=JUDGE_TEMPERATURE,
+        top_p=JUDGE_TOP_P, batch_size=preset.eval_batch_size, seed=seed, progress=progress, desc="judging",
     ):
-        for row, text in zip(batch.rows, texts):
-            out[row] = parse_judge_score(text)
-    return out
+        for call, text in zip(batch.rows, texts):
+            parsed[call] = parse_judge_score(text)
+    per_response: list[list[int | None]] = [[] for _ in examples]
+    for (row, _), score in zip(calls, parsed):
+        per_response[row].append(score)
+    return [mean_judge_score(scores) for scores in per_response]
+
+
+def judge_for(policy_model_id: str) -> str:
+    """The official judge of a policy: Qwen2.5-14B-Instruct for Qwen models, Llama-3-8B-Instruct otherwise."""
+    return JUDGES["qwen"] if "qwen" in policy_model_id.lower() else JUDGES["llama"]
+
+
+def judge_records(
+    records: pd.DataFrame, examples: Sequence[Example], judge_model: Any, judge_tokenizer: Any, preset: Preset,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """`records` with `score` replaced by the official judge's score (NaN where skipped), plus the reference's rows
+    (method `REFERENCE`, the dataset's chosen reply, once per seed of the records), ready for
+    `stats.win_tie_table(judged, "MIPO", REFERENCE)`: win-or-tie and strict win with CIs."""
+    by_id = {e.id: e for e in examples}
+    missing = [e.id for e in examples if not e.meta.get("reference")]
+    if missing:
+        raise MipoError(f"{len(missing)} test prompts have no reference reply (e.g. {missing[0]!r}); give the records a chosen_response")
+    first = records[records["seed"] == records["seed"].min()].drop_duplicates("example_id")
+    ref = first.assign(method=REFERENCE, response=[by_id[i].meta["reference"] for i in first["example_id"]])
+    ref = pd.concat([ref.assign(seed=s) for s in sorted(records["seed"].unique())], ignore_index=True)
+    frame = pd.concat([records, ref], ignore_index=True)
+    unique = frame.drop_duplicates(["example_id", "response"])
+    scores = llm_judge_scores(
+        judge_model, judge_tokenizer, [by_id[i] for i in unique["example_id"]], unique["response"].fillna("").tolist(),
+        preset, progress=progress,
+    )
+    lookup = {(i, r): s for i, r, s in zip(unique["example_id"], unique["response"], scores)}
+    judged = [lookup[(i, r)] for i, r in zip(frame["example_id"], frame["response"])]
+    return frame.assign(score=[np.nan if s is None else s for s in judged], n_words=frame["response"].fillna("").str.split().str.len())
+
+
+def judge_run(
+    preset_name: str, *, judge_id: str | None = None, judge_4bit: bool | None = None, progress: bool = True,
+    **overrides: Any,
+) -> pd.DataFrame:
+    """The PRISM evaluation of a GPU run, end to end: every method's records of the preset's seeds (computed or read
+    from the cache), judged with the official judge and protocol; prints and returns win-or-tie and strict win of
+    each method against the reference. The judged table is cached beside the records, named by a digest of the
+    responses and the judge. `judge_4bit` defaults to the preset's `load_in_4bit` (a 14B judge fits a T4 in 4 bits)."""
+    from mipo_lib import pipeline, stats
+    from mipo_lib.config import get_preset, run_dir
+    from mipo_lib.models import load_model_and_tokenizer
+    from mipo_lib.tasks import get_task
+
+    preset = get_preset(preset_name, **overrides)
+    task = get_task(preset.task)
+    if getattr(task, "program_judge", True):
+        raise MipoError(f"task {preset.task!r} is judged in code; judge_run is for LLM-judged tasks such as prism")
+    examples = task.examples("test", preset.n_test_prompts)
+    records = pipeline.evaluate_all(preset, list(preset.seeds), progress=progress)
+    judge_id = judge_id or judge_for(preset.model_id)
+    digest = cache.content_digest([judge_id, records[["method", "seed", "example_id", "response"]].astype(str).values.tolist()])[:12]
+
+    def make() -> pd.DataFrame:
+        judge, tok = load_model_and_tokenizer(judge_id, dtype=preset.dtype,
+                                              load_in_4bit=preset.load_in_4bit if judge_4bit is None else judge_4bit)
+        return judge_records(records, examples, judge, tok, preset, progress=progress)
+
+    judged = evaluate_cached(run_dir(preset, preset.task, "judged") / f"judged-{digest}.jsonl", make)
+    for method in [m for m in judged["method"].unique() if m != REFERENCE]:
+        rates = stats.win_rates_per_seed(judged, method, REFERENCE)
+        print(f"{method:>18} vs {REFERENCE}: win-or-tie {rates.win_or_tie.mean():.1%}, strict win "
+              f"{rates.strict_win.mean():.1%} (mean of {len(rates)} seeds, {int(rates.n.min())}+ prompts each)")
+    return judged

@@ -1,4 +1,4 @@
-"""Evaluation: context-aware decoding (exact formula, cached context-free stream), the LLM-judge parser, the records
+"""Evaluation: context-aware decoding (exact formula, cached context-free stream), the records
 table, and the whole smoke pipeline (five methods, cached on the second call)."""
 
 import os
@@ -13,7 +13,7 @@ from transformers import LogitsProcessorList
 
 from mipo_lib import evaluate, methods, pipeline
 from mipo_lib.config import get_preset
-from mipo_lib.evaluate import ContextAwareDecoding, parse_judge_score
+from mipo_lib.evaluate import ContextAwareDecoding
 from mipo_lib.generate import generate_batches
 from mipo_lib.tasks import get_task
 
@@ -140,38 +140,6 @@ def test_cad_changes_decoding_when_strong(tiny):
     plain = [t for _, texts in generate_batches(model, tok, cond, **kw) for t in texts]
     strong = [t for _, texts in generate_batches(model, tok, cond, logits_processor_factory=_cad_factory(model, tok, uncond, 10.0), **kw) for t in texts]
     assert strong != plain
-
-
-# ------------------------------------------------------------------------------------------------------- LLM judge
-@pytest.mark.parametrize(
-    "text,score",
-    [
-        ("Score: 4", 4),
-        ("score=5", 5),
-        ("SCORE:2.", 2),
-        ("Score : 1", 1),
-        ("I'd give it 3/5", 3),
-        ("I would give it a 4", 4),
-        ("The response scores 2 overall.", 2),
-        ("Score: 3\nReason: ok", 3),
-        ("no idea", None),
-        ("", None),
-        ("Score: 7", None),
-        ("Score: 10", None),
-        ("4.5", None),
-        ("Score: 0", None),
-    ],
-)
-def test_parse_judge_score(text, score):
-    assert parse_judge_score(text) == score
-
-
-def test_llm_judge_with_tiny_model(tiny, task, preset):
-    model, tok = tiny
-    examples = task.examples("test", 10)[:3]
-    scores = evaluate.llm_judge_scores(model, tok, examples, ["Hey there! Tea.", "", "- a\n- b"], preset, progress=False)
-    assert len(scores) == 3
-    assert all(s is None or (isinstance(s, int) and 1 <= s <= 5) for s in scores)
 
 
 # ---------------------------------------------------------------------------------------------------------- records
