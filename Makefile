@@ -10,6 +10,8 @@ STAMP  := $(VENV)/.mipo-installed
 TORCH_SPEC ?= torch==2.13.0
 PRESET ?= cpu
 SEEDS  ?=
+# Preset field overrides for `reproduce`, space-separated: make reproduce PRESET=t4 SET="task=gsm8k seeds=0"
+SET    ?=
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -29,7 +31,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	touch $(STAMP)
 
 reproduce: $(STAMP)
-	$(BIN)/python -m mipo_lib reproduce --preset $(PRESET) $(if $(SEEDS),--seeds $(SEEDS))
+	$(BIN)/python -m mipo_lib reproduce --preset $(PRESET) $(if $(SEEDS),--seeds $(SEEDS)) $(foreach s,$(SET),--set $(s))
 
 ablations: $(STAMP)
 	$(BIN)/python -m mipo_lib reproduce --preset $(PRESET) --notebooks 06 $(if $(SEEDS),--seeds $(SEEDS))
