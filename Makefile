@@ -12,7 +12,8 @@ PRESET ?= cpu
 SEEDS  ?=
 # Preset field overrides for `reproduce`, space-separated: make reproduce PRESET=t4 SET="task=gsm8k seeds=0"
 SET    ?=
-export HF_HUB_OFFLINE ?= 1
+# Offline for the embedded presets (nothing to download); GPU presets load their models and datasets from the hub.
+export HF_HUB_OFFLINE ?= $(if $(filter cpu% smoke%,$(PRESET)),1,0)
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: setup reproduce ablations test benchmark clean
