@@ -1,4 +1,4 @@
-"""Command line: `python -m mipo_lib {setup,reproduce,chat}`.
+"""Command line: `python -m mipo_lib {setup,reproduce,chat,readme}`.
 
 Any preset field can be changed with a repeatable `--set field=value` (parsed by the field's type: `beta=0.3`,
 `load_in_4bit=true`, `cad_alpha=none`, `lora_target_modules=q_proj,v_proj`, `seeds=0,1`); `reproduce` hands the same
@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--redo", action="store_true", help="recompute pairs, adapters and evaluations")
     rep.add_argument("--no-progress", action="store_true")
 
+    rdm = sub.add_parser("readme", help="rewrite the README's results block from figures/results_<preset>.csv")
+    rdm.add_argument("--preset", default="cpu")
+
     chat = sub.add_parser("chat", help="one reply from a preset's base model (a quick check that loading works)")
     chat.add_argument("message")
     chat.add_argument("--preset", default="cpu")
@@ -58,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
             from mipo_lib.runner import reproduce
 
             reproduce(args.preset, args.seeds, args.notebooks, args.redo, progress=not args.no_progress, overrides=overrides)
+        elif args.command == "readme":
+            from mipo_lib.readme import update_readme
+
+            print("README.md results block " + ("updated" if update_readme(args.preset) else "already up to date"))
         elif args.command == "chat":
             from mipo_lib.config import get_preset
             from mipo_lib.generate import chat_reply

@@ -33,7 +33,8 @@ def notebooks_dir() -> Path:
     return repo_root() / "notebooks"
 
 
-#: The main job (`make reproduce`): quickstart, lessons and results. Ablations (06) are opt-in: `make ablations`.
+#: The main job (`make reproduce`): quickstart, lessons and results. Ablations (06) and reasoning (07) are opt-in:
+#: `make ablations`, `make reasoning` (`--notebooks 06` / `--notebooks 07`).
 MAIN_NOTEBOOKS = ("00", "01", "02", "03", "04", "05")
 
 
@@ -160,6 +161,11 @@ def reproduce(
         _append_timing(timings, run)
         print(f"[mipo] {path.name}: {run.wall_s:.0f} s, peak {run.peak_rss_mb:.0f} MB", flush=True)
         runs.append(run)
+    if effective.name == "cpu" and not overrides and any(r.notebook.startswith("05") for r in runs):
+        from mipo_lib.readme import update_readme  # the reference run: its numbers are the README's
+
+        if update_readme(effective.name):
+            print("[mipo] README.md results block regenerated from figures/results_cpu.csv", flush=True)
     return runs
 
 

@@ -1,0 +1,45 @@
+"""The README's results block is generated from the committed results table: they cannot disagree."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from mipo_lib import readme, stats
+from mipo_lib.config import repo_root
+from mipo_lib.errors import MipoError
+from test_stats import make_records
+
+
+def test_committed_readme_matches_the_committed_results_table():
+    text = (repo_root() / "README.md").read_text()
+    block = readme.results_block(pd.read_csv(readme.results_path("cpu")), "cpu")
+    assert block in text, "README results block is stale: run `python -m mipo_lib readme` and commit README.md"
+
+
+def test_block_states_rates_differences_and_verdicts_from_the_table():
+    rec = make_records({"prompting": 0.25, "SFT": 0.3, "MIPO": 0.45}, n_examples=60, deterministic=("prompting",))
+    table = stats.results_table(rec, n_boot=300)
+    block = readme.results_block(table, "smoke")
+    mipo = table[(table["kind"] == "paired_difference") & (table["method"] == "MIPO")
+                 & (table["baseline"] == "prompting") & (table["ci_design"] == "crossed")].iloc[0]
+    assert f"{100 * mipo['diff']:+.1f} points, 95% CI [{100 * mipo['diff_lo']:+.1f}, {100 * mipo['diff_hi']:+.1f}]" in block
+    assert "same in every seed" in block  # prompting is deterministic
+    assert "| **MIPO** | DPO on the MIPO pairs; context in the prompt; greedy |" in block
+    assert block.startswith(readme.BEGIN.format(preset="smoke")) and block.endswith(readme.END.format(preset="smoke"))
+
+
+def test_update_rewrites_only_the_block(tmp_path, monkeypatch):
+    rec = make_records({"prompting": 0.25, "MIPO": 0.45}, n_examples=40, deterministic=("prompting",))
+    csv = tmp_path / "results_smoke.csv"
+    stats.write_results(rec, csv, n_boot=200)
+    monkeypatch.setattr(readme, "results_path", lambda preset="cpu": csv)
+    path = tmp_path / "README.md"
+    path.write_text(f"intro\n{readme.BEGIN.format(preset='smoke')}\nold numbers\n{readme.END.format(preset='smoke')}\noutro\n")
+    assert readme.update_readme("smoke", path) is True
+    text = path.read_text()
+    assert text.startswith("intro\n") and text.endswith("\noutro\n") and "old numbers" not in text
+    assert readme.update_readme("smoke", path) is False  # idempotent
+    path.write_text("no markers\n")
+    with pytest.raises(MipoError, match="no results block"):
+        readme.update_readme("smoke", path)
