@@ -355,70 +355,98 @@ def plot_pmi_shift(pmi: pd.DataFrame, meta: dict[str, Any], n_boot: int = 5_000,
     return _finish(fig, cap)
 
 
-def plot_reported_vs_reproduced(
-    reported_df: pd.DataFrame, reproduced: dict[str, Any], meta: dict[str, Any], setting_note: str | None = None
-) -> Any:
-    """The paper's abstract-level claims (intervals, labelled so) next to our measured gain with its CI.
+DOMAINS: tuple[tuple[str, str], ...] = (("personalization", "personalization"), ("math+MC", "reasoning: math and multiple choice"))
+"""The paper's two claims, as `data/reported_gains.csv` names their domains, and the title of each row of panels."""
 
-    `reproduced` is the dict returned by `stats.paired_difference` (MIPO vs prompting by default): its relative gain
-    goes in the top panel next to the reported relative gains, its difference in points in the bottom panel next
-    to the reported point gains. Reported rows that are levels, not gains (e.g. a base accuracy), are not drawn.
-    The settings differ (model size, LoRA, task, judge), so a text box states the difference: the comparison is one
-    of magnitudes, not a replication of a table.
+
+def reproduced_entry(diff: dict[str, Any], domain: str, setting: str) -> dict[str, Any]:
+    """One of our measured gains for `plot_reported_vs_reproduced`: a `stats.paired_difference` result, the paper's
+    domain it speaks to, and our setting in a few words (model, task, judge, n seeds x n examples)."""
+    return {**diff, "domain": domain, "setting": setting}
+
+
+def plot_reported_vs_reproduced(reported_df: pd.DataFrame, ours: Sequence[dict[str, Any]], meta: dict[str, Any]) -> Any:
+    """The paper's abstract-level claims and our measured gains, side by side but never on one axis.
+
+    One row of panels per claim (personalization; math and multiple choice). Left: the paper's reported relative
+    gains (ranges as bars, single values as diamonds), in its setting (1B-7B models, full fine-tuning, real datasets,
+    an LLM judge). Right: our gains (`reproduced_entry`: mean, 95% CI, individual seeds), each in its own, different
+    setting. The two columns have separate axes on purpose: model, task, judge and baseline all differ, so a reader
+    may compare the sign and rough size of the effect, not the numbers, and no bar of ours sits next to a bar of the
+    paper's as if one had beaten the other. Reported rows in points (secondhand) and levels are listed under the left
+    panel as text. A domain with no measurement of ours says so in its right panel.
     """
     import matplotlib.pyplot as plt
 
     apply_style()
-    panels = [
-        ("relative gain %", ("relative_gain", "relative_lo", "relative_hi", "relative_gain"), "relative gain (%)", "%"),
-        ("absolute points", ("mean", "lo", "hi", "diff"), "gain (points)", " pts"),
-    ]
-    n_rows = [int((reported_df["metric"] == metric).sum()) + 1 for metric, *_ in panels]
-    fig, axes = plt.subplots(2, 1, figsize=(10.5, 2.2 + 0.36 * sum(n_rows)), gridspec_kw={"height_ratios": n_rows},
-                             squeeze=False)
-    ours_label = f"ours: {reproduced.get('a', 'MIPO')} vs {reproduced.get('b', 'prompting')} ({meta.get('task', '?')})"
-    rep_colour, rep_point, ours_colour = "#8c8c8c", "#4d4d4d", colour(reproduced.get("a", "MIPO"))
-    for ax, (metric, keys, xlabel, unit) in zip(axes[:, 0], panels):
-        rows = reported_df[reported_df["metric"] == metric].reset_index(drop=True)
-        mean, lo, hi = (100.0 * float(reproduced.get(k, float("nan"))) for k in keys[:3])
-        ax.errorbar(mean, 0, xerr=[[mean - lo], [hi - mean]], fmt="o", color=ours_colour, ms=9, capsize=6, lw=2.2,
-                    zorder=4, label="reproduced (ours): mean, 95% CI")
-        per_seed = [100.0 * float(p.get(keys[3], float("nan"))) for p in reproduced.get("per_seed", [])]
-        if per_seed:
-            ax.scatter(per_seed, np.zeros(len(per_seed)), s=22, color="white", edgecolor=ours_colour, lw=1.2,
-                       zorder=5, label="ours: individual seeds")
-        labels = [f"{ours_label}\n{mean:+.1f}{unit} [95% CI {lo:+.1f}, {hi:+.1f}]"]
-        for i, r in rows.iterrows():
-            y = i + 1
+    rel = reported_df[reported_df["metric"] == "relative gain %"]
+    n_left = [max(1, int((rel["domain"] == d).sum())) for d, _ in DOMAINS]
+    n_right = [max(1, sum(o["domain"] == d for o in ours)) for d, _ in DOMAINS]
+    heights = [max(a, b) + 1.2 for a, b in zip(n_left, n_right)]
+    fig, axes = plt.subplots(len(DOMAINS), 2, figsize=(13.5, 1.6 + 0.5 * sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    rep_colour, rep_point = "#8c8c8c", "#4d4d4d"
+    for row, (domain, title) in enumerate(DOMAINS):
+        left, right = axes[row]
+        rows = rel[rel["domain"] == domain].reset_index(drop=True)
+        labels = []
+        for y, r in rows.iterrows():
             low, high = float(r["low"]), float(r["high"])
             if high > low:
-                ax.plot([low, high], [y, y], color=rep_colour, lw=7, alpha=0.6, solid_capstyle="butt",
-                        label="reported (abstract-level): range")
+                left.plot([low, high], [y, y], color=rep_colour, lw=7, alpha=0.6, solid_capstyle="butt",
+                          label="range")
             else:
-                ax.scatter([low], [y], marker="D", s=40, color=rep_point, zorder=3,
-                           label="reported (abstract-level): single value")
-            label = f"{r['source']} | {r['domain']} | {r['model_or_setting']}"
-            labels.append(label if len(label) <= 72 else label[:69] + "...")
-        ax.set_yticks(range(len(labels)), labels, fontsize=7.5)
-        ax.get_yticklabels()[0].set_fontweight("bold")
-        ax.set_ylim(len(labels) - 0.5, -0.6)
-        ax.axvline(0.0, color="black", lw=0.8)
-        ax.set_xlabel(xlabel)
-        ax.set_title(f"{metric}: reported (abstract-level) vs reproduced", fontsize=10)
-        handles, names = ax.get_legend_handles_labels()
-        unique = dict(zip(names, handles))
-        ax.legend(unique.values(), unique.keys(), fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ours = setting_note or (f"ours: {meta.get('model', '?')}, LoRA, {meta.get('task', '?')}, "
-                            f"{meta.get('n_seeds', '?')} seeds x {meta.get('n_examples', '?')} examples, "
-                            f"preset {meta.get('preset', '?')}")
-    axes[0, 0].text(1.01, 0.0, f"{ours}\n\n{PAPER_SETTING}", transform=axes[0, 0].transAxes, ha="left",
-                    va="bottom", fontsize=7.5, wrap=True,
-                    bbox={"boxstyle": "round", "fc": "#fff8e1", "ec": "#c9a227"})
-    cap = _meta_caption(meta, extra="Grey: the paper's abstract-level claims (ranges as bars, single values as "
-                        "diamonds); whether its percentages are relative or absolute is not stated at abstract "
-                        "level.\nThe settings differ (see the box): compare magnitudes, not numbers.")
-    fig.tight_layout()
+                left.scatter([low], [y], marker="D", s=40, color=rep_point, zorder=3, label="single value")
+            label = f"{r['source']} | {r['model_or_setting']} | vs {r['compared_to']}"
+            labels.append(label if len(label) <= 70 else label[:67] + "...")
+        left.set_yticks(range(len(labels)), labels, fontsize=7.5)
+        left.set_ylim(max(len(labels), 1) - 0.5, -0.6)
+        left.axvline(0.0, color="black", lw=0.8)
+        left.set_xlabel("reported relative gain (%)")
+        left.set_title(f"{title}\nthe paper: reported (abstract-level), its setting", fontsize=9.5)
+        other = reported_df[(reported_df["domain"].str.startswith(domain.split("+")[0])) & (reported_df["metric"] != "relative gain %")]
+        if not other.empty:
+            note = "; ".join(f"{r['metric']} {r['low']:g} ({r['model_or_setting']}, {r['source']})" for _, r in other.iterrows())
+            left.text(0.0, -0.32 - 0.04 * len(other), "also reported: " + note, transform=left.transAxes, fontsize=6.5,
+                      va="top", wrap=True, color=rep_point)
+        handles, names = left.get_legend_handles_labels()
+        if handles:
+            unique = dict(zip(names, handles))
+            left.legend(unique.values(), unique.keys(), fontsize=7, loc="best")
+        mine = [o for o in ours if o["domain"] == domain]
+        _draw_ours(right, mine, title)
+    cap = _meta_caption(meta, extra=f"Left: the {PAPER_SETTING}. The paper's abstract-level claims (grey; ranges as bars, single values as "
+                        "diamonds; whether its percentages are relative or absolute is not stated at abstract level). "
+                        "Right: our measured relative gains, mean and 95% CI (dots: seeds), in a different setting "
+                        "(model, task, judge, baseline): compare the sign and rough size of the effect, not the numbers.")
+    fig.subplots_adjust(left=0.3, right=0.98, top=0.93, bottom=0.12, hspace=0.9, wspace=0.75)
     return _finish(fig, cap)
+
+
+def _draw_ours(ax: Any, mine: Sequence[dict[str, Any]], title: str) -> None:
+    """The right panel of `plot_reported_vs_reproduced`: our gains in their own setting, or a note that there are none."""
+    ax.set_title(f"{title}\nthis workbook: measured, its own setting", fontsize=9.5)
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.set_xlabel("measured relative gain (%), 95% CI")
+    if not mine:
+        ax.text(0.5, 0.5, "not measured in this run", ha="center", va="center", transform=ax.transAxes, fontsize=9,
+                color="#4d4d4d")
+        ax.set_yticks([])
+        ax.set_xticks([])
+        return
+    labels = []
+    for y, o in enumerate(mine):
+        col = colour(o.get("a", "MIPO"))
+        mean, lo, hi = (100.0 * float(o[k]) for k in ("relative_gain", "relative_lo", "relative_hi"))
+        ax.errorbar(mean, y, xerr=[[mean - lo], [hi - mean]], fmt="o", color=col, ms=8, capsize=5, lw=2, zorder=4)
+        seeds = [100.0 * float(p["relative_gain"]) for p in o.get("per_seed", []) if "relative_gain" in p]
+        ax.scatter(seeds, [y] * len(seeds), s=20, color="white", edgecolor=col, lw=1.2, zorder=5)
+        points = f"{100 * float(o['mean']):+.1f} points [{100 * float(o['lo']):+.1f}, {100 * float(o['hi']):+.1f}]"
+        ax.annotate(f"{mean:+.1f}% [{lo:+.1f}, {hi:+.1f}] = {points}", (mean, y), xytext=(0, 7),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=7.5, color=col)
+        labels.append(f"{o.get('a', 'MIPO')} vs {o.get('b', '?')}\n{o['setting']}")
+    ax.set_yticks(range(len(labels)), labels, fontsize=7.5)
+    ax.set_ylim(len(labels) - 0.5, -0.6)
 
 
 def plot_diversity(div_df: pd.DataFrame, meta: dict[str, Any], n_boot: int = 2_000, seed: int = 0) -> Any:

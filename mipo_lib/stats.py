@@ -693,6 +693,28 @@ def results_table(
     return out.reindex(columns=list(RESULTS_COLUMNS))
 
 
+def difference_from_results(table: pd.DataFrame, method: str, baseline: str, design: str = "crossed") -> dict[str, Any]:
+    """A paired difference read back from a results table (`write_results`' CSV), in `paired_difference`'s keys.
+
+    Lets a figure combine numbers of two committed runs (personalization and reasoning) without rerunning either:
+    the CI is the one computed when the table was written; per-seed relative gains come from its per-seed rows.
+    """
+    rows = table[(table["kind"] == "paired_difference") & (table["method"] == method) & (table["baseline"] == baseline)]
+    if "ci_design" in rows:
+        rows = rows[rows["ci_design"] == design]
+    if rows.empty:
+        raise MipoError(f"the results table has no {method} vs {baseline} row ({design}); rerun the notebook that wrote it")
+    r = rows.iloc[0]
+    per = table[table["kind"] == "per_seed"].pivot_table(index="seed", columns="method", values="rate")
+    per_seed = [{"seed": s, "rate_a": row[method], "rate_b": row[baseline], "diff": row[method] - row[baseline],
+                 "relative_gain": float(_relative(row[method] - row[baseline], row[baseline]))}
+                for s, row in per.iterrows() if method in per and baseline in per]
+    return {"a": method, "b": baseline, "mean": r["diff"], "lo": r["diff_lo"], "hi": r["diff_hi"],
+            "relative_gain": r["rel_gain"], "relative_lo": r["rel_lo"], "relative_hi": r["rel_hi"],
+            "rate_a": r["rate"], "rate_b": r["baseline_rate"], "n_examples": int(r["n"]), "n_seeds": int(r["n_seeds"]),
+            "ci_design": design, "per_seed": per_seed}
+
+
 def write_results(records: pd.DataFrame, path: Any, **kwargs: Any) -> pd.DataFrame:
     """Write `results_table(records, **kwargs)` to the CSV `path` (6 significant digits) and return it.
 

@@ -148,16 +148,28 @@ def test_plot_pmi_shift(tmp_path):
     _save(fig, "pmi", tmp_path)
 
 
-def test_plot_reported_vs_reproduced(records, tmp_path):
+def test_plot_reported_vs_reproduced_keeps_paper_and_ours_on_separate_axes(records, tmp_path):
     d = stats.paired_difference(records, "MIPO", "prompting", n_boot=300)
-    fig = plots.plot_reported_vs_reproduced(stats.load_reported_gains(), d, META)
-    labels = [t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()]
-    assert any(t.startswith("reported (abstract-level)") for t in labels)
-    texts = [t.get_text() for t in fig.texts] + [t.get_text() for ax in fig.axes for t in ax.texts]
-    assert any("paper:" in t and "ours:" in t for t in texts)  # the setting-difference box
-    ticks = [t.get_text() for t in fig.axes[0].get_yticklabels()]
-    assert ticks[0].startswith("ours: MIPO vs prompting") and any("v1 abstract" in t for t in ticks)
+    ours = [plots.reproduced_entry(d, "personalization", "tiny model, program judge")]
+    fig = plots.plot_reported_vs_reproduced(stats.load_reported_gains(), ours, META)
+    (left_p, right_p), (left_r, right_r) = fig.axes[0:2], fig.axes[2:4]
+    assert "reported (abstract-level)" in left_p.get_title() and "measured" in right_p.get_title()
+    assert left_p.get_shared_x_axes().get_siblings(left_p) == [left_p]  # no common axis with ours
+    assert any("v1 abstract" in t.get_text() for t in left_p.get_yticklabels())
+    assert right_p.get_yticklabels()[0].get_text().startswith("MIPO vs prompting")
+    assert any(f"{100 * d['relative_gain']:+.1f}%" in t.get_text() for t in right_p.texts)
+    assert any("not measured" in t.get_text() for t in right_r.texts)  # no reasoning entry given
+    assert "compare the sign and rough size" in fig.mipo_caption
     _save(fig, "reported_vs_reproduced", tmp_path)
+
+
+def test_difference_from_results_round_trips_a_written_table(records, tmp_path):
+    table = stats.write_results(records, tmp_path / "r.csv", n_boot=300)
+    back = stats.difference_from_results(pd.read_csv(tmp_path / "r.csv"), "MIPO", "prompting")
+    row = table[(table["kind"] == "paired_difference") & (table["method"] == "MIPO")
+                & (table["baseline"] == "prompting") & (table["ci_design"] == "crossed")].iloc[0]
+    assert back["mean"] == pytest.approx(row["diff"], abs=1e-5) and back["relative_lo"] == pytest.approx(row["rel_lo"], abs=1e-5)
+    assert len(back["per_seed"]) == records["seed"].nunique()
 
 
 def test_plot_diversity(records, tmp_path):
