@@ -35,11 +35,28 @@ def test_update_rewrites_only_the_block(tmp_path, monkeypatch):
     stats.write_results(rec, csv, n_boot=200)
     monkeypatch.setattr(readme, "results_path", lambda preset="cpu": csv)
     path = tmp_path / "README.md"
-    path.write_text(f"intro\n{readme.BEGIN.format(preset='smoke')}\nold numbers\n{readme.END.format(preset='smoke')}\noutro\n")
+    dev = f"{readme.DEVIATIONS_BEGIN.format(preset='smoke')}\nDEV-BLOCK\n{readme.DEVIATIONS_END.format(preset='smoke')}"
+    monkeypatch.setattr(readme, "deviations_block", lambda preset="cpu": dev)
+    path.write_text(f"intro\n{readme.BEGIN.format(preset='smoke')}\nold numbers\n{readme.END.format(preset='smoke')}\n"
+                    f"{readme.DEVIATIONS_BEGIN.format(preset='smoke')}\nold\n{readme.DEVIATIONS_END.format(preset='smoke')}\noutro\n")
     assert readme.update_readme("smoke", path) is True
     text = path.read_text()
-    assert text.startswith("intro\n") and text.endswith("\noutro\n") and "old numbers" not in text
+    assert text.startswith("intro\n") and text.endswith(dev + "\noutro\n") and "old numbers" not in text
     assert readme.update_readme("smoke", path) is False  # idempotent
     path.write_text("no markers\n")
-    with pytest.raises(MipoError, match="no results block"):
+    with pytest.raises(MipoError, match="no generated block"):
         readme.update_readme("smoke", path)
+
+
+def test_committed_deviations_table_matches_the_preset():
+    """Change a `cpu` preset value and this fails until the README's deviations table is regenerated."""
+    assert readme.deviations_block("cpu") in (repo_root() / "README.md").read_text()
+
+
+def test_deviations_read_our_settings_off_the_preset(monkeypatch):
+    from mipo_lib import config
+
+    changed = config.get_preset("cpu", learning_rate=1e-4, epochs=4)
+    monkeypatch.setattr(readme, "get_preset", lambda name: changed)
+    block = readme.deviations_block("cpu")
+    assert "learning rate 0.0001" in block and "4 epochs" in block
