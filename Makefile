@@ -16,7 +16,7 @@ SET    ?=
 export HF_HUB_OFFLINE ?= $(if $(filter cpu% smoke%,$(PRESET)),1,0)
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup reproduce ablations test benchmark clean
+.PHONY: setup reproduce ablations reasoning test benchmark clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,11 @@ reproduce: $(STAMP)
 
 ablations: $(STAMP)
 	$(BIN)/python -m mipo_lib reproduce --preset $(PRESET) --notebooks 06 $(if $(SEEDS),--seeds $(SEEDS))
+
+# Notebook 07 (reasoning: unconditional MIPO on arithmetic) on its own preset; REASONING_PRESET=smoke-reasoning to try it
+REASONING_PRESET ?= cpu-reasoning
+reasoning: $(STAMP)
+	$(BIN)/python -m mipo_lib reproduce --preset $(REASONING_PRESET) --notebooks 07 $(if $(SEEDS),--seeds $(SEEDS))
 
 test: $(STAMP)
 	MPLBACKEND=Agg TQDM_DISABLE=1 $(BIN)/python -m pytest

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------------------------------------------- presets
 def test_all_four_presets_exist_and_are_consistent():
-    assert set(PRESETS) == {"smoke", "cpu", "t4", "paper"}
+    assert set(PRESETS) == {"smoke", "cpu", "t4", "paper", "cpu-reasoning", "smoke-reasoning"}  # + notebook 07's
     for name, preset in PRESETS.items():
         assert isinstance(preset, Preset)
         assert preset.name == name

@@ -1,0 +1,412 @@
+"""Reasoning with unconditional MIPO (notebook 07): pick a task difficulty on validation, then ask where a gain comes from.
+
+The paper's second claim is +1-20% on math and multiple choice with the prompt-response version of MIPO: the
+negative is the base model's answer to a *different* problem (a derangement of the training prompts,
+`negative="random_prompt"`). A method that only amplifies what the base model already does needs a task in the
+model's informative range, so:
+
+- `measure_difficulty` scores the base model greedily on each graded arithmetic level's *validation* split and
+  `choose_level` picks the hardest level whose accuracy lies in `INFORMATIVE_RANGE` (test splits stay untouched);
+- `pair_correctness` counts how often a pair's positive is correct and its negative is not: MIPO never sees labels,
+  so this is the label information its pairs carry by accident;
+- `answer_formats` / `format_decomposition` split an accuracy change into "more replies parseable" (format) and "more
+  parseable replies correct" (correctness);
+- `answer_pmi` / `pmi_ranking` ask whether the base model's PMI log pi0(y|x) - log pi0(y|x') ranks its correct
+  answers above its wrong ones, the premise under which maximizing PMI should raise accuracy.
+Plots follow the workbook's conventions (per-seed dots, bootstrap 95% CIs, captions from `plots.caption`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mipo_lib import cache, plots, stats
+from mipo_lib import methods as registry
+from mipo_lib.config import PRESETS, Preset, get_preset, run_dir
+from mipo_lib.errors import MipoError
+from mipo_lib.tasks import get_task
+from mipo_lib.tasks.arithmetic import GRADED_LEVELS, LEVELS, parse_answer, task_name
+from mipo_lib.tasks.base import Task
+
+#: The preset whose figures and tables are the committed reference of notebook 07.
+REFERENCE_PRESET = "cpu-reasoning"
+#: Base accuracy (on validation) at which there is both something to amplify and room to improve.
+INFORMATIVE_RANGE: tuple[float, float] = (0.2, 0.7)
+#: How a reply committed to a number (`tasks.arithmetic.parse_answer`); "none" means unparseable.
+PARSE_KINDS: tuple[str, ...] = ("final_mark", "answer_phrase", "last_number", "none")
+
+
+# ------------------------------------------------------------------------------------------------ presets, methods
+def reasoning_preset(name: str, /, **overrides: Any) -> Preset:
+    """The preset notebook 07 runs for `name`: itself when its task is unconditional (plain prompt-response MI),
+    else its reasoning twin `<name>-reasoning` (so `--notebooks all` and the smoke tests run 07 on a reasoning task).
+
+    Overrides apply to whichever preset is used; a conditional preset without a twin fails naming the fix.
+    """
+    preset = get_preset(name, **overrides)
+    if not get_task(preset.task).conditional:
+        return preset
+    twin = f"{name}-reasoning"
+    if twin not in PRESETS:
+        raise MipoError(f"preset {name!r} runs the conditional task {preset.task!r}; notebook 07 needs a reasoning task: "
+                        f"use a *-reasoning preset or set task=arithmetic_<level> and negative=random_prompt")
+    print(f"preset {name!r} runs {preset.task!r}, which has a context; notebook 07 uses its reasoning twin {twin!r}")
+    return get_preset(twin, **overrides)
+
+
+def figures_preset(preset: Preset) -> str:
+    """The preset name figures are filed under: the reasoning reference (`cpu-reasoning`) writes into the repository's
+    `figures/` like the `cpu` reference does; every other preset into its own runs folder (see `plots.figures_dir`)."""
+    return plots.REFERENCE_PRESET if preset.name == REFERENCE_PRESET else preset.name
+
+
+def methods_for(task: Task) -> list[str]:
+    """The registered methods that are distinct on `task`, in display order.
+
+    Without a context (`task.conditional` False) the prompt with and without context is the same text, so every
+    untrained greedy method is the same base model on the same prompt: `prompting` (the base model with the task's
+    full prompt) stands for all of them. Context-aware decoding contrasts a prompt with itself there, which is plain
+    greedy decoding, so it is dropped.
+    """
+    if task.conditional:
+        return list(registry.names())
+    untrained = [m for m in registry.all_methods() if m.training is None and m.decoding == "greedy"]
+    base = next((m for m in untrained if m.with_context), untrained[0] if untrained else None)
+    return [m.name for m in registry.all_methods() if m.training is not None or m == base]
+
+
+def base_method(task: Task) -> str:
+    """The untrained method that stands for the base model on `task` (`prompting` on a task without context)."""
+    return next(m for m in methods_for(task) if registry.get_method(m).training is None)
+
+
+# ------------------------------------------------------------------------------------------------ difficulty
+def measure_difficulty(
+    preset: Preset, levels: Sequence[str] = GRADED_LEVELS, n: int = 100, progress: bool = True
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The base model's greedy accuracy on each level's validation split (`n` problems, or all if fewer).
+
+    Returns (summary, records): one summary row per level (accuracy with a bootstrap CI over problems, parseable
+    share, mean words, seconds) and the per-problem records. Uses the preset's model and evaluation settings
+    (`eval_max_new_tokens`, `eval_batch_size`, dtype), whatever its task: only validation problems are read.
+    """
+    from mipo_lib import evaluate
+    from mipo_lib.models import load_for_preset
+
+    unknown = [lv for lv in levels if lv not in LEVELS]
+    if unknown:
+        raise MipoError(f"unknown arithmetic level(s) {unknown}; choose from {', '.join(GRADED_LEVELS)}")
+    model, tokenizer = load_for_preset(preset)
+    rows, frames = [], []
+    for level in levels:
+        task = get_task(task_name(level))
+        available = len(task.examples("validation"))
+        examples = task.examples("validation", min(n, available))
+        start = time.perf_counter()
+        responses = evaluate.generate_responses(model, tokenizer, task, examples, preset, progress=progress,
+                                                desc=f"{level} (validation)")
+        seconds = time.perf_counter() - start
+        rec = evaluate.records(task, examples, responses, "base", 0).assign(
+            level=level, parsed_how=[parse_answer(r).how for r in responses])
+        mean, lo, hi = stats.bootstrap_ci(rec["score"].to_numpy(), seed=0)
+        rows.append({
+            "level": level, "task": task.name, "description": LEVELS[level].description, "n": len(examples),
+            "accuracy": mean, "lo": lo, "hi": hi, "parseable": float((rec["parsed_how"] != "none").mean()),
+            "mean_words": float(rec["n_words"].mean()), "seconds": round(seconds, 1),
+        })
+        frames.append(rec)
+    summary = pd.DataFrame(rows)
+    low, high = INFORMATIVE_RANGE
+    summary["in_range"] = summary["accuracy"].between(low, high)
+    return summary, pd.concat(frames, ignore_index=True)
+
+
+def choose_level(table: pd.DataFrame, informative: tuple[float, float] = INFORMATIVE_RANGE) -> str:
+    """The hardest level (lowest validation accuracy) whose accuracy lies in `informative`.
+
+    Why the hardest: it leaves the most room to improve while the base model still gets enough right for MIPO to
+    amplify. No level in range fails with the measured accuracies, so the range or the levels can be revised.
+    """
+    low, high = informative
+    inside = table[table["accuracy"].between(low, high)]
+    if inside.empty:
+        measured = ", ".join(f"{r.level} {r.accuracy:.0%}" for r in table.itertuples())
+        raise MipoError(f"no level has a base accuracy in [{low:.0%}, {high:.0%}] ({measured}); widen the range or "
+                        "add a level between the two closest")
+    return str(inside.sort_values(["accuracy", "level"]).iloc[0]["level"])
+
+
+# ------------------------------------------------------------------------------------------------ pairs
+def pair_correctness(pairs: pd.DataFrame) -> pd.DataFrame:
+    """Per seed: how often the positive y+ and the negative y- are correct *for the pair's prompt x*.
+
+    `pairs` holds the pairs' rows (`chosen_score`, `rejected_score`, judged against x's answer) with a `seed` column.
+    A pair teaches "correct over wrong" only when y+ is right and y- is not (`agree`); "wrong over right" when the
+    reverse holds (`disagree`: y- answers another problem, so this needs a coincidence); the rest carry no
+    correctness signal. MIPO never sees these labels: this is the label information its pairs carry by accident.
+    """
+    rows = []
+    for seed, p in pairs.groupby("seed", sort=True):
+        pos, neg = p["chosen_score"].to_numpy(float) > 0.5, p["rejected_score"].to_numpy(float) > 0.5
+        rows.append({
+            "seed": seed, "n_pairs": len(p), "positive_correct": pos.mean(), "negative_correct": neg.mean(),
+            "agree": (pos & ~neg).mean(), "disagree": (~pos & neg).mean(), "both_correct": (pos & neg).mean(),
+            "both_wrong": (~pos & ~neg).mean(),
+        })
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------------ format vs correctness
+def with_parse(records: pd.DataFrame) -> pd.DataFrame:
+    """`records` plus `parsed_how` (how the answer was found) and `parseable` (1.0 when a number was found)."""
+    how = [parse_answer(str(r)).how for r in records["response"].fillna("")]
+    return records.assign(parsed_how=how, parseable=[float(h != "none") for h in how])
+
+
+def answer_formats(records: pd.DataFrame) -> pd.DataFrame:
+    """Per method and seed: accuracy, parseable share, share of each way of committing to a number, and accuracy
+    among parseable replies (NaN when none is parseable)."""
+    rec = with_parse(records)
+    rows = []
+    for (method, seed), r in rec.groupby(["method", "seed"], sort=False):
+        parseable = r[r["parseable"] > 0]
+        row = {"method": method, "seed": seed, "n": len(r), "accuracy": r["score"].mean(),
+               "parseable": r["parseable"].mean(),
+               "accuracy_parseable": parseable["score"].mean() if len(parseable) else float("nan")}
+        row.update({f"share_{k}": float((r["parsed_how"] == k).mean()) for k in PARSE_KINDS})
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    order = {m: i for i, m in enumerate(stats.ordered_methods(out["method"]))}
+    return out.sort_values(["method", "seed"], key=lambda s: s.map(order) if s.name == "method" else s).reset_index(drop=True)
+
+
+def format_decomposition(formats: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
+    """Per seed, accuracy(a) - accuracy(b) = format + correctness, exactly:
+
+    accuracy = parseable x accuracy_parseable, so the change splits into
+    format = (parseable_a - parseable_b) x accuracy_parseable_b (more answers found, at b's hit rate) and
+    correctness = parseable_a x (accuracy_parseable_a - accuracy_parseable_b) (found answers more often right).
+    An untrained `b` stored for one seed is paired with every seed of `a`.
+    """
+    fa, fb = formats[formats["method"] == a].set_index("seed"), formats[formats["method"] == b].set_index("seed")
+    if fa.empty or fb.empty:
+        raise MipoError(f"format_decomposition needs rows of both {a!r} and {b!r}; present: {sorted(set(formats['method']))}")
+    rows = []
+    for seed, ra in fa.iterrows():
+        rb = fb.loc[seed] if seed in fb.index else fb.iloc[0]
+        acc_pb = 0.0 if np.isnan(rb["accuracy_parseable"]) else rb["accuracy_parseable"]
+        acc_pa = 0.0 if np.isnan(ra["accuracy_parseable"]) else ra["accuracy_parseable"]
+        rows.append({"seed": seed, "difference": ra["accuracy"] - rb["accuracy"],
+                     "format": (ra["parseable"] - rb["parseable"]) * acc_pb,
+                     "correctness": ra["parseable"] * (acc_pa - acc_pb)})
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------------ PMI and correctness
+def answer_pmi(preset: Preset, records: pd.DataFrame, method: str, seed: int = 0, progress: bool = True) -> pd.DataFrame:
+    """log pi0(y|x), log pi0(y|x') and PMI = their difference for `method`'s held-out replies, under the base model.
+
+    x' is another held-out problem (a seeded derangement, as MIPO's negatives are built), so the PMI is a one-sample
+    estimate of log pi0(y|x) - log pi0(y). Cached like the pipeline's other PMI tables (`cache` stage 'pmi').
+    Columns: example_id, group, correct, logp_x, logp_x_prime, pmi, n_tokens.
+    """
+    from mipo_lib import evaluate
+    from mipo_lib.models import load_for_preset
+    from mipo_lib.pairs import derangement
+    from mipo_lib.scoring import sequence_logprobs
+
+    task = get_task(preset.task)
+    examples = {e.id: e for e in task.examples("test", preset.n_test_prompts)}
+    part = records[(records["method"] == method) & (records["seed"] == records.loc[records["method"] == method, "seed"].min())]
+    part = part.sort_values("example_id").reset_index(drop=True)
+    if part.empty:
+        raise MipoError(f"no records of {method!r}; evaluate it first (pipeline.evaluate_all)")
+    order = derangement(len(part), np.random.default_rng(seed))
+    key = cache.stage_key(
+        "pmi", preset, f"answer PMI of the {method} replies (x' seed {seed})",
+        prompts=cache.prompts_digest(task, list(examples.values())),
+        responses=cache.content_digest([[str(i), str(r)] for i, r in zip(part["example_id"], part["response"].fillna(""))])[:16],
+        x_prime=[int(i) for i in order],
+    )
+
+    def make() -> pd.DataFrame:
+        model, tokenizer = load_for_preset(preset)
+        exs = [examples[i] for i in part["example_id"]]
+        ys = part["response"].fillna("").tolist()
+        prompts = [task.prompt(e) for e in exs] + [task.prompt(exs[j]) for j in order]
+        lp, n_tok = sequence_logprobs(model, tokenizer, prompts, ys + ys, max_length=preset.max_length,
+                                      batch_size=preset.score_batch_size, progress=progress, desc="answer PMI")
+        m = len(exs)
+        return pd.DataFrame({"example_id": part["example_id"], "group": part["group"], "correct": part["score"],
+                             "logp_x": lp[:m], "logp_x_prime": lp[m:], "pmi": lp[:m] - lp[m:], "n_tokens": n_tok[:m]})
+
+    folder = run_dir(preset, preset.task, "eval")
+    slug = registry.get_method(method).slug
+    return evaluate.evaluate_cached(folder / f"answer-pmi-{slug}-{key.digest}.jsonl", make, key=key)
+
+
+def auc(scores: Sequence[float] | np.ndarray, labels: Sequence[float] | np.ndarray) -> float:
+    """P(score of a random positive > score of a random negative), ties counting one half (Mann-Whitney U / n1 n0).
+
+    0.5 is chance; NaN when one class is empty (nothing to rank).
+    """
+    s, y = np.asarray(scores, dtype=float), np.asarray(labels, dtype=float) > 0.5
+    n1, n0 = int(y.sum()), int((~y).sum())
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    ranks = pd.Series(s).rank(method="average").to_numpy()
+    return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def pmi_ranking(frame: pd.DataFrame, measures: Sequence[str] = ("pmi", "logp_x"), n_boot: int = 2_000, seed: int = 0) -> pd.DataFrame:
+    """How well each measure ranks correct answers above wrong ones: AUC with a bootstrap 95% CI over answers, and
+    the measure's mean over correct and over wrong answers.
+
+    `pmi` is what MIPO maximizes; `logp_x` (plain likelihood) is the comparison: if PMI ranks correctness better
+    than likelihood, subtracting log pi0(y|x') removes something that is not about the problem (length, style).
+    """
+    y = frame["correct"].to_numpy(float)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(frame), size=(n_boot, len(frame)))
+    rows = []
+    for name in measures:
+        s = frame[name].to_numpy(float)
+        boots = np.array([auc(s[i], y[i]) for i in idx])
+        boots = boots[np.isfinite(boots)]
+        lo, hi = (np.quantile(boots, [0.025, 0.975]) if boots.size else (np.nan, np.nan))
+        rows.append({"measure": name, "auc": auc(s, y), "lo": float(lo), "hi": float(hi),
+                     "mean_correct": float(s[y > 0.5].mean()) if (y > 0.5).any() else float("nan"),
+                     "mean_wrong": float(s[y <= 0.5].mean()) if (y <= 0.5).any() else float("nan"),
+                     "n_correct": int((y > 0.5).sum()), "n_wrong": int((y <= 0.5).sum())})
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------------ figures
+def plot_difficulty(table: pd.DataFrame, chosen: str, meta: dict[str, Any]) -> Any:
+    """Validation accuracy of the base model per level (bootstrap CI over problems), the informative range shaded
+    and the chosen level outlined."""
+    fig, axes = plots.subplots(1, 1, (9.0, 4.2))
+    ax = axes[0, 0]
+    low, high = INFORMATIVE_RANGE
+    ax.axhspan(100 * low, 100 * high, color="#55a868", alpha=0.12, lw=0, label="informative range")
+    for i, r in enumerate(table.itertuples()):
+        picked = r.level == chosen
+        ax.bar(i, 100 * r.accuracy, width=0.65, color=plots.colour(registry.names()[0]), alpha=0.85,
+               edgecolor="black" if picked else "none", lw=2.0 if picked else 0)
+        ax.errorbar(i, 100 * r.accuracy, yerr=[[100 * (r.accuracy - r.lo)], [100 * (r.hi - r.accuracy)]], fmt="none",
+                    ecolor="black", capsize=5, lw=1.4)
+        ax.text(i, 100 * r.hi + 1.5, f"{100 * r.accuracy:.0f}%" + ("\nchosen" if picked else ""), ha="center",
+                va="bottom", fontsize=9)
+    ax.set_xticks(range(len(table)), [lv.replace("_", " ") for lv in table["level"]], rotation=15)
+    ax.set_ylabel("base accuracy on validation (%)")
+    ax.set_ylim(0, 115)
+    ax.set_title("How hard is each level for the base model?")
+    ax.legend(loc="upper right", fontsize=8)
+    n = int(table["n"].min()) if len(table) else None
+    cap = plots.caption(str(meta.get("preset", "?")), str(meta.get("model", "?")), "arithmetic levels (validation)",
+                        None, n, bars="95% bootstrap CI over problems", examples_word="validation problems per level (at least)",
+                        dots="Bars: greedy accuracy", bars_word="black bars",
+                        extra=f"Chosen: the hardest level in [{low:.0%}, {high:.0%}]; test problems were not used.")
+    fig.tight_layout()
+    fig.mipo_caption = cap
+    return fig
+
+
+def plot_pairs_and_pmi(pair_table: pd.DataFrame, pmi: pd.DataFrame, ranking: pd.DataFrame, meta: dict[str, Any]) -> Any:
+    """Left: what the pairs say about correctness, per seed (dots) with a bootstrap CI over seeds. Right: base-model
+    PMI of the base model's held-out answers, correct vs wrong, with the AUC of PMI and of likelihood."""
+    fig, axes = plots.subplots(1, 2, (11.0, 4.2))
+    ax_p, ax_h = axes[0]
+    cols = [("positive_correct", "y+ correct"), ("negative_correct", "y- correct for x"), ("agree", "y+ right, y- wrong"),
+            ("disagree", "y+ wrong, y- right"), ("both_wrong", "both wrong")]
+    for i, (col, label) in enumerate(cols):
+        v = 100 * pair_table[col].to_numpy(float)
+        mean, lo, hi = stats.bootstrap_ci(v, n_boot=2_000, seed=0)
+        ax_p.bar(i, mean, width=0.65, color=plots.colour("MIPO"), alpha=0.8)
+        ax_p.errorbar(i, mean, yerr=[[mean - lo], [hi - mean]], fmt="none", ecolor="black", capsize=5, lw=1.4)
+        ax_p.scatter(i + plots.jitter(v.size), v, s=22, color="white", edgecolor="black", lw=0.9, zorder=4)
+    ax_p.set_xticks(range(len(cols)), [c[1] for c in cols], rotation=20, fontsize=9)
+    ax_p.set_ylabel("share of training pairs (%)")
+    ax_p.set_ylim(0, 105)
+    ax_p.set_title("Correctness inside the MIPO pairs (never shown to MIPO)")
+    vals = pmi["pmi"].to_numpy(float)
+    bins = np.linspace(vals.min(), vals.max(), 26) if vals.size and vals.min() < vals.max() else 10
+    for correct, label, col in ((1.0, "correct", "#55a868"), (0.0, "wrong", "#c44e52")):
+        v = pmi.loc[(pmi["correct"] > 0.5) == bool(correct), "pmi"].to_numpy(float)
+        if v.size:
+            ax_h.hist(v, bins=bins, density=True, alpha=0.35, color=col, label=f"{label} (n={v.size}, mean {v.mean():.1f})")
+            ax_h.axvline(v.mean(), color=col, ls="--", lw=1.2)
+    ax_h.axvline(0.0, color="black", lw=0.8)
+    text = "\n".join(f"AUC {r.measure}: {r.auc:.2f} [{r.lo:.2f}, {r.hi:.2f}]" for r in ranking.itertuples())
+    ax_h.text(0.02, 0.97, text, transform=ax_h.transAxes, va="top", fontsize=9,
+              bbox={"boxstyle": "round", "fc": "white", "ec": "gray"})
+    ax_h.set_xlabel("base-model PMI log p(y|x) - log p(y|x') (nats)")
+    ax_h.set_ylabel("density")
+    ax_h.set_title("Does PMI rank correct answers higher?")
+    ax_h.legend(fontsize=8, loc="upper right")
+    cap = plots.caption(
+        str(meta.get("preset", "?")), str(meta.get("model", "?")), str(meta.get("task", "?")), meta.get("n_seeds"),
+        meta.get("n_pairs"), bars="95% bootstrap CI over seeds (left), over answers for the AUCs (right)",
+        examples_word="training pairs per seed", dots="Dots (left): individual seeds",
+        extra=f"Right: the base model's greedy answers to the {meta.get('n_examples', '?')} held-out problems; x' = "
+              "another held-out problem (derangement).")
+    fig.tight_layout()
+    fig.mipo_caption = cap
+    return fig
+
+
+def plot_formats(formats: pd.DataFrame, meta: dict[str, Any]) -> Any:
+    """Per method: accuracy, parseable share and accuracy among parseable replies; bars = mean over seeds with a
+    bootstrap CI over seeds, dots = seeds (untrained methods are deterministic: one value)."""
+    panels = [("accuracy", "accuracy"), ("parseable", "a number found (format)"),
+              ("accuracy_parseable", "accuracy among parseable (correctness)")]
+    methods = stats.ordered_methods(formats["method"])
+    fig, axes = plots.subplots(1, len(panels), (4.0 * len(panels), 3.8))
+    for ax, (col, title) in zip(axes[0], panels):
+        for i, m in enumerate(methods):
+            v = 100 * formats.loc[formats["method"] == m, col].dropna().to_numpy(float)
+            if not v.size:
+                continue
+            mean, lo, hi = stats.bootstrap_ci(v, n_boot=2_000, seed=0)
+            ax.bar(i, mean, width=0.65, color=plots.colour(m), alpha=0.85)
+            ax.errorbar(i, mean, yerr=[[mean - lo], [hi - mean]], fmt="none", ecolor="black", capsize=5, lw=1.4)
+            ax.scatter(i + plots.jitter(v.size), v, s=22, color="white", edgecolor="black", lw=0.9, zorder=4)
+        ax.set_xticks(range(len(methods)), methods, rotation=15, fontsize=9)
+        ax.set_ylim(0, 105)
+        ax.set_title(title, fontsize=11)
+    axes[0, 0].set_ylabel("% of held-out problems (or of parseable replies)")
+    cap = plots.caption(str(meta.get("preset", "?")), str(meta.get("model", "?")), str(meta.get("task", "?")),
+                        meta.get("n_seeds"), meta.get("n_examples"), bars="95% bootstrap CI over seeds",
+                        extra="accuracy = parseable x accuracy among parseable: a gain in the middle panel is format, "
+                              "in the right panel correctness.")
+    fig.tight_layout()
+    fig.mipo_caption = cap
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
+    """`python -m mipo_lib.reasoning --preset cpu --n 100`: measure every level on validation, write
+    `reasoning_difficulty_<preset>.csv` into the preset's figures folder, print the table and the chosen level."""
+    parser = argparse.ArgumentParser(prog="python -m mipo_lib.reasoning", description=main.__doc__)
+    parser.add_argument("--preset", default="cpu", help="model and evaluation settings to measure with (default cpu)")
+    parser.add_argument("--n", type=int, default=100, help="validation problems per level (default 100)")
+    parser.add_argument("--levels", nargs="*", default=list(GRADED_LEVELS), help="levels to measure (default: all)")
+    args = parser.parse_args(argv)
+    preset = get_preset(args.preset)
+    summary, _ = measure_difficulty(preset, args.levels, args.n, progress=False)
+    path = plots.figures_dir(preset) / f"reasoning_difficulty_{preset.name}.csv"
+    summary.to_csv(path, index=False, float_format="%.6g")
+    print(summary.to_string(index=False))
+    print(f"wrote {path.name}; chosen level: {choose_level(summary)}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

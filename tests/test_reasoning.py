@@ -1,0 +1,235 @@
+"""Reasoning (notebook 07): graded arithmetic levels, answer extraction, the difficulty choice, the reasoning presets and
+the analyses of mipo_lib.reasoning (pair correctness, format vs correctness, PMI ranking)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mipo_lib import reasoning
+from mipo_lib.config import PRESETS, get_preset, repo_root
+from mipo_lib.errors import MipoError
+from mipo_lib.tasks import get_task, task_names
+from mipo_lib.tasks.arithmetic import (
+    DEFAULT_LEVEL, GRADED_LEVELS, INSTRUCTION, LEVELS, SPLITS, ArithmeticTask, extract_answer, parse_answer, task_name,
+)
+
+DIFFICULTY_CSV = repo_root() / "figures" / "reasoning_difficulty_cpu.csv"
+
+
+# ------------------------------------------------------------------------------------------------ answer extraction
+@pytest.mark.parametrize("reply,value,how", [
+    ("= 7", 7, "last_number"),
+    ("3 + 4 = 7", 7, "last_number"),
+    ("It is 7.", 7, "last_number"),
+    ("7", 7, "last_number"),
+    ("#### 7", 7, "final_mark"),
+    ("2 + 2 = 4\n#### 4\nThe answer is: 1", 4, "final_mark"),  # the mark wins over a later, cut-off phrase
+    ("The answer is 7", 7, "answer_phrase"),
+    ("Answer: 7", 7, "answer_phrase"),
+    ("the answer would be 7.", 7, "answer_phrase"),
+    ("The answer is 14 (7 × 2).", 14, "answer_phrase"),
+    ("The answer is 8. I hope these 2 tips help!", 8, "answer_phrase"),  # trailing text with a number
+    ("3 + 4 = 7. I hope this helps!", 7, "last_number"),  # trailing text without one
+    ("So she makes $1,200 in total.", 1200, "last_number"),
+    ("The answer is $1,200.50.", 1200.5, "answer_phrase"),
+    ("3 - 8 = -5", -5, "last_number"),
+    ("It is \u22125.", -5, "last_number"),  # Unicode minus
+    ("12 - 7 is 5", 5, "last_number"),  # a spaced minus is an operator, not a sign
+    ("I don't know.", None, "none"),
+    ("", None, "none"),
+])
+def test_parse_answer_phrasings(reply, value, how):
+    parsed = parse_answer(reply)
+    assert (parsed.value, parsed.how) == (value, how)
+    assert extract_answer(reply) == value
+
+
+def test_score_uses_the_final_answer():
+    task = get_task("arithmetic_two_step")
+    ex = next(e for e in task.examples("test") if e.answer == "20")
+    assert task.score(ex, "The answer is 20.") == task.score(ex, "6 × 3 + 2 = 20") == 1.0
+    assert task.score(ex, "The answer is 20 - 1 = 19") == 1.0  # the number the phrase commits to
+    assert task.score(ex, "20 is wrong, it is 21") == 0.0
+    assert task.score(ex, "twenty") == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ levels and splits
+def _value(request: str) -> int:
+    """The answer of a `What is ...?` problem, computed independently of the task code."""
+    expr = request.removeprefix("What is ").removesuffix("?").replace("×", "*")
+    assert re.fullmatch(r"[\d +*-]+", expr), expr
+    return int(eval(expr))  # noqa: S307 - digits and + - * only, checked above
+
+
+@pytest.mark.parametrize("level", list(LEVELS))
+def test_levels_have_disjoint_deterministic_splits_and_right_answers(level):
+    task = ArithmeticTask(level)
+    splits = {s: task.examples(s) for s in SPLITS}
+    ids = {s: [e.id for e in ex] for s, ex in splits.items()}
+    requests = {s: {e.request for e in ex} for s, ex in splits.items()}
+    for a, b in itertools.combinations(SPLITS, 2):
+        assert not set(ids[a]) & set(ids[b]) and not requests[a] & requests[b], f"{level}: {a} and {b} overlap"
+    assert all(len(v) == len(set(v)) > 0 for v in ids.values())
+    # held-out splits ignore the seed; train subsets are seeded and nested
+    for s in ("validation", "test"):
+        assert [e.id for e in task.examples(s, 5, seed=0)] == [e.id for e in task.examples(s, 5, seed=7)] == ids[s][:5]
+    t0 = [e.id for e in task.examples("train", 10, seed=0)]
+    assert t0 == [e.id for e in ArithmeticTask(level).examples("train", 10, seed=0)]
+    assert t0 != [e.id for e in task.examples("train", 10, seed=1)]
+    assert t0[:4] == [e.id for e in task.examples("train", 4, seed=0)]
+    for e in splits["test"][:200]:
+        assert int(e.answer) >= 0 and e.meta["level"] == level
+        if not level == "word":
+            assert _value(e.request) == int(e.answer)
+    with pytest.raises(MipoError, match="out of range"):
+        task.examples("validation", len(ids["validation"]) + 1)
+    with pytest.raises(MipoError, match="unknown split"):
+        task.examples("dev")
+
+
+def test_carry_levels_are_what_they_say():
+    def carries(e):
+        a, op, b = e.request.removeprefix("What is ").removesuffix("?").split()
+        a, b = int(a), int(b)
+        return (a % 10 + b % 10 >= 10) if op == "+" else (a % 10 < b % 10)
+
+    no_carry, carry = ArithmeticTask("two_digit_no_carry").examples("test"), ArithmeticTask("two_digit_carry").examples("test")
+    assert not any(carries(e) for e in no_carry) and all(carries(e) for e in carry)
+    assert all(int(e.answer) < 100 for e in no_carry if "+" in e.request)  # no carry into the hundreds either
+
+
+def test_word_problems_have_the_right_answer():
+    for e in ArithmeticTask("word").examples("test"):
+        a, b = map(int, re.findall(r"\d+", e.request))
+        assert int(e.answer) == (a + b if "more" in e.request else a - b)
+
+
+def test_levels_are_registered_tasks_with_their_instruction():
+    assert [task_name(lv) for lv in GRADED_LEVELS] == [n for n in task_names() if n.startswith("arithmetic_")]
+    for level in GRADED_LEVELS:
+        task = get_task(task_name(level))
+        assert not task.conditional and task.name == task_name(level)
+        ex = task.examples("test", 1)[0]
+        assert task.prompt(ex) == task.prompt(ex, with_context=False) == [
+            {"role": "user", "content": f"{ex.request} {INSTRUCTION}"}]
+        with pytest.raises(MipoError, match="random_prompt"):
+            task.prompt(ex, context="x")
+    plain = get_task("arithmetic")
+    assert plain.level.name == DEFAULT_LEVEL and plain.prompt(plain.examples("test", 1)[0])[0]["content"].endswith("?")
+    with pytest.raises(MipoError, match="unknown arithmetic level"):
+        ArithmeticTask("calculus")
+
+
+# ------------------------------------------------------------------------------------------------ difficulty, presets
+def test_choose_level_prefers_the_hardest_level_in_range():
+    table = pd.DataFrame({"level": ["a", "b", "c", "d"], "accuracy": [0.9, 0.65, 0.25, 0.05]})
+    assert reasoning.choose_level(table) == "c"
+    assert reasoning.choose_level(table, (0.5, 1.0)) == "b"
+    with pytest.raises(MipoError, match="no level has a base accuracy"):
+        reasoning.choose_level(table, (0.3, 0.6))
+
+
+def test_committed_difficulty_table_chose_the_reasoning_preset_level():
+    table = pd.read_csv(DIFFICULTY_CSV)
+    assert list(table["level"]) == list(GRADED_LEVELS) and (table["n"] >= 20).all()
+    assert table["accuracy"].between(0, 1).all() and (table["lo"] <= table["accuracy"]).all()
+    assert PRESETS["cpu-reasoning"].task == task_name(reasoning.choose_level(table))
+
+
+def test_reasoning_presets_keep_the_measured_settings():
+    cpu, reas = PRESETS["cpu"], PRESETS["cpu-reasoning"]
+    for name in ("model_id", "dtype", "eval_max_new_tokens", "eval_batch_size"):  # what the difficulty table measured
+        assert getattr(reas, name) == getattr(cpu, name), name
+    for p in (reas, PRESETS["smoke-reasoning"]):
+        assert p.negative == "random_prompt" and not get_task(p.task).conditional and len(p.seeds) == 3
+        assert p.n_test_prompts <= len(get_task(p.task).examples("test"))
+        assert p.n_train_prompts <= len(get_task(p.task).examples("train"))
+
+
+def test_reasoning_preset_maps_to_the_twin(capsys):
+    assert reasoning.reasoning_preset("cpu-reasoning").name == "cpu-reasoning"
+    twin = reasoning.reasoning_preset("smoke", beta=0.3)
+    assert (twin.name, twin.beta) == ("smoke-reasoning", 0.3) and "reasoning twin" in capsys.readouterr().out
+    assert reasoning.reasoning_preset("cpu", task="arithmetic_word", negative="random_prompt").name == "cpu"
+    with pytest.raises(MipoError, match="needs a reasoning task"):
+        reasoning.reasoning_preset("t4")
+
+
+def test_figures_of_the_reasoning_reference_go_with_the_cpu_reference():
+    assert reasoning.figures_preset(PRESETS["cpu-reasoning"]) == "cpu"
+    assert reasoning.figures_preset(PRESETS["smoke-reasoning"]) == "smoke-reasoning"
+
+
+def test_methods_for_a_task_without_context():
+    assert reasoning.methods_for(get_task("arithmetic_word")) == ["prompting", "SFT", "MIPO"]
+    assert reasoning.base_method(get_task("arithmetic_word")) == "prompting"
+    assert "CAD" in reasoning.methods_for(get_task("personalization"))
+
+
+# ------------------------------------------------------------------------------------------------ analyses
+def test_pair_correctness_counts_each_kind():
+    pairs = pd.DataFrame({"seed": [0] * 4 + [1] * 2, "chosen_score": [1, 1, 0, 0, 1, 0],
+                          "rejected_score": [0, 1, 1, 0, 0, 0]})
+    t = reasoning.pair_correctness(pairs).set_index("seed")
+    assert t.loc[0, ["agree", "disagree", "both_correct", "both_wrong"]].tolist() == [0.25] * 4
+    assert (t.loc[1, "positive_correct"], t.loc[1, "agree"], t.loc[1, "n_pairs"]) == (0.5, 0.5, 2)
+
+
+def _records(method, seed, responses, scores):
+    return pd.DataFrame({"task": "t", "method": method, "seed": seed, "example_id": [f"e{i}" for i in range(len(scores))],
+                         "group": "g", "response": responses, "score": scores, "n_words": 1})
+
+
+def test_format_decomposition_adds_up():
+    base = _records("prompting", 0, ["7", "no idea", "no idea", "5"], [1.0, 0.0, 0.0, 0.0])
+    mipo = pd.concat([_records("MIPO", 0, ["7", "8", "9", "no"], [1.0, 1.0, 0.0, 0.0]),
+                      _records("MIPO", 1, ["7", "8", "9", "6"], [1.0, 0.0, 0.0, 1.0])])
+    formats = reasoning.answer_formats(pd.concat([mipo, base]))
+    assert list(formats["method"].unique()) == ["prompting", "MIPO"]
+    b = formats[formats["method"] == "prompting"].iloc[0]
+    assert (b["parseable"], b["accuracy_parseable"], b["share_none"], b["share_last_number"]) == (0.5, 0.5, 0.5, 0.5)
+    dec = reasoning.format_decomposition(formats, "MIPO", "prompting")
+    assert np.allclose(dec["difference"], dec["format"] + dec["correctness"])
+    assert np.allclose(dec["difference"], [0.25, 0.25])
+    with pytest.raises(MipoError, match="needs rows of both"):
+        reasoning.format_decomposition(formats, "SFT", "prompting")
+
+
+def test_auc_and_pmi_ranking():
+    assert reasoning.auc([3, 2, 1, 0], [1, 1, 0, 0]) == 1.0
+    assert reasoning.auc([0, 1, 2, 3], [1, 1, 0, 0]) == 0.0
+    assert reasoning.auc([1, 1, 1, 1], [1, 0, 1, 0]) == 0.5  # ties count one half
+    assert math.isnan(reasoning.auc([1, 2], [1, 1]))
+    frame = pd.DataFrame({"correct": [1, 1, 0, 0, 0], "pmi": [5.0, 4.0, 1.0, 0.0, -1.0],
+                          "logp_x": [-9.0, 0.0, -1.0, -2.0, -10.0]})
+    r = reasoning.pmi_ranking(frame, n_boot=200).set_index("measure")
+    assert r.loc["pmi", "auc"] == 1.0 and r.loc["pmi", "lo"] <= 1.0 and r.loc["logp_x", "auc"] == pytest.approx(2 / 3)
+    assert (r.loc["pmi", "mean_correct"], r.loc["pmi", "n_wrong"]) == (4.5, 3)
+
+
+@pytest.mark.slow
+def test_measure_difficulty_and_answer_pmi_on_the_tiny_model(one_thread, capsys):
+    preset = get_preset("smoke-reasoning")
+    summary, records = reasoning.measure_difficulty(preset, ["one_digit_add", "word"], n=3, progress=False)
+    assert list(summary["level"]) == ["one_digit_add", "word"] and (summary["n"] == 3).all()
+    assert len(records) == 6 and set(records["parsed_how"]) <= set(reasoning.PARSE_KINDS)
+    with pytest.raises(MipoError, match="unknown arithmetic level"):
+        reasoning.measure_difficulty(preset, ["calculus"])
+
+    task = get_task(preset.task)
+    examples = task.examples("test", preset.n_test_prompts)
+    recs = _records("prompting", 0, [f"It is {i}." for i in range(len(examples))],
+                    [float(i % 2) for i in range(len(examples))]).assign(example_id=[e.id for e in examples])
+    first = reasoning.answer_pmi(preset, recs, "prompting", progress=False)
+    assert np.allclose(first["pmi"], first["logp_x"] - first["logp_x_prime"]) and len(first) == len(examples)
+    assert np.isfinite(first["pmi"]).all() and (first["n_tokens"] > 0).all()
+    capsys.readouterr()
+    again = reasoning.answer_pmi(preset, recs, "prompting", progress=False)
+    assert "reusing answer PMI" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(first, again)
