@@ -45,6 +45,15 @@ reasoning: $(STAMP)
 test: $(STAMP)
 	MPLBACKEND=Agg TQDM_DISABLE=1 $(BIN)/python -m pytest
 
+# JupyterLab from .venv on the notebooks folder, 00_quickstart open, every notebook on the project's kernel (`python3`,
+# the name their metadata uses, installed into .venv by set-up: no user-level kernel needed or picked up).
+# Extra server options: make lab LAB_ARGS="--no-browser --port 8890" (as root, e.g. in a container: add --allow-root)
+LAB_ARGS ?=
+.PHONY: lab
+lab: $(STAMP)
+	JUPYTER_PREFER_ENV_PATH=1 $(BIN)/jupyter lab --ServerApp.root_dir=notebooks \
+		--MultiKernelManager.default_kernel_name=python3 $(LAB_ARGS) notebooks/00_quickstart.ipynb
+
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 
