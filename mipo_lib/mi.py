@@ -9,7 +9,8 @@ that the formulas of the derivation are not approximations:
 - a MIPO pair (x, y+ ~ pi0(.|x), y- ~ pi0(.|x'), x' ~ p) is Bradley-Terry / 2-way InfoNCE data whose population-
   optimal critic is ``pmi0 + c(x)``; so the optimum of the *population* DPO loss is the exponential tilt
   ``pi*(y|x) ∝ pi0(y|x)^(1+1/beta) / pi0(y)^(1/beta)``;
-- ``I0 >= log 2 - L`` for the 2-way InfoNCE loss L of any critic (at most log 2 nats certified with one negative).
+- ``I0 >= log 2 - L`` for the 2-way InfoNCE loss L of any critic (at most log 2 nats certified with one negative);
+- the trained policy's own MI, ``I_pi*(X; Y)``, which the exact checks find above ``I0`` (`optimum_mutual_information`).
 
 The negative distribution is a parameter (``neg[x, y]``, the law of y- given the prompt x) because the derivation
 only uses it through the tilt ``pi*(y|x) ∝ pi0(y|x) (pi0(y|x) / neg(y|x))^(1/beta)``. That one formula covers the full
@@ -37,6 +38,7 @@ __all__ = [
     "negative_distribution",
     "tilt",
     "mipo_optimum",
+    "optimum_mutual_information",
     "pair_weights",
     "pairwise_loss",
     "infonce_bound",
@@ -155,6 +157,28 @@ def mipo_optimum(pi0: np.ndarray, px: np.ndarray | None, beta: float, exclude_se
     """
     pi0, px = _check_world(pi0, px)
     return tilt(pi0, negative_distribution(pi0, px, exclude_self), beta)
+
+
+def optimum_mutual_information(
+    pi0: np.ndarray, px: np.ndarray | None, beta: float, exclude_self: bool = False
+) -> float:
+    """``I_pi*(X; Y)``: the mutual information between prompt and response of MIPO's optimum `mipo_optimum`.
+
+    The derivation says MIPO maximises the *base* model's PMI under a KL leash; whether the trained policy's own MI
+    rises is a separate question, answered here exactly (notebook 01 compares it with ``I0`` over many worlds).
+    Computed from log-probabilities: at small beta the optimum underflows to exact zeros in probability space, and a
+    zero row entry must contribute ``0 log 0 = 0``, not NaN.
+    """
+    if beta <= 0:
+        raise MipoError(f"beta must be positive; got {beta}")
+    pi0, px = _check_world(pi0, px)
+    neg = negative_distribution(pi0, px, exclude_self)
+    logits = np.log(pi0) + (np.log(pi0) - np.log(neg)) / beta  # the tilt of `tilt`, kept in log space
+    log_pol = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)  # log pi*(y|x)
+    with np.errstate(divide="ignore"):
+        log_px = np.log(px)
+    log_marg = np.logaddexp.reduce(log_px[:, None] + log_pol, axis=0)  # log pi*(y) = log sum_x p(x) pi*(y|x)
+    return float(np.sum(px[:, None] * np.exp(log_pol) * (log_pol - log_marg[None, :])))
 
 
 def pair_weights(pi0: np.ndarray, px: np.ndarray | None = None, neg: np.ndarray | None = None) -> np.ndarray:

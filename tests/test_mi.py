@@ -149,3 +149,26 @@ def test_bad_inputs_fail_with_a_clear_error():
         mi.marginal(np.full((2, 2), 0.5), np.array([0.3, 0.3]))
     with pytest.raises(MipoError, match="beta"):
         mi.mipo_optimum(np.full((2, 2), 0.5), None, 0.0)
+
+
+def test_optimum_mutual_information_matches_the_direct_sum_and_its_limits(world):
+    pi0, px = world
+    opt = mi.mipo_optimum(pi0, px, 1.0)
+    direct = float(np.sum(px[:, None] * opt * (np.log(opt) - np.log(px @ opt)[None, :])))
+    assert math.isclose(mi.optimum_mutual_information(pi0, px, 1.0), direct, rel_tol=1e-10)
+    # beta -> inf: the optimum is pi0, so its MI is I0; beta -> 0 (exact zeros in probability): finite, no NaN
+    assert math.isclose(mi.optimum_mutual_information(pi0, px, 1e6), mi.mutual_information(pi0, px), rel_tol=1e-5)
+    sharp = mi.optimum_mutual_information(pi0, px, 1e-4)
+    assert math.isfinite(sharp) and sharp <= math.log(len(px)) + 1e-12
+    with pytest.raises(MipoError):
+        mi.optimum_mutual_information(pi0, px, 0.0)
+
+
+def test_the_mipo_optimum_has_more_mutual_information_than_the_base_model():
+    """Checked, not proven: over seeded random worlds and betas the optimum's MI is never below I0."""
+    rng = np.random.default_rng(1)
+    for seed in range(40):
+        n_x, n_y = int(rng.integers(2, 7)), int(rng.integers(2, 10))
+        pi0, px = mi.random_world(n_x, n_y, float(10 ** rng.uniform(-1.5, 1.5)), seed=seed)
+        for beta in (0.05, 0.1, 0.5, 1.0):
+            assert mi.optimum_mutual_information(pi0, px, beta) >= mi.mutual_information(pi0, px) - 1e-12
