@@ -1,4 +1,4 @@
-"""Reasoning with unconditional MIPO (notebook 07): pick a task difficulty on validation, then ask where a gain comes from.
+"""Reasoning with unconditional MIPO (notebook 07): choose a difficulty on validation, then ask where a gain comes from.
 
 The paper's second claim is +1-20% on math and multiple choice with the prompt-response version of MIPO: the
 negative is the base model's answer to a *different* problem (a derangement of the training prompts,
@@ -54,8 +54,8 @@ def reasoning_preset(name: str, /, **overrides: Any) -> Preset:
         return preset
     twin = f"{name}-reasoning"
     if twin not in PRESETS:
-        raise MipoError(f"preset {name!r} runs the conditional task {preset.task!r}; notebook 07 needs a reasoning task: "
-                        f"use a *-reasoning preset or set task=arithmetic_<level> and negative=random_prompt")
+        raise MipoError(f"preset {name!r} runs the conditional task {preset.task!r}; notebook 07 needs a reasoning "
+                        "task: use a *-reasoning preset or set task=arithmetic_<level> and negative=random_prompt")
     print(f"preset {name!r} runs {preset.task!r}, which has a context; notebook 07 uses its reasoning twin {twin!r}")
     return get_preset(twin, **overrides)
 
@@ -183,7 +183,8 @@ def answer_formats(records: pd.DataFrame) -> pd.DataFrame:
         rows.append(row)
     out = pd.DataFrame(rows)
     order = {m: i for i, m in enumerate(stats.ordered_methods(out["method"]))}
-    return out.sort_values(["method", "seed"], key=lambda s: s.map(order) if s.name == "method" else s).reset_index(drop=True)
+    out = out.sort_values(["method", "seed"], key=lambda s: s.map(order) if s.name == "method" else s)
+    return out.reset_index(drop=True)
 
 
 def format_decomposition(formats: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
@@ -196,7 +197,8 @@ def format_decomposition(formats: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
     """
     fa, fb = formats[formats["method"] == a].set_index("seed"), formats[formats["method"] == b].set_index("seed")
     if fa.empty or fb.empty:
-        raise MipoError(f"format_decomposition needs rows of both {a!r} and {b!r}; present: {sorted(set(formats['method']))}")
+        present = sorted(set(formats["method"]))
+        raise MipoError(f"format_decomposition needs rows of both {a!r} and {b!r}; present: {present}")
     rows = []
     for seed, ra in fa.iterrows():
         rb = fb.loc[seed] if seed in fb.index else fb.iloc[0]
@@ -209,7 +211,9 @@ def format_decomposition(formats: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------------ PMI and correctness
-def answer_pmi(preset: Preset, records: pd.DataFrame, method: str, seed: int = 0, progress: bool = True) -> pd.DataFrame:
+def answer_pmi(
+    preset: Preset, records: pd.DataFrame, method: str, seed: int = 0, progress: bool = True
+) -> pd.DataFrame:
     """log pi0(y|x), log pi0(y|x') and PMI = their difference for `method`'s held-out replies, under the base model.
 
     x' is another held-out problem (a seeded derangement, as MIPO's negatives are built), so the PMI is a one-sample
@@ -223,15 +227,16 @@ def answer_pmi(preset: Preset, records: pd.DataFrame, method: str, seed: int = 0
 
     task = get_task(preset.task)
     examples = {e.id: e for e in task.examples("test", preset.n_test_prompts)}
-    part = records[(records["method"] == method) & (records["seed"] == records.loc[records["method"] == method, "seed"].min())]
-    part = part.sort_values("example_id").reset_index(drop=True)
+    mine = records[records["method"] == method]
+    part = mine[mine["seed"] == mine["seed"].min()].sort_values("example_id").reset_index(drop=True)
     if part.empty:
         raise MipoError(f"no records of {method!r}; evaluate it first (pipeline.evaluate_all)")
     order = derangement(len(part), np.random.default_rng(seed))
+    replies = [[str(i), str(r)] for i, r in zip(part["example_id"], part["response"].fillna(""))]
     key = cache.stage_key(
         "pmi", preset, f"answer PMI of the {method} replies (x' seed {seed})",
         prompts=cache.prompts_digest(task, list(examples.values())),
-        responses=cache.content_digest([[str(i), str(r)] for i, r in zip(part["example_id"], part["response"].fillna(""))])[:16],
+        responses=cache.content_digest(replies)[:16],
         x_prime=[int(i) for i in order],
     )
 
@@ -264,7 +269,9 @@ def auc(scores: Sequence[float] | np.ndarray, labels: Sequence[float] | np.ndarr
     return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
-def pmi_ranking(frame: pd.DataFrame, measures: Sequence[str] = ("pmi", "logp_x"), n_boot: int = 2_000, seed: int = 0) -> pd.DataFrame:
+def pmi_ranking(
+    frame: pd.DataFrame, measures: Sequence[str] = ("pmi", "logp_x"), n_boot: int = 2_000, seed: int = 0
+) -> pd.DataFrame:
     """How well each measure ranks correct answers above wrong ones: AUC with a bootstrap 95% CI over answers, and
     the measure's mean over correct and over wrong answers.
 
@@ -310,7 +317,8 @@ def plot_difficulty(table: pd.DataFrame, chosen: str, meta: dict[str, Any]) -> A
     ax.legend(loc="upper right", fontsize=8)
     n = int(table["n"].min()) if len(table) else None
     cap = plots.caption(str(meta.get("preset", "?")), str(meta.get("model", "?")), "arithmetic levels (validation)",
-                        None, n, bars="95% bootstrap CI over problems", examples_word="validation problems per level (at least)",
+                        None, n, bars="95% bootstrap CI over problems",
+                        examples_word="validation problems per level (at least)",
                         dots="Bars: greedy accuracy", bars_word="black bars",
                         extra=f"Chosen: the hardest level in [{low:.0%}, {high:.0%}]; test problems were not used.")
     fig.tight_layout()
@@ -323,8 +331,8 @@ def plot_pairs_and_pmi(pair_table: pd.DataFrame, pmi: pd.DataFrame, ranking: pd.
     PMI of the base model's held-out answers, correct vs wrong, with the AUC of PMI and of likelihood."""
     fig, axes = plots.subplots(1, 2, (11.0, 4.2))
     ax_p, ax_h = axes[0]
-    cols = [("positive_correct", "y+ correct"), ("negative_correct", "y- correct for x"), ("agree", "y+ right, y- wrong"),
-            ("disagree", "y+ wrong, y- right"), ("both_wrong", "both wrong")]
+    cols = [("positive_correct", "y+ correct"), ("negative_correct", "y- correct for x"),
+            ("agree", "y+ right, y- wrong"), ("disagree", "y+ wrong, y- right"), ("both_wrong", "both wrong")]
     for i, (col, label) in enumerate(cols):
         v = 100 * pair_table[col].to_numpy(float)
         mean, lo, hi = stats.bootstrap_ci(v, n_boot=2_000, seed=0)
@@ -340,7 +348,8 @@ def plot_pairs_and_pmi(pair_table: pd.DataFrame, pmi: pd.DataFrame, ranking: pd.
     for correct, label, col in ((1.0, "correct", "#55a868"), (0.0, "wrong", "#c44e52")):
         v = pmi.loc[(pmi["correct"] > 0.5) == bool(correct), "pmi"].to_numpy(float)
         if v.size:
-            ax_h.hist(v, bins=bins, density=True, alpha=0.35, color=col, label=f"{label} (n={v.size}, mean {v.mean():.1f})")
+            ax_h.hist(v, bins=bins, density=True, alpha=0.35, color=col,
+                      label=f"{label} (n={v.size}, mean {v.mean():.1f})")
             ax_h.axvline(v.mean(), color=col, ls="--", lw=1.2)
     ax_h.axvline(0.0, color="black", lw=0.8)
     text = "\n".join(f"AUC {r.measure}: {r.auc:.2f} [{r.lo:.2f}, {r.hi:.2f}]" for r in ranking.itertuples())

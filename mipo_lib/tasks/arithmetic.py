@@ -139,12 +139,13 @@ LEVELS: dict[str, Level] = {
         Level("one_digit_add", "one-digit addition (3 + 4)", partial(_one_digit, ("addition",))),
         Level("one_digit_mixed", "one-digit +, - and × (7 - 2, 6 × 4)",
               partial(_one_digit, ("addition", "subtraction", "multiplication"))),
-        Level("two_digit_no_carry", "two-digit + and - without a carry or borrow (23 + 45)", partial(_two_digit, False)),
+        Level("two_digit_no_carry", "two-digit + and - without a carry or borrow (23 + 45)",
+              partial(_two_digit, False)),
         Level("two_digit_carry", "two-digit + and - with a carry or borrow (47 + 38)", partial(_two_digit, True)),
         Level("two_step", "two operations, one-digit operands (7 + 5 - 3, 6 × 4 + 2)", _two_step),
         Level("word", "one-step word problems, numbers 2-20 (Sam has 7 apples, gets 5 more)", _word),
-        Level(DEFAULT_LEVEL, "two-digit + and -, asked plainly (the original arithmetic task)", partial(_two_digit, None),
-              instruction=None),
+        Level(DEFAULT_LEVEL, "two-digit + and -, asked plainly (the original arithmetic task)",
+              partial(_two_digit, None), instruction=None),
     )
 }
 #: The graded levels in their designed order, easiest first (measured accuracy need not follow it exactly).
@@ -217,7 +218,7 @@ class ArithmeticTask:
         self._splits: dict[str, dict[str, list[Problem]]] | None = None
 
     def _split_problems(self) -> dict[str, dict[str, list[Problem]]]:
-        """split -> group -> problems: each group shuffled once with a fixed seed, then cut test | validation | train."""
+        """split -> group -> problems: each group shuffled once (fixed seed), then cut test | validation | train."""
         if self._splits is None:
             self._splits = {s: {} for s in SPLITS}
             for group, problems in self.level.problems().items():
@@ -249,7 +250,8 @@ class ArithmeticTask:
             raise MipoError(f"n={n} is out of range for the {split} split of {self.name}; use 1..{total}")
         interleaved = [p for row in itertools.zip_longest(*per_group) for p in row if p is not None]
         return [
-            Example(id=p.id, request=p.request, answer=str(p.answer), meta={"operation": p.group, "level": self.level.name})
+            Example(id=p.id, request=p.request, answer=str(p.answer),
+                    meta={"operation": p.group, "level": self.level.name})
             for p in interleaved[:n]
         ]
 
