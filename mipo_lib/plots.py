@@ -1,7 +1,9 @@
 """Figures: one style, saved as png + pdf through `savefig`, with a caption that states what the reader must know.
 
-Reference figures of the default preset (`cpu`) go to the repository's `figures/`; any other preset writes to
-`runs/<preset>/figures/`, so a smoke run or a test never overwrites the committed reference. `MIPO_FIGURES_DIR`
+Only the reference run writes the committed figures: the batch runner (`make reproduce`, `python -m mipo_lib
+reproduce`) sets `MIPO_REFERENCE_RUN=1` for its kernels, and then the reference preset (`cpu`) saves to the
+repository's `figures/`. Everything else (a student running a notebook on Colab or in JupyterLab, any other preset, a
+test) writes to `runs/<preset>/figures/`, so no one overwrites the reference by running a notebook. `MIPO_FIGURES_DIR`
 overrides both.
 """
 
@@ -21,6 +23,8 @@ from mipo_lib import stats
 from mipo_lib.config import Preset, repo_root, run_dir
 
 REFERENCE_PRESET = "cpu"
+#: Set to "1" by the batch runner for the kernels it starts: the reference run, the only one that writes `figures/`.
+REFERENCE_RUN_ENV = "MIPO_REFERENCE_RUN"
 
 
 class _Palette(Mapping[str, str]):
@@ -42,12 +46,12 @@ PALETTE: Mapping[str, str] = _Palette()
 
 
 def figures_dir(preset: Preset | str) -> Path:
-    """Where a preset's figures go (see the module docstring)."""
+    """Where a preset's figures go: `figures/` only for the reference preset in the reference run (module docstring)."""
     env = os.environ.get("MIPO_FIGURES_DIR")
     name = preset if isinstance(preset, str) else preset.name
     if env:
         path = Path(env)
-    elif name == REFERENCE_PRESET:
+    elif name == REFERENCE_PRESET and os.environ.get(REFERENCE_RUN_ENV) == "1":
         path = repo_root() / "figures"
     else:
         path = run_dir(name, "figures")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -108,6 +109,8 @@ def run_notebook(
     """
     import papermill as pm
 
+    from mipo_lib.plots import REFERENCE_RUN_ENV
+
     params = {
         "PRESET": preset,
         "SEEDS": list(seeds) if seeds else None,
@@ -116,6 +119,10 @@ def run_notebook(
     }
     start = time.perf_counter()
     ok = False
+    # the kernel inherits this process's environment: mark it as the reference run, the only one whose reference
+    # preset writes the committed figures/ (plots.figures_dir); restored afterwards for the caller
+    previous = os.environ.get(REFERENCE_RUN_ENV)
+    os.environ[REFERENCE_RUN_ENV] = "1"
     with PeakMemory() as mem:
         try:
             pm.execute_notebook(
@@ -129,6 +136,10 @@ def run_notebook(
             ok = True
         finally:
             wall = time.perf_counter() - start
+            if previous is None:
+                os.environ.pop(REFERENCE_RUN_ENV)
+            else:
+                os.environ[REFERENCE_RUN_ENV] = previous
     return NotebookRun(path.stem, preset, round(wall, 1), round(mem.peak / 2**20, 1), ok)
 
 
