@@ -54,6 +54,11 @@ lab: $(STAMP)
 	JUPYTER_PREFER_ENV_PATH=1 $(BIN)/jupyter lab --ServerApp.root_dir=notebooks \
 		--MultiKernelManager.default_kernel_name=python3 $(LAB_ARGS) notebooks/00_quickstart.ipynb
 
+# The student edition: every notebook without its `solution` cells, in student/ (git-ignored); stubs and checks stay
+.PHONY: student
+student: $(STAMP)
+	$(BIN)/python -m mipo_lib.exercises student --out student
+
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 
