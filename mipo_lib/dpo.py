@@ -366,6 +366,25 @@ def initial_sanity(trainer: Any, pairs: Sequence[dict[str, Any]], reuse_referenc
     return {"loss": float(metrics["init_loss"]), "margin": float(margin)}
 
 
+def trl_loss_on_pairs(model: Any, tokenizer: Any, pairs: Sequence[dict[str, Any]], preset: Preset, output_dir: Path) -> dict[str, float]:
+    """TRL's own sigmoid DPO loss and mean reward margin of `model` on `pairs`, with the reference log-probs stored in
+    the pairs (as training uses them). `model` is the policy as it stands: a PEFT model with its trained adapter, or a
+    plain one (then policy == reference and the loss is log 2).
+
+    Why: at step 0 any DPO implementation returns log 2 and margin 0, so agreeing there proves little; notebook 03
+    checks its five-line loss against this number on a *trained* adapter, where a wrong sign, a missing beta or a
+    mean-instead-of-sum over tokens would show. Nothing is trained or saved (`output_dir` only satisfies the config).
+    """
+    DPOConfig, PairsDPOTrainer, _, _ = _trainer_classes()
+    args = DPOConfig(**{**dpo_config_kwargs(preset, 0, output_dir, model, reuse_reference=True, progress=False),
+                        "per_device_eval_batch_size": len(pairs)})  # one batch: its mean is the mean over the pairs
+    trainer = _quiet(PairsDPOTrainer(model=model, args=args, train_dataset=dpo_dataset(pairs), processing_class=tokenizer), False)
+    check_reference_tokens(trainer, pairs, preset.max_length)
+    metrics = trainer.evaluate(eval_dataset=dpo_dataset(pairs), metric_key_prefix="check")
+    margin = next((v for k, v in metrics.items() if k.endswith("rewards/margins")), float("nan"))
+    return {"loss": float(metrics["check_loss"]), "margin": float(margin)}
+
+
 def train_sft(
     model: Any,
     tokenizer: Any,
