@@ -1,6 +1,6 @@
 """Ablations of MIPO: how many negatives, which negative, how strong the KL leash, MIPO vs its decoding twin.
 
-The paper reports means over (mostly) three seeds without error bars and leaves open questions (METHOD.md): more than
+The paper reports means over (mostly) three seeds without error bars and leaves open questions: more than
 one negative (K > 1), random-context vs dropped-context negatives, a beta sweep, MIPO vs context-aware decoding
 (CAD), diversity, win-or-tie vs strict win. This module runs them with the pipeline that already exists:
 

@@ -3,7 +3,7 @@
 Every notebook and the batch runner derive all their settings from one `Preset`, so papermill, nbval and Colab use a
 single mechanism: a notebook's `parameters` cell names the preset (`PRESET`) and optional field overrides
 (`OVERRIDES`, a dict), the next cell calls `get_preset(PRESET, **OVERRIDES)`; the command line fills both
-(`python -m mipo_lib reproduce --preset cpu --set beta=0.3`). Settings come from ../METHOD.md (official code) adapted
+(`python -m mipo_lib reproduce --preset cpu --set beta=0.3`). Settings come from the paper's official code, adapted
 for LoRA/QLoRA, and from the CPU pilot.
 
 Values are checked where they enter: every `Preset` (built in, overridden or built by hand) is coerced to its fields'
@@ -55,7 +55,7 @@ class Preset:
     task: str = "personalization"
     n_train_prompts: int = 120  # training prompts (request x preference for personalization)
     n_test_prompts: int = 200  # held-out evaluation prompts
-    # pair generation (METHOD.md: temperature 0.1, top_p 0.9 officially; the pilot found T=0.8 works for diversity)
+    # pair generation (official code: temperature 0.1, top_p 0.9; the pilot found T=0.8 works for diversity)
     negative: str = "context_drop"  # context_drop | random_context | random_prompt
     k_negatives: int = 1
     temperature: float = 0.8
@@ -359,7 +359,7 @@ PRESETS: dict[str, Preset] = {
         negative="random_prompt",
         n_train_prompts=60,
         n_test_prompts=200,
-        temperature=0.1,  # the official code's math sampling (METHOD.md)
+        temperature=0.1,  # the official code's math sampling
         top_p=0.9,
         max_new_tokens=32,  # one short sentence; the same cap as the evaluation
         gen_batch_size=64,

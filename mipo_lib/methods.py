@@ -100,7 +100,7 @@ def trained() -> tuple[Method, ...]:
     return tuple(m for m in _REGISTRY.values() if m.training is not None)
 
 
-# The workbook's methods (METHOD.md): what the user gets without personalization, the paper's main baseline (context in
+# The workbook's methods: what the user gets without personalization, the paper's main baseline (context in
 # the prompt), the SFT baseline, MIPO itself, and MIPO's decode-time twin (CAD with a = 1/beta).
 register_method("base (no context)", slug="base", with_context=False, colour="#9e9e9e")
 register_method("prompting", slug="prompting", colour="#4c72b0")

@@ -1,6 +1,6 @@
 """MIPO preference pairs: y+ sampled from the base model given the right prompt, y- given another prompt.
 
-Kinds of negative (METHOD.md):
+Kinds of negative (as in the paper's official code):
 - `random_prompt`: y- is the positive of a random *other* training prompt (plain prompt-response MI, math/MC).
   The assignment is a derangement, so no prompt is ever paired with its own response.
 - `random_context`: y- is the positive of the same request under another user's context (the version for which the

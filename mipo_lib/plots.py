@@ -317,7 +317,7 @@ def plot_training_curves(train_log: pd.DataFrame, meta: dict[str, Any]) -> Any:
 def plot_pmi_shift(pmi: pd.DataFrame, meta: dict[str, Any], n_boot: int = 5_000, seed: int = 0) -> Any:
     """Base-model PMI log p(y|x,c) - log p(y|x) of each model's own greedy response, before vs after MIPO.
 
-    MIPO's optimum maximizes the base model's expected PMI (METHOD.md), so the trained model's responses should
+    MIPO's optimum maximizes the base model's expected PMI (notebook 01), so the trained model's responses should
     carry more information about the context under the *frozen base model*: the distribution shifts right.
     Left: histograms pooled over seeds; right: per-seed means, CI over seeds and examples, paired shift.
     """

@@ -1,7 +1,7 @@
 """Statistics for the results: per-seed metrics, bootstrap CIs over seeds *and* examples, paired differences.
 
 Why this module exists: the paper reports means over (mostly) three seeds with no error bars, and a 200-prompt
-evaluation has a standard error of about 3 points per seed (../PILOT.md). A gain of a few points is therefore only
+evaluation has a standard error of about 3 points per seed (a CPU pilot with 200 prompts). A gain of a few points is therefore only
 believable with (1) a confidence interval that accounts for both sources of noise, training seeds and the finite set
 of evaluation prompts, and (2) a *paired* comparison: every method is scored on the same example ids, so the
 per-example difference cancels most of the prompt-to-prompt variance ("this prompt is hard for everybody").
@@ -239,7 +239,7 @@ def _relative(diff: np.ndarray | float, base: np.ndarray | float) -> np.ndarray:
 def per_seed_metrics(records: pd.DataFrame) -> pd.DataFrame:
     """One row per (task, method, seed): `n` examples, `rate` (mean score) and `mean_words`.
 
-    These are the numbers a reader can check by hand (PILOT.md's "30.5 / 28.5 / 30.0%"), and the dots of every
+    These are the numbers a reader can check by hand (e.g. "37 / 40 / 41%" per seed), and the dots of every
     figure. `mean_words` is kept next to the rate because part of a preference gain can be shorter replies.
     """
     _check_columns(records, _RECORD_COLUMNS, "records")
@@ -461,7 +461,7 @@ def summary_table(
 def per_group_rates(records: pd.DataFrame, n_boot: int = 2_000, seed: int = 0, ci: float = 0.95) -> pd.DataFrame:
     """Rate per (method, group), e.g. per preference type, with a CI over seeds and examples within the group.
 
-    Why: a pooled gain can come from a few easy preferences (PILOT.md: "Hey there", bullets, short replies) while
+    Why: a pooled gain can come from a few easy preferences ("Hey there", bullets, short replies) while
     others stay at zero for every method; the per-group view shows where the gain is real. Columns: `method, group,
     rate, lo, hi, per_seed` (list of floats), `seeds, n_seeds, n_examples`.
     """
@@ -718,8 +718,9 @@ def difference_from_results(table: pd.DataFrame, method: str, baseline: str, des
 def write_results(records: pd.DataFrame, path: Any, **kwargs: Any) -> pd.DataFrame:
     """Write `results_table(records, **kwargs)` to the CSV `path` (6 significant digits) and return it.
 
-    Pass `plots.figures_dir(preset) / f"results_{preset.name}.csv"`: only the default preset writes into the
-    repository's `figures/` (the committed reference), so smoke runs and tests never overwrite it.
+    Pass `plots.figures_dir(preset) / f"results_{preset.name}.csv"`: only the reference run (the runner's kernels on
+    the `cpu` preset) writes into the repository's `figures/`, so student runs, smoke runs and tests never overwrite
+    the committed reference.
     """
     table = results_table(records, **kwargs)
     path = Path(path)
