@@ -17,6 +17,7 @@ import pytest
 from mipo_lib import config, pipeline, plots, runner, stats, tasks
 from mipo_lib.__main__ import main
 from mipo_lib.config import get_preset
+from mipo_lib.environment import resolve_preset
 from mipo_lib.errors import MipoError
 from mipo_lib.tasks import personalization
 from mipo_lib.tasks.base import Example
@@ -256,7 +257,8 @@ def test_set_reaches_papermill_as_overrides(monkeypatch, runs):
 
 @pytest.mark.parametrize("path", runner.list_notebooks(["all"]), ids=lambda p: p.stem)
 def test_every_notebook_takes_overrides_from_papermill(path):
-    """Each notebook has an OVERRIDES parameter used by `get_preset(PRESET, **OVERRIDES)`, and papermill's injected
+    """Each notebook has an OVERRIDES parameter used by `get_preset(resolve_preset(PRESET), **OVERRIDES)` (or its
+    reasoning twin), and papermill's injected
     value (a dict literal) is what the notebook then evaluates."""
     from papermill.iorw import load_notebook_node
     from papermill.parameterize import parameterize_notebook
@@ -264,13 +266,13 @@ def test_every_notebook_takes_overrides_from_papermill(path):
     nb = load_notebook_node(str(path))  # papermill's loader: gives every cell the `tags` list it looks up
     i = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
     assert "OVERRIDES = {}" in nb.cells[i].source
-    assert "get_preset(PRESET, **OVERRIDES)" in nb.cells[i + 1].source
+    assert re.search(r"(get_preset|reasoning_preset)\((resolve_preset\(PRESET\)|PRESET), \*\*OVERRIDES\)", nb.cells[i + 1].source)
     injected = parameterize_notebook(nb, {"OVERRIDES": {"beta": 0.3, "seeds": [0]}})
     namespace: dict = {}
     for cell in injected.cells[i : i + 2]:  # the parameters cell, then papermill's injected-parameters cell
         exec(cell.source, namespace)
     assert namespace["OVERRIDES"] == {"beta": 0.3, "seeds": [0]}
-    assert get_preset(namespace["PRESET"], **namespace["OVERRIDES"]).beta == 0.3
+    assert get_preset(resolve_preset(namespace["PRESET"]), **namespace["OVERRIDES"]).beta == 0.3
 
 
 @pytest.mark.slow
