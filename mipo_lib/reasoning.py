@@ -169,16 +169,28 @@ def with_parse(records: pd.DataFrame) -> pd.DataFrame:
     return records.assign(parsed_how=how, parseable=[float(h != "none") for h in how])
 
 
+def unfinished(response: str) -> bool:
+    """Whether a reply stops without ending a sentence (no final '.', '!' or '?', closing quotes and brackets
+    aside): with one-sentence answers that almost always means the token cap cut it, and a cut reply's last number
+    is often an operand ("so Leo now has 7 + 5 ="), not its answer."""
+    return not str(response).rstrip().rstrip("\"')]*").endswith((".", "!", "?"))
+
+
 def answer_formats(records: pd.DataFrame) -> pd.DataFrame:
-    """Per method and seed: accuracy, parseable share, share of each way of committing to a number, and accuracy
-    among parseable replies (NaN when none is parseable)."""
+    """Per method and seed: accuracy, parseable share, share of each way of committing to a number, accuracy among
+    parseable replies (NaN when none is parseable), the share of unfinished (cut) replies, accuracy among finished
+    ones, and mean words."""
     rec = with_parse(records)
+    rec = rec.assign(unfinished=[float(unfinished(r)) for r in rec["response"].fillna("")])
     rows = []
     for (method, seed), r in rec.groupby(["method", "seed"], sort=False):
-        parseable = r[r["parseable"] > 0]
+        parseable, finished = r[r["parseable"] > 0], r[r["unfinished"] == 0]
         row = {"method": method, "seed": seed, "n": len(r), "accuracy": r["score"].mean(),
                "parseable": r["parseable"].mean(),
-               "accuracy_parseable": parseable["score"].mean() if len(parseable) else float("nan")}
+               "accuracy_parseable": parseable["score"].mean() if len(parseable) else float("nan"),
+               "unfinished": r["unfinished"].mean(),
+               "accuracy_finished": finished["score"].mean() if len(finished) else float("nan"),
+               "mean_words": float(r["response"].fillna("").str.split().str.len().mean())}
         row.update({f"share_{k}": float((r["parsed_how"] == k).mean()) for k in PARSE_KINDS})
         rows.append(row)
     out = pd.DataFrame(rows)
@@ -371,12 +383,13 @@ def plot_pairs_and_pmi(pair_table: pd.DataFrame, pmi: pd.DataFrame, ranking: pd.
 
 
 def plot_formats(formats: pd.DataFrame, meta: dict[str, Any]) -> Any:
-    """Per method: accuracy, parseable share and accuracy among parseable replies; bars = mean over seeds with a
-    bootstrap CI over seeds, dots = seeds (untrained methods are deterministic: one value)."""
+    """Per method: accuracy, parseable share, accuracy among parseable replies and the share of unfinished replies;
+    bars = mean over seeds with a bootstrap CI over seeds, dots = seeds (untrained methods are deterministic)."""
     panels = [("accuracy", "accuracy"), ("parseable", "a number found (format)"),
-              ("accuracy_parseable", "accuracy among parseable (correctness)")]
+              ("accuracy_parseable", "accuracy among parseable (correctness)"),
+              ("unfinished", "unfinished replies (cut by the token cap)")]
     methods = stats.ordered_methods(formats["method"])
-    fig, axes = plots.subplots(1, len(panels), (4.0 * len(panels), 3.8))
+    fig, axes = plots.subplots(1, len(panels), (3.6 * len(panels), 3.8))
     for ax, (col, title) in zip(axes[0], panels):
         for i, m in enumerate(methods):
             v = 100 * formats.loc[formats["method"] == m, col].dropna().to_numpy(float)

@@ -187,18 +187,25 @@ def _records(method, seed, responses, scores):
 
 
 def test_format_decomposition_adds_up():
-    base = _records("prompting", 0, ["7", "no idea", "no idea", "5"], [1.0, 0.0, 0.0, 0.0])
+    base = _records("prompting", 0, ["7.", "no idea", "no idea.", "5"], [1.0, 0.0, 0.0, 0.0])
     mipo = pd.concat([_records("MIPO", 0, ["7", "8", "9", "no"], [1.0, 1.0, 0.0, 0.0]),
                       _records("MIPO", 1, ["7", "8", "9", "6"], [1.0, 0.0, 0.0, 1.0])])
     formats = reasoning.answer_formats(pd.concat([mipo, base]))
     assert list(formats["method"].unique()) == ["prompting", "MIPO"]
     b = formats[formats["method"] == "prompting"].iloc[0]
     assert (b["parseable"], b["accuracy_parseable"], b["share_none"], b["share_last_number"]) == (0.5, 0.5, 0.5, 0.5)
+    assert (b["unfinished"], b["accuracy_finished"], b["mean_words"]) == (0.5, 0.5, 1.5)  # "no idea", "5" are cut
     dec = reasoning.format_decomposition(formats, "MIPO", "prompting")
     assert np.allclose(dec["difference"], dec["format"] + dec["correctness"])
     assert np.allclose(dec["difference"], [0.25, 0.25])
     with pytest.raises(MipoError, match="needs rows of both"):
         reasoning.format_decomposition(formats, "SFT", "prompting")
+
+
+@pytest.mark.parametrize("reply,cut", [("Sam has 12 apples.", False), ('He said "12!"', False), ("Is it 12?", False),
+                                       ("(It is 12.)", False), ("so Leo now has 7 + 5 =", True), ("12", True), ("", True)])
+def test_unfinished_replies(reply, cut):
+    assert reasoning.unfinished(reply) is cut
 
 
 def test_auc_and_pmi_ranking():
