@@ -64,6 +64,10 @@ def _method_rows(per_seed: pd.DataFrame) -> list[str]:
 
 
 def _difference_lines(diffs: pd.DataFrame) -> list[str]:
+    if "ci_design" not in diffs:  # a table written before the crossed design: its CIs say so, and carry no verdict
+        return [f"- **{r['method']} − {r['baseline']}: {_pts(r['diff'])} points, 95% CI [{_pts(r['diff_lo'])}, "
+                f"{_pts(r['diff_hi'])}]** ({_pct(r['rate'])} vs {_pct(r['baseline_rate'])}; relative "
+                f"{_pts(r['rel_gain'])}% [{_pts(r['rel_lo'])}%, {_pts(r['rel_hi'])}%])." for _, r in diffs.iterrows()]
     crossed = diffs[diffs["ci_design"] == "crossed"]
     cluster = diffs[diffs["ci_design"] != "crossed"].set_index(["method", "baseline"])
     lines = []
@@ -93,9 +97,11 @@ def results_block(table: pd.DataFrame, preset: str = "cpu") -> str:
     n_values = set(per_seed["n"].astype(int))
     if len(n_values) != 1 or any(math.isnan(v) for v in per_seed["rate"]):
         raise MipoError(f"figures/results_{preset}.csv mixes example counts {sorted(n_values)}; rerun notebook 05")
-    header = (f"Preset `{preset}`, {n_seeds} seeds x {n_examples} held-out prompts; 95% CIs: paired bootstrap over "
-              "prompts and seeds, crossed (every seed sees the same prompts); verdicts: Holm-adjusted p < 0.05 within "
-              "the family named.")
+    design = ("paired bootstrap over prompts and seeds, crossed (every seed sees the same prompts); verdicts: "
+              "Holm-adjusted p < 0.05 within the family named" if "ci_design" in diffs else
+              "paired bootstrap over seeds and examples within each seed (the nested design this table was written "
+              "with, narrower than the crossed one; rerun notebook 05 for crossed CIs and Holm-adjusted verdicts)")
+    header = f"Preset `{preset}`, {n_seeds} seeds x {n_examples} held-out prompts; 95% CIs: {design}."
     body = [BEGIN.format(preset=preset), header, "", *_method_rows(per_seed), "", *_difference_lines(diffs),
             END.format(preset=preset)]
     return "\n".join(body)

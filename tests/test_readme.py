@@ -60,3 +60,11 @@ def test_deviations_read_our_settings_off_the_preset(monkeypatch):
     monkeypatch.setattr(readme, "get_preset", lambda name: changed)
     block = readme.deviations_block("cpu")
     assert "learning rate 0.0001" in block and "4 epochs" in block
+
+
+def test_a_table_from_before_the_crossed_design_is_labelled_nested_without_verdicts():
+    rec = make_records({"prompting": 0.25, "MIPO": 0.45}, n_examples=40, deterministic=("prompting",))
+    old = stats.results_table(rec, n_boot=200).drop(columns=["ci_design", "family", "p_value", "p_holm", "detectable"])
+    old = old.drop_duplicates(subset=["kind", "method", "baseline", "seed"])
+    block = readme.results_block(old, "smoke")
+    assert "nested design" in block and "Holm" not in block.split("\n", 2)[2]
