@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--no-progress", action="store_true")
 
     rdm = sub.add_parser("readme", help="rewrite the README's results block from figures/results_<preset>.csv")
-    rdm.add_argument("--preset", default="cpu")
+    rdm.add_argument("--preset", default="all", help="cpu, cpu-reasoning or all (default)")
 
     chat = sub.add_parser("chat", help="one reply from a preset's base model (a quick check that loading works)")
     chat.add_argument("message")
@@ -64,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "readme":
             from mipo_lib.readme import update_readme
 
-            print("README.md results block " + ("updated" if update_readme(args.preset) else "already up to date"))
+            from mipo_lib.readme import REFERENCE_TABLES
+
+            for name in [args.preset] if args.preset != "all" else list(REFERENCE_TABLES):
+                print(f"README.md {name} block " + ("updated" if update_readme(name) else "already up to date"))
         elif args.command == "chat":
             from mipo_lib.config import get_preset
             from mipo_lib.generate import chat_reply

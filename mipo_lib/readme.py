@@ -20,7 +20,7 @@ from mipo_lib.config import Preset, get_preset, repo_root
 from mipo_lib.errors import MipoError
 from mipo_lib.methods import Method, get_method
 
-BEGIN = "<!-- results:{preset}:begin (generated from figures/results_{preset}.csv by `python -m mipo_lib readme`; do not edit) -->"
+BEGIN = "<!-- results:{preset}:begin (generated from figures/{table} by `python -m mipo_lib readme`; do not edit) -->"
 END = "<!-- results:{preset}:end -->"
 DEVIATIONS_BEGIN = "<!-- deviations:{preset}:begin (generated from the preset by `python -m mipo_lib readme`; do not edit) -->"
 DEVIATIONS_END = "<!-- deviations:{preset}:end -->"
@@ -102,13 +102,21 @@ def results_block(table: pd.DataFrame, preset: str = "cpu") -> str:
               "paired bootstrap over seeds and examples within each seed (the nested design this table was written "
               "with, narrower than the crossed one; rerun notebook 05 for crossed CIs and Holm-adjusted verdicts)")
     header = f"Preset `{preset}`, {n_seeds} seeds x {n_examples} held-out prompts; 95% CIs: {design}."
-    body = [BEGIN.format(preset=preset), header, "", *_method_rows(per_seed), "", *_difference_lines(diffs),
+    body = [_begin(preset), header, "", *_method_rows(per_seed), "", *_difference_lines(diffs),
             END.format(preset=preset)]
     return "\n".join(body)
 
 
+REFERENCE_TABLES: dict[str, str] = {"cpu": "results_cpu.csv", "cpu-reasoning": "results_reasoning_cpu.csv"}
+"""The committed reference table of each preset that has a README block (notebook 05's and notebook 07's)."""
+
+
 def results_path(preset: str = "cpu") -> Path:
-    return repo_root() / "figures" / f"results_{preset}.csv"
+    return repo_root() / "figures" / REFERENCE_TABLES.get(preset, f"results_{preset}.csv")
+
+
+def _begin(preset: str) -> str:
+    return BEGIN.format(preset=preset, table=results_path(preset).name)
 
 
 def update_readme(preset: str = "cpu", readme: Path | None = None) -> bool:
@@ -116,10 +124,11 @@ def update_readme(preset: str = "cpu", readme: Path | None = None) -> bool:
     preset); True if the README changed."""
     readme = readme or repo_root() / "README.md"
     text = readme.read_text()
-    new = _replace(text, BEGIN.format(preset=preset), END.format(preset=preset),
+    new = _replace(text, _begin(preset), END.format(preset=preset),
                    results_block(pd.read_csv(results_path(preset)), preset))
-    new = _replace(new, DEVIATIONS_BEGIN.format(preset=preset), DEVIATIONS_END.format(preset=preset),
-                   deviations_block(preset))
+    if DEVIATIONS_BEGIN.format(preset=preset) in new or preset == "cpu":
+        new = _replace(new, DEVIATIONS_BEGIN.format(preset=preset), DEVIATIONS_END.format(preset=preset),
+                       deviations_block(preset))
     if new != text:
         readme.write_text(new)
     return new != text

@@ -11,9 +11,10 @@ from mipo_lib.errors import MipoError
 from test_stats import make_records
 
 
-def test_committed_readme_matches_the_committed_results_table():
+@pytest.mark.parametrize("preset", sorted(readme.REFERENCE_TABLES))
+def test_committed_readme_matches_the_committed_results_table(preset):
     text = (repo_root() / "README.md").read_text()
-    block = readme.results_block(pd.read_csv(readme.results_path("cpu")), "cpu")
+    block = readme.results_block(pd.read_csv(readme.results_path(preset)), preset)
     assert block in text, "README results block is stale: run `python -m mipo_lib readme` and commit README.md"
 
 
@@ -26,7 +27,7 @@ def test_block_states_rates_differences_and_verdicts_from_the_table():
     assert f"{100 * mipo['diff']:+.1f} points, 95% CI [{100 * mipo['diff_lo']:+.1f}, {100 * mipo['diff_hi']:+.1f}]" in block
     assert "same in every seed" in block  # prompting is deterministic
     assert "| **MIPO** | DPO on the MIPO pairs; context in the prompt; greedy |" in block
-    assert block.startswith(readme.BEGIN.format(preset="smoke")) and block.endswith(readme.END.format(preset="smoke"))
+    assert block.startswith(readme._begin("smoke")) and block.endswith(readme.END.format(preset="smoke"))
 
 
 def test_update_rewrites_only_the_block(tmp_path, monkeypatch):
@@ -37,7 +38,7 @@ def test_update_rewrites_only_the_block(tmp_path, monkeypatch):
     path = tmp_path / "README.md"
     dev = f"{readme.DEVIATIONS_BEGIN.format(preset='smoke')}\nDEV-BLOCK\n{readme.DEVIATIONS_END.format(preset='smoke')}"
     monkeypatch.setattr(readme, "deviations_block", lambda preset="cpu": dev)
-    path.write_text(f"intro\n{readme.BEGIN.format(preset='smoke')}\nold numbers\n{readme.END.format(preset='smoke')}\n"
+    path.write_text(f"intro\n{readme._begin('smoke')}\nold numbers\n{readme.END.format(preset='smoke')}\n"
                     f"{readme.DEVIATIONS_BEGIN.format(preset='smoke')}\nold\n{readme.DEVIATIONS_END.format(preset='smoke')}\noutro\n")
     assert readme.update_readme("smoke", path) is True
     text = path.read_text()
