@@ -43,20 +43,22 @@ PARSE_KINDS: tuple[str, ...] = ("final_mark", "answer_phrase", "last_number", "n
 
 
 # ------------------------------------------------------------------------------------------------ presets, methods
-def reasoning_preset(name: str, /, **overrides: Any) -> Preset:
-    """The preset notebook 07 runs for `name`: itself when its task is unconditional (plain prompt-response MI),
-    else its reasoning twin `<name>-reasoning` (so `--notebooks all` and the smoke tests run 07 on a reasoning task).
+def reasoning_twin(preset: Preset, /, **overrides: Any) -> Preset:
+    """The preset notebook 07 runs for `preset`: itself when its task is unconditional (plain prompt-response MI),
+    else its reasoning twin `<name>-reasoning` with the same `overrides` (so PRESET "auto" on a laptop, which resolves
+    to `cpu`, `--notebooks all` and the smoke tests all run 07 on a reasoning task).
 
-    Overrides apply to whichever preset is used; a conditional preset without a twin fails naming the fix.
+    A preset whose task has a context and that has no twin fails naming the fix.
     """
-    preset = get_preset(name, **overrides)
     if not get_task(preset.task).conditional:
         return preset
-    twin = f"{name}-reasoning"
+    twin = f"{preset.name}-reasoning"
     if twin not in PRESETS:
-        raise MipoError(f"preset {name!r} runs the conditional task {preset.task!r}; notebook 07 needs a reasoning "
-                        "task: use a *-reasoning preset or set task=arithmetic_<level> and negative=random_prompt")
-    print(f"preset {name!r} runs {preset.task!r}, which has a context; notebook 07 uses its reasoning twin {twin!r}")
+        raise MipoError(f"preset {preset.name!r} runs the conditional task {preset.task!r}; notebook 07 needs a "
+                        "reasoning task: use a *-reasoning preset, or OVERRIDES = {'task': 'gsm8k', 'negative': "
+                        "'random_prompt'} (or task=arithmetic_<level>)")
+    print(f"preset {preset.name!r} runs {preset.task!r}, which has a context; notebook 07 uses its reasoning twin "
+          f"{twin!r}")
     return get_preset(twin, **overrides)
 
 

@@ -3,7 +3,7 @@
 nbval executes a copy of each notebook whose `parameters` cell papermill has overridden with PRESET="smoke"; cells
 marked `# NBVAL_CHECK_OUTPUT` must reproduce their saved output exactly, every other cell must run without error.
 Notebook 07 needs a task without context, so for PRESET="smoke" it runs the smoke preset's reasoning twin
-(`smoke-reasoning`: the tiny model on one-digit addition, 8 pairs, 10 test problems; `reasoning.reasoning_preset`).
+(`smoke-reasoning`: the tiny model on one-digit addition, 8 pairs, 10 test problems; `reasoning.reasoning_twin`).
 The copies share one temporary runs folder, so a later notebook reuses the smoke pairs and adapters of an earlier
 one (each notebook still builds what it needs when run alone).
 """

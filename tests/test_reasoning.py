@@ -152,13 +152,15 @@ def test_reasoning_presets_keep_the_measured_settings():
         assert p.n_train_prompts <= len(get_task(p.task).examples("train"))
 
 
-def test_reasoning_preset_maps_to_the_twin(capsys):
-    assert reasoning.reasoning_preset("cpu-reasoning").name == "cpu-reasoning"
-    twin = reasoning.reasoning_preset("smoke", beta=0.3)
+def test_reasoning_twin_of_a_preset_with_context(capsys):
+    reas = get_preset("cpu-reasoning")
+    assert reasoning.reasoning_twin(reas) is reas
+    twin = reasoning.reasoning_twin(get_preset("smoke", beta=0.3), beta=0.3)
     assert (twin.name, twin.beta) == ("smoke-reasoning", 0.3) and "reasoning twin" in capsys.readouterr().out
-    assert reasoning.reasoning_preset("cpu", task="arithmetic_word", negative="random_prompt").name == "cpu"
+    word = get_preset("cpu", task="arithmetic_word", negative="random_prompt")
+    assert reasoning.reasoning_twin(word) is word
     with pytest.raises(MipoError, match="needs a reasoning task"):
-        reasoning.reasoning_preset("t4")
+        reasoning.reasoning_twin(get_preset("t4"))
 
 
 def test_figures_of_the_reasoning_reference_go_with_the_cpu_reference():
