@@ -19,14 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
-def _colab_params(paths):
-    """Notebook 07 is written by another hand: until its Colab cell is regenerated it is an expected failure."""
-    return [pytest.param(p, marks=pytest.mark.xfail(reason="07: regenerate with `python -m mipo_lib.environment colab-cells 07` "
-                                                    "and use PRESET 'auto' semantics", strict=False))
-            if p.name.startswith("07") else p for p in paths]
-
-
-@pytest.mark.parametrize("path", _colab_params(NOTEBOOKS), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_badge_colab_cell_and_environment_cell(path):
     nb = nbformat.read(path, as_version=4)
     first = nb.cells[0]
@@ -41,7 +34,7 @@ def test_badge_colab_cell_and_environment_cell(path):
     assert any("environment_report()" in c.source for c in code[2:5]), f"{path.name}: no environment cell near the top"
 
 
-@pytest.mark.parametrize("path", _colab_params(NOTEBOOKS), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_every_notebook_offers_drive_restarts_and_picks_its_preset(path):
     """The three things a Colab session needs: runs kept on Drive (opt-in, with what is lost without it), a restart
     after the install, and a preset chosen from the machine unless the parameters cell names one."""
