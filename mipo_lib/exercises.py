@@ -14,12 +14,14 @@ when they differ, tries the usual mistakes one by one (a hint names the mistake,
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from mipo_lib import mi
@@ -30,6 +32,18 @@ __all__ = [
     "check_sequence_logprob",
     "check_mipo_pairs",
     "check_conditional_pmi",
+    "check_world_summary",
+    "check_pmi_and_kl",
+    "check_log_partition",
+    "check_sattolo",
+    "check_ends_with_question",
+    "check_dpo_pair",
+    "check_logged_rewards",
+    "check_kl_estimates",
+    "check_compute_matched",
+    "check_choose_level",
+    "check_identical_pairs",
+    "CHECKERS",
     "student_edition",
 ]
 
@@ -190,6 +204,451 @@ def check_conditional_pmi(fn: Callable[[np.ndarray, np.ndarray], Any]) -> Verdic
         if _close(got, candidate):
             return Verdict(False, f"not yet: {hint}")
     return Verdict(False, "not yet: the table differs from log pi0(y|x,c) - log E_{c'~p(.|x)} pi0(y|x,c')")
+
+
+def _first_mistake(got: np.ndarray, mistakes: Sequence[tuple[Any, str]], tol: float = 1e-6) -> Verdict | None:
+    for candidate, hint in mistakes:
+        if _close(got, _as_array(candidate), tol):
+            return Verdict(False, f"not yet: {hint}")
+    return None
+
+
+def _parts(out: Any, n: int, what: str) -> tuple[list[Any] | None, Verdict | None]:
+    """Split a returned tuple into its `n` parts, or say what shape was expected."""
+    try:
+        parts = list(out)
+    except TypeError:
+        return None, Verdict(False, f"return {n} things: {what}")
+    if len(parts) != n:
+        return None, Verdict(False, f"return {n} things ({what}); got {len(parts)}")
+    return parts, None
+
+
+# ------------------------------------------------------------------- notebook 01: a small world, by the formulas
+def _small_worlds() -> list[tuple[np.ndarray, np.ndarray, float]]:
+    """The exercise's 2 x 2 world at beta 1, and a 3 x 4 world with a non-uniform p(x) at beta 1/2."""
+    hand = (np.array([[4, 1], [2, 3]]) / 5.0, np.array([1.0, 1.0]) / 2, 1.0)
+    rows, _ = mi.random_world(3, 4, 0.7, seed=11)
+    return [hand, (rows, np.array([0.5, 0.3, 0.2]), 0.5)]
+
+
+def check_world_summary(fn: Callable[[np.ndarray, np.ndarray, float], Any]) -> Verdict:
+    """Check ``fn(pi0, px, beta) -> (marginal, mutual_information, optimum)``: the marginal pi0(y), I0(X;Y) in nats
+    and MIPO's optimum table pi*(y|x), on the exercise's 2 x 2 world and on a 3 x 4 world with a non-uniform p(x)."""
+    for pi0, px, beta in _small_worlds():
+        out, verdict = _run(fn, pi0.copy(), px.copy(), beta)
+        if verdict:
+            return verdict
+        parts, verdict = _parts(out, 3, "the marginal, the mutual information and the optimum table")
+        if verdict:
+            return verdict
+        marg, info, opt = (_as_array(x) for x in parts)
+        want_m, want_i, want_o = mi.marginal(pi0, px), mi.mutual_information(pi0, px), mi.mipo_optimum(pi0, px, beta)
+        if not _close(marg, want_m):
+            return _first_mistake(marg, [
+                (pi0.mean(axis=0), "the marginal weighs each prompt by p(x), not equally"),
+                (pi0.sum(axis=1), "the marginal sums over prompts x, one number per response y"),
+            ]) or Verdict(False, "not yet: the marginal differs from sum_x p(x) pi0(y|x)")
+        if info.size != 1:
+            return Verdict(False, f"the mutual information is one number (averaged over prompts); got shape {info.shape}")
+        info = info.reshape(1)
+        if not _close(info, np.array([want_i])):
+            pmi_t = mi.pmi(pi0, px)
+            return _first_mistake(info, [
+                ([want_i / math.log(2)], "that is in bits: the workbook measures information in nats (natural log)"),
+                ([-want_i], "the sign is flipped: pmi = log pi0(y|x) - log pi0(y)"),
+                ([float(np.sum(pi0 * pmi_t))], "weigh each prompt's row by p(x) too (the joint is p(x) pi0(y|x))"),
+                ([float(np.sum(px[:, None] * pmi_t))], "average the PMI under the joint p(x) pi0(y|x), not a plain sum over y"),
+            ]) or Verdict(False, "not yet: the mutual information differs from E_{p(x) pi0(y|x)}[pmi0(x;y)]")
+        if not _close(opt, want_o):
+            m = mi.marginal(pi0, px)
+            unnorm = pi0 ** (1 + 1 / beta) / m[None, :] ** (1 / beta)
+            no_one = (pi0 / m[None, :]) ** (1 / beta)
+            return _first_mistake(opt, [
+                (unnorm, "normalise the optimum: each prompt's row must sum to 1"),
+                (no_one / no_one.sum(axis=1, keepdims=True),
+                 "the tilt multiplies pi0(y|x): pi* is pi0(y|x) exp(pmi0/beta), normalised per prompt"),
+                (mi.tilt(pi0, np.broadcast_to(m, pi0.shape), 1 / beta),
+                 "beta divides the PMI in the exponent (a small beta sharpens), it does not multiply it"),
+            ]) or Verdict(False, "not yet: the optimum differs from pi0(y|x) exp(pmi0(x;y)/beta) / Z(x)")
+    return Verdict(True, "right: marginal, mutual information (nats) and the MIPO optimum all match")
+
+
+def _tilted(pi0: np.ndarray, px: np.ndarray, beta: float) -> tuple[np.ndarray, np.ndarray]:
+    return mi.mipo_optimum(pi0, px, beta), mi.pmi(pi0, px)
+
+
+def check_pmi_and_kl(fn: Callable[[np.ndarray, np.ndarray, float], Any]) -> Verdict:
+    """Check ``fn(pi0, px, beta) -> (expected_pmi, kl)``: under MIPO's optimum pi*, the expected base-model PMI
+    ``sum_x p(x) sum_y pi*(y|x) pmi0(x;y)`` and ``sum_x p(x) KL(pi*(.|x) || pi0(.|x))``, both in nats."""
+    rows, _ = mi.random_world(3, 5, 1.0, seed=5)
+    px = np.array([0.6, 0.3, 0.1])
+    for beta in (0.5, 1.0, 2.0):
+        out, verdict = _run(fn, rows.copy(), px.copy(), beta)
+        if verdict:
+            return verdict
+        parts, verdict = _parts(out, 2, "the expected PMI and the KL")
+        if verdict:
+            return verdict
+        try:
+            got = np.array([float(_as_array(x).ravel()[0]) for x in parts])
+        except (IndexError, TypeError, ValueError):
+            return Verdict(False, "return two numbers: the expected PMI and the KL")
+        opt, pmi_t = _tilted(rows, px, beta)
+        kl_rows = np.sum(opt * (np.log(opt) - np.log(rows)), axis=1)
+        want = np.array([np.sum(px[:, None] * opt * pmi_t), np.sum(px * kl_rows)])
+        if _close(got, want):
+            continue
+        reverse = np.sum(px * np.sum(rows * (np.log(rows) - np.log(opt)), axis=1))
+        if not _close(got[:1], want[:1]):
+            return _first_mistake(got[:1], [
+                ([np.sum(px[:, None] * rows * pmi_t)], "that is the expectation under pi0 (the base model's I0): "
+                                                        "take it under the optimum pi*"),
+                ([np.mean(np.sum(opt * pmi_t, axis=1))], "weigh each prompt by p(x), not equally"),
+            ]) or Verdict(False, "not yet: the expected PMI differs from sum_x p(x) sum_y pi*(y|x) pmi0(x;y)")
+        return _first_mistake(got[1:], [
+            ([reverse], "KL is not symmetric: the question asks for KL(pi* || pi0), the expectation under pi*"),
+            ([np.mean(kl_rows)], "weigh each prompt's KL by p(x), not equally"),
+            ([np.sum(px * kl_rows) / math.log(2)], "that is in bits: use the natural log (nats)"),
+        ]) or Verdict(False, "not yet: the KL differs from sum_x p(x) sum_y pi*(y|x) log(pi*(y|x) / pi0(y|x))")
+    return Verdict(True, "right: expected PMI and KL of the optimum, both weighted by p(x), in nats")
+
+
+def _reference_log_partition(pi0: np.ndarray, px: np.ndarray, beta: float) -> np.ndarray:
+    return np.logaddexp.reduce(np.log(pi0) + mi.pmi(pi0, px) / beta, axis=1)
+
+
+def check_log_partition(fn: Callable[[np.ndarray, np.ndarray, float], Any]) -> Verdict:
+    """Check ``fn(pi0, px, beta) -> log Z(x)``, one number per prompt: ``log sum_y pi0(y|x) exp(pmi0(x;y)/beta)``,
+    computed so that it does not overflow when beta is small (the PMI of a rare response can be large)."""
+    rows, _ = mi.random_world(4, 6, 0.3, seed=2)
+    px = np.array([0.4, 0.3, 0.2, 0.1])
+    for beta in (1.0, 0.3):
+        out, verdict = _run(fn, rows.copy(), px.copy(), beta)
+        if verdict:
+            return verdict
+        got, want = _as_array(out), _reference_log_partition(rows, px, beta)
+        if got.shape != want.shape:
+            return Verdict(False, f"expected one number per prompt, shape {want.shape}; got shape {got.shape}")
+        if _close(got, want):
+            continue
+        pmi_t = mi.pmi(rows, px)
+        return _first_mistake(got, [
+            (np.exp(want), "that is Z(x) itself: return its log"),
+            (np.logaddexp.reduce(pmi_t / beta, axis=1), "weigh exp(pmi/beta) by pi0(y|x): Z(x) is an expectation under pi0(.|x)"),
+            (np.logaddexp.reduce(np.log(rows) + pmi_t * beta, axis=1), "divide the PMI by beta, do not multiply"),
+        ]) or Verdict(False, "not yet: the numbers differ from log sum_y pi0(y|x) exp(pmi0(x;y)/beta)")
+    # a tiny beta: exp(pmi / beta) overflows float64 unless the sum is taken in log space
+    beta = 0.002
+    out, verdict = _run(fn, rows.copy(), px.copy(), beta)
+    if verdict:
+        return verdict
+    got = _as_array(out)
+    if not np.all(np.isfinite(got)):
+        return Verdict(False, "not yet: right for moderate beta, but at beta = 0.002 exp(pmi/beta) overflows: "
+                              "sum in log space (np.logaddexp.reduce, or subtract the row's maximum first)")
+    if not _close(got, _reference_log_partition(rows, px, beta), tol=1e-6 * 1e3):
+        return Verdict(False, "not yet: right for moderate beta, but not at a tiny beta: check the log-space sum")
+    return Verdict(True, "right: log Z(x) per prompt, stable even at tiny beta")
+
+
+# ---------------------------------------------------------------- notebook 02: Sattolo's algorithm, a preference
+def _cycle_lengths(perm: np.ndarray) -> list[int]:
+    seen, lengths = np.zeros(len(perm), dtype=bool), []
+    for start in range(len(perm)):
+        if seen[start]:
+            continue
+        length, i = 0, start
+        while not seen[i]:
+            seen[i], i, length = True, int(perm[i]), length + 1
+        lengths.append(length)
+    return lengths
+
+
+def check_sattolo(fn: Callable[[int, np.random.Generator], Any]) -> Verdict:
+    """Check ``fn(n, rng) -> permutation of range(n)`` implements Sattolo's algorithm: always a single n-cycle (so
+    never a fixed point), drawn from `rng`, every n-cycle possible."""
+    outputs = {}
+    for n in (2, 4, 7):
+        for seed in range(60):
+            out, verdict = _run(fn, n, np.random.default_rng(seed))
+            if verdict:
+                return verdict
+            perm = np.asarray(out)
+            if perm.shape != (n,) or sorted(perm.tolist()) != list(range(n)):
+                return Verdict(False, f"return a permutation of 0..{n - 1} (an array of length {n})")
+            if np.any(perm == np.arange(n)):
+                return Verdict(False, "not yet: a fixed point (perm[i] == i): position i may only swap with a "
+                                      "position j < i, strictly (Fisher-Yates also allows j == i)")
+            if _cycle_lengths(perm) != [n]:
+                return Verdict(False, "not yet: no fixed point, but the permutation splits into several cycles: "
+                                      "Sattolo's output is always one cycle through all n positions (is j drawn "
+                                      "below i, from the same growing prefix, in one pass?)")
+            outputs.setdefault(n, set()).add(tuple(perm.tolist()))
+    if len(outputs[7]) == 1:
+        return Verdict(False, "not yet: every seed gives the same permutation: draw j from `rng`")
+    if len(outputs[4]) < 6:
+        return Verdict(False, "not yet: only some of the 4-cycles ever appear: draw j uniformly among 0..i-1")
+    return Verdict(True, "right: a uniformly random n-cycle in one pass, never a fixed point")
+
+
+_QUESTION_CASES = [
+    ("Tea is easy. Do you like it strong?", True, None),
+    ("Would you like a recipe?\n", True, "trailing spaces or a line break after the question mark still end with a question"),
+    ('You could ask: "Shall we start?"', True, "a closing quote or bracket after the question mark still ends the reply with a question"),
+    ("(Any other questions?)", True, "a closing quote or bracket after the question mark still ends the reply with a question"),
+    ("Is tea easy? Yes, it is.", False, "a question in the middle does not count: only how the reply ends"),
+    ("Here is the plan.", False, "a reply that ends with a full stop is not a question"),
+    ("", False, "an empty reply never satisfies a preference"),
+    ("   \n", False, "a reply of only spaces is empty: it never satisfies a preference"),
+]
+
+
+def check_ends_with_question(fn: Callable[[str], Any]) -> Verdict:
+    """Check ``fn(text) -> bool``: does the reply end with a question (ignoring trailing spaces, closing quotes and
+    brackets)? Tried on a plain question and on the edge cases a checker gets wrong."""
+    for text, want, hint in _QUESTION_CASES:
+        out, verdict = _run(fn, text)
+        if verdict:
+            return verdict
+        if not isinstance(out, (bool, np.bool_)):
+            return Verdict(False, f"return True or False; got {type(out).__name__}")
+        if bool(out) != want:
+            return Verdict(False, f"not yet: {hint}" if hint else "not yet: a reply that plainly ends with '?' must pass")
+    return Verdict(True, "right: plain questions pass; trailing spaces, quotes and brackets handled; empty replies fail")
+
+
+# ---------------------------------------------------------------- notebook 03: beta's scale, what TRL logs
+def _softplus(z: np.ndarray) -> np.ndarray:
+    return np.logaddexp(0.0, z)
+
+
+def check_dpo_pair(fn: Callable[[float, float], Any]) -> Verdict:
+    """Check ``fn(d, beta) -> (reward_margin, loss)`` for one pair whose log-ratio difference is ``d`` nats:
+    ``margin = beta d`` and ``loss = -log sigmoid(beta d)``."""
+    for beta in (0.1, 0.5):
+        for d in (-3.0, 0.0, 2.0, 10.0):
+            out, verdict = _run(fn, d, beta)
+            if verdict:
+                return verdict
+            parts, verdict = _parts(out, 2, "the reward margin and the loss")
+            if verdict:
+                return verdict
+            try:
+                got = np.array([float(_as_array(x).ravel()[0]) for x in parts])
+            except (IndexError, TypeError, ValueError):
+                return Verdict(False, "return two numbers: the reward margin and the loss")
+            want = np.array([beta * d, _softplus(-beta * d)])
+            if _close(got, want):
+                continue
+            if not _close(got[:1], want[:1]):
+                return _first_mistake(got[:1], [
+                    ([d], "the reward margin is scaled by beta: r+ - r- = beta x (log-ratio difference)"),
+                    ([-beta * d], "the sign: the margin is the chosen reward minus the rejected one"),
+                ]) or Verdict(False, "not yet: the reward margin is beta times the log-ratio difference")
+            return _first_mistake(got[1:], [
+                ([_softplus(-d)], "the loss sees the margin, beta x d, not the raw log-ratio difference"),
+                ([-_softplus(-beta * d)], "the sign: the loss is -log sigmoid(margin), a positive number"),
+                ([1 / (1 + np.exp(beta * d))], "take the log: the loss is -log sigmoid(margin), not sigmoid(-margin)"),
+                ([_softplus(beta * d)], "the loss is -log sigmoid(+margin): a larger margin must lower it"),
+            ]) or Verdict(False, "not yet: the loss differs from -log sigmoid(margin)")
+    return Verdict(True, "right: the margin scales with beta, and a larger margin gives a lower loss")
+
+
+_REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+
+
+def _reward_batch() -> tuple[torch.Tensor, ...]:
+    """Policy and reference log-probs of 8 pairs: 3 with policy = reference (ties, as at step 0), 2 where the policy's
+    raw log-probs and its rewards disagree on which reply is ahead."""
+    pc = torch.tensor([-20.0, -31.0, -12.0, -40.0, -15.0, -22.0, -30.0, -9.0], dtype=torch.float64)
+    pr = torch.tensor([-25.0, -30.0, -18.0, -35.0, -14.0, -24.0, -28.0, -11.0], dtype=torch.float64)
+    rc = torch.tensor([-22.0, -33.0, -12.0, -44.0, -15.0, -22.0, -31.0, -10.0], dtype=torch.float64)
+    rr = torch.tensor([-24.0, -29.0, -18.0, -37.0, -14.0, -25.0, -27.0, -11.0], dtype=torch.float64)
+    return pc, pr, rc, rr
+
+
+def check_logged_rewards(fn: Callable[..., Any]) -> Verdict:
+    """Check ``fn(pc, pr, rc, rr, beta) -> dict`` with TRL's four batch means ``rewards/chosen``, ``rewards/rejected``,
+    ``rewards/margins`` and ``rewards/accuracies`` (the share of pairs whose chosen reward is strictly larger)."""
+    pc, pr, rc, rr = _reward_batch()
+    beta = 0.1
+    out, verdict = _run(fn, pc.clone(), pr.clone(), rc.clone(), rr.clone(), beta)
+    if verdict:
+        return verdict
+    if not isinstance(out, dict) or any(k not in out for k in _REWARD_KEYS):
+        return Verdict(False, "return a dict with the keys " + ", ".join(repr(k) for k in _REWARD_KEYS))
+    try:
+        got = {k: float(_as_array(out[k]).ravel().mean()) for k in _REWARD_KEYS}
+    except (TypeError, ValueError):
+        return Verdict(False, "each value should be one number (the mean over the batch)")
+    r_c, r_r = beta * (pc - rc), beta * (pr - rr)
+    want = {"rewards/chosen": r_c.mean().item(), "rewards/rejected": r_r.mean().item(),
+            "rewards/margins": (r_c - r_r).mean().item(), "rewards/accuracies": (r_c > r_r).double().mean().item()}
+    for key in _REWARD_KEYS[:3]:
+        if math.isclose(got[key], want[key], abs_tol=1e-9):
+            continue
+        side = {"rewards/chosen": (pc, rc), "rewards/rejected": (pr, rr)}.get(key)
+        hints = []
+        if side is not None:
+            hints += [([(side[0] - side[1]).mean().item()], "a reward is scaled by beta: beta (log pi_theta - log pi_ref)"),
+                      ([beta * side[0].mean().item()], "a reward is relative to the reference: subtract log pi_ref")]
+        else:
+            hints += [([-want[key]], "the margin is chosen reward minus rejected reward"),
+                      ([want[key] / beta], "the margin is between the rewards, which are scaled by beta")]
+        return _first_mistake(np.array([got[key]]), hints) or Verdict(False, f"not yet: {key} differs from the batch mean")
+    if not math.isclose(got["rewards/accuracies"], want["rewards/accuracies"], abs_tol=1e-9):
+        return _first_mistake(np.array([got["rewards/accuracies"]]), [
+            ([(r_c >= r_r).double().mean().item()], "a tie (both rewards 0, as at step 0) is not a correct pair: "
+                                                    "count r+ > r-, strictly"),
+            ([(pc > pr).double().mean().item()], "compare the rewards (relative to the reference), not the raw "
+                                                 "policy log-probs"),
+            ([(r_c > r_r).double().sum().item()], "the accuracy is a share of the batch, not a count"),
+        ]) or Verdict(False, "not yet: the reward accuracy is the share of pairs with r+ > r-")
+    return Verdict(True, "right: rewards scaled by beta and relative to the reference; ties are not counted as correct")
+
+
+# ------------------------------------------------------------- notebook 06: a Monte-Carlo KL, a matched K
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    return logits - np.logaddexp.reduce(logits)
+
+
+def check_kl_estimates(fn: Callable[[np.ndarray, np.ndarray, int, np.random.Generator], Any]) -> Verdict:
+    """Check ``fn(logits_p, logits_q, n, rng) -> n single-sample estimates`` of KL(p || q): ``log p(y) - log q(y)``
+    with ``y ~ p`` drawn from `rng` (p and q are the softmax of the logits)."""
+    logits_p, logits_q, n = np.array([2.0, 1, 0, 0, -1]), np.array([1.0, 1, 1, 0, 0]), 20_000
+    lp, lq = _log_softmax(logits_p), _log_softmax(logits_q)
+    exact = float(np.sum(np.exp(lp) * (lp - lq)))
+    out, verdict = _run(fn, logits_p.copy(), logits_q.copy(), n, np.random.default_rng(0))
+    if verdict:
+        return verdict
+    got = _as_array(out)
+    if got.ndim == 0 or got.size == 1:
+        return Verdict(False, f"return the {n} single-sample estimates (an array), not their mean")
+    if got.shape != (n,):
+        return Verdict(False, f"expected {n} estimates, shape ({n},); got shape {got.shape}")
+    values = lp - lq
+    if not np.all(np.min(np.abs(got[:, None] - values[None, :]), axis=1) < 1e-9):
+        for candidate, hint in [(logits_p - logits_q, "normalise first: log p = log_softmax(logits_p), not the raw logits"),
+                                (lq - lp, "the sign: each estimate is log p(y) - log q(y)")]:
+            if np.all(np.min(np.abs(got[:, None] - candidate[None, :]), axis=1) < 1e-9):
+                return Verdict(False, f"not yet: {hint}")
+        return Verdict(False, "not yet: each estimate should be log p(y) - log q(y) for one sampled token y")
+    se = float(np.std(values[np.random.default_rng(1).choice(5, 4000, p=np.exp(lp))])) / math.sqrt(n)
+    if abs(got.mean() - exact) > 6 * se:
+        reverse = float(np.sum(np.exp(lq) * (lp - lq)))
+        if abs(got.mean() - reverse) <= 6 * se:
+            return Verdict(False, "not yet: draw y from p (the first distribution), not from q")
+        return Verdict(False, "not yet: the estimates do not average to KL(p || q): draw y from p's probabilities")
+    again, _ = _run(fn, logits_p.copy(), logits_q.copy(), n, np.random.default_rng(0))
+    other, _ = _run(fn, logits_p.copy(), logits_q.copy(), n, np.random.default_rng(1))
+    if again is None or other is None or not np.array_equal(_as_array(again), got) or np.array_equal(_as_array(other), got):
+        return Verdict(False, "not yet: draw the samples from the `rng` argument (same seed, same draws)")
+    return Verdict(True, "right: unbiased single-sample estimates, drawn from p with the given rng")
+
+
+def _optimizer_steps(preset: Any) -> int:
+    pairs = preset.k_negatives * preset.n_train_prompts
+    return math.ceil(pairs / (preset.batch_size * preset.grad_accum)) * preset.epochs
+
+
+def check_compute_matched(fn: Callable[[Any, int], Any]) -> Verdict:
+    """Check ``fn(preset, k) -> preset``: a variant with ``k`` negatives per prompt that trains on as many pairs, with
+    the same schedule (epochs, batch), as ``preset`` with one negative, so it takes the same optimizer steps."""
+    from mipo_lib.config import get_preset
+
+    for name in ("cpu", "smoke"):
+        base = get_preset(name)
+        for k in (2, 4):
+            out, verdict = _run(fn, base, k)
+            if verdict:
+                return verdict
+            if not all(hasattr(out, f) for f in ("k_negatives", "n_train_prompts", "epochs", "batch_size")):
+                return Verdict(False, "return a preset (`preset.with_overrides(...)`)")
+            if out.k_negatives != k:
+                return Verdict(False, f"not yet: the variant should have k_negatives = {k}")
+            if (out.epochs, out.batch_size, out.grad_accum) != (base.epochs, base.batch_size, base.grad_accum):
+                return Verdict(False, "not yet: keep the schedule (epochs, batch size, accumulation): a matched "
+                                      "variant changes what it trains on, not how")
+            if out.n_train_prompts == base.n_train_prompts:
+                return Verdict(False, f"not yet: with all {base.n_train_prompts} prompts, K = {k} trains on {k}x the "
+                                      "pairs and steps: use fewer training prompts")
+            if out.k_negatives * out.n_train_prompts != base.n_train_prompts or _optimizer_steps(out) != _optimizer_steps(base):
+                return Verdict(False, "not yet: the variant's pairs (K x prompts) should equal the reference's "
+                                      "(1 x prompts), and so its optimizer steps")
+    return Verdict(True, "right: K negatives on 1/K of the prompts, the same pairs and optimizer steps as K = 1")
+
+
+# ------------------------------------------------------------- notebook 07: the difficulty level, shuffles
+def _difficulty_tables() -> list[tuple[pd.DataFrame, tuple[float, float]]]:
+    easy_to_hard = pd.DataFrame({"level": ["a", "b", "c", "d", "e"], "accuracy": [0.9, 0.7, 0.45, 0.2, 0.1],
+                                 "lo": [0.8, 0.55, 0.3, 0.1, 0.03], "hi": [0.97, 0.82, 0.6, 0.32, 0.2]})
+    shuffled = easy_to_hard.sample(frac=1.0, random_state=3).reset_index(drop=True)
+    edge = easy_to_hard.assign(accuracy=[0.9, 0.7, 0.45, 0.2, 0.15])  # 0.2 on the lower bound: inside the range
+    return [(easy_to_hard, (0.3, 0.8)), (shuffled, (0.3, 0.8)), (edge, (0.2, 0.8)), (shuffled, (0.05, 0.5))]
+
+
+def check_choose_level(fn: Callable[[pd.DataFrame, float, float], Any]) -> Verdict:
+    """Check ``fn(table, low, high) -> level``: the hardest level (lowest validation accuracy) whose accuracy lies in
+    [low, high], ends included; the table's rows come in any order."""
+    from mipo_lib import reasoning
+
+    for table, (low, high) in _difficulty_tables():
+        out, verdict = _run(fn, table.copy(), low, high)
+        if verdict:
+            return verdict
+        want = reasoning.choose_level(table, (low, high))
+        if str(out) == want:
+            continue
+        inside = table[table["accuracy"].between(low, high)]
+        strict = table[(table["accuracy"] > low) & (table["accuracy"] < high)]
+        if str(out) == str(inside.sort_values("accuracy").iloc[-1]["level"]):
+            return Verdict(False, "not yet: that is the easiest level in range: the hardest (lowest accuracy) leaves "
+                                  "the most room to improve")
+        if str(out) == str(table.sort_values("accuracy").iloc[0]["level"]):
+            return Verdict(False, "not yet: that level's accuracy is outside the range: keep only levels inside it")
+        if not strict.empty and str(out) == str(strict.sort_values("accuracy").iloc[0]["level"]):
+            return Verdict(False, "not yet: the range includes its ends (low <= accuracy <= high)")
+        if str(out) == str(inside.iloc[0]["level"]):
+            return Verdict(False, "not yet: the rows come in any order: sort by accuracy, do not take the first row")
+        return Verdict(False, "not yet: pick the level with the lowest accuracy among those inside [low, high]")
+    return Verdict(True, "right: the hardest level whose validation accuracy is in the informative range")
+
+
+def check_identical_pairs(fn: Callable[[Sequence[str], np.ndarray], Any]) -> Verdict:
+    """Check ``fn(positives, perm) -> int``: how many pairs (positives[i], positives[perm[i]]) have the same text,
+    fixed points of the shuffle and different problems whose answers coincide alike."""
+    positives = ["#### 7", "3 + 4 = 7. #### 7", "#### 12", "#### 7", "#### 5", "#### 12", "#### 9", "#### 7"]
+    perms = [np.array([3, 1, 5, 0, 4, 2, 7, 6]), np.array([1, 2, 3, 4, 5, 6, 7, 0]), np.arange(8)[::-1].copy()]
+    for perm in perms:
+        out, verdict = _run(fn, list(positives), perm.copy())
+        if verdict:
+            return verdict
+        try:
+            got = int(out)
+        except (TypeError, ValueError):
+            return Verdict(False, "return one integer: the number of pairs whose two texts are equal")
+        want = sum(positives[i] == positives[perm[i]] for i in range(len(perm)))
+        if got == want:
+            continue
+        if got == int(np.sum(perm == np.arange(len(perm)))):
+            return Verdict(False, "not yet: that counts the fixed points only: two different problems can have the "
+                                  "same answer text, and such a pair is just as useless")
+        if got == len(perm) - want:
+            return Verdict(False, "not yet: that counts the pairs whose texts differ")
+        return Verdict(False, "not yet: compare the texts positives[i] and positives[perm[i]] for every i")
+    return Verdict(True, "right: every pair with chosen == rejected counted, fixed points and coincidences alike")
+
+
+#: notebook -> its checkers, in the order of the notebook's exercises (tests/test_exercises.py holds every notebook
+#: to this list: each checker has a stub, a hidden solution and a check cell there).
+CHECKERS = {
+    "01": ("check_world_summary", "check_pmi_and_kl", "check_log_partition", "check_conditional_pmi"),
+    "02": ("check_sattolo", "check_ends_with_question", "check_mipo_pairs"),
+    "03": ("check_dpo_pair", "check_logged_rewards", "check_sequence_logprob"),
+    "06": ("check_kl_estimates", "check_compute_matched"),
+    "07": ("check_choose_level", "check_identical_pairs"),
+}
 
 
 # ------------------------------------------------------------------------------------------ student edition
