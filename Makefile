@@ -16,7 +16,7 @@ SET    ?=
 export HF_HUB_OFFLINE ?= $(if $(filter cpu% smoke%,$(PRESET)),1,0)
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup reproduce ablations reasoning test benchmark clean
+.PHONY: setup reproduce tune ablations reasoning test benchmark clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 
 reproduce: $(STAMP)
 	$(BIN)/python -m mipo_lib reproduce --preset $(PRESET) $(if $(SEEDS),--seeds $(SEEDS)) $(foreach s,$(SET),--set $(s))
+
+# Settings chosen on the validation split (MIPO's and SFT's epochs, CAD's strength), written to
+# figures/choices_$(PRESET).csv, which `make reproduce` reads: make tune SEEDS=0 SET="dtype=float32"
+tune: $(STAMP)
+	$(BIN)/python -m mipo_lib tune --preset $(PRESET) $(if $(SEEDS),--seeds $(SEEDS)) $(foreach s,$(SET),--set $(s))
 
 ablations: $(STAMP)
 	$(BIN)/python -m mipo_lib reproduce --preset $(PRESET) --notebooks 06 $(if $(SEEDS),--seeds $(SEEDS))

@@ -1,4 +1,4 @@
-"""Command line: `python -m mipo_lib {setup,reproduce,chat,readme}`.
+"""Command line: `python -m mipo_lib {setup,reproduce,tune,chat,readme}`.
 
 Any preset field can be changed with a repeatable `--set field=value` (parsed by the field's type: `beta=0.3`,
 `load_in_4bit=true`, `cad_alpha=none`, `lora_target_modules=q_proj,v_proj`, `seeds=0,1`); `reproduce` hands the same
@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--redo", action="store_true", help="recompute pairs, adapters and evaluations")
     rep.add_argument("--no-progress", action="store_true")
 
+    tun = sub.add_parser("tune", help="choose epochs (MIPO, SFT) and CAD's strength on the validation split")
+    tun.add_argument("--preset", default="cpu")
+    tun.add_argument("--seeds", type=_parse_seeds, default=None, help="tuning seeds (default: the preset's)")
+    tun.add_argument("--no-progress", action="store_true")
+
     rdm = sub.add_parser("readme", help="rewrite the README's results block from figures/results_<preset>.csv")
     rdm.add_argument("--preset", default="all", help="cpu, cpu-reasoning or all (default)")
 
@@ -39,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("message")
     chat.add_argument("--preset", default="cpu")
     chat.add_argument("--max-new-tokens", type=int, default=64)
-    for command in (rep, chat):
+    for command in (rep, chat, tun):
         command.add_argument(
             "--set", action="append", default=[], dest="overrides", metavar="FIELD=VALUE",
             help="change one preset field, e.g. --set beta=0.3 (repeatable; fields: see mipo_lib/config.py)",
@@ -61,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
             from mipo_lib.runner import reproduce
 
             reproduce(args.preset, args.seeds, args.notebooks, args.redo, progress=not args.no_progress, overrides=overrides)
+        elif args.command == "tune":
+            from mipo_lib.tune import run
+
+            summary, choices = run(args.preset, args.seeds, overrides, progress=not args.no_progress)
+            print(summary.to_string(index=False))
+            print(choices.to_string(index=False))
         elif args.command == "readme":
             from mipo_lib.readme import update_readme
 

@@ -38,10 +38,10 @@ if TYPE_CHECKING:
 
 _MODEL = ("model_id", "dtype", "load_in_4bit")
 _TRAINING = (
-    "gradient_checkpointing", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "epochs", "batch_size",
+    "gradient_checkpointing", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "batch_size",
     "grad_accum", "warmup_ratio",
 )
-_EVALUATION = _MODEL + ("task", "n_test_prompts", "eval_max_new_tokens", "eval_batch_size")
+_EVALUATION = _MODEL + ("task", "n_test_prompts", "eval_max_new_tokens", "eval_batch_size", "eval_no_repeat_ngram")
 
 STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     # sampled responses of the pairs (a partial generation resumes only under this key); + seed, train prompts.
@@ -52,8 +52,8 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     # the scored pairs (reference log-probs, PMI); + the generation key
     "pairs": ("score_batch_size", "max_length"),
     # a trained adapter; + the pairs key and the method
-    "dpo": _TRAINING + ("beta", "learning_rate"),
-    "sft": _TRAINING + ("sft_learning_rate",),
+    "dpo": _TRAINING + ("epochs", "beta", "learning_rate"),
+    "sft": _TRAINING + ("sft_epochs", "sft_learning_rate"),
     # one method's records on the held-out prompts; + test prompts, the method's definition, a trained one's adapter key
     "evaluation": _EVALUATION,
     "evaluation-cad": _EVALUATION + ("beta", "cad_alpha"),  # context-aware decoding's strength is cad_alpha or 1/beta
@@ -64,7 +64,7 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "kl": _MODEL + ("task", "eval_max_new_tokens", "gen_batch_size", "score_batch_size"),
     # ablations: seconds per prompt of prompting, MIPO and CAD (greedy evaluation settings, CAD's strength); + the
     # adapter key, the prompts and the number of timed repeats
-    "generation-cost": _MODEL + ("task", "eval_max_new_tokens", "eval_batch_size", "beta", "cad_alpha"),
+    "generation-cost": _MODEL + ("task", "eval_max_new_tokens", "eval_batch_size", "eval_no_repeat_ngram", "beta", "cad_alpha"),
 }
 
 NOT_AFFECTING: dict[str, str] = {

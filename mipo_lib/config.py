@@ -13,6 +13,7 @@ of minutes later inside TRL. Overrides given as text (the command line, papermil
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import difflib
 import json
@@ -36,7 +37,7 @@ NEGATIVES: tuple[str, ...] = ("context_drop", "random_context", "random_prompt")
 POSITIVE_FIELDS: tuple[str, ...] = (
     "n_train_prompts", "n_test_prompts", "k_negatives", "max_new_tokens", "gen_batch_size", "score_batch_size",
     "lora_r", "lora_alpha", "beta", "learning_rate", "sft_learning_rate", "epochs", "batch_size", "grad_accum",
-    "max_length", "eval_max_new_tokens", "eval_batch_size",
+    "max_length", "eval_max_new_tokens", "eval_batch_size", "sft_epochs",
 )
 
 
@@ -71,7 +72,8 @@ class Preset:
     beta: float = 0.1
     learning_rate: float = 2e-4
     sft_learning_rate: float = 2e-4
-    epochs: int = 2
+    epochs: int = 2  # MIPO's (DPO's) epochs
+    sft_epochs: int = 2  # the SFT baseline's own epochs (each method at its own best: `make tune` chooses both)
     batch_size: int = 8
     grad_accum: int = 1
     max_length: int = 256
@@ -79,6 +81,8 @@ class Preset:
     # evaluation
     eval_max_new_tokens: int = 48
     eval_batch_size: int = 50
+    # > 0: greedy evaluation may not repeat an n-gram of this length (a small model loops until the token cap otherwise)
+    eval_no_repeat_ngram: int = 0
     cad_alpha: float | None = None  # context-aware decoding strength; None means 1/beta (MIPO's decode-time twin)
     seeds: tuple[int, ...] = (0, 1, 2)
     # training logs: transformers' report_to, "none" or loggers such as "tensorboard" (pip install tensorboard) or
@@ -103,6 +107,7 @@ class Preset:
         self._require(self.temperature >= 0, "temperature", "must be >= 0 (0 is greedy)")
         self._require(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
         self._require(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        self._require(self.eval_no_repeat_ngram >= 0, "eval_no_repeat_ngram", "must be >= 0 (0 is off)")
         self._require(self.cad_alpha is None or self.cad_alpha >= 0, "cad_alpha", "must be >= 0, or none for 1/beta")
         self._require(bool(self.name.strip()) and "/" not in self.name, "name", "must be a non-empty folder name")
         self._require(bool(self.model_id.strip()), "model_id", "must name a model")
@@ -274,6 +279,7 @@ PRESETS: dict[str, Preset] = {
         gen_batch_size=16,
         score_batch_size=16,
         epochs=1,
+        sft_epochs=1,
         batch_size=4,
         max_length=256,  # the tiny tokenizer is byte-level: chat prompts are up to 161 tokens
         eval_max_new_tokens=8,
@@ -285,17 +291,23 @@ PRESETS: dict[str, Preset] = {
         description="SmolLM2-135M-Instruct bundled offline, on CPU, verifiable personalization, 3 seeds",
         model_id=BUNDLED_MODEL,
         dtype="auto",
-        # Sized to finish 3 seeds of everything on 2 slow cores: 60 pairs (6 requests x 10 preferences), 32-token
-        # replies, 100 held-out prompts (10 unseen requests x 10 preferences), 2 epochs at batch 4 (30 DPO steps).
+        # Sized to finish 3 seeds of everything on 2 slow cores: 60 pairs (6 requests x 10 preferences), 100
+        # held-out prompts (10 unseen requests x 10 preferences), batch 4; epochs (MIPO, SFT) and CAD's strength are
+        # chosen on the validation split (figures/choices_cpu.csv, `make tune`). Token caps sized so that replies
+        # finish (every request asks for 2-3 sentences): greedy evaluation with no repeated 3-gram (the 135M model
+        # loops otherwise) hit the 192-token cap for 3% of prompting and 10% of context-free replies on the test
+        # prompts, against 40% / 100% at 128 tokens without the instruction. Pairs are sampled up to 64 tokens (a
+        # cost choice: sampling and training dominate the run; the pairs' truncated share is in their manifest).
         n_train_prompts=60,
         n_test_prompts=100,
-        max_new_tokens=32,
+        max_new_tokens=64,
         gen_batch_size=64,
         score_batch_size=32,
         batch_size=4,
         max_length=192,
-        eval_max_new_tokens=32,
+        eval_max_new_tokens=192,
         eval_batch_size=100,
+        eval_no_repeat_ngram=3,
     ),
     "t4": Preset(
         name="t4",
@@ -316,6 +328,7 @@ PRESETS: dict[str, Preset] = {
         learning_rate=5e-5,
         sft_learning_rate=5e-5,
         epochs=1,
+        sft_epochs=1,
         batch_size=2,
         grad_accum=2,
         max_length=1024,
@@ -340,6 +353,7 @@ PRESETS: dict[str, Preset] = {
         learning_rate=2e-5,
         sft_learning_rate=2e-5,
         epochs=1,
+        sft_epochs=1,
         batch_size=4,
         grad_accum=1,
         max_length=1536,
@@ -382,6 +396,7 @@ PRESETS: dict[str, Preset] = {
         gen_batch_size=16,
         score_batch_size=16,
         epochs=1,
+        sft_epochs=1,
         batch_size=4,
         max_length=256,
         eval_max_new_tokens=8,
@@ -390,7 +405,21 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def get_preset(name: str, /, **overrides: Any) -> Preset:
+def choices_path(preset_name: str) -> Path:
+    """`figures/choices_<preset>.csv`: the settings `make tune` chose on the validation split for a preset."""
+    return repo_root() / "figures" / f"choices_{preset_name}.csv"
+
+
+def load_choices(preset_name: str) -> dict[str, Any]:
+    """`{field: value}` from a preset's committed choices (`choices_path`), typed like the fields; {} without one."""
+    path = choices_path(preset_name)
+    if not path.exists():
+        return {}
+    with path.open(newline="") as fh:
+        return {row["field"]: conform(row["field"], row["value"]) for row in csv.DictReader(fh)}
+
+
+def get_preset(name: str, /, *, tuned: bool = True, **overrides: Any) -> Preset:
     """Look a preset up by name and apply overrides (validated). Unknown names fail with the list of valid ones.
 
     `name` is positional-only, so `name` can be overridden too (`get_preset("cpu", name="cpu-beta03")` keeps a
@@ -403,6 +432,10 @@ def get_preset(name: str, /, **overrides: Any) -> Preset:
     `get_preset("t4", task="gsm8k")` samples pairs at the official temperature 0.1 / top-p 0.9 and evaluates 200
     problems, while `get_preset("t4", task="gsm8k", temperature=0.7)` keeps the caller's temperature. Only fields the
     caller did not set are taken, and only in `get_preset`: `Preset.with_overrides` changes exactly what it is given.
+
+    With `tuned` (the default), the settings `make tune` chose on the validation split for this preset
+    (`figures/choices_<name>.csv`: MIPO's and SFT's epochs, CAD's strength) replace the preset's own values, again
+    only for fields the caller does not set; `tuned=False` gives the preset as written (the tuning sweep starts there).
     """
     from mipo_lib.tasks import load_plugins, task_settings
 
@@ -411,6 +444,8 @@ def get_preset(name: str, /, **overrides: Any) -> Preset:
         preset = PRESETS[name]
     except KeyError:
         raise MipoError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+    if tuned:
+        overrides = {**{k: v for k, v in load_choices(name).items() if k not in overrides}, **overrides}
     if conform("task_defaults", overrides.get("task_defaults", preset.task_defaults)):
         task = overrides.get("task", preset.task)
         overrides = {**{k: v for k, v in task_settings(task).items() if k not in overrides}, **overrides}

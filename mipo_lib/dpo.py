@@ -8,7 +8,10 @@ Choices that matter:
 - Reference log-probs come from the pairs file (computed once, while building pairs, with the same tokenization):
   `precompute_ref_log_probs=True` tells TRL to read them from the batch, and `_PairsDPOTrainer` skips TRL's own
   precompute pass when the columns are already there. No reference forward pass runs during training.
-- Sigmoid loss, summed log-probs, beta from the preset, cosine schedule with warm-up, as in the official code.
+- Sigmoid loss, summed log-probs, beta from the preset, as in the official code; but a constant learning rate after a
+  short warm-up (`LR_SCHEDULE`; official: cosine to a minimum learning rate), so that the adapter after epoch e of a
+  longer run *is* an e-epoch run: `make tune` trains each method once and evaluates its epoch snapshots
+  (`snapshot_epochs`) on the validation split instead of training once per epoch count.
 - Precision follows `models.select_dtype`: bf16 where supported, fp16 on a T4 (adapters kept in fp32), fp32 on CPUs
   without native bf16. With 4-bit the base stays NF4; only the LoRA matrices train.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -34,6 +38,9 @@ from mipo_lib.pairs import pairs_key
 from mipo_lib.scoring import token_digest
 
 DONE_MARKER = "training_done.json"
+#: transformers' scheduler name. Constant after warm-up: the first e epochs of a run do not depend on how many follow
+#: (with a cosine schedule the learning rate at epoch 2 depends on the total), so epoch snapshots equal shorter runs.
+LR_SCHEDULE = "constant_with_warmup"
 
 
 @dataclass
@@ -94,17 +101,25 @@ def _compute_dtype(model: Any) -> torch.dtype:
     return next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
 
 
-def common_args(preset: Preset, seed: int, output_dir: Path, model: Any, progress: bool) -> dict[str, Any]:
-    """Arguments shared by DPOConfig and SFTConfig (both are transformers TrainingArguments)."""
+def warmup_steps(preset: Preset, n_rows: int) -> int:
+    """Warm-up steps: `warmup_ratio` of one epoch's optimizer steps, at least one. A count of steps, not a ratio of
+    the run, so that it does not change with the number of epochs (see `LR_SCHEDULE`)."""
+    per_epoch = math.ceil(max(n_rows, 1) / (preset.batch_size * preset.grad_accum))
+    return max(1, math.ceil(preset.warmup_ratio * per_epoch))
+
+
+def common_args(preset: Preset, seed: int, output_dir: Path, model: Any, progress: bool, *, epochs: int, n_rows: int) -> dict[str, Any]:
+    """Arguments shared by DPOConfig and SFTConfig (both are transformers TrainingArguments); `epochs` is the
+    method's own (`preset.epochs` for DPO, `preset.sft_epochs` for SFT), `n_rows` the training rows (for warm-up)."""
     on_cpu = next(model.parameters()).device.type == "cpu"
     return {
         "output_dir": str(output_dir),
-        "num_train_epochs": preset.epochs,
+        "num_train_epochs": epochs,
         "per_device_train_batch_size": preset.batch_size,
         "gradient_accumulation_steps": preset.grad_accum,
         "max_length": preset.max_length,
-        "lr_scheduler_type": "cosine",
-        "warmup_steps": preset.warmup_ratio,
+        "lr_scheduler_type": LR_SCHEDULE,
+        "warmup_steps": warmup_steps(preset, n_rows),
         "logging_steps": 1,
         "save_strategy": "epoch",
         "save_total_limit": 1,
@@ -144,10 +159,12 @@ def _checkpointing_key() -> str:
     return "activation_checkpointing" if "activation_checkpointing" in params else "gradient_checkpointing"
 
 
-def dpo_config_kwargs(preset: Preset, seed: int, output_dir: Path, model: Any, reuse_reference: bool = True, progress: bool = True) -> dict[str, Any]:
-    """Every keyword passed to `DPOConfig` (the API-drift test inspects this)."""
+def dpo_config_kwargs(
+    preset: Preset, seed: int, output_dir: Path, model: Any, reuse_reference: bool = True, progress: bool = True, n_rows: int = 0,
+) -> dict[str, Any]:
+    """Every keyword passed to `DPOConfig` (the API-drift test inspects this); `n_rows` pairs sets the warm-up."""
     return {
-        **common_args(preset, seed, output_dir, model, progress),
+        **common_args(preset, seed, output_dir, model, progress, epochs=preset.epochs, n_rows=n_rows),
         "beta": preset.beta,
         "loss_type": ["sigmoid"],
         "learning_rate": preset.learning_rate,
@@ -156,10 +173,10 @@ def dpo_config_kwargs(preset: Preset, seed: int, output_dir: Path, model: Any, r
     }
 
 
-def sft_config_kwargs(preset: Preset, seed: int, output_dir: Path, model: Any, progress: bool = True) -> dict[str, Any]:
-    """Every keyword passed to `SFTConfig`: loss on the completion only, same LoRA and schedule as DPO."""
+def sft_config_kwargs(preset: Preset, seed: int, output_dir: Path, model: Any, progress: bool = True, n_rows: int = 0) -> dict[str, Any]:
+    """Every keyword passed to `SFTConfig`: loss on the completion only, same LoRA and schedule as DPO, its own epochs."""
     return {
-        **common_args(preset, seed, output_dir, model, progress),
+        **common_args(preset, seed, output_dir, model, progress, epochs=preset.sft_epochs, n_rows=n_rows),
         "learning_rate": preset.sft_learning_rate,
         "completion_only_loss": True,
     }
@@ -238,7 +255,7 @@ def run_key(training: str, preset: Preset, seed: int, pairs: Sequence[dict[str, 
     """The cache key of a run given its pairs (`training` is "dpo" or "sft"): the training fields, the pairs' key and
     a digest of the pairs themselves. The pipeline passes its own key instead, built before the pairs are loaded."""
     return cache.stage_key(training, preset, f"{training.upper()} adapter (seed {seed})", upstream=pairs_key(preset, seed),
-                           pairs=cache.content_digest(list(pairs))[:16])
+                           pairs=cache.content_digest(list(pairs))[:16], schedule=LR_SCHEDULE)
 
 
 def finished_run(adapter_dir: Path, key: cache.Key) -> TrainResult | None:
@@ -306,8 +323,37 @@ def _prepare(trainer: Any, progress: bool) -> None:
     prepare_4bit_for_training(trainer.model)  # a CPU eval pass may have repacked 4-bit weights: not trainable
 
 
-def _run(trainer: Any, adapter_dir: Path, sanity: dict[str, float] | None) -> TrainResult:
-    """Train (resuming an interrupted run), then save the adapter, its log and what changed."""
+SNAPSHOT_PREFIX = "epoch-"
+
+
+def snapshot_dir(adapter_dir: Path, epoch: int) -> Path:
+    """Where `train_dpo`/`train_sft` with `snapshot_epochs` keep the adapter as it was after `epoch` epochs."""
+    return Path(adapter_dir) / f"{SNAPSHOT_PREFIX}{epoch}"
+
+
+def _snapshot_callback(adapter_dir: Path, epochs: Sequence[int]) -> Any:
+    """A transformers callback saving the LoRA adapter after each epoch in `epochs` (written atomically, so an
+    interrupted save is redone by the resumed run; a finished snapshot is kept)."""
+    from transformers import TrainerCallback
+
+    wanted = set(epochs)
+
+    class SnapshotCallback(TrainerCallback):  # type: ignore[misc]
+        def on_epoch_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+            epoch = round(state.epoch or 0)
+            target = snapshot_dir(adapter_dir, epoch)
+            if epoch in wanted and model is not None and not target.exists():
+                with cache.atomic(target, directory=True) as tmp:
+                    model.save_pretrained(str(tmp))
+
+    return SnapshotCallback()
+
+
+def _run(trainer: Any, adapter_dir: Path, sanity: dict[str, float] | None, snapshot_epochs: Sequence[int] = ()) -> TrainResult:
+    """Train (resuming an interrupted run), then save the adapter, its log and what changed; with `snapshot_epochs`,
+    also the adapter after each of those epochs (`snapshot_dir`)."""
+    if snapshot_epochs:
+        trainer.add_callback(_snapshot_callback(adapter_dir, snapshot_epochs))
     before = _lora_snapshot(trainer.model)
     seconds = _train(trainer, adapter_dir)
     return _finish(trainer, adapter_dir, seconds, before, sanity)
@@ -335,16 +381,18 @@ def train_dpo(
     key: cache.Key | None = None,
     redo: bool = False,
     progress: bool = True,
+    snapshot_epochs: Sequence[int] = (),
 ) -> TrainResult:
     """MIPO: DPO on the pairs with a fresh LoRA adapter on `model` (modified in place). Reuses a finished run of the
-    same cache `key` (default `run_key`) and resumes an interrupted one."""
+    same cache `key` (default `run_key`) and resumes an interrupted one. `snapshot_epochs` keeps the adapter after
+    those epochs too (`snapshot_dir`; give them in the key if the caller relies on them)."""
     adapter_dir, key = Path(adapter_dir), key or run_key("dpo", preset, seed, pairs)
     if not redo and (done := finished_run(adapter_dir, key)):
         return done
     _claim(adapter_dir, key, redo)
     DPOConfig, PairsDPOTrainer, _, _ = _trainer_classes()
     _reset_peak_memory()
-    args = DPOConfig(**dpo_config_kwargs(preset, seed, adapter_dir, model, reuse_reference, progress))
+    args = DPOConfig(**dpo_config_kwargs(preset, seed, adapter_dir, model, reuse_reference, progress, n_rows=len(pairs)))
     trainer = PairsDPOTrainer(
         model=model,
         args=args,
@@ -355,7 +403,7 @@ def train_dpo(
     _prepare(trainer, progress)
     if reuse_reference:
         check_reference_tokens(trainer, pairs, preset.max_length)
-    return _run(trainer, adapter_dir, sanity=initial_sanity(trainer, pairs, reuse_reference))
+    return _run(trainer, adapter_dir, sanity=initial_sanity(trainer, pairs, reuse_reference), snapshot_epochs=snapshot_epochs)
 
 
 def initial_sanity(trainer: Any, pairs: Sequence[dict[str, Any]], reuse_reference: bool, n: int = 16) -> dict[str, float]:
@@ -396,23 +444,26 @@ def train_sft(
     key: cache.Key | None = None,
     redo: bool = False,
     progress: bool = True,
+    snapshot_epochs: Sequence[int] = (),
 ) -> TrainResult:
-    """The SFT baseline: the same LoRA trained on the positives only, same epochs and schedule (cached like DPO)."""
+    """The SFT baseline: the same LoRA trained on the positives only, same schedule, `preset.sft_epochs` epochs
+    (cached like DPO; `snapshot_epochs` as in `train_dpo`)."""
     adapter_dir, key = Path(adapter_dir), key or run_key("sft", preset, seed, pairs)
     if not redo and (done := finished_run(adapter_dir, key)):
         return done
     _claim(adapter_dir, key, redo)
     _, _, SFTConfig, SFTTrainer = _trainer_classes()
     _reset_peak_memory()
+    train = sft_dataset(pairs)
     trainer = SFTTrainer(
         model=model,
-        args=SFTConfig(**sft_config_kwargs(preset, seed, adapter_dir, model, progress)),
-        train_dataset=sft_dataset(pairs),
+        args=SFTConfig(**sft_config_kwargs(preset, seed, adapter_dir, model, progress, n_rows=len(train))),
+        train_dataset=train,
         processing_class=tokenizer,
         peft_config=lora_config(preset),
     )
     _prepare(trainer, progress)
-    return _run(trainer, adapter_dir, sanity=None)
+    return _run(trainer, adapter_dir, sanity=None, snapshot_epochs=snapshot_epochs)
 
 
 def load_adapted(model: Any, adapter_dir: Path, merge: bool = True) -> Any:

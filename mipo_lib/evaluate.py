@@ -22,7 +22,7 @@ import torch
 from mipo_lib import cache
 from mipo_lib.config import Preset
 from mipo_lib.errors import MipoError
-from mipo_lib.generate import Batch, Messages, chat_prompt_ids, generate_batches, left_pad
+from mipo_lib.generate import Batch, Messages, chat_prompt_ids, decode_reply, eos_ids, generate_token_batches, hit_cap, left_pad
 from mipo_lib.scoring import sequence_logprobs
 from mipo_lib.tasks.base import Example, Task, judge_or_nan
 
@@ -58,7 +58,7 @@ class ContextAwareDecoding:
         return ((1 + self.alpha) * cond - self.alpha * torch.log_softmax(uncond, dim=-1)).to(scores.dtype)
 
 
-def generate_responses(
+def generate_replies(
     model: Any,
     tokenizer: Any,
     task: Task,
@@ -69,8 +69,13 @@ def generate_responses(
     cad_alpha: float | None = None,
     progress: bool = True,
     desc: str = "evaluating",
-) -> list[str]:
-    """Greedy responses to the examples' prompts (with CAD when `cad_alpha` is given)."""
+) -> tuple[list[str], list[bool]]:
+    """Greedy responses to the examples' prompts (with CAD when `cad_alpha` is given), and for each whether it hit
+    the token cap (`eval_max_new_tokens`) before the model ended it: a truncated reply.
+
+    `preset.eval_no_repeat_ngram` (when > 0) forbids repeating any n-gram of that length: greedy decoding of a small
+    model otherwise loops ("- **Bacon:**" forty times) until the cap.
+    """
     from transformers import LogitsProcessorList
 
     prompt_ids = [chat_prompt_ids(tokenizer, task.prompt(e, with_context=with_context)) for e in examples]
@@ -81,18 +86,31 @@ def generate_responses(
         def factory(batch: Batch) -> Any:
             return LogitsProcessorList([ContextAwareDecoding(model, [uncond[r] for r in batch.rows], tokenizer.pad_token_id, cad_alpha)])
 
-    out = [""] * len(examples)
-    for batch, texts in generate_batches(
+    eos = eos_ids(model, tokenizer)
+    texts, truncated = [""] * len(examples), [False] * len(examples)
+    for batch, rows in generate_token_batches(
         model, tokenizer, prompt_ids, max_new_tokens=preset.eval_max_new_tokens, temperature=0.0,
         batch_size=preset.eval_batch_size, logits_processor_factory=factory, progress=progress, desc=desc,
+        no_repeat_ngram_size=preset.eval_no_repeat_ngram,
     ):
-        for row, text in zip(batch.rows, texts):
-            out[row] = text
-    return out
+        for row, ids in zip(batch.rows, rows):
+            texts[row] = decode_reply(tokenizer, ids, eos)
+            truncated[row] = hit_cap(ids, eos, preset.eval_max_new_tokens)
+    return texts, truncated
 
 
-def records(task: Task, examples: Sequence[Example], responses: Sequence[str], method: str, seed: int) -> pd.DataFrame:
-    """Per-example rows: task, method, seed, example_id, group, response, score, n_words."""
+def generate_responses(model: Any, tokenizer: Any, task: Task, examples: Sequence[Example], preset: Preset, **kwargs: Any) -> list[str]:
+    """The texts of `generate_replies` (options the same), for callers that do not judge completeness."""
+    return generate_replies(model, tokenizer, task, examples, preset, **kwargs)[0]
+
+
+def records(
+    task: Task, examples: Sequence[Example], responses: Sequence[str], method: str, seed: int,
+    truncated: Sequence[bool] | None = None,
+) -> pd.DataFrame:
+    """Per-example rows: task, method, seed, example_id, group, response, score, n_words, truncated (the reply hit
+    the token cap; judges that a cut-off reply could fool fail it). Without `truncated`, no reply counts as cut off."""
+    cut = [False] * len(responses) if truncated is None else [bool(t) for t in truncated]
     return pd.DataFrame({
         "task": task.name,
         "method": method,
@@ -100,8 +118,9 @@ def records(task: Task, examples: Sequence[Example], responses: Sequence[str], m
         "example_id": [e.id for e in examples],
         "group": [task.group(e) for e in examples],
         "response": list(responses),
-        "score": [judge_or_nan(task, e, r) for e, r in zip(examples, responses)],
+        "score": [judge_or_nan(task, e, r, t) for e, r, t in zip(examples, responses, cut)],
         "n_words": [len(r.split()) for r in responses],
+        "truncated": cut,
     })
 
 

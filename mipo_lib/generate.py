@@ -114,6 +114,11 @@ def _through_first_eos(row: list[int], eos: set[int]) -> list[int]:
     return row if cut is None else row[: cut + 1]
 
 
+def hit_cap(token_ids: Sequence[int], eos: set[int], max_new_tokens: int) -> bool:
+    """Whether a reply was cut off: it used all `max_new_tokens` and no end-of-sequence token closed it."""
+    return len(token_ids) >= max_new_tokens and (not token_ids or token_ids[-1] not in eos)
+
+
 def decode_reply(tokenizer: Any, token_ids: Sequence[int], eos: set[int]) -> str:
     """A reply's text from its new tokens, without the end-of-sequence token that closed it."""
     kept = token_ids[:-1] if token_ids and token_ids[-1] in eos else token_ids
@@ -135,6 +140,7 @@ def generate_token_batches(
     stats: GenerationStats | None = None,
     progress: bool = True,
     desc: str = "generating",
+    no_repeat_ngram_size: int = 0,
 ) -> Iterator[tuple[Batch, list[list[int]]]]:
     """Yield (batch, new token ids of each row, up to and including the first end-of-sequence token) for each batch
     of the plan not in `skip_batches`.
@@ -142,7 +148,8 @@ def generate_token_batches(
     `temperature == 0` means greedy decoding; sampling uses the model's own distribution at that temperature with
     nucleus `top_p` and never top-k (a generation config's default top-k would silently truncate it).
     `logits_processor_factory(batch)` may return a transformers `LogitsProcessorList` for that batch (context-aware
-    decoding uses it to bring its second context).
+    decoding uses it to bring its second context). `no_repeat_ngram_size` > 0 forbids repeating an n-gram of that
+    length (transformers' own processor; 0 leaves decoding untouched).
     """
     from tqdm.auto import tqdm
 
@@ -162,6 +169,8 @@ def generate_token_batches(
             pad_token_id=pad_id,
             use_cache=True,
         )
+        if no_repeat_ngram_size > 0:
+            kwargs["no_repeat_ngram_size"] = no_repeat_ngram_size
         if sampling:
             kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
         else:

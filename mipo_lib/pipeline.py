@@ -30,7 +30,8 @@ def variant_dir(preset: Preset, *parts: str | int) -> Path:
 def training_key(preset: Preset, method: str, seed: int) -> cache.Key:
     """What a trained method's adapter depends on: its training stage's fields and the seed's pairs key."""
     m = _trained(method)
-    return cache.stage_key(m.training, preset, f"{method} adapter (seed {seed})", upstream=pairs_key(preset, seed), method=method)
+    return cache.stage_key(m.training, preset, f"{method} adapter (seed {seed})", upstream=pairs_key(preset, seed), method=method,
+                           schedule=dpo.LR_SCHEDULE)
 
 
 def adapter_dir(preset: Preset, method: str, seed: int) -> Path:
@@ -98,13 +99,13 @@ def evaluate_method(preset: Preset, method: str, seed: int, redo: bool = False, 
         model, tokenizer = load_for_preset(preset)
         if adapter is not None:
             model = dpo.load_adapted(model, adapter)
-        responses = evaluate.generate_responses(
+        responses, truncated = evaluate.generate_replies(
             model, tokenizer, task, examples, preset,
             with_context=m.with_context,
             cad_alpha=preset.cad_strength if m.decoding == "cad" else None,
             progress=progress, desc=f"{method} responses",
         )
-        return evaluate.records(task, examples, responses, method, seed)
+        return evaluate.records(task, examples, responses, method, seed, truncated)
 
     key = evaluation_key(preset, method, seed)
     frame = evaluate.evaluate_cached(_eval_path(preset, method, seed), make, redo, key=key)

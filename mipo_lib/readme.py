@@ -16,7 +16,7 @@ from typing import Callable
 
 import pandas as pd
 
-from mipo_lib.config import Preset, get_preset, repo_root
+from mipo_lib.config import Preset, get_preset, load_choices, repo_root
 from mipo_lib.errors import MipoError
 from mipo_lib.methods import Method, get_method
 
@@ -161,6 +161,11 @@ def _model(p: Preset) -> str:
     return p.model_id
 
 
+def _chosen(p: Preset, *fields: str) -> str:
+    """", chosen on validation" when the preset's committed choices set these fields (`make tune`)."""
+    return ", chosen on validation" if set(fields) <= set(load_choices(p.name)) else ""
+
+
 DEVIATIONS: tuple[Deviation, ...] = (
     Deviation("base model", "Llama-3.2-1B/3B-Instruct, Qwen2.5-1.5B/3B/7B-Instruct, bf16", _model,
               "the only instruct model available offline on 2 CPU cores",
@@ -171,21 +176,30 @@ DEVIATIONS: tuple[Deviation, ...] = (
               "fits a CPU and a T4; LoRA needs a far larger learning rate (5e-5 moved nothing visible in the pilot)",
               "a rank-limited update: likely a smaller move from the base than full fine-tuning"),
     Deviation("epochs and batch", "1 epoch, global batch 4",
-              lambda p: f"{p.epochs} epochs, batch {p.batch_size} x {p.grad_accum} accumulation",
-              "60 pairs give 15 steps per epoch; 1 epoch barely moved the adapter in the pilot",
-              "not yet chosen on a validation split; notebook 06's compute-matched control shows longer training helps"),
+              lambda p: (f"MIPO {p.epochs} epochs, SFT {p.sft_epochs}, batch {p.batch_size} x {p.grad_accum} accumulation"
+                         f"{_chosen(p, 'epochs', 'sft_epochs')}"),
+              "60 pairs give 15 steps per epoch; each method's epochs are chosen on the validation split (1/2/4/8)",
+              "each method at its own best on validation, rather than the paper's single epoch"),
     Deviation("schedule", "cosine with a minimum learning rate (OpenRLHF), 3% warm-up",
-              lambda p: f"cosine to 0 (transformers), {100 * p.warmup_ratio:g}% warm-up",
-              "TRL's own schedule", "a slightly smaller average step late in training"),
+              lambda p: f"constant after a warm-up of {100 * p.warmup_ratio:g}% of one epoch's steps (at least 1)",
+              "the adapter after e epochs of one run is then an e-epoch run, so one run per method serves the whole "
+              "epoch sweep on validation", "larger late steps than a cosine decay"),
     Deviation("pair sampling", "temperature 0.1, top-p 0.9 (1.0 for ARC), 512-1024 new tokens",
               lambda p: f"temperature {p.temperature:g}, top-p {p.top_p:g}, {p.max_new_tokens} new tokens",
-              "at 0.1 a small model's positive and negative are near copies; short replies keep 3 seeds in the CPU budget",
-              "more contrast per pair; many replies are cut at the token cap, which judges of endings and sentence "
-              "counts can confuse with following the preference"),
+              "at 0.1 a small model's positive and negative are near copies; a short cap keeps 3 seeds in the CPU budget",
+              "more contrast per pair; some pairs are cut at the cap (their share is in the pairs' manifest)"),
+    Deviation("prompt", "PRISM template: the user's preferences, the request, \"Respond with short 2-3 sentences.\"",
+              lambda p: "the user's preference sentence, the request, \"Respond with short 2-3 sentences.\" (with and "
+                        "without the preference)",
+              "the official instruction; without it most replies of a 135M model run past any affordable cap",
+              "shorter, finished replies; the judges see complete text"),
     Deviation("evaluation decoding", "sampled at temperature 0.1 (PRISM, math), 1.0 (ARC)",
-              lambda p: f"greedy, {p.eval_max_new_tokens} new tokens, {p.n_test_prompts} held-out prompts",
-              "untrained methods become deterministic, so seeds measure training noise only",
-              "little (0.1 is nearly greedy); cut replies as above"),
+              lambda p: (f"greedy, no repeated {p.eval_no_repeat_ngram}-gram, {p.eval_max_new_tokens} new tokens, "
+                         f"{p.n_test_prompts} held-out prompts; a reply that hits the cap is recorded as truncated and "
+                         "fails the preferences more text could break"),
+              "untrained methods become deterministic, so seeds measure training noise only; greedy decoding of a "
+              "135M model loops until the cap without the n-gram rule",
+              "little (0.1 is nearly greedy); the n-gram rule can break legitimate repeats (rare in 2-3 sentences)"),
     Deviation("task and judge", "PRISM and Community Alignment; an LLM judge scores 1-5, win-or-tie against the "
               "dataset's reference reply",
               lambda p: (f"`{p.task}`: users state one of 10 preferences that code checks; success rate (0/1) of the "
@@ -197,7 +211,7 @@ DEVIATIONS: tuple[Deviation, ...] = (
               "the official choice for personalization", "none intended"),
     Deviation("baselines", "personalized prompting, SFT, InfoNCE, SAMI, PPO variants",
               lambda p: "base without context, personalized prompting, SFT on the positives, context-aware decoding "
-                        f"(a = {p.cad_strength:g})",
+                        f"(a = {p.cad_strength:g}{_chosen(p, 'cad_alpha')})",
               "the baselines that run on a CPU; CAD is MIPO's decode-time twin", "no InfoNCE/SAMI/PPO comparison"),
 )
 

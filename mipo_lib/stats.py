@@ -237,18 +237,21 @@ def _relative(diff: np.ndarray | float, base: np.ndarray | float) -> np.ndarray:
 
 
 def per_seed_metrics(records: pd.DataFrame) -> pd.DataFrame:
-    """One row per (task, method, seed): `n` examples, `rate` (mean score) and `mean_words`.
+    """One row per (task, method, seed): `n` examples, `rate` (mean score), `mean_words` and `truncated`.
 
     These are the numbers a reader can check by hand (e.g. "37 / 40 / 41%" per seed), and the dots of every
-    figure. `mean_words` is kept next to the rate because part of a preference gain can be shorter replies.
+    figure. `mean_words` is kept next to the rate because part of a preference gain can be shorter replies;
+    `truncated` is the share of replies cut off at the token cap (NaN for records made before it was recorded).
     """
     _check_columns(records, _RECORD_COLUMNS, "records")
     df = records.copy()
-    if "n_words" not in df.columns:
-        df["n_words"] = np.nan
+    for column in ("n_words", "truncated"):
+        if column not in df.columns:
+            df[column] = np.nan
+    df["truncated"] = df["truncated"].astype(float)
     out = (
         df.groupby(["task", "method", "seed"], sort=False)
-        .agg(n=("score", "size"), rate=("score", "mean"), mean_words=("n_words", "mean"))
+        .agg(n=("score", "size"), rate=("score", "mean"), mean_words=("n_words", "mean"), truncated=("truncated", "mean"))
         .reset_index()
     )
     order = {m: i for i, m in enumerate(ordered_methods(out["method"]))}
@@ -639,7 +642,7 @@ def compare_methods(
 
 
 RESULTS_COLUMNS: tuple[str, ...] = (
-    "kind", "task", "method", "baseline", "seed", "n", "n_seeds", "rate", "baseline_rate", "mean_words",
+    "kind", "task", "method", "baseline", "seed", "n", "n_seeds", "rate", "baseline_rate", "mean_words", "truncated",
     "diff", "diff_lo", "diff_hi", "rel_gain", "rel_lo", "rel_hi", "ci_design", "family", "p_value", "p_holm",
     "detectable",
 )
@@ -656,7 +659,7 @@ def results_table(
 ) -> pd.DataFrame:
     """The reference results as one flat table: per-seed metrics, then the paired differences.
 
-    Rows with `kind == "per_seed"` are `per_seed_metrics` (method, seed, n, rate, mean_words); rows with
+    Rows with `kind == "per_seed"` are `per_seed_metrics` (method, seed, n, rate, mean_words, truncated); rows with
     `kind == "paired_difference"` are `paired_difference(records, method, baseline)` per task (seed empty, `n` the
     number of paired examples, `rate` / `baseline_rate` the two methods' rates, `diff*` and `rel_*` with their CIs).
     `comparisons` defaults to `default_comparisons()`; those whose methods are not both in the records are skipped.
@@ -684,6 +687,7 @@ def results_table(
                 "kind": "paired_difference", "task": task, "method": a, "baseline": b, "seed": np.nan,
                 "n": d["n_examples"], "n_seeds": d["n_seeds"], "rate": d["rate_a"], "baseline_rate": d["rate_b"],
                 "mean_words": float(sub_a["n_words"].mean()) if "n_words" in sub_a else np.nan,
+                "truncated": float(sub_a["truncated"].astype(float).mean()) if "truncated" in sub_a else np.nan,
                 "diff": d["mean"], "diff_lo": d["lo"], "diff_hi": d["hi"],
                 "rel_gain": d["relative_gain"], "rel_lo": d["relative_lo"], "rel_hi": d["relative_hi"],
                 "ci_design": d["ci_design"], "family": family, "p_value": d["p_value"], "p_holm": d["p_holm"],

@@ -42,7 +42,7 @@ BAD_VALUES = [
     ({"cad_alpha": -1.0}, "cad_alpha=-1.0 must be >= 0, or none"),
     ({"dtype": "fp16"}, "dtype='fp16' must be one of auto, float32, float16, bfloat16"),
     ({"negative": "nope"}, "unknown negative; choose one of context_drop, random_context, random_prompt"),
-    ({"task": "mmlu"}, "task='mmlu' is an unknown task; choose one of personalization, arithmetic"),
+    ({"task": "mmlu"}, "task='mmlu' is an unknown task; choose one of personalization, personalization_unseen_types, arithmetic"),
     ({"lora_target_modules": ()}, "lora_target_modules=\\(\\) must name at least one module"),
     ({"lora_target_modules": ("q_proj", "")}, "must name at least one module"),
     ({"seeds": ()}, r"seeds=\(\) must hold at least one seed; e.g. seeds=0,1,2"),

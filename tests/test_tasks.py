@@ -19,9 +19,14 @@ from mipo_lib.tasks.numbers import final_answer, last_number, numbers_in
 from mipo_lib.tasks.personalization import (
     PREFERENCES,
     REQUESTS,
+    COMPLETE_ONLY,
+    LENGTH_INSTRUCTION,
+    SEEN_TYPES,
     TEST_REQUEST_IDS,
     TRAIN_REQUEST_IDS,
+    VALIDATION_REQUEST_IDS,
     PersonalizationTask,
+    UnseenTypesTask,
     balanced_shape,
     check,
     sentences,
@@ -42,8 +47,10 @@ CASES = {
     "banana": (["I like Bananas.", "A BANANA a day.", "banana-bread"], ["bananarama", "no fruit here", ""]),
     "no_commas": (["No commas at all.", "Plain"], ["One, two.", "", "  \n"]),
     "two_sentences": (
-        ["Boil water. Add tea.", "Really?! Yes.", "It costs 3.5 dollars. Pay now", 'He said "go." Then left.'],
-        ["One sentence only.", "One. Two. Three.", "", "...", "- a\n- b\n- c"],
+        ["Boil water. Add tea.", "Really?! Yes.", "It costs 3.5 dollars. Pay now.", 'He said "go." Then left.'],
+        # the last one is a cut-off reply (a sentence and a fragment): the second sentence must be finished
+        ["One sentence only.", "One. Two. Three.", "", "...", "- a\n- b\n- c",
+         "Brew the tea for three minutes. Then add milk and sugar to taste, and enjoy it with a"],
     ),
     "all_caps": (["BOIL WATER NOW!", "TEA: 2 CUPS"], ["Boil water.", "", "123"]),
     "digit": (["Use 2 bags.", "Wait 5min"], ["Use two bags.", ""]),
@@ -83,30 +90,37 @@ def test_unknown_preference_is_a_mipo_error():
 
 
 # ---------------------------------------------------------------------------------------- personalization splits
-def test_requests_split_40_20_disjoint_and_unique():
+def test_requests_split_30_10_20_disjoint_and_unique():
     assert len(REQUESTS) == 60 and len(set(REQUESTS)) == 60
-    assert len(TRAIN_REQUEST_IDS) == 40 and len(TEST_REQUEST_IDS) == 20
-    assert not set(TRAIN_REQUEST_IDS) & set(TEST_REQUEST_IDS)
+    assert len(TRAIN_REQUEST_IDS) == 30 and len(VALIDATION_REQUEST_IDS) == 10 and len(TEST_REQUEST_IDS) == 20
+    assert set(TRAIN_REQUEST_IDS) | set(VALIDATION_REQUEST_IDS) | set(TEST_REQUEST_IDS) == {f"r{i:02d}" for i in range(60)}
     task = PersonalizationTask()
-    train = {e.request for e in task.examples("train")}
-    test = {e.request for e in task.examples("test")}
-    assert len(train) == 40 and len(test) == 20 and not train & test
+    train, val, test = ({e.request for e in task.examples(s)} for s in ("train", "validation", "test"))
+    assert (len(train), len(val), len(test)) == (30, 10, 20)
+    assert not train & test and not train & val and not val & test
+
+
+def test_validation_subset_is_fixed_and_balanced():
+    task = PersonalizationTask()
+    ids = [[e.id for e in task.examples("validation", n=50, seed=s)] for s in (0, 3)]
+    assert ids[0] == ids[1] and len(ids[0]) == 50
+    assert set(Counter(e.meta["preference"] for e in task.examples("validation", n=50)).values()) == {5}
 
 
 def test_full_splits_cross_every_request_with_every_preference():
     task = PersonalizationTask()
     train, test = task.examples("train"), task.examples("test")
-    assert len(train) == 400 and len(test) == 200
-    assert len({e.id for e in train + test}) == 600
+    assert len(train) == 300 and len(test) == 200
+    assert len({e.id for e in train + test + task.examples("validation")}) == 600
     ex = next(e for e in train if e.id == "r00-banana")
     assert ex.request == "How do I make tea?" and ex.context == PREFERENCES["banana"][0]
     assert ex.meta["preference"] == "banana" and task.group(ex) == "banana"
 
 
-@pytest.mark.parametrize("n, shape", [(120, (12, 10)), (16, (2, 8)), (20, (2, 10)), (7, (1, 7)), (400, (40, 10))])
+@pytest.mark.parametrize("n, shape", [(120, (12, 10)), (16, (2, 8)), (20, (2, 10)), (7, (1, 7)), (300, (30, 10))])
 def test_train_subsets_are_balanced_and_deterministic(n, shape):
     task = PersonalizationTask()
-    assert balanced_shape(n, 40) == shape
+    assert balanced_shape(n, 30) == shape
     a, b = task.examples("train", n=n, seed=3), task.examples("train", n=n, seed=3)
     assert [e.id for e in a] == [e.id for e in b]
     assert len(a) == n and len({e.id for e in a}) == n
@@ -133,23 +147,77 @@ def test_test_subset_ignores_the_seed():
 
 def test_subset_errors():
     task = PersonalizationTask()
-    with pytest.raises(MipoError, match="n <= 400"):
-        task.examples("train", n=410)
-    with pytest.raises(MipoError, match="'train' or 'test'"):
-        task.examples("validation")
+    with pytest.raises(MipoError, match="n <= 300"):
+        task.examples("train", n=310)
+    with pytest.raises(MipoError, match="train, validation, test"):
+        task.examples("dev")
 
 
 def test_prompt_with_without_and_swapped_context():
     task = PersonalizationTask()
     ex = next(e for e in task.examples("test") if e.meta["preference"] == "cheers")
     other = PREFERENCES["banana"][0]
-    assert task.prompt(ex) == [{"role": "user", "content": f"{PREFERENCES['cheers'][0]}\n\n{ex.request}"}]
-    assert task.prompt(ex, with_context=False) == [{"role": "user", "content": ex.request}]
-    assert task.prompt(ex, context=other) == [{"role": "user", "content": f"{other}\n\n{ex.request}"}]
+    request = f"{ex.request} {LENGTH_INSTRUCTION}"
+    assert LENGTH_INSTRUCTION == "Respond with short 2-3 sentences."  # the official PRISM template's instruction
+    assert task.prompt(ex) == [{"role": "user", "content": f"{PREFERENCES['cheers'][0]}\n\n{request}"}]
+    assert task.prompt(ex, with_context=False) == [{"role": "user", "content": request}]
+    assert task.prompt(ex, context=other) == [{"role": "user", "content": f"{other}\n\n{request}"}]
     with pytest.raises(MipoError):
         task.prompt(ex, with_context=False, context=other)
     # the judge keeps the example's own preference, whatever context a prompt used
     assert task.score(ex, "Sure. Cheers!") == 1.0 and task.score(ex, "I like bananas.") == 0.0
+
+
+# A reply cut off at the token cap, and the same text as a finished reply: judges a cut-off could fake must fail it.
+CUT_OFF = {
+    "lowercase": "boil water and pour it over the leaves",  # a capital may come next
+    "short": "Boil water.",  # more words may come next
+    "no_commas": "Boil water and pour it",  # a comma may come next
+    "two_sentences": "Boil water. Pour it.",  # a third sentence may come next
+    "all_caps": "BOIL WATER AND",
+    "cheers": "Enjoy. Cheers!",
+}
+
+
+@pytest.mark.parametrize("key", sorted(CUT_OFF))
+def test_cut_off_replies_fail_the_preferences_more_text_could_break(key):
+    reply = CUT_OFF[key]
+    assert key in COMPLETE_ONLY
+    assert check(key, reply) and not check(key, reply, truncated=True)
+    ex = next(e for e in PersonalizationTask().examples("test") if e.meta["preference"] == key)
+    assert PersonalizationTask().score(ex, reply) == 1.0 and PersonalizationTask().score(ex, reply, truncated=True) == 0.0
+
+
+@pytest.mark.parametrize("key, reply", [("banana", "I love bananas and"), ("digit", "Use 2 bags and"),
+                                        ("hey_there", "Hey there, boil"), ("bullets", "- boil\n- pour\n- wait for")])
+def test_cut_off_replies_keep_verdicts_more_text_cannot_break(key, reply):
+    assert key not in COMPLETE_ONLY and check(key, reply, truncated=True)
+
+
+def test_registered_preferences_are_complete_only_unless_said_otherwise():
+    from mipo_lib.tasks import register_preference, unregister_preference
+
+    register_preference("tea_word", "Mention tea.", lambda r: "tea" in r)
+    register_preference("coffee_word", "Mention coffee.", lambda r: "coffee" in r, complete_only=False)
+    try:
+        assert "tea_word" in COMPLETE_ONLY and "coffee_word" not in COMPLETE_ONLY
+        assert not check("tea_word", "tea and", truncated=True) and check("coffee_word", "coffee and", truncated=True)
+    finally:
+        unregister_preference("tea_word")
+        unregister_preference("coffee_word")
+    assert "tea_word" not in COMPLETE_ONLY
+
+
+def test_unseen_types_task_trains_and_tests_on_disjoint_preferences():
+    task = get_task("personalization_unseen_types")
+    assert isinstance(task, UnseenTypesTask)
+    train, val, test = (task.examples(s, n) for s, n in (("train", 60), ("validation", 50), ("test", 100)))
+    seen = {e.meta["preference"] for e in train}
+    assert seen == set(SEEN_TYPES) == {e.meta["preference"] for e in val}
+    unseen = {e.meta["preference"] for e in test}
+    assert len(unseen) == 5 and not seen & unseen
+    assert {e.request for e in test} == {e.request for e in PersonalizationTask().examples("test")}
+    assert len(train) == 60 and len(test) == 100
 
 
 # ---------------------------------------------------------------------------------------------------- arithmetic
@@ -386,7 +454,8 @@ def test_offline_env_set_after_import_is_still_honoured(monkeypatch):
 
 # ------------------------------------------------------------------------------------------------------- registry
 def test_registry():
-    builtin = ("personalization", "arithmetic", "gsm8k", "svamp", "arc_easy", "arc_challenge", "prism")
+    builtin = ("personalization", "personalization_unseen_types", "arithmetic", "gsm8k", "svamp", "arc_easy",
+               "arc_challenge", "prism")
     assert task_names()[: len(builtin)] == builtin
     for name in builtin:
         assert get_task(name).name == name

@@ -25,6 +25,7 @@ from mipo_lib.tasks.datasets import ARCTask, GSM8KTask, PRISMTask, SVAMPTask
 from mipo_lib.tasks.personalization import (
     PREFERENCES,
     PersonalizationTask,
+    UnseenTypesTask,
     check,
     register_preference,
     unregister_preference,
@@ -35,6 +36,7 @@ TaskFactory = Callable[..., Task]
 #: name -> factory (a Task class or any callable returning a Task); options of `get_task` go to the factory.
 _REGISTRY: dict[str, TaskFactory] = {
     "personalization": PersonalizationTask,
+    "personalization_unseen_types": UnseenTypesTask,  # trains on 5 preference types, tests on the other 5
     "arithmetic": ArithmeticTask,
     "gsm8k": GSM8KTask,
     "svamp": SVAMPTask,

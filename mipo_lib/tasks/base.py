@@ -8,6 +8,7 @@ preference type).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -34,7 +35,8 @@ class Task(Protocol):
     conditional: bool
 
     def examples(self, split: str, n: int | None = None, seed: int = 0) -> list[Example]:
-        """`split` is 'train' or 'test'; `n` caps the count (a deterministic subset for a given seed)."""
+        """`split` is 'train', 'test' or (where the task has one) 'validation'; `n` caps the count (a deterministic
+        subset for a given seed)."""
         ...
 
     def prompt(self, example: Example, with_context: bool = True, context: str | None = None) -> Messages:
@@ -53,6 +55,14 @@ class Task(Protocol):
         ...
 
 
-def judge_or_nan(task: Task, example: Example, response: str) -> float:
-    """The task's program judge, or NaN for tasks that need an LLM judge (their scores come later)."""
-    return float(task.score(example, response)) if getattr(task, "program_judge", True) else float("nan")
+def judge_or_nan(task: Task, example: Example, response: str, truncated: bool = False) -> float:
+    """The task's program judge, or NaN for tasks that need an LLM judge (their scores come later).
+
+    `truncated` (the reply hit the token cap) goes to judges that take it (personalization fails a cut-off reply on
+    the preferences more text could break); a task whose `score` has no such parameter judges the text as it is.
+    """
+    if not getattr(task, "program_judge", True):
+        return float("nan")
+    if "truncated" in inspect.signature(task.score).parameters:
+        return float(task.score(example, response, truncated=truncated))  # type: ignore[call-arg]
+    return float(task.score(example, response))

@@ -6,8 +6,14 @@ check ("end your reply with Cheers!", "mention bananas", ...). That keeps the wh
 evaluate) honest and fast on two CPU cores, and lets the notebooks break results down by preference: a 135M model
 follows some preferences and never others, and MIPO can only amplify what the base model already samples.
 
-An example is one (request x preference): 60 everyday requests, a fixed 40/20 train/test split of requests (test
-requests are never seen in training), crossed with the 10 preferences below. `register_preference` adds another
+An example is one (request x preference): 60 everyday requests, a fixed 30/10/20 train/validation/test split of
+requests (validation and test requests are never seen in training; settings are chosen on validation, the test set is
+used once), crossed with the 10 preferences below. Every request ends with the official PRISM template's length
+instruction ("Respond with short 2-3 sentences."), with or without the user's context, so that replies finish inside
+the token cap instead of being cut off (a cut-off reply can fake some verdicts: see `COMPLETE_ONLY`).
+
+`personalization_unseen_types` is the same task with the preferences split in two: it trains on five preference types
+and tests on the other five, asking whether MIPO teaches following preferences in general or only the ones it saw. `register_preference` adds another
 checkable preference (key, sentence, checker); it then appears in pairs, training, evaluation, the per-preference
 figure and tables like the built-in ones.
 """
@@ -32,6 +38,7 @@ Checker = Callable[[str], bool]
 # rule a reader can predict beats a clever one.
 _SENTENCE_END = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*(?=\s|$)")
 _ALNUM = re.compile(r"[^\W_]")
+_FINISHED = re.compile(r"[.!?][\"'\u201d\u2019)\]]*$")  # text that ends a sentence
 _BANANA = re.compile(r"\bbananas?\b", re.IGNORECASE)
 
 
@@ -80,7 +87,8 @@ def _no_commas(text: str) -> bool:
 
 
 def _two_sentences(text: str) -> bool:
-    return len(sentences(text)) == 2
+    # The second sentence must be finished: "Brew the tea. Then add milk and" is one sentence and a fragment.
+    return len(sentences(text)) == 2 and _FINISHED.search(text.rstrip()) is not None
 
 
 def _digit(text: str) -> bool:
@@ -103,14 +111,22 @@ PREFERENCES: dict[str, tuple[str, Checker]] = {
 }
 
 
+#: Preferences whose verdict more text can overturn (a later capital, comma, sentence or word), so a reply cut off
+#: at the token cap cannot be judged on them: the judge fails it (`score(..., truncated=True)`). The others (a
+#: banana, a digit, a greeting, two bullet lines) stay met however the reply continues.
+COMPLETE_ONLY: set[str] = {"lowercase", "short", "cheers", "no_commas", "two_sentences", "all_caps"}
+
 #: Preference keys end up in example ids (`r07-banana`) and folder-free tables: lower-case letters, digits and _.
 _KEY = re.compile(r"[a-z][a-z0-9_]*")
 #: Replies a checker is tried on when it is registered: an empty one and an ordinary one.
 _PROBES = ("", "Hey there, here is a short reply. Cheers!")
 
 
-def register_preference(key: str, sentence: str, checker: Checker, *, replace: bool = False) -> None:
+def register_preference(key: str, sentence: str, checker: Checker, *, replace: bool = False, complete_only: bool = True) -> None:
     """Add a preference users can state: `sentence` goes into the prompt, `checker(reply)` judges the reply.
+
+    `complete_only` (the safe default): a reply cut off at the token cap fails it, because more text could have
+    overturned the verdict; pass False only for a preference that, once met, stays met (a word is mentioned).
 
     The checker is tried at once on an empty and an ordinary reply and must return a bool: a checker that crashes
     or returns something else would otherwise fail at evaluation time, after minutes of generation. Sentences must
@@ -137,25 +153,34 @@ def register_preference(key: str, sentence: str, checker: Checker, *, replace: b
         if type(verdict).__name__ not in ("bool", "bool_"):  # numpy's bool is fine too
             raise MipoError(f"preference {key!r}: the checker returned {verdict!r} for {probe!r}; return True or False")
     PREFERENCES[key] = (sentence, checker)
+    if complete_only:
+        COMPLETE_ONLY.add(key)
+    else:
+        COMPLETE_ONLY.discard(key)
 
 
 def unregister_preference(key: str) -> None:
     """Remove a preference (tests undo their registrations with it)."""
     if PREFERENCES.pop(key, None) is None:
         raise MipoError(f"unknown preference {key!r}; valid: {', '.join(PREFERENCES)}")
+    COMPLETE_ONLY.discard(key)
 
 
-def check(preference_key: str, response: str) -> bool:
-    """Whether `response` satisfies the preference named `preference_key`."""
+def check(preference_key: str, response: str, truncated: bool = False) -> bool:
+    """Whether `response` satisfies the preference named `preference_key`; a `truncated` reply (cut off at the token
+    cap) fails every preference in `COMPLETE_ONLY`."""
     try:
         _, checker = PREFERENCES[preference_key]
     except KeyError:
         raise MipoError(f"unknown preference {preference_key!r}; valid: {', '.join(PREFERENCES)}") from None
+    if truncated and preference_key in COMPLETE_ONLY:
+        return False
     return checker(response)
 
 
 # ------------------------------------------------------------------------------------------------------ requests
-#: 60 everyday requests; `r00` is the first. Every third one (r02, r05, ..., r59) is held out for testing.
+#: 60 everyday requests; `r00` is the first. Every third one (r02, r05, ..., r59) is held out for testing; of the other
+#: 40, every fourth (r05... see VALIDATION_REQUEST_IDS) is held out for choosing settings.
 REQUESTS: tuple[str, ...] = (
     "How do I make tea?",
     "Suggest a weekend activity.",
@@ -220,9 +245,16 @@ REQUESTS: tuple[str, ...] = (
 )
 REQUEST_IDS: tuple[str, ...] = tuple(f"r{i:02d}" for i in range(len(REQUESTS)))
 TEST_REQUEST_IDS: tuple[str, ...] = REQUEST_IDS[2::3]
-TRAIN_REQUEST_IDS: tuple[str, ...] = tuple(r for r in REQUEST_IDS if r not in TEST_REQUEST_IDS)
-#: The held-out subset must be the same for every training seed, so that methods and seeds are compared on the same
-#: prompts (paired comparisons); it is drawn with this fixed seed, never the caller's.
+_NOT_TEST: tuple[str, ...] = tuple(r for r in REQUEST_IDS if r not in TEST_REQUEST_IDS)
+VALIDATION_REQUEST_IDS: tuple[str, ...] = _NOT_TEST[3::4]
+TRAIN_REQUEST_IDS: tuple[str, ...] = tuple(r for r in _NOT_TEST if r not in VALIDATION_REQUEST_IDS)
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+#: Appended to every request (with and without the context), as the official PRISM prompt template does: a 135M
+#: model's replies otherwise run past any affordable token cap (measured with greedy decoding on the test prompts at
+#: 128 tokens: 40% of prompting replies and 100% of context-free ones hit the cap without it, 21% / 40% with it).
+LENGTH_INSTRUCTION = "Respond with short 2-3 sentences."
+#: The held-out subsets (validation, test) must be the same for every training seed, so that methods and seeds are
+#: compared on the same prompts (paired comparisons); they are drawn with this fixed seed, never the caller's.
 TEST_SUBSET_SEED = 20240601
 
 
@@ -255,19 +287,25 @@ class PersonalizationTask:
     name = "personalization"
     conditional = True
 
+    def preference_keys(self, split: str) -> list[str]:
+        """The preferences a split crosses with its requests: all registered ones (a subclass may hold some out)."""
+        return list(PREFERENCES)
+
     def examples(self, split: str, n: int | None = None, seed: int = 0) -> list[Example]:
         """(request x preference) examples of a split, ids like `r07-banana`, grouped request by request.
 
         With `n`, a balanced subset (see `balanced_shape`): for 'train' the requests and (if fewer than all)
-        preferences are a seeded draw, nested in n for a given seed; for 'test' the draw ignores `seed`.
+        preferences are a seeded draw, nested in n for a given seed; for 'validation' and 'test' the draw ignores
+        `seed`.
         """
-        if split == "train":
-            request_ids, subset_seed = TRAIN_REQUEST_IDS, seed
-        elif split == "test":
-            request_ids, subset_seed = TEST_REQUEST_IDS, TEST_SUBSET_SEED
-        else:
-            raise MipoError(f"unknown split {split!r}; use 'train' or 'test'")
-        keys = list(PREFERENCES)
+        request_ids, subset_seed = {
+            "train": (TRAIN_REQUEST_IDS, seed),
+            "validation": (VALIDATION_REQUEST_IDS, TEST_SUBSET_SEED),
+            "test": (TEST_REQUEST_IDS, TEST_SUBSET_SEED),
+        }.get(split, ((), None))
+        if subset_seed is None:
+            raise MipoError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+        keys = self.preference_keys(split)
         if not keys:
             raise MipoError("the personalization task has no preferences (all unregistered); register_preference one")
         chosen_requests = list(request_ids)
@@ -291,22 +329,49 @@ class PersonalizationTask:
         )
 
     def prompt(self, example: Example, with_context: bool = True, context: str | None = None) -> Messages:
-        """One user message: the preference sentence, a blank line, the request; just the request without context.
+        """One user message: the preference sentence, a blank line, the request and `LENGTH_INSTRUCTION`; without
+        context the same minus the preference sentence.
 
         `context` swaps in another user's preference sentence (random-context negatives).
         """
         if not with_context:
             if context is not None:
                 raise MipoError("prompt(): a replacement context was given with with_context=False; drop one of them")
-            return [{"role": "user", "content": example.request}]
+            return [{"role": "user", "content": _with_length(example.request)}]
         sentence = context if context is not None else example.context
-        content = f"{sentence}\n\n{example.request}" if sentence else example.request
+        request = _with_length(example.request)
+        content = f"{sentence}\n\n{request}" if sentence else request
         return [{"role": "user", "content": content}]
 
-    def score(self, example: Example, response: str) -> float:
-        """1.0 when the response satisfies the example's preference (its own, not a swapped-in one), else 0.0."""
-        return float(check(example.meta["preference"], response))
+    def score(self, example: Example, response: str, truncated: bool = False) -> float:
+        """1.0 when the response satisfies the example's preference (its own, not a swapped-in one), else 0.0; a
+        reply cut off at the token cap fails the preferences a longer reply could have broken (`COMPLETE_ONLY`)."""
+        return float(check(example.meta["preference"], response, truncated))
 
     def group(self, example: Example) -> str:
         """The preference key: results are reported per preference."""
         return example.meta["preference"]
+
+
+def _with_length(request: str) -> str:
+    return f"{request} {LENGTH_INSTRUCTION}"
+
+
+#: The five preference types `personalization_unseen_types` trains on; it tests on the other five. Every other type in
+#: the built-in order, so both halves mix surface forms (case, endings, words, layout).
+SEEN_TYPES: tuple[str, ...] = ("lowercase", "cheers", "bullets", "no_commas", "all_caps")
+
+
+class UnseenTypesTask(PersonalizationTask):
+    """Personalization with held-out preference *types*: train (and validation) prompts state one of `SEEN_TYPES`,
+    test prompts one of the other registered preferences, on the same held-out requests as `personalization`.
+
+    Does MIPO teach following a stated preference in general, or only the preferences it was trained on? The paper
+    does not test this; its test set shares preference types with training, as `personalization` does.
+    """
+
+    name = "personalization_unseen_types"
+
+    def preference_keys(self, split: str) -> list[str]:
+        seen = [k for k in PREFERENCES if k in SEEN_TYPES]
+        return seen if split != "test" else [k for k in PREFERENCES if k not in SEEN_TYPES]

@@ -1,0 +1,176 @@
+"""Settings chosen on the validation split (`make tune`), never on the test set.
+
+What is chosen, each method at its own best:
+- MIPO's epochs (`epochs`) and the SFT baseline's (`sft_epochs`), over `EPOCH_GRID`. Each method is trained once per
+  seed for the largest number of epochs, with the adapter kept after every epoch of the grid (`dpo.snapshot_dir`);
+  the learning rate is constant after warm-up (`dpo.LR_SCHEDULE`), so the snapshot after e epochs is an e-epoch run.
+- context-aware decoding's strength (`cad_alpha`) over `CAD_GRID` (a = 1/beta, MIPO's decode-time twin, is one of
+  them and stays a named variant in the ablations).
+
+Each setting is scored on the validation prompts (requests never used for training or testing) with the judge, and
+the rule is: the highest mean validation rate over the tuning seeds; ties go to the cheaper setting (fewer epochs, the
+weaker strength). The sweep is written to `figures/tuning_<preset>.csv` and the choices to
+`figures/choices_<preset>.csv`, which `config.get_preset` reads for that preset: `make reproduce` then touches the
+test set once, with these settings. Everything is cached and resumable like the pipeline's own stages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from mipo_lib import cache, dpo, evaluate, pipeline
+from mipo_lib import methods as registry
+from mipo_lib.config import Preset, choices_path, get_preset, repo_root
+from mipo_lib.errors import MipoError
+from mipo_lib.models import load_for_preset
+from mipo_lib.tasks import get_task
+
+EPOCH_GRID: tuple[int, ...] = (1, 2, 4, 8)
+CAD_GRID: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0)
+#: The preset field each tuned method's setting lives in.
+TUNED_FIELDS: dict[str, str] = {"MIPO": "epochs", "SFT": "sft_epochs", "CAD": "cad_alpha"}
+N_VALIDATION = 50  # 5 of the 10 validation requests x 10 preferences (a fixed draw; 100 would double the cost)
+CHOICES_COLUMNS = ("field", "value", "method", "validation_rate", "grid", "seeds", "n_validation", "rule")
+RULE = "highest mean validation rate over the tuning seeds; ties: fewer epochs / weaker strength"
+
+
+def tuning_path(preset_name: str) -> Path:
+    return repo_root() / "figures" / f"tuning_{preset_name}.csv"
+
+
+def _validation(preset: Preset, n: int) -> list[Any]:
+    task = get_task(preset.task)
+    try:
+        examples = task.examples("validation")
+    except MipoError as err:
+        raise MipoError(f"task {preset.task!r} has no validation split to tune on ({err})") from None
+    return task.examples("validation", min(n, len(examples)))
+
+
+def _records(preset: Preset, method: str, seed: int, label: str, key: cache.Key, folder: Path, adapter: Path | None,
+             n: int, progress: bool) -> pd.DataFrame:
+    """Validation records of one setting: greedy replies judged like the test set's (cached under `key`)."""
+    m, task = registry.get_method(method), get_task(preset.task)
+    examples = _validation(preset, n)
+
+    def make() -> pd.DataFrame:
+        model, tokenizer = load_for_preset(preset)
+        if adapter is not None:
+            model = dpo.load_adapted(model, adapter)
+        texts, cut = evaluate.generate_replies(
+            model, tokenizer, task, examples, preset, with_context=m.with_context,
+            cad_alpha=preset.cad_strength if m.decoding == "cad" else None, progress=progress, desc=label)
+        return evaluate.records(task, examples, texts, method, seed, cut)
+
+    frame = evaluate.evaluate_cached(folder / f"{m.slug}-{key.digest}.jsonl", make, key=key)
+    return frame.assign(seed=seed)
+
+
+def _eval_key(preset: Preset, method: str, seed: int, n: int, upstream: cache.Key | None, **extra: Any) -> cache.Key:
+    m = registry.get_method(method)
+    task = get_task(preset.task)
+    return cache.stage_key(
+        "evaluation-cad" if m.decoding == "cad" else "evaluation", preset, f"{method} validation (seed {seed})",
+        upstream=upstream, method=method, split="validation",
+        prompts=cache.prompts_digest(task, _validation(preset, n)), **extra)
+
+
+def sweep_epochs(preset: Preset, method: str, seed: int, grid: Sequence[int] = EPOCH_GRID, n: int = N_VALIDATION,
+                 progress: bool = True) -> pd.DataFrame:
+    """Validation records of a trained method after each number of epochs in `grid`, from one run of max(grid)."""
+    m = registry.get_method(method)
+    if m.training is None:
+        raise MipoError(f"{method!r} is not trained; epochs are tuned for {[t.name for t in registry.trained()]}")
+    field = TUNED_FIELDS[method]
+    longest = preset.with_overrides(**{field: max(grid)})
+    base_key = pipeline.training_key(longest, method, seed)
+    key = cache.Key(base_key.stage, base_key.label + " with epoch snapshots",
+                    {**base_key.values, "snapshot_epochs": sorted(grid)})
+    folder = pipeline.variant_dir(preset, "tune", f"seed{seed}") / f"{m.slug}-{key.digest}"
+    pairs = pipeline.pairs_for_seed(preset, seed, progress=progress)
+    if dpo.finished_run(folder, key) is None:
+        model, tokenizer = load_for_preset(preset)
+        train = {"dpo": dpo.train_dpo, "sft": dpo.train_sft}[m.training]
+        train(model, tokenizer, pairs, longest, seed, folder, key=key, progress=progress, snapshot_epochs=grid)
+    frames = []
+    for epochs in sorted(grid):
+        setting = preset.with_overrides(**{field: epochs})
+        ekey = _eval_key(setting, method, seed, n, key, snapshot=epochs)
+        rec = _records(setting, method, seed, f"{method} after {epochs} epochs (validation)", ekey,
+                       pipeline.variant_dir(preset, "tune", "eval"), dpo.snapshot_dir(folder, epochs), n, progress)
+        frames.append(rec.assign(setting=field, value=float(epochs)))
+    return pd.concat(frames, ignore_index=True)
+
+
+def sweep_cad(preset: Preset, grid: Sequence[float] = CAD_GRID, n: int = N_VALIDATION, progress: bool = True) -> pd.DataFrame:
+    """Validation records of context-aware decoding at every strength in `grid` (deterministic: no seed)."""
+    frames = []
+    for alpha in grid:
+        setting = preset.with_overrides(cad_alpha=alpha)
+        key = _eval_key(setting, "CAD", 0, n, None)
+        rec = _records(setting, "CAD", 0, f"CAD a={alpha:g} (validation)", key,
+                       pipeline.variant_dir(preset, "tune", "eval"), None, n, progress)
+        frames.append(rec.assign(setting="cad_alpha", value=float(alpha)))
+    return pd.concat(frames, ignore_index=True)
+
+
+def sweep(preset: Preset, seeds: Sequence[int], epoch_grid: Sequence[int] = EPOCH_GRID,
+          cad_grid: Sequence[float] = CAD_GRID, n: int = N_VALIDATION, progress: bool = True) -> pd.DataFrame:
+    """Every tuned setting's validation records (columns of `evaluate.records` + `setting`, `value`), and
+    prompting's as the untuned reference line."""
+    frames = [sweep_epochs(preset, m, s, epoch_grid, n, progress) for s in seeds for m in ("MIPO", "SFT")]
+    frames.append(sweep_cad(preset, cad_grid, n, progress))
+    prompting = _records(preset, "prompting", 0, "prompting (validation)", _eval_key(preset, "prompting", 0, n, None),
+                         pipeline.variant_dir(preset, "tune", "eval"), None, n, progress)
+    frames.append(prompting.assign(setting="none", value=float("nan")))
+    return pd.concat(frames, ignore_index=True)
+
+
+def summarize(records: pd.DataFrame) -> pd.DataFrame:
+    """Per (method, setting, value): validation rate (mean over seeds), per-seed rates, truncated share, n."""
+    per_seed = (records.groupby(["method", "setting", "value", "seed"], dropna=False)
+                .agg(rate=("score", "mean"), truncated=("truncated", "mean"), mean_words=("n_words", "mean"), n=("score", "size"))
+                .reset_index())
+    out = (per_seed.groupby(["method", "setting", "value"], dropna=False)
+           .agg(rate=("rate", "mean"), truncated=("truncated", "mean"), mean_words=("mean_words", "mean"),
+                n=("n", "first"), n_seeds=("seed", "nunique"),
+                per_seed=("rate", lambda r: " / ".join(f"{x:.3f}" for x in r)))
+           .reset_index())
+    return out
+
+
+def choose(summary: pd.DataFrame, seeds: Sequence[int]) -> pd.DataFrame:
+    """The choices table: per tuned method, the setting with the highest validation rate (ties: the smallest value)."""
+    rows = []
+    for method, field in TUNED_FIELDS.items():
+        sub = summary[summary["method"] == method].sort_values("value")
+        if sub.empty:
+            continue
+        best = sub.loc[sub["rate"].idxmax()] if sub["rate"].notna().any() else sub.iloc[0]
+        best = sub[sub["rate"] == best["rate"]].iloc[0]  # the smallest value among the tied best
+        value = f"{int(best['value'])}" if field != "cad_alpha" else f"{float(best['value']):g}"  # as --set spells it
+        rows.append({"field": field, "value": value, "method": method, "validation_rate": round(float(best["rate"]), 4),
+                     "grid": " ".join(f"{v:g}" for v in sub["value"]), "seeds": " ".join(map(str, seeds)),
+                     "n_validation": int(best["n"]), "rule": RULE})
+    return pd.DataFrame(rows, columns=list(CHOICES_COLUMNS))
+
+
+def run(preset_name: str = "cpu", seeds: Sequence[int] | None = None, overrides: dict[str, Any] | None = None,
+        progress: bool = True, write: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`make tune`: sweep on validation, write `figures/tuning_<preset>.csv` and `figures/choices_<preset>.csv`.
+
+    The sweep starts from the preset *without* its committed choices (`tuned=False`), so tuning never feeds on its
+    own earlier output. Returns (summary, choices).
+    """
+    preset = get_preset(preset_name, tuned=False, **(overrides or {}))
+    seeds = list(seeds) if seeds is not None else list(preset.seeds)
+    summary = summarize(sweep(preset, seeds, progress=progress))
+    choices = choose(summary, seeds)
+    if write:
+        tuning_path(preset.name).parent.mkdir(parents=True, exist_ok=True)
+        summary.to_csv(tuning_path(preset.name), index=False, float_format="%.6g")
+        choices.to_csv(choices_path(preset.name), index=False)
+    return summary, choices

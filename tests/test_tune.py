@@ -1,0 +1,129 @@
+"""Settings chosen on validation (`make tune`): epoch snapshots equal shorter runs (the constant schedule is what makes
+one run serve the whole sweep), the choice rule, the committed choices reaching `get_preset`, and truncation records."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mipo_lib import config, dpo, evaluate, stats, tune
+from mipo_lib.config import get_preset
+from mipo_lib.generate import hit_cap
+from mipo_lib.models import load_for_preset
+from mipo_lib.pairs import build_pairs
+from mipo_lib.tasks import get_task
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def preset():
+    return get_preset("smoke", n_train_prompts=8, batch_size=4, epochs=2, sft_epochs=2)
+
+
+@pytest.fixture(scope="module")
+def pairs(preset, tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MIPO_RUNS_DIR", str(tmp_path_factory.mktemp("tune-runs")))
+        model, tok = load_for_preset(preset)
+        return build_pairs(model, tok, get_task("personalization"), preset, seed=0, progress=False)
+
+
+def _lora(folder):
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("method", ["dpo", "sft"])
+def test_epoch_snapshot_equals_a_run_of_that_many_epochs(method, preset, pairs, tmp_path):
+    """The adapter after epoch 1 of a 2-epoch run is the adapter of a 1-epoch run (constant learning rate after a
+    warm-up counted in steps, same data order), and differs from the 2-epoch adapter: the sweep's premise."""
+    train = {"dpo": dpo.train_dpo, "sft": dpo.train_sft}[method]
+    model, tok = load_for_preset(preset)
+    train(model, tok, pairs, preset, 0, tmp_path / "long", progress=False, snapshot_epochs=(1, 2))
+    one = preset.with_overrides(epochs=1, sft_epochs=1)
+    model, tok = load_for_preset(one)
+    train(model, tok, pairs, one, 0, tmp_path / "short", progress=False)
+    snap, short, final = _lora(dpo.snapshot_dir(tmp_path / "long", 1)), _lora(tmp_path / "short"), _lora(tmp_path / "long")
+    assert snap.keys() == short.keys() and snap
+    for name in snap:
+        torch.testing.assert_close(snap[name], short[name], rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(snap[n], final[n]) for n in snap)
+    assert dpo.snapshot_dir(tmp_path / "long", 2).exists()
+
+
+def test_warmup_is_a_step_count_independent_of_epochs():
+    p = get_preset("cpu", tuned=False)
+    assert dpo.warmup_steps(p, 60) == dpo.warmup_steps(p.with_overrides(epochs=8), 60) == 1
+    assert dpo.warmup_steps(get_preset("t4", tuned=False), 400) == 3  # 3% of 100 steps per epoch
+
+
+def _summary(rates):
+    rows = [{"method": m, "setting": tune.TUNED_FIELDS[m], "value": v, "rate": r, "n": 50}
+            for m, by in rates.items() for v, r in by.items()]
+    return pd.DataFrame(rows)
+
+
+def test_choose_takes_the_best_validation_rate_and_the_cheaper_setting_on_ties():
+    summary = _summary({"MIPO": {1: 0.2, 2: 0.3, 4: 0.5, 8: 0.5}, "SFT": {1: 0.4, 2: 0.3, 4: 0.2, 8: 0.1},
+                        "CAD": {0.5: 0.25, 1.0: 0.3, 2.0: 0.1, 5.0: 0.0, 10.0: 0.3}})
+    choices = tune.choose(summary, [0]).set_index("field")
+    assert choices.loc["epochs", "value"] == "4" and choices.loc["sft_epochs", "value"] == "1"
+    assert choices.loc["cad_alpha", "value"] == "1"
+    assert choices.loc["epochs", "validation_rate"] == 0.5 and choices.loc["epochs", "grid"] == "1 2 4 8"
+
+
+def test_committed_choices_reach_get_preset_unless_overridden(tmp_path, monkeypatch):
+    path = tmp_path / "figures" / "choices_cpu.csv"
+    path.parent.mkdir()
+    pd.DataFrame([{"field": "epochs", "value": "4"}, {"field": "sft_epochs", "value": "8"},
+                  {"field": "cad_alpha", "value": "0.5"}]).to_csv(path, index=False)
+    monkeypatch.setattr(config, "repo_root", lambda: tmp_path)
+    p = get_preset("cpu")
+    assert (p.epochs, p.sft_epochs, p.cad_alpha) == (4, 8, 0.5)
+    assert get_preset("cpu", epochs=1).epochs == 1  # the caller's value wins
+    assert get_preset("cpu", tuned=False).epochs == config.PRESETS["cpu"].epochs
+    assert get_preset("smoke").epochs == config.PRESETS["smoke"].epochs  # no choices file for smoke
+
+
+def test_committed_cpu_choices_are_valid_fields():
+    for field, value in config.load_choices("cpu").items():
+        assert field in tune.TUNED_FIELDS.values()
+        config.PRESETS["cpu"].with_overrides(**{field: value})
+
+
+# ----------------------------------------------------------------------------------------------------- truncation
+def test_hit_cap_needs_the_whole_budget_and_no_end_token():
+    eos = {2}
+    assert hit_cap([5, 6, 7], eos, 3) and not hit_cap([5, 6, 2], eos, 3) and not hit_cap([5, 2], eos, 3)
+
+
+def test_records_judge_cut_off_replies_and_tables_report_the_truncated_share():
+    task = get_task("personalization")
+    examples = [e for e in task.examples("test") if e.meta["preference"] == "two_sentences"][:2]
+    rec = evaluate.records(task, examples, ["Boil water. Pour it.", "Boil water. Pour it."], "MIPO", 0, [False, True])
+    assert rec["score"].tolist() == [1.0, 0.0] and rec["truncated"].tolist() == [False, True]
+    per = stats.per_seed_metrics(rec)
+    assert per["truncated"].iloc[0] == 0.5
+    table = stats.results_table(pd.concat([rec, rec.assign(method="prompting")]), n_boot=200)
+    assert "truncated" in table.columns and np.allclose(table.loc[table["kind"] == "per_seed", "truncated"], 0.5)
+
+
+def test_records_without_flags_count_nothing_as_truncated():
+    task = get_task("personalization")
+    rec = evaluate.records(task, task.examples("test", 10), ["ok."] * 10, "prompting", 0)
+    assert not rec["truncated"].any()
+
+
+def test_generate_replies_flags_replies_that_hit_the_cap(tiny, preset, task):
+    model, tok = tiny
+    examples = task.examples("test", 4)
+    short = preset.with_overrides(eval_max_new_tokens=2, eval_batch_size=4)
+    texts, cut = evaluate.generate_replies(model, tok, task, examples, short, progress=False)
+    assert len(texts) == len(cut) == 4 and all(isinstance(c, bool) for c in cut)
+    # a random tiny model rarely ends within 2 tokens: most replies are cut, and a 2-token reply never exceeds the cap
+    assert sum(cut) >= 2
