@@ -297,7 +297,7 @@ PRESETS: dict[str, Preset] = {
         # finish (every request asks for 2-3 sentences): greedy evaluation with no repeated 3-gram (the 135M model
         # loops otherwise) hit the 192-token cap for 3% of prompting and 10% of context-free replies on the test
         # prompts, against 40% / 100% at 128 tokens without the instruction. Pairs are sampled up to 64 tokens (a
-        # cost choice: sampling and training dominate the run; the pairs' truncated share is in their manifest).
+        # cost choice: sampling and training dominate the run; some sampled replies are cut there).
         n_train_prompts=60,
         n_test_prompts=100,
         max_new_tokens=64,

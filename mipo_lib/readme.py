@@ -53,14 +53,32 @@ def _pts(x: float) -> str:
 
 
 def _method_rows(per_seed: pd.DataFrame) -> list[str]:
-    rows = ["| method | what it is | success rate | per seed | words per reply |", "|---|---|---|---|---|"]
+    truncation = "truncated" in per_seed and per_seed["truncated"].notna().any()
+    rows = ["| method | what it is | success rate | per seed | words per reply |" + (" cut at the token cap |" if truncation else ""),
+            "|---|---|---|---|---|" + ("---|" if truncation else "")]
     for method, sub in per_seed.groupby("method", sort=False):
         rates = sub.sort_values("seed")["rate"].tolist()
         seeds = "same in every seed" if len(set(rates)) == 1 else " / ".join(f"{100 * r:.0f}" for r in rates) + "%"
         entry = _entry(method)
         name = f"**{method}**" if entry is not None and entry.training == "dpo" else method
-        rows.append(f"| {name} | {_describe(method)} | {_pct(sub['rate'].mean())} | {seeds} | {sub['mean_words'].mean():.1f} |")
+        cut = f" {_pct(sub['truncated'].mean())} |" if truncation else ""
+        rows.append(f"| {name} | {_describe(method)} | {_pct(sub['rate'].mean())} | {seeds} | {sub['mean_words'].mean():.1f} |{cut}")
     return rows
+
+
+def _choices_lines(preset: str) -> list[str]:
+    """The settings `make tune` chose on the validation split, if the preset has committed choices."""
+    from mipo_lib.config import choices_path
+
+    path = choices_path(preset)
+    if not path.exists():
+        return []
+    choices = pd.read_csv(path)
+    chosen = "; ".join(f"{r['method']} `{r['field']}` = {r['value']} (validation rate {_pct(r['validation_rate'])}, "
+                       f"grid {r['grid']})" for _, r in choices.iterrows())
+    first = choices.iloc[0]
+    return ["", f"Settings chosen on the validation split (`make tune`, seeds {first['seeds']}, {first['n_validation']} "
+                f"validation prompts; figures/{path.name}): {chosen}. The test set was used once, with these."]
 
 
 def _difference_lines(diffs: pd.DataFrame) -> list[str]:
@@ -86,24 +104,39 @@ def _difference_lines(diffs: pd.DataFrame) -> list[str]:
     return lines
 
 
+#: How the block titles a task other than the table's first (main) one.
+TASK_TITLES: dict[str, str] = {
+    "personalization_unseen_types": "Held-out preference types (trained on 5 preference types, tested on the other 5)",
+}
+
+
 def results_block(table: pd.DataFrame, preset: str = "cpu") -> str:
-    """The README block (markers included) for a results table as `stats.write_results` writes it."""
-    per_seed = table[table["kind"] == "per_seed"]
-    diffs = table[table["kind"] == "paired_difference"]
-    if per_seed.empty:
+    """The README block (markers included) for a results table as `stats.write_results` writes it: the first task's
+    methods and differences, then each further task (e.g. held-out preference types) under its own title."""
+    all_per_seed = table[table["kind"] == "per_seed"]
+    all_diffs = table[table["kind"] == "paired_difference"]
+    if all_per_seed.empty:
         raise MipoError(f"figures/results_{preset}.csv has no per-seed rows; rerun notebook 05 (make reproduce)")
-    n_seeds = per_seed["seed"].nunique()
-    n_examples = int(per_seed["n"].iloc[0])
-    n_values = set(per_seed["n"].astype(int))
-    if len(n_values) != 1 or any(math.isnan(v) for v in per_seed["rate"]):
-        raise MipoError(f"figures/results_{preset}.csv mixes example counts {sorted(n_values)}; rerun notebook 05")
     design = ("paired bootstrap over prompts and seeds, crossed (every seed sees the same prompts); verdicts: "
-              "Holm-adjusted p < 0.05 within the family named" if "ci_design" in diffs else
+              "Holm-adjusted p < 0.05 within the family named" if "ci_design" in all_diffs else
               "paired bootstrap over seeds and examples within each seed (the nested design this table was written "
               "with, narrower than the crossed one; rerun notebook 05 for crossed CIs and Holm-adjusted verdicts)")
-    header = f"Preset `{preset}`, {n_seeds} seeds x {n_examples} held-out prompts; 95% CIs: {design}."
-    body = [_begin(preset), header, "", *_method_rows(per_seed), "", *_difference_lines(diffs),
-            END.format(preset=preset)]
+    tasks = list(dict.fromkeys(all_per_seed["task"])) if "task" in all_per_seed else [None]
+    body = [_begin(preset)]
+    for i, task in enumerate(tasks):
+        per_seed = all_per_seed if task is None else all_per_seed[all_per_seed["task"] == task]
+        diffs = all_diffs if task is None else all_diffs[all_diffs["task"] == task]
+        n_seeds = per_seed["seed"].nunique()
+        n_values = set(per_seed["n"].astype(int))
+        if len(n_values) != 1 or any(math.isnan(v) for v in per_seed["rate"]):
+            raise MipoError(f"figures/results_{preset}.csv mixes example counts {sorted(n_values)}; rerun notebook 05")
+        where = f"{n_seeds} seeds x {n_values.pop()} held-out prompts"
+        if i == 0:
+            body += [f"Preset `{preset}`, {where}; 95% CIs: {design}.", ""]
+        else:
+            body += ["", f"**{TASK_TITLES.get(str(task), str(task))}**: task `{task}`, {where}; same CIs and family.", ""]
+        body += [*_method_rows(per_seed), "", *_difference_lines(diffs)]
+    body += [*_choices_lines(preset), END.format(preset=preset)]
     return "\n".join(body)
 
 
@@ -187,7 +220,7 @@ DEVIATIONS: tuple[Deviation, ...] = (
     Deviation("pair sampling", "temperature 0.1, top-p 0.9 (1.0 for ARC), 512-1024 new tokens",
               lambda p: f"temperature {p.temperature:g}, top-p {p.top_p:g}, {p.max_new_tokens} new tokens",
               "at 0.1 a small model's positive and negative are near copies; a short cap keeps 3 seeds in the CPU budget",
-              "more contrast per pair; some pairs are cut at the cap (their share is in the pairs' manifest)"),
+              "more contrast per pair; some sampled replies are cut at the cap (not yet counted per pair)"),
     Deviation("prompt", "PRISM template: the user's preferences, the request, \"Respond with short 2-3 sentences.\"",
               lambda p: "the user's preference sentence, the request, \"Respond with short 2-3 sentences.\" (with and "
                         "without the preference)",

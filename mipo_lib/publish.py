@@ -1,0 +1,92 @@
+"""The committed notebooks show the reference run's outputs, so a reader on GitHub sees results without running them.
+
+After a reference run (`make reproduce` on the `cpu` preset) the runner calls `publish` for each executed notebook:
+the committed notebook stays the source of truth for every cell's code and text, and takes from the executed copy
+(`runs/cpu/notebooks/<name>.ipynb`) only each cell's outputs and execution count, matched by cell id. On the way,
+outputs are sanitized: machine paths become `<repo>`, `<runs>` and `~`, progress bars and weight-loading chatter on
+stderr are dropped, and solution cells (tagged `solution`) keep no output, so a student never sees an answer printed.
+nbval (`--nbval-lax`) keeps running smoke copies of these notebooks and compares only `NBVAL_CHECK_OUTPUT` cells,
+whose outputs do not depend on the preset.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+from mipo_lib.config import repo_root, runs_dir
+from mipo_lib.errors import MipoError
+
+SOLUTION_TAG = "solution"
+_CHATTER = re.compile(r"\r|Loading weights|it/s\]|s/it\]|%\|")
+
+
+def _paths() -> list[tuple[str, str]]:
+    """(absolute prefix, placeholder), longest first, so a runs folder inside the repo reads `<runs>`, not `<repo>/runs`."""
+    pairs = [(str(runs_dir().resolve()), "<runs>"), (str(runs_dir()), "<runs>"), (str(repo_root()), "<repo>"),
+             (str(Path.home()), "~")]
+    return sorted({p for p in pairs if p[0] not in ("", "/")}, key=lambda p: -len(p[0]))
+
+
+def _clean_text(text: str, paths: list[tuple[str, str]]) -> str:
+    for prefix, placeholder in paths:
+        text = text.replace(prefix, placeholder)
+    return text
+
+
+def _clean_value(value: Any, paths: list[tuple[str, str]]) -> Any:
+    if isinstance(value, str):
+        return _clean_text(value, paths)
+    if isinstance(value, list):
+        return [_clean_value(v, paths) for v in value]
+    return value
+
+
+def sanitize_outputs(outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Outputs without machine paths and without stderr chatter (progress bars, weight loading)."""
+    paths, kept = _paths(), []
+    for out in copy.deepcopy(outputs):
+        if out.get("output_type") == "stream":
+            text = "".join(out.get("text", "")) if isinstance(out.get("text"), list) else out.get("text", "")
+            if out.get("name") == "stderr" and _CHATTER.search(text):
+                continue
+            out["text"] = _clean_text(text, paths)
+        elif "data" in out:
+            out["data"] = {mime: (v if mime.startswith("image/") else _clean_value(v, paths)) for mime, v in out["data"].items()}
+        elif out.get("output_type") == "error":
+            out["traceback"] = [_clean_text(line, paths) for line in out.get("traceback", [])]
+        kept.append(out)
+    return kept
+
+
+def merge_outputs(committed: Any, executed: Any) -> Any:
+    """`committed` (an nbformat notebook) with each code cell's outputs and execution count from the executed copy's
+    cell of the same id; solution cells and cells the executed copy lacks get none."""
+    ran = {c.get("id"): c for c in executed.cells if c.get("cell_type") == "code"}
+    out = copy.deepcopy(committed)
+    for cell in out.cells:
+        if cell.cell_type != "code":
+            continue
+        source = ran.get(cell.get("id"))
+        if SOLUTION_TAG in cell.metadata.get("tags", []) or source is None:
+            cell.outputs, cell.execution_count = [], None
+            continue
+        cell.outputs = sanitize_outputs(source.get("outputs", []))
+        cell.execution_count = source.get("execution_count")
+    return out
+
+
+def publish(executed_path: Path, target: Path | None = None) -> Path:
+    """Write the reference outputs of `executed_path` into the committed notebook of the same name (or `target`)."""
+    import nbformat
+
+    executed_path = Path(executed_path)
+    target = Path(target) if target is not None else repo_root() / "notebooks" / executed_path.name
+    if not target.exists():
+        raise MipoError(f"no committed notebook {target.name} to publish {executed_path} into")
+    executed = nbformat.read(str(executed_path), as_version=4)
+    committed = nbformat.read(str(target), as_version=4)
+    nbformat.write(merge_outputs(committed, executed), str(target))
+    return target

@@ -1,0 +1,70 @@
+"""Publishing the reference run's outputs into the committed notebooks: code and text stay the committed ones, outputs
+come from the executed copy by cell id, without machine paths, progress bars or any solution's output."""
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+
+from mipo_lib import publish
+from mipo_lib.config import repo_root, runs_dir
+from mipo_lib.errors import MipoError
+
+
+def _notebooks():
+    committed = new_notebook(cells=[
+        new_markdown_cell("# title", id="md"),
+        new_code_cell("print(path)", id="a"),
+        new_code_cell("answer()", id="sol", metadata={"tags": ["solution"]}),
+        new_code_cell("new_cell()", id="new"),
+    ])
+    executed = new_notebook(cells=[
+        new_code_cell("PRESET = 'cpu'", id="injected", metadata={"tags": ["injected-parameters"]}),
+        new_code_cell("print(path)  # an older source", id="a", execution_count=3, outputs=[
+            new_output("stream", name="stdout", text=f"wrote {repo_root()}/figures/x.png and {runs_dir()}/cpu/y.csv\n"),
+            new_output("stream", name="stderr", text="positive responses:  50%|#####     | 30/60 [00:10<00:10, 3.0it/s]\r"),
+            new_output("execute_result", data={"text/plain": f"'{repo_root()}/notebooks'"}, execution_count=3),
+        ]),
+        new_code_cell("answer()", id="sol", execution_count=4, outputs=[new_output("stream", name="stdout", text="42\n")]),
+    ])
+    return committed, executed
+
+
+def test_outputs_are_merged_by_id_and_sanitized():
+    committed, executed = _notebooks()
+    merged = publish.merge_outputs(committed, executed)
+    cells = {c.id: c for c in merged.cells}
+    assert [c.id for c in merged.cells] == ["md", "a", "sol", "new"]  # no injected cell, committed order
+    assert cells["a"].source == "print(path)" and cells["a"].execution_count == 3
+    texts = [o.get("text", "") or o["data"]["text/plain"] for o in cells["a"].outputs]
+    assert texts == ["wrote <repo>/figures/x.png and <runs>/cpu/y.csv\n", "'<repo>/notebooks'"]
+    assert cells["sol"].outputs == [] and cells["sol"].execution_count is None  # never print a solution
+    assert cells["new"].outputs == []
+    assert committed.cells[1].outputs == []  # the input notebook is not modified
+
+
+def test_publish_writes_into_the_committed_notebook(tmp_path):
+    committed, executed = _notebooks()
+    nbformat.write(committed, str(tmp_path / "target.ipynb"))
+    nbformat.write(executed, str(tmp_path / "ran.ipynb"))
+    publish.publish(tmp_path / "ran.ipynb", tmp_path / "target.ipynb")
+    back = nbformat.read(str(tmp_path / "target.ipynb"), as_version=4)
+    assert back.cells[1].outputs and str(repo_root()) not in nbformat.writes(back)
+    with pytest.raises(MipoError, match="no committed notebook"):
+        publish.publish(tmp_path / "ran.ipynb", tmp_path / "missing.ipynb")
+
+
+def test_committed_solution_cells_have_no_outputs():
+    for path in sorted((repo_root() / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        nb = nbformat.read(str(path), as_version=4)
+        for cell in nb.cells:
+            if publish.SOLUTION_TAG in cell.metadata.get("tags", []):
+                assert not cell.get("outputs"), f"{path.name}: a solution cell has committed outputs"
+
+
+def test_only_the_reference_run_publishes():
+    from mipo_lib.config import get_preset
+    from mipo_lib.runner import is_reference_run
+
+    assert is_reference_run(get_preset("cpu"), {}) and is_reference_run(get_preset("cpu"), {"dtype": "float32"})
+    assert not is_reference_run(get_preset("cpu", beta=0.3), {"beta": 0.3})
+    assert not is_reference_run(get_preset("smoke"), {})
