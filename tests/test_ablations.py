@@ -193,3 +193,12 @@ def test_summary_table_carries_every_variant_with_its_cis_and_the_kl():
     assert np.isnan(k["vs_reference"]) and np.isnan(k["kl_nats"])  # no reference given; KL only for beta variants
     assert b["kl_nats"] == 1.2 and (b["kl_lo"], b["kl_hi"]) == (0.8, 1.6)
     assert len(k["per_seed_rate"].split()) == 3 and k["n_seeds"] == 3
+
+
+def test_k_ablation_has_its_compute_matched_controls(preset):
+    k = ablations.variant_presets(preset, "K", [1, 2, 4], compute_matched=True)
+    assert list(k) == ["K=1", "K=2", "K=4", "K=1, 2x epochs", "K=1, 4x epochs"]
+    for factor in (2, 4):
+        control = k[ablations.compute_matched_label(factor)]
+        assert control.k_negatives == 1 and control.epochs == factor * preset.epochs
+    assert list(ablations.variant_presets(preset, "beta", [0.1], compute_matched=True)) == ["beta=0.1"]
