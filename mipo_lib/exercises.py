@@ -43,6 +43,10 @@ __all__ = [
     "check_compute_matched",
     "check_choose_level",
     "check_identical_pairs",
+    "check_cad_scores",
+    "check_short_sentences",
+    "check_bootstrap_ci",
+    "check_pairing_widths",
     "CHECKERS",
     "student_edition",
 ]
@@ -640,12 +644,210 @@ def check_identical_pairs(fn: Callable[[Sequence[str], np.ndarray], Any]) -> Ver
     return Verdict(True, "right: every pair with chosen == rejected counted, fixed points and coincidences alike")
 
 
+# ------------------------------------------------------------- notebook 04: CAD by hand, a judge with the token cap
+def _log_softmax_list(logits: Sequence[float]) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    return z - np.logaddexp.reduce(z)
+
+
+_CAD_CASES: tuple[tuple[tuple[float, ...], tuple[float, ...], float], ...] = (
+    ((2.0, 1.0, 0.0), (3.0, 0.0, 0.0), 10.0),          # the exercise's vocabulary {A, B, C} at beta = 0.1
+    ((0.5, -1.0, 2.0, 0.3), (1.0, 1.0, -2.0, 0.0), 2.0),
+    ((1.0, 2.0, 3.0), (1.0, 2.0, 3.0), 0.5),           # the context changes nothing: CAD gives back log p(.|x,c)
+)
+
+
+def check_cad_scores(fn: Callable[[list[float], list[float], float], Any]) -> Verdict:
+    """Check ``fn(cond_logits, uncond_logits, a) -> one score per token``: context-aware decoding's
+    ``(1 + a) log p(y|x, c) - a log p(y|x)``, the log-probabilities being the log-softmax of the logits."""
+    for cond, uncond, a in _CAD_CASES:
+        out, verdict = _run(fn, list(cond), list(uncond), a)
+        if verdict:
+            return verdict
+        got = _as_array(out).ravel()
+        if got.shape != (len(cond),):
+            return Verdict(False, f"return one score per token of the vocabulary ({len(cond)} numbers); got shape {got.shape}")
+        lc, lu = _log_softmax_list(cond), _log_softmax_list(uncond)
+        want = (1 + a) * lc - a * lu
+        if _close(got, want, 1e-4):
+            continue
+        pc, pu = np.exp(lc), np.exp(lu)
+        mistake = _first_mistake(got, [
+            ((1 + a) * np.asarray(cond) - a * np.asarray(uncond),
+             "those are raw logits: take the log-softmax of each set of logits first (CAD mixes log-probabilities)"),
+            ((1 + a) * pc - a * pu, "those are probabilities: CAD mixes log-probabilities (take their log)"),
+            ((1 + a) * lu - a * lc, "the sign: the prompt *with* the preference gets the weight 1 + a, the context-free "
+                                    "one is subtracted with the weight a"),
+            (a * lc - (1 + a) * lu, "the weights are swapped: 1 + a goes with log p(y|x, c), a with log p(y|x)"),
+            (lc - a * lu, "the weight of log p(y|x, c) is 1 + a, not 1"),
+            (a * (lc - lu), "that is a x the PMI alone: CAD keeps the model's own log-probability too, "
+                            "(1 + a) log p(y|x, c) - a log p(y|x) = log p(y|x, c) + a x PMI"),
+        ], 1e-4)
+        return mistake or Verdict(False, "not yet: the scores differ from (1 + a) log p(y|x, c) - a log p(y|x)")
+    return Verdict(True, "right: log-softmax of both, the context-ful one weighted 1 + a, the context-free one subtracted")
+
+
+_SENTENCE_CASES: tuple[tuple[str, bool, bool, str | None], ...] = (
+    ("Boil the water. Add the tea bag. Wait three minutes!", False, True, None),
+    ("Boil the water. Add the tea bag. Wait three minutes!", True, False,
+     "a reply cut off at the token cap could have gone on with a long sentence: the judge cannot know, so a "
+     "truncated reply fails (this preference belongs in COMPLETE_ONLY)"),
+    ("Boil the water. Then put one tea bag into your favourite mug and pour the hot water slowly over it. Enjoy!",
+     False, False, "every sentence must be short, also the ones in the middle"),
+    ("Boil the water. Then put one tea bag into your favourite mug and pour the hot water slowly over it.",
+     False, False, "every sentence must be short, also the last one"),
+    ("Put one tea bag into your favourite mug and pour the hot water slowly over it. Enjoy!",
+     False, False, "every sentence must be short, also the first one"),
+    ("Put one tea bag in a mug and pour hot water in. Enjoy!", False, False,
+     "under 12 words means at most 11: a sentence of exactly 12 words is too long"),
+    ("Put one tea bag in a mug and pour hot water. Enjoy!", False, True,
+     "a sentence of 11 words is under 12: count the words with text.split()"),
+    ("Boil the water in a kettle\nPut the tea bag in a mug\nWait three minutes then enjoy", False, True,
+     "a line break ends a sentence too (a bullet line is a sentence of its own): split with "
+     "mipo_lib.tasks.personalization.sentences"),
+    ("", False, False, "an empty reply never satisfies a preference"),
+    ("  \n ", False, False, "a reply of only spaces is empty: it never satisfies a preference"),
+)
+
+
+def check_short_sentences(fn: Callable[[str, bool], Any]) -> Verdict:
+    """Check ``fn(text, truncated) -> bool``, the judge of *"Keep every sentence under 12 words."*: a non-empty reply
+    whose every sentence (``personalization.sentences``: ends at . ! ? and at line breaks) has fewer than 12 words,
+    and that was not cut off at the token cap (more text could have added a long sentence)."""
+    for text, truncated, want, hint in _SENTENCE_CASES:
+        out, verdict = _run(fn, text, truncated)
+        if verdict:
+            return verdict
+        if not isinstance(out, (bool, np.bool_)):
+            return Verdict(False, f"return True or False; got {type(out).__name__}")
+        if bool(out) != want:
+            return Verdict(False, f"not yet: {hint}" if hint else "not yet: a finished reply of short sentences must pass")
+    return Verdict(True, "right: every sentence under 12 words, line breaks split sentences, empty and cut-off replies fail")
+
+
+# ------------------------------------------------------------- notebook 05: a bootstrap CI, why pairing helps
+def _skewed_samples() -> list[np.ndarray]:
+    """Two small right-skewed samples: a percentile-bootstrap CI of their mean is visibly asymmetric, so it differs
+    from the normal approximation and from a 90% interval by more than the Monte-Carlo noise of the check."""
+    rng = np.random.default_rng(7)
+    return [np.round(rng.lognormal(0.0, 1.4, size=40), 3), np.round(rng.lognormal(0.5, 1.0, size=60), 3)]
+
+
+def _percentile_bootstrap(x: np.ndarray, n_boot: int, seed: int, q: tuple[float, float] = (0.025, 0.975)) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    means = np.concatenate([x[rng.integers(0, x.size, size=(min(20_000, n_boot - done), x.size))].mean(axis=1)
+                            for done in range(0, n_boot, 20_000)])
+    return np.quantile(means, q)
+
+
+def check_bootstrap_ci(fn: Callable[[np.ndarray, int, np.random.Generator], Any]) -> Verdict:
+    """Check ``fn(x, n_boot, rng) -> (lo, hi)``: the 95% percentile-bootstrap CI of the mean of `x`, from `n_boot`
+    resamples of `x` with replacement drawn with `rng` (the 2.5th and 97.5th percentiles of the resampled means)."""
+    n_boot = 20_000
+    for x in _skewed_samples():
+        out, verdict = _run(fn, x.copy(), n_boot, np.random.default_rng(0))
+        if verdict:
+            return verdict
+        parts, verdict = _parts(out, 2, "the lower and the upper end of the interval")
+        if verdict:
+            return verdict
+        try:
+            got = np.array([float(_as_array(p).ravel()[0]) for p in parts])
+        except (IndexError, TypeError, ValueError):
+            return Verdict(False, "return two numbers: the lower and the upper end of the interval")
+        want = _percentile_bootstrap(x, 200_000, 123)
+        tol = 0.03 * float(want[1] - want[0])  # Monte-Carlo noise of 20,000 resamples is well below this
+        if _close(got, want, tol):
+            continue
+        mean, se0, se1 = float(x.mean()), float(x.std() / math.sqrt(x.size)), float(x.std(ddof=1) / math.sqrt(x.size))
+        return _first_mistake(got, [
+            (want[::-1], "return (lo, hi), the lower end first"),
+            ([mean - 1.96 * se1, mean + 1.96 * se1], "that is the normal approximation: resample and read the percentiles"),
+            ([mean - 1.96 * se0, mean + 1.96 * se0], "that is the normal approximation: resample and read the percentiles"),
+            ([mean, mean], "every resample has the same mean: draw the resamples *with* replacement"),
+            (np.quantile(x, [0.025, 0.975]), "those are percentiles of the data: take the percentiles of the resamples' means"),
+            (_percentile_bootstrap(x, 200_000, 123, (0.05, 0.95)), "that is a 90% interval: a 95% interval leaves 2.5% "
+                                                                   "out on each side (percentiles 2.5 and 97.5)"),
+        ], tol) or Verdict(False, "not yet: the interval differs from the 2.5th and 97.5th percentiles of the resampled means")
+    x = _skewed_samples()[0]
+    again, _ = _run(fn, x.copy(), n_boot, np.random.default_rng(0))
+    other, _ = _run(fn, x.copy(), n_boot, np.random.default_rng(1))
+    first, _ = _run(fn, x.copy(), n_boot, np.random.default_rng(0))
+    if again is None or other is None or not np.allclose(_as_array(list(again)), _as_array(list(first))) or \
+            np.allclose(_as_array(list(other)), _as_array(list(first)), rtol=0, atol=0):
+        return Verdict(False, "not yet: draw the resamples from the `rng` argument (same seed, same interval)")
+    return Verdict(True, "right: the percentile bootstrap, resampling with replacement from the given rng")
+
+
+def _paired_world() -> tuple[np.ndarray, np.ndarray]:
+    """0/1 scores [seeds x prompts] of two methods that share the prompts' difficulty (hard prompts are hard for
+    both): the situation where pairing narrows the CI of a difference."""
+    rng = np.random.default_rng(5)
+    difficulty = rng.random(60)
+    a = (rng.random((3, 60)) < np.clip(difficulty + 0.15, 0, 1)).astype(float)
+    b = (rng.random((3, 60)) < difficulty).astype(float)
+    return a, b
+
+
+def _pairing_reference(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Resampled mean differences, paired (one prompt draw for both) and unpaired (independent draws)."""
+    rng = np.random.default_rng(seed)
+    n_ex = a.shape[1]
+    paired, unpaired = [], []
+    for done in range(0, n_boot, 10_000):
+        k = min(10_000, n_boot - done)
+        ia, ib = rng.integers(0, n_ex, size=(k, n_ex)), rng.integers(0, n_ex, size=(k, n_ex))
+        mean_a = a[:, ia].mean(axis=(0, 2))
+        paired.append(mean_a - b[:, ia].mean(axis=(0, 2)))
+        unpaired.append(mean_a - b[:, ib].mean(axis=(0, 2)))
+    return np.concatenate(paired), np.concatenate(unpaired)
+
+
+def _width(v: np.ndarray) -> float:
+    lo, hi = np.quantile(v, [0.025, 0.975])
+    return float(hi - lo)
+
+
+def check_pairing_widths(fn: Callable[[np.ndarray, np.ndarray, int, np.random.Generator], Any]) -> Verdict:
+    """Check ``fn(A, B, n_boot, rng) -> (paired_width, unpaired_width)``: the widths (hi - lo) of the 95% percentile
+    bootstrap CIs of mean(A) - mean(B), where A and B are [seeds x prompts] scores on the same prompts and each
+    replicate resamples the prompts with replacement (one draw shared by every seed): paired, the same draw for A and
+    B; unpaired, an independent draw for each."""
+    a, b = _paired_world()
+    n_boot = 10_000
+    out, verdict = _run(fn, a.copy(), b.copy(), n_boot, np.random.default_rng(0))
+    if verdict:
+        return verdict
+    parts, verdict = _parts(out, 2, "the paired width and the unpaired width")
+    if verdict:
+        return verdict
+    try:
+        got = np.array([float(_as_array(p).ravel()[0]) for p in parts])
+    except (IndexError, TypeError, ValueError):
+        return Verdict(False, "return two numbers: the paired width and the unpaired width")
+    paired, unpaired = _pairing_reference(a, b, 40_000, 123)
+    want = np.array([_width(paired), _width(unpaired)])
+    tol = 0.1 * float(want[0])
+    if _close(got, want, tol):
+        return Verdict(True, "right: the same prompt draw for both methods gives the narrower CI (hard prompts are "
+                             "hard for both, so their scores covary)")
+    sd = np.array([paired.std(), unpaired.std()])
+    return _first_mistake(got, [
+        (want[::-1], "return (paired, unpaired) in that order"),
+        (np.array([want[0], want[0]]), "the unpaired CI draws the prompts independently for each method"),
+        (np.array([want[1], want[1]]), "the paired CI uses the same draw of prompts for both methods"),
+        (sd, "those look like standard deviations: a width is hi - lo of the 95% percentile interval"),
+    ], tol) or Verdict(False, "not yet: the widths differ from the 95% percentile intervals of the resampled "
+                              "differences (prompts resampled with replacement, one draw shared by every seed)")
+
+
 #: notebook -> its checkers, in the order of the notebook's exercises (tests/test_exercises.py holds every notebook
 #: to this list: each checker has a stub, a hidden solution and a check cell there).
 CHECKERS = {
     "01": ("check_world_summary", "check_pmi_and_kl", "check_log_partition", "check_conditional_pmi"),
     "02": ("check_sattolo", "check_ends_with_question", "check_mipo_pairs"),
     "03": ("check_dpo_pair", "check_logged_rewards", "check_sequence_logprob"),
+    "04": ("check_cad_scores", "check_short_sentences"),
     "06": ("check_kl_estimates", "check_compute_matched"),
     "07": ("check_choose_level", "check_identical_pairs"),
 }

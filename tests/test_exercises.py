@@ -160,6 +160,44 @@ def _identical(positives, perm):
     return sum(positives[i] == positives[perm[i]] for i in range(len(perm)))
 
 
+def _log_softmax_list(v):
+    z = math.log(sum(math.exp(t) for t in v))
+    return [t - z for t in v]
+
+
+def _cad(cond, uncond, a, raw=False, pmi_only=False):
+    lc, lu = (cond, uncond) if raw else (_log_softmax_list(cond), _log_softmax_list(uncond))
+    if pmi_only:
+        return [a * (x - y) for x, y in zip(lc, lu)]
+    return [(1 + a) * x - a * y for x, y in zip(lc, lu)]
+
+
+def _short_sentences(text, truncated, limit=12, ignore_cap=False, split=None):
+    from mipo_lib.tasks.personalization import sentences
+
+    parts = sentences(text) if split is None else [s for s in re.split(split, text) if s.strip()]
+    return (ignore_cap or not truncated) and bool(parts) and all(len(s.split()) < limit for s in parts)
+
+
+def _bootstrap_ci(x, n_boot, rng, q=(0.025, 0.975), normal=False):
+    if normal:
+        half = 1.96 * x.std(ddof=1) / math.sqrt(x.size)
+        return x.mean() - half, x.mean() + half
+    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    lo, hi = np.quantile(means, q)
+    return lo, hi
+
+
+def _widths(a, b, n_boot, rng, same_draw=False, independent=False):
+    n_ex = a.shape[1]
+    ia, ib = rng.integers(0, n_ex, size=(n_boot, n_ex)), rng.integers(0, n_ex, size=(n_boot, n_ex))
+    mean = lambda m, idx: m[:, idx].mean(axis=(0, 2))  # noqa: E731
+    paired = mean(a, ia) - mean(b, ib if independent else ia)
+    unpaired = mean(a, ia) - mean(b, ia if same_draw else ib)
+    width = lambda v: float(np.diff(np.quantile(v, [0.025, 0.975]))[0])  # noqa: E731
+    return width(paired), width(unpaired)
+
+
 @pytest.mark.parametrize(
     "check,fn,ok,hint",
     [
@@ -202,6 +240,22 @@ def _identical(positives, perm):
          False, "ends"),
         (exercises.check_identical_pairs, _identical, True, "right"),
         (exercises.check_identical_pairs, lambda pos, perm: int(np.sum(perm == np.arange(len(perm)))), False, "fixed points only"),
+        (exercises.check_cad_scores, _cad, True, "right"),
+        (exercises.check_cad_scores, lambda c, u, a: _cad(c, u, a, raw=True), False, "raw logits"),
+        (exercises.check_cad_scores, lambda c, u, a: _cad(u, c, a), False, "the sign"),
+        (exercises.check_cad_scores, lambda c, u, a: _cad(c, u, a, pmi_only=True), False, "PMI alone"),
+        (exercises.check_short_sentences, _short_sentences, True, "right"),
+        (exercises.check_short_sentences, lambda t, tr: _short_sentences(t, tr, ignore_cap=True), False, "COMPLETE_ONLY"),
+        (exercises.check_short_sentences, lambda t, tr: _short_sentences(t, tr, limit=13), False, "exactly 12 words"),
+        (exercises.check_short_sentences, lambda t, tr: _short_sentences(t, tr, split=r"[.!?]"), False, "line break"),
+        (exercises.check_bootstrap_ci, _bootstrap_ci, True, "right"),
+        (exercises.check_bootstrap_ci, lambda x, n, rng: _bootstrap_ci(x, n, rng, normal=True), False, "normal approximation"),
+        (exercises.check_bootstrap_ci, lambda x, n, rng: _bootstrap_ci(x, n, rng, q=(0.05, 0.95)), False, "90%"),
+        (exercises.check_bootstrap_ci, lambda x, n, rng: _bootstrap_ci(x, n, np.random.default_rng(0)), False, "`rng`"),
+        (exercises.check_pairing_widths, _widths, True, "right"),
+        (exercises.check_pairing_widths, lambda a, b, n, rng: _widths(a, b, n, rng, same_draw=True), False, "independently"),
+        (exercises.check_pairing_widths, lambda a, b, n, rng: _widths(a, b, n, rng, independent=True), False, "same draw"),
+        (exercises.check_pairing_widths, lambda a, b, n, rng: _widths(a, b, n, rng)[::-1], False, "in that order"),
     ],
 )
 def test_later_checkers_grade_right_answers_and_name_the_mistake(check, fn, ok, hint):
@@ -251,7 +305,7 @@ def test_solutions_are_hidden_without_outputs_and_stubs_have_checks(path):
 
 
 # Temporary: these notebooks' owner is converting their exercises; remove the entry once a notebook passes.
-UNGRADED_EXERCISES = {"04", "05"}
+UNGRADED_EXERCISES = {"05"}
 
 
 @pytest.mark.parametrize("path", [
