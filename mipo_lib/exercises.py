@@ -848,6 +848,7 @@ CHECKERS = {
     "02": ("check_sattolo", "check_ends_with_question", "check_mipo_pairs"),
     "03": ("check_dpo_pair", "check_logged_rewards", "check_sequence_logprob"),
     "04": ("check_cad_scores", "check_short_sentences"),
+    "05": ("check_bootstrap_ci", "check_pairing_widths"),
     "06": ("check_kl_estimates", "check_compute_matched"),
     "07": ("check_choose_level", "check_identical_pairs"),
 }
