@@ -147,7 +147,7 @@ def test_records_columns(task):
     examples = task.examples("test", 10)[:3]
     responses = ["Hey there, boil water.", "", "one two three"]
     frame = evaluate.records(task, examples, responses, "prompting", seed=2)
-    assert list(frame.columns) == ["task", "method", "seed", "example_id", "group", "response", "score", "n_words"]
+    assert list(frame.columns) == ["task", "method", "seed", "example_id", "group", "response", "score", "n_words", "truncated"]
     assert len(frame) == 3
     assert (frame.method == "prompting").all() and (frame.seed == 2).all() and (frame.task == "personalization").all()
     assert frame.example_id.tolist() == [e.id for e in examples]
