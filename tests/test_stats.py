@@ -73,7 +73,7 @@ def test_bootstrap_ci_is_deterministic_and_handles_one_value():
 def test_per_seed_metrics():
     rec = make_records({"prompting": 0.25, "MIPO": 0.45}, n_examples=100, deterministic=("prompting",))
     out = stats.per_seed_metrics(rec)
-    assert list(out.columns) == ["task", "method", "seed", "n", "rate", "mean_words"]
+    assert list(out.columns) == ["task", "method", "seed", "n", "rate", "mean_words", "truncated"]
     assert list(out["method"]) == ["prompting", "MIPO", "MIPO", "MIPO"]  # display order, deterministic = 1 seed
     assert (out["n"] == 100).all()
     first = rec[(rec.method == "MIPO") & (rec.seed == 1)]
