@@ -104,6 +104,11 @@ def _difference_lines(diffs: pd.DataFrame) -> list[str]:
     return lines
 
 
+EARLIER_PROTOCOL = ("**Earlier protocol.** This table was written before the current results protocol (no validation "
+                    "split, 2 epochs for every method, CAD at a = 1/beta, replies cut at 32 tokens without the length "
+                    "instruction, no record of truncation): rerun `make reproduce` to replace it.")
+"""The note a results table without a `truncated` column gets: its numbers do not follow the protocol described above."""
+
 #: How the block titles a task other than the table's first (main) one.
 TASK_TITLES: dict[str, str] = {
     "personalization_unseen_types": "Held-out preference types (trained on 5 preference types, tested on the other 5)",
@@ -122,6 +127,9 @@ def results_block(table: pd.DataFrame, preset: str = "cpu") -> str:
               "paired bootstrap over seeds and examples within each seed (the nested design this table was written "
               "with, narrower than the crossed one; rerun notebook 05 for crossed CIs and Holm-adjusted verdicts)")
     tasks = list(dict.fromkeys(all_per_seed["task"])) if "task" in all_per_seed else [None]
+    # a personalization table written before replies were checked for the token cap (the protocol described in the
+    # README is personalization's; other tasks, such as notebook 07's reasoning, have their own)
+    earlier = "truncated" not in table.columns and any(str(t).startswith("personalization") for t in tasks)
     body = [_begin(preset)]
     for i, task in enumerate(tasks):
         per_seed = all_per_seed if task is None else all_per_seed[all_per_seed["task"] == task]
@@ -133,10 +141,12 @@ def results_block(table: pd.DataFrame, preset: str = "cpu") -> str:
         where = f"{n_seeds} seeds x {n_values.pop()} held-out prompts"
         if i == 0:
             body += [f"Preset `{preset}`, {where}; 95% CIs: {design}.", ""]
+            if earlier:
+                body += [EARLIER_PROTOCOL, ""]
         else:
             body += ["", f"**{TASK_TITLES.get(str(task), str(task))}**: task `{task}`, {where}; same CIs and family.", ""]
         body += [*_method_rows(per_seed), "", *_difference_lines(diffs)]
-    body += [*_choices_lines(preset), END.format(preset=preset)]
+    body += [*([] if earlier else _choices_lines(preset)), END.format(preset=preset)]
     return "\n".join(body)
 
 

@@ -69,3 +69,10 @@ def test_a_table_from_before_the_crossed_design_is_labelled_nested_without_verdi
     old = old.drop_duplicates(subset=["kind", "method", "baseline", "seed"])
     block = readme.results_block(old, "smoke")
     assert "nested design" in block and "Holm" not in block.split("\n", 2)[2]
+
+
+def test_a_table_without_truncation_records_is_labelled_as_the_earlier_protocol():
+    rec = make_records({"prompting": 0.25, "MIPO": 0.45}, n_examples=40, deterministic=("prompting",))
+    table = stats.results_table(rec, n_boot=200)
+    assert "Earlier protocol" in readme.results_block(table.drop(columns=["truncated"]), "smoke")
+    assert "Earlier protocol" not in readme.results_block(table, "smoke")
