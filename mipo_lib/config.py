@@ -368,7 +368,8 @@ PRESETS: dict[str, Preset] = {
         model_id=BUNDLED_MODEL,
         dtype="auto",
         # the level whose base accuracy on validation is the lowest inside 20-70% (figures/reasoning_difficulty_cpu.csv,
-        # measured with the cpu preset's model and evaluation settings, which this preset keeps)
+        # measured with the cpu preset's model and its evaluation settings of the time, which this preset keeps:
+        # greedy, 32 new tokens, batch 100)
         task="arithmetic_word",
         negative="random_prompt",
         n_train_prompts=60,

@@ -102,10 +102,11 @@ def _compute_dtype(model: Any) -> torch.dtype:
 
 
 def warmup_steps(preset: Preset, n_rows: int) -> int:
-    """Warm-up steps: `warmup_ratio` of one epoch's optimizer steps, at least one. A count of steps, not a ratio of
-    the run, so that it does not change with the number of epochs (see `LR_SCHEDULE`)."""
+    """Warm-up steps: `warmup_ratio` of one epoch's optimizer steps, rounded up (so at least one unless the ratio is
+    0). A count of steps, not a ratio of the run, so that it does not change with the number of epochs
+    (see `LR_SCHEDULE`)."""
     per_epoch = math.ceil(max(n_rows, 1) / (preset.batch_size * preset.grad_accum))
-    return max(1, math.ceil(preset.warmup_ratio * per_epoch))
+    return math.ceil(preset.warmup_ratio * per_epoch)
 
 
 def common_args(preset: Preset, seed: int, output_dir: Path, model: Any, progress: bool, *, epochs: int, n_rows: int) -> dict[str, Any]:

@@ -22,7 +22,9 @@ import torch
 from mipo_lib import cache
 from mipo_lib.config import Preset
 from mipo_lib.errors import MipoError
-from mipo_lib.generate import Batch, Messages, chat_prompt_ids, decode_reply, eos_ids, generate_token_batches, hit_cap, left_pad
+from mipo_lib.generate import (
+    Batch, Messages, chat_prompt_ids, decode_reply, eos_ids, generate_batches, generate_token_batches, hit_cap, left_pad,
+)
 from mipo_lib.scoring import sequence_logprobs
 from mipo_lib.tasks.base import Example, Task, judge_or_nan
 

@@ -144,8 +144,10 @@ def test_committed_difficulty_table_chose_the_reasoning_preset_level():
 
 def test_reasoning_presets_keep_the_measured_settings():
     cpu, reas = PRESETS["cpu"], PRESETS["cpu-reasoning"]
-    for name in ("model_id", "dtype", "eval_max_new_tokens", "eval_batch_size"):  # what the difficulty table measured
+    for name in ("model_id", "dtype"):
         assert getattr(reas, name) == getattr(cpu, name), name
+    # what the difficulty table measured (the cpu preset's greedy evaluation when it was made: 32 tokens, batch 100)
+    assert (reas.eval_max_new_tokens, reas.eval_batch_size, reas.eval_no_repeat_ngram) == (32, 100, 0)
     for p in (reas, PRESETS["smoke-reasoning"]):
         assert p.negative == "random_prompt" and not get_task(p.task).conditional and len(p.seeds) == 3
         assert p.n_test_prompts <= len(get_task(p.task).examples("test"))

@@ -60,6 +60,7 @@ def test_warmup_is_a_step_count_independent_of_epochs():
     p = get_preset("cpu", tuned=False)
     assert dpo.warmup_steps(p, 60) == dpo.warmup_steps(p.with_overrides(epochs=8), 60) == 1
     assert dpo.warmup_steps(get_preset("t4", tuned=False), 400) == 3  # 3% of 100 steps per epoch
+    assert dpo.warmup_steps(p.with_overrides(warmup_ratio=0.0), 60) == 0
 
 
 def _summary(rates):
