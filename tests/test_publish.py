@@ -16,6 +16,7 @@ def _notebooks():
         new_code_cell("print(path)", id="a"),
         new_code_cell("answer()", id="sol", metadata={"tags": ["solution"]}),
         new_code_cell("new_cell()", id="new"),
+        new_code_cell("# NBVAL_CHECK_OUTPUT\nprint(1)", id="chk", outputs=[new_output("stream", name="stdout", text="1\n")]),
     ])
     executed = new_notebook(cells=[
         new_code_cell("PRESET = 'cpu'", id="injected", metadata={"tags": ["injected-parameters"]}),
@@ -25,6 +26,8 @@ def _notebooks():
             new_output("execute_result", data={"text/plain": f"'{repo_root()}/notebooks'"}, execution_count=3),
         ]),
         new_code_cell("answer()", id="sol", execution_count=4, outputs=[new_output("stream", name="stdout", text="42\n")]),
+        new_code_cell("# NBVAL_CHECK_OUTPUT\nprint(1)", id="chk", outputs=[
+            new_output("stream", name="stderr", text="a warning\n"), new_output("stream", name="stdout", text="1\n")]),
     ])
     return committed, executed
 
@@ -33,13 +36,18 @@ def test_outputs_are_merged_by_id_and_sanitized():
     committed, executed = _notebooks()
     merged = publish.merge_outputs(committed, executed)
     cells = {c.id: c for c in merged.cells}
-    assert [c.id for c in merged.cells] == ["md", "a", "sol", "new"]  # no injected cell, committed order
+    assert [c.id for c in merged.cells] == ["md", "a", "sol", "new", "chk"]  # no injected cell, committed order
+    assert cells_outputs(merged, "chk") == ["1\n"]  # nbval's regression truth is kept, not the run's
     assert cells["a"].source == "print(path)" and cells["a"].execution_count == 3
     texts = [o.get("text", "") or o["data"]["text/plain"] for o in cells["a"].outputs]
-    assert texts == ["wrote <repo>/figures/x.png and <runs>/cpu/y.csv\n", "'<repo>/notebooks'"]
+    assert texts == ["wrote <repo>/figures/x.png and <runs>/cpu/y.csv\n", "'<repo>/notebooks'"]  # no stderr
     assert cells["sol"].outputs == [] and cells["sol"].execution_count is None  # never print a solution
     assert cells["new"].outputs == []
     assert committed.cells[1].outputs == []  # the input notebook is not modified
+
+
+def cells_outputs(nb, cell_id):
+    return [o.get("text") for c in nb.cells if c.id == cell_id for o in c.outputs]
 
 
 def test_publish_writes_into_the_committed_notebook(tmp_path):
