@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mipo_lib import models
-from mipo_lib.config import BUNDLED_MODEL, PRESETS, TINY_MODEL, Preset, get_preset
+from mipo_lib.config import BUNDLED_MODEL, PRESETS, TINY_MODEL, Preset, get_preset, load_choices
 from mipo_lib.errors import MipoError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +26,9 @@ def test_all_four_presets_exist_and_are_consistent():
     for name, preset in PRESETS.items():
         assert isinstance(preset, Preset)
         assert preset.name == name
-        assert get_preset(name) is preset
+        assert get_preset(name, tuned=False) is preset
+        # with committed validation choices (figures/choices_<name>.csv), get_preset applies them
+        assert get_preset(name) == (preset.with_overrides(**choices) if (choices := load_choices(name)) else preset)
         assert isinstance(preset.seeds, tuple) and preset.seeds
     assert get_preset("smoke").model_id == TINY_MODEL
     assert get_preset("cpu").model_id == BUNDLED_MODEL
