@@ -228,6 +228,17 @@ def _parts(out: Any, n: int, what: str) -> tuple[list[Any] | None, Verdict | Non
     return parts, None
 
 
+def _two_numbers(out: Any, what: str) -> tuple[np.ndarray | None, Verdict | None]:
+    """A returned pair as two floats (`_parts`, then each part's first element), or the verdict saying what is wrong."""
+    parts, verdict = _parts(out, 2, what)
+    if verdict:
+        return None, verdict
+    try:
+        return np.array([float(_as_array(x).ravel()[0]) for x in parts]), None
+    except (IndexError, TypeError, ValueError):
+        return None, Verdict(False, f"return two numbers: {what}")
+
+
 # ------------------------------------------------------------------- notebook 01: a small world, by the formulas
 def _small_worlds() -> list[tuple[np.ndarray, np.ndarray, float]]:
     """The exercise's 2 x 2 world at beta 1, and a 3 x 4 world with a non-uniform p(x) at beta 1/2."""
@@ -291,13 +302,9 @@ def check_pmi_and_kl(fn: Callable[[np.ndarray, np.ndarray, float], Any]) -> Verd
         out, verdict = _run(fn, rows.copy(), px.copy(), beta)
         if verdict:
             return verdict
-        parts, verdict = _parts(out, 2, "the expected PMI and the KL")
+        got, verdict = _two_numbers(out, "the expected PMI and the KL")
         if verdict:
             return verdict
-        try:
-            got = np.array([float(_as_array(x).ravel()[0]) for x in parts])
-        except (IndexError, TypeError, ValueError):
-            return Verdict(False, "return two numbers: the expected PMI and the KL")
         opt, pmi_t = _tilted(rows, px, beta)
         kl_rows = np.sum(opt * (np.log(opt) - np.log(rows)), axis=1)
         want = np.array([np.sum(px[:, None] * opt * pmi_t), np.sum(px * kl_rows)])
@@ -435,13 +442,9 @@ def check_dpo_pair(fn: Callable[[float, float], Any]) -> Verdict:
             out, verdict = _run(fn, d, beta)
             if verdict:
                 return verdict
-            parts, verdict = _parts(out, 2, "the reward margin and the loss")
+            got, verdict = _two_numbers(out, "the reward margin and the loss")
             if verdict:
                 return verdict
-            try:
-                got = np.array([float(_as_array(x).ravel()[0]) for x in parts])
-            except (IndexError, TypeError, ValueError):
-                return Verdict(False, "return two numbers: the reward margin and the loss")
             want = np.array([beta * d, _softplus(-beta * d)])
             if _close(got, want):
                 continue
