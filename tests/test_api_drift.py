@@ -174,3 +174,12 @@ def test_adapter_is_saved_the_trl_way():
     for cls in (trl.DPOTrainer, trl.SFTTrainer):
         params = inspect.signature(cls.create_model_card).parameters
         assert {"model_name", "tags"} <= set(params), f"TRL {trl.__version__}: {cls.__name__}.create_model_card{list(params)}"
+
+
+def test_trl_fused_head_still_compacts_through_use_triton():
+    """`dpo.compact_lm_head_on_cpu` swaps the predicate that `add_fused_lm_head` reads to decide compaction; if TRL
+    renames it or stops calling it there, the CPU speed-up would silently vanish."""
+    import trl.trainer.utils as trl_utils
+
+    assert callable(trl_utils._use_triton)
+    assert "compact = _use_triton(" in inspect.getsource(trl_utils.add_fused_lm_head)

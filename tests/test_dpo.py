@@ -333,3 +333,43 @@ def test_load_adapted_merges_and_generates(trained, preset):
     ids = [tok.encode("say hello", add_special_tokens=False), tok.encode("abc", add_special_tokens=False)]
     out = [texts for _, texts in generate_batches(adapted, tok, ids, max_new_tokens=4, temperature=1.0, progress=False)]
     assert len(out) == 1 and len(out[0]) == 2 and all(isinstance(t, str) for t in out[0])
+
+
+# ----------------------------------------------------------------------------------------- compact LM head on CPU
+def _fused_logps_and_grad(preset, compact: bool, monkeypatch):
+    """Per-token log-probs of TRL's fused head on a padded two-row batch with a masked prompt, and the gradient they
+    send back to the hidden states, with or without compaction to the labelled positions."""
+    import trl.trainer.utils as trl_utils
+
+    monkeypatch.setattr(trl_utils, "_use_triton", lambda device: compact)
+    model, _ = load_for_preset(preset)
+    trl_utils.add_fused_lm_head(model)
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    labels = ids.clone()
+    labels[:, :7] = -100  # the prompt
+    labels[1, 10:] = -100  # padding
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    out = model(inputs_embeds=embeds, labels=labels, fused_lm_head=True)
+    out.log_probs.sum().backward()
+    return out.log_probs.detach(), embeds.grad
+
+
+def test_compacted_cpu_lm_head_gives_the_same_logps_and_gradients(preset, monkeypatch):
+    plain, plain_grad = _fused_logps_and_grad(preset, False, monkeypatch)
+    compact, compact_grad = _fused_logps_and_grad(preset, True, monkeypatch)
+    assert (plain != 0).sum() == 5 + 3  # labelled next tokens: positions 7-11 in row 0, 7-9 in row 1
+    torch.testing.assert_close(compact, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compact_grad, plain_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_trainer_classes_compact_the_cpu_lm_head(monkeypatch):
+    """After `_trainer_classes`, TRL's compaction predicate says yes on CPU (and keeps its answer elsewhere)."""
+    import trl.trainer.utils as trl_utils
+
+    monkeypatch.setattr(trl_utils, "_use_triton", lambda device: False)
+    dpo._trainer_classes()
+    assert trl_utils._use_triton(torch.device("cpu")) is True
+    assert trl_utils._use_triton(torch.device("meta")) is False
+    dpo.compact_lm_head_on_cpu()  # idempotent: not wrapped twice
+    assert not getattr(trl_utils._use_triton.__closure__[0].cell_contents, "mipo_compact_cpu", False)
