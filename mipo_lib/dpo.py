@@ -434,6 +434,30 @@ def train_dpo(
     return _run(trainer, adapter_dir, sanity=initial_sanity(trainer, pairs, reuse_reference), snapshot_epochs=snapshot_epochs)
 
 
+def trl_loss_gradients(model: Any, tokenizer: Any, pairs: Sequence[dict[str, Any]], preset: Preset, output_dir: Path) -> tuple[float, dict[str, torch.Tensor]]:
+    """TRL's DPO loss on `pairs` as one batch (reference log-probs from the pairs) and its gradient with respect to
+    each trainable parameter of `model` (a PEFT model loaded with `load_adapted(..., trainable=True)`), by name.
+
+    Why: a training step is the optimizer applied to this gradient; notebook 03 checks that a hand-written loss
+    gives the same gradient, which pins down what TRL's step optimizes (a loss can match at one point while its
+    gradient differs, e.g. with a detached term). Run in eval mode (no dropout) so both sides see the same model.
+    Nothing is trained or saved; existing gradients are cleared first.
+    """
+    DPOConfig, PairsDPOTrainer, _, _ = _trainer_classes()
+    args = DPOConfig(**{**dpo_config_kwargs(preset, 0, output_dir, model, reuse_reference=True, progress=False),
+                        "per_device_train_batch_size": len(pairs)})  # one batch: its loss is the mean over the pairs
+    trainer = _quiet(PairsDPOTrainer(model=model, args=args, train_dataset=dpo_dataset(pairs), processing_class=tokenizer), False)
+    check_reference_tokens(trainer, pairs, preset.max_length)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))  # on the model's device
+    trainer.model.eval()
+    trainer.model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.model.zero_grad(set_to_none=True)
+    return float(loss.detach()), grads
+
+
 def initial_sanity(trainer: Any, pairs: Sequence[dict[str, Any]], reuse_reference: bool, n: int = 16) -> dict[str, float]:
     """DPO loss and reward margin before any update: they must be log 2 = 0.6931 and 0 (policy == reference)."""
     subset = dpo_dataset(pairs[:n], with_reference=reuse_reference)
@@ -494,11 +518,13 @@ def train_sft(
     return _run(trainer, adapter_dir, sanity=None, snapshot_epochs=snapshot_epochs)
 
 
-def load_adapted(model: Any, adapter_dir: Path, merge: bool = True) -> Any:
-    """Base model + a trained adapter, merged for fast generation (kept separate on a 4-bit base)."""
+def load_adapted(model: Any, adapter_dir: Path, merge: bool = True, trainable: bool = False) -> Any:
+    """Base model + a trained adapter, merged for fast generation (kept separate on a 4-bit base). `trainable` keeps
+    the adapter's weights requiring gradients (and unmerged), for a gradient check such as `trl_loss_gradients`."""
     from peft import PeftModel
 
-    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    merge = merge and not trainable
     quantized = getattr(model.config, "quantization_config", None) is not None
     merged = peft_model.merge_and_unload() if merge and not quantized else peft_model
     merged.eval()

@@ -373,3 +373,36 @@ def test_trainer_classes_compact_the_cpu_lm_head(monkeypatch):
     assert trl_utils._use_triton(torch.device("meta")) is False
     dpo.compact_lm_head_on_cpu()  # idempotent: not wrapped twice
     assert not getattr(trl_utils._use_triton.__closure__[0].cell_contents, "mipo_compact_cpu", False)
+
+
+# ---------------------------------------------------------------------------------- the DPO step, by hand vs TRL
+def _hand_logprob(model, tokenizer, messages, reply, max_length):
+    """Notebook 03's inline log pi(reply | messages), with gradients."""
+    prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    full_ids = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": reply}], tokenize=True, return_dict=False)
+    ids = torch.tensor([full_ids[:max_length]])
+    logits = model(input_ids=ids).logits[0, :-1].float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, ids[0, 1:, None]).squeeze(-1)[len(prompt_ids) - 1 :].sum()
+
+
+@pytest.mark.parametrize("beta_factor, expect_equal", [(1.0, True), (2.0, False)])
+def test_hand_written_dpo_gradient_equals_trls(trained, preset, pairs, workdir, beta_factor, expect_equal):
+    """The gradient TRL's step follows equals the hand-written loss's (and a wrong beta is caught)."""
+    result, _ = trained
+    base, tok = load_for_preset(preset.with_overrides(dtype="float32"))
+    policy = dpo.load_adapted(base, result.adapter_dir, trainable=True)
+    batch = pairs[:4]
+    policy.eval()
+    pc = torch.stack([_hand_logprob(policy, tok, p["prompt"], p["chosen"], preset.max_length) for p in batch])
+    pr = torch.stack([_hand_logprob(policy, tok, p["prompt"], p["rejected"], preset.max_length) for p in batch])
+    rc = torch.tensor([p["ref_chosen_logps"] for p in batch])
+    rr = torch.tensor([p["ref_rejected_logps"] for p in batch])
+    margins = beta_factor * preset.beta * ((pc - rc) - (pr - rr))
+    loss = -torch.nn.functional.logsigmoid(margins).mean()
+    loss.backward()
+    hand = {n: p.grad.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+    trl_loss, trl_grads = dpo.trl_loss_gradients(policy, tok, batch, preset, workdir / "grad-check")
+    assert set(trl_grads) == set(hand) and len(hand) == N_LORA_TENSORS
+    scale = max(g.abs().max().item() for g in trl_grads.values())
+    worst = max((hand[n] - trl_grads[n]).abs().max().item() for n in hand) / scale
+    assert (worst < 1e-3 and abs(loss.item() - trl_loss) < 1e-4) == expect_equal, (worst, loss.item(), trl_loss)
