@@ -8,7 +8,8 @@ Measured:
    `generate` (same prompts, same sampling settings), and vs teacher-forced scoring of the same tokens (the roof);
 2. scoring: base-model log-prob tokens/s, batched and length-sorted;
 3. DPO: one epoch with reference log-probs reused from the pairs vs TRL's default (a reference forward every step,
-   adapter disabled), peak memory of both, and whether a second copy of the base weights exists;
+   adapter disabled), peak memory of both, and whether a second copy of the base weights exists; one step with the
+   fused LM head on every position vs the reply positions only, against the machine's matmul roof;
 4. 4-bit NF4 vs the default dtype: load footprint and one training step;
 5. end to end: wall time and peak memory per notebook from the runner's timings.csv, when a cpu run exists.
 """
@@ -91,6 +92,7 @@ def bench_dpo(preset: Any) -> dict[str, float]:
     pairs = build_pairs(model, tok, get_task(preset.task), preset, seed=0, progress=False)
     del model
     one_epoch = preset.with_overrides(epochs=1)
+    step = bench_dpo_step(one_epoch, pairs)
     reuse = _dpo_epoch(one_epoch, pairs, reuse=True)
     default = _dpo_epoch(one_epoch, pairs, reuse=False)
     q4 = _dpo_epoch(one_epoch.with_overrides(extra={"bench": "4bit"}), pairs[: 2 * one_epoch.batch_size], reuse=True, load_in_4bit=True)
@@ -109,6 +111,76 @@ def bench_dpo(preset: Any) -> dict[str, float]:
         "footprint_4bit_mb": memory_footprint_mb(m4),
         "is_4bit": float(is_4bit(m4)),
         "step_time_4bit_vs_default": (q4["seconds"] / q4["steps"]) / (plain["seconds"] / plain["steps"]),
+        **step,
+    }
+
+
+def _step_trainer(preset: Any, pairs: list[dict[str, Any]], tmp: Path) -> tuple[Any, list[dict[str, Any]]]:
+    model, tok = load_for_preset(preset)
+    DPOConfig, Trainer, _, _ = dpo._trainer_classes()
+    args = DPOConfig(**dpo.dpo_config_kwargs(preset, 0, tmp, model, progress=False, n_rows=len(pairs)))
+    trainer = Trainer(model=model, args=args, train_dataset=dpo.dpo_dataset(pairs), processing_class=tok, peft_config=dpo.lora_config(preset))
+    dpo._prepare(trainer, False)
+    return trainer, [b for _, b in zip(range(4), trainer.get_train_dataloader())]
+
+
+def _step_seconds(trainer: Any, batches: list[dict[str, Any]]) -> float:
+    """Mean seconds of a forward + backward (the optimizer's update is negligible next to them) over batches 2..n."""
+    def step(batch: dict[str, Any]) -> None:
+        trainer.compute_loss(trainer.model, batch).backward()
+
+    trainer.model.train()
+    step(batches[0])  # warm-up: allocator, first-call overheads
+    start = time.perf_counter()
+    for batch in batches[1:]:
+        step(batch)
+    return (time.perf_counter() - start) / (len(batches) - 1)
+
+
+def _sgemm_gflops(n: int = 1024, k: int = 576, m: int = 1536, reps: int = 20) -> float:
+    """This machine's matmul roof in the model's shapes (tokens x hidden x MLP width), in GFLOP/s."""
+    a, b = torch.randn(n, k), torch.randn(k, m)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n * k * m * reps / (time.perf_counter() - start) / 1e9
+
+
+def bench_dpo_step(preset: Any, pairs: list[dict[str, Any]]) -> dict[str, float]:
+    """One DPO step (forward + backward) with TRL's fused LM head on every position (TRL's CPU default) vs only the
+    labelled reply positions (`dpo.compact_lm_head_on_cpu`), and the compacted step's FLOP rate against this
+    machine's matmul roof. FLOPs of a LoRA step: forward 2 x body params x tokens, backward the same again (frozen
+    weights get no gradient), and the LM head on the labelled positions (projection, recomputed in the backward, and
+    its gradient: 3 x 2 x vocab x hidden each)."""
+    import trl.trainer.utils as trl_utils
+
+    compacting = trl_utils._use_triton
+    uncompacted = compacting.__closure__[0].cell_contents if getattr(compacting, "mipo_compact_cpu", False) else compacting
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer, batches = _step_trainer(preset, pairs, Path(tmp))
+        compact = _step_seconds(trainer, batches)
+        trl_utils._use_triton = uncompacted
+        try:
+            full = _step_seconds(trainer, batches)
+        finally:
+            trl_utils._use_triton = compacting
+    config = trainer.model.config
+    vocab, hidden = config.vocab_size, config.hidden_size
+    body = sum(p.numel() for n, p in trainer.model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
+    tokens = sum(b["input_ids"].numel() for b in batches[1:]) / (len(batches) - 1)
+    labelled = sum(int(b["completion_mask"][:, 1:].sum()) for b in batches[1:]) / (len(batches) - 1)
+    flops = 4 * body * tokens + 6 * vocab * hidden * labelled
+    roof = _sgemm_gflops()
+    return {
+        "dpo_step_all_positions_s": full,
+        "dpo_step_compact_s": compact,
+        "dpo_step_compact_vs_all": compact / full,
+        "dpo_step_padded_tokens": tokens,
+        "dpo_step_labelled_tokens": labelled,
+        "dpo_step_gflops": flops / compact / 1e9,
+        "sgemm_gflops": roof,
+        "dpo_step_vs_sgemm_roof": flops / compact / 1e9 / roof,
     }
 
 
@@ -137,6 +209,12 @@ def analysis(results: dict[str, float]) -> list[str]:
         f"{results['dpo_precomputed_vs_default']:.2f}; the rest is per-step work both share (collation, optimizer, "
         f"logging). Peak memory {results['dpo_peak_rss_reused_mb']:.0f} vs {results['dpo_peak_rss_default_mb']:.0f} MB; "
         "one copy of the base weights (the trainer holds no reference model; asserted).",
+        f"- DPO step: TRL's fused LM head scores every position on a CPU; scoring only the labelled reply positions "
+        f"({results['dpo_step_labelled_tokens']:.0f} of {results['dpo_step_padded_tokens']:.0f} per batch) takes the "
+        f"step from {results['dpo_step_all_positions_s']:.2f} s to {results['dpo_step_compact_s']:.2f} s "
+        f"({results['dpo_step_compact_vs_all']:.2f}x). The compacted step runs at {results['dpo_step_gflops']:.0f} "
+        f"GFLOP/s, {results['dpo_step_vs_sgemm_roof']:.0%} of this machine's matmul roof in the model's shapes "
+        f"({results['sgemm_gflops']:.0f} GFLOP/s): what is left is the transformer body itself, and padding.",
         f"- 4-bit NF4: {results['footprint_4bit_mb']:.0f} MB vs {results['footprint_default_mb']:.0f} MB of weights; "
         f"a training step takes {results['step_time_4bit_vs_default']:.2f}x the default-precision step on this CPU. 4-bit "
         "exists to fit GPUs (a T4), not to speed up a CPU.",

@@ -23,3 +23,4 @@ def test_benchmark_smoke_writes_headline_ratios(tmp_path):
     for name in ("generation_vs_naive", "generation_vs_scoring", "dpo_precomputed_vs_default"):
         match = re.search(rf"^{name}: ([0-9.]+)$", text, flags=re.MULTILINE)
         assert match and float(match.group(1)) > 0, f"{name} missing from the results file"
+    assert re.search(r"^\| dpo_step_compact_vs_all \| [0-9.]+ \|$", text, flags=re.MULTILINE), "DPO step measurement missing"
