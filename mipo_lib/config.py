@@ -295,9 +295,10 @@ PRESETS: dict[str, Preset] = {
         # held-out prompts (10 unseen requests x 10 preferences), batch 4; epochs (MIPO, SFT) and CAD's strength are
         # chosen on the validation split (figures/choices_cpu.csv, `make tune`). Token caps sized so that replies
         # finish (every request asks for 2-3 sentences): greedy evaluation with no repeated 3-gram (the 135M model
-        # loops otherwise) hit the 192-token cap for 3% of prompting and 10% of context-free replies on the test
-        # prompts, against 40% / 100% at 128 tokens without the instruction. Pairs are sampled up to 64 tokens (a
-        # cost choice: sampling and training dominate the run; some sampled replies are cut there).
+        # loops otherwise). On the 40 train and validation requests, 1 context-free greedy reply (2.5%) hits 192
+        # tokens, a letter that still runs at 320; all others end by 151 (measured 2026-11-28). Without the
+        # instruction, at 128 tokens, 40% of prompting and all context-free replies were cut. Pairs are sampled up to
+        # 64 tokens (a cost choice: sampling and training dominate the run; some sampled replies are cut there).
         n_train_prompts=60,
         n_test_prompts=100,
         max_new_tokens=64,
