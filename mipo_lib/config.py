@@ -361,30 +361,6 @@ PRESETS: dict[str, Preset] = {
         eval_max_new_tokens=512,
         eval_batch_size=64,
     ),
-    # Notebook 07 (reasoning, `make reasoning`): unconditional MIPO, the negative is the answer to another problem.
-    "cpu-reasoning": Preset(
-        name="cpu-reasoning",
-        description="SmolLM2-135M-Instruct bundled offline, on CPU, arithmetic at the level chosen on validation, "
-                    "unconditional MIPO (random-prompt negatives), 3 seeds",
-        model_id=BUNDLED_MODEL,
-        dtype="auto",
-        # the level whose base accuracy on validation is the lowest inside 20-70% (figures/reasoning_difficulty_cpu.csv,
-        # measured with the cpu preset's model and its evaluation settings of the time, which this preset keeps:
-        # greedy, 32 new tokens, batch 100)
-        task="arithmetic_word",
-        negative="random_prompt",
-        n_train_prompts=60,
-        n_test_prompts=200,
-        temperature=0.1,  # the official code's math sampling
-        top_p=0.9,
-        max_new_tokens=32,  # one short sentence; the same cap as the evaluation
-        gen_batch_size=64,
-        score_batch_size=32,
-        batch_size=4,  # 2 epochs of 60 pairs: 30 DPO steps (the pilot's setting, not tuned on this task)
-        max_length=192,
-        eval_max_new_tokens=32,
-        eval_batch_size=100,
-    ),
     "smoke-reasoning": Preset(
         name="smoke-reasoning",
         description="tiny random model on one-digit addition: notebook 07's plumbing in seconds, not the science",
@@ -405,6 +381,29 @@ PRESETS: dict[str, Preset] = {
         eval_batch_size=20,
     ),
 }
+
+
+# Notebook 07 (reasoning, `make reasoning`): unconditional MIPO, the negative is the answer to another problem. The
+# cpu preset's model, precision, batch sizes and training settings; its own task, sampling and token caps.
+PRESETS["cpu-reasoning"] = dataclasses.replace(
+    PRESETS["cpu"],
+    name="cpu-reasoning",
+    description="SmolLM2-135M-Instruct bundled offline, on CPU, arithmetic at the level chosen on validation, "
+                "unconditional MIPO (random-prompt negatives), 3 seeds",
+    # the level whose base accuracy on validation is the lowest inside 20-70% (figures/reasoning_difficulty_cpu.csv,
+    # measured with the cpu preset's model and its evaluation settings of the time, which this preset keeps:
+    # greedy, 32 new tokens, batch 100, no n-gram rule)
+    task="arithmetic_word",
+    negative="random_prompt",
+    n_test_prompts=200,
+    temperature=0.1,  # the official code's math sampling
+    top_p=0.9,
+    max_new_tokens=32,  # one short sentence; the same cap as the evaluation
+    epochs=2,  # 2 epochs of 60 pairs: 30 DPO steps (the pilot's setting, not tuned on this task)
+    sft_epochs=2,
+    eval_max_new_tokens=32,
+    eval_no_repeat_ngram=0,
+)
 
 
 def choices_path(preset_name: str) -> Path:
