@@ -66,6 +66,24 @@ def _method_rows(per_seed: pd.DataFrame) -> list[str]:
     return rows
 
 
+#: The protocol's limit on replies cut at the token cap, per method (issue: complete replies).
+TRUNCATION_BUDGET = 0.05
+
+
+def _truncation_line(per_seed: pd.DataFrame) -> list[str]:
+    """Which methods exceed the truncation budget (said in the block, so the prose cannot forget or misstate it)."""
+    if "truncated" not in per_seed or per_seed["truncated"].isna().all():
+        return []
+    rates = per_seed.groupby("method", sort=False)["truncated"].mean()
+    over = rates[rates > TRUNCATION_BUDGET]
+    if over.empty:
+        return ["", f"Every method's replies stay within the {_pct(TRUNCATION_BUDGET)} budget for hitting the token cap "
+                    f"(highest: {rates.idxmax()} {_pct(rates.max())})."]
+    listed = ", ".join(f"{m} {_pct(r)}" for m, r in over.items())
+    return ["", f"**Over the {_pct(TRUNCATION_BUDGET)} budget for replies cut at the token cap: {listed}** (a cut "
+                "reply fails every preference that more text could break)."]
+
+
 def _choices_lines(preset: str) -> list[str]:
     """The settings `make tune` chose on the validation split, if the preset has committed choices."""
     from mipo_lib.config import choices_path
@@ -77,8 +95,12 @@ def _choices_lines(preset: str) -> list[str]:
     chosen = "; ".join(f"{r['method']} `{r['field']}` = {r['value']} (validation rate {_pct(r['validation_rate'])}, "
                        f"grid {r['grid']})" for _, r in choices.iterrows())
     first = choices.iloc[0]
+    edge = [f"{r['method']}'s `{r['field']}`" for _, r in choices.iterrows()
+            if str(r["field"]).endswith("epochs") and float(r["value"]) == max(float(v) for v in str(r["grid"]).split())]
+    edge_note = (f" At the grid's edge: {' and '.join(edge)} is the largest value tried, so more epochs might score "
+                 "higher on validation (not tried: each doubling doubles the run's training time)." if edge else "")
     return ["", f"Settings chosen on the validation split (`make tune`, seeds {first['seeds']}, {first['n_validation']} "
-                f"validation prompts; figures/{path.name}): {chosen}. The test set was used once, with these."]
+                f"validation prompts; figures/{path.name}): {chosen}. The test set was used once, with these.{edge_note}"]
 
 
 def _difference_lines(diffs: pd.DataFrame) -> list[str]:
@@ -145,7 +167,7 @@ def results_block(table: pd.DataFrame, preset: str = "cpu") -> str:
                 body += [EARLIER_PROTOCOL, ""]
         else:
             body += ["", f"**{TASK_TITLES.get(str(task), str(task))}**: task `{task}`, {where}; same CIs and family.", ""]
-        body += [*_method_rows(per_seed), "", *_difference_lines(diffs)]
+        body += [*_method_rows(per_seed), *_truncation_line(per_seed), "", *_difference_lines(diffs)]
     body += [*([] if earlier else _choices_lines(preset)), END.format(preset=preset)]
     return "\n".join(body)
 

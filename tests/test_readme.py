@@ -76,3 +76,28 @@ def test_a_table_without_truncation_records_is_labelled_as_the_earlier_protocol(
     table = stats.results_table(rec, n_boot=200)
     assert "Earlier protocol" in readme.results_block(table.drop(columns=["truncated"]), "smoke")
     assert "Earlier protocol" not in readme.results_block(table, "smoke")
+
+
+def test_block_names_the_methods_over_the_truncation_budget():
+    rec = make_records({"prompting": 0.25, "MIPO": 0.45}, n_examples=40, deterministic=("prompting",))
+    table = stats.results_table(rec, n_boot=200)
+    per_seed = table["kind"] == "per_seed"
+    within = table.assign(truncated=table["truncated"].where(~per_seed, 0.02))
+    assert "stay within the 5.0% budget" in readme.results_block(within, "smoke")
+    over = within.copy()
+    over.loc[per_seed & (over["method"] == "prompting"), "truncated"] = 0.1
+    block = readme.results_block(over, "smoke")
+    assert "Over the 5.0% budget for replies cut at the token cap: prompting 10.0%" in block and "MIPO 2" not in block
+
+
+def test_choices_line_flags_an_epoch_choice_at_the_grid_edge(tmp_path, monkeypatch):
+    from mipo_lib import config
+
+    rows = "field,value,method,validation_rate,grid,seeds,n_validation,rule\n"
+    path = tmp_path / "choices_smoke.csv"
+    monkeypatch.setattr(config, "choices_path", lambda preset: path)
+    path.write_text(rows + "epochs,8,MIPO,0.48,1 2 4 8,0,50,r\nsft_epochs,4,SFT,0.3,1 2 4 8,0,50,r\ncad_alpha,10,CAD,0.4,0.5 1 10,0,50,r\n")
+    line = " ".join(readme._choices_lines("smoke"))
+    assert "At the grid's edge: MIPO's `epochs` is the largest value tried" in line and "SFT's" not in line.split("edge")[1]
+    path.write_text(rows + "epochs,4,MIPO,0.48,1 2 4 8,0,50,r\n")
+    assert "grid's edge" not in " ".join(readme._choices_lines("smoke"))
