@@ -160,7 +160,7 @@ def results_block(table: pd.DataFrame, preset: str = "cpu") -> str:
         n_values = set(per_seed["n"].astype(int))
         if len(n_values) != 1 or any(math.isnan(v) for v in per_seed["rate"]):
             raise MipoError(f"figures/results_{preset}.csv mixes example counts {sorted(n_values)}; rerun notebook 05")
-        where = f"{n_seeds} seeds x {n_values.pop()} held-out prompts"
+        where = f"{n_seeds} seed{'' if n_seeds == 1 else 's'} x {n_values.pop()} held-out prompts"
         if i == 0:
             body += [f"Preset `{preset}`, {where}; 95% CIs: {design}.", ""]
             if earlier:
