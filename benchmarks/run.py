@@ -2,6 +2,7 @@
 
     python benchmarks/run.py            # the cpu preset's model (SmolLM2-135M), writes benchmarks/results.md
     python benchmarks/run.py --smoke    # tiny random model, seconds; CI runs this so the script cannot rot
+    python benchmarks/run.py --dtype float32   # as on a CPU without native bf16 (the reference runs' precision)
 
 Measured:
 1. generation: tokens/s of the library's batched, length-sorted generation vs naive one-prompt-at-a-time
@@ -237,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny random model, a few prompts (CI)")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.md"))
     parser.add_argument("--prompts", type=int, default=None, help="prompts for the generation benchmark")
+    parser.add_argument("--dtype", default="auto", help="the cpu preset's dtype (float32: as on a CPU without native bf16)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -244,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         preset = get_preset("smoke", n_train_prompts=16, batch_size=4)
         n_prompts = args.prompts or 16
     else:
-        preset = get_preset("cpu", n_train_prompts=48)
+        preset = get_preset("cpu", n_train_prompts=48, dtype=args.dtype)
         n_prompts = args.prompts or 64
     timings = end_to_end("cpu")  # read from the real runs folder before benchmarks get a scratch one
     os.environ.setdefault("MIPO_RUNS_DIR", tempfile.mkdtemp(prefix="mipo-bench-"))
