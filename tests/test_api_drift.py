@@ -183,3 +183,10 @@ def test_trl_fused_head_still_compacts_through_use_triton():
 
     assert callable(trl_utils._use_triton)
     assert "compact = _use_triton(" in inspect.getsource(trl_utils.add_fused_lm_head)
+
+
+def test_trainer_still_prepares_inputs_for_the_gradient_check():
+    """`dpo.trl_loss_gradients` moves a collated batch to the model's device with `Trainer._prepare_inputs`."""
+    from transformers import Trainer
+
+    assert callable(getattr(Trainer, "_prepare_inputs", None))
