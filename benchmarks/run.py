@@ -157,7 +157,7 @@ def bench_dpo_step(preset: Any, pairs: list[dict[str, Any]]) -> dict[str, float]
     import trl.trainer.utils as trl_utils
 
     compacting = trl_utils._use_triton
-    uncompacted = compacting.__closure__[0].cell_contents if getattr(compacting, "mipo_compact_cpu", False) else compacting
+    uncompacted = getattr(compacting, "trl_predicate", compacting)
     with tempfile.TemporaryDirectory() as tmp:
         trainer, batches = _step_trainer(preset, pairs, Path(tmp))
         compact = _step_seconds(trainer, batches)

@@ -199,13 +199,13 @@ def compact_lm_head_on_cpu() -> None:
     import trl.trainer.utils as trl_utils
 
     current = trl_utils._use_triton
-    if getattr(current, "mipo_compact_cpu", False):
+    if hasattr(current, "trl_predicate"):
         return
 
     def compact(device: torch.device) -> bool:
         return device.type == "cpu" or current(device)
 
-    compact.mipo_compact_cpu = True  # type: ignore[attr-defined]
+    compact.trl_predicate = current  # type: ignore[attr-defined]  # TRL's own, for measuring without (benchmarks)
     trl_utils._use_triton = compact
 
 

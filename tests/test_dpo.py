@@ -372,7 +372,7 @@ def test_trainer_classes_compact_the_cpu_lm_head(monkeypatch):
     assert trl_utils._use_triton(torch.device("cpu")) is True
     assert trl_utils._use_triton(torch.device("meta")) is False
     dpo.compact_lm_head_on_cpu()  # idempotent: not wrapped twice
-    assert not getattr(trl_utils._use_triton.__closure__[0].cell_contents, "mipo_compact_cpu", False)
+    assert not hasattr(trl_utils._use_triton.trl_predicate, "trl_predicate")
 
 
 # ---------------------------------------------------------------------------------- the DPO step, by hand vs TRL
