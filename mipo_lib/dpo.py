@@ -434,6 +434,17 @@ def train_dpo(
     return _run(trainer, adapter_dir, sanity=initial_sanity(trainer, pairs, reuse_reference), snapshot_epochs=snapshot_epochs)
 
 
+def _one_batch_trainer(model: Any, tokenizer: Any, pairs: Sequence[dict[str, Any]], preset: Preset, output_dir: Path) -> Any:
+    """A DPO trainer over `pairs` as a single batch (training and evaluation alike, so its loss is the mean over the
+    pairs), reference log-probs from the pairs, tokens checked against them: for the checks below, which train nothing."""
+    DPOConfig, PairsDPOTrainer, _, _ = _trainer_classes()
+    args = DPOConfig(**{**dpo_config_kwargs(preset, 0, output_dir, model, reuse_reference=True, progress=False),
+                        "per_device_train_batch_size": len(pairs), "per_device_eval_batch_size": len(pairs)})
+    trainer = _quiet(PairsDPOTrainer(model=model, args=args, train_dataset=dpo_dataset(pairs), processing_class=tokenizer), False)
+    check_reference_tokens(trainer, pairs, preset.max_length)
+    return trainer
+
+
 def trl_loss_gradients(model: Any, tokenizer: Any, pairs: Sequence[dict[str, Any]], preset: Preset, output_dir: Path) -> tuple[float, dict[str, torch.Tensor]]:
     """TRL's DPO loss on `pairs` as one batch (reference log-probs from the pairs) and its gradient with respect to
     each trainable parameter of `model` (a PEFT model loaded with `load_adapted(..., trainable=True)`), by name.
@@ -443,11 +454,7 @@ def trl_loss_gradients(model: Any, tokenizer: Any, pairs: Sequence[dict[str, Any
     gradient differs, e.g. with a detached term). Run in eval mode (no dropout) so both sides see the same model.
     Nothing is trained or saved; existing gradients are cleared first.
     """
-    DPOConfig, PairsDPOTrainer, _, _ = _trainer_classes()
-    args = DPOConfig(**{**dpo_config_kwargs(preset, 0, output_dir, model, reuse_reference=True, progress=False),
-                        "per_device_train_batch_size": len(pairs)})  # one batch: its loss is the mean over the pairs
-    trainer = _quiet(PairsDPOTrainer(model=model, args=args, train_dataset=dpo_dataset(pairs), processing_class=tokenizer), False)
-    check_reference_tokens(trainer, pairs, preset.max_length)
+    trainer = _one_batch_trainer(model, tokenizer, pairs, preset, output_dir)
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))  # on the model's device
     trainer.model.eval()
     trainer.model.zero_grad(set_to_none=True)
@@ -475,11 +482,7 @@ def trl_loss_on_pairs(model: Any, tokenizer: Any, pairs: Sequence[dict[str, Any]
     checks its five-line loss against this number on a *trained* adapter, where a wrong sign, a missing beta or a
     mean-instead-of-sum over tokens would show. Nothing is trained or saved (`output_dir` only satisfies the config).
     """
-    DPOConfig, PairsDPOTrainer, _, _ = _trainer_classes()
-    args = DPOConfig(**{**dpo_config_kwargs(preset, 0, output_dir, model, reuse_reference=True, progress=False),
-                        "per_device_eval_batch_size": len(pairs)})  # one batch: its mean is the mean over the pairs
-    trainer = _quiet(PairsDPOTrainer(model=model, args=args, train_dataset=dpo_dataset(pairs), processing_class=tokenizer), False)
-    check_reference_tokens(trainer, pairs, preset.max_length)
+    trainer = _one_batch_trainer(model, tokenizer, pairs, preset, output_dir)
     metrics = trainer.evaluate(eval_dataset=dpo_dataset(pairs), metric_key_prefix="check")
     margin = next((v for k, v in metrics.items() if k.endswith("rewards/margins")), float("nan"))
     return {"loss": float(metrics["check_loss"]), "margin": float(margin)}
