@@ -40,12 +40,12 @@ tune: $(STAMP)
 	$(BIN)/python -m mipo_lib tune --preset $(PRESET) $(if $(SEEDS),--seeds $(SEEDS)) $(foreach s,$(SET),--set $(s))
 
 ablations: $(STAMP)
-	$(BIN)/python -m mipo_lib reproduce --preset $(PRESET) --notebooks 06 $(if $(SEEDS),--seeds $(SEEDS))
+	$(BIN)/python -m mipo_lib reproduce --preset $(PRESET) --notebooks 06 $(if $(SEEDS),--seeds $(SEEDS)) $(foreach s,$(SET),--set $(s))
 
 # Notebook 07 (reasoning: unconditional MIPO on arithmetic) on its own preset; REASONING_PRESET=smoke-reasoning to try it
 REASONING_PRESET ?= cpu-reasoning
 reasoning: $(STAMP)
-	$(BIN)/python -m mipo_lib reproduce --preset $(REASONING_PRESET) --notebooks 07 $(if $(SEEDS),--seeds $(SEEDS))
+	$(BIN)/python -m mipo_lib reproduce --preset $(REASONING_PRESET) --notebooks 07 $(if $(SEEDS),--seeds $(SEEDS)) $(foreach s,$(SET),--set $(s))
 
 test: $(STAMP)
 	MPLBACKEND=Agg TQDM_DISABLE=1 $(BIN)/python -m pytest

@@ -177,24 +177,29 @@ def reproduce(
 
             publish(out_dir / path.name)
             print(f"[mipo] notebooks/{path.name} now shows this reference run's outputs", flush=True)
-    if is_reference_run(effective, overrides) and any(r.notebook.startswith("05") for r in runs):
-        from mipo_lib.readme import update_readme  # the reference run: its numbers are the README's
+    writer = RESULTS_NOTEBOOK.get(effective.name)
+    if is_reference_run(effective, overrides) and any(r.notebook.startswith(writer or "-") for r in runs):
+        from mipo_lib.readme import REFERENCE_TABLES, update_readme  # the reference run: its numbers are the README's
 
         if update_readme(effective.name):
-            print("[mipo] README.md results block regenerated from figures/results_cpu.csv", flush=True)
+            print(f"[mipo] README.md results block regenerated from figures/{REFERENCE_TABLES[effective.name]}",
+                  flush=True)
     return runs
 
 
 #: Overrides that keep a run the reference: fp32 on a CPU with native bf16 reproduces what a CPU without it computes.
 REFERENCE_OVERRIDES: frozenset[str] = frozenset({"dtype"})
 
+#: The reference presets and the notebook that writes each one's committed results table (and so its README block):
+#: `cpu` for 00-06 (`make reproduce`, `make ablations`), `cpu-reasoning` for 07 (`make reasoning`).
+RESULTS_NOTEBOOK: dict[str, str] = {"cpu": "05", "cpu-reasoning": "07"}
+
 
 def is_reference_run(preset: Any, overrides: Mapping[str, Any] | None) -> bool:
-    """The reference run: the `cpu` preset as committed (its validation choices included), at most with `dtype` set.
-    Only it publishes its outputs into the committed notebooks and regenerates the README's results block."""
-    from mipo_lib.plots import REFERENCE_PRESET
-
-    return preset.name == REFERENCE_PRESET and set(overrides or {}) <= REFERENCE_OVERRIDES
+    """A reference run: a reference preset (`RESULTS_NOTEBOOK`) as committed (its validation choices included), at
+    most with `dtype` set. Only it publishes its outputs into the committed notebooks and regenerates the README's
+    results block."""
+    return preset.name in RESULTS_NOTEBOOK and set(overrides or {}) <= REFERENCE_OVERRIDES
 
 
 def _append_timing(path: Path, run: NotebookRun) -> None:

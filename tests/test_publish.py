@@ -76,3 +76,5 @@ def test_only_the_reference_run_publishes():
     assert is_reference_run(get_preset("cpu"), {}) and is_reference_run(get_preset("cpu"), {"dtype": "float32"})
     assert not is_reference_run(get_preset("cpu", beta=0.3), {"beta": 0.3})
     assert not is_reference_run(get_preset("smoke"), {})
+    assert is_reference_run(get_preset("cpu-reasoning"), {"dtype": "float32"})  # notebook 07's reference (make reasoning)
+    assert not is_reference_run(get_preset("smoke-reasoning"), {})
