@@ -23,7 +23,7 @@ from mipo_lib import cache
 from mipo_lib.config import Preset
 from mipo_lib.errors import MipoError
 from mipo_lib.generate import (
-    Batch, Messages, chat_prompt_ids, decode_reply, eos_ids, generate_batches, generate_token_batches, hit_cap, left_pad,
+    Batch, Messages, chat_prompt_ids, generate_batches, generate_reply_batches, left_pad,
 )
 from mipo_lib.scoring import sequence_logprobs
 from mipo_lib.tasks.base import Example, Task, judge_or_nan
@@ -88,16 +88,14 @@ def generate_replies(
         def factory(batch: Batch) -> Any:
             return LogitsProcessorList([ContextAwareDecoding(model, [uncond[r] for r in batch.rows], tokenizer.pad_token_id, cad_alpha)])
 
-    eos = eos_ids(model, tokenizer)
     texts, truncated = [""] * len(examples), [False] * len(examples)
-    for batch, rows in generate_token_batches(
+    for batch, replies, cut in generate_reply_batches(
         model, tokenizer, prompt_ids, max_new_tokens=preset.eval_max_new_tokens, temperature=0.0,
         batch_size=preset.eval_batch_size, logits_processor_factory=factory, progress=progress, desc=desc,
         no_repeat_ngram_size=preset.eval_no_repeat_ngram,
     ):
-        for row, ids in zip(batch.rows, rows):
-            texts[row] = decode_reply(tokenizer, ids, eos)
-            truncated[row] = hit_cap(ids, eos, preset.eval_max_new_tokens)
+        for row, text, hit in zip(batch.rows, replies, cut):
+            texts[row], truncated[row] = text, hit
     return texts, truncated
 
 

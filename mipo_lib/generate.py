@@ -192,13 +192,22 @@ def generate_token_batches(
     bar.close()
 
 
+def generate_reply_batches(
+    model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, **kwargs: Any
+) -> Iterator[tuple[Batch, list[str], list[bool]]]:
+    """Yield (batch, decoded responses, whether each hit `max_new_tokens` before the model ended it) for each batch
+    of the plan (options: `generate_token_batches`). The flag needs the token ids, which the text no longer has."""
+    eos = eos_ids(model, tokenizer)
+    for batch, rows in generate_token_batches(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, **kwargs):
+        yield batch, [decode_reply(tokenizer, row, eos) for row in rows], [hit_cap(row, eos, max_new_tokens) for row in rows]
+
+
 def generate_batches(
     model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], **kwargs: Any
 ) -> Iterator[tuple[Batch, list[str]]]:
     """Yield (batch, decoded responses) for each batch of the plan (options: `generate_token_batches`)."""
-    eos = eos_ids(model, tokenizer)
-    for batch, rows in generate_token_batches(model, tokenizer, prompt_ids, **kwargs):
-        yield batch, [decode_reply(tokenizer, row, eos) for row in rows]
+    for batch, texts, _ in generate_reply_batches(model, tokenizer, prompt_ids, **kwargs):
+        yield batch, texts
 
 
 def sample_token_ids(

@@ -10,6 +10,8 @@ Kinds of negative (as in the paper's official code):
 
 Every pair is scored once under the base model: log pi0(y+|x), log pi0(y-|x) (DPO's reference log-probs, reused by
 the trainer) and log pi0(y|x') for both sides, so each side's PMI log pi0(y|x) - log pi0(y|x') is stored with it.
+Each side also records whether its sampled reply was cut off at `max_new_tokens` (`chosen_truncated`,
+`rejected_truncated`): DPO learns from whatever text was sampled, a cut-off positive included.
 
 On disk (`runs/<preset>/<task>/<variant>/seed<k>/pairs-<digest>/`, the digest of the generation key, see
 `mipo_lib.cache`): `responses.jsonl` holds finished generation batches, one JSON line per batch, appended and flushed
@@ -33,7 +35,7 @@ import numpy as np
 from mipo_lib import cache
 from mipo_lib.config import Preset, run_dir
 from mipo_lib.errors import MipoError
-from mipo_lib.generate import GenerationStats, Messages, chat_prompt_ids, generate_batches
+from mipo_lib.generate import GenerationStats, Messages, chat_prompt_ids, generate_reply_batches
 from mipo_lib.scoring import pair_tokens, sequence_logprobs, token_digest
 from mipo_lib.tasks import get_task
 from mipo_lib.tasks.base import Example, Task, judge_or_nan
@@ -88,12 +90,18 @@ def negative_sources(examples: Sequence[Example], negative: str, k: int, rng: np
 
 
 # -------------------------------------------------------------------------------------------------- bookkeeping
+#: What one line of `responses.jsonl` holds. Part of the generation key: a log written without the cut-off flags
+#: (format 1) is never resumed or reused by code that reads them.
+RESPONSE_LOG_FORMAT = 2
+
+
 def generation_key(preset: Preset, seed: int, task: Task | None = None) -> cache.Key:
     """What the sampled responses depend on: the generation fields, the seed and the training prompts (the batch
     plan depends on the exact prompts, so a partial log resumes only when they are unchanged)."""
     task = task or get_task(preset.task)
     prompts = cache.prompts_digest(task, task.examples("train", preset.n_train_prompts, seed=seed))
-    return cache.stage_key("generation", preset, f"generated responses (seed {seed})", seed=seed, prompts=prompts)
+    return cache.stage_key("generation", preset, f"generated responses (seed {seed})", seed=seed, prompts=prompts,
+                           log_format=RESPONSE_LOG_FORMAT)
 
 
 def pairs_key(preset: Preset, seed: int, task: Task | None = None) -> cache.Key:
@@ -134,40 +142,41 @@ class BatchLog:
     def finished(self, stage: str) -> set[int]:
         return {b for (s, b) in self.done if s == stage}
 
-    def append(self, stage: str, batch: int, rows: list[int], texts: list[str]) -> None:
-        rec = {"stage": stage, "batch": batch, "rows": rows, "texts": texts}
+    def append(self, stage: str, batch: int, rows: list[int], texts: list[str], cut: list[bool]) -> None:
+        rec = {"stage": stage, "batch": batch, "rows": rows, "texts": texts, "cut": cut}
         with self.path.open("a") as fh:
             fh.write(json.dumps(rec) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
         self.done[(stage, batch)] = rec
 
-    def texts(self, stage: str, n: int) -> list[str]:
-        out: list[str | None] = [None] * n
+    def replies(self, stage: str, n: int) -> tuple[list[str], list[bool]]:
+        """The stage's `n` responses in prompt order, and whether each was cut off at the token cap."""
+        out: list[tuple[str, bool] | None] = [None] * n
         for (s, _), rec in self.done.items():
             if s == stage:
-                for row, text in zip(rec["rows"], rec["texts"]):
-                    out[row] = text
+                for row, text, cut in zip(rec["rows"], rec["texts"], rec["cut"]):
+                    out[row] = (text, bool(cut))
         missing = [i for i, t in enumerate(out) if t is None]
         if missing:
             raise RuntimeError(f"stage {stage}: {len(missing)} responses missing after generation")
-        return out  # type: ignore[return-value]
+        return [t[0] for t in out], [t[1] for t in out]  # type: ignore[index]
 
 
 def _sample(
     stage: str, model: Any, tokenizer: Any, prompts: list[Messages], preset: Preset, seed: int,
     log: BatchLog, stats: GenerationStats, progress: bool,
-) -> list[str]:
+) -> tuple[list[str], list[bool]]:
     ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
     stage_seed = seed * 10 + {"positive": 1, "negative": 2}[stage]
-    for batch, texts in generate_batches(
+    for batch, texts, cut in generate_reply_batches(
         model, tokenizer, ids,
         max_new_tokens=preset.max_new_tokens, temperature=preset.temperature, top_p=preset.top_p,
         batch_size=preset.gen_batch_size, seed=stage_seed, skip_batches=log.finished(stage),
         stats=stats, progress=progress, desc=f"{stage} responses",
     ):
-        log.append(stage, batch.index, batch.rows, texts)
-    return log.texts(stage, len(prompts))
+        log.append(stage, batch.index, batch.rows, texts, cut)
+    return log.replies(stage, len(prompts))
 
 
 # ----------------------------------------------------------------------------------------------------- main entry
@@ -205,17 +214,19 @@ def build_pairs(
     stats = GenerationStats()
     started = time.perf_counter()
     log = BatchLog(log_path)
-    positives = _sample("positive", model, tokenizer, positives_prompts, preset, seed, log, stats, progress)
+    positives, positives_cut = _sample("positive", model, tokenizer, positives_prompts, preset, seed, log, stats, progress)
 
     # (example index, negative prompt x', negative response y-) for every pair
     k = preset.k_negatives
     if preset.negative == "context_drop":
         neg_prompts = [task.prompt(e, with_context=False) for e in examples for _ in range(k)]
-        negatives = _sample("negative", model, tokenizer, neg_prompts, preset, seed, log, stats, progress)
-        triples = [(i, neg_prompts[i * k + j], negatives[i * k + j], "context_drop") for i in range(len(examples)) for j in range(k)]
+        negatives, negatives_cut = _sample("negative", model, tokenizer, neg_prompts, preset, seed, log, stats, progress)
+        triples = [(i, neg_prompts[i * k + j], negatives[i * k + j], "context_drop", negatives_cut[i * k + j])
+                   for i in range(len(examples)) for j in range(k)]
     else:
         sources = negative_sources(examples, preset.negative, k, rng)
-        triples = [(i, positives_prompts[s], positives[s], examples[s].id) for i in range(len(examples)) for s in sources[i]]
+        triples = [(i, positives_prompts[s], positives[s], examples[s].id, positives_cut[s])
+                   for i in range(len(examples)) for s in sources[i]]
     gen_seconds = time.perf_counter() - started
 
     # Four scores per pair: both responses under x (reference log-probs) and under x' (for the PMI).
@@ -231,7 +242,7 @@ def build_pairs(
     score_seconds = time.perf_counter() - score_start
 
     records = []
-    for j, (i, x_neg, y_neg, source) in enumerate(triples):
+    for j, (i, x_neg, y_neg, source, neg_cut) in enumerate(triples):
         ex = examples[i]
         records.append({
             "pair_id": f"{ex.id}-n{j % k}",
@@ -248,6 +259,8 @@ def build_pairs(
             "rejected_logps_neg_prompt": float(lp_neg_x[m + j]),
             "pmi_chosen": float(lp_pos_x[j] - lp_pos_x[m + j]),
             "pmi_rejected": float(lp_neg_x[j] - lp_neg_x[m + j]),
+            "chosen_truncated": positives_cut[i],
+            "rejected_truncated": neg_cut,
             "chosen_tokens": int(n_pos[j]),
             "rejected_tokens": int(n_neg[j]),
             "chosen_token_digest": token_digest(*pair_tokens(tokenizer, xs[j], ys_pos[j], preset.max_length)),
@@ -265,6 +278,8 @@ def build_pairs(
         "n_pairs": len(records),
         "identical_pairs": sum(r["chosen"] == r["rejected"] for r in records),
         "duplicate_negatives": duplicate_negatives(records),
+        "truncated_chosen": sum(r["chosen_truncated"] for r in records),
+        "truncated_rejected": sum(r["rejected_truncated"] for r in records),
         "generated_tokens": stats.new_tokens,
         "generation_seconds": round(gen_seconds, 2),
         "generation_tokens_per_s": round(stats.tokens_per_s, 2),

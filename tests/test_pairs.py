@@ -29,7 +29,7 @@ from mipo_lib.tasks import get_task
 from mipo_lib.tasks.base import Example
 
 N = 16
-REAL_GENERATE_BATCHES = pairs_mod.generate_batches
+REAL_GENERATE_BATCHES = pairs_mod.generate_reply_batches
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -152,9 +152,36 @@ def test_build_pairs_fields(tiny, task, preset, fresh_runs, negative, k):
         for ex_id in examples:
             sources = [r["negative_source"] for r in rows if r["example_id"] == ex_id]
             assert len(set(sources)) == k
+    cut_of = {r["example_id"]: r["chosen_truncated"] for r in rows}
+    for r in rows:
+        assert isinstance(r["chosen_truncated"], bool) and isinstance(r["rejected_truncated"], bool)
+        if negative != "context_drop":
+            assert r["rejected_truncated"] == cut_of[r["negative_source"]]  # the flag travels with the reply
     manifest = pairs_mod.load_manifest(p, 0)
     assert manifest["n_pairs"] == N * k and manifest["n_prompts"] == N
+    assert manifest["truncated_chosen"] == sum(r["chosen_truncated"] for r in rows)
+    assert manifest["truncated_rejected"] == sum(r["rejected_truncated"] for r in rows)
     assert load_pairs(pairs_dir(p, 0) / "pairs.jsonl") == rows
+
+
+def test_truncated_flags_are_the_generators_per_reply(tiny, task, preset, fresh_runs, monkeypatch):
+    """Each side's `*_truncated` is the generator's cut-off flag of that very reply (here: scripted, every third
+    reply cut), and on a random model with a 3-token cap nearly every reply is cut."""
+    model, tok = tiny
+
+    def scripted(*args, **kwargs):
+        for batch, texts, _ in REAL_GENERATE_BATCHES(*args, **kwargs):
+            yield batch, texts, [(kwargs["desc"] == "positive responses") == (row % 3 == 0) for row in batch.rows]
+
+    monkeypatch.setattr(pairs_mod, "generate_reply_batches", scripted)
+    rows = build_pairs(model, tok, task, preset, seed=0, progress=False)
+    order = [e.id for e in task.examples("train", N, seed=0)]
+    for r in rows:
+        row = order.index(r["example_id"])
+        assert r["chosen_truncated"] == (row % 3 == 0) and r["rejected_truncated"] == (row % 3 != 0), r["pair_id"]
+    monkeypatch.setattr(pairs_mod, "generate_reply_batches", REAL_GENERATE_BATCHES)
+    short = build_pairs(model, tok, task, preset.with_overrides(max_new_tokens=3), seed=0, progress=False)
+    assert sum(r["chosen_truncated"] for r in short) >= N - 2
 
 
 def test_reference_logps_match_independent_scoring(tiny, task, preset, fresh_runs):
@@ -183,7 +210,7 @@ def _forbid(*args, **kwargs):
 def test_second_call_reuses_the_file(tiny, task, preset, fresh_runs, monkeypatch):
     model, tok = tiny
     first = build_pairs(model, tok, task, preset, seed=0, progress=False)
-    monkeypatch.setattr(pairs_mod, "generate_batches", _forbid)
+    monkeypatch.setattr(pairs_mod, "generate_reply_batches", _forbid)
     monkeypatch.setattr(pairs_mod, "sequence_logprobs", _forbid)
     assert build_pairs(model, tok, task, preset, seed=0, progress=False) == first
 
@@ -208,7 +235,7 @@ def test_changed_scoring_settings_rescore_without_generating(tiny, task, preset,
     assert pairs_dir(smaller, 0) == pairs_dir(preset, 0)  # same responses: same folder
     assert pairs_mod.cached_pairs(smaller, 0) is None
     counter = _Counting()
-    monkeypatch.setattr(pairs_mod, "generate_batches", counter)
+    monkeypatch.setattr(pairs_mod, "generate_reply_batches", counter)
     with caplog.at_level("INFO", logger="mipo_lib.cache"):
         rows = build_pairs(model, tok, task, smaller, seed=0, progress=False)
     assert counter.yielded == []  # every batch came from the stored responses
@@ -221,7 +248,7 @@ def test_changed_scoring_settings_rescore_without_generating(tiny, task, preset,
 
 # ------------------------------------------------------------------------------------------------ kill and resume
 class _Counting:
-    """Stands in for `generate_batches`: counts the batches it yields and can 'crash' after `crash_after`."""
+    """Stands in for `generate_reply_batches`: counts the batches it yields and can 'crash' after `crash_after`."""
 
     def __init__(self, crash_after=None):
         self.real = REAL_GENERATE_BATCHES
@@ -229,17 +256,17 @@ class _Counting:
         self.yielded: list[tuple[str, int]] = []
 
     def __call__(self, *args, **kwargs):
-        for batch, texts in self.real(*args, **kwargs):
+        for batch, texts, cut in self.real(*args, **kwargs):
             if self.crash_after is not None and len(self.yielded) >= self.crash_after:
                 raise KeyboardInterrupt  # the user pressed stop (or the kernel died) mid-generation
             self.yielded.append((kwargs["desc"], batch.index))
-            yield batch, texts
+            yield batch, texts, cut
 
 
 def _reference_run(tiny, task, preset, tmp_path, monkeypatch):
     monkeypatch.setenv("MIPO_RUNS_DIR", str(tmp_path / "reference-runs"))
     counter = _Counting()
-    monkeypatch.setattr(pairs_mod, "generate_batches", counter)
+    monkeypatch.setattr(pairs_mod, "generate_reply_batches", counter)
     rows = build_pairs(*tiny, task, preset, seed=1, progress=False)
     monkeypatch.setenv("MIPO_RUNS_DIR", str(tmp_path / "runs"))
     return rows, counter.yielded
@@ -265,7 +292,7 @@ def test_kill_and_resume_gives_the_uninterrupted_pairs(tiny, task, preset, tmp_p
     assert len(ref_batches) == 8  # 16 prompts / 4 per batch, positives and context-free negatives
 
     crashing = _Counting(crash_after=2)
-    monkeypatch.setattr(pairs_mod, "generate_batches", crashing)
+    monkeypatch.setattr(pairs_mod, "generate_reply_batches", crashing)
     with pytest.raises(KeyboardInterrupt):
         build_pairs(*tiny, task, preset, seed=1, progress=False)
     folder = pairs_dir(preset, 1)
@@ -274,7 +301,7 @@ def test_kill_and_resume_gives_the_uninterrupted_pairs(tiny, task, preset, tmp_p
     assert [(r["stage"], r["batch"]) for r in logged] == [("positive", 0), ("positive", 1)]
 
     resumed_counter = _Counting()
-    monkeypatch.setattr(pairs_mod, "generate_batches", resumed_counter)
+    monkeypatch.setattr(pairs_mod, "generate_reply_batches", resumed_counter)
     resumed = build_pairs(*tiny, task, preset, seed=1, progress=False)
     assert sorted(resumed_counter.yielded) == sorted(set(ref_batches) - set(crashing.yielded))  # only the missing ones
     assert len(resumed_counter.yielded) == 6
@@ -287,7 +314,7 @@ def test_kill_and_resume_gives_the_uninterrupted_pairs(tiny, task, preset, tmp_p
 
 def test_torn_last_line_is_dropped_and_regenerated(tiny, task, preset, tmp_path, monkeypatch):
     reference, _ = _reference_run(tiny, task, preset, tmp_path, monkeypatch)
-    monkeypatch.setattr(pairs_mod, "generate_batches", _Counting(crash_after=3))
+    monkeypatch.setattr(pairs_mod, "generate_reply_batches", _Counting(crash_after=3))
     with pytest.raises(KeyboardInterrupt):
         build_pairs(*tiny, task, preset, seed=1, progress=False)
     log = pairs_dir(preset, 1) / "responses.jsonl"
@@ -297,7 +324,7 @@ def test_torn_last_line_is_dropped_and_regenerated(tiny, task, preset, tmp_path,
     log.write_text(lines[0] + "\n" + lines[1] + "\n" + lines[2][: len(lines[2]) // 2])
 
     counter = _Counting()
-    monkeypatch.setattr(pairs_mod, "generate_batches", counter)
+    monkeypatch.setattr(pairs_mod, "generate_reply_batches", counter)
     resumed = build_pairs(*tiny, task, preset, seed=1, progress=False)
     assert ("positive responses", 2) in counter.yielded  # the torn batch was regenerated
     assert len(counter.yielded) == 6
@@ -309,14 +336,14 @@ def test_torn_last_line_is_dropped_and_regenerated(tiny, task, preset, tmp_path,
 
 def test_partial_run_resumes_only_under_its_own_key(tiny, task, preset, fresh_runs, monkeypatch, caplog):
     crashing = _Counting(crash_after=1)
-    monkeypatch.setattr(pairs_mod, "generate_batches", crashing)
+    monkeypatch.setattr(pairs_mod, "generate_reply_batches", crashing)
     with pytest.raises(KeyboardInterrupt):
         build_pairs(*tiny, task, preset, seed=0, progress=False)
     log = pairs_dir(preset, 0) / "responses.jsonl"
     assert len(log.read_text().splitlines()) == 1
     # other sampling settings start afresh in a folder of their own and leave the partial run alone
     other = _Counting()
-    monkeypatch.setattr(pairs_mod, "generate_batches", other)
+    monkeypatch.setattr(pairs_mod, "generate_reply_batches", other)
     _check_complete(build_pairs(*tiny, task, preset.with_overrides(top_p=0.5), seed=0, progress=False))
     assert len(other.yielded) == 8 and len(log.read_text().splitlines()) == 1
     # a partial log whose stored key no longer matches (as after a code change) is discarded, and the log says why
@@ -324,7 +351,7 @@ def test_partial_run_resumes_only_under_its_own_key(tiny, task, preset, fresh_ru
     stored = json.loads(key_path.read_text())
     key_path.write_text(json.dumps({**stored, "values": {**stored["values"], "top_p": 0.25}}))
     again = _Counting()
-    monkeypatch.setattr(pairs_mod, "generate_batches", again)
+    monkeypatch.setattr(pairs_mod, "generate_reply_batches", again)
     with caplog.at_level("INFO", logger="mipo_lib.cache"):
         _check_complete(build_pairs(*tiny, task, preset, seed=0, progress=False))
     assert "generated responses (seed 0)" in caplog.text and "top_p 0.25 -> 0.95" in caplog.text
@@ -344,14 +371,14 @@ def test_keys_stored_next_to_the_pairs(tiny, task, preset, fresh_runs, monkeypat
 
 def test_batch_log_ignores_duplicates_and_torn_lines(tmp_path):
     path = tmp_path / "responses.jsonl"
-    rec = {"stage": "positive", "batch": 0, "rows": [1, 0], "texts": ["b", "a"]}
+    rec = {"stage": "positive", "batch": 0, "rows": [1, 0], "texts": ["b", "a"], "cut": [True, False]}
     path.write_text(json.dumps(rec) + "\n" + json.dumps({**rec, "texts": ["x", "y"]}) + "\n" + '{"stage": "pos')
     log = BatchLog(path)
     assert log.finished("positive") == {0}
-    assert log.texts("positive", 2) == ["a", "b"]
+    assert log.replies("positive", 2) == (["a", "b"], [False, True])
     assert path.read_text() == json.dumps(rec) + "\n"
     with pytest.raises(RuntimeError, match="missing"):
-        log.texts("positive", 3)
+        log.replies("positive", 3)
 
 
 # ------------------------------------------------------------------------------------------------------ load_pairs
