@@ -168,8 +168,26 @@ def results_block(table: pd.DataFrame, preset: str = "cpu") -> str:
         else:
             body += ["", f"**{TASK_TITLES.get(str(task), str(task))}**: task `{task}`, {where}; same CIs and family.", ""]
         body += [*_method_rows(per_seed), *_truncation_line(per_seed), "", *_difference_lines(diffs)]
-    body += [*([] if earlier else _choices_lines(preset)), END.format(preset=preset)]
+    body += [*([] if earlier else _choices_lines(preset)), *_conclusion_lines(preset), END.format(preset=preset)]
     return "\n".join(body)
+
+
+CONCLUSIONS: dict[str, str] = {"cpu-reasoning": "reasoning_cpu_conclusions.md"}
+"""The sentences a reference notebook writes next to its results table (notebook 07's section 8), quoted in its
+README block so that every number of the README's reasoning section comes from the run."""
+
+
+def conclusions_path(preset: str) -> Path | None:
+    name = CONCLUSIONS.get(preset)
+    return repo_root() / "figures" / name if name else None
+
+
+def _conclusion_lines(preset: str) -> list[str]:
+    path = conclusions_path(preset)
+    if path is None or not path.exists():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return ["", f"What the same run shows (`figures/{path.name}`, written by the notebook):", "", *lines]
 
 
 REFERENCE_TABLES: dict[str, str] = {"cpu": "results_cpu.csv", "cpu-reasoning": "results_reasoning_cpu.csv"}

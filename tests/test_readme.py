@@ -30,6 +30,20 @@ def test_block_states_rates_differences_and_verdicts_from_the_table():
     assert block.startswith(readme._begin("smoke")) and block.endswith(readme.END.format(preset="smoke"))
 
 
+def test_block_quotes_the_notebooks_conclusions_when_written(tmp_path, monkeypatch):
+    """Notebook 07 writes its summary sentences next to its results table; the block quotes them verbatim, and
+    without the file it has none (an older run)."""
+    rec = make_records({"prompting": 0.25, "MIPO": 0.45}, n_examples=40, deterministic=("prompting",))
+    table = stats.results_table(rec, n_boot=200)
+    path = tmp_path / "reasoning_smoke_conclusions.md"
+    monkeypatch.setattr(readme, "conclusions_path", lambda preset: path)
+    assert "What the same run shows" not in readme.results_block(table, "smoke")
+    path.write_text("- Accuracy: base 24.0%, MIPO 21.2%.\n\n- PMI and correctness: AUC 0.48.\n")
+    block = readme.results_block(table, "smoke")
+    assert "- Accuracy: base 24.0%, MIPO 21.2%.\n- PMI and correctness: AUC 0.48.\n" + readme.END.format(preset="smoke") in block
+    assert f"`figures/{path.name}`" in block
+
+
 def test_update_rewrites_only_the_block(tmp_path, monkeypatch):
     rec = make_records({"prompting": 0.25, "MIPO": 0.45}, n_examples=40, deterministic=("prompting",))
     csv = tmp_path / "results_smoke.csv"
