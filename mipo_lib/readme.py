@@ -96,9 +96,10 @@ def _choices_lines(preset: str) -> list[str]:
                        f"grid {r['grid']})" for _, r in choices.iterrows())
     first = choices.iloc[0]
     edge = [f"{r['method']}'s `{r['field']}`" for _, r in choices.iterrows()
-            if str(r["field"]).endswith("epochs") and float(r["value"]) == max(float(v) for v in str(r["grid"]).split())]
-    edge_note = (f" At the grid's edge: {' and '.join(edge)} is the largest value tried, so more epochs might score "
-                 "higher on validation (not tried: each doubling doubles the run's training time)." if edge else "")
+            if str(r["field"]).endswith(("epochs", "learning_rate"))
+            and float(r["value"]) == max(float(v) for v in str(r["grid"]).split()) and len(str(r["grid"]).split()) > 1]
+    edge_note = (f" At the grid's edge: {' and '.join(edge)} is the largest value tried, so more training might score "
+                 "higher on validation (not tried)." if edge else "")
     return ["", f"Settings chosen on the validation split (`make tune`, seeds {first['seeds']}, {first['n_validation']} "
                 f"validation prompts; figures/{path.name}): {chosen}. The test set was used once, with these.{edge_note}"]
 
@@ -255,7 +256,8 @@ DEVIATIONS: tuple[Deviation, ...] = (
               "a 135M model samples few preference-following replies, so there is less for MIPO to amplify"),
     Deviation("fine-tuning", "full parameters, bf16, DeepSpeed ZeRO-2, learning rate 5e-7 (also 1e-7, 1e-6)",
               lambda p: (f"LoRA r={p.lora_r}, alpha {p.lora_alpha} on {', '.join(p.lora_target_modules)}; learning "
-                         f"rate {p.learning_rate:g} (SFT {p.sft_learning_rate:g})"),
+                         f"rate {p.learning_rate:g} (SFT {p.sft_learning_rate:g})"
+                         f"{_chosen(p, 'learning_rate', 'sft_learning_rate')}"),
               "fits a CPU and a T4; LoRA needs a far larger learning rate (5e-5 moved nothing visible in the pilot)",
               "a rank-limited update: likely a smaller move from the base than full fine-tuning"),
     Deviation("epochs and batch", "1 epoch, global batch 4",
@@ -270,7 +272,8 @@ DEVIATIONS: tuple[Deviation, ...] = (
     Deviation("pair sampling", "temperature 0.1, top-p 0.9 (1.0 for ARC), 512-1024 new tokens",
               lambda p: f"temperature {p.temperature:g}, top-p {p.top_p:g}, {p.max_new_tokens} new tokens",
               "at 0.1 a small model's positive and negative are near copies; a short cap keeps 3 seeds in the CPU budget",
-              "more contrast per pair; some sampled replies are cut at the cap (not yet counted per pair)"),
+              "more contrast per pair; some sampled replies are cut at the cap (flagged per pair: `chosen_truncated`, "
+              "`rejected_truncated`, counted in notebook 02)"),
     Deviation("prompt", "PRISM template: the user's preferences, the request, \"Respond with short 2-3 sentences.\"",
               lambda p: "the user's preference sentence, the request, \"Respond with short 2-3 sentences.\" (with and "
                         "without the preference)",

@@ -1,15 +1,18 @@
 """Settings chosen on the validation split (`make tune`), never on the test set.
 
 What is chosen, each method at its own best:
-- MIPO's epochs (`epochs`) and the SFT baseline's (`sft_epochs`), over `EPOCH_GRID`. Each method is trained once per
-  seed for the largest number of epochs, with the adapter kept after every epoch of the grid (`dpo.snapshot_dir`);
-  the learning rate is constant after warm-up (`dpo.LR_SCHEDULE`), so the snapshot after e epochs is an e-epoch run.
+- MIPO's epochs and learning rate (`epochs`, `learning_rate`) and the SFT baseline's (`sft_epochs`,
+  `sft_learning_rate`), over `EPOCH_GRID` x `LR_FACTORS` (multiples of the preset's own rate). Each method is trained
+  once per seed and learning rate for the largest number of epochs, with the adapter kept after every epoch of the
+  grid (`dpo.snapshot_dir`); the learning rate is constant after warm-up (`dpo.LR_SCHEDULE`), so the snapshot after
+  e epochs is an e-epoch run. A larger rate can reach in a few epochs what the preset's reaches in many, which makes
+  every later run cheaper; whether it does is the validation split's to say.
 - context-aware decoding's strength (`cad_alpha`) over `CAD_GRID` (a = 1/beta, MIPO's decode-time twin, is one of
   them and stays a named variant in the ablations).
 
 Each setting is scored on the validation prompts (requests never used for training or testing) with the judge, and
-the rule is: the highest mean validation rate over the tuning seeds; ties go to the cheaper setting (fewer epochs, the
-weaker strength). The sweep is written to `figures/tuning_<preset>.csv` and the choices to
+the rule is: the highest mean validation rate over the tuning seeds; ties go to the cheaper setting (fewer epochs,
+then the smaller learning rate; the weaker strength). The sweep is written to `figures/tuning_<preset>.csv` and the choices to
 `figures/choices_<preset>.csv`, which `config.get_preset` reads for that preset: `make reproduce` then touches the
 test set once, with these settings. Everything is cached and resumable like the pipeline's own stages.
 """
@@ -29,12 +32,21 @@ from mipo_lib.models import load_for_preset
 from mipo_lib.tasks import get_task
 
 EPOCH_GRID: tuple[int, ...] = (1, 2, 4, 8)
+#: Learning rates tried for each trained method, as multiples of the preset's own (each costs one longest training).
+LR_FACTORS: tuple[float, ...] = (1.0, 4.0)
 CAD_GRID: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0)
-#: The preset field each tuned method's setting lives in.
+#: The preset field each tuned method's main setting lives in (epochs; CAD's strength).
 TUNED_FIELDS: dict[str, str] = {"MIPO": "epochs", "SFT": "sft_epochs", "CAD": "cad_alpha"}
+#: The learning-rate field of each trained method, chosen jointly with its epochs.
+LR_FIELDS: dict[str, str] = {"MIPO": "learning_rate", "SFT": "sft_learning_rate"}
 N_VALIDATION = 50  # 5 of the 10 validation requests x 10 preferences (a fixed draw; 100 would double the cost)
 CHOICES_COLUMNS = ("field", "value", "method", "validation_rate", "grid", "seeds", "n_validation", "rule")
-RULE = "highest mean validation rate over the tuning seeds; ties: fewer epochs / weaker strength"
+RULE = "highest mean validation rate over the tuning seeds; ties: fewer epochs, then smaller learning rate / weaker strength"
+
+
+def tuned_fields() -> set[str]:
+    """Every preset field `make tune` may set (the choices table's `field` column takes only these)."""
+    return set(TUNED_FIELDS.values()) | set(LR_FIELDS.values())
 
 
 def tuning_path(preset_name: str) -> Path:
@@ -79,12 +91,15 @@ def _eval_key(preset: Preset, method: str, seed: int, n: int, upstream: cache.Ke
 
 
 def sweep_epochs(preset: Preset, method: str, seed: int, grid: Sequence[int] = EPOCH_GRID, n: int = N_VALIDATION,
-                 progress: bool = True) -> pd.DataFrame:
-    """Validation records of a trained method after each number of epochs in `grid`, from one run of max(grid)."""
+                 progress: bool = True, learning_rate: float | None = None) -> pd.DataFrame:
+    """Validation records of a trained method after each number of epochs in `grid`, from one run of max(grid) at
+    `learning_rate` (default: the preset's rate for that method); the rate used is the `learning_rate` column."""
     m = registry.get_method(method)
     if m.training is None:
         raise MipoError(f"{method!r} is not trained; epochs are tuned for {[t.name for t in registry.trained()]}")
-    field = TUNED_FIELDS[method]
+    field, lr_field = TUNED_FIELDS[method], LR_FIELDS[method]
+    if learning_rate is not None:
+        preset = preset.with_overrides(**{lr_field: learning_rate})
     longest = preset.with_overrides(**{field: max(grid)})
     base_key = pipeline.training_key(longest, method, seed)
     key = cache.Key(base_key.stage, base_key.label + " with epoch snapshots",
@@ -101,7 +116,7 @@ def sweep_epochs(preset: Preset, method: str, seed: int, grid: Sequence[int] = E
         ekey = _eval_key(setting, method, seed, n, key, snapshot=epochs)
         rec = _records(setting, method, seed, f"{method} after {epochs} epochs (validation)", ekey,
                        pipeline.variant_dir(preset, "tune", "eval"), dpo.snapshot_dir(folder, epochs), n, progress)
-        frames.append(rec.assign(setting=field, value=float(epochs)))
+        frames.append(rec.assign(setting=field, value=float(epochs), learning_rate=float(getattr(preset, lr_field))))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -118,10 +133,12 @@ def sweep_cad(preset: Preset, grid: Sequence[float] = CAD_GRID, n: int = N_VALID
 
 
 def sweep(preset: Preset, seeds: Sequence[int], epoch_grid: Sequence[int] = EPOCH_GRID,
-          cad_grid: Sequence[float] = CAD_GRID, n: int = N_VALIDATION, progress: bool = True) -> pd.DataFrame:
-    """Every tuned setting's validation records (columns of `evaluate.records` + `setting`, `value`), and
-    prompting's as the untuned reference line."""
-    frames = [sweep_epochs(preset, m, s, epoch_grid, n, progress) for s in seeds for m in ("MIPO", "SFT")]
+          cad_grid: Sequence[float] = CAD_GRID, n: int = N_VALIDATION, progress: bool = True,
+          lr_factors: Sequence[float] = LR_FACTORS) -> pd.DataFrame:
+    """Every tuned setting's validation records (columns of `evaluate.records` + `setting`, `value`,
+    `learning_rate`), and prompting's as the untuned reference line."""
+    frames = [sweep_epochs(preset, m, s, epoch_grid, n, progress, learning_rate=getattr(preset, LR_FIELDS[m]) * f)
+              for s in seeds for m in ("MIPO", "SFT") for f in lr_factors]
     frames.append(sweep_cad(preset, cad_grid, n, progress))
     prompting = _records(preset, "prompting", 0, "prompting (validation)", _eval_key(preset, "prompting", 0, n, None),
                          pipeline.variant_dir(preset, "tune", "eval"), None, n, progress)
@@ -130,11 +147,14 @@ def sweep(preset: Preset, seeds: Sequence[int], epoch_grid: Sequence[int] = EPOC
 
 
 def summarize(records: pd.DataFrame) -> pd.DataFrame:
-    """Per (method, setting, value): validation rate (mean over seeds), per-seed rates, truncated share, n."""
-    per_seed = (records.groupby(["method", "setting", "value", "seed"], dropna=False)
+    """Per (method, setting, value, learning rate): validation rate (mean over seeds), per-seed rates, truncated
+    share, n. The learning rate is empty for settings without one (CAD, prompting)."""
+    if "learning_rate" not in records:
+        records = records.assign(learning_rate=float("nan"))
+    per_seed = (records.groupby(["method", "setting", "value", "learning_rate", "seed"], dropna=False)
                 .agg(rate=("score", "mean"), truncated=("truncated", "mean"), mean_words=("n_words", "mean"), n=("score", "size"))
                 .reset_index())
-    out = (per_seed.groupby(["method", "setting", "value"], dropna=False)
+    out = (per_seed.groupby(["method", "setting", "value", "learning_rate"], dropna=False)
            .agg(rate=("rate", "mean"), truncated=("truncated", "mean"), mean_words=("mean_words", "mean"),
                 n=("n", "first"), n_seeds=("seed", "nunique"),
                 per_seed=("rate", lambda r: " / ".join(f"{x:.3f}" for x in r)))
@@ -143,18 +163,26 @@ def summarize(records: pd.DataFrame) -> pd.DataFrame:
 
 
 def choose(summary: pd.DataFrame, seeds: Sequence[int]) -> pd.DataFrame:
-    """The choices table: per tuned method, the setting with the highest validation rate (ties: the smallest value)."""
+    """The choices table: per tuned method, the setting with the highest validation rate (ties: the smallest value,
+    then the smallest learning rate), one row per field: epochs (or CAD's strength) and, where it was swept, the
+    learning rate chosen with them."""
+    if "learning_rate" not in summary:
+        summary = summary.assign(learning_rate=float("nan"))
     rows = []
     for method, field in TUNED_FIELDS.items():
-        sub = summary[summary["method"] == method].sort_values("value")
+        sub = summary[summary["method"] == method].sort_values(["value", "learning_rate"])
         if sub.empty:
             continue
         best = sub.loc[sub["rate"].idxmax()] if sub["rate"].notna().any() else sub.iloc[0]
-        best = sub[sub["rate"] == best["rate"]].iloc[0]  # the smallest value among the tied best
+        best = sub[sub["rate"] == best["rate"]].iloc[0]  # the cheapest among the tied best
+        common = {"method": method, "validation_rate": round(float(best["rate"]), 4),
+                  "seeds": " ".join(map(str, seeds)), "n_validation": int(best["n"]), "rule": RULE}
         value = f"{int(best['value'])}" if field != "cad_alpha" else f"{float(best['value']):g}"  # as --set spells it
-        rows.append({"field": field, "value": value, "method": method, "validation_rate": round(float(best["rate"]), 4),
-                     "grid": " ".join(f"{v:g}" for v in sub["value"]), "seeds": " ".join(map(str, seeds)),
-                     "n_validation": int(best["n"]), "rule": RULE})
+        rows.append({"field": field, "value": value, "grid": " ".join(f"{v:g}" for v in sub["value"].unique()), **common})
+        if method in LR_FIELDS and pd.notna(best["learning_rate"]):
+            rates = sorted(sub["learning_rate"].dropna().unique())
+            rows.append({"field": LR_FIELDS[method], "value": f"{float(best['learning_rate']):g}",
+                         "grid": " ".join(f"{v:g}" for v in rates), **common})
     return pd.DataFrame(rows, columns=list(CHOICES_COLUMNS))
 
 

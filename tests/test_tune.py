@@ -69,6 +69,55 @@ def _summary(rates):
     return pd.DataFrame(rows)
 
 
+def test_choose_picks_epochs_and_learning_rate_jointly():
+    """Two rates per trained method: the best (epochs, rate) pair wins, written as two rows; on a tie the fewer
+    epochs win first (cheaper to run), then the smaller rate."""
+    grid = {("MIPO", 2e-4): {1: 0.2, 2: 0.3, 4: 0.4, 8: 0.48}, ("MIPO", 8e-4): {1: 0.3, 2: 0.48, 4: 0.46, 8: 0.4},
+            ("SFT", 2e-4): {1: 0.1, 2: 0.3, 4: 0.3, 8: 0.2}, ("SFT", 8e-4): {1: 0.3, 2: 0.2, 4: 0.1, 8: 0.1}}
+    rows = [{"method": m, "setting": tune.TUNED_FIELDS[m], "value": v, "learning_rate": lr, "rate": r, "n": 50}
+            for (m, lr), by in grid.items() for v, r in by.items()]
+    rows.append({"method": "CAD", "setting": "cad_alpha", "value": 1.0, "learning_rate": float("nan"), "rate": 0.4, "n": 50})
+    choices = tune.choose(pd.DataFrame(rows), [0, 1]).set_index("field")
+    assert choices.loc["epochs", "value"] == "2" and choices.loc["learning_rate", "value"] == "0.0008"
+    assert choices.loc["sft_epochs", "value"] == "1" and choices.loc["sft_learning_rate", "value"] == "0.0008"
+    assert choices.loc["learning_rate", "grid"] == "0.0002 0.0008" and choices.loc["epochs", "grid"] == "1 2 4 8"
+    assert choices.loc["learning_rate", "validation_rate"] == choices.loc["epochs", "validation_rate"] == 0.48
+    assert "cad_alpha" in choices.index and set(choices.index) <= tune.tuned_fields()
+    tied = pd.DataFrame(rows).assign(rate=0.5)  # everything tied: 1 epoch at the preset's own rate
+    cheap = tune.choose(tied, [0]).set_index("field")
+    assert cheap.loc["epochs", "value"] == "1" and cheap.loc["learning_rate", "value"] == "0.0002"
+
+
+def test_sweep_trains_once_per_rate_and_the_choices_reach_the_preset(preset, tmp_path, monkeypatch):
+    """The whole `make tune` path on the smoke model, with small grids: one training per method, seed and rate; every
+    (epochs, rate) pair scored on validation; the choices are valid fields that get_preset applies."""
+    monkeypatch.setenv("MIPO_RUNS_DIR", str(tmp_path / "runs"))
+    trained = []
+
+    def counting(train, field):
+        def wrapper(model, tokenizer, pairs, p, *args, **kwargs):
+            trained.append((field, getattr(p, field)))
+            return train(model, tokenizer, pairs, p, *args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(dpo, "train_dpo", counting(dpo.train_dpo, "learning_rate"))
+    monkeypatch.setattr(dpo, "train_sft", counting(dpo.train_sft, "sft_learning_rate"))
+    small = dict(n_train_prompts=8, batch_size=4)
+    records = tune.sweep(get_preset("smoke", tuned=False, **small), [0], epoch_grid=(1, 2), cad_grid=(1.0,), n=4,
+                         progress=False)
+    base_lr = get_preset("smoke", tuned=False).learning_rate
+    assert sorted(trained) == sorted((f, base_lr * x) for f in ("learning_rate", "sft_learning_rate")
+                                     for x in tune.LR_FACTORS)  # MIPO and SFT, once per rate, at that rate
+    summary = tune.summarize(records)
+    mipo = summary[summary["method"] == "MIPO"]
+    assert sorted(mipo["learning_rate"].unique()) == pytest.approx([base_lr * f for f in tune.LR_FACTORS])
+    assert len(mipo) == 2 * len(tune.LR_FACTORS) and (mipo["n"] == 4).all()
+    choices = tune.choose(summary, [0])
+    assert set(choices["field"]) == tune.tuned_fields()
+    overrides = {r.field: config.conform(r.field, r.value) for r in choices.itertuples()}
+    get_preset("smoke", **overrides)  # valid values of valid fields
+
+
 def test_choose_takes_the_best_validation_rate_and_the_cheaper_setting_on_ties():
     summary = _summary({"MIPO": {1: 0.2, 2: 0.3, 4: 0.5, 8: 0.5}, "SFT": {1: 0.4, 2: 0.3, 4: 0.2, 8: 0.1},
                         "CAD": {0.5: 0.25, 1.0: 0.3, 2.0: 0.1, 5.0: 0.0, 10.0: 0.3}})
@@ -93,7 +142,7 @@ def test_committed_choices_reach_get_preset_unless_overridden(tmp_path, monkeypa
 
 def test_committed_cpu_choices_are_valid_fields():
     for field, value in config.load_choices("cpu").items():
-        assert field in tune.TUNED_FIELDS.values()
+        assert field in tune.tuned_fields()
         config.PRESETS["cpu"].with_overrides(**{field: value})
 
 
