@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 reproduce: $(STAMP)
 	$(BIN)/python -m mipo_lib reproduce --preset $(PRESET) $(if $(SEEDS),--seeds $(SEEDS)) $(foreach s,$(SET),--set $(s))
 
-# Settings chosen on the validation split (MIPO's and SFT's epochs, CAD's strength), written to
+# Settings chosen on the validation split (MIPO's and SFT's epochs and learning rates, CAD's strength), written to
 # figures/choices_$(PRESET).csv, which `make reproduce` reads: make tune SEEDS=0 SET="dtype=float32"
 tune: $(STAMP)
 	$(BIN)/python -m mipo_lib tune --preset $(PRESET) $(if $(SEEDS),--seeds $(SEEDS)) $(foreach s,$(SET),--set $(s))

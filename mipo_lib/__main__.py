@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--redo", action="store_true", help="recompute pairs, adapters and evaluations")
     rep.add_argument("--no-progress", action="store_true")
 
-    tun = sub.add_parser("tune", help="choose epochs (MIPO, SFT) and CAD's strength on the validation split")
+    tun = sub.add_parser("tune", help="choose epochs and learning rates (MIPO, SFT) and CAD's strength on validation")
     tun.add_argument("--preset", default="cpu")
     tun.add_argument("--seeds", type=_parse_seeds, default=None, help="tuning seeds (default: the preset's)")
     tun.add_argument("--no-progress", action="store_true")

@@ -292,13 +292,14 @@ PRESETS: dict[str, Preset] = {
         model_id=BUNDLED_MODEL,
         dtype="auto",
         # Sized to finish 3 seeds of everything on 2 slow cores: 60 pairs (6 requests x 10 preferences), 100
-        # held-out prompts (10 unseen requests x 10 preferences), batch 4; epochs (MIPO, SFT) and CAD's strength are
-        # chosen on the validation split (figures/choices_cpu.csv, `make tune`). Token caps sized so that replies
-        # finish (every request asks for 2-3 sentences): greedy evaluation with no repeated 3-gram (the 135M model
-        # loops otherwise). On the 40 train and validation requests, 1 context-free greedy reply (2.5%) hits 192
-        # tokens, a letter that still runs at 320; all others end by 151 (measured 2026-11-28). Without the
-        # instruction, at 128 tokens, 40% of prompting and all context-free replies were cut. Pairs are sampled up to
-        # 64 tokens (a cost choice: sampling and training dominate the run; some sampled replies are cut there).
+        # held-out prompts (10 unseen requests x 10 preferences), batch 4; epochs and learning rates (MIPO, SFT) and
+        # CAD's strength are chosen on the validation split (figures/choices_cpu.csv, `make tune`). Token caps sized
+        # so that replies finish (every request asks for 2-3 sentences): greedy evaluation with no repeated 3-gram
+        # (the 135M model loops otherwise). On the 40 train and validation requests, 1 context-free greedy reply
+        # (2.5%) hits 192 tokens, a letter that still runs at 320; all others end by 151 (measured 2026-11-28).
+        # Without the instruction, at 128 tokens, 40% of prompting and all context-free replies were cut. Pairs are
+        # sampled up to 64 tokens (a cost choice: sampling and training dominate the run; the pairs flag each reply
+        # cut there, `chosen_truncated` / `rejected_truncated`).
         n_train_prompts=60,
         n_test_prompts=100,
         max_new_tokens=64,
@@ -435,8 +436,9 @@ def get_preset(name: str, /, *, tuned: bool = True, **overrides: Any) -> Preset:
     caller did not set are taken, and only in `get_preset`: `Preset.with_overrides` changes exactly what it is given.
 
     With `tuned` (the default), the settings `make tune` chose on the validation split for this preset
-    (`figures/choices_<name>.csv`: MIPO's and SFT's epochs, CAD's strength) replace the preset's own values, again
-    only for fields the caller does not set; `tuned=False` gives the preset as written (the tuning sweep starts there).
+    (`figures/choices_<name>.csv`: MIPO's and SFT's epochs and learning rates, CAD's strength) replace the preset's
+    own values, again only for fields the caller does not set; `tuned=False` gives the preset as written (the tuning
+    sweep starts there).
     """
     from mipo_lib.tasks import load_plugins, task_settings
 
