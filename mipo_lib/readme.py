@@ -263,7 +263,8 @@ DEVIATIONS: tuple[Deviation, ...] = (
     Deviation("epochs and batch", "1 epoch, global batch 4",
               lambda p: (f"MIPO {p.epochs} epochs, SFT {p.sft_epochs}, batch {p.batch_size} x {p.grad_accum} accumulation"
                          f"{_chosen(p, 'epochs', 'sft_epochs')}"),
-              "60 pairs give 15 steps per epoch; each method's epochs are chosen on the validation split (1/2/4/8)",
+              "60 pairs give 15 steps per epoch; each method's epochs are chosen on the validation split (1/2/4/8), "
+              "with its learning rate (1x or 4x the preset's)",
               "each method at its own best on validation, rather than the paper's single epoch"),
     Deviation("schedule", "cosine with a minimum learning rate (OpenRLHF), 3% warm-up",
               lambda p: f"constant after a warm-up of {100 * p.warmup_ratio:g}% of one epoch's steps (at least 1)",
