@@ -98,7 +98,7 @@ def _choices_lines(preset: str) -> list[str]:
     edge = [f"{r['method']}'s `{r['field']}`" for _, r in choices.iterrows()
             if str(r["field"]).endswith(("epochs", "learning_rate"))
             and float(r["value"]) == max(float(v) for v in str(r["grid"]).split()) and len(str(r["grid"]).split()) > 1]
-    edge_note = (f" At the grid's edge: {' and '.join(edge)} is the largest value tried, so more training might score "
+    edge_note = (f" At the grid's edge: {' and '.join(edge)} is the largest value tried, so a larger one might score "
                  "higher on validation (not tried)." if edge else "")
     return ["", f"Settings chosen on the validation split (`make tune`, seeds {first['seeds']}, {first['n_validation']} "
                 f"validation prompts; figures/{path.name}): {chosen}. The test set was used once, with these.{edge_note}"]

@@ -178,7 +178,7 @@ def reproduce(
             publish(out_dir / path.name)
             print(f"[mipo] notebooks/{path.name} now shows this reference run's outputs", flush=True)
     writer = RESULTS_NOTEBOOK.get(effective.name)
-    if is_reference_run(effective, overrides) and any(r.notebook.startswith(writer or "-") for r in runs):
+    if writer and is_reference_run(effective, overrides) and any(r.notebook.startswith(writer) for r in runs):
         from mipo_lib.readme import REFERENCE_TABLES, update_readme  # the reference run: its numbers are the README's
 
         if update_readme(effective.name):

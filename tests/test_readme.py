@@ -115,3 +115,9 @@ def test_choices_line_flags_an_epoch_choice_at_the_grid_edge(tmp_path, monkeypat
     assert "At the grid's edge: MIPO's `epochs` is the largest value tried" in line and "SFT's" not in line.split("edge")[1]
     path.write_text(rows + "epochs,4,MIPO,0.48,1 2 4 8,0,50,r\n")
     assert "grid's edge" not in " ".join(readme._choices_lines("smoke"))
+    # a learning rate at the top of its grid is flagged too; a one-value grid has no edge to speak of
+    path.write_text(rows + "sft_epochs,4,SFT,0.34,1 2 4 8,0,50,r\nsft_learning_rate,0.0008,SFT,0.34,0.0002 0.0008,0,50,r\n"
+                    "learning_rate,0.0002,MIPO,0.48,0.0002,0,50,r\n")
+    line = " ".join(readme._choices_lines("smoke"))
+    assert "At the grid's edge: SFT's `sft_learning_rate` is the largest value tried" in line
+    assert "MIPO's" not in line.split("edge")[1]
