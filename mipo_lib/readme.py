@@ -91,15 +91,15 @@ def _choices_lines(preset: str) -> list[str]:
     path = choices_path(preset)
     if not path.exists():
         return []
-    choices = pd.read_csv(path)
+    choices = pd.read_csv(path, dtype={"value": str, "grid": str, "seeds": str})  # as written: 8, not 8.0
     chosen = "; ".join(f"{r['method']} `{r['field']}` = {r['value']} (validation rate {_pct(r['validation_rate'])}, "
                        f"grid {r['grid']})" for _, r in choices.iterrows())
     first = choices.iloc[0]
     edge = [f"{r['method']}'s `{r['field']}`" for _, r in choices.iterrows()
             if str(r["field"]).endswith(("epochs", "learning_rate"))
             and float(r["value"]) == max(float(v) for v in str(r["grid"]).split()) and len(str(r["grid"]).split()) > 1]
-    edge_note = (f" At the grid's edge: {' and '.join(edge)} is the largest value tried, so a larger one might score "
-                 "higher on validation (not tried)." if edge else "")
+    edge_note = (f" At the grid's edge: {' and '.join(edge)} {'is' if len(edge) == 1 else 'are'} the largest value "
+                 "tried, so a larger one might score higher on validation (not tried)." if edge else "")
     return ["", f"Settings chosen on the validation split (`make tune`, seeds {first['seeds']}, {first['n_validation']} "
                 f"validation prompts; figures/{path.name}): {chosen}. The test set was used once, with these.{edge_note}"]
 
