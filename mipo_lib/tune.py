@@ -12,8 +12,8 @@ What is chosen, each method at its own best:
 
 Each setting is scored on the validation prompts (requests never used for training or testing) with the judge, and
 the rule is: the highest mean validation rate over the tuning seeds; ties go to the cheaper setting (fewer epochs,
-then the smaller learning rate; the weaker strength). The sweep is written to `figures/tuning_<preset>.csv` and the choices to
-`figures/choices_<preset>.csv`, which `config.get_preset` reads for that preset: `make reproduce` then touches the
+then the smaller learning rate; the weaker strength). The sweep is written to `figures/tuning_<preset>.csv` and the
+choices to `figures/choices_<preset>.csv`, which `config.get_preset` reads for that preset: `make reproduce` then touches the
 test set once, with these settings. Everything is cached and resumable like the pipeline's own stages.
 """
 
@@ -146,12 +146,15 @@ def sweep(preset: Preset, seeds: Sequence[int], epoch_grid: Sequence[int] = EPOC
     return pd.concat(frames, ignore_index=True)
 
 
+def _with_learning_rate(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` with a `learning_rate` column (empty where none was swept: CAD, prompting, an older sweep's rows)."""
+    return frame if "learning_rate" in frame else frame.assign(learning_rate=float("nan"))
+
+
 def summarize(records: pd.DataFrame) -> pd.DataFrame:
     """Per (method, setting, value, learning rate): validation rate (mean over seeds), per-seed rates, truncated
     share, n. The learning rate is empty for settings without one (CAD, prompting)."""
-    if "learning_rate" not in records:
-        records = records.assign(learning_rate=float("nan"))
-    per_seed = (records.groupby(["method", "setting", "value", "learning_rate", "seed"], dropna=False)
+    per_seed = (_with_learning_rate(records).groupby(["method", "setting", "value", "learning_rate", "seed"], dropna=False)
                 .agg(rate=("score", "mean"), truncated=("truncated", "mean"), mean_words=("n_words", "mean"), n=("score", "size"))
                 .reset_index())
     out = (per_seed.groupby(["method", "setting", "value", "learning_rate"], dropna=False)
@@ -166,8 +169,7 @@ def choose(summary: pd.DataFrame, seeds: Sequence[int]) -> pd.DataFrame:
     """The choices table: per tuned method, the setting with the highest validation rate (ties: the smallest value,
     then the smallest learning rate), one row per field: epochs (or CAD's strength) and, where it was swept, the
     learning rate chosen with them."""
-    if "learning_rate" not in summary:
-        summary = summary.assign(learning_rate=float("nan"))
+    summary = _with_learning_rate(summary)
     rows = []
     for method, field in TUNED_FIELDS.items():
         sub = summary[summary["method"] == method].sort_values(["value", "learning_rate"])
