@@ -10,7 +10,8 @@ Measured:
 2. scoring: base-model log-prob tokens/s, batched and length-sorted;
 3. DPO: one epoch with reference log-probs reused from the pairs vs TRL's default (a reference forward every step,
    adapter disabled), peak memory of both, and whether a second copy of the base weights exists; one step with the
-   fused LM head on every position vs the reply positions only, against the machine's matmul roof;
+   fused LM head on every position vs the reply positions only vs also each prompt run once, against the machine's
+   matmul roof;
 4. 4-bit NF4 vs the default dtype: load footprint and one training step;
 5. end to end: wall time and peak memory per notebook from the runner's timings.csv, when a cpu run exists.
 """
@@ -32,7 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from mipo_lib import dpo  # noqa: E402
+from mipo_lib import dpo, shared_prompt  # noqa: E402
 from mipo_lib.config import get_preset, run_dir  # noqa: E402
 from mipo_lib.environment import versions  # noqa: E402
 from mipo_lib.generate import GenerationStats, chat_prompt_ids, generate_batches  # noqa: E402
@@ -148,18 +149,32 @@ def _sgemm_gflops(n: int = 1024, k: int = 576, m: int = 1536, reps: int = 20) ->
     return 2 * n * k * m * reps / (time.perf_counter() - start) / 1e9
 
 
+def _body_tokens(batch: dict[str, Any], shared: bool) -> int:
+    """Tokens a step pushes through the transformer body: the padded batch, or with each prompt run once the n
+    padded prompts plus the 2n padded replies."""
+    layout = shared_prompt.pair_layout(batch["input_ids"], batch["attention_mask"], batch["completion_mask"]) if shared else None
+    if layout is None:
+        return batch["input_ids"].numel()
+    prompt_len, reply_len = layout
+    n = len(prompt_len) // 2
+    return n * int(prompt_len.max()) + 2 * n * int(reply_len.max())
+
+
 def bench_dpo_step(preset: Any, pairs: list[dict[str, Any]]) -> dict[str, float]:
-    """One DPO step (forward + backward) with TRL's fused LM head on every position (TRL's CPU default) vs only the
-    labelled reply positions (`dpo.compact_lm_head_on_cpu`), and the compacted step's FLOP rate against this
-    machine's matmul roof. FLOPs of a LoRA step: forward 2 x body params x tokens, backward the same again (frozen
-    weights get no gradient), and the LM head on the labelled positions (projection, recomputed in the backward, and
-    its gradient: 3 x 2 x vocab x hidden each)."""
+    """One DPO step (forward + backward) three ways: TRL's layout with its fused LM head on every position (TRL's CPU
+    default); the same with only the labelled reply positions scored (`dpo.compact_lm_head_on_cpu`); and the
+    library's step, which also runs each pair's prompt once (`shared_prompt`). The library's step's FLOP rate is
+    compared with this machine's matmul roof. FLOPs of a LoRA step: forward 2 x body params x body tokens, backward the
+    same again (frozen weights get no gradient), and the LM head on the labelled positions (projection, recomputed in
+    the backward, and its gradient: 3 x 2 x vocab x hidden each)."""
     import trl.trainer.utils as trl_utils
 
     compacting = trl_utils._use_triton
     uncompacted = getattr(compacting, "trl_predicate", compacting)
     with tempfile.TemporaryDirectory() as tmp:
         trainer, batches = _step_trainer(preset, pairs, Path(tmp))
+        shared = _step_seconds(trainer, batches)
+        type(trainer).share_prompt = False
         compact = _step_seconds(trainer, batches)
         trl_utils._use_triton = uncompacted
         try:
@@ -169,19 +184,24 @@ def bench_dpo_step(preset: Any, pairs: list[dict[str, Any]]) -> dict[str, float]
     config = trainer.model.config
     vocab, hidden = config.vocab_size, config.hidden_size
     body = sum(p.numel() for n, p in trainer.model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
-    tokens = sum(b["input_ids"].numel() for b in batches[1:]) / (len(batches) - 1)
-    labelled = sum(int(b["completion_mask"][:, 1:].sum()) for b in batches[1:]) / (len(batches) - 1)
-    flops = 4 * body * tokens + 6 * vocab * hidden * labelled
+    measured = batches[1:]
+    tokens = sum(_body_tokens(b, shared=False) for b in measured) / len(measured)
+    shared_tokens = sum(_body_tokens(b, shared=True) for b in measured) / len(measured)
+    labelled = sum(int(b["completion_mask"][:, 1:].sum()) for b in measured) / len(measured)
+    flops = 4 * body * shared_tokens + 6 * vocab * hidden * labelled
     roof = _sgemm_gflops()
     return {
         "dpo_step_all_positions_s": full,
         "dpo_step_compact_s": compact,
         "dpo_step_compact_vs_all": compact / full,
+        "dpo_step_shared_prompt_s": shared,
+        "dpo_step_shared_vs_compact": shared / compact,
         "dpo_step_padded_tokens": tokens,
+        "dpo_step_shared_prompt_tokens": shared_tokens,
         "dpo_step_labelled_tokens": labelled,
-        "dpo_step_gflops": flops / compact / 1e9,
+        "dpo_step_gflops": flops / shared / 1e9,
         "sgemm_gflops": roof,
-        "dpo_step_vs_sgemm_roof": flops / compact / 1e9 / roof,
+        "dpo_step_vs_sgemm_roof": flops / shared / 1e9 / roof,
     }
 
 
@@ -213,9 +233,13 @@ def analysis(results: dict[str, float]) -> list[str]:
         f"- DPO step: TRL's fused LM head scores every position on a CPU; scoring only the labelled reply positions "
         f"({results['dpo_step_labelled_tokens']:.0f} of {results['dpo_step_padded_tokens']:.0f} per batch) takes the "
         f"step from {results['dpo_step_all_positions_s']:.2f} s to {results['dpo_step_compact_s']:.2f} s "
-        f"({results['dpo_step_compact_vs_all']:.2f}x). The compacted step runs at {results['dpo_step_gflops']:.0f} "
-        f"GFLOP/s, {results['dpo_step_vs_sgemm_roof']:.0%} of this machine's matmul roof in the model's shapes "
-        f"({results['sgemm_gflops']:.0f} GFLOP/s): what is left is the transformer body itself, and padding.",
+        f"({results['dpo_step_compact_vs_all']:.2f}x). Running each pair's prompt once (both replies attend to its "
+        f"cached keys and values) cuts the body's tokens from {results['dpo_step_padded_tokens']:.0f} to "
+        f"{results['dpo_step_shared_prompt_tokens']:.0f} per batch and the step to {results['dpo_step_shared_prompt_s']:.2f} s "
+        f"({results['dpo_step_shared_vs_compact']:.2f}x the compacted step). That step runs at "
+        f"{results['dpo_step_gflops']:.0f} GFLOP/s, {results['dpo_step_vs_sgemm_roof']:.0%} of this machine's matmul "
+        f"roof in the model's shapes ({results['sgemm_gflops']:.0f} GFLOP/s): what is left is the transformer body "
+        "itself, the replies' padding, and attention over the cached prompt.",
         f"- 4-bit NF4: {results['footprint_4bit_mb']:.0f} MB vs {results['footprint_default_mb']:.0f} MB of weights; "
         f"a training step takes {results['step_time_4bit_vs_default']:.2f}x the default-precision step on this CPU. 4-bit "
         "exists to fit GPUs (a T4), not to speed up a CPU.",

@@ -13,6 +13,8 @@ Choices that matter:
   longer run *is* an e-epoch run: `make tune` trains each method once and evaluates its epoch snapshots
   (`snapshot_epochs`) on the validation split instead of training once per epoch count.
 - On CPU the fused LM head scores only the reply positions (`compact_lm_head_on_cpu`), as TRL already does on GPUs.
+- Each pair's prompt runs through the model once per step, not once per reply (`shared_prompt`, hooked into TRL's
+  loss by `_prompt_run_once`); not with gradient checkpointing (`shares_prompt`).
 - Precision follows `models.select_dtype`: bf16 where supported, fp16 on a T4 (adapters kept in fp32), fp32 on CPUs
   without native bf16. With 4-bit the base stays NF4; only the LoRA matrices train.
 """
@@ -24,14 +26,16 @@ import json
 import math
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import pandas as pd
 import torch
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from mipo_lib import cache
+from mipo_lib import cache, shared_prompt
 from mipo_lib.config import Preset
 from mipo_lib.errors import MipoError
 from mipo_lib.models import lora_config, prepare_4bit_for_training
@@ -215,14 +219,67 @@ def _trainer_classes() -> tuple[type, type, type, type]:
     compact_lm_head_on_cpu()
 
     class PairsDPOTrainer(DPOTrainer):
-        """DPOTrainer that takes reference log-probs already present in the dataset instead of recomputing them."""
+        """DPOTrainer that takes reference log-probs already present in the dataset instead of recomputing them, and
+        runs each pair's prompt once (`shared_prompt`) where the batch allows it."""
+
+        share_prompt: bool = True  # False: TRL's own forward (the tests compare the two)
 
         def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
             if {"ref_chosen_logps", "ref_rejected_logps"} <= set(dataset.column_names):
                 return dataset
             return super()._precompute_ref_logps(dataset, name, batch_size)
 
+        def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
+            if not (self.share_prompt and shares_prompt(self.args)):
+                return super()._compute_loss(model, inputs, return_outputs)
+            with _prompt_run_once(self.accelerator.unwrap_model(model), inputs["completion_mask"]):
+                return super()._compute_loss(model, inputs, return_outputs)
+
     return DPOConfig, PairsDPOTrainer, SFTConfig, SFTTrainer
+
+
+def shares_prompt(args: Any) -> bool:
+    """Whether DPO steps run each prompt once (`shared_prompt`). Not with gradient checkpointing: transformers turns
+    the key/value cache off while checkpointing in training, and the replies' pass needs the prompts' cache."""
+    return not getattr(args, _checkpointing_key(), False)
+
+
+def dpo_forward(preset: Preset) -> str:
+    """How a DPO step runs its batch under `preset`, for the cache key: the float results of the two ways differ in
+    rounding only, but a 120-step run amplifies rounding into a different trajectory, so a stored adapter is reused
+    only under the way that made it."""
+    return "trl" if preset.gradient_checkpointing else "shared-prompt"
+
+
+@contextmanager
+def _prompt_run_once(model: Any, completion_mask: torch.Tensor) -> Iterator[None]:
+    """While TRL computes one batch's loss, its calls of the transformer body go through `shared_prompt` (falling back
+    to the body itself for any batch that does not have the pair layout, or any call with other arguments).
+
+    TRL's fused LM head calls the body as `model.base_model(input_ids=..., attention_mask=..., use_cache=False)`
+    (through PEFT, which adds `inputs_embeds=None` and other unset arguments);
+    the body instance's `forward` is replaced for the duration of the batch and restored after."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = causal_lm.base_model
+    original = body.forward
+    own = body.__dict__.get("forward")
+
+    def forward(input_ids: Any = None, attention_mask: Any = None, use_cache: Any = None, **kwargs: Any) -> Any:
+        unset = all(value is None for value in kwargs.values())  # PEFT passes inputs_embeds=None and the like
+        if unset and not use_cache and input_ids is not None and attention_mask is not None and input_ids.shape == completion_mask.shape:
+            hidden = shared_prompt.hidden_states(original, input_ids, attention_mask, completion_mask)
+            if hidden is not None:
+                return BaseModelOutputWithPast(last_hidden_state=hidden)
+        return original(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache, **kwargs)
+
+    body.forward = forward
+    try:
+        yield
+    finally:
+        if own is None:
+            del body.forward
+        else:
+            body.forward = own
 
 
 def check_reference_tokens(trainer: Any, pairs: Sequence[dict[str, Any]], max_length: int) -> None:
@@ -279,11 +336,16 @@ def _log_frame(history: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(steps)
 
 
+def training_extras(training: str, preset: Preset) -> dict[str, str]:
+    """Key values of a training run beyond the preset's fields: the schedule, and for DPO how a step runs its batch."""
+    return {"schedule": LR_SCHEDULE, **({"forward": dpo_forward(preset)} if training == "dpo" else {})}
+
+
 def run_key(training: str, preset: Preset, seed: int, pairs: Sequence[dict[str, Any]]) -> cache.Key:
     """The cache key of a run given its pairs (`training` is "dpo" or "sft"): the training fields, the pairs' key and
     a digest of the pairs themselves. The pipeline passes its own key instead, built before the pairs are loaded."""
     return cache.stage_key(training, preset, f"{training.upper()} adapter (seed {seed})", upstream=pairs_key(preset, seed),
-                           pairs=cache.content_digest(list(pairs))[:16], schedule=LR_SCHEDULE)
+                           pairs=cache.content_digest(list(pairs))[:16], **training_extras(training, preset))
 
 
 def finished_run(adapter_dir: Path, key: cache.Key) -> TrainResult | None:

@@ -31,7 +31,7 @@ def training_key(preset: Preset, method: str, seed: int) -> cache.Key:
     """What a trained method's adapter depends on: its training stage's fields and the seed's pairs key."""
     m = _trained(method)
     return cache.stage_key(m.training, preset, f"{method} adapter (seed {seed})", upstream=pairs_key(preset, seed), method=method,
-                           schedule=dpo.LR_SCHEDULE)
+                           **dpo.training_extras(m.training, preset))
 
 
 def adapter_dir(preset: Preset, method: str, seed: int) -> Path:
