@@ -16,7 +16,7 @@ SET    ?=
 export HF_HUB_OFFLINE ?= $(if $(filter cpu% smoke%,$(PRESET)),1,0)
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup reproduce tune ablations reasoning test benchmark clean
+.PHONY: setup reproduce tune heldout ablations reasoning test benchmark clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,11 @@ reproduce: $(STAMP)
 # figures/choices_$(PRESET).csv, which `make reproduce` reads: make tune SEEDS=0 SET="dtype=float32"
 tune: $(STAMP)
 	$(BIN)/python -m mipo_lib tune --preset $(PRESET) $(if $(SEEDS),--seeds $(SEEDS)) $(foreach s,$(SET),--set $(s))
+
+# MIPO vs prompting on preference types never trained on (notebook 05, section 6), written to
+# figures/heldout_types_$(PRESET).csv, which `make reproduce` reads while its settings match: make heldout SET="dtype=float32"
+heldout: $(STAMP)
+	$(BIN)/python -m mipo_lib heldout --preset $(PRESET) $(if $(SEEDS),--seeds $(SEEDS)) $(foreach s,$(SET),--set $(s))
 
 ablations: $(STAMP)
 	$(BIN)/python -m mipo_lib reproduce --preset $(PRESET) --notebooks 06 $(if $(SEEDS),--seeds $(SEEDS)) $(foreach s,$(SET),--set $(s))

@@ -1,4 +1,4 @@
-"""Command line: `python -m mipo_lib {setup,reproduce,tune,chat,readme}`.
+"""Command line: `python -m mipo_lib {setup,reproduce,tune,heldout,chat,readme}`.
 
 Any preset field can be changed with a repeatable `--set field=value` (parsed by the field's type: `beta=0.3`,
 `load_in_4bit=true`, `cad_alpha=none`, `lora_target_modules=q_proj,v_proj`, `seeds=0,1`); `reproduce` hands the same
@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     tun.add_argument("--seeds", type=_parse_seeds, default=None, help="tuning seeds (default: the preset's)")
     tun.add_argument("--no-progress", action="store_true")
 
+    held = sub.add_parser("heldout", help="MIPO vs prompting on preference types never trained on -> figures/heldout_types_<preset>.csv")
+    held.add_argument("--preset", default="cpu")
+    held.add_argument("--seeds", type=_parse_seeds, default=None, help="MIPO seeds (default: the preset's first)")
+    held.add_argument("--no-progress", action="store_true")
+
     rdm = sub.add_parser("readme", help="rewrite the README's results block from figures/results_<preset>.csv")
     rdm.add_argument("--preset", default="all", help="cpu, cpu-reasoning or all (default)")
 
@@ -44,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("message")
     chat.add_argument("--preset", default="cpu")
     chat.add_argument("--max-new-tokens", type=int, default=64)
-    for command in (rep, chat, tun):
+    for command in (rep, chat, tun, held):
         command.add_argument(
             "--set", action="append", default=[], dest="overrides", metavar="FIELD=VALUE",
             help="change one preset field, e.g. --set beta=0.3 (repeatable; fields: see mipo_lib/config.py)",
@@ -72,6 +77,13 @@ def main(argv: list[str] | None = None) -> int:
             summary, choices = run(args.preset, args.seeds, overrides, progress=not args.no_progress)
             print(summary.to_string(index=False))
             print(choices.to_string(index=False))
+        elif args.command == "heldout":
+            from mipo_lib.heldout import records_path, run as run_heldout
+
+            frame = run_heldout(args.preset, args.seeds, overrides, progress=not args.no_progress)
+            rates = frame.groupby(["method", "seed"])[["score", "truncated"]].mean()
+            print(rates.to_string(float_format="{:.3f}".format))
+            print(f"wrote {records_path(args.preset)}")
         elif args.command == "readme":
             from mipo_lib.readme import update_readme
 

@@ -1,0 +1,76 @@
+"""`make heldout`'s committed records: written with their cache keys, read back only while the current settings give
+the same keys for every method and seed, recomputed (and said why) otherwise."""
+
+import pandas as pd
+import pytest
+
+from mipo_lib import heldout, pipeline
+from mipo_lib.__main__ import main
+from mipo_lib.config import get_preset
+
+
+@pytest.fixture
+def fake_pipeline(monkeypatch, tmp_path):
+    """evaluate_all replaced by a cheap table with awkward replies (newlines, quotes, emoji, "NA"); the table lands in
+    tmp_path instead of figures/."""
+    calls = []
+
+    def evaluate_all(preset, seeds, methods=None, progress=True):
+        calls.append((preset.task, tuple(seeds), tuple(methods)))
+        rows = [{"task": preset.task, "method": m, "seed": s, "example_id": f"r{i:02d}-short", "group": "short",
+                 "response": ['Hi "there"\nline two 🍌', "NA", ""][i % 3], "score": float(i % 2), "n_words": i,
+                 "truncated": i == 0} for s in seeds for m in methods for i in range(3)]
+        return pd.DataFrame(rows)
+
+    monkeypatch.setattr(pipeline, "evaluate_all", evaluate_all)
+    monkeypatch.setattr(heldout, "records_path", lambda name: tmp_path / f"heldout_types_{name}.csv")
+    return calls
+
+
+def test_run_writes_the_first_seed_and_reads_back_unchanged(fake_pipeline):
+    written = heldout.run("smoke", progress=False)
+    assert fake_pipeline == [(heldout.TASK, (0,), heldout.METHODS)]
+    preset = get_preset("smoke")
+    frame, why = heldout.committed(preset, [0])
+    assert why == ""
+    pd.testing.assert_frame_equal(frame, written, check_dtype=False)
+    again, source = heldout.records(preset, [0])
+    assert source.startswith("read from") and len(fake_pipeline) == 1  # nothing recomputed
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"beta": 0.3}, "made with other settings"),
+    ({"epochs": 3}, "made with other settings"),
+    ({"n_test_prompts": 7}, "made with other settings"),
+])
+def test_other_settings_recompute(fake_pipeline, change, reason):
+    heldout.run("smoke", progress=False)
+    preset = get_preset("smoke", **change)
+    frame, why = heldout.committed(preset, [0])
+    assert frame is None and reason in why
+    _, source = heldout.records(preset, [0])
+    assert source.startswith("computed now") and reason in source
+    assert len(fake_pipeline) == 2
+
+
+def test_missing_seed_or_file_recomputes(fake_pipeline):
+    preset = get_preset("smoke")
+    assert "no heldout_types_smoke.csv" in heldout.committed(preset, [0])[1]
+    heldout.run("smoke", progress=False)
+    frame, why = heldout.committed(preset, [0, 1])
+    assert frame is None and "no prompting records for seed 1" in why
+
+
+def test_keys_follow_the_evaluation_keys():
+    preset = get_preset("smoke")
+    keys = heldout.expected_keys(preset, [0, 1])
+    assert keys[("MIPO", 0)] != keys[("MIPO", 1)]  # trained per seed
+    assert keys[("prompting", 0)] == keys[("prompting", 1)]  # deterministic: one evaluation
+    assert keys[("MIPO", 0)] == pipeline.evaluation_key(preset.with_overrides(task=heldout.TASK), "MIPO", 0).digest
+
+
+def test_cli_writes_the_table(fake_pipeline, capsys):
+    assert main(["heldout", "--preset", "smoke", "--seeds", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote" in out and "MIPO" in out
+    assert fake_pipeline == [(heldout.TASK, (1,), heldout.METHODS)]
