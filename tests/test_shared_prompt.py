@@ -107,7 +107,7 @@ def _trl_step(preset, pairs, workdir, share: bool, monkeypatch):
     loss.backward()
     grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
-    return float(loss), metrics, grads, len(used)
+    return loss.item(), metrics, grads, len(used)
 
 
 def test_dpo_step_equals_trls_own(preset, pairs, tmp_path, monkeypatch):
