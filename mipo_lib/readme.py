@@ -137,6 +137,11 @@ TASK_TITLES: dict[str, str] = {
     "personalization_unseen_types": "Held-out preference types (trained on 5 preference types, tested on the other 5)",
 }
 
+#: Where a further task's records come from, when a target of its own makes them (said after the task's title).
+TASK_SOURCES: dict[str, str] = {
+    "personalization_unseen_types": "records from `make heldout` (`figures/heldout_types_{preset}.csv`)",
+}
+
 
 def results_block(table: pd.DataFrame, preset: str = "cpu") -> str:
     """The README block (markers included) for a results table as `stats.write_results` writes it: the first task's
@@ -167,7 +172,9 @@ def results_block(table: pd.DataFrame, preset: str = "cpu") -> str:
             if earlier:
                 body += [EARLIER_PROTOCOL, ""]
         else:
-            body += ["", f"**{TASK_TITLES.get(str(task), str(task))}**: task `{task}`, {where}; same CIs and family.", ""]
+            source = TASK_SOURCES.get(str(task), "").format(preset=preset)
+            body += ["", f"**{TASK_TITLES.get(str(task), str(task))}**: task `{task}`, {where}"
+                         f"{'; ' + source if source else ''}; same CIs and family.", ""]
         body += [*_method_rows(per_seed), *_truncation_line(per_seed), "", *_difference_lines(diffs)]
     body += [*([] if earlier else _choices_lines(preset)), *_conclusion_lines(preset), END.format(preset=preset)]
     return "\n".join(body)

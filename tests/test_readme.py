@@ -121,3 +121,11 @@ def test_choices_line_flags_an_epoch_choice_at_the_grid_edge(tmp_path, monkeypat
     line = " ".join(readme._choices_lines("smoke"))
     assert "At the grid's edge: SFT's `sft_learning_rate` is the largest value tried" in line
     assert "MIPO's" not in line.split("edge")[1]
+
+
+def test_held_out_types_title_names_the_target_that_made_its_records():
+    main = make_records({"prompting": 0.25, "MIPO": 0.45}, n_examples=40, deterministic=("prompting",))
+    held = make_records({"prompting": 0.3, "MIPO": 0.35}, n_examples=40, seeds=(0,), seed=1).assign(task="personalization_unseen_types")
+    block = readme.results_block(stats.results_table(pd.concat([main, held], ignore_index=True), n_boot=200), "smoke")
+    assert ("task `personalization_unseen_types`, 1 seed x 40 held-out prompts; records from `make heldout` "
+            "(`figures/heldout_types_smoke.csv`); same CIs and family.") in block
