@@ -195,7 +195,7 @@ def compact_lm_head_on_cpu() -> None:
     Why: `trl.trainer.utils.add_fused_lm_head` compacts to the labelled positions only on Triton devices; elsewhere
     it scores every position, to keep tile shapes fixed for backends that compile per shape (AWS Neuron). On a CPU
     nothing is compiled, and pushing the prompt positions through the 49k-token vocabulary, forward and backward,
-    cost a third of a DPO step on the `cpu` preset (6.3 s -> 4.1 s per step in fp32; `benchmarks/results.md`).
+    cost a third or more of a DPO step on the `cpu` preset (measured in `benchmarks/results.md`).
     Rows are scored independently, so every labelled position's log-prob is unchanged (`tests/test_dpo.py` compares
     log-probs and gradients with the uncompacted head's). Only the compaction predicate changes: the kernel choice
     (Triton or torch tiles) lives in `trl.kernels.chunked_logprob` and keeps its own.

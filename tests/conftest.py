@@ -94,3 +94,16 @@ def cpu_native_bf16(request, monkeypatch) -> bool:
 
     monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: request.param)
     return request.param
+
+
+@pytest.fixture(scope="module")
+def smoke_pairs(preset, tmp_path_factory):
+    """Seed 0's personalization pairs for the test module's `preset`, built once per module in its own runs folder."""
+    from mipo_lib.models import load_for_preset
+    from mipo_lib.pairs import build_pairs
+    from mipo_lib.tasks import get_task
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MIPO_RUNS_DIR", str(tmp_path_factory.mktemp("pairs-runs")))
+        model, tok = load_for_preset(preset)
+        return build_pairs(model, tok, get_task("personalization"), preset, seed=0, progress=False)

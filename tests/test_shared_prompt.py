@@ -12,8 +12,6 @@ import torch
 from mipo_lib import dpo, models, shared_prompt
 from mipo_lib.config import get_preset
 from mipo_lib.models import build_tiny_model, load_for_preset
-from mipo_lib.pairs import build_pairs
-from mipo_lib.tasks import get_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,11 +76,8 @@ def preset():
 
 
 @pytest.fixture(scope="module")
-def pairs(preset, tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MIPO_RUNS_DIR", str(tmp_path_factory.mktemp("runs")))
-        model, tok = load_for_preset(preset)
-        return build_pairs(model, tok, get_task("personalization"), preset, seed=0, progress=False)
+def pairs(smoke_pairs):
+    return smoke_pairs
 
 
 def _trl_step(preset, pairs, workdir, share: bool, monkeypatch):

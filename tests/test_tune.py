@@ -15,7 +15,6 @@ from mipo_lib import config, dpo, evaluate, stats, tune
 from mipo_lib.config import get_preset
 from mipo_lib.generate import hit_cap
 from mipo_lib.models import load_for_preset
-from mipo_lib.pairs import build_pairs
 from mipo_lib.tasks import get_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,11 +26,8 @@ def preset():
 
 
 @pytest.fixture(scope="module")
-def pairs(preset, tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MIPO_RUNS_DIR", str(tmp_path_factory.mktemp("tune-runs")))
-        model, tok = load_for_preset(preset)
-        return build_pairs(model, tok, get_task("personalization"), preset, seed=0, progress=False)
+def pairs(smoke_pairs):
+    return smoke_pairs
 
 
 def _lora(folder):
