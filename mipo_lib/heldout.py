@@ -4,8 +4,8 @@ results.
 Why: notebook 05 also asks whether MIPO teaches following preferences in general or only the types it was trained
 on (`personalization_unseen_types`: MIPO trained on five preference types, tested with the other five). That costs a
 pairs run, a full MIPO training and two evaluations, about a fifth of `make reproduce` on 2 cores, so it runs as its
-own target and `make reproduce` reads its records from `figures/heldout_types_<preset>.csv` (the issue's budget
-allows this, as for `make tune`).
+own target and `make reproduce` reads its records from `figures/heldout_types_<preset>.csv`, as it reads the
+settings `make tune` chose from `figures/choices_<preset>.csv`.
 
 The table carries, per row, the cache key digest of the evaluation that made it (`key`). `records` reuses it only if
 every method and seed it needs is there with the key the current settings give (model, dtype, chosen epochs, DPO
@@ -60,12 +60,13 @@ def committed(preset: Preset, seeds: Sequence[int], path: Path | None = None) ->
     frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
     frame["response"] = frame["response"].fillna("")
     stored = {(m, int(s)): set(k) for (m, s), k in frame.groupby(["method", "seed"])["key"]}
-    for wanted, key in expected_keys(preset, seeds).items():
+    expected = expected_keys(preset, seeds)
+    for wanted, key in expected.items():
         if wanted not in stored:
             return None, f"{path.name} has no {wanted[0]} records for seed {wanted[1]}"
         if stored[wanted] != {key}:
             return None, f"{path.name} was made with other settings ({wanted[0]}, seed {wanted[1]}: key {sorted(stored[wanted])[0]} != {key})"
-    keep = frame[[(m, int(s)) in expected_keys(preset, seeds) for m, s in zip(frame["method"], frame["seed"])]]
+    keep = frame[[(m, int(s)) in expected for m, s in zip(frame["method"], frame["seed"])]]
     return keep.reset_index(drop=True), ""
 
 
