@@ -81,6 +81,32 @@ def bench_generation(preset: Any, n_prompts: int) -> dict[str, float]:
     }
 
 
+def bench_evaluation(preset: Any, n_prompts: int) -> dict[str, float]:
+    """Greedy evaluation (the preset's batch size, cap and n-gram rule) of validation prompts with context, decoded in
+    one go per batch vs in two stages (`eval_batch_new_tokens`: only unfinished replies decode past it)."""
+    from mipo_lib import evaluate
+
+    model, tok = load_for_preset(preset)
+    task = get_task(preset.task)
+    examples = task.examples("validation", n_prompts)
+    out: dict[str, float] = {}
+    texts = {}
+    for name, split in (("one_go", 0), ("split", preset.eval_batch_new_tokens)):
+        (replies, cut), seconds = timed(lambda: evaluate.generate_replies(
+            model, tok, task, examples, preset.with_overrides(eval_batch_new_tokens=split), progress=False))
+        texts[name] = replies
+        out[f"eval_{name}_s"] = seconds
+    n_tokens = sum(len(tok.encode(t, add_special_tokens=False)) for t in texts["one_go"])
+    out.update({
+        "eval_prompts": float(len(examples)),
+        "eval_split_vs_one_go": out["eval_split_s"] / out["eval_one_go_s"],
+        "eval_split_same_replies": float(sum(a == b for a, b in zip(texts["one_go"], texts["split"])) / len(examples)),
+        "eval_truncated": float(sum(cut) / len(examples)),
+        "eval_split_tokens_per_s": n_tokens / out["eval_split_s"],
+    })
+    return out
+
+
 def _dpo_epoch(preset: Any, pairs: list[dict[str, Any]], reuse: bool, load_in_4bit: bool = False) -> dict[str, Any]:
     model, tok = load_for_preset(preset, load_in_4bit=load_in_4bit)
     with tempfile.TemporaryDirectory() as tmp, PeakMemory() as mem:
@@ -240,6 +266,14 @@ def analysis(results: dict[str, float]) -> list[str]:
         f"{results['dpo_step_gflops']:.0f} GFLOP/s, {results['dpo_step_vs_sgemm_roof']:.0%} of this machine's matmul "
         f"roof in the model's shapes ({results['sgemm_gflops']:.0f} GFLOP/s): what is left is the transformer body "
         "itself, the replies' padding, and attention over the cached prompt.",
+        f"- Evaluation: greedy replies to {results['eval_prompts']:.0f} validation prompts take "
+        f"{results['eval_one_go_s']:.0f} s when each batch decodes until its longest reply ends and "
+        f"{results['eval_split_s']:.0f} s when replies still going after the first stage continue on their own "
+        f"({results['eval_split_vs_one_go']:.2f}x; {results['eval_split_same_replies']:.0%} of replies identical, "
+        f"{results['eval_truncated']:.0%} cut at the cap). The split run decodes "
+        f"{results['eval_split_tokens_per_s']:.0f} reply tokens/s, "
+        f"{results['eval_split_tokens_per_s'] / results['scoring_tokens_per_s']:.0%} of the scoring roof: a decode step "
+        "still runs the whole model for one token per row.",
         f"- 4-bit NF4: {results['footprint_4bit_mb']:.0f} MB vs {results['footprint_default_mb']:.0f} MB of weights; "
         f"a training step takes {results['step_time_4bit_vs_default']:.2f}x the default-precision step on this CPU. 4-bit "
         "exists to fit GPUs (a T4), not to speed up a CPU.",
@@ -277,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, float] = {}
     results.update(bench_generation(preset, n_prompts))
+    results.update(bench_evaluation(preset, n_prompts))
     results.update(bench_dpo(preset))
     assert single_weight_copy(preset), "DPO trainer created a second copy of the base model"
 

@@ -41,7 +41,8 @@ _TRAINING = (
     "gradient_checkpointing", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "batch_size",
     "grad_accum", "warmup_ratio",
 )
-_EVALUATION = _MODEL + ("task", "n_test_prompts", "eval_max_new_tokens", "eval_batch_size", "eval_no_repeat_ngram")
+_EVALUATION = _MODEL + ("task", "n_test_prompts", "eval_max_new_tokens", "eval_batch_size", "eval_no_repeat_ngram",
+                         "eval_batch_new_tokens")
 
 STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     # sampled responses of the pairs (a partial generation resumes only under this key); + seed, train prompts.
@@ -64,7 +65,8 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "kl": _MODEL + ("task", "eval_max_new_tokens", "gen_batch_size", "score_batch_size"),
     # ablations: seconds per prompt of prompting, MIPO and CAD (greedy evaluation settings, CAD's strength); + the
     # adapter key, the prompts and the number of timed repeats
-    "generation-cost": _MODEL + ("task", "eval_max_new_tokens", "eval_batch_size", "eval_no_repeat_ngram", "beta", "cad_alpha"),
+    "generation-cost": _MODEL + ("task", "eval_max_new_tokens", "eval_batch_size", "eval_no_repeat_ngram",
+                                 "eval_batch_new_tokens", "beta", "cad_alpha"),
 }
 
 NOT_AFFECTING: dict[str, str] = {

@@ -85,14 +85,16 @@ def generate_replies(
     if cad_alpha is not None:
         uncond = [chat_prompt_ids(tokenizer, task.prompt(e, with_context=False)) for e in examples]
 
-        def factory(batch: Batch) -> Any:
-            return LogitsProcessorList([ContextAwareDecoding(model, [uncond[r] for r in batch.rows], tokenizer.pad_token_id, cad_alpha)])
+        def factory(batch: Batch, prefixes: list[list[int]]) -> Any:
+            # a continued row's context-free stream carries the same reply so far as its context stream
+            rows = [uncond[r] + p for r, p in zip(batch.rows, prefixes)]
+            return LogitsProcessorList([ContextAwareDecoding(model, rows, tokenizer.pad_token_id, cad_alpha)])
 
     texts, truncated = [""] * len(examples), [False] * len(examples)
     for batch, replies, cut in generate_reply_batches(
         model, tokenizer, prompt_ids, max_new_tokens=preset.eval_max_new_tokens, temperature=0.0,
         batch_size=preset.eval_batch_size, logits_processor_factory=factory, progress=progress, desc=desc,
-        no_repeat_ngram_size=preset.eval_no_repeat_ngram,
+        no_repeat_ngram_size=preset.eval_no_repeat_ngram, batch_new_tokens=preset.eval_batch_new_tokens,
     ):
         for row, text, hit in zip(batch.rows, replies, cut):
             texts[row], truncated[row] = text, hit

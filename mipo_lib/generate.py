@@ -136,20 +136,29 @@ def generate_token_batches(
     batch_size: int = 16,
     seed: int = 0,
     skip_batches: set[int] | None = None,
-    logits_processor_factory: Callable[[Batch], Any] | None = None,
+    logits_processor_factory: Callable[[Batch, list[list[int]]], Any] | None = None,
     stats: GenerationStats | None = None,
     progress: bool = True,
     desc: str = "generating",
     no_repeat_ngram_size: int = 0,
+    batch_new_tokens: int = 0,
 ) -> Iterator[tuple[Batch, list[list[int]]]]:
     """Yield (batch, new token ids of each row, up to and including the first end-of-sequence token) for each batch
     of the plan not in `skip_batches`.
 
     `temperature == 0` means greedy decoding; sampling uses the model's own distribution at that temperature with
     nucleus `top_p` and never top-k (a generation config's default top-k would silently truncate it).
-    `logits_processor_factory(batch)` may return a transformers `LogitsProcessorList` for that batch (context-aware
-    decoding uses it to bring its second context). `no_repeat_ngram_size` > 0 forbids repeating an n-gram of that
-    length (transformers' own processor; 0 leaves decoding untouched).
+    `logits_processor_factory(batch, prefixes)` may return a transformers `LogitsProcessorList` for that batch, whose
+    rows have already generated `prefixes` (empty lists at first; context-aware decoding uses it to bring its second
+    context). `no_repeat_ngram_size` > 0 forbids repeating an n-gram of that length (transformers' own processor; 0
+    leaves decoding untouched).
+
+    `batch_new_tokens` (0: off) bounds how far a batch decodes all its rows together: rows still unfinished then
+    continue on their own, from their prompt and what they generated so far, up to `max_new_tokens`. Why: `generate`
+    keeps decoding every row of a batch until its longest reply ends, so one runaway reply among a hundred makes all
+    of them pay for the whole cap; with the split a high cap costs only the replies that need it. Greedy rows come
+    out as one uninterrupted decode would give them (the n-gram rule and the processors see the same tokens; only
+    the batch's padding, hence float rounding, differs for the continued rows).
     """
     from tqdm.auto import tqdm
 
@@ -161,31 +170,41 @@ def generate_token_batches(
     eos = eos_ids(model, tokenizer)
     sampling = temperature > 0
     bar = tqdm(total=sum(len(b.rows) for b in todo), desc=desc, disable=not progress, unit="prompt")
-    for batch in todo:
-        enc = left_pad([prompt_ids[r] for r in batch.rows], pad_id, device)
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=max_new_tokens,
-            do_sample=sampling,
-            pad_token_id=pad_id,
-            use_cache=True,
-        )
-        if no_repeat_ngram_size > 0:
-            kwargs["no_repeat_ngram_size"] = no_repeat_ngram_size
-        if sampling:
-            kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
+    if batch_new_tokens < 0:
+        raise MipoError(f"batch_new_tokens must be >= 0 (0: off), not {batch_new_tokens}")
+    stages = [batch_new_tokens, max_new_tokens] if 0 < batch_new_tokens < max_new_tokens else [max_new_tokens]
+    common: dict[str, Any] = dict(do_sample=sampling, pad_token_id=pad_id, use_cache=True)
+    if no_repeat_ngram_size > 0:
+        common["no_repeat_ngram_size"] = no_repeat_ngram_size
+    if sampling:
+        common.update(temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        common.update(temperature=None, top_p=None, top_k=None)
+
+    def run(sub: Batch, prefixes: list[list[int]], budget: int) -> list[list[int]]:
+        """New tokens of each row of `sub` after its prefix, for at most `budget` more tokens."""
+        enc = left_pad([prompt_ids[r] + p for r, p in zip(sub.rows, prefixes)], pad_id, device)
+        kwargs = {**common, "max_new_tokens": budget}
         if logits_processor_factory is not None:
-            kwargs["logits_processor"] = logits_processor_factory(batch)
-        torch.manual_seed(batch.seed)
+            kwargs["logits_processor"] = logits_processor_factory(sub, prefixes)
+        torch.manual_seed(sub.seed)
         start = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(**enc, **kwargs)
-        elapsed = time.perf_counter() - start
-        rows = [_through_first_eos(row, eos) for row in out[:, enc["input_ids"].shape[1] :].tolist()]
+        if stats is not None:
+            stats.seconds += time.perf_counter() - start
+        return [_through_first_eos(row, eos) for row in out[:, enc["input_ids"].shape[1] :].tolist()]
+
+    for batch in todo:
+        rows = run(batch, [[] for _ in batch.rows], stages[0])
+        going = [i for i, row in enumerate(rows) if hit_cap(row, eos, stages[0])]
+        if len(stages) > 1 and going:
+            # a fresh seed for the continuation: a sampled tail must not replay the batch's random stream
+            sub = Batch(index=batch.index, rows=[batch.rows[i] for i in going], seed=batch.seed + 2**31)
+            for i, tail in zip(going, run(sub, [rows[i] for i in going], stages[1] - stages[0])):
+                rows[i] = rows[i] + tail
         if stats is not None:
             stats.new_tokens += sum(map(len, rows))
-            stats.seconds += elapsed
             stats.batches += 1
         bar.update(len(batch.rows))
         yield batch, rows

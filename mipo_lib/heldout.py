@@ -7,6 +7,12 @@ pairs run, a full MIPO training and two evaluations, about a fifth of `make repr
 own target and `make reproduce` reads its records from `figures/heldout_types_<preset>.csv`, as it reads the
 settings `make tune` chose from `figures/choices_<preset>.csv`.
 
+MIPO trained on half the preference types is another model than the one `make tune` chose epochs for, so this run
+chooses its own: one MIPO training of `tune.EPOCH_GRID`'s largest epochs with a snapshot after each, scored on its
+own validation split (validation requests with the *seen* types: the held-out types are touched only by the test),
+with `make tune`'s rule (`tune.choose`); the learning rate stays the one `make tune` chose. The sweep goes to
+`figures/heldout_tuning_<preset>.csv` and the choice to `figures/heldout_choices_<preset>.csv`.
+
 The table carries, per row, the cache key digest of the evaluation that made it (`key`). `records` reuses it only if
 every method and seed it needs is there with the key the current settings give (model, dtype, chosen epochs, DPO
 forward, prompts ...); otherwise it computes the records through the pipeline (as notebook 05 always did) and says
@@ -20,8 +26,8 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from mipo_lib import pipeline
-from mipo_lib.config import Preset, get_preset, repo_root
+from mipo_lib import pipeline, tune
+from mipo_lib.config import Preset, conform, get_preset, repo_root
 
 TASK = "personalization_unseen_types"
 METHODS: tuple[str, ...] = ("prompting", "MIPO")
@@ -34,22 +40,55 @@ def records_path(preset_name: str) -> Path:
     return repo_root() / "figures" / f"heldout_types_{preset_name}.csv"
 
 
-def task_preset(preset: Preset) -> Preset:
-    """The preset on the held-out-types task (same model, settings and chosen epochs)."""
-    return preset.with_overrides(task=TASK)
+def choices_path(preset_name: str) -> Path:
+    """`figures/heldout_choices_<preset>.csv`: the held-out-types run's MIPO epochs, chosen on its validation split."""
+    return repo_root() / "figures" / f"heldout_choices_{preset_name}.csv"
 
 
-def expected_keys(preset: Preset, seeds: Sequence[int]) -> dict[tuple[str, int], str]:
-    """{(method, seed): the evaluation key digest the current settings give}."""
-    held = task_preset(preset)
+def tuning_path(preset_name: str) -> Path:
+    """`figures/heldout_tuning_<preset>.csv`: its validation rate after each number of epochs of the grid."""
+    return repo_root() / "figures" / f"heldout_tuning_{preset_name}.csv"
+
+
+def load_choices(preset_name: str) -> dict[str, Any]:
+    """`{"epochs": n}` from the committed choice; {} without one."""
+    path = choices_path(preset_name)
+    if not path.exists():
+        return {}
+    table = pd.read_csv(path, dtype=str)
+    return {f: conform(f, v) for f, v in zip(table["field"], table["value"])}
+
+
+def task_preset(preset: Preset, choices: dict[str, Any] | None = None) -> Preset:
+    """The preset on the held-out-types task: same model and settings, MIPO's epochs from `choices` (default: the
+    committed `heldout_choices_<preset>.csv`, if any)."""
+    return preset.with_overrides(task=TASK, **(load_choices(preset.name) if choices is None else choices))
+
+
+def choose_epochs(preset: Preset, seeds: Sequence[int], progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(validation summary, choices table with the `epochs` row) for MIPO on the held-out-types task's own validation
+    split, by `make tune`'s rule over `seeds`."""
+    held = preset.with_overrides(task=TASK)
+    frames = [tune.sweep_epochs(held, "MIPO", int(s), tune.EPOCH_GRID, progress=progress) for s in seeds]
+    summary = tune.summarize(pd.concat(frames, ignore_index=True))
+    choices = tune.choose(summary, list(seeds))
+    return summary, choices[choices["field"] == tune.TUNED_FIELDS["MIPO"]].reset_index(drop=True)
+
+
+def expected_keys(preset: Preset, seeds: Sequence[int], choices: dict[str, Any] | None = None) -> dict[tuple[str, int], str]:
+    """{(method, seed): the evaluation key digest the current settings (and the held-out epochs) give}."""
+    held = task_preset(preset, choices)
     return {(m, int(s)): pipeline.evaluation_key(held, m, int(s)).digest for m in METHODS for s in seeds}
 
 
-def compute(preset: Preset, seeds: Sequence[int], progress: bool = True) -> pd.DataFrame:
-    """Pairs, MIPO training and both evaluations on the held-out types (each cached under runs/), with a `key` column."""
-    frame = pipeline.evaluate_all(task_preset(preset), list(seeds), methods=list(METHODS), progress=progress)
-    keys = expected_keys(preset, seeds)
-    return frame.assign(key=[keys[(m, int(s))] for m, s in zip(frame["method"], frame["seed"])])
+def compute(preset: Preset, seeds: Sequence[int], progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(records with a `key` column, validation summary, choices): the epoch sweep on validation, then pairs, MIPO
+    training with the chosen epochs and both test evaluations on the held-out types (each cached under runs/)."""
+    summary, choices = choose_epochs(preset, seeds, progress=progress)
+    chosen = {f: conform(f, v) for f, v in zip(choices["field"], choices["value"])}
+    frame = pipeline.evaluate_all(task_preset(preset, chosen), list(seeds), methods=list(METHODS), progress=progress)
+    keys = expected_keys(preset, seeds, chosen)
+    return frame.assign(key=[keys[(m, int(s))] for m, s in zip(frame["method"], frame["seed"])]), summary, choices
 
 
 def committed(preset: Preset, seeds: Sequence[int], path: Path | None = None) -> tuple[pd.DataFrame | None, str]:
@@ -57,6 +96,8 @@ def committed(preset: Preset, seeds: Sequence[int], path: Path | None = None) ->
     path = path or records_path(preset.name)
     if not path.exists():
         return None, f"no {path.name} (`make heldout` writes it)"
+    if not load_choices(preset.name):
+        return None, f"no {choices_path(preset.name).name} (`make heldout` writes it)"
     frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
     frame["response"] = frame["response"].fillna("")
     stored = {(m, int(s)): set(k) for (m, s), k in frame.groupby(["method", "seed"])["key"]}
@@ -71,20 +112,27 @@ def committed(preset: Preset, seeds: Sequence[int], path: Path | None = None) ->
 
 
 def records(preset: Preset, seeds: Sequence[int], progress: bool = True) -> tuple[pd.DataFrame, str]:
-    """(records, where they came from): the committed table when it matches, else computed now (not written)."""
+    """(records, where they came from and MIPO's epochs): the committed table when it matches, else computed now (not
+    written)."""
     frame, why = committed(preset, seeds)
     if frame is not None:
-        return frame, f"read from {records_path(preset.name).name} (`make heldout`; keys match the current settings)"
-    return compute(preset, seeds, progress=progress), f"computed now: {why}"
+        return frame, (f"read from {records_path(preset.name).name} (`make heldout`; keys match the current settings); "
+                       f"MIPO trained {task_preset(preset).epochs} epochs, chosen on its validation split "
+                       f"({choices_path(preset.name).name})")
+    frame, _, choices = compute(preset, seeds, progress=progress)
+    return frame, f"computed now ({why}); MIPO trained {choices['value'].iloc[0]} epochs, chosen on its validation split now"
 
 
 def run(preset_name: str = "cpu", seeds: Sequence[int] | None = None, overrides: dict[str, Any] | None = None,
         progress: bool = True) -> pd.DataFrame:
-    """`make heldout`: compute the records for the first `DEFAULT_SEEDS` seeds (or `seeds`) and write the table."""
+    """`make heldout`: choose the epochs and compute the records for the first `DEFAULT_SEEDS` seeds (or `seeds`);
+    write the records, the validation sweep and the choice."""
     preset = get_preset(preset_name, **(overrides or {}))
     seeds = list(seeds) if seeds is not None else list(preset.seeds)[:DEFAULT_SEEDS]
-    frame = compute(preset, seeds, progress=progress)
+    frame, summary, choices = compute(preset, seeds, progress=progress)
     path = records_path(preset.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(path, index=False)
+    summary.to_csv(tuning_path(preset.name), index=False, float_format="%.6g")
+    choices.to_csv(choices_path(preset.name), index=False)
     return frame

@@ -84,6 +84,19 @@ def _truncation_line(per_seed: pd.DataFrame) -> list[str]:
                 "reply fails every preference that more text could break)."]
 
 
+def _read_choices(path: Path) -> tuple[pd.DataFrame, str, str]:
+    """(a choices table as written, its settings as one clause, the note on choices at the edge of their grid)."""
+    choices = pd.read_csv(path, dtype={"value": str, "grid": str, "seeds": str})  # as written: 8, not 8.0
+    chosen = "; ".join(f"{r['method']} `{r['field']}` = {r['value']} (validation rate {_pct(r['validation_rate'])}, "
+                       f"grid {r['grid']})" for _, r in choices.iterrows())
+    edge = [f"{r['method']}'s `{r['field']}`" for _, r in choices.iterrows()
+            if str(r["field"]).endswith(("epochs", "learning_rate"))
+            and float(r["value"]) == max(float(v) for v in str(r["grid"]).split()) and len(str(r["grid"]).split()) > 1]
+    edge_note = (f" At the grid's edge: {' and '.join(edge)} {'is' if len(edge) == 1 else 'are'} the largest value "
+                 "tried, so a larger one might score higher on validation (not tried)." if edge else "")
+    return choices, chosen, edge_note
+
+
 def _choices_lines(preset: str) -> list[str]:
     """The settings `make tune` chose on the validation split, if the preset has committed choices."""
     from mipo_lib.config import choices_path
@@ -91,17 +104,24 @@ def _choices_lines(preset: str) -> list[str]:
     path = choices_path(preset)
     if not path.exists():
         return []
-    choices = pd.read_csv(path, dtype={"value": str, "grid": str, "seeds": str})  # as written: 8, not 8.0
-    chosen = "; ".join(f"{r['method']} `{r['field']}` = {r['value']} (validation rate {_pct(r['validation_rate'])}, "
-                       f"grid {r['grid']})" for _, r in choices.iterrows())
+    choices, chosen, edge_note = _read_choices(path)
     first = choices.iloc[0]
-    edge = [f"{r['method']}'s `{r['field']}`" for _, r in choices.iterrows()
-            if str(r["field"]).endswith(("epochs", "learning_rate"))
-            and float(r["value"]) == max(float(v) for v in str(r["grid"]).split()) and len(str(r["grid"]).split()) > 1]
-    edge_note = (f" At the grid's edge: {' and '.join(edge)} {'is' if len(edge) == 1 else 'are'} the largest value "
-                 "tried, so a larger one might score higher on validation (not tried)." if edge else "")
     return ["", f"Settings chosen on the validation split (`make tune`, seeds {first['seeds']}, {first['n_validation']} "
                 f"validation prompts; figures/{path.name}): {chosen}. The test set was used once, with these.{edge_note}"]
+
+
+def _task_choices_lines(task: str, preset: str) -> list[str]:
+    """The settings a further task's own target chose on that task's validation split (`TASK_CHOICES`), if committed."""
+    if task not in TASK_CHOICES:
+        return []
+    name, target = TASK_CHOICES[task]
+    path = repo_root() / "figures" / name.format(preset=preset)
+    if not path.exists():
+        return []
+    choices, chosen, edge_note = _read_choices(path)
+    first = choices.iloc[0]
+    return ["", f"Chosen on this task's own validation split (`{target}`, seeds {first['seeds']}, "
+                f"{first['n_validation']} validation prompts; figures/{path.name}): {chosen}.{edge_note}"]
 
 
 def _difference_lines(diffs: pd.DataFrame) -> list[str]:
@@ -131,6 +151,11 @@ EARLIER_PROTOCOL = ("**Earlier protocol.** This table was written before the cur
                     "split, 2 epochs for every method, CAD at a = 1/beta, replies cut at 32 tokens without the length "
                     "instruction, no record of truncation): rerun `make reproduce` to replace it.")
 """The note a results table without a `truncated` column gets: its numbers do not follow the protocol described above."""
+
+#: (figures file, target) of the settings a further task's own target chose on that task's validation split.
+TASK_CHOICES: dict[str, tuple[str, str]] = {
+    "personalization_unseen_types": ("heldout_choices_{preset}.csv", "make heldout"),
+}
 
 #: How the block titles a task other than the table's first (main) one.
 TASK_TITLES: dict[str, str] = {
@@ -176,6 +201,8 @@ def results_block(table: pd.DataFrame, preset: str = "cpu") -> str:
             body += ["", f"**{TASK_TITLES.get(str(task), str(task))}**: task `{task}`, {where}"
                          f"{'; ' + source if source else ''}; same CIs and family.", ""]
         body += [*_method_rows(per_seed), *_truncation_line(per_seed), "", *_difference_lines(diffs)]
+        if i > 0:
+            body += _task_choices_lines(str(task), preset)
     body += [*([] if earlier else _choices_lines(preset)), *_conclusion_lines(preset), END.format(preset=preset)]
     return "\n".join(body)
 

@@ -40,6 +40,7 @@ BAD_VALUES = [
     ({"lora_dropout": 1.0}, r"lora_dropout=1.0 must be in \[0, 1\)"),
     ({"warmup_ratio": 2.0}, r"warmup_ratio=2.0 must be in \[0, 1\)"),
     ({"cad_alpha": -1.0}, "cad_alpha=-1.0 must be >= 0, or none"),
+    ({"eval_batch_new_tokens": -1}, r"eval_batch_new_tokens=-1 must be >= 0 \(0 is off\)"),
     ({"dtype": "fp16"}, "dtype='fp16' must be one of auto, float32, float16, bfloat16"),
     ({"negative": "nope"}, "unknown negative; choose one of context_drop, random_context, random_prompt"),
     ({"task": "mmlu"}, "task='mmlu' is an unknown task; choose one of personalization, personalization_unseen_types, arithmetic"),

@@ -36,8 +36,8 @@ UNCOND = ["tell me about k", "say something long here q", "abcdefg", "z"]
 
 
 def _cad_factory(model, tok, uncond_ids, alpha, made=None):
-    def factory(batch):
-        cad = ContextAwareDecoding(model, [uncond_ids[r] for r in batch.rows], tok.pad_token_id, alpha)
+    def factory(batch, prefixes):
+        cad = ContextAwareDecoding(model, [uncond_ids[r] + p for r, p in zip(batch.rows, prefixes)], tok.pad_token_id, alpha)
         if made is not None:
             made.append((batch, cad))
         return LogitsProcessorList([cad])
@@ -190,3 +190,16 @@ def test_evaluate_all_smoke(preset, tmp_path, monkeypatch):
         check_dtype=False,
     )
     assert np.isfinite(again.score).all()
+
+
+def test_cad_split_decoding_equals_one_go(tiny):
+    """With `batch_new_tokens` the continued rows' context-free stream restarts from its prompt and the reply so far:
+    the greedy CAD replies equal one uninterrupted decode."""
+    model, tok = tiny
+    cond, uncond = _raw(tok, COND), _raw(tok, UNCOND)
+    kw = dict(max_new_tokens=8, temperature=0.0, batch_size=4, progress=False)
+    one_go = [t for _, texts in generate_batches(model, tok, cond, logits_processor_factory=_cad_factory(model, tok, uncond, 1.0), **kw) for t in texts]
+    split = [t for _, texts in generate_batches(model, tok, cond, logits_processor_factory=_cad_factory(model, tok, uncond, 1.0),
+                                                batch_new_tokens=3, **kw) for t in texts]
+    assert split == one_go
+    assert split != [t for _, texts in generate_batches(model, tok, cond, **kw) for t in texts]  # CAD acted

@@ -247,3 +247,59 @@ def test_sequence_logprobs_respect_max_length(tiny):
         assert lp[i] == pytest.approx(expected, abs=1e-4)
     full, n_full = scoring.sequence_logprobs(model, tok, prompts, responses, batch_size=2)
     assert (n <= n_full).all() and (n < n_full).any()
+
+
+# ------------------------------------------------------------------------------------- batch_new_tokens (two stages)
+def _token_rows(model, tok, ids, **kw) -> list[list[int]]:
+    out: list[list[int]] = [[] for _ in ids]
+    for batch, rows in gen.generate_token_batches(model, tok, ids, temperature=0.0, progress=False, **kw):
+        for r, row in zip(batch.rows, rows):
+            out[r] = row
+    return out
+
+
+@pytest.mark.parametrize("ngram", [0, 2])
+def test_split_greedy_decoding_equals_one_go(tiny, ngram):
+    """Continuing the unfinished rows from their prompt and reply so far gives the tokens one uninterrupted greedy
+    decode gives (the n-gram rule sees the same tokens), and rows that ended in the first stage are not continued."""
+    model, tok = tiny
+    ids = _raw_ids(tok, 6)
+    plain = _token_rows(model, tok, ids, max_new_tokens=9, batch_size=3, no_repeat_ngram_size=ngram)
+    others = {t for row in plain[1:] for t in row}
+    # an end token that row 0 emits within the first stage and no other row emits: only row 0 ends early
+    stop = next(t for t in plain[0][:3] if t not in others)
+    calls = []
+    real = type(model).generate
+
+    def counting(self, *args, **kwargs):
+        calls.append((kwargs["input_ids"].shape[0], kwargs["max_new_tokens"]))
+        return real(self, *args, **kwargs)
+
+    stats = gen.GenerationStats()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(model.generation_config, "eos_token_id", [tok.eos_token_id, stop])
+        one_go = _token_rows(model, tok, ids, max_new_tokens=9, batch_size=3, no_repeat_ngram_size=ngram)
+        assert one_go[0][-1] == stop and len(one_go[0]) <= 3 and one_go[1:] == plain[1:]
+        mp.setattr(type(model), "generate", counting)
+        split = _token_rows(model, tok, ids, max_new_tokens=9, batch_size=3, no_repeat_ngram_size=ngram,
+                            batch_new_tokens=4, stats=stats)
+    assert split == one_go
+    # two batches of 3 decode 4 tokens together; then 3 and 2 unfinished rows (the ended one is left out) decode 5 more
+    assert sorted(calls) == sorted([(3, 4), (3, 4), (3, 5), (2, 5)])
+    assert stats.batches == 2 and stats.new_tokens == sum(map(len, one_go))
+
+
+def test_split_decoding_flags_only_rows_cut_at_the_full_cap(tiny):
+    model, tok = tiny
+    ids = _raw_ids(tok, 3)
+    for batch, texts, cut in gen.generate_reply_batches(model, tok, ids, max_new_tokens=6, batch_new_tokens=2,
+                                                         temperature=0.0, batch_size=3, progress=False):
+        assert cut == [True] * 3  # the copying model never ends: cut at 6, not at the stage's 2
+        assert all(len(tok.encode(t, add_special_tokens=False)) >= 3 for t in texts)
+
+
+@pytest.mark.parametrize("bad", [-1])
+def test_batch_new_tokens_must_not_be_negative(tiny, bad):
+    model, tok = tiny
+    with pytest.raises(gen.MipoError, match="batch_new_tokens"):
+        list(gen.generate_token_batches(model, tok, _raw_ids(tok, 2), max_new_tokens=4, batch_new_tokens=bad, progress=False))

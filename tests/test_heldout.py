@@ -4,7 +4,7 @@ the same keys for every method and seed, recomputed (and said why) otherwise."""
 import pandas as pd
 import pytest
 
-from mipo_lib import heldout, pipeline
+from mipo_lib import heldout, pipeline, tune
 from mipo_lib.__main__ import main
 from mipo_lib.config import get_preset
 
@@ -16,20 +16,29 @@ def fake_pipeline(monkeypatch, tmp_path):
     calls = []
 
     def evaluate_all(preset, seeds, methods=None, progress=True):
-        calls.append((preset.task, tuple(seeds), tuple(methods)))
+        calls.append((preset.task, tuple(seeds), tuple(methods), preset.epochs))
         rows = [{"task": preset.task, "method": m, "seed": s, "example_id": f"r{i:02d}-short", "group": "short",
                  "response": ['Hi "there"\nline two 🍌', "NA", ""][i % 3], "score": float(i % 2), "n_words": i,
                  "truncated": i == 0} for s in seeds for m in methods for i in range(3)]
         return pd.DataFrame(rows)
 
+    def choose_epochs(preset, seeds, progress=True):
+        summary = pd.DataFrame({"method": "MIPO", "setting": "epochs", "value": [1.0, 2.0], "rate": [0.1, 0.3]})
+        choices = pd.DataFrame([{"field": "epochs", "value": "2", "method": "MIPO", "validation_rate": 0.3,
+                                 "grid": "1 2", "seeds": "0", "n_validation": 3, "rule": tune.RULE}])
+        return summary, choices
+
     monkeypatch.setattr(pipeline, "evaluate_all", evaluate_all)
+    monkeypatch.setattr(heldout, "choose_epochs", choose_epochs)
     monkeypatch.setattr(heldout, "records_path", lambda name: tmp_path / f"heldout_types_{name}.csv")
+    monkeypatch.setattr(heldout, "choices_path", lambda name: tmp_path / f"heldout_choices_{name}.csv")
+    monkeypatch.setattr(heldout, "tuning_path", lambda name: tmp_path / f"heldout_tuning_{name}.csv")
     return calls
 
 
 def test_run_writes_the_first_seed_and_reads_back_unchanged(fake_pipeline):
     written = heldout.run("smoke", progress=False)
-    assert fake_pipeline == [(heldout.TASK, (0,), heldout.METHODS)]
+    assert fake_pipeline == [(heldout.TASK, (0,), heldout.METHODS, 2)]  # trained with the epochs chosen for it
     preset = get_preset("smoke")
     frame, why = heldout.committed(preset, [0])
     assert why == ""
@@ -40,7 +49,7 @@ def test_run_writes_the_first_seed_and_reads_back_unchanged(fake_pipeline):
 
 @pytest.mark.parametrize("change, reason", [
     ({"beta": 0.3}, "made with other settings"),
-    ({"epochs": 3}, "made with other settings"),
+    ({"learning_rate": 1e-3}, "made with other settings"),  # make tune's rate; the epochs are its own
     ({"n_test_prompts": 7}, "made with other settings"),
 ])
 def test_other_settings_recompute(fake_pipeline, change, reason):
@@ -61,6 +70,38 @@ def test_missing_seed_or_file_recomputes(fake_pipeline):
     assert frame is None and "no prompting records for seed 1" in why
 
 
+def test_the_choice_is_written_and_sets_the_keys(fake_pipeline):
+    heldout.run("smoke", progress=False)
+    assert heldout.load_choices("smoke") == {"epochs": 2}
+    assert heldout.tuning_path("smoke").exists()
+    preset = get_preset("smoke")
+    assert preset.epochs != 2  # the main run's epochs are not the held-out run's
+    keys = heldout.expected_keys(preset, [0])
+    assert keys[("MIPO", 0)] == pipeline.evaluation_key(preset.with_overrides(task=heldout.TASK, epochs=2), "MIPO", 0).digest
+    heldout.choices_path("smoke").unlink()
+    frame, why = heldout.committed(preset, [0])
+    assert frame is None and "no heldout_choices_smoke.csv" in why
+
+
+def test_choose_epochs_sweeps_the_held_out_task_with_the_tune_rule(monkeypatch):
+    """One sweep per seed on the held-out task's own validation split; the best mean rate wins, ties go to fewer
+    epochs; only the epochs row is kept (the learning rate stays make tune's)."""
+    swept = []
+
+    def sweep_epochs(preset, method, seed, grid, progress=True):
+        swept.append((preset.task, method, seed, tuple(grid)))
+        rate = {1: 0.2, 2: 0.5, 4: 0.5, 8: 0.1}
+        return pd.DataFrame([{"method": "MIPO", "setting": "epochs", "value": float(e), "learning_rate": 2e-4,
+                              "seed": seed, "score": float(i < 10 * rate[e]), "truncated": False, "n_words": 5}
+                             for e in grid for i in range(10)])
+
+    monkeypatch.setattr(tune, "sweep_epochs", sweep_epochs)
+    summary, choices = heldout.choose_epochs(get_preset("smoke"), [0, 1], progress=False)
+    assert swept == [(heldout.TASK, "MIPO", s, tune.EPOCH_GRID) for s in (0, 1)]
+    assert list(choices["field"]) == ["epochs"] and list(choices["value"]) == ["2"]
+    assert set(summary["value"]) == set(map(float, tune.EPOCH_GRID))
+
+
 def test_keys_follow_the_evaluation_keys():
     preset = get_preset("smoke")
     keys = heldout.expected_keys(preset, [0, 1])
@@ -73,7 +114,7 @@ def test_cli_writes_the_table(fake_pipeline, capsys):
     assert main(["heldout", "--preset", "smoke", "--seeds", "1", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "wrote" in out and "MIPO" in out
-    assert fake_pipeline == [(heldout.TASK, (1,), heldout.METHODS)]
+    assert fake_pipeline == [(heldout.TASK, (1,), heldout.METHODS, 2)]
 
 
 def test_committed_cpu_records_match_the_reference_settings_and_results():

@@ -129,3 +129,18 @@ def test_held_out_types_title_names_the_target_that_made_its_records():
     block = readme.results_block(stats.results_table(pd.concat([main, held], ignore_index=True), n_boot=200), "smoke")
     assert ("task `personalization_unseen_types`, 1 seed x 40 held-out prompts; records from `make heldout` "
             "(`figures/heldout_types_smoke.csv`); same CIs and family.") in block
+
+
+def test_held_out_types_block_says_which_epochs_its_own_validation_chose(tmp_path, monkeypatch):
+    main = make_records({"prompting": 0.25, "MIPO": 0.45}, n_examples=40, deterministic=("prompting",))
+    held = make_records({"prompting": 0.3, "MIPO": 0.35}, n_examples=40, seeds=(0,), seed=1).assign(task="personalization_unseen_types")
+    table = stats.results_table(pd.concat([main, held], ignore_index=True), n_boot=200)
+    monkeypatch.setattr(readme, "repo_root", lambda: tmp_path)
+    assert "own validation split" not in readme.results_block(table, "smoke")  # no committed choice: nothing said
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "heldout_choices_smoke.csv").write_text(
+        "field,value,method,validation_rate,grid,seeds,n_validation,rule\nepochs,4,MIPO,0.58,1 2 4 8,0,50,r\n")
+    block = readme.results_block(table, "smoke")
+    held_part = block.split("**Held-out preference types")[1]
+    assert ("Chosen on this task's own validation split (`make heldout`, seeds 0, 50 validation prompts; "
+            "figures/heldout_choices_smoke.csv): MIPO `epochs` = 4 (validation rate 58.0%, grid 1 2 4 8).") in held_part
