@@ -26,6 +26,7 @@ from mipo_lib.generate import (
     Batch, Messages, chat_prompt_ids, generate_batches, generate_reply_batches, left_pad,
 )
 from mipo_lib.scoring import sequence_logprobs
+from mipo_lib.shared_prompt import cache_argument, cache_of
 from mipo_lib.tasks.base import Example, Task, judge_or_nan
 
 
@@ -44,8 +45,9 @@ class ContextAwareDecoding:
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
-        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
+                         **{cache_argument(self.model.forward): self.cache})
+        self.cache = cache_of(out)
         return out.logits[:, -1, :].float()
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

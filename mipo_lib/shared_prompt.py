@@ -70,7 +70,7 @@ def hidden_states(
     prompt_mask = (p_pos < prompt_len[:n, None]).long()
     prompts = backbone(input_ids=input_ids[:n, :p_width], attention_mask=prompt_mask,
                        position_ids=p_pos.expand(n, -1), use_cache=True)
-    cache = _cache_of(prompts)
+    cache = cache_of(prompts)
     cache.batch_repeat_interleave(2)  # cache row i serves reply rows 2i (chosen) and 2i + 1 (rejected)
 
     order = torch.stack([torch.arange(n, device=device), torch.arange(n, device=device) + n], 1).reshape(-1)
@@ -79,7 +79,7 @@ def hidden_states(
     positions = prompt_len[order, None] + r_pos  # each reply continues its prompt's positions
     replies = input_ids[order].gather(1, positions.clamp(max=width - 1)).masked_fill(~valid, 0)
     out = backbone(input_ids=replies, attention_mask=torch.cat([prompt_mask.repeat_interleave(2, 0), valid.long()], 1),
-                   position_ids=positions, use_cache=True, **{_cache_argument(backbone): cache})
+                   position_ids=positions, use_cache=True, **{cache_argument(backbone): cache})
 
     # Back to TRL's layout: rows in its order, each prompt's states then its reply's at positions prompt_len + r.
     back = torch.empty_like(order)
@@ -92,12 +92,13 @@ def hidden_states(
     return hidden[:, :width]
 
 
-def _cache_argument(backbone: Callable[..., Any]) -> str:
-    """transformers 5.24 renamed the body's `past_key_values` argument to `cache` (the old name warns)."""
+def cache_argument(backbone: Callable[..., Any]) -> str:
+    """The name a model's (or body's) forward takes its key/value cache under: transformers 5.24 renamed
+    `past_key_values` to `cache` (the old name warns)."""
     return "cache" if "cache" in inspect.signature(backbone).parameters else "past_key_values"
 
 
-def _cache_of(output: Any) -> Any:
-    """The key/value cache of a body's output, under either name (see `_cache_argument`)."""
+def cache_of(output: Any) -> Any:
+    """The key/value cache of a model's (or body's) output, under either name (see `cache_argument`)."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else output.past_key_values
