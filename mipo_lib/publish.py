@@ -12,6 +12,8 @@ those keep their committed outputs, which only a deliberate edit changes.
 from __future__ import annotations
 
 import copy
+import hashlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +45,26 @@ def _clean_value(value: Any, paths: list[tuple[str, str]]) -> Any:
     return value
 
 
+#: The id pandas' Styler gives each rendered table (`T_` and 5 random hex digits), in its CSS and in its cells.
+_STYLER_ID = re.compile(r"T_([0-9a-f]{5})(?![0-9a-f])")
+
+
+def stable_styler_ids(html: str) -> str:
+    """`html` with each Styler table id replaced by a digest of the table itself.
+
+    Why: the id is random per render, so every reference run would otherwise rewrite every styled table's lines in
+    git, results unchanged. A digest keeps ids equal when the table is, and different tables (whose CSS must not
+    mix) apart.
+    """
+    for found in dict.fromkeys(_STYLER_ID.findall(html)):
+        digest = hashlib.sha1(html.replace(f"T_{found}", "T_").encode()).hexdigest()[:5]
+        html = re.sub(rf"T_{found}(?![0-9a-f])", f"T_{digest}", html)
+    return html
+
+
 def sanitize_outputs(outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Outputs without machine paths and without stderr (progress bars, weight loading, warnings)."""
+    """Outputs without machine paths, without stderr (progress bars, weight loading, warnings) and with stable
+    table ids (`stable_styler_ids`)."""
     paths, kept = _paths(), []
     for out in copy.deepcopy(outputs):
         if out.get("output_type") == "stream":
@@ -54,6 +74,10 @@ def sanitize_outputs(outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             out["text"] = _clean_text(text, paths)
         elif "data" in out:
             out["data"] = {mime: (v if mime.startswith("image/") else _clean_value(v, paths)) for mime, v in out["data"].items()}
+            if "text/html" in out["data"]:
+                html = out["data"]["text/html"]
+                html = "".join(html) if isinstance(html, list) else html
+                out["data"]["text/html"] = stable_styler_ids(html).splitlines(keepends=True)
         elif out.get("output_type") == "error":
             out["traceback"] = [_clean_text(line, paths) for line in out.get("traceback", [])]
         kept.append(out)

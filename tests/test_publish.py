@@ -78,3 +78,18 @@ def test_only_the_reference_run_publishes():
     assert not is_reference_run(get_preset("smoke"), {})
     assert is_reference_run(get_preset("cpu-reasoning"), {"dtype": "float32"})  # notebook 07's reference (make reasoning)
     assert not is_reference_run(get_preset("smoke-reasoning"), {})
+
+
+def test_styled_tables_get_ids_from_their_content():
+    """Two renders of one Styler table sanitize to the same html; another table keeps an id of its own."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"rate": [0.25, 0.5]})
+    first, second = (frame.style.format("{:.1%}").to_html() for _ in range(2))
+    other = pd.DataFrame({"rate": [0.75]}).style.format("{:.1%}").to_html()
+    assert first != second  # pandas draws a new random id per render
+    out = lambda html: "".join(publish.sanitize_outputs([{"output_type": "display_data", "data": {"text/html": html}}])[0]["data"]["text/html"])
+    assert out(first) == out(second)
+    assert out(first) != out(other)
+    ids = set(publish._STYLER_ID.findall(out(first))) | set(publish._STYLER_ID.findall(out(other)))
+    assert len(ids) == 2 and "25.0%" in out(first)
