@@ -422,9 +422,10 @@ def choices_path(preset_name: str) -> Path:
     return repo_root() / "figures" / f"choices_{preset_name}.csv"
 
 
-def load_choices(preset_name: str) -> dict[str, Any]:
-    """`{field: value}` from a preset's committed choices (`choices_path`), typed like the fields; {} without one."""
-    path = choices_path(preset_name)
+def load_choices(preset_name: str, path: Path | None = None) -> dict[str, Any]:
+    """`{field: value}` from a preset's committed choices (`choices_path`, or another choices table at `path`), typed
+    like the fields; {} without one."""
+    path = path or choices_path(preset_name)
     if not path.exists():
         return {}
     with path.open(newline="") as fh:

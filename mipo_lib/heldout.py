@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from mipo_lib import pipeline, tune
+from mipo_lib import config, pipeline, tune
 from mipo_lib.config import Preset, conform, get_preset, repo_root
 
 TASK = "personalization_unseen_types"
@@ -52,11 +52,7 @@ def tuning_path(preset_name: str) -> Path:
 
 def load_choices(preset_name: str) -> dict[str, Any]:
     """`{"epochs": n}` from the committed choice; {} without one."""
-    path = choices_path(preset_name)
-    if not path.exists():
-        return {}
-    table = pd.read_csv(path, dtype=str)
-    return {f: conform(f, v) for f, v in zip(table["field"], table["value"])}
+    return config.load_choices(preset_name, choices_path(preset_name))
 
 
 def task_preset(preset: Preset, choices: dict[str, Any] | None = None) -> Preset:

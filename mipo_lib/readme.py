@@ -97,17 +97,22 @@ def _read_choices(path: Path) -> tuple[pd.DataFrame, str, str]:
     return choices, chosen, edge_note
 
 
-def _choices_lines(preset: str) -> list[str]:
-    """The settings `make tune` chose on the validation split, if the preset has committed choices."""
-    from mipo_lib.config import choices_path
-
-    path = choices_path(preset)
+def _choice_lines(path: Path, lead: str, target: str, tail: str = "") -> list[str]:
+    """One sentence on the settings a target chose on a validation split (its committed choices table), if any."""
     if not path.exists():
         return []
     choices, chosen, edge_note = _read_choices(path)
     first = choices.iloc[0]
-    return ["", f"Settings chosen on the validation split (`make tune`, seeds {first['seeds']}, {first['n_validation']} "
-                f"validation prompts; figures/{path.name}): {chosen}. The test set was used once, with these.{edge_note}"]
+    return ["", f"{lead} (`{target}`, seeds {first['seeds']}, {first['n_validation']} validation prompts; "
+                f"figures/{path.name}): {chosen}.{tail}{edge_note}"]
+
+
+def _choices_lines(preset: str) -> list[str]:
+    """The settings `make tune` chose on the validation split, if the preset has committed choices."""
+    from mipo_lib.config import choices_path
+
+    return _choice_lines(choices_path(preset), "Settings chosen on the validation split", "make tune",
+                         " The test set was used once, with these.")
 
 
 def _task_choices_lines(task: str, preset: str) -> list[str]:
@@ -115,13 +120,7 @@ def _task_choices_lines(task: str, preset: str) -> list[str]:
     if task not in TASK_CHOICES:
         return []
     name, target = TASK_CHOICES[task]
-    path = repo_root() / "figures" / name.format(preset=preset)
-    if not path.exists():
-        return []
-    choices, chosen, edge_note = _read_choices(path)
-    first = choices.iloc[0]
-    return ["", f"Chosen on this task's own validation split (`{target}`, seeds {first['seeds']}, "
-                f"{first['n_validation']} validation prompts; figures/{path.name}): {chosen}.{edge_note}"]
+    return _choice_lines(repo_root() / "figures" / name.format(preset=preset), "Chosen on this task's own validation split", target)
 
 
 def _difference_lines(diffs: pd.DataFrame) -> list[str]:
