@@ -3,8 +3,8 @@ results.
 
 Why: notebook 05 also asks whether MIPO teaches following preferences in general or only the types it was trained
 on (`personalization_unseen_types`: MIPO trained on five preference types, tested with the other five). That costs a
-pairs run, a full MIPO training and two evaluations, about a fifth of `make reproduce` on 2 cores, so it runs as its
-own target and `make reproduce` reads its records from `figures/heldout_types_<preset>.csv`, as it reads the
+pairs run, two MIPO trainings (the epoch sweep below and the chosen run) and six evaluations, about a third of
+`make reproduce` on 2 cores, so it runs as its own target and `make reproduce` reads its records from `figures/heldout_types_<preset>.csv`, as it reads the
 settings `make tune` chose from `figures/choices_<preset>.csv`.
 
 MIPO trained on half the preference types is another model than the one `make tune` chose epochs for, so this run
