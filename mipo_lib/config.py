@@ -429,7 +429,12 @@ def load_choices(preset_name: str, path: Path | None = None) -> dict[str, Any]:
     if not path.exists():
         return {}
     with path.open(newline="") as fh:
-        return {row["field"]: conform(row["field"], row["value"]) for row in csv.DictReader(fh)}
+        return typed_choices((row["field"], row["value"]) for row in csv.DictReader(fh))
+
+
+def typed_choices(rows: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """`{field: value}` from a choices table's (field, value) text pairs, each value typed like its field."""
+    return {name: conform(name, value) for name, value in rows}
 
 
 def get_preset(name: str, /, *, tuned: bool = True, **overrides: Any) -> Preset:

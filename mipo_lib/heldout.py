@@ -4,8 +4,8 @@ results.
 Why: notebook 05 also asks whether MIPO teaches following preferences in general or only the types it was trained
 on (`personalization_unseen_types`: MIPO trained on five preference types, tested with the other five). That costs a
 pairs run, two MIPO trainings (the epoch sweep below and the chosen run) and six evaluations, about a third of
-`make reproduce` on 2 cores, so it runs as its own target and `make reproduce` reads its records from `figures/heldout_types_<preset>.csv`, as it reads the
-settings `make tune` chose from `figures/choices_<preset>.csv`.
+`make reproduce` on 2 cores, so it runs as its own target and `make reproduce` reads its records from
+`figures/heldout_types_<preset>.csv`, as it reads the settings `make tune` chose from `figures/choices_<preset>.csv`.
 
 MIPO trained on half the preference types is another model than the one `make tune` chose epochs for, so this run
 chooses its own: one MIPO training of `tune.EPOCH_GRID`'s largest epochs with a snapshot after each, scored on its
@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from mipo_lib import config, pipeline, tune
-from mipo_lib.config import Preset, conform, get_preset, repo_root
+from mipo_lib.config import Preset, get_preset, repo_root
 
 TASK = "personalization_unseen_types"
 METHODS: tuple[str, ...] = ("prompting", "MIPO")
@@ -81,7 +81,7 @@ def compute(preset: Preset, seeds: Sequence[int], progress: bool = True) -> tupl
     """(records with a `key` column, validation summary, choices): the epoch sweep on validation, then pairs, MIPO
     training with the chosen epochs and both test evaluations on the held-out types (each cached under runs/)."""
     summary, choices = choose_epochs(preset, seeds, progress=progress)
-    chosen = {f: conform(f, v) for f, v in zip(choices["field"], choices["value"])}
+    chosen = config.typed_choices(zip(choices["field"], choices["value"]))
     frame = pipeline.evaluate_all(task_preset(preset, chosen), list(seeds), methods=list(METHODS), progress=progress)
     keys = expected_keys(preset, seeds, chosen)
     return frame.assign(key=[keys[(m, int(s))] for m, s in zip(frame["method"], frame["seed"])]), summary, choices
@@ -92,12 +92,13 @@ def committed(preset: Preset, seeds: Sequence[int], path: Path | None = None) ->
     path = path or records_path(preset.name)
     if not path.exists():
         return None, f"no {path.name} (`make heldout` writes it)"
-    if not load_choices(preset.name):
+    chosen = load_choices(preset.name)
+    if not chosen:
         return None, f"no {choices_path(preset.name).name} (`make heldout` writes it)"
     frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
     frame["response"] = frame["response"].fillna("")
     stored = {(m, int(s)): set(k) for (m, s), k in frame.groupby(["method", "seed"])["key"]}
-    expected = expected_keys(preset, seeds)
+    expected = expected_keys(preset, seeds, chosen)
     for wanted, key in expected.items():
         if wanted not in stored:
             return None, f"{path.name} has no {wanted[0]} records for seed {wanted[1]}"
