@@ -195,10 +195,19 @@ def test_summary_table_carries_every_variant_with_its_cis_and_the_kl():
     assert len(k["per_seed_rate"].split()) == 3 and k["n_seeds"] == 3
 
 
-def test_k_ablation_has_its_compute_matched_controls(preset):
-    k = ablations.variant_presets(preset, "K", [1, 2, 4], compute_matched=True)
+def test_k_ablation_has_the_compute_matched_controls_it_asks_for(preset):
+    k = ablations.variant_presets(preset, "K", [1, 2, 4], compute_matched=[2, 4])
     assert list(k) == ["K=1", "K=2", "K=4", "K=1, 2x epochs", "K=1, 4x epochs"]
     for factor in (2, 4):
         control = k[ablations.compute_matched_label(factor)]
         assert control.k_negatives == 1 and control.epochs == factor * preset.epochs
-    assert list(ablations.variant_presets(preset, "beta", [0.1], compute_matched=True)) == ["beta=0.1"]
+    assert list(ablations.variant_presets(preset, "K", [1, 2, 4], compute_matched=[2])) == ["K=1", "K=2", "K=4",
+                                                                                            "K=1, 2x epochs"]
+    assert list(ablations.variant_presets(preset, "K", [1, 2])) == ["K=1", "K=2"]  # none unless asked: each is long
+
+
+@pytest.mark.parametrize("kind, values, matched, fix", [("beta", [0.1], [2], "K ablation only"),
+                                                        ("K", [1, 2], [1], "at least 2")])
+def test_compute_matched_controls_reject_what_has_no_control(preset, kind, values, matched, fix):
+    with pytest.raises(MipoError, match=fix):
+        ablations.variant_presets(preset, kind, values, compute_matched=matched)
