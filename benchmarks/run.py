@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from mipo_lib import dpo, shared_prompt  # noqa: E402
 from mipo_lib.config import get_preset, run_dir  # noqa: E402
 from mipo_lib.environment import versions  # noqa: E402
-from mipo_lib.generate import GenerationStats, chat_prompt_ids, generate_batches  # noqa: E402
+from mipo_lib.generate import GenerationStats, chat_prompt_ids, generate_batches, generate_reply_batches  # noqa: E402
 from mipo_lib.models import is_4bit, load_for_preset, memory_footprint_mb  # noqa: E402
 from mipo_lib.pairs import build_pairs  # noqa: E402
 from mipo_lib.runner import PeakMemory  # noqa: E402
@@ -105,6 +105,38 @@ def bench_evaluation(preset: Any, n_prompts: int) -> dict[str, float]:
         "eval_split_tokens_per_s": n_tokens / out["eval_split_s"],
     })
     return out
+
+
+def bench_distinct_prompts(preset: Any, n_prompts: int) -> dict[str, float]:
+    """The base model's evaluation (no context, so the preferences of a request share one prompt): each distinct
+    prompt decoded once (`evaluate.generate_replies`) vs every row decoded; the replies must be the same."""
+    from mipo_lib import evaluate
+
+    model, tok = load_for_preset(preset)
+    task = get_task(preset.task)
+    examples = task.examples("validation", n_prompts)
+    ids = [chat_prompt_ids(tok, task.prompt(e, with_context=False)) for e in examples]
+    (distinct, _), distinct_s = timed(lambda: evaluate.generate_replies(
+        model, tok, task, examples, preset, with_context=False, progress=False))
+    every = [""] * len(ids)
+
+    def every_row() -> None:
+        for batch, replies, _ in generate_reply_batches(
+            model, tok, ids, max_new_tokens=preset.eval_max_new_tokens, temperature=0.0,
+            batch_size=preset.eval_batch_size, progress=False, no_repeat_ngram_size=preset.eval_no_repeat_ngram,
+            batch_new_tokens=preset.eval_batch_new_tokens,
+        ):
+            for row, text in zip(batch.rows, replies):
+                every[row] = text
+
+    _, every_s = timed(every_row)
+    return {
+        "eval_no_context_distinct_prompts": float(len({tuple(i) for i in ids})),
+        "eval_no_context_every_row_s": every_s,
+        "eval_no_context_distinct_s": distinct_s,
+        "eval_no_context_distinct_vs_every_row": distinct_s / every_s,
+        "eval_no_context_same_replies": float(sum(a == b for a, b in zip(distinct, every)) / len(ids)),
+    }
 
 
 def _dpo_epoch(preset: Any, pairs: list[dict[str, Any]], reuse: bool, load_in_4bit: bool = False) -> dict[str, Any]:
@@ -274,6 +306,12 @@ def analysis(results: dict[str, float]) -> list[str]:
         f"{results['eval_split_tokens_per_s']:.0f} reply tokens/s, "
         f"{results['eval_split_tokens_per_s'] / results['scoring_tokens_per_s']:.0%} of the scoring roof: a decode step "
         "still runs the whole model for one token per row.",
+        f"- Evaluation without context (the base model): the {results['eval_prompts']:.0f} prompts are "
+        f"{results['eval_no_context_distinct_prompts']:.0f} distinct ones (a request's preferences share its prompt); "
+        f"decoding each once takes {results['eval_no_context_distinct_s']:.0f} s instead of "
+        f"{results['eval_no_context_every_row_s']:.0f} s for every row "
+        f"({results['eval_no_context_distinct_vs_every_row']:.2f}x; "
+        f"{results['eval_no_context_same_replies']:.0%} of replies identical).",
         f"- 4-bit NF4: {results['footprint_4bit_mb']:.0f} MB vs {results['footprint_default_mb']:.0f} MB of weights; "
         f"a training step takes {results['step_time_4bit_vs_default']:.2f}x the default-precision step on this CPU. 4-bit "
         "exists to fit GPUs (a T4), not to speed up a CPU.",
@@ -312,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, float] = {}
     results.update(bench_generation(preset, n_prompts))
     results.update(bench_evaluation(preset, n_prompts))
+    results.update(bench_distinct_prompts(preset, n_prompts))
     results.update(bench_dpo(preset))
     assert single_weight_copy(preset), "DPO trainer created a second copy of the base model"
 

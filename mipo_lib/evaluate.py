@@ -79,28 +79,38 @@ def generate_replies(
 
     `preset.eval_no_repeat_ngram` (when > 0) forbids repeating any n-gram of that length: greedy decoding of a small
     model otherwise loops ("- **Bacon:**" forty times) until the cap.
+
+    Greedy decoding is a function of the prompt (with CAD, of the prompt and its context-free twin), so each distinct
+    prompt is decoded once and its reply shared: without context, the ten preferences of a request are one prompt,
+    and the base model's evaluation decodes a tenth of the rows.
     """
     from transformers import LogitsProcessorList
 
-    prompt_ids = [chat_prompt_ids(tokenizer, task.prompt(e, with_context=with_context)) for e in examples]
+    def ids(e: Example, context: bool) -> tuple[int, ...]:
+        return tuple(chat_prompt_ids(tokenizer, task.prompt(e, with_context=context)))
+
+    # what decides a reply: the prompt's ids, with CAD also its context-free twin's
+    keys = [(ids(e, with_context), ids(e, False) if cad_alpha is not None else ()) for e in examples]
+    slot: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+    row_of = [slot.setdefault(k, len(slot)) for k in keys]  # each example's distinct prompt
+    distinct = list(slot)  # in first-seen order
     factory = None
     if cad_alpha is not None:
-        uncond = [chat_prompt_ids(tokenizer, task.prompt(e, with_context=False)) for e in examples]
 
         def factory(batch: Batch, prefixes: list[list[int]]) -> Any:
             # a continued row's context-free stream carries the same reply so far as its context stream
-            rows = [uncond[r] + p for r, p in zip(batch.rows, prefixes)]
+            rows = [list(distinct[r][1]) + p for r, p in zip(batch.rows, prefixes)]
             return LogitsProcessorList([ContextAwareDecoding(model, rows, tokenizer.pad_token_id, cad_alpha)])
 
-    texts, truncated = [""] * len(examples), [False] * len(examples)
+    texts, truncated = [""] * len(distinct), [False] * len(distinct)
     for batch, replies, cut in generate_reply_batches(
-        model, tokenizer, prompt_ids, max_new_tokens=preset.eval_max_new_tokens, temperature=0.0,
+        model, tokenizer, [list(d[0]) for d in distinct], max_new_tokens=preset.eval_max_new_tokens, temperature=0.0,
         batch_size=preset.eval_batch_size, logits_processor_factory=factory, progress=progress, desc=desc,
         no_repeat_ngram_size=preset.eval_no_repeat_ngram, batch_new_tokens=preset.eval_batch_new_tokens,
     ):
         for row, text, hit in zip(batch.rows, replies, cut):
             texts[row], truncated[row] = text, hit
-    return texts, truncated
+    return [texts[r] for r in row_of], [truncated[r] for r in row_of]
 
 
 def generate_responses(model: Any, tokenizer: Any, task: Task, examples: Sequence[Example], preset: Preset, **kwargs: Any) -> list[str]:

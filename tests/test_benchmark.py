@@ -24,3 +24,4 @@ def test_benchmark_smoke_writes_headline_ratios(tmp_path):
         match = re.search(rf"^{name}: ([0-9.]+)$", text, flags=re.MULTILINE)
         assert match and float(match.group(1)) > 0, f"{name} missing from the results file"
     assert re.search(r"^\| dpo_step_compact_vs_all \| [0-9.]+ \|$", text, flags=re.MULTILINE), "DPO step measurement missing"
+    assert re.search(r"^\| eval_no_context_same_replies \| 1\.000 \|$", text, flags=re.MULTILINE), "distinct prompts changed replies"

@@ -14,7 +14,7 @@ from transformers import LogitsProcessorList
 from mipo_lib import evaluate, methods, pipeline
 from mipo_lib.config import get_preset
 from mipo_lib.evaluate import ContextAwareDecoding
-from mipo_lib.generate import generate_batches
+from mipo_lib.generate import chat_prompt_ids, generate_batches, generate_reply_batches
 from mipo_lib.tasks import get_task
 
 
@@ -203,3 +203,31 @@ def test_cad_split_decoding_equals_one_go(tiny):
                                                 batch_new_tokens=3, **kw) for t in texts]
     assert split == one_go
     assert split != [t for _, texts in generate_batches(model, tok, cond, **kw) for t in texts]  # CAD acted
+
+
+def test_each_distinct_prompt_is_decoded_once_and_its_reply_shared(tiny, task, preset, monkeypatch):
+    """Without context the preferences of a request are one prompt: greedy decoding decodes it once, and every
+    example gets the reply (and cut flag) that decoding every row gives it."""
+    model, tok = tiny
+    examples = task.examples("test", 20)  # two requests x ten preferences
+    free = [chat_prompt_ids(tok, task.prompt(e, with_context=False)) for e in examples]
+    assert len({tuple(p) for p in free}) == 2
+    kw = dict(max_new_tokens=preset.eval_max_new_tokens, temperature=0.0, batch_size=preset.eval_batch_size,
+              progress=False, no_repeat_ngram_size=preset.eval_no_repeat_ngram, batch_new_tokens=preset.eval_batch_new_tokens)
+    every_row = {}
+    for batch, texts, cut in generate_reply_batches(model, tok, free, **kw):
+        every_row.update({r: (t, c) for r, t, c in zip(batch.rows, texts, cut)})
+    decoded = []
+    real = evaluate.generate_reply_batches
+
+    def counting(model, tokenizer, prompt_ids, **kwargs):
+        decoded.extend(tuple(p) for p in prompt_ids)
+        yield from real(model, tokenizer, prompt_ids, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate_reply_batches", counting)
+    texts, cut = evaluate.generate_replies(model, tok, task, examples, preset, with_context=False, progress=False)
+    assert sorted(decoded) == sorted({tuple(p) for p in free})
+    assert list(zip(texts, cut)) == [every_row[r] for r in range(len(examples))] and len(set(texts)) == 2
+    decoded.clear()  # with context every example is its own prompt, with CAD too (its key adds the context-free twin)
+    evaluate.generate_replies(model, tok, task, examples, preset, cad_alpha=1.0, progress=False)
+    assert len(decoded) == len(examples)
