@@ -10,6 +10,7 @@ run), and a test fails when the committed README and the committed table disagre
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -238,7 +239,7 @@ def _begin(preset: str) -> str:
 
 def update_readme(preset: str = "cpu", readme: Path | None = None) -> bool:
     """Rewrite the README's generated blocks for `preset` (results from the committed table, deviations from the
-    preset); True if the README changed."""
+    preset, ablations from notebook 06's committed files where it has them); True if the README changed."""
     readme = readme or repo_root() / "README.md"
     text = readme.read_text()
     new = _replace(text, _begin(preset), END.format(preset=preset),
@@ -246,6 +247,9 @@ def update_readme(preset: str = "cpu", readme: Path | None = None) -> bool:
     if DEVIATIONS_BEGIN.format(preset=preset) in new or preset == "cpu":
         new = _replace(new, DEVIATIONS_BEGIN.format(preset=preset), DEVIATIONS_END.format(preset=preset),
                        deviations_block(preset))
+    if ABLATIONS_BEGIN.format(preset=preset) in new or all(p.exists() for p in ablations_paths(preset)):
+        new = _replace(new, ABLATIONS_BEGIN.format(preset=preset), ABLATIONS_END.format(preset=preset),
+                       ablations_block(preset))
     if new != text:
         readme.write_text(new)
     return new != text
@@ -256,6 +260,85 @@ def _replace(text: str, begin: str, end: str, block: str) -> str:
         raise MipoError(f"README.md has no generated block {begin!r} ... {end!r}; add those two lines where it belongs")
     head, rest = text.split(begin, 1)
     return head + block + rest.split(end, 1)[1]
+
+
+# ---------------------------------------------------------------------------------------------------- ablations
+ABLATIONS_BEGIN = ("<!-- ablations:{preset}:begin (generated from figures/ablations_{preset}.csv and its conclusions by "
+                   "`python -m mipo_lib readme`; do not edit) -->")
+ABLATIONS_END = "<!-- ablations:{preset}:end -->"
+
+
+def ablations_paths(preset: str = "cpu") -> tuple[Path, Path]:
+    """Notebook 06's committed table (`ablations.summary_table`) and its sentences (`stats.conclusion`)."""
+    figures = repo_root() / "figures"
+    return figures / f"ablations_{preset}.csv", figures / f"ablations_{preset}_conclusions.txt"
+
+
+def _conclusion_sections(text: str) -> tuple[str, dict[str, list[str]]]:
+    """The conclusions file's first line (what ran, and how the CIs were drawn) and its `[section]` sentences."""
+    lines = text.splitlines()
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in lines[1:]:
+        if line.startswith("[") and line.rstrip().endswith("]"):
+            current = sections.setdefault(line.strip()[1:-1], [])
+        elif line.strip().startswith("- ") and current is not None:
+            current.append(line.strip()[2:])
+    return (lines[0] if lines else ""), sections
+
+
+def _ci_text(r: pd.Series, col: str, lo: str = "", hi: str = "", scale: float = 100.0, digits: int = 1,
+             sign: bool = True) -> str:
+    """`value [lo, hi]` of column `col` and its CI columns (default `{col}_lo`, `{col}_hi`); "—" where it is empty."""
+    if pd.isna(r[col]):
+        return "—"
+    f = f"{{:{'+' if sign else ''}.{digits}f}}"
+    return f"{f.format(scale * r[col])} [{f.format(scale * r[lo or col + '_lo'])}, {f.format(scale * r[hi or col + '_hi'])}]"
+
+
+def _in_table(sentence: str, table: pd.DataFrame) -> bool:
+    """Whether a conclusion sentence is a number the table already shows: a variant vs prompting or vs its
+    ablation's reference, or the KL of a variant."""
+    if sentence.startswith("KL(policy || base) at "):
+        return True
+    for name, rows in table.groupby("ablation", sort=False):
+        reference = rows.loc[rows["vs_reference"].isna(), "variant"].tolist()
+        for v in rows["variant"]:
+            if any(sentence.startswith(f"{v} - {other}:") for other in ["prompting", *reference]):
+                return True
+    return False
+
+
+def ablations_block(preset: str = "cpu") -> str:
+    """The README's ablation table and findings (markers included), from notebook 06's committed files only: the
+    table's rows, then every sentence of the run the table does not already show (follow-up checks, MIPO vs CAD,
+    diversity of the reference methods, win-or-tie), verbatim."""
+    csv, sentences = ablations_paths(preset)
+    if not csv.exists() or not sentences.exists():
+        raise MipoError(f"figures/{csv.name} or {sentences.name} is missing; run notebook 06 (make ablations)")
+    table = pd.read_csv(csv)
+    header, sections = _conclusion_sections(sentences.read_text())
+    body = [ABLATIONS_BEGIN.format(preset=preset), f"Run: {header}. Numbers from `figures/{csv.name}`; every sentence "
+            f"of the run is in `figures/{sentences.name}`.", ""]
+    if "crossed" not in header:
+        body += ["**Earlier protocol.** This run predates the current results protocol (no validation split, 2 epochs, "
+                 "a cosine schedule, replies cut at 32 tokens, CAD at a = 1/beta, CIs of the nested design and no "
+                 "Holm adjustment): read it as that protocol's findings; `make ablations` replaces it.", ""]
+    body += ["| ablation | variant | success rate % [95% CI] | per seed % | vs prompting, points | vs reference, points "
+             "| KL to base, nats |", "|---|---|---|---|---|---|---|"]
+    for _, r in table.iterrows():
+        reference = " (reference)" if pd.isna(r["vs_reference"]) else ""
+        per_seed = " / ".join(f"{100 * float(v):.0f}" for v in str(r["per_seed_rate"]).split())
+        body.append(f"| {r['ablation']} | {r['variant']}{reference} | {_ci_text(r, 'rate', 'lo', 'hi', sign=False)} | {per_seed} | "
+                    f"{_ci_text(r, 'vs_prompting')} | {_ci_text(r, 'vs_reference')} | "
+                    f"{_ci_text(r, 'kl_nats', 'kl_lo', 'kl_hi', scale=1, digits=2, sign=False)} |")
+    for name, lines in sections.items():
+        if name == "diversity":  # the reference methods only; the variants' rows are in the conclusions file
+            lines = [t for t in lines if not re.match(r"(distinct-2|Self-BLEU): MIPO (?!- )", t)]
+        shown = [t for t in lines if not _in_table(t, table)]
+        if shown:
+            body += ["", f"*{name}*", "", *(f"- {t}" for t in shown)]
+    return "\n".join([*body, ABLATIONS_END.format(preset=preset)])
 
 
 # --------------------------------------------------------------------------------------------------- deviations

@@ -177,13 +177,12 @@ def reproduce(
 
             publish(out_dir / path.name)
             print(f"[mipo] notebooks/{path.name} now shows this reference run's outputs", flush=True)
-    writer = RESULTS_NOTEBOOK.get(effective.name)
-    if writer and is_reference_run(effective, overrides) and any(r.notebook.startswith(writer) for r in runs):
-        from mipo_lib.readme import REFERENCE_TABLES, update_readme  # the reference run: its numbers are the README's
+    writers = README_NOTEBOOKS.get(effective.name, ())
+    if is_reference_run(effective, overrides) and any(r.notebook.startswith(writers) for r in runs):
+        from mipo_lib.readme import update_readme  # the reference run: its numbers are the README's
 
         if update_readme(effective.name):
-            print(f"[mipo] README.md results block regenerated from figures/{REFERENCE_TABLES[effective.name]}",
-                  flush=True)
+            print("[mipo] README.md's generated blocks rewritten from the committed figures/ files", flush=True)
     return runs
 
 
@@ -193,6 +192,10 @@ REFERENCE_OVERRIDES: frozenset[str] = frozenset({"dtype"})
 #: The reference presets and the notebook that writes each one's committed results table (and so its README block):
 #: `cpu` for 00-06 (`make reproduce`, `make ablations`), `cpu-reasoning` for 07 (`make reasoning`).
 RESULTS_NOTEBOOK: dict[str, str] = {"cpu": "05", "cpu-reasoning": "07"}
+
+#: The notebooks whose committed tables feed a README block (`readme.update_readme`): notebook 05's results and
+#: notebook 06's ablations for `cpu`, notebook 07's results for `cpu-reasoning`.
+README_NOTEBOOKS: dict[str, tuple[str, ...]] = {"cpu": ("05", "06"), "cpu-reasoning": ("07",)}
 
 
 def is_reference_run(preset: Any, overrides: Mapping[str, Any] | None) -> bool:

@@ -144,3 +144,59 @@ def test_held_out_types_block_says_which_epochs_its_own_validation_chose(tmp_pat
     held_part = block.split("**Held-out preference types")[1]
     assert ("Chosen on this task's own validation split (`make heldout`, seeds 0, 50 validation prompts; "
             "figures/heldout_choices_smoke.csv): MIPO `epochs` = 4 (validation rate 58.0%, grid 1 2 4 8).") in held_part
+
+
+def test_committed_readme_matches_the_committed_ablations():
+    text = (repo_root() / "README.md").read_text()
+    assert readme.ablations_block("cpu") in text, "README ablations block is stale: run `python -m mipo_lib readme`"
+
+
+def _ablation_files(tmp_path, header):
+    rows = [  # ablation, variant, rate, lo, hi, vs prompting (+lo, hi), vs reference (+lo, hi), KL (+lo, hi)
+        ("K", "K=1", .47, .41, .53, .24, .13, .36, None, None, None, None, None, None, "0.46 0.48 0.47"),
+        ("K", "K=2", .52, .46, .58, .29, .18, .40, .05, -.01, .11, None, None, None, "0.5 0.53 0.53"),
+        ("K", "K=1, 2x epochs", .50, .44, .56, .27, .16, .38, .03, -.03, .09, None, None, None, "0.49 0.5 0.51"),
+        ("beta", "beta=0.1", .47, .41, .53, .24, .13, .36, None, None, None, 1.6, 1.2, 2.0, "0.46 0.48 0.47"),
+    ]
+    cols = ["ablation", "variant", "rate", "lo", "hi", "vs_prompting", "vs_prompting_lo", "vs_prompting_hi",
+            "vs_reference", "vs_reference_lo", "vs_reference_hi", "kl_nats", "kl_lo", "kl_hi", "per_seed_rate"]
+    csv, txt = tmp_path / "ablations_smoke.csv", tmp_path / "ablations_smoke_conclusions.txt"
+    pd.DataFrame(rows, columns=cols).to_csv(csv, index=False)
+    txt.write_text(f"{header}\n\n[K negatives]\n  - K=2 - prompting: +29.0 points [95% CI +18.0, +40.0]; detectable.\n"
+                   "  - K=2 - K=1: +5.0 points [95% CI -1.0, +11.0]; no detectable effect.\n"
+                   "  - K=2 - K=1, 2x epochs: +2.0 points [95% CI -4.0, +8.0]; no detectable effect.\n\n[beta]\n"
+                   "  - KL(policy || base) at beta=0.1: +1.60 nats [95% CI +1.20, +2.00]; detectable.\n\n[diversity]\n"
+                   "  - distinct-2: MIPO - prompting: -0.030 [95% CI -0.050, -0.010]; a detectable decrease.\n"
+                   "  - distinct-2: MIPO K=2 - prompting: +0.001 [95% CI -0.01, +0.01]; no detectable effect.\n")
+    return csv, txt
+
+
+def test_ablations_block_shows_the_table_and_only_the_sentences_it_does_not(tmp_path, monkeypatch):
+    csv, txt = _ablation_files(tmp_path, "preset smoke, seeds [0, 1, 2]; 95% CIs: paired crossed bootstrap over prompts and seeds")
+    monkeypatch.setattr(readme, "ablations_paths", lambda preset="cpu": (csv, txt))
+    block = readme.ablations_block("smoke")
+    assert block.startswith(readme.ABLATIONS_BEGIN.format(preset="smoke"))
+    assert block.endswith(readme.ABLATIONS_END.format(preset="smoke"))
+    assert "| K | K=1 (reference) | 47.0 [41.0, 53.0] | 46 / 48 / 47 | +24.0 [+13.0, +36.0] | — | — |" in block
+    assert "| K | K=1, 2x epochs | 50.0 [44.0, 56.0] | 49 / 50 / 51 | +27.0 [+16.0, +38.0] | +3.0 [-3.0, +9.0] | — |" in block
+    assert "| beta | beta=0.1 (reference) | 47.0 [41.0, 53.0] | 46 / 48 / 47 | +24.0 [+13.0, +36.0] | — | 1.60 [1.20, 2.00] |" in block
+    assert "- K=2 - K=1, 2x epochs: +2.0 points" in block  # the compute-matched comparison is not a table cell
+    assert "K=2 - prompting" not in block and "K=2 - K=1:" not in block and "KL(policy" not in block  # in the table
+    assert "distinct-2: MIPO - prompting" in block and "MIPO K=2 - prompting" not in block
+    assert "Earlier protocol" not in block
+    txt.write_text(txt.read_text().replace("paired crossed bootstrap over prompts and seeds", "paired hierarchical bootstrap"))
+    assert "**Earlier protocol.**" in readme.ablations_block("smoke")
+
+
+def test_update_readme_rewrites_the_ablations_block_where_the_files_exist(tmp_path, monkeypatch):
+    csv, txt = _ablation_files(tmp_path, "preset cpu; 95% CIs: paired crossed bootstrap")
+    monkeypatch.setattr(readme, "ablations_paths", lambda preset="cpu": (csv, txt))
+    path = tmp_path / "README.md"
+    begin, end = readme.ABLATIONS_BEGIN.format(preset="cpu"), readme.ABLATIONS_END.format(preset="cpu")
+    text = (repo_root() / "README.md").read_text()
+    path.write_text(text.split(begin)[0] + f"{begin}\nstale\n{end}" + text.split(end)[1])
+    assert readme.update_readme("cpu", path) is True
+    assert readme.ablations_block("cpu") in path.read_text() and "stale" not in path.read_text()
+    csv.unlink()
+    with pytest.raises(MipoError, match="make ablations"):
+        readme.ablations_block("cpu")
