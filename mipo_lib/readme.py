@@ -1,10 +1,11 @@
-"""The README's results section, generated from the committed results table so prose can never drift from data.
+"""The README's results and ablations sections, generated from committed tables so prose can never drift from data.
 
 `figures/results_<preset>.csv` (written by notebook 05 through `stats.write_results`) is the one source of the
 reference numbers. The README holds a block between two markers; `results_block` renders it from the table (method
 rates, per-seed values, paired differences with their crossed-bootstrap CIs, Holm-adjusted verdicts and the
 cluster-bootstrap sensitivity), `update_readme` rewrites the block in place (the runner calls it after a reference
-run), and a test fails when the committed README and the committed table disagree.
+run), and a test fails when the committed README and the committed table disagree. `ablations_block` does the same
+for notebook 06's table and sentences (`figures/ablations_<preset>.csv`, `..._conclusions.txt`).
 """
 
 from __future__ import annotations
@@ -293,7 +294,8 @@ def _ci_text(r: pd.Series, col: str, lo: str = "", hi: str = "", scale: float = 
     if pd.isna(r[col]):
         return "—"
     f = f"{{:{'+' if sign else ''}.{digits}f}}"
-    return f"{f.format(scale * r[col])} [{f.format(scale * r[lo or col + '_lo'])}, {f.format(scale * r[hi or col + '_hi'])}]"
+    low, high = r[lo or f"{col}_lo"], r[hi or f"{col}_hi"]
+    return f"{f.format(scale * r[col])} [{f.format(scale * low)}, {f.format(scale * high)}]"
 
 
 def _in_table(sentence: str, table: pd.DataFrame) -> bool:
@@ -301,7 +303,7 @@ def _in_table(sentence: str, table: pd.DataFrame) -> bool:
     ablation's reference, or the KL of a variant."""
     if sentence.startswith("KL(policy || base) at "):
         return True
-    for name, rows in table.groupby("ablation", sort=False):
+    for _, rows in table.groupby("ablation", sort=False):
         reference = rows.loc[rows["vs_reference"].isna(), "variant"].tolist()
         for v in rows["variant"]:
             if any(sentence.startswith(f"{v} - {other}:") for other in ["prompting", *reference]):
@@ -329,7 +331,8 @@ def ablations_block(preset: str = "cpu") -> str:
     for _, r in table.iterrows():
         reference = " (reference)" if pd.isna(r["vs_reference"]) else ""
         per_seed = " / ".join(f"{100 * float(v):.0f}" for v in str(r["per_seed_rate"]).split())
-        body.append(f"| {r['ablation']} | {r['variant']}{reference} | {_ci_text(r, 'rate', 'lo', 'hi', sign=False)} | {per_seed} | "
+        rate = _ci_text(r, "rate", "lo", "hi", sign=False)
+        body.append(f"| {r['ablation']} | {r['variant']}{reference} | {rate} | {per_seed} | "
                     f"{_ci_text(r, 'vs_prompting')} | {_ci_text(r, 'vs_reference')} | "
                     f"{_ci_text(r, 'kl_nats', 'kl_lo', 'kl_hi', scale=1, digits=2, sign=False)} |")
     for name, lines in sections.items():
