@@ -18,6 +18,7 @@ from typing import Callable
 
 import pandas as pd
 
+from mipo_lib.ablation_findings import committed_paths
 from mipo_lib.config import Preset, get_preset, load_choices, repo_root
 from mipo_lib.errors import MipoError
 from mipo_lib.methods import Method, get_method
@@ -248,7 +249,7 @@ def update_readme(preset: str = "cpu", readme: Path | None = None) -> bool:
     if DEVIATIONS_BEGIN.format(preset=preset) in new or preset == "cpu":
         new = _replace(new, DEVIATIONS_BEGIN.format(preset=preset), DEVIATIONS_END.format(preset=preset),
                        deviations_block(preset))
-    if ABLATIONS_BEGIN.format(preset=preset) in new or all(p.exists() for p in ablations_paths(preset)):
+    if ABLATIONS_BEGIN.format(preset=preset) in new or all(p.exists() for p in committed_paths(preset)):
         new = _replace(new, ABLATIONS_BEGIN.format(preset=preset), ABLATIONS_END.format(preset=preset),
                        ablations_block(preset))
     if new != text:
@@ -267,12 +268,6 @@ def _replace(text: str, begin: str, end: str, block: str) -> str:
 ABLATIONS_BEGIN = ("<!-- ablations:{preset}:begin (generated from figures/ablations_{preset}.csv and its conclusions by "
                    "`python -m mipo_lib readme`; do not edit) -->")
 ABLATIONS_END = "<!-- ablations:{preset}:end -->"
-
-
-def ablations_paths(preset: str = "cpu") -> tuple[Path, Path]:
-    """Notebook 06's committed table (`ablations.summary_table`) and its sentences (`stats.conclusion`)."""
-    figures = repo_root() / "figures"
-    return figures / f"ablations_{preset}.csv", figures / f"ablations_{preset}_conclusions.txt"
 
 
 def _conclusion_sections(text: str) -> tuple[str, dict[str, list[str]]]:
@@ -315,7 +310,7 @@ def ablations_block(preset: str = "cpu") -> str:
     """The README's ablation table and findings (markers included), from notebook 06's committed files only: the
     table's rows, then every sentence of the run the table does not already show (follow-up checks, MIPO vs CAD,
     diversity of the reference methods, win-or-tie), verbatim."""
-    csv, sentences = ablations_paths(preset)
+    csv, sentences = committed_paths(preset)
     if not csv.exists() or not sentences.exists():
         raise MipoError(f"figures/{csv.name} or {sentences.name} is missing; run notebook 06 (make ablations)")
     table = pd.read_csv(csv)

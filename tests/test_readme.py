@@ -173,7 +173,7 @@ def _ablation_files(tmp_path, header):
 
 def test_ablations_block_shows_the_table_and_only_the_sentences_it_does_not(tmp_path, monkeypatch):
     csv, txt = _ablation_files(tmp_path, "preset smoke, seeds [0, 1, 2]; 95% CIs: paired crossed bootstrap over prompts and seeds")
-    monkeypatch.setattr(readme, "ablations_paths", lambda preset="cpu": (csv, txt))
+    monkeypatch.setattr(readme, "committed_paths", lambda preset="cpu": (csv, txt))
     block = readme.ablations_block("smoke")
     assert block.startswith(readme.ABLATIONS_BEGIN.format(preset="smoke"))
     assert block.endswith(readme.ABLATIONS_END.format(preset="smoke"))
@@ -190,7 +190,7 @@ def test_ablations_block_shows_the_table_and_only_the_sentences_it_does_not(tmp_
 
 def test_update_readme_rewrites_the_ablations_block_where_the_files_exist(tmp_path, monkeypatch):
     csv, txt = _ablation_files(tmp_path, "preset cpu; 95% CIs: paired crossed bootstrap")
-    monkeypatch.setattr(readme, "ablations_paths", lambda preset="cpu": (csv, txt))
+    monkeypatch.setattr(readme, "committed_paths", lambda preset="cpu": (csv, txt))
     path = tmp_path / "README.md"
     begin, end = readme.ABLATIONS_BEGIN.format(preset="cpu"), readme.ABLATIONS_END.format(preset="cpu")
     text = (repo_root() / "README.md").read_text()
