@@ -191,10 +191,27 @@ def _ties(run: Run) -> str | None:
             "uses the program judge (0/1); the LLM-judge version needs a GPU preset.")
 
 
+#: The results protocol's budget for replies cut at the token cap (issue: at most 5% per method).
+CUT_BUDGET = 0.05
+
+
+def _cut_replies(run: Run) -> str | None:
+    if "truncated" not in run.table or run.table["truncated"].isna().all():
+        return None  # a run from before truncation was recorded
+    shares = run.table.drop_duplicates("variant").set_index("variant")["truncated"]
+    over = shares[shares > CUT_BUDGET]
+    if over.empty:
+        return f"**Cut replies.** Every variant kept its replies cut at the token cap at or below {CUT_BUDGET:.0%}."
+    return (f"**Cut replies.** Over the protocol's {CUT_BUDGET:.0%} of replies cut at the token cap: "
+            + ", ".join(f"{v} {share:.0%}" for v, share in over.items())
+            + ". The judges fail a cut reply where more text could break the preference, so the success rates above "
+              "already count those as failures.")
+
+
 def findings(table: pd.DataFrame, conclusions: str) -> list[str]:
     """Section 8's bullets for a run: what ran, then one per ablation the run has (sections it skipped are left out)."""
     run = Run(table, conclusions)
-    parts = (_k_negatives, _negative_kind, _beta, _twin, _diversity, _ties)
+    parts = (_k_negatives, _negative_kind, _beta, _twin, _diversity, _ties, _cut_replies)
     return [f"Run: {run.header}.", *(text for part in parts if (text := part(run)) is not None)]
 
 

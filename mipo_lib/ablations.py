@@ -160,13 +160,16 @@ def compare_variants(
     (`{key}_p`), the p-value Holm-adjusted over all the table's comparisons as one `family` (`{key}_p_holm`) and a
     `stats.conclusion` sentence, whose verdict is that adjusted p < 0.05.
 
-    Its columns are what `summary_table`, `format_table` and `plots.plot_variants` read."""
+    `truncated` is the share of the variant's replies cut at the token cap (the judges already fail a cut reply where
+    more text could break the preference; the share says how often that happened). Its columns are what
+    `summary_table`, `format_table` and `plots.plot_variants` read."""
     rows = []
     diffs: dict[tuple[int, str], dict[str, Any]] = {}
     for v in labels:
         h = stats.hierarchical_bootstrap(records, v, n_boot=n_boot, seed=seed, value=value, unit="variant")
         row: dict[str, Any] = {"variant": v, "rate": h["mean"], "lo": h["lo"], "hi": h["hi"], "per_seed": h["per_seed"],
-                               "seeds": h["seeds"], "n_seeds": h["n_seeds"], "n_examples": h["n_examples"]}
+                               "seeds": h["seeds"], "n_seeds": h["n_seeds"], "n_examples": h["n_examples"],
+                               "truncated": _cut_share(records[records["variant"] == v])}
         for key, other in (("gain", baseline), ("vs_ref", reference)):
             if other is None or other == v or other not in set(records["variant"]):
                 row.update({key: np.nan, f"{key}_lo": np.nan, f"{key}_hi": np.nan, f"{key}_per_seed": [],
@@ -212,16 +215,24 @@ def run_ablation(
     }
 
 
+def _cut_share(records: pd.DataFrame) -> float:
+    """Share of replies that hit the token cap (NaN for records made before truncation was recorded)."""
+    if "truncated" not in records or records["truncated"].isna().all():
+        return float("nan")
+    return float(records["truncated"].astype(float).mean())
+
+
 SUMMARY_COLUMNS: tuple[str, ...] = (
     "ablation", "variant", "rate", "lo", "hi", "vs_prompting", "vs_prompting_lo", "vs_prompting_hi",
     "vs_reference", "vs_reference_lo", "vs_reference_hi", "kl_nats", "kl_lo", "kl_hi", "n_seeds", "n_examples",
-    "per_seed_rate",
+    "per_seed_rate", "truncated",
 )
 
 
 def summary_table(results: dict[str, dict[str, Any]], kl: pd.DataFrame | None = None) -> pd.DataFrame:
     """Every ablation's variants in one long table (`SUMMARY_COLUMNS`): rate, paired differences vs prompting and
-    vs the reference variant, each with its 95% CI, and the KL to the base where `kl` (a `kl_table`) has the variant.
+    vs the reference variant, each with its 95% CI, the share of replies cut at the token cap, and the KL to the
+    base where `kl` (a `kl_table`) has the variant.
 
     `results` maps a name ("K", "negative", "beta") to a `run_ablation` result. This is the small reference result
     the notebook writes next to its figures, so the numbers behind them can be read without rerunning anything.
@@ -234,7 +245,7 @@ def summary_table(results: dict[str, dict[str, Any]], kl: pd.DataFrame | None = 
                    "vs_prompting": r.gain, "vs_prompting_lo": r.gain_lo, "vs_prompting_hi": r.gain_hi,
                    "vs_reference": r.vs_ref, "vs_reference_lo": r.vs_ref_lo, "vs_reference_hi": r.vs_ref_hi,
                    "n_seeds": r.n_seeds, "n_examples": r.n_examples,
-                   "per_seed_rate": " ".join(f"{v:.4g}" for v in r.per_seed)}
+                   "per_seed_rate": " ".join(f"{v:.4g}" for v in r.per_seed), "truncated": r.truncated}
             if kl_by is not None and r.variant in kl_by.index:
                 k = kl_by.loc[r.variant]
                 row.update({"kl_nats": k["mean"], "kl_lo": k["lo"], "kl_hi": k["hi"]})
@@ -257,6 +268,7 @@ def format_table(table: pd.DataFrame) -> pd.DataFrame:
         "per seed %": [" / ".join(f"{100 * v:.1f}" for v in r.per_seed) for r in table.itertuples()],
         "vs prompting, points": [ci(r.gain, r.gain_lo, r.gain_hi) for r in table.itertuples()],
         "vs reference, points": [ci(r.vs_ref, r.vs_ref_lo, r.vs_ref_hi) for r in table.itertuples()],
+        "cut at the cap %": ["" if pd.isna(r.truncated) else f"{100 * r.truncated:.0f}" for r in table.itertuples()],
     }).set_index("variant")
 
 

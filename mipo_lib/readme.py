@@ -321,15 +321,17 @@ def ablations_block(preset: str = "cpu") -> str:
         body += ["**Earlier protocol.** This run predates the current results protocol (no validation split, 2 epochs, "
                  "a cosine schedule, replies cut at 32 tokens, CAD at a = 1/beta, CIs of the nested design and no "
                  "Holm adjustment): read it as that protocol's findings; `make ablations` replaces it.", ""]
+    cut = "truncated" in table and table["truncated"].notna().any()  # recorded since the current protocol
     body += ["| ablation | variant | success rate % [95% CI] | per seed % | vs prompting, points | vs reference, points "
-             "| KL to base, nats |", "|---|---|---|---|---|---|---|"]
+             "| KL to base, nats |" + (" cut at the cap % |" if cut else ""), "|---|---|---|---|---|---|---|" + ("---|" if cut else "")]
     for _, r in table.iterrows():
         reference = " (reference)" if pd.isna(r["vs_reference"]) else ""
         per_seed = " / ".join(f"{100 * float(v):.0f}" for v in str(r["per_seed_rate"]).split())
         rate = _ci_text(r, "rate", "lo", "hi", sign=False)
         body.append(f"| {r['ablation']} | {r['variant']}{reference} | {rate} | {per_seed} | "
                     f"{_ci_text(r, 'vs_prompting')} | {_ci_text(r, 'vs_reference')} | "
-                    f"{_ci_text(r, 'kl_nats', 'kl_lo', 'kl_hi', scale=1, digits=2, sign=False)} |")
+                    f"{_ci_text(r, 'kl_nats', 'kl_lo', 'kl_hi', scale=1, digits=2, sign=False)} |"
+                    + (f" {100 * r['truncated']:.0f} |" if cut else ""))
     for name, lines in sections.items():
         if name == "diversity":  # the reference methods only; the variants' rows are in the conclusions file
             lines = [t for t in lines if not re.match(r"(distinct-2|Self-BLEU): MIPO (?!- )", t)]

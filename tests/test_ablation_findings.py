@@ -116,3 +116,12 @@ def test_sections_a_run_skipped_are_left_out_and_a_missing_sentence_names_the_fi
 def test_the_committed_run_reads():
     bullets = ablation_findings.committed_findings("cpu")
     assert bullets[0].startswith("Run: preset cpu") and len(bullets) >= 4
+
+
+def test_cut_replies_are_named_when_a_variant_exceeds_the_budget():
+    assert not any(b.startswith("**Cut replies") for b in ablation_findings.findings(_table(), _conclusions()))
+    table = _table().assign(truncated=0.01)
+    bullets = ablation_findings.findings(table, _conclusions())
+    assert "at or below 5%" in bullets[-1]
+    table.loc[table["variant"] == "K=4", "truncated"] = 0.19
+    assert "cut at the token cap: K=4 19%." in ablation_findings.findings(table, _conclusions())[-1]

@@ -211,3 +211,14 @@ def test_k_ablation_has_the_compute_matched_controls_it_asks_for(preset):
 def test_compute_matched_controls_reject_what_has_no_control(preset, kind, values, matched, fix):
     with pytest.raises(MipoError, match=fix):
         ablations.variant_presets(preset, kind, values, compute_matched=matched)
+
+
+def test_each_variant_reports_its_share_of_replies_cut_at_the_cap():
+    rec = _synthetic(0.45, 0.25)
+    rec["truncated"] = (rec["variant"] == "K=2") & (rec["example_id"] < 30)  # 30 of 200 K=2 replies cut, per seed
+    table = ablations.compare_variants(rec, ["K=2"], reference=None, n_boot=200)
+    assert table.loc[0, "truncated"] == pytest.approx(0.15)
+    assert ablations.summary_table({"K": {"table": table}}).loc[0, "truncated"] == pytest.approx(0.15)
+    assert ablations.format_table(table).loc["K=2", "cut at the cap %"] == "15"
+    older = ablations.compare_variants(_synthetic(0.45, 0.25), ["K=2"], reference=None, n_boot=200)
+    assert np.isnan(older.loc[0, "truncated"]) and ablations.format_table(older).loc["K=2", "cut at the cap %"] == ""

@@ -183,7 +183,9 @@ def test_ablations_block_shows_the_table_and_only_the_sentences_it_does_not(tmp_
     assert "- K=2 - K=1, 2x epochs: +2.0 points" in block  # the compute-matched comparison is not a table cell
     assert "K=2 - prompting" not in block and "K=2 - K=1:" not in block and "KL(policy" not in block  # in the table
     assert "distinct-2: MIPO - prompting" in block and "MIPO K=2 - prompting" not in block
-    assert "Earlier protocol" not in block
+    assert "Earlier protocol" not in block and "cut at the cap" not in block  # these rows have no truncation record
+    pd.read_csv(csv).assign(truncated=[0.0, 0.03, 0.19, 0.01]).to_csv(csv, index=False)
+    assert "| +3.0 [-3.0, +9.0] | — | 19 |" in readme.ablations_block("smoke")
     txt.write_text(txt.read_text().replace("paired crossed bootstrap over prompts and seeds", "paired hierarchical bootstrap"))
     assert "**Earlier protocol.**" in readme.ablations_block("smoke")
 
