@@ -43,6 +43,17 @@ class Run:
         """The run's first line: preset, model, seeds, prompts and how the CIs were drawn."""
         return self.lines[0]
 
+    def sections(self) -> dict[str, list[str]]:
+        """The sentences under each `[section]` heading, in the file's order."""
+        out: dict[str, list[str]] = {}
+        current = None
+        for line in self.lines[1:]:
+            if line.startswith("[") and line.rstrip().endswith("]"):
+                current = out.setdefault(line.strip()[1:-1], [])
+            elif line.strip().startswith("- ") and current is not None:
+                current.append(line.strip()[2:])
+        return out
+
     def row(self, ablation: str, variant: str) -> pd.Series | None:
         found = self.table[(self.table["ablation"] == ablation) & (self.table["variant"] == variant)]
         return found.iloc[0] if len(found) else None
@@ -209,15 +220,23 @@ def _cut_replies(run: Run) -> str | None:
 
 
 def findings(table: pd.DataFrame, conclusions: str) -> list[str]:
-    """Section 8's bullets for a run: what ran, then one per ablation the run has (sections it skipped are left out)."""
-    run = Run(table, conclusions)
+    """Section 8's bullets for a run given as its table and the text of its conclusions file (`run_findings`)."""
+    return run_findings(Run(table, conclusions))
+
+
+def run_findings(run: Run) -> list[str]:
+    """Section 8's bullets: what ran, then one per ablation the run has (sections it skipped are left out)."""
     parts = (_k_negatives, _negative_kind, _beta, _twin, _diversity, _ties, _cut_replies)
     return [f"Run: {run.header}.", *(text for part in parts if (text := part(run)) is not None)]
 
 
-def committed_findings(preset: str = "cpu") -> list[str]:
-    """`findings` of the committed reference run (`committed_paths`)."""
-    csv, sentences = committed_paths(preset)
+def load_run(csv: Path, sentences: Path) -> Run:
+    """The run written to `csv` and `sentences` (`committed_paths`); a missing file names the target that writes it."""
     if not csv.exists() or not sentences.exists():
         raise MipoError(f"figures/{csv.name} or {sentences.name} is missing; run notebook 06 (make ablations)")
-    return findings(pd.read_csv(csv), sentences.read_text())
+    return Run(pd.read_csv(csv), sentences.read_text())
+
+
+def committed_findings(preset: str = "cpu") -> list[str]:
+    """`findings` of the committed reference run (`committed_paths`)."""
+    return run_findings(load_run(*committed_paths(preset)))

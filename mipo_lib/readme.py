@@ -18,7 +18,7 @@ from typing import Callable
 
 import pandas as pd
 
-from mipo_lib.ablation_findings import committed_paths
+from mipo_lib.ablation_findings import committed_paths, load_run
 from mipo_lib.config import Preset, get_preset, load_choices, repo_root
 from mipo_lib.errors import MipoError
 from mipo_lib.methods import Method, get_method
@@ -270,19 +270,6 @@ ABLATIONS_BEGIN = ("<!-- ablations:{preset}:begin (generated from figures/ablati
 ABLATIONS_END = "<!-- ablations:{preset}:end -->"
 
 
-def _conclusion_sections(text: str) -> tuple[str, dict[str, list[str]]]:
-    """The conclusions file's first line (what ran, and how the CIs were drawn) and its `[section]` sentences."""
-    lines = text.splitlines()
-    sections: dict[str, list[str]] = {}
-    current = None
-    for line in lines[1:]:
-        if line.startswith("[") and line.rstrip().endswith("]"):
-            current = sections.setdefault(line.strip()[1:-1], [])
-        elif line.strip().startswith("- ") and current is not None:
-            current.append(line.strip()[2:])
-    return (lines[0] if lines else ""), sections
-
-
 def _ci_text(r: pd.Series, col: str, lo: str = "", hi: str = "", scale: float = 100.0, digits: int = 1,
              sign: bool = True) -> str:
     """`value [lo, hi]` of column `col` and its CI columns (default `{col}_lo`, `{col}_hi`); "—" where it is empty."""
@@ -311,10 +298,8 @@ def ablations_block(preset: str = "cpu") -> str:
     table's rows, then every sentence of the run the table does not already show (follow-up checks, MIPO vs CAD,
     diversity of the reference methods, win-or-tie), verbatim."""
     csv, sentences = committed_paths(preset)
-    if not csv.exists() or not sentences.exists():
-        raise MipoError(f"figures/{csv.name} or {sentences.name} is missing; run notebook 06 (make ablations)")
-    table = pd.read_csv(csv)
-    header, sections = _conclusion_sections(sentences.read_text())
+    run = load_run(csv, sentences)
+    table, header = run.table, run.header
     body = [ABLATIONS_BEGIN.format(preset=preset), f"Run: {header}. Numbers from `figures/{csv.name}`; every sentence "
             f"of the run is in `figures/{sentences.name}`.", ""]
     if "crossed" not in header:
@@ -332,7 +317,7 @@ def ablations_block(preset: str = "cpu") -> str:
                     f"{_ci_text(r, 'vs_prompting')} | {_ci_text(r, 'vs_reference')} | "
                     f"{_ci_text(r, 'kl_nats', 'kl_lo', 'kl_hi', scale=1, digits=2, sign=False)} |"
                     + (f" {100 * r['truncated']:.0f} |" if cut else ""))
-    for name, lines in sections.items():
+    for name, lines in run.sections().items():
         if name == "diversity":  # the reference methods only; the variants' rows are in the conclusions file
             lines = [t for t in lines if not re.match(r"(distinct-2|Self-BLEU): MIPO (?!- )", t)]
         shown = [t for t in lines if not _in_table(t, table)]
