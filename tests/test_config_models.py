@@ -248,3 +248,17 @@ def test_cli_chat_smoke():
     proc = _cli("chat", "Hi", "--preset", "smoke", "--max-new-tokens", "4", timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_fits_its_task_splits(name):
+    """A preset's prompt counts must fit its task's splits: when issue 12 took 10 of the 40 personalization requests
+    for validation, the GPU presets still asked for 400 training prompts and failed at pair generation (caught only
+    on a GPU machine)."""
+    from mipo_lib.tasks import get_task
+
+    preset = get_preset(name)
+    task = get_task(preset.task)
+    for seed in preset.seeds:
+        assert len(task.examples("train", preset.n_train_prompts, seed=seed)) == preset.n_train_prompts
+    assert len(task.examples("test", preset.n_test_prompts)) == preset.n_test_prompts
