@@ -13,8 +13,8 @@ Choices that matter:
   longer run *is* an e-epoch run: `make tune` trains each method once and evaluates its epoch snapshots
   (`snapshot_epochs`) on the validation split instead of training once per epoch count.
 - On CPU the fused LM head scores only the reply positions (`compact_lm_head_on_cpu`), as TRL already does on GPUs.
-- Each pair's prompt runs through the model once per step, not once per reply (`shared_prompt`, hooked into TRL's
-  loss by `_prompt_run_once`); not with gradient checkpointing (`shares_prompt`).
+- On CPU each pair's prompt runs through the model once per step, not once per reply (`shared_prompt`, hooked into
+  TRL's loss by `_prompt_run_once`); not with gradient checkpointing, and not on GPUs (`shares_prompt`).
 - Precision follows `models.select_dtype`: bf16 where supported, fp16 on a T4 (adapters kept in fp32), fp32 on CPUs
   without native bf16. With 4-bit the base stays NF4; only the LoRA matrices train.
 """
@@ -38,7 +38,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from mipo_lib import cache, shared_prompt
 from mipo_lib.config import Preset
 from mipo_lib.errors import MipoError
-from mipo_lib.models import lora_config, prepare_4bit_for_training
+from mipo_lib.models import lora_config, prepare_4bit_for_training, select_device
 from mipo_lib.pairs import pairs_key
 from mipo_lib.scoring import token_digest
 
@@ -230,7 +230,7 @@ def _trainer_classes() -> tuple[type, type, type, type]:
             return super()._precompute_ref_logps(dataset, name, batch_size)
 
         def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
-            if not (self.share_prompt and shares_prompt(self.args)):
+            if not (self.share_prompt and shares_prompt(getattr(self.args, _checkpointing_key(), False), inputs["input_ids"].device)):
                 return super()._compute_loss(model, inputs, return_outputs)
             with _prompt_run_once(self.accelerator.unwrap_model(model), inputs["completion_mask"]):
                 return super()._compute_loss(model, inputs, return_outputs)
@@ -238,17 +238,24 @@ def _trainer_classes() -> tuple[type, type, type, type]:
     return DPOConfig, PairsDPOTrainer, SFTConfig, SFTTrainer
 
 
-def shares_prompt(args: Any) -> bool:
-    """Whether DPO steps run each prompt once (`shared_prompt`). Not with gradient checkpointing: transformers turns
-    the key/value cache off while checkpointing in training, and the replies' pass needs the prompts' cache."""
-    return not getattr(args, _checkpointing_key(), False)
+def shares_prompt(checkpointing: bool, device: torch.device) -> bool:
+    """Whether DPO steps run each prompt once (`shared_prompt`): on CPU only, and not with gradient checkpointing.
+
+    Why only on CPU: there it saves what it promises (cpu preset, fp32: 3.96 s instead of 4.70 s per step,
+    `benchmarks/results.md`). On an H200 it made the `paper` preset's LoRA step twice as slow and uneven (median
+    0.59 s against 0.28 s with TRL's forward, peak reserved 29 GB against 26 GB; `benchmarks/results_gpu.md`): a
+    60-token prompt saves little against 1,470-token replies there, and the replies' pass over a key/value cache costs
+    more than it saves. So GPUs keep TRL's own forward. Not with checkpointing:
+    transformers turns the key/value cache off while checkpointing in training, and the replies' pass needs the
+    prompts' cache."""
+    return device.type == "cpu" and not checkpointing
 
 
 def dpo_forward(preset: Preset) -> str:
     """How a DPO step runs its batch under `preset`, for the cache key: the float results of the two ways differ in
     rounding only, but a 120-step run amplifies rounding into a different trajectory, so a stored adapter is reused
     only under the way that made it."""
-    return "trl" if preset.gradient_checkpointing else "shared-prompt"
+    return "shared-prompt" if shares_prompt(preset.gradient_checkpointing, select_device()) else "trl"
 
 
 @contextmanager

@@ -130,4 +130,13 @@ def test_cache_key_names_the_dpo_forward():
     assert dpo.training_extras("dpo", plain)["forward"] == "shared-prompt"
     assert dpo.training_extras("dpo", checkpointed)["forward"] == "trl"
     assert "forward" not in dpo.training_extras("sft", plain)
-    assert not dpo.shares_prompt(type("Args", (), {dpo._checkpointing_key(): True})())
+    assert not dpo.shares_prompt(True, torch.device("cpu"))
+    assert dpo.shares_prompt(False, torch.device("cpu"))
+
+
+def test_gpus_keep_trls_forward(monkeypatch):
+    """On a GPU the shared-prompt forward made the paper preset's step about twice as slow (H200,
+    benchmarks/results_gpu.md): GPUs run TRL's own forward, and the cache key says so."""
+    assert not dpo.shares_prompt(False, torch.device("cuda"))
+    monkeypatch.setattr(dpo, "select_device", lambda: torch.device("cuda"))
+    assert dpo.training_extras("dpo", get_preset("smoke"))["forward"] == "trl"
