@@ -3,8 +3,9 @@
 After a reference run (`make reproduce` on the `cpu` preset) the runner calls `publish` for each executed notebook:
 the committed notebook stays the source of truth for every cell's code and text, and takes from the executed copy
 (`runs/cpu/notebooks/<name>.ipynb`) only each cell's outputs and execution count, matched by cell id. On the way,
-outputs are sanitized: machine paths become `<repo>`, `<runs>` and `~`, stderr (progress bars, library warnings) is
-dropped, and solution cells (tagged `solution`) keep no output, so a student never sees an answer printed.
+outputs are sanitized: machine paths become `<repo>`, `<runs>` and `~`, object addresses and stderr (progress bars,
+library warnings) are dropped, and solution cells (tagged `solution`) keep no output, so a student never sees an
+answer printed.
 nbval (`--nbval-lax`) keeps running smoke copies of these notebooks and compares only `NBVAL_CHECK_OUTPUT` cells:
 those keep their committed outputs, which only a deliberate edit changes.
 """
@@ -31,10 +32,16 @@ def _paths() -> list[tuple[str, str]]:
     return sorted({p for p in pairs if p[0] not in ("", "/")}, key=lambda p: -len(p[0]))
 
 
+#: An object's memory address in its repr (`<pandas.io.formats.style.Styler at 0x7f81400bcb50>`): new on every run.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")
+
+
 def _clean_text(text: str, paths: list[tuple[str, str]]) -> str:
+    """`text` with machine paths replaced by placeholders and object addresses dropped, so a rerun with the same
+    results leaves the committed notebook's lines unchanged."""
     for prefix, placeholder in paths:
         text = text.replace(prefix, placeholder)
-    return text
+    return _ADDRESS.sub(">", text)
 
 
 def _clean_value(value: Any, paths: list[tuple[str, str]]) -> Any:

@@ -46,6 +46,12 @@ def test_outputs_are_merged_by_id_and_sanitized():
     assert committed.cells[1].outputs == []  # the input notebook is not modified
 
 
+def test_object_addresses_are_dropped():
+    """A repr's address is new on every run: kept, every rerun would rewrite the line, results unchanged."""
+    out = publish.sanitize_outputs([new_output("execute_result", data={"text/plain": "<pandas.io.formats.style.Styler at 0x7f81400bcb50>"})])
+    assert out[0]["data"]["text/plain"] == "<pandas.io.formats.style.Styler>"
+
+
 def cells_outputs(nb, cell_id):
     return [o.get("text") for c in nb.cells if c.id == cell_id for o in c.outputs]
 
