@@ -230,7 +230,8 @@ def _trainer_classes() -> tuple[type, type, type, type]:
             return super()._precompute_ref_logps(dataset, name, batch_size)
 
         def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
-            if not (self.share_prompt and shares_prompt(getattr(self.args, _checkpointing_key(), False), inputs["input_ids"].device)):
+            checkpointing = getattr(self.args, _checkpointing_key(), False)
+            if not (self.share_prompt and shares_prompt(checkpointing, inputs["input_ids"].device)):
                 return super()._compute_loss(model, inputs, return_outputs)
             with _prompt_run_once(self.accelerator.unwrap_model(model), inputs["completion_mask"]):
                 return super()._compute_loss(model, inputs, return_outputs)
@@ -245,9 +246,8 @@ def shares_prompt(checkpointing: bool, device: torch.device) -> bool:
     `benchmarks/results.md`). On an H200 it made the `paper` preset's LoRA step twice as slow and uneven (median
     0.59 s against 0.28 s with TRL's forward, peak reserved 29 GB against 26 GB; `benchmarks/results_gpu.md`): a
     60-token prompt saves little against 1,470-token replies there, and the replies' pass over a key/value cache costs
-    more than it saves. So GPUs keep TRL's own forward. Not with checkpointing:
-    transformers turns the key/value cache off while checkpointing in training, and the replies' pass needs the
-    prompts' cache."""
+    more than it saves. So GPUs keep TRL's own forward. Not with checkpointing: transformers turns the key/value
+    cache off while checkpointing in training, and the replies' pass needs the prompts' cache."""
     return device.type == "cpu" and not checkpointing
 
 

@@ -253,8 +253,8 @@ def test_cli_chat_smoke():
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_fits_its_task_splits(name):
     """A preset's prompt counts must fit its task's splits: when issue 12 took 10 of the 40 personalization requests
-    for validation, the GPU presets still asked for 400 training prompts and failed at pair generation (caught only
-    on a GPU machine)."""
+    for validation, the GPU presets still asked for 400 training prompts and failed at pair generation (found by the
+    GPU measurement script, which no CPU test ran)."""
     from mipo_lib.tasks import get_task
 
     preset = get_preset(name)
