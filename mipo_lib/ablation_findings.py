@@ -65,6 +65,10 @@ class Run:
         """The conclusion that starts with `start`, or None if the run has none."""
         return next((line.strip()[2:] for line in self.lines if line.strip().startswith(f"- {start}")), None)
 
+    def cuts_recorded(self) -> bool:
+        """Whether the table has each variant's share of replies cut at the token cap (runs of the current protocol)."""
+        return "truncated" in self.table and bool(self.table["truncated"].notna().any())
+
     def has(self, start: str) -> bool:
         return self.sentence(start) is not None
 
@@ -207,7 +211,7 @@ CUT_BUDGET = 0.05
 
 
 def _cut_replies(run: Run) -> str | None:
-    if "truncated" not in run.table or run.table["truncated"].isna().all():
+    if not run.cuts_recorded():
         return None  # a run from before truncation was recorded
     shares = run.table.drop_duplicates("variant").set_index("variant")["truncated"]
     over = shares[shares > CUT_BUDGET]

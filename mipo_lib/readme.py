@@ -306,7 +306,7 @@ def ablations_block(preset: str = "cpu") -> str:
         body += ["**Earlier protocol.** This run predates the current results protocol (no validation split, 2 epochs, "
                  "a cosine schedule, replies cut at 32 tokens, CAD at a = 1/beta, CIs of the nested design and no "
                  "Holm adjustment): read it as that protocol's findings; `make ablations` replaces it.", ""]
-    cut = "truncated" in table and table["truncated"].notna().any()  # recorded since the current protocol
+    cut = run.cuts_recorded()
     body += ["| ablation | variant | success rate % [95% CI] | per seed % | vs prompting, points | vs reference, points "
              "| KL to base, nats |" + (" cut at the cap % |" if cut else ""), "|---|---|---|---|---|---|---|" + ("---|" if cut else "")]
     for _, r in table.iterrows():
