@@ -167,7 +167,13 @@ def _beta(run: Run) -> str | None:
         if run.has("KL at"):
             text += f"; the smallest minus the largest beta: {run.claim('KL at', digits=2, unit=' nats')}"
         text += "."
-    if not any(run.detectable(f"{v} - {reference}") for v in others):
+    if any(run.detectable(f"{v} - {reference}") for v in others):
+        return text
+    if run.detectable("KL at"):  # the policies moved detectably different distances, their success rates did not
+        text += (" beta set how far the policy moved from the base, as section 3 expects once margins grow (the "
+                 "weight sigma(-beta h) keeps a small beta pushing), but not detectably how often it followed the "
+                 "preference.")
+    else:
         text += (" beta's overall scale barely matters here, as section 3 argues: over these Adam steps the scale is "
                  "normalized away, and the margins rarely grow large enough for the weight sigma(-beta h) to differ.")
     return text

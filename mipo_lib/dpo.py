@@ -456,14 +456,38 @@ def _run(trainer: Any, adapter_dir: Path, sanity: dict[str, float] | None, snaps
     return _finish(trainer, adapter_dir, seconds, before, sanity)
 
 
+ELAPSED_FILE = "elapsed_seconds.json"
+"""Written into each epoch checkpoint: the training seconds up to it, summed over every segment of a resumed run."""
+
+
+def _elapsed_callback(offset: float, start: float) -> Any:
+    """A transformers callback writing the training seconds so far (`offset` from earlier segments plus this one's,
+    timed from `start`) into each checkpoint as it is saved, so a resumed run reports the time of the whole training
+    rather than of its last segment."""
+    from transformers import TrainerCallback
+
+    class ElapsedCallback(TrainerCallback):  # type: ignore[misc]
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if checkpoint.is_dir():
+                seconds = offset + time.perf_counter() - start
+                cache.write_text(checkpoint / ELAPSED_FILE, json.dumps({"seconds": round(seconds, 2)}))
+
+    return ElapsedCallback()
+
+
 def _train(trainer: Any, adapter_dir: Path) -> float:
-    """Train, resuming from the last epoch checkpoint of an interrupted run if there is one."""
+    """Train, resuming from the last epoch checkpoint of an interrupted run if there is one; returns the seconds of
+    the whole training (earlier segments' time is read from the checkpoint, `ELAPSED_FILE`)."""
     from transformers.trainer_utils import get_last_checkpoint
 
     last = get_last_checkpoint(str(adapter_dir)) if adapter_dir.exists() else None
+    elapsed = Path(last) / ELAPSED_FILE if last else None
+    offset = float(json.loads(elapsed.read_text())["seconds"]) if elapsed and elapsed.is_file() else 0.0
     start = time.perf_counter()
+    trainer.add_callback(_elapsed_callback(offset, start))
     trainer.train(resume_from_checkpoint=last)
-    return time.perf_counter() - start
+    return offset + time.perf_counter() - start
 
 
 def train_dpo(

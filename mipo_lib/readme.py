@@ -293,6 +293,11 @@ def _in_table(sentence: str, table: pd.DataFrame) -> bool:
     return False
 
 
+def _cut_cell(share: float) -> str:
+    """The percentage of replies cut at the cap, or "—" for a variant whose cached evaluation predates the record."""
+    return "—" if pd.isna(share) else f"{100 * share:.0f}"
+
+
 def ablations_block(preset: str = "cpu") -> str:
     """The README's ablation table and findings (markers included), from notebook 06's committed files only: the
     table's rows, then every sentence of the run the table does not already show (follow-up checks, MIPO vs CAD,
@@ -306,7 +311,7 @@ def ablations_block(preset: str = "cpu") -> str:
         body += ["**Earlier protocol.** This run predates the current results protocol (no validation split, 2 epochs, "
                  "a cosine schedule, replies cut at 32 tokens, CAD at a = 1/beta, CIs of the nested design and no "
                  "Holm adjustment): read it as that protocol's findings; `make ablations` replaces it.", ""]
-    cut = run.cuts_recorded()
+    cut = run.cuts_recorded()  # a column when any variant recorded it; a variant that did not shows "—", not "nan"
     body += ["| ablation | variant | success rate % [95% CI] | per seed % | vs prompting, points | vs reference, points "
              "| KL to base, nats |" + (" cut at the cap % |" if cut else ""), "|---|---|---|---|---|---|---|" + ("---|" if cut else "")]
     for _, r in table.iterrows():
@@ -316,7 +321,7 @@ def ablations_block(preset: str = "cpu") -> str:
         body.append(f"| {r['ablation']} | {r['variant']}{reference} | {rate} | {per_seed} | "
                     f"{_ci_text(r, 'vs_prompting')} | {_ci_text(r, 'vs_reference')} | "
                     f"{_ci_text(r, 'kl_nats', 'kl_lo', 'kl_hi', scale=1, digits=2, sign=False)} |"
-                    + (f" {100 * r['truncated']:.0f} |" if cut else ""))
+                    + (f" {_cut_cell(r['truncated'])} |" if cut else ""))
     for name, lines in run.sections().items():
         if name == "diversity":  # the reference methods only; the variants' rows are in the conclusions file
             lines = [t for t in lines if not re.match(r"(distinct-2|Self-BLEU): MIPO (?!- )", t)]

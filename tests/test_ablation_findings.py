@@ -31,7 +31,8 @@ def _table(control: bool = True) -> pd.DataFrame:
     return frame
 
 
-def _conclusions(matched: str = "none", longer: str = "none", random_context: str = "loss", bleu: str = "none") -> str:
+def _conclusions(matched: str = "none", longer: str = "none", random_context: str = "loss", bleu: str = "none",
+                 kl: str = "none") -> str:
     lines = [HEADER, "", "[K negatives]", _said("K=2 - K=1", "-9.0", "loss"), _said("K=4 - K=2", "-3.0"),
              _said("K=1, 2x epochs - K=1", "-7.0", longer), "  - Mean words per MIPO reply: K=1: 17.3, K=2: 24.0, "
              "K=4: 30.1, K=1, 2x epochs: 21.0.", _said("K=2 - K=1, 2x epochs", "-2.0", matched),
@@ -39,8 +40,9 @@ def _conclusions(matched: str = "none", longer: str = "none", random_context: st
              _said("context_drop - prompting", "+24.3", "gain"), _said("random_context - prompting", "+7.0", "gain"),
              _said("random_prompt - prompting", "+5.0"), _said("random_context - context_drop", "-17.0", random_context),
              _said("random_prompt - context_drop", "-19.0", "loss"), "", "[beta]", _said("beta=0.05 - beta=0.1", "-1.0"),
-             _said("beta=0.3 - beta=0.1", "-2.0"), "  - KL at beta=0.05 - KL at beta=0.3: +0.20 nats [95% CI -0.05, "
-             "+0.50]; no detectable effect at this size (3 seeds x 50 examples).", "", "[MIPO vs CAD]",
+             _said("beta=0.3 - beta=0.1", "-2.0"), "  - KL at beta=0.05 - KL at beta=0.3: +0.20 nats [95% CI -0.05, +0.50]; "
+             + ("a detectable increase (3 seeds x 50 examples)." if kl == "increase" else
+                "no detectable effect at this size (3 seeds x 50 examples)."), "", "[MIPO vs CAD]",
              _said("MIPO - CAD (quality)", "+0.3"), _said("CAD - prompting (quality)", "+24.0", "gain"),
              "  - CAD takes 1.95x MIPO's time per prompt (0.487 s vs 0.249 s).", "", "[diversity]",
              f"  - distinct-2: MIPO - prompting: -0.037 [95% CI -0.051, -0.025]; {NONE}",
@@ -100,6 +102,15 @@ def test_diversity_and_ties_and_header_come_from_the_files():
     assert "beta's overall scale barely matters" in beta and "+0.20 nats [-0.05, +0.50]" in beta
     assert "no sign of MIPO collapsing" in next(b for b in ablation_findings.findings(_table(), _conclusions())
                                                 if b.startswith("**Diversity"))
+
+
+@pytest.mark.parametrize("kl, reading", [("none", "beta's overall scale barely matters"),
+                                         ("increase", "beta set how far the policy moved from the base")])
+def test_the_beta_reading_follows_the_kl_verdict(kl, reading):
+    """Equal success rates with detectably different KLs must not be read as "beta's scale is normalized away"."""
+    beta = next(b for b in ablation_findings.findings(_table(), _conclusions(kl=kl)) if b.startswith("**beta"))
+    readings = ("beta's overall scale barely matters", "beta set how far the policy moved from the base")
+    assert [r for r in readings if r in beta] == [reading]
 
 
 def test_sections_a_run_skipped_are_left_out_and_a_missing_sentence_names_the_fix():

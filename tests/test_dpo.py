@@ -107,6 +107,37 @@ def test_finished_run_is_reused(trained, preset, pairs, monkeypatch):
     assert np.allclose(again.log["loss"], result.log["loss"])
 
 
+def test_a_resumed_training_reports_the_time_of_every_segment(preset, pairs, workdir, monkeypatch):
+    """Interrupt a training right after its first epoch checkpoint, then resume it: the reported seconds include the
+    interrupted segment's (stored in the checkpoint), not only the resumed one's."""
+    folder = workdir / "interrupted"
+    make_callback = dpo._elapsed_callback
+
+    def interrupting(offset, start):
+        callback = make_callback(offset, start)
+        save = callback.on_save
+
+        def save_then_stop(*args, **kwargs):
+            save(*args, **kwargs)
+            raise KeyboardInterrupt
+
+        callback.on_save = save_then_stop
+        return callback
+
+    monkeypatch.setattr(dpo, "_elapsed_callback", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        dpo.train_dpo(*load_for_preset(preset), pairs, preset, 0, folder, progress=False)
+    (checkpoint,) = folder.glob("checkpoint-*")
+    first = json.loads((checkpoint / dpo.ELAPSED_FILE).read_text())["seconds"]
+    assert first > 0
+    (checkpoint / dpo.ELAPSED_FILE).write_text(json.dumps({"seconds": 1000.0}))  # as if the first segment took long
+    monkeypatch.setattr(dpo, "_elapsed_callback", make_callback)
+    resumed = dpo.train_dpo(*load_for_preset(preset), pairs, preset, 0, folder, progress=False)
+    assert resumed.log["step"].max() == 8 and not resumed.reused
+    assert 1000.0 < resumed.seconds < 1000.0 + 600
+    assert json.loads((folder / dpo.DONE_MARKER).read_text())["seconds"] == pytest.approx(resumed.seconds, abs=0.01)
+
+
 def test_reference_logps_come_from_the_pairs(preset, pairs, workdir, monkeypatch):
     """Shift the stored ref log-probs of the chosen side by +5: the untrained margin must move by -beta*5, and no
     reference forward pass may run at all (neither at set-up, in the sanity check, nor while training)."""

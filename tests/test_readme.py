@@ -186,6 +186,9 @@ def test_ablations_block_shows_the_table_and_only_the_sentences_it_does_not(tmp_
     assert "Earlier protocol" not in block and "cut at the cap" not in block  # these rows have no truncation record
     pd.read_csv(csv).assign(truncated=[0.0, 0.03, 0.19, 0.01]).to_csv(csv, index=False)
     assert "| +3.0 [-3.0, +9.0] | — | 19 |" in readme.ablations_block("smoke")
+    pd.read_csv(csv).assign(truncated=[0.0, 0.03, None, 0.01]).to_csv(csv, index=False)
+    block = readme.ablations_block("smoke")
+    assert "| +3.0 [-3.0, +9.0] | — | — |" in block and "nan" not in block  # a variant without the record
     txt.write_text(txt.read_text().replace("paired crossed bootstrap over prompts and seeds", "paired hierarchical bootstrap"))
     assert "**Earlier protocol.**" in readme.ablations_block("smoke")
 
