@@ -453,7 +453,7 @@ def _draw_ours(ax: Any, mine: Sequence[dict[str, Any]], title: str) -> None:
     ax.set_ylim(len(labels) - 0.5, -0.6)
 
 
-def plot_diversity(div_df: pd.DataFrame, meta: dict[str, Any], n_boot: int = 2_000, seed: int = 0) -> Any:
+def plot_diversity(div_df: pd.DataFrame, meta: dict[str, Any]) -> Any:
     """Distinct-2, Self-BLEU and mean length per method (from `stats.diversity_table`): dots = seeds, CI over seeds.
 
     Why: preference optimization can collapse replies onto a template; a higher Self-BLEU / lower distinct-2 for
@@ -469,7 +469,7 @@ def plot_diversity(div_df: pd.DataFrame, meta: dict[str, Any], n_boot: int = 2_0
             v = div_df.loc[div_df["method"] == m, col].dropna().to_numpy(dtype=float)
             if v.size == 0:
                 continue
-            mean, lo, hi = stats.bootstrap_ci(v, n_boot=n_boot, seed=seed)
+            mean, lo, hi, _ = stats.seed_interval(v)
             ax.errorbar(i, mean, yerr=[[mean - lo], [hi - mean]], fmt="s", color=colour(m), ms=8, capsize=5, lw=1.6)
             ax.scatter(i + jitter(v.size), v, s=20, color="white", edgecolor=colour(m), lw=1.1, zorder=4)
         ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
@@ -477,7 +477,7 @@ def plot_diversity(div_df: pd.DataFrame, meta: dict[str, Any], n_boot: int = 2_0
         ax.set_title(title, fontsize=10)
     n_seeds = int(div_df["seed"].nunique()) if len(div_df) else 0
     n_ex = int(div_df["n"].max()) if "n" in div_df.columns and len(div_df) else None
-    cap = _meta_caption(meta, bars="95% bootstrap CI over seeds (none for single-seed deterministic methods)",
+    cap = _meta_caption(meta, bars="95% Student-t CI over seeds (zero width for deterministic methods)",
                         n_seeds=meta.get("n_seeds", n_seeds), n_examples=meta.get("n_examples", n_ex),
                         extra="Metrics over all responses of a seed; Self-BLEU: smoothed 4-gram BLEU of each reply "
                         "against the others (subsampled to 200 replies, seeded).")
@@ -596,7 +596,7 @@ def plot_twin(records: pd.DataFrame, cost: pd.DataFrame, meta: dict[str, Any], n
         ax_q.text(0.03, 0.97, f"MIPO - CAD (paired): {100 * d['mean']:+.1f} pts\n[95% CI {100 * d['lo']:+.1f}, "
                   f"{100 * d['hi']:+.1f}]", transform=ax_q.transAxes, va="top", fontsize=9,
                   bbox={"boxstyle": "round", "fc": "white", "ec": "gray"})
-    summary = stats.cost_summary(cost, n_boot=n_boot, seed=seed)
+    summary = stats.cost_summary(cost)
     for i, r in summary.reset_index(drop=True).iterrows():
         ax_c.bar(i, r["s_per_prompt"], width=0.6, color=colour(r["method"]), alpha=0.85)
         ax_c.errorbar(i, r["s_per_prompt"], yerr=[[r["s_per_prompt"] - r["lo"]], [r["hi"] - r["s_per_prompt"]]],
@@ -608,7 +608,7 @@ def plot_twin(records: pd.DataFrame, cost: pd.DataFrame, meta: dict[str, Any], n
     ax_c.set_ylim(0, float(cost["s_per_prompt"].max()) * 1.25)
     ax_c.set_ylabel("seconds per prompt (greedy)")
     ax_c.set_title("Generation cost (ratio to MIPO on top)", fontsize=11)
-    cap = _meta_caption(meta, bars="95% crossed bootstrap CI over prompts and seeds (left), over seeds (right)",
+    cap = _meta_caption(meta, bars="95% crossed bootstrap CI over prompts and seeds (left), Student-t CI over seeds (right)",
                         extra=f"CAD strength a = 1/beta = {meta.get('cad_alpha', '?')}. Cost: wall-clock seconds per "
                         f"prompt on {meta.get('cost_prompts', '?')} held-out prompts, best of repeated timings per seed "
                         "(shared machine: timings vary); prompting and CAD use the base model, MIPO the merged adapter.")

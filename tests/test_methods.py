@@ -121,7 +121,7 @@ def test_dummy_method_in_figures_with_its_colour(dummy):
     figures = {
         "rates": plots.plot_method_rates(records, meta, n_boot=200),
         "per group": plots.plot_per_group(records, meta, n_boot=200),
-        "diversity": plots.plot_diversity(stats.diversity_table(records), meta, n_boot=200),
+        "diversity": plots.plot_diversity(stats.diversity_table(records), meta),
     }
     for name, fig in figures.items():
         assert DUMMY_COLOUR in _colours_of(fig), name

@@ -174,7 +174,7 @@ def test_difference_from_results_round_trips_a_written_table(records, tmp_path):
 
 def test_plot_diversity(records, tmp_path):
     div = stats.diversity_table(records, sample=20)
-    _save(plots.plot_diversity(div, META, n_boot=200), "diversity", tmp_path)
+    _save(plots.plot_diversity(div, META), "diversity", tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------- ablation figures

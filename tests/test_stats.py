@@ -365,13 +365,41 @@ def test_conclusion_numbers_and_units():
 
 
 def test_seed_difference_is_over_seeds():
-    d = stats.seed_difference([0.5, 0.6, 0.55], [0.3, 0.3, 0.3], n_boot=500)
+    d = stats.seed_difference([0.5, 0.6, 0.55], [0.3, 0.3, 0.3])
     assert d["ci_over"] == "seeds" and d["n_seeds"] == 3 and d["lo"] > 0
     assert "detectable gain" in stats.conclusion(d, "distinct-2") and not d["deterministic"]
-    fixed = stats.seed_difference([0.5, 0.5, 0.5], [0.3, 0.3, 0.3], n_boot=200)  # two deterministic methods
+    fixed = stats.seed_difference([0.5, 0.5, 0.5], [0.3, 0.3, 0.3])  # two deterministic methods
     assert fixed["deterministic"] and fixed["lo"] == fixed["hi"]
     assert "no verdict" in stats.conclusion(fixed, "distinct-2") and "detectable" not in stats.conclusion(fixed, "x")
     assert stats.seed_difference([np.nan], [0.3])["n_seeds"] == 0
+
+
+@pytest.mark.parametrize("df, quantile", [(1, 12.706), (2, 4.303), (4, 2.776), (10, 2.228), (30, 2.042)])
+def test_t_quantiles_match_the_tables(df, quantile):
+    assert stats._t_quantile(0.975, df) == pytest.approx(quantile, abs=1e-3)
+
+
+def test_seed_interval_covers_with_three_seeds_where_the_bootstrap_does_not():
+    """Three seeds of a metric with a true mean 0.5: the t interval covers close to 95% of the time; a percentile
+    bootstrap of the same three numbers covers far less (every replicate recombines them), which is why per-seed
+    metrics use `seed_interval`."""
+    rng = np.random.default_rng(0)
+    t_hits = boot_hits = 0
+    n = 400
+    for i in range(n):
+        x = rng.normal(0.5, 0.1, size=3)
+        _, lo, hi, _ = stats.seed_interval(x)
+        t_hits += lo <= 0.5 <= hi
+        _, blo, bhi = stats.bootstrap_ci(x, n_boot=300, seed=i)
+        boot_hits += blo <= 0.5 <= bhi
+    assert 0.92 <= t_hits / n <= 0.98
+    assert boot_hits / n < 0.8
+
+
+def test_three_seeds_of_one_sign_are_not_enough_when_they_are_noisy():
+    d = stats.seed_difference([0.101, 0.12, 0.19], [0.1, 0.1, 0.1])  # all positive, but spread as wide as the mean
+    assert d["lo"] < 0 < d["hi"] and d["p_value"] > 0.05
+    assert "no detectable effect" in stats.conclusion(d, "distinct-2")
 
 
 def test_kl_table_per_variant_over_seeds_and_prompts():
@@ -387,7 +415,7 @@ def test_kl_table_per_variant_over_seeds_and_prompts():
 def test_cost_summary_ratio_to_mipo_in_display_order():
     cost = pd.DataFrame([{"method": m, "seed": s, "s_per_prompt": t * (1 + 0.1 * s), "mean_words": 10.0}
                          for m, t in (("CAD", 0.2), ("MIPO", 0.1), ("prompting", 0.1)) for s in (0, 1, 2)])
-    out = stats.cost_summary(cost, n_boot=200).set_index("method")
+    out = stats.cost_summary(cost).set_index("method")
     assert list(out.index) == ["prompting", "MIPO", "CAD"]
     assert out.loc["MIPO", "x_mipo"] == pytest.approx(1.0) and out.loc["CAD", "x_mipo"] == pytest.approx(2.0)
     assert (out["n_seeds"] == 3).all() and (out["lo"] <= out["s_per_prompt"]).all()
