@@ -608,7 +608,8 @@ def plot_twin(records: pd.DataFrame, cost: pd.DataFrame, meta: dict[str, Any], n
     ax_c.set_ylim(0, float(cost["s_per_prompt"].max()) * 1.25)
     ax_c.set_ylabel("seconds per prompt (greedy)")
     ax_c.set_title("Generation cost (ratio to MIPO on top)", fontsize=11)
-    cap = _meta_caption(meta, bars="95% crossed bootstrap CI over prompts and seeds (left), Student-t CI over seeds (right)",
+    cap = _meta_caption(meta, bars="95% crossed bootstrap CI over prompts and seeds (left), Student-t CI over seeds "
+                        "(right)",
                         extra=f"CAD strength a = 1/beta = {meta.get('cad_alpha', '?')}. Cost: wall-clock seconds per "
                         f"prompt on {meta.get('cost_prompts', '?')} held-out prompts, best of repeated timings per seed "
                         "(shared machine: timings vary); prompting and CAD use the base model, MIPO the merged adapter.")

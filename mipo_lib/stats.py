@@ -261,6 +261,15 @@ def per_seed_metrics(records: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
+def _finite(values: Sequence[float] | np.ndarray, caller: str) -> np.ndarray:
+    """`values` as floats with NaNs dropped; none left is an error naming `caller` (a mean of nothing is no result)."""
+    x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        raise MipoError(f"{caller} got no finite values")
+    return x
+
+
 def bootstrap_ci(
     values: Sequence[float] | np.ndarray, n_boot: int = 10_000, ci: float = 0.95, seed: int = 0
 ) -> tuple[float, float, float]:
@@ -269,10 +278,7 @@ def bootstrap_ci(
     The percentile bootstrap needs no normality assumption, which matters for 0/1 scores near 0 or 1. One value
     gives a zero-width interval (there is no spread to resample), not an error.
     """
-    x = np.asarray(values, dtype=float)
-    x = x[np.isfinite(x)]
-    if x.size == 0:
-        raise MipoError("bootstrap_ci got no finite values")
+    x = _finite(values, "bootstrap_ci")
     mean = float(x.mean())
     if x.size == 1:
         return mean, mean, mean
@@ -513,10 +519,7 @@ def seed_interval(values: Sequence[float] | np.ndarray, ci: float = 0.95) -> tup
     every replicate does, and the percentile bootstrap reports a CI excluding 0 and p = 2/(B+1) however noisy the
     seeds are (it under-covers badly at n = 3). The t interval widens with the few degrees of freedom (t = 4.30 for
     3 seeds), which is the honest width. One value gives a zero-width interval and no p-value."""
-    x = np.asarray(values, dtype=float)
-    x = x[np.isfinite(x)]
-    if x.size == 0:
-        raise MipoError("seed_interval got no finite values")
+    x = _finite(values, "seed_interval")
     mean = float(x.mean())
     if x.size == 1:
         return mean, mean, mean, float("nan")
@@ -561,8 +564,8 @@ def kl_table(kl: pd.DataFrame, labels: Sequence[str], n_boot: int = 5_000, seed:
 
 
 def cost_summary(cost: pd.DataFrame) -> pd.DataFrame:
-    """Mean seconds per prompt per method with a Student-t CI over seeds (`seed_interval`), and the ratio to MIPO (`x_mipo`), from the
-    per-seed timings of `ablations.generation_cost`."""
+    """Mean seconds per prompt per method with a Student-t CI over seeds (`seed_interval`), and the ratio to MIPO
+    (`x_mipo`), from the per-seed timings of `ablations.generation_cost`."""
     rows = []
     mipo = cost.loc[cost["method"] == "MIPO", "s_per_prompt"].mean()
     for method in ordered_methods(cost["method"]):
