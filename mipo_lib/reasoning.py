@@ -13,7 +13,8 @@ model's informative range, so:
   parseable replies correct" (correctness);
 - `answer_pmi` / `pmi_ranking` ask whether the base model's PMI log pi0(y|x) - log pi0(y|x') ranks its correct
   answers above its wrong ones, the premise under which maximizing PMI should raise accuracy.
-Plots follow the workbook's conventions (per-seed dots, bootstrap 95% CIs, captions from `plots.caption`).
+Plots follow the workbook's conventions (per-seed dots, 95% CIs: bootstrap over problems or answers, Student-t over
+seeds; captions from `plots.caption`).
 """
 
 from __future__ import annotations
@@ -341,7 +342,7 @@ def plot_difficulty(table: pd.DataFrame, chosen: str, meta: dict[str, Any]) -> A
 
 
 def plot_pairs_and_pmi(pair_table: pd.DataFrame, pmi: pd.DataFrame, ranking: pd.DataFrame, meta: dict[str, Any]) -> Any:
-    """Left: what the pairs say about correctness, per seed (dots) with a bootstrap CI over seeds. Right: base-model
+    """Left: what the pairs say about correctness, per seed (dots) with a Student-t CI over seeds. Right: base-model
     PMI of the base model's held-out answers, correct vs wrong, with the AUC of PMI and of likelihood."""
     fig, axes = plots.subplots(1, 2, (11.0, 4.2))
     ax_p, ax_h = axes[0]
@@ -349,7 +350,7 @@ def plot_pairs_and_pmi(pair_table: pd.DataFrame, pmi: pd.DataFrame, ranking: pd.
             ("agree", "y+ right, y- wrong"), ("disagree", "y+ wrong, y- right"), ("both_wrong", "both wrong")]
     for i, (col, label) in enumerate(cols):
         v = 100 * pair_table[col].to_numpy(float)
-        mean, lo, hi = stats.bootstrap_ci(v, n_boot=2_000, seed=0)
+        mean, lo, hi, _ = stats.seed_interval(v)
         ax_p.bar(i, mean, width=0.65, color=plots.colour("MIPO"), alpha=0.8)
         ax_p.errorbar(i, mean, yerr=[[mean - lo], [hi - mean]], fmt="none", ecolor="black", capsize=5, lw=1.4)
         ax_p.scatter(i + plots.jitter(v.size), v, s=22, color="white", edgecolor="black", lw=0.9, zorder=4)
@@ -375,7 +376,7 @@ def plot_pairs_and_pmi(pair_table: pd.DataFrame, pmi: pd.DataFrame, ranking: pd.
     ax_h.legend(fontsize=8, loc="upper right")
     cap = plots.caption(
         str(meta.get("preset", "?")), str(meta.get("model", "?")), str(meta.get("task", "?")), meta.get("n_seeds"),
-        meta.get("n_pairs"), bars="95% bootstrap CI over seeds (left), over answers for the AUCs (right)",
+        meta.get("n_pairs"), bars="95% Student-t CI over seeds (left), bootstrap over answers for the AUCs (right)",
         examples_word="training pairs per seed", dots="Dots (left): individual seeds",
         extra=f"Right: the base model's greedy answers to the {meta.get('n_examples', '?')} held-out problems; x' = "
               "another held-out problem (derangement).")
@@ -386,7 +387,7 @@ def plot_pairs_and_pmi(pair_table: pd.DataFrame, pmi: pd.DataFrame, ranking: pd.
 
 def plot_formats(formats: pd.DataFrame, meta: dict[str, Any]) -> Any:
     """Per method: accuracy, parseable share, accuracy among parseable replies and the share of unfinished replies;
-    bars = mean over seeds with a bootstrap CI over seeds, dots = seeds (untrained methods are deterministic)."""
+    bars = mean over seeds with a Student-t CI over seeds, dots = seeds (untrained methods are deterministic)."""
     panels = [("accuracy", "accuracy"), ("parseable", "a number found (format)"),
               ("accuracy_parseable", "accuracy among parseable (correctness)"),
               ("unfinished", "unfinished replies (cut by the token cap)")]
@@ -397,7 +398,7 @@ def plot_formats(formats: pd.DataFrame, meta: dict[str, Any]) -> Any:
             v = 100 * formats.loc[formats["method"] == m, col].dropna().to_numpy(float)
             if not v.size:
                 continue
-            mean, lo, hi = stats.bootstrap_ci(v, n_boot=2_000, seed=0)
+            mean, lo, hi, _ = stats.seed_interval(v)
             ax.bar(i, mean, width=0.65, color=plots.colour(m), alpha=0.85)
             ax.errorbar(i, mean, yerr=[[mean - lo], [hi - mean]], fmt="none", ecolor="black", capsize=5, lw=1.4)
             ax.scatter(i + plots.jitter(v.size), v, s=22, color="white", edgecolor="black", lw=0.9, zorder=4)
@@ -406,7 +407,7 @@ def plot_formats(formats: pd.DataFrame, meta: dict[str, Any]) -> Any:
         ax.set_title(title, fontsize=11)
     axes[0, 0].set_ylabel("% of held-out problems (or of parseable replies)")
     cap = plots.caption(str(meta.get("preset", "?")), str(meta.get("model", "?")), str(meta.get("task", "?")),
-                        meta.get("n_seeds"), meta.get("n_examples"), bars="95% bootstrap CI over seeds",
+                        meta.get("n_seeds"), meta.get("n_examples"), bars="95% Student-t CI over seeds",
                         extra="accuracy = parseable x accuracy among parseable: a gain in the middle panel is format, "
                               "in the right panel correctness.")
     fig.tight_layout()
