@@ -67,7 +67,7 @@ lab: $(STAMP)
 # The student edition: every notebook without its `solution` cells, in student/ (git-ignored); stubs and checks stay
 .PHONY: student
 student: $(STAMP)
-	$(BIN)/python -m mipo_lib.exercises student --out student
+	$(BIN)/python -m mipo_lib.workbook.exercises student --out student
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/run.py

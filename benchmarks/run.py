@@ -35,11 +35,11 @@ import torch  # noqa: E402
 
 from mipo_lib import dpo, shared_prompt  # noqa: E402
 from mipo_lib.config import get_preset, run_dir  # noqa: E402
-from mipo_lib.environment import versions  # noqa: E402
+from mipo_lib.workbook.environment import versions  # noqa: E402
 from mipo_lib.generate import GenerationStats, chat_prompt_ids, generate_batches, generate_reply_batches  # noqa: E402
 from mipo_lib.models import is_4bit, load_for_preset, memory_footprint_mb  # noqa: E402
 from mipo_lib.pairs import build_pairs  # noqa: E402
-from mipo_lib.runner import PeakMemory  # noqa: E402
+from mipo_lib.workbook.runner import PeakMemory  # noqa: E402
 from mipo_lib.scoring import sequence_logprobs  # noqa: E402
 from mipo_lib.tasks import get_task  # noqa: E402
 

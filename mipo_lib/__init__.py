@@ -1,9 +1,10 @@
 """mipo_lib: the helper library of the MIPO workbook.
 
 Mutual Information Preference Optimization: DPO on (response to the right prompt) > (response to another prompt),
-which maximizes the mutual information between prompt and response. Modules follow the pipeline's one direction:
-config -> models -> tasks -> generate/scoring -> pairs -> dpo -> evaluate -> stats -> plots, plus `mi` for the
-closed forms taught in notebook 01 and `runner` for the papermill batch reproduction.
+which maximizes the mutual information between prompt and response. The core modules at the package root follow the
+pipeline's one direction (tasks -> models -> generate/scoring -> pairs -> dpo -> evaluate, with `mi` for the closed
+forms taught in notebook 01); `analysis/` (statistics, figures), `experiments/` (runs built on the core) and
+`workbook/` (the notebooks' machinery) sit above it. Imports only go downward: docs/architecture.md.
 """
 
 from mipo_lib.config import PRESETS, Preset, get_preset

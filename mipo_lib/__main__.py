@@ -68,26 +68,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bundled SmolLM2 checkpoint: {bundled_checkpoint()}")
             print(f"tiny smoke model: {tiny_checkpoint()}")
         elif args.command == "reproduce":
-            from mipo_lib.runner import reproduce
+            from mipo_lib.workbook.runner import reproduce
 
             reproduce(args.preset, args.seeds, args.notebooks, args.redo, progress=not args.no_progress, overrides=overrides)
         elif args.command == "tune":
-            from mipo_lib.tune import run
+            from mipo_lib.experiments.tune import run
 
             summary, choices = run(args.preset, args.seeds, overrides, progress=not args.no_progress)
             print(summary.to_string(index=False))
             print(choices.to_string(index=False))
         elif args.command == "heldout":
-            from mipo_lib.heldout import records_path, run as run_heldout
+            from mipo_lib.experiments.heldout import records_path, run as run_heldout
 
             frame = run_heldout(args.preset, args.seeds, overrides, progress=not args.no_progress)
             rates = frame.groupby(["method", "seed"])[["score", "truncated"]].mean()
             print(rates.to_string(float_format="{:.3f}".format))
             print(f"wrote {records_path(args.preset)}")
         elif args.command == "readme":
-            from mipo_lib.readme import update_readme
+            from mipo_lib.workbook.readme import update_readme
 
-            from mipo_lib.readme import REFERENCE_TABLES
+            from mipo_lib.workbook.readme import REFERENCE_TABLES
 
             for name in [args.preset] if args.preset != "all" else list(REFERENCE_TABLES):
                 print(f"README.md {name} block " + ("updated" if update_readme(name) else "already up to date"))

@@ -12,8 +12,8 @@ A stage says what it does on the `mipo_lib.cache` logger, one line each, shown i
 reuses a result (what and from where), and when it computes one although results of other settings exist (which
 fields differ from the nearest one). Silence it with `logging.getLogger("mipo_lib.cache").setLevel("WARNING")`.
 
-Results are written through `atomic` (a temporary file or folder renamed into place), so an interrupted run never
-leaves a half-written result that a later run would take for a finished one.
+Results are written through `files.atomic` (a temporary file or folder renamed into place), so an interrupted run
+never leaves a half-written result that a later run would take for a finished one.
 """
 
 from __future__ import annotations
@@ -21,17 +21,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mipo_lib.config import Preset, runs_dir
+from mipo_lib.files import write_text
+from mipo_lib.hardware import select_device, select_dtype
 
 if TYPE_CHECKING:
     from mipo_lib.tasks.base import Example, Task
@@ -134,8 +132,6 @@ def resolved_dtype(preset: Preset) -> str:
     Part of every key that reads `dtype`: a runs folder copied between two such machines must not pass off fp32
     results as bf16 ones (or the reverse).
     """
-    from mipo_lib.models import select_device, select_dtype  # models imports this module for its atomic writes
-
     return str(select_dtype(select_device(), preset.dtype)).replace("torch.", "")
 
 
@@ -235,44 +231,3 @@ def _shown(path: Path) -> str:
         return f"<runs>/{path.relative_to(runs_dir()).as_posix()}"
     except ValueError:
         return str(path)
-
-
-# --------------------------------------------------------------------------------------------------- atomic writes
-@contextmanager
-def atomic(target: Path, *, directory: bool = False) -> Iterator[Path]:
-    """A temporary file (or folder) next to `target` to write into; it becomes `target` in one rename when the block
-    ends, and is removed if the block fails, so no reader ever sees a half-written result.
-
-    A file replaces an older `target`. A folder is only renamed if `target` does not exist yet: when another process
-    finished the same conversion first, its folder is kept and this one dropped.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if directory:
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    else:
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-    except BaseException:
-        _remove(tmp)
-        raise
-    if not directory:
-        os.replace(tmp, target)
-    elif target.exists():
-        _remove(tmp)
-    else:
-        tmp.rename(target)
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write a text file atomically (see `atomic`)."""
-    with atomic(path) as tmp:
-        tmp.write_text(text)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)

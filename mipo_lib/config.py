@@ -29,7 +29,7 @@ from mipo_lib.errors import MipoError
 
 BUNDLED_MODEL = "bundled:SmolLM2-135M-Instruct"
 TINY_MODEL = "tiny-random"
-#: Compute dtypes `models.select_dtype` understands ("auto" picks one from the device).
+#: Compute dtypes `hardware.select_dtype` understands ("auto" picks one from the device).
 DTYPES: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
 #: Kinds of negative `pairs.build_pairs` makes (pairs.py explains each one).
 NEGATIVES: tuple[str, ...] = ("context_drop", "random_context", "random_prompt")
@@ -49,7 +49,7 @@ class Preset:
     description: str
     # model
     model_id: str
-    dtype: str = "auto"  # "auto" picks bf16/fp16/fp32 from the device (see models.select_dtype)
+    dtype: str = "auto"  # "auto" picks bf16/fp16/fp32 from the device (see hardware.select_dtype)
     load_in_4bit: bool = False
     gradient_checkpointing: bool = False
     # task and data sizes

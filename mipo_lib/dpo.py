@@ -15,7 +15,7 @@ Choices that matter:
 - On CPU the fused LM head scores only the reply positions (`compact_lm_head_on_cpu`), as TRL already does on GPUs.
 - On CPU each pair's prompt runs through the model once per step, not once per reply (`shared_prompt`, hooked into
   TRL's loss by `_prompt_run_once`); not with gradient checkpointing, and not on GPUs (`shares_prompt`).
-- Precision follows `models.select_dtype`: bf16 where supported, fp16 on a T4 (adapters kept in fp32), fp32 on CPUs
+- Precision follows `hardware.select_dtype`: bf16 where supported, fp16 on a T4 (adapters kept in fp32), fp32 on CPUs
   without native bf16. With 4-bit the base stays NF4; only the LoRA matrices train.
 """
 
@@ -35,10 +35,11 @@ import pandas as pd
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from mipo_lib import cache, shared_prompt
+from mipo_lib import cache, files, shared_prompt
 from mipo_lib.config import Preset
 from mipo_lib.errors import MipoError
-from mipo_lib.models import lora_config, prepare_4bit_for_training, select_device
+from mipo_lib.hardware import select_device
+from mipo_lib.models import lora_config, prepare_4bit_for_training
 from mipo_lib.pairs import pairs_key
 from mipo_lib.scoring import token_digest
 
@@ -381,7 +382,7 @@ def _finish(trainer: Any, adapter_dir: Path, seconds: float, before: dict[str, t
     log.to_csv(adapter_dir / "train_log.csv", index=False)
     peak = _peak_memory_mb(next(trainer.model.parameters()).device)
     info = {"seconds": round(seconds, 2), "peak_memory_mb": peak, "lora_changed": changed, "sanity": sanity}
-    cache.write_text(adapter_dir / DONE_MARKER, json.dumps(info, indent=1))
+    files.write_text(adapter_dir / DONE_MARKER, json.dumps(info, indent=1))
     for ckpt in adapter_dir.glob("checkpoint-*"):
         shutil.rmtree(ckpt)
     return TrainResult(adapter_dir, log, seconds, peak, changed, sanity, reused=False)
@@ -440,7 +441,7 @@ def _snapshot_callback(adapter_dir: Path, epochs: Sequence[int]) -> Any:
             epoch = round(state.epoch or 0)
             target = snapshot_dir(adapter_dir, epoch)
             if epoch in wanted and model is not None and not target.exists():
-                with cache.atomic(target, directory=True) as tmp:
+                with files.atomic(target, directory=True) as tmp:
                     model.save_pretrained(str(tmp))
 
     return SnapshotCallback()
@@ -471,7 +472,7 @@ def _elapsed_callback(offset: float, start: float) -> Any:
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if checkpoint.is_dir():
                 seconds = offset + time.perf_counter() - start
-                cache.write_text(checkpoint / ELAPSED_FILE, json.dumps({"seconds": round(seconds, 2)}))
+                files.write_text(checkpoint / ELAPSED_FILE, json.dumps({"seconds": round(seconds, 2)}))
 
     return ElapsedCallback()
 

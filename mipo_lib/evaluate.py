@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mipo_lib import cache
+from mipo_lib import cache, files
 from mipo_lib.config import Preset
 from mipo_lib.errors import MipoError
 from mipo_lib.generate import (
@@ -152,7 +152,7 @@ def evaluate_cached(path: Path, make: Callable[[], pd.DataFrame], redo: bool = F
         return _read_records(path)
     cache.prepare(path, key)
     frame = make()
-    with cache.atomic(path) as tmp:
+    with files.atomic(path) as tmp:
         frame.to_json(tmp, orient="records", lines=True, force_ascii=False, double_precision=15)
     cache.store(path, key)
     return _read_records(path)  # what a later, cached call returns: the first call gives the very same numbers
@@ -282,38 +282,3 @@ def judge_records(
     lookup = {(i, r): s for i, r, s in zip(unique["example_id"], unique["response"], scores)}
     judged = [lookup[(i, r)] for i, r in zip(frame["example_id"], frame["response"])]
     return frame.assign(score=[np.nan if s is None else s for s in judged], n_words=frame["response"].fillna("").str.split().str.len())
-
-
-def judge_run(
-    preset_name: str, *, judge_id: str | None = None, judge_4bit: bool | None = None, progress: bool = True,
-    **overrides: Any,
-) -> pd.DataFrame:
-    """The PRISM evaluation of a GPU run, end to end: every method's records of the preset's seeds (computed or read
-    from the cache), judged with the official judge and protocol; prints and returns win-or-tie and strict win of
-    each method against the reference. The judged table is cached beside the records, named by a digest of the
-    responses and the judge. `judge_4bit` defaults to the preset's `load_in_4bit` (a 14B judge fits a T4 in 4 bits)."""
-    from mipo_lib import pipeline, stats
-    from mipo_lib.config import get_preset, run_dir
-    from mipo_lib.models import load_model_and_tokenizer
-    from mipo_lib.tasks import get_task
-
-    preset = get_preset(preset_name, **overrides)
-    task = get_task(preset.task)
-    if getattr(task, "program_judge", True):
-        raise MipoError(f"task {preset.task!r} is judged in code; judge_run is for LLM-judged tasks such as prism")
-    examples = task.examples("test", preset.n_test_prompts)
-    records = pipeline.evaluate_all(preset, list(preset.seeds), progress=progress)
-    judge_id = judge_id or judge_for(preset.model_id)
-    digest = cache.content_digest([judge_id, records[["method", "seed", "example_id", "response"]].astype(str).values.tolist()])[:12]
-
-    def make() -> pd.DataFrame:
-        judge, tok = load_model_and_tokenizer(judge_id, dtype=preset.dtype,
-                                              load_in_4bit=preset.load_in_4bit if judge_4bit is None else judge_4bit)
-        return judge_records(records, examples, judge, tok, preset, progress=progress)
-
-    judged = evaluate_cached(run_dir(preset, preset.task, "judged") / f"judged-{digest}.jsonl", make)
-    for method in [m for m in judged["method"].unique() if m != REFERENCE]:
-        rates = stats.win_rates_per_seed(judged, method, REFERENCE)
-        print(f"{method:>18} vs {REFERENCE}: win-or-tie {rates.win_or_tie.mean():.1%}, strict win "
-              f"{rates.strict_win.mean():.1%} (mean of {len(rates)} seeds, {int(rates.n.min())}+ prompts each)")
-    return judged

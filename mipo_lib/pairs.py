@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mipo_lib import cache
+from mipo_lib import cache, files
 from mipo_lib.config import Preset, run_dir
 from mipo_lib.errors import MipoError
 from mipo_lib.generate import GenerationStats, Messages, chat_prompt_ids, generate_reply_batches
@@ -137,7 +137,7 @@ class BatchLog:
                 if key not in self.done:
                     self.done[key] = rec
                     good.append(line)
-            cache.write_text(path, "".join(g + "\n" for g in good))  # drop the torn tail before appending
+            files.write_text(path, "".join(g + "\n" for g in good))  # drop the torn tail before appending
 
     def finished(self, stage: str) -> set[int]:
         return {b for (s, b) in self.done if s == stage}
@@ -268,7 +268,7 @@ def build_pairs(
             "chosen_score": judge_or_nan(task, ex, ys_pos[j]),
             "rejected_score": judge_or_nan(task, ex, y_neg),
         })
-    cache.write_text(pairs_path, "".join(json.dumps(r) + "\n" for r in records))
+    files.write_text(pairs_path, "".join(json.dumps(r) + "\n" for r in records))
     manifest = {
         "settings": dict(key.values),
         "settings_digest": key.digest,
@@ -287,7 +287,7 @@ def build_pairs(
         "scored_tokens": int(n_pos.sum() + n_neg.sum()),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    cache.write_text(manifest_path, json.dumps(manifest, indent=2))
+    files.write_text(manifest_path, json.dumps(manifest, indent=2))
     cache.store(pairs_path, key)  # last: the pairs count as finished only once pairs and manifest are written
     if manifest["duplicate_negatives"]:
         logger.warning(

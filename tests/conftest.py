@@ -89,10 +89,10 @@ def bnb_avx512bf16(request, monkeypatch) -> bool:
 
 @pytest.fixture(params=[False, True], ids=["cpu-fp32", "cpu-bf16"])
 def cpu_native_bf16(request, monkeypatch) -> bool:
-    """Force the answer of `models.cpu_has_native_bf16`, so dtype "auto" on the CPU means fp32 or bf16; returns it."""
-    from mipo_lib import models
+    """Force the answer of `hardware.cpu_has_native_bf16`, so dtype "auto" on the CPU means fp32 or bf16; returns it."""
+    from mipo_lib import hardware
 
-    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: request.param)
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: request.param)
     return request.param
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from mipo_lib import ablation_findings
+from mipo_lib.analysis import ablation_findings
 from mipo_lib.errors import MipoError
 
 HEADER = "preset cpu, SmolLM2-135M-Instruct, seeds [0, 1, 2], 100 held-out prompts; 95% CIs: paired crossed bootstrap"

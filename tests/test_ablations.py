@@ -1,4 +1,4 @@
-"""Ablations (mipo_lib.ablations): variant presets and their folders, K negatives, the cached KL to the base model and
+"""Ablations (mipo_lib.experiments.ablations): variant presets and their folders, K negatives, the cached KL to the base model and
 generation cost (their cache keys), the variant comparison and summary tables. Models: the smoke preset's tiny random
 model, 16 training prompts, 10 held-out prompts, one seed. The statistics and figures they use are tested in
 test_stats.py and test_plots.py, the sampled KL itself in test_sampled_kl.py."""
@@ -11,7 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mipo_lib import ablations, cache, pipeline, stats
+from mipo_lib.experiments import ablations, pipeline
+from mipo_lib import cache
+from mipo_lib.analysis import stats
 from mipo_lib.config import get_preset
 from mipo_lib.errors import MipoError
 from mipo_lib.pairs import pairs_dir

@@ -16,7 +16,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mipo_lib import cache, dpo, pairs, pipeline
+from mipo_lib import cache, dpo, files, pairs
+from mipo_lib.experiments import pipeline
 from mipo_lib.config import Preset, get_preset
 
 F = cache.STAGE_FIELDS
@@ -163,26 +164,26 @@ def test_a_torn_key_is_no_key(tmp_path):
 # ------------------------------------------------------------------------------------------------- atomic writes
 def test_atomic_file_is_all_or_nothing(tmp_path):
     target = tmp_path / "sub" / "table.jsonl"
-    cache.write_text(target, "old")
+    files.write_text(target, "old")
     with pytest.raises(RuntimeError):
-        with cache.atomic(target) as tmp:
+        with files.atomic(target) as tmp:
             tmp.write_text("half")
             raise RuntimeError("killed mid-write")
     assert target.read_text() == "old" and sorted(p.name for p in target.parent.iterdir()) == ["table.jsonl"]
-    cache.write_text(target, "new")
+    files.write_text(target, "new")
     assert target.read_text() == "new" and len(list(target.parent.iterdir())) == 1
 
 
 def test_atomic_directory_is_all_or_nothing_and_first_wins(tmp_path):
     target = tmp_path / "checkpoint"
     with pytest.raises(RuntimeError):
-        with cache.atomic(target, directory=True) as tmp:
+        with files.atomic(target, directory=True) as tmp:
             (tmp / "model.safetensors").write_text("half")
             raise RuntimeError("killed mid-conversion")
     assert list(tmp_path.iterdir()) == []
-    with cache.atomic(target, directory=True) as tmp:
+    with files.atomic(target, directory=True) as tmp:
         (tmp / "model.safetensors").write_text("first")
-    with cache.atomic(target, directory=True) as tmp:  # another process converted it meanwhile
+    with files.atomic(target, directory=True) as tmp:  # another process converted it meanwhile
         (tmp / "model.safetensors").write_text("second")
     assert (target / "model.safetensors").read_text() == "first" and list(tmp_path.iterdir()) == [target]
 
@@ -236,14 +237,14 @@ def test_changed_lora_r_retrains_and_says_why_then_everything_is_reused(preset, 
 
 def test_the_dtype_auto_resolves_to_is_part_of_the_key(monkeypatch):
     """Two CPUs, one with AVX512-BF16: the same "auto" preset must not share cached results between them."""
-    from mipo_lib import cache, models
+    from mipo_lib import cache, hardware
     from mipo_lib.config import get_preset
 
     preset = get_preset("cpu")
     keys = {}
     for native in (False, True):
-        monkeypatch.setattr(models, "cpu_has_native_bf16", lambda native=native: native)
-        monkeypatch.setattr(models.torch.cuda, "is_available", lambda: False)
+        monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda native=native: native)
+        monkeypatch.setattr(hardware.torch.cuda, "is_available", lambda: False)
         keys[native] = cache.stage_key("generation", preset, "pairs")
     assert keys[False].values["resolved_dtype"] == "float32" and keys[True].values["resolved_dtype"] == "bfloat16"
     assert keys[False].digest != keys[True].digest

@@ -12,8 +12,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from mipo_lib import environment
-from mipo_lib.environment import REPO, colab_badge
+from mipo_lib.workbook import environment
+from mipo_lib.workbook.environment import REPO, colab_badge
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -26,7 +26,7 @@ def test_badge_colab_cell_and_environment_cell(path):
     assert first.cell_type == "markdown" and colab_badge(path.name) in first.source, f"{path.name}: badge missing or not for {REPO}"
     code = [c for c in nb.cells if c.cell_type == "code"]
     colab = code[0].source
-    assert colab == environment.colab_cell(path.name), f"{path.name}: regenerate with `python -m mipo_lib.environment colab-cells`"
+    assert colab == environment.colab_cell(path.name), f"{path.name}: regenerate with `python -m mipo_lib.workbook.environment colab-cells`"
     assert colab.startswith("# NBVAL_SKIP") and '"google.colab" in sys.modules' in colab and REPO in colab
     code_lines = [line for line in colab.splitlines() if not line.lstrip().startswith("#")]
     assert "requirements-colab.txt" in colab and not any("torch" in line for line in code_lines), "the Colab cell must leave torch alone"
@@ -167,7 +167,7 @@ def test_resolve_preset_auto_explains_and_an_explicit_name_wins(monkeypatch, cap
 
 def test_only_the_reference_run_writes_the_committed_figures(monkeypatch):
     """A student's run of the cpu preset must not overwrite figures/: only the runner's kernels (MIPO_REFERENCE_RUN=1) do."""
-    from mipo_lib import plots
+    from mipo_lib.analysis import plots
     from mipo_lib.config import repo_root, runs_dir
 
     monkeypatch.delenv("MIPO_FIGURES_DIR", raising=False)
@@ -181,7 +181,8 @@ def test_only_the_reference_run_writes_the_committed_figures(monkeypatch):
 def test_the_runner_marks_its_kernels_as_the_reference_run(monkeypatch, tmp_path):
     import papermill
 
-    from mipo_lib import plots, runner
+    from mipo_lib.analysis import plots
+    from mipo_lib.workbook import runner
 
     seen = []
     monkeypatch.delenv(plots.REFERENCE_RUN_ENV, raising=False)
@@ -200,7 +201,7 @@ def test_accelerate_launch_runs_the_dpo_stage_on_cpu(tmp_path):
     env = dict(os.environ, MIPO_RUNS_DIR=str(tmp_path / "runs"), ACCELERATE_USE_CPU="true", PYTHONWARNINGS="ignore")
     config = ROOT / "mipo_lib" / "accelerate" / "cpu.yaml"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-           "-m", "mipo_lib.launch_dpo", "--preset", "smoke", "--seed", "0"]
+           "-m", "mipo_lib.experiments.launch_dpo", "--preset", "smoke", "--seed", "0"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "MIPO seed 0:" in proc.stdout and "reward accuracy" in proc.stdout

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mipo_lib import models
+from mipo_lib import hardware, models
 from mipo_lib.config import BUNDLED_MODEL, PRESETS, TINY_MODEL, Preset, get_preset, load_choices
 from mipo_lib.errors import MipoError
 
@@ -69,31 +69,31 @@ def test_cad_strength_defaults_to_inverse_beta():
 # ---------------------------------------------------------------------------------------------------- dtype/device
 def test_select_dtype_cpu_auto(cpu_native_bf16):
     expected = torch.bfloat16 if cpu_native_bf16 else torch.float32
-    assert models.select_dtype(torch.device("cpu")) is expected
-    assert models.select_dtype(torch.device("cpu"), "auto") is expected
+    assert hardware.select_dtype(torch.device("cpu")) is expected
+    assert hardware.select_dtype(torch.device("cpu"), "auto") is expected
 
 
 def test_select_dtype_auto_on_this_cpu_matches_flags():
-    expected = torch.bfloat16 if models.cpu_has_native_bf16() else torch.float32
-    assert models.select_dtype(torch.device("cpu"), "auto") is expected
+    expected = torch.bfloat16 if hardware.cpu_has_native_bf16() else torch.float32
+    assert hardware.select_dtype(torch.device("cpu"), "auto") is expected
 
 
 @pytest.mark.parametrize("name,dtype", [("float32", torch.float32), ("float16", torch.float16), ("bfloat16", torch.bfloat16)])
 def test_select_dtype_forced(name, dtype):
-    assert models.select_dtype(torch.device("cpu"), name) is dtype
+    assert hardware.select_dtype(torch.device("cpu"), name) is dtype
 
 
 def test_select_dtype_bad_name():
     with pytest.raises(MipoError, match="fp8"):
-        models.select_dtype(torch.device("cpu"), "fp8")
+        hardware.select_dtype(torch.device("cpu"), "fp8")
 
 
 def test_select_device_cuda_missing_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
     with pytest.raises(MipoError, match="CUDA"):
-        models.select_device("cuda")
-    assert models.select_device().type == "cpu"
+        hardware.select_device("cuda")
+    assert hardware.select_device().type == "cpu"
 
 
 # ----------------------------------------------------------------------------------------------- tiny model/tokens

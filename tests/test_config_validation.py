@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from mipo_lib import config, models, pairs
+from mipo_lib import config, hardware, models, pairs
 from mipo_lib.config import DTYPES, NEGATIVES, PRESETS, Preset, get_preset
 from mipo_lib.errors import MipoError
 from mipo_lib.tasks import get_task
@@ -116,7 +116,7 @@ def test_checked_lists_agree_with_the_modules_that_use_them():
     """config validates against its own lists; the modules that act on the values must accept exactly those."""
     assert set(pairs.NEGATIVES) == set(NEGATIVES)
     for dtype in DTYPES:
-        assert isinstance(models.select_dtype(torch.device("cpu"), dtype), torch.dtype)
+        assert isinstance(hardware.select_dtype(torch.device("cpu"), dtype), torch.dtype)
 
 
 @pytest.mark.parametrize("name,text", [("empty.jsonl", ""), ("empty.json", "[]")])

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mipo_lib import stats
+from mipo_lib.analysis import stats
 
 N_DATASETS, N_SEEDS, N_PROMPTS, N_BOOT = 400, 3, 100, 1_000
 SD_PROMPT, SD_TREATMENT, SD_SEED, MU_A, MU_B = 1.5, 1.0, 0.2, 0.3, 0.0

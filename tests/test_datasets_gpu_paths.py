@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from mipo_lib import config, evaluate, pipeline, stats, tasks
+from mipo_lib import config, evaluate, tasks
+from mipo_lib.experiments import pipeline
+from mipo_lib.analysis import stats
 from mipo_lib.config import get_preset
 from mipo_lib.errors import MipoError
 from mipo_lib.models import load_for_preset

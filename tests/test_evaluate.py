@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import LogitsProcessorList
 
-from mipo_lib import evaluate, methods, pipeline
+from mipo_lib import evaluate, methods
+from mipo_lib.experiments import pipeline
 from mipo_lib.config import get_preset
 from mipo_lib.evaluate import ContextAwareDecoding
 from mipo_lib.generate import chat_prompt_ids, generate_batches, generate_reply_batches

@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 import torch
 
-from mipo_lib import exercises, mi
-from mipo_lib.exercises import NOT_DONE
+from mipo_lib.workbook import exercises
+from mipo_lib import mi
+from mipo_lib.workbook.exercises import NOT_DONE
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))

@@ -14,10 +14,13 @@ import nbformat
 import pandas as pd
 import pytest
 
-from mipo_lib import config, pipeline, plots, runner, stats, tasks
+from mipo_lib import config, tasks
+from mipo_lib.experiments import pipeline
+from mipo_lib.analysis import plots, stats
+from mipo_lib.workbook import runner
 from mipo_lib.__main__ import main
 from mipo_lib.config import get_preset
-from mipo_lib.environment import resolve_preset
+from mipo_lib.workbook.environment import resolve_preset
 from mipo_lib.errors import MipoError
 from mipo_lib.tasks import personalization
 from mipo_lib.tasks.base import Example

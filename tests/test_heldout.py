@@ -4,7 +4,7 @@ the same keys for every method and seed, recomputed (and said why) otherwise."""
 import pandas as pd
 import pytest
 
-from mipo_lib import heldout, pipeline, tune
+from mipo_lib.experiments import heldout, pipeline, tune
 from mipo_lib.__main__ import main
 from mipo_lib.config import get_preset
 

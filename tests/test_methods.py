@@ -15,7 +15,9 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.colors import to_hex  # noqa: E402
 
-from mipo_lib import methods, pipeline, plots, stats  # noqa: E402
+from mipo_lib import methods  # noqa: E402
+from mipo_lib.experiments import pipeline  # noqa: E402
+from mipo_lib.analysis import plots, stats  # noqa: E402
 from mipo_lib.config import get_preset  # noqa: E402
 from mipo_lib.errors import MipoError  # noqa: E402
 

@@ -11,7 +11,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from mipo_lib import plots, stats  # noqa: E402
+from mipo_lib.analysis import plots, stats  # noqa: E402
 
 GROUPS = ["short", "banana", "digit", "bullets"]
 
@@ -185,7 +185,7 @@ def _variant_records(records: pd.DataFrame) -> pd.DataFrame:
 
 
 def test_plot_variants_with_kl(records, tmp_path):
-    from mipo_lib import ablations
+    from mipo_lib.experiments import ablations
 
     variants = _variant_records(records)
     table = ablations.compare_variants(variants, ["K=2"], reference=None, n_boot=200)

@@ -8,7 +8,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import numpy as np
 import pytest
 
-from mipo_lib import evaluate, stats
+from mipo_lib import evaluate
+from mipo_lib.analysis import stats
 from mipo_lib.config import get_preset
 from mipo_lib.evaluate import judge_messages, mean_judge_score, parse_judge_score
 from mipo_lib.tasks.base import Example

@@ -5,7 +5,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
-from mipo_lib import publish
+from mipo_lib.workbook import publish
 from mipo_lib.config import repo_root, runs_dir
 from mipo_lib.errors import MipoError
 
@@ -77,7 +77,7 @@ def test_committed_solution_cells_have_no_outputs():
 
 def test_only_the_reference_run_publishes():
     from mipo_lib.config import get_preset
-    from mipo_lib.runner import is_reference_run
+    from mipo_lib.workbook.runner import is_reference_run
 
     assert is_reference_run(get_preset("cpu"), {}) and is_reference_run(get_preset("cpu"), {"dtype": "float32"})
     assert not is_reference_run(get_preset("cpu", beta=0.3), {"beta": 0.3})

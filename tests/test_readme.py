@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from mipo_lib import readme, stats
+from mipo_lib.workbook import readme
+from mipo_lib.analysis import stats
 from mipo_lib.config import repo_root
 from mipo_lib.errors import MipoError
 from test_stats import make_records

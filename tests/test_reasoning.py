@@ -1,5 +1,5 @@
 """Reasoning (notebook 07): graded arithmetic levels, answer extraction, the difficulty choice, the reasoning presets and
-the analyses of mipo_lib.reasoning (pair correctness, format vs correctness, PMI ranking)."""
+the analyses of mipo_lib.experiments.reasoning (pair correctness, format vs correctness, PMI ranking)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mipo_lib import reasoning
+from mipo_lib.experiments import reasoning
 from mipo_lib.config import PRESETS, get_preset, repo_root
 from mipo_lib.errors import MipoError
 from mipo_lib.tasks import get_task, task_names

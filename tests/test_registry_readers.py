@@ -9,7 +9,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pandas as pd
 import pytest
 
-from mipo_lib import launch_dpo, methods, pipeline
+from mipo_lib.experiments import launch_dpo, pipeline
+from mipo_lib import methods
 from mipo_lib.config import get_preset
 from mipo_lib.errors import MipoError
 

@@ -1,4 +1,4 @@
-"""Unit tests of mipo_lib.stats on seeded synthetic data (fast, no model)."""
+"""Unit tests of mipo_lib.analysis.stats on seeded synthetic data (fast, no model)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mipo_lib import stats
+from mipo_lib.analysis import stats
 from mipo_lib.errors import MipoError
 
 GROUPS = ["short", "banana", "digit", "bullets"]

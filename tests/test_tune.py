@@ -11,7 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mipo_lib import config, dpo, evaluate, stats, tune
+from mipo_lib import config, dpo, evaluate
+from mipo_lib.analysis import stats
+from mipo_lib.experiments import tune
 from mipo_lib.config import get_preset
 from mipo_lib.generate import hit_cap
 from mipo_lib.models import load_for_preset

@@ -150,6 +150,8 @@ LEVELS: dict[str, Level] = {
 }
 #: The graded levels in their designed order, easiest first (measured accuracy need not follow it exactly).
 GRADED_LEVELS: tuple[str, ...] = tuple(name for name in LEVELS if name != DEFAULT_LEVEL)
+#: Base accuracy (on validation) at which there is both something to amplify and room to improve.
+INFORMATIVE_RANGE: tuple[float, float] = (0.2, 0.7)
 
 
 def task_name(level: str) -> str:

@@ -109,7 +109,7 @@ def run_notebook(
     """
     import papermill as pm
 
-    from mipo_lib.plots import REFERENCE_RUN_ENV
+    from mipo_lib.analysis.plots import REFERENCE_RUN_ENV
 
     params = {
         "PRESET": preset,
@@ -173,13 +173,13 @@ def reproduce(
         print(f"[mipo] {path.name}: {run.wall_s:.0f} s, peak {run.peak_rss_mb:.0f} MB", flush=True)
         runs.append(run)
         if is_reference_run(effective, overrides):
-            from mipo_lib.publish import publish
+            from mipo_lib.workbook.publish import publish
 
             publish(out_dir / path.name)
             print(f"[mipo] notebooks/{path.name} now shows this reference run's outputs", flush=True)
     writers = README_NOTEBOOKS.get(effective.name, ())
     if is_reference_run(effective, overrides) and any(r.notebook.startswith(writers) for r in runs):
-        from mipo_lib.readme import update_readme  # the reference run: its numbers are the README's
+        from mipo_lib.workbook.readme import update_readme  # the reference run: its numbers are the README's
 
         if update_readme(effective.name):
             print("[mipo] README.md's generated blocks rewritten from the committed figures/ files", flush=True)

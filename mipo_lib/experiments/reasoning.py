@@ -13,8 +13,7 @@ model's informative range, so:
   parseable replies correct" (correctness);
 - `answer_pmi` / `pmi_ranking` ask whether the base model's PMI log pi0(y|x) - log pi0(y|x') ranks its correct
   answers above its wrong ones, the premise under which maximizing PMI should raise accuracy.
-Plots follow the workbook's conventions (per-seed dots, 95% CIs: bootstrap over problems or answers, Student-t over
-seeds; captions from `plots.caption`).
+Its figures are drawn in `analysis.reasoning_plots` from the tables these functions return.
 """
 
 from __future__ import annotations
@@ -27,18 +26,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mipo_lib import cache, plots, stats
+from mipo_lib import cache
+from mipo_lib.analysis import plots, stats
 from mipo_lib import methods as registry
 from mipo_lib.config import PRESETS, Preset, get_preset, run_dir
 from mipo_lib.errors import MipoError
 from mipo_lib.tasks import get_task
-from mipo_lib.tasks.arithmetic import GRADED_LEVELS, LEVELS, parse_answer, task_name
+from mipo_lib.tasks.arithmetic import GRADED_LEVELS, INFORMATIVE_RANGE, LEVELS, parse_answer, task_name
 from mipo_lib.tasks.base import Task
 
 #: The preset whose figures and tables are the committed reference of notebook 07.
 REFERENCE_PRESET = "cpu-reasoning"
-#: Base accuracy (on validation) at which there is both something to amplify and room to improve.
-INFORMATIVE_RANGE: tuple[float, float] = (0.2, 0.7)
 #: How a reply committed to a number (`tasks.arithmetic.parse_answer`); "none" means unparseable.
 PARSE_KINDS: tuple[str, ...] = ("final_mark", "answer_phrase", "last_number", "none")
 
@@ -309,117 +307,11 @@ def pmi_ranking(
     return pd.DataFrame(rows)
 
 
-# ------------------------------------------------------------------------------------------------ figures
-def plot_difficulty(table: pd.DataFrame, chosen: str, meta: dict[str, Any]) -> Any:
-    """Validation accuracy of the base model per level (bootstrap CI over problems), the informative range shaded
-    and the chosen level outlined."""
-    fig, axes = plots.subplots(1, 1, (9.0, 4.2))
-    ax = axes[0, 0]
-    low, high = INFORMATIVE_RANGE
-    ax.axhspan(100 * low, 100 * high, color="#55a868", alpha=0.12, lw=0, label="informative range")
-    for i, r in enumerate(table.itertuples()):
-        picked = r.level == chosen
-        ax.bar(i, 100 * r.accuracy, width=0.65, color=plots.colour(registry.names()[0]), alpha=0.85,
-               edgecolor="black" if picked else "none", lw=2.0 if picked else 0)
-        ax.errorbar(i, 100 * r.accuracy, yerr=[[100 * (r.accuracy - r.lo)], [100 * (r.hi - r.accuracy)]], fmt="none",
-                    ecolor="black", capsize=5, lw=1.4)
-        ax.text(i, 100 * r.hi + 1.5, f"{100 * r.accuracy:.0f}%" + ("\nchosen" if picked else ""), ha="center",
-                va="bottom", fontsize=9)
-    ax.set_xticks(range(len(table)), [lv.replace("_", " ") for lv in table["level"]], rotation=15)
-    ax.set_ylabel("base accuracy on validation (%)")
-    ax.set_ylim(0, 115)
-    ax.set_title("How hard is each level for the base model?")
-    ax.legend(loc="upper right", fontsize=8)
-    n = int(table["n"].min()) if len(table) else None
-    cap = plots.caption(str(meta.get("preset", "?")), str(meta.get("model", "?")), "arithmetic levels (validation)",
-                        None, n, bars="95% bootstrap CI over problems",
-                        examples_word="validation problems per level (at least)",
-                        dots="Bars: greedy accuracy", bars_word="black bars",
-                        extra=f"Chosen: the hardest level in [{low:.0%}, {high:.0%}]; test problems were not used.")
-    fig.tight_layout()
-    fig.mipo_caption = cap
-    return fig
-
-
-def plot_pairs_and_pmi(pair_table: pd.DataFrame, pmi: pd.DataFrame, ranking: pd.DataFrame, meta: dict[str, Any]) -> Any:
-    """Left: what the pairs say about correctness, per seed (dots) with a Student-t CI over seeds. Right: base-model
-    PMI of the base model's held-out answers, correct vs wrong, with the AUC of PMI and of likelihood."""
-    fig, axes = plots.subplots(1, 2, (11.0, 4.2))
-    ax_p, ax_h = axes[0]
-    cols = [("positive_correct", "y+ correct"), ("negative_correct", "y- correct for x"),
-            ("agree", "y+ right, y- wrong"), ("disagree", "y+ wrong, y- right"), ("both_wrong", "both wrong")]
-    for i, (col, label) in enumerate(cols):
-        v = 100 * pair_table[col].to_numpy(float)
-        mean, lo, hi, _ = stats.seed_interval(v)
-        ax_p.bar(i, mean, width=0.65, color=plots.colour("MIPO"), alpha=0.8)
-        ax_p.errorbar(i, mean, yerr=[[mean - lo], [hi - mean]], fmt="none", ecolor="black", capsize=5, lw=1.4)
-        ax_p.scatter(i + plots.jitter(v.size), v, s=22, color="white", edgecolor="black", lw=0.9, zorder=4)
-    ax_p.set_xticks(range(len(cols)), [c[1] for c in cols], rotation=20, fontsize=9)
-    ax_p.set_ylabel("share of training pairs (%)")
-    ax_p.set_ylim(0, 105)
-    ax_p.set_title("Correctness inside the MIPO pairs (never shown to MIPO)")
-    vals = pmi["pmi"].to_numpy(float)
-    bins = np.linspace(vals.min(), vals.max(), 26) if vals.size and vals.min() < vals.max() else 10
-    for correct, label, col in ((1.0, "correct", "#55a868"), (0.0, "wrong", "#c44e52")):
-        v = pmi.loc[(pmi["correct"] > 0.5) == bool(correct), "pmi"].to_numpy(float)
-        if v.size:
-            ax_h.hist(v, bins=bins, density=True, alpha=0.35, color=col,
-                      label=f"{label} (n={v.size}, mean {v.mean():.1f})")
-            ax_h.axvline(v.mean(), color=col, ls="--", lw=1.2)
-    ax_h.axvline(0.0, color="black", lw=0.8)
-    text = "\n".join(f"AUC {r.measure}: {r.auc:.2f} [{r.lo:.2f}, {r.hi:.2f}]" for r in ranking.itertuples())
-    ax_h.text(0.02, 0.97, text, transform=ax_h.transAxes, va="top", fontsize=9,
-              bbox={"boxstyle": "round", "fc": "white", "ec": "gray"})
-    ax_h.set_xlabel("base-model PMI log p(y|x) - log p(y|x') (nats)")
-    ax_h.set_ylabel("density")
-    ax_h.set_title("Does PMI rank correct answers higher?")
-    ax_h.legend(fontsize=8, loc="upper right")
-    cap = plots.caption(
-        str(meta.get("preset", "?")), str(meta.get("model", "?")), str(meta.get("task", "?")), meta.get("n_seeds"),
-        meta.get("n_pairs"), bars="95% Student-t CI over seeds (left), bootstrap over answers for the AUCs (right)",
-        examples_word="training pairs per seed", dots="Dots (left): individual seeds",
-        extra=f"Right: the base model's greedy answers to the {meta.get('n_examples', '?')} held-out problems; x' = "
-              "another held-out problem (derangement).")
-    fig.tight_layout()
-    fig.mipo_caption = cap
-    return fig
-
-
-def plot_formats(formats: pd.DataFrame, meta: dict[str, Any]) -> Any:
-    """Per method: accuracy, parseable share, accuracy among parseable replies and the share of unfinished replies;
-    bars = mean over seeds with a Student-t CI over seeds, dots = seeds (untrained methods are deterministic)."""
-    panels = [("accuracy", "accuracy"), ("parseable", "a number found (format)"),
-              ("accuracy_parseable", "accuracy among parseable (correctness)"),
-              ("unfinished", "unfinished replies (cut by the token cap)")]
-    methods = stats.ordered_methods(formats["method"])
-    fig, axes = plots.subplots(1, len(panels), (3.6 * len(panels), 3.8))
-    for ax, (col, title) in zip(axes[0], panels):
-        for i, m in enumerate(methods):
-            v = 100 * formats.loc[formats["method"] == m, col].dropna().to_numpy(float)
-            if not v.size:
-                continue
-            mean, lo, hi, _ = stats.seed_interval(v)
-            ax.bar(i, mean, width=0.65, color=plots.colour(m), alpha=0.85)
-            ax.errorbar(i, mean, yerr=[[mean - lo], [hi - mean]], fmt="none", ecolor="black", capsize=5, lw=1.4)
-            ax.scatter(i + plots.jitter(v.size), v, s=22, color="white", edgecolor="black", lw=0.9, zorder=4)
-        ax.set_xticks(range(len(methods)), methods, rotation=15, fontsize=9)
-        ax.set_ylim(0, 105)
-        ax.set_title(title, fontsize=11)
-    axes[0, 0].set_ylabel("% of held-out problems (or of parseable replies)")
-    cap = plots.caption(str(meta.get("preset", "?")), str(meta.get("model", "?")), str(meta.get("task", "?")),
-                        meta.get("n_seeds"), meta.get("n_examples"), bars="95% Student-t CI over seeds",
-                        extra="accuracy = parseable x accuracy among parseable: a gain in the middle panel is format, "
-                              "in the right panel correctness.")
-    fig.tight_layout()
-    fig.mipo_caption = cap
-    return fig
-
-
 # ------------------------------------------------------------------------------------------------ command line
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
-    """`python -m mipo_lib.reasoning --preset cpu --n 100`: measure every level on validation, write
+    """`python -m mipo_lib.experiments.reasoning --preset cpu --n 100`: measure every level on validation, write
     `reasoning_difficulty_<preset>.csv` into the preset's figures folder, print the table and the chosen level."""
-    parser = argparse.ArgumentParser(prog="python -m mipo_lib.reasoning", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m mipo_lib.experiments.reasoning", description=main.__doc__)
     parser.add_argument("--preset", default="cpu", help="model and evaluation settings to measure with (default cpu)")
     parser.add_argument("--n", type=int, default=100, help="validation problems per level (default 100)")
     parser.add_argument("--levels", nargs="*", default=list(GRADED_LEVELS), help="levels to measure (default: all)")

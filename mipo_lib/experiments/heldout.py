@@ -26,7 +26,8 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from mipo_lib import config, pipeline, tune
+from mipo_lib import config
+from mipo_lib.experiments import pipeline, tune
 from mipo_lib.config import Preset, get_preset, repo_root
 
 TASK = "personalization_unseen_types"

@@ -3,7 +3,7 @@ of every notebook, the preset a notebook picks by itself (`resolve_preset`), and
 install cell of every notebook are generated here (`colab_badge`, `colab_cell`) from one repository address, `REPO`.
 
 A course that forks the workbook edits `DEFAULT_REPO` (or sets `MIPO_REPO`) and runs
-``python -m mipo_lib.environment colab-cells``: every badge and install cell then points at the fork.
+``python -m mipo_lib.workbook.environment colab-cells``: every badge and install cell then points at the fork.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ if "google.colab" in sys.modules:
         from IPython import get_ipython
         get_ipython().kernel.do_shutdown(restart=True)  # the same as Runtime > Restart session
     elif KEEP_RUNS_ON_DRIVE:
-        from mipo_lib.environment import keep_runs_on_drive
+        from mipo_lib.workbook.environment import keep_runs_on_drive
         print(keep_runs_on_drive())'''
 
 
@@ -251,9 +251,9 @@ def write_colab_cells(notebooks: Sequence[Path], repo: str | None = None) -> lis
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m mipo_lib.environment colab-cells [--repo owner/name] [NN ...]`: point badges and install cells at a
+    """`python -m mipo_lib.workbook.environment colab-cells [--repo owner/name] [NN ...]`: point badges and install cells at a
     repository (default `REPO`), for all numbered notebooks or the ones named by number."""
-    parser = argparse.ArgumentParser(prog="python -m mipo_lib.environment")
+    parser = argparse.ArgumentParser(prog="python -m mipo_lib.workbook.environment")
     sub = parser.add_subparsers(dest="command", required=True)
     cells = sub.add_parser("colab-cells", help="regenerate every notebook's Colab badge and install cell")
     cells.add_argument("--repo", default=None, help=f"owner/name on GitHub (default: MIPO_REPO or {DEFAULT_REPO})")

@@ -16,9 +16,10 @@ import pandas as pd
 
 from mipo_lib import cache, dpo, evaluate
 from mipo_lib import methods as registry
-from mipo_lib.config import Preset, run_dir
+from mipo_lib.analysis import stats
+from mipo_lib.config import Preset, get_preset, run_dir
 from mipo_lib.errors import MipoError
-from mipo_lib.models import load_for_preset
+from mipo_lib.models import load_for_preset, load_model_and_tokenizer
 from mipo_lib.pairs import build_pairs, cached_pairs, pairs_key, variant_name
 from mipo_lib.tasks import get_task
 
@@ -181,3 +182,33 @@ def training_logs(preset: Preset, seeds: Sequence[int], progress: bool = True) -
             res = train_for_seed(preset, m.name, seed, progress=progress)
             frames.append(res.log.assign(method=m.name, seed=seed))
     return pd.concat(frames, ignore_index=True)
+
+
+def judge_run(
+    preset_name: str, *, judge_id: str | None = None, judge_4bit: bool | None = None, progress: bool = True,
+    **overrides: Any,
+) -> pd.DataFrame:
+    """The PRISM evaluation of a GPU run, end to end: every method's records of the preset's seeds (computed or read
+    from the cache), judged with the official judge and protocol; prints and returns win-or-tie and strict win of
+    each method against the reference. The judged table is cached beside the records, named by a digest of the
+    responses and the judge. `judge_4bit` defaults to the preset's `load_in_4bit` (a 14B judge fits a T4 in 4 bits)."""
+    preset = get_preset(preset_name, **overrides)
+    task = get_task(preset.task)
+    if getattr(task, "program_judge", True):
+        raise MipoError(f"task {preset.task!r} is judged in code; judge_run is for LLM-judged tasks such as prism")
+    examples = task.examples("test", preset.n_test_prompts)
+    records = evaluate_all(preset, list(preset.seeds), progress=progress)
+    judge_id = judge_id or evaluate.judge_for(preset.model_id)
+    digest = cache.content_digest([judge_id, records[["method", "seed", "example_id", "response"]].astype(str).values.tolist()])[:12]
+
+    def make() -> pd.DataFrame:
+        judge, tok = load_model_and_tokenizer(judge_id, dtype=preset.dtype,
+                                              load_in_4bit=preset.load_in_4bit if judge_4bit is None else judge_4bit)
+        return evaluate.judge_records(records, examples, judge, tok, preset, progress=progress)
+
+    judged = evaluate.evaluate_cached(run_dir(preset, preset.task, "judged") / f"judged-{digest}.jsonl", make)
+    for method in [m for m in judged["method"].unique() if m != evaluate.REFERENCE]:
+        rates = stats.win_rates_per_seed(judged, method, evaluate.REFERENCE)
+        print(f"{method:>18} vs {evaluate.REFERENCE}: win-or-tie {rates.win_or_tie.mean():.1%}, strict win "
+              f"{rates.strict_win.mean():.1%} (mean of {len(rates)} seeds, {int(rates.n.min())}+ prompts each)")
+    return judged

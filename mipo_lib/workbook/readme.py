@@ -18,7 +18,7 @@ from typing import Callable
 
 import pandas as pd
 
-from mipo_lib.ablation_findings import committed_paths, load_run
+from mipo_lib.analysis.ablation_findings import committed_paths, load_run
 from mipo_lib.config import Preset, get_preset, load_choices, repo_root
 from mipo_lib.errors import MipoError
 from mipo_lib.methods import Method, get_method

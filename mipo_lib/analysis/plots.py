@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from mipo_lib import methods as registry
-from mipo_lib import stats
+from mipo_lib.analysis import stats
 from mipo_lib.config import Preset, repo_root, run_dir
 
 REFERENCE_PRESET = "cpu"

@@ -598,7 +598,7 @@ def _difficulty_tables() -> list[tuple[pd.DataFrame, tuple[float, float]]]:
 def check_choose_level(fn: Callable[[pd.DataFrame, float, float], Any]) -> Verdict:
     """Check ``fn(table, low, high) -> level``: the hardest level (lowest validation accuracy) whose accuracy lies in
     [low, high], ends included; the table's rows come in any order."""
-    from mipo_lib import reasoning
+    from mipo_lib.experiments import reasoning
 
     for table, (low, high) in _difficulty_tables():
         out, verdict = _run(fn, table.copy(), low, high)
@@ -881,10 +881,10 @@ def student_edition(notebooks: Sequence[Path], out_dir: Path) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m mipo_lib.exercises student [--out student]`: the student edition of the numbered notebooks."""
+    """`python -m mipo_lib.workbook.exercises student [--out student]`: the student edition of the numbered notebooks."""
     from mipo_lib.config import repo_root
 
-    parser = argparse.ArgumentParser(prog="python -m mipo_lib.exercises")
+    parser = argparse.ArgumentParser(prog="python -m mipo_lib.workbook.exercises")
     sub = parser.add_subparsers(dest="command", required=True)
     student = sub.add_parser("student", help="write the notebooks without their solution cells")
     student.add_argument("--out", type=Path, default=repo_root() / "student", help="output folder (default: student/)")

@@ -24,7 +24,8 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from mipo_lib import cache, dpo, evaluate, pipeline
+from mipo_lib import cache, dpo, evaluate
+from mipo_lib.experiments import pipeline
 from mipo_lib import methods as registry
 from mipo_lib.config import Preset, choices_path, get_preset, repo_root
 from mipo_lib.errors import MipoError

@@ -27,7 +27,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from mipo_lib import cache, dpo, evaluate, pipeline, stats
+from mipo_lib import cache, dpo, evaluate
+from mipo_lib.experiments import pipeline
+from mipo_lib.analysis import stats
 from mipo_lib.config import Preset
 from mipo_lib.errors import MipoError
 from mipo_lib.models import load_for_preset

@@ -1,0 +1,1 @@
+"""Analysis: statistics on result tables and the figures drawn from them."""

@@ -1,0 +1,1 @@
+"""The workbook's own machinery: README rendering, publishing notebooks, exercises, environment, batch runner."""
