@@ -208,6 +208,17 @@ def test_accelerate_launch_runs_the_dpo_stage_on_cpu(tmp_path):
     assert list((tmp_path / "runs" / "smoke").rglob("adapter_config.json"))
 
 
+def test_multi_gpu_configs_take_accumulation_from_the_preset():
+    """A hard-coded `gradient_accumulation_steps` in a DeepSpeed config contradicts any preset with grad_accum != 1
+    (t4 uses 2) and transformers refuses the mismatch; without it, DeepSpeed takes the TrainingArguments' value."""
+    import yaml
+
+    for name in ("zero2.yaml", "multi_gpu.yaml"):
+        config = yaml.safe_load((ROOT / "mipo_lib" / "accelerate" / name).read_text())
+        assert "gradient_accumulation_steps" not in config.get("deepspeed_config", {}), name
+    assert yaml.safe_load((ROOT / "mipo_lib" / "accelerate" / "multi_gpu.yaml").read_text())["distributed_type"] == "MULTI_GPU"
+
+
 # ------------------------------------------------------------------------------------------------- hub access
 def _hub_error(cls):
     """An instance of one of huggingface_hub's HTTP errors without a real response (their __init__ wants one)."""
