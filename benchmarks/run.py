@@ -155,7 +155,7 @@ def bench_dpo(preset: Any) -> dict[str, float]:
     step = bench_dpo_step(one_epoch, pairs)
     reuse = _dpo_epoch(one_epoch, pairs, reuse=True)
     default = _dpo_epoch(one_epoch, pairs, reuse=False)
-    q4 = _dpo_epoch(one_epoch.with_overrides(extra={"bench": "4bit"}), pairs[: 2 * one_epoch.batch_size], reuse=True, load_in_4bit=True)
+    q4 = _dpo_epoch(one_epoch, pairs[: 2 * one_epoch.batch_size], reuse=True, load_in_4bit=True)
     plain = _dpo_epoch(one_epoch, pairs[: 2 * one_epoch.batch_size], reuse=True)
     m16, _ = load_for_preset(preset)
     m4, _ = load_for_preset(preset, load_in_4bit=True)

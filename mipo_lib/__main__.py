@@ -2,7 +2,9 @@
 
 Any preset field can be changed with a repeatable `--set field=value` (parsed by the field's type: `beta=0.3`,
 `load_in_4bit=true`, `cad_alpha=none`, `lora_target_modules=q_proj,v_proj`, `seeds=0,1`); `reproduce` hands the same
-overrides to every notebook. User mistakes (unknown preset or field, a value of the wrong type or out of range,
+overrides to every notebook. The help of each command that takes `--set` lists every field with its type, default
+and meaning; `reproduce`, `tune` and `heldout` print each value that differs from the preset as written, with where
+it came from, before they start. User mistakes (unknown preset or field, a value of the wrong type or out of range,
 offline hub id, no 4-bit backend) print one line starting with `error:` and exit 2, without a traceback.
 """
 
@@ -20,40 +22,44 @@ def _parse_seeds(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mipo_lib.config import PRESETS, fields_help
+
     parser = argparse.ArgumentParser(prog="python -m mipo_lib", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    # the commands that take --set end their help with every preset field (RawDescription keeps its layout)
+    with_fields = {"epilog": fields_help(), "formatter_class": argparse.RawDescriptionHelpFormatter}
 
     sub.add_parser("setup", help="convert the bundled SmolLM2 to a cached checkpoint and build the tiny smoke model")
 
-    rep = sub.add_parser("reproduce", help="run the numbered notebooks with papermill for a preset")
-    rep.add_argument("--preset", default="cpu")
+    rep = sub.add_parser("reproduce", help="run the numbered notebooks with papermill for a preset", **with_fields)
     rep.add_argument("--seeds", type=_parse_seeds, default=None, help="e.g. 0,1,2 (default: the preset's seeds)")
     rep.add_argument("--notebooks", nargs="*", default=None, help="prefixes such as 01 03, or all (default: 00-05; the ablations 06 are opt-in)")
     rep.add_argument("--redo", action="store_true", help="recompute pairs, adapters and evaluations")
     rep.add_argument("--no-progress", action="store_true")
 
-    tun = sub.add_parser("tune", help="choose epochs and learning rates (MIPO, SFT) and CAD's strength on validation")
-    tun.add_argument("--preset", default="cpu")
+    tun = sub.add_parser("tune", help="choose epochs and learning rates (MIPO, SFT) and CAD's strength on validation",
+                         **with_fields)
     tun.add_argument("--seeds", type=_parse_seeds, default=None, help="tuning seeds (default: the preset's)")
     tun.add_argument("--no-progress", action="store_true")
 
-    held = sub.add_parser("heldout", help="MIPO vs prompting on preference types never trained on -> figures/heldout_types_<preset>.csv")
-    held.add_argument("--preset", default="cpu")
+    held = sub.add_parser("heldout", help="MIPO vs prompting on preference types never trained on -> figures/heldout_types_<preset>.csv",
+                          **with_fields)
     held.add_argument("--seeds", type=_parse_seeds, default=None, help="MIPO seeds (default: the preset's first)")
     held.add_argument("--no-progress", action="store_true")
 
     rdm = sub.add_parser("readme", help="rewrite the README's results block from figures/results_<preset>.csv")
     rdm.add_argument("--preset", default="all", help="cpu, cpu-reasoning or all (default)")
 
-    chat = sub.add_parser("chat", help="one reply from a preset's base model (a quick check that loading works)")
+    chat = sub.add_parser("chat", help="one reply from a preset's base model (a quick check that loading works)",
+                          **with_fields)
     chat.add_argument("message")
-    chat.add_argument("--preset", default="cpu")
     chat.add_argument("--max-new-tokens", type=int, default=64)
     for command in (rep, chat, tun, held):
         command.add_argument(
             "--set", action="append", default=[], dest="overrides", metavar="FIELD=VALUE",
-            help="change one preset field, e.g. --set beta=0.3 (repeatable; fields: see mipo_lib/config.py)",
+            help="change one preset field, e.g. --set beta=0.3 (repeatable; every field is listed below)",
         )
+        command.add_argument("--preset", default="cpu", help=f"one of {', '.join(PRESETS)} (default: cpu)")
 
     args = parser.parse_args(argv)
     from mipo_lib.errors import MipoError
@@ -73,13 +79,17 @@ def main(argv: list[str] | None = None) -> int:
             reproduce(args.preset, args.seeds, args.notebooks, args.redo, progress=not args.no_progress, overrides=overrides)
         elif args.command == "tune":
             from mipo_lib.experiments.tune import run
+            from mipo_lib.workbook.runner import say_settings
 
+            say_settings(args.preset, overrides, tuned=False)  # the sweep starts from the preset as written
             summary, choices = run(args.preset, args.seeds, overrides, progress=not args.no_progress)
             print(summary.to_string(index=False))
             print(choices.to_string(index=False))
         elif args.command == "heldout":
             from mipo_lib.experiments.heldout import records_path, run as run_heldout
+            from mipo_lib.workbook.runner import say_settings
 
+            say_settings(args.preset, overrides)
             frame = run_heldout(args.preset, args.seeds, overrides, progress=not args.no_progress)
             rates = frame.groupby(["method", "seed"])[["score", "truncated"]].mean()
             print(rates.to_string(float_format="{:.3f}".format))

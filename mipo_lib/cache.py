@@ -72,7 +72,6 @@ NOT_AFFECTING: dict[str, str] = {
     "description": "documentation only",
     "seeds": "which seeds to run; each result is keyed by its own seed",
     "report_to": "where training logs are sent, not what is trained",
-    "extra": "free-form notes; no stage reads it",
     "task_defaults": "only tells get_preset to fill in the task's official settings; the fields it fills are keyed",
 }
 """Preset fields no result depends on, each with the reason. Every field is here or in a stage's `STAGE_FIELDS`

@@ -1,10 +1,30 @@
-"""Presets: one switch from a laptop CPU to the paper's GPU settings.
+"""Presets: one switch from a laptop CPU to the paper's GPU settings, and where each value of a run comes from.
 
 Every notebook and the batch runner derive all their settings from one `Preset`, so papermill, nbval and Colab use a
 single mechanism: a notebook's `parameters` cell names the preset (`PRESET`) and optional field overrides
 (`OVERRIDES`, a dict), the next cell calls `get_preset(PRESET, **OVERRIDES)`; the command line fills both
 (`python -m mipo_lib reproduce --preset cpu --set beta=0.3`). Settings come from the paper's official code, adapted
 for LoRA/QLoRA, and from the CPU pilot.
+
+Each field is documented once, in its `help` metadata; `python -m mipo_lib reproduce --help` lists every field with its
+type and default (`fields_help`). Presets are data: each built-in one lists only what differs from its parent (the
+dataclass defaults, or another preset through `dataclasses.replace`).
+
+A run's values come in layers (`resolve_preset`, which `get_preset` uses), each later layer winning for the fields it
+sets:
+1. the preset as written (`PRESETS`);
+2. with `task_defaults` (t4, paper), the task's official settings (`tasks.task_settings`);
+3. the settings `make tune` chose on the validation split for this preset (`figures/choices_<preset>.csv`; skipped with
+   `tuned=False`);
+4. the caller's overrides (`--set` on the command line, `OVERRIDES` in a notebook): they always win.
+`Resolved.sources` names each field's layer; `Resolved.changes` lists, one line per value, what differs from the preset
+as written (the runner prints it before the first notebook).
+
+Stale choices: a choices table records, per row, the settings its tuning read (`tuned_under`: model, dtype, task,
+sampling, LoRA and DPO settings, evaluation settings; everything but the choices themselves). When a run's settings
+differ from them, the choices are still applied (a value chosen on validation under nearby settings is a better guess
+than the preset's untuned one), and one line per process says which fields differ, which choices are affected and how
+to choose anew. `dtype` is compared as resolved on this machine ("auto" means bf16 on some CPUs and fp32 on others).
 
 Values are checked where they enter: every `Preset` (built in, overridden or built by hand) is coerced to its fields'
 types and validated in `__post_init__`, so `beta=-1` or `seeds=()` fails at once with one line naming the fix instead
@@ -19,11 +39,12 @@ import difflib
 import json
 import numbers
 import os
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from mipo_lib.errors import MipoError
 
@@ -39,63 +60,154 @@ POSITIVE_FIELDS: tuple[str, ...] = (
     "lora_r", "lora_alpha", "beta", "learning_rate", "sft_learning_rate", "epochs", "batch_size", "grad_accum",
     "max_length", "eval_max_new_tokens", "eval_batch_size", "sft_epochs",
 )
+#: The source `resolve_preset` gives the caller's overrides.
+OVERRIDE_SOURCE = "--set"
 
 
 @dataclass(frozen=True)
 class Preset:
-    """All settings of one run of the workbook. Frozen: derive variants with `dataclasses.replace`."""
+    """All settings of one run of the workbook. Frozen: derive variants with `dataclasses.replace`.
 
-    name: str
-    description: str
-    # model
-    model_id: str
-    dtype: str = "auto"  # "auto" picks bf16/fp16/fp32 from the device (see hardware.select_dtype)
-    load_in_4bit: bool = False
-    gradient_checkpointing: bool = False
-    # task and data sizes
-    task: str = "personalization"
-    n_train_prompts: int = 120  # training prompts (request x preference for personalization)
-    n_test_prompts: int = 200  # held-out evaluation prompts
-    # pair generation (official code: temperature 0.1, top_p 0.9; the pilot found T=0.8 works for diversity)
-    negative: str = "context_drop"  # context_drop | random_context | random_prompt
-    k_negatives: int = 1
-    temperature: float = 0.8
-    top_p: float = 0.95
-    max_new_tokens: int = 48
-    gen_batch_size: int = 32
-    score_batch_size: int = 16
-    # LoRA / DPO (official: full fine-tuning, beta 0.1, lr 5e-7; LoRA needs a much larger lr)
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    beta: float = 0.1
-    learning_rate: float = 2e-4
-    sft_learning_rate: float = 2e-4
-    epochs: int = 2  # MIPO's (DPO's) epochs
-    sft_epochs: int = 2  # the SFT baseline's own epochs (each method at its own best: `make tune` chooses both)
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 256
-    warmup_ratio: float = 0.03
-    # evaluation
-    eval_max_new_tokens: int = 48
-    eval_batch_size: int = 50
-    # > 0: a batch decodes its replies together for at most this many new tokens, then the unfinished ones continue
-    # on their own up to eval_max_new_tokens (generate.generate_token_batches: a long cap then costs only the replies
-    # that use it); 0 decodes every batch in one go
-    eval_batch_new_tokens: int = 0
-    # > 0: greedy evaluation may not repeat an n-gram of this length (a small model loops until the token cap otherwise)
-    eval_no_repeat_ngram: int = 0
-    cad_alpha: float | None = None  # context-aware decoding strength; None means 1/beta (MIPO's decode-time twin)
-    seeds: tuple[int, ...] = (0, 1, 2)
-    # training logs: transformers' report_to, "none" or loggers such as "tensorboard" (pip install tensorboard) or
-    # "tensorboard,wandb"; TensorBoard writes under the adapter's folder (tensorboard --logdir runs/<preset>)
-    report_to: str = "none"
-    # True: `get_preset` takes the task's `official_settings` (the official code's sampling, token caps, test size
-    # and negative for that dataset) for every field the caller does not set; the t4 and paper presets do
-    task_defaults: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    Each field's `help` (below, and in `python -m mipo_lib reproduce --help`) says what it changes and which preset
+    uses what.
+    """
+
+    name: str = field(metadata={"help": (
+        "Names the run's folder, runs/<name>/ (pairs, adapters, evaluations, executed notebooks). Change it to keep a "
+        "variant's results apart from the preset's own, e.g. --set name=cpu-beta03; the validation choices are still "
+        "the ones of the preset asked for (figures/choices_<preset>.csv).")})
+    description: str = field(metadata={"help": (
+        "One line saying what the preset is for, printed at the top of every notebook; no result depends on it.")})
+    model_id: str = field(metadata={"help": (
+        "The base model: a Hugging Face hub id (t4: Qwen/Qwen2.5-1.5B-Instruct, paper: "
+        "meta-llama/Llama-3.2-1B-Instruct), a local checkpoint folder, bundled:SmolLM2-135M-Instruct (cpu: the 135M "
+        "model that ships with the repository, works offline) or tiny-random (smoke: a tiny random Llama built in "
+        "code, for plumbing tests only).")})
+    dtype: str = field(default="auto", metadata={"help": (
+        "Compute precision: auto picks bf16 on GPUs that support it, fp16 on older GPUs (a T4), bf16 on CPUs with "
+        "native bf16 instructions (AVX512-BF16/AMX) and fp32 on other CPUs (emulated bf16 is about 5x slower); "
+        "float32, float16 or bfloat16 force one. The committed cpu results were computed in float32: --set "
+        "dtype=float32 reproduces them on a CPU with native bf16.")})
+    load_in_4bit: bool = field(default=False, metadata={"help": (
+        "Load the base model's weights in 4-bit NF4 and train LoRA on top (QLoRA; needs bitsandbytes): about a "
+        "quarter of the weights' memory, slower steps. t4 uses it to fit a 1.5B model in 16 GB.")})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": (
+        "Recompute activations in the backward pass instead of storing them: much less training memory, slower "
+        "steps (t4 uses it). On a CPU it also turns off running each DPO prompt once per step.")})
+    task: str = field(default="personalization", metadata={"help": (
+        "What the model learns and is judged on: personalization (cpu, t4, paper: a request under a user's stated "
+        "preference, checked by a program), personalization_unseen_types (trained on five preference types, tested "
+        "on the other five), an arithmetic level such as arithmetic_word (cpu-reasoning) or "
+        "arithmetic_one_digit_add (smoke-reasoning), or an official dataset: gsm8k, svamp, arc_easy, arc_challenge, "
+        "prism (downloaded; for the GPU presets). A task registered with register_task or a MIPO_PLUGINS module "
+        "works too.")})
+    n_train_prompts: int = field(default=120, metadata={"help": (
+        "Training prompts per seed, each giving k_negatives pairs. personalization has 300 (30 requests x 10 "
+        "preferences; 10 further requests are the validation split): cpu 60 (6 requests x 10 preferences), t4 and "
+        "paper all 300; the GSM8K, SVAMP and ARC loaders have more.")})
+    n_test_prompts: int = field(default=200, metadata={"help": (
+        "Held-out prompts each method is evaluated on: cpu 100 (10 unseen requests x 10 preferences), t4 and paper "
+        "200 (all 20 held-out requests x 10 preferences), cpu-reasoning 200 problems; with task_defaults the task's "
+        "official count (gsm8k 200, svamp 300, arc 500, prism 200).")})
+    negative: str = field(default="context_drop", metadata={"help": (
+        "How each pair's rejected reply is made: context_drop samples it for the same request without the user's "
+        "context (the official PRISM code; cpu, t4, paper); random_context takes the same request's reply under "
+        "another user's context (where the conditional MI derivation is exact); random_prompt takes the reply to "
+        "another training prompt (unconditional MIPO, for math and multiple choice; cpu-reasoning, "
+        "smoke-reasoning).")})
+    k_negatives: int = field(default=1, metadata={"help": (
+        "Rejected replies per prompt: k > 1 makes k pairs per prompt with k different negatives (notebook 06 tries "
+        "it); 1 in every preset.")})
+    temperature: float = field(default=0.8, metadata={"help": (
+        "Sampling temperature of the pairs' replies (0 is greedy). The CPU pilot found 0.8 gives personalization "
+        "pairs the diversity they need (cpu, t4); the official code samples at 0.1 (paper, cpu-reasoning; math and "
+        "PRISM official settings) and ARC at 1.0.")})
+    top_p: float = field(default=0.95, metadata={"help": (
+        "Nucleus sampling of the pairs' replies, in (0, 1]: 0.95 by default, 0.9 as in the official code (paper, "
+        "cpu-reasoning, every task's official settings).")})
+    max_new_tokens: int = field(default=48, metadata={"help": (
+        "Token cap of the pairs' sampled replies; a reply cut there is flagged in the pairs (chosen_truncated, "
+        "rejected_truncated) and DPO learns from the cut text. cpu 64 (a cost choice: sampling and training "
+        "dominate its run), cpu-reasoning 32, t4 256, paper and the official settings 512.")})
+    gen_batch_size: int = field(default=32, metadata={"help": (
+        "Prompts sampled together when making pairs (and in notebook 06's KL estimate): larger is faster until "
+        "memory runs out. The batch plan seeds the sampling, so another value samples other pairs.")})
+    score_batch_size: int = field(default=16, metadata={"help": (
+        "Pairs scored together under the base model (reference log-probs, PMI): a memory knob. Another value "
+        "rescores the stored replies without sampling them again.")})
+    lora_r: int = field(default=8, metadata={"help": (
+        "LoRA rank, the adapter's capacity: cpu 8, t4 16, paper 64 (the official code fine-tunes all weights "
+        "instead).")})
+    lora_alpha: int = field(default=16, metadata={"help": (
+        "LoRA scaling: the update is multiplied by lora_alpha / lora_r; twice the rank in every preset (cpu 16, t4 "
+        "32, paper 128).")})
+    lora_dropout: float = field(default=0.0, metadata={"help": (
+        "Dropout on the LoRA layers' input during training, in [0, 1); 0 in every preset.")})
+    lora_target_modules: tuple[str, ...] = field(default=("q_proj", "k_proj", "v_proj", "o_proj"), metadata={"help": (
+        "The modules that get LoRA adapters, comma-separated: the attention projections by default (cpu); t4 and "
+        "paper add the MLP's gate_proj,up_proj,down_proj.")})
+    beta: float = field(default=0.1, metadata={"help": (
+        "DPO's beta: how closely the trained model is held to the base model (larger: closer). 0.1 as in the "
+        "official code; notebook 06 varies it. Also sets context-aware decoding's default strength, 1/beta.")})
+    learning_rate: float = field(default=2e-4, metadata={"help": (
+        "MIPO's (DPO's) learning rate, constant after warm-up. The official code fine-tunes all weights at 5e-7; "
+        "LoRA needs far more (5e-5 moved nothing visible on cpu in the pilot): cpu 2e-4 (make tune kept it over "
+        "8e-4 on validation, figures/choices_cpu.csv), t4 5e-5, paper 2e-5.")})
+    sft_learning_rate: float = field(default=2e-4, metadata={"help": (
+        "The SFT baseline's learning rate, chosen apart from MIPO's so each method runs at its own best: cpu 2e-4 "
+        "as written, 8e-4 as chosen on validation (figures/choices_cpu.csv); t4 5e-5, paper 2e-5.")})
+    epochs: int = field(default=2, metadata={"help": (
+        "MIPO's (DPO's) passes over the pairs: cpu 2 as written, 8 as chosen by make tune on validation "
+        "(figures/choices_cpu.csv); cpu-reasoning 2 (the pilot's value, not tuned), t4 and paper 1.")})
+    sft_epochs: int = field(default=2, metadata={"help": (
+        "The SFT baseline's own passes over the chosen replies (make tune chooses them apart from MIPO's): cpu 2 as "
+        "written, 4 as chosen on validation; t4 and paper 1.")})
+    batch_size: int = field(default=8, metadata={"help": (
+        "Pairs per training step (times grad_accum per optimizer update): cpu 4, t4 2, paper 4. Lower it when "
+        "training runs out of memory.")})
+    grad_accum: int = field(default=1, metadata={"help": (
+        "Training steps accumulated per optimizer update: a larger effective batch without more memory (t4: 2 x 2 "
+        "= 4 pairs per update).")})
+    max_length: int = field(default=256, metadata={"help": (
+        "Token budget of prompt + reply when scoring and training; longer replies are cut to fit, and a prompt "
+        "that fills it stops training with an error, so it must exceed the longest prompt. cpu 192, smoke 256 (its "
+        "byte-level tokenizer makes chat prompts up to 161 tokens), t4 1024, paper 1536.")})
+    warmup_ratio: float = field(default=0.03, metadata={"help": (
+        "Share of one epoch's optimizer steps spent warming the learning rate up, rounded up to whole steps (0: "
+        "none). The rate is constant afterwards, which lets make tune read shorter runs off one long run's "
+        "snapshots.")})
+    eval_max_new_tokens: int = field(default=48, metadata={"help": (
+        "Token cap of the evaluated (greedy) replies; a reply that reaches it is cut and counted as truncated. cpu "
+        "192, sized so that replies finish (every request asks for 2-3 sentences): on the 40 train and validation "
+        "requests every greedy reply ends by 151 tokens but one context-free reply, which still runs at 1,024 "
+        "(measured 2026-11-28; at 128 tokens, before the instruction, 40% of prompting and all context-free replies "
+        "were cut). cpu-reasoning 32, t4 256, paper 512.")})
+    eval_batch_size: int = field(default=50, metadata={"help": (
+        "Prompts decoded together in evaluation (and by the LLM judge): a speed and memory knob (cpu 100, t4 32, "
+        "paper 64). Padding changes the numerics slightly, so evaluations are cached per value.")})
+    eval_batch_new_tokens: int = field(default=0, metadata={"help": (
+        "> 0: a batch decodes its replies together for this many new tokens, then only the unfinished ones go on, "
+        "alone, up to eval_max_new_tokens, so a long cap costs only the replies that use it; 0 decodes each batch "
+        "in one go. cpu 96 (100 validation prompts in 60 s instead of 101 s, every reply identical; 64 and 128: 67 "
+        "s and 65 s), smoke 4 (so the tests run the two-stage decode).")})
+    eval_no_repeat_ngram: int = field(default=0, metadata={"help": (
+        "> 0: greedy evaluation may not repeat an n-gram of this length within a reply (a small model loops until "
+        "the token cap otherwise): cpu 3; 0 (off) elsewhere.")})
+    cad_alpha: float | None = field(default=None, metadata={"help": (
+        "Strength a of context-aware decoding (the CAD baseline), which scores next tokens by (1+a) log p(y|x,c) - "
+        "a log p(y|x); none means 1/beta, MIPO's decode-time twin. cpu: 1, chosen on validation "
+        "(figures/choices_cpu.csv).")})
+    seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata={"help": (
+        "Seeds to run, comma-separated: each seed samples its own pairs and trains its own adapters, and results "
+        "report intervals over seeds. Three in every preset; --seeds on the command line runs a subset.")})
+    report_to: str = field(default="none", metadata={"help": (
+        "Where training logs go (transformers' report_to): none, or loggers such as tensorboard (pip install "
+        "tensorboard) or tensorboard,wandb; TensorBoard writes under the adapter's folder (tensorboard --logdir "
+        "runs/<preset>).")})
+    task_defaults: bool = field(default=False, metadata={"help": (
+        "true: every field the caller does not set comes from the task's official settings (the official code's "
+        "sampling, token caps, test size and negative for that dataset), so --set task=gsm8k samples at "
+        "temperature 0.1, top_p 0.9; t4 and paper use it.")})
 
     def __post_init__(self) -> None:
         """Coerce each value to its field's type (text is parsed, lists become tuples), then `validate`."""
@@ -164,14 +276,13 @@ def field_type(name: str) -> Any:
 
 
 def _describe(hint: Any) -> str:
-    """How a type reads in an error message ("an integer", "comma-separated text", ...)."""
+    """How a type reads in an error message or the help ("an integer", "comma-separated text", ...)."""
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in args if a is not type(None)) + " or none"
     if typing.get_origin(hint) is tuple:
         return f"comma-separated {'integers' if args[0] is int else 'text'}"
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "text", dict: "a JSON object"}
-    return names.get(typing.get_origin(hint) or hint, str(hint))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "text"}[hint]
 
 
 def cli_text(value: Any) -> str:
@@ -182,83 +293,54 @@ def cli_text(value: Any) -> str:
         return str(value).lower()
     if isinstance(value, tuple):
         return ",".join(map(str, value))
-    if isinstance(value, dict):
-        return json.dumps(value)
     return str(value)
 
 
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
 def conform(name: str, value: Any) -> Any:
-    """`value` as field `name`'s type: text is parsed (`parse_value`), sequences (lists, arrays) become tuples, ints
-    become floats where a float is declared; anything else of the wrong type fails in one line with an example of the right one."""
-    return _conform(name, value, field_type(name))
+    """`value` as field `name`'s type. Text (the command line, papermill, a choices table) is parsed: `0.3`, `true`,
+    `none`, `q_proj,v_proj`; sequences (lists, arrays) become tuples; ints become floats where a float is declared.
+    Anything else fails in one line with an example of a value that works."""
+    hint = field_type(name)
+    try:
+        return _conform(value, hint)
+    except (TypeError, ValueError):
+        raise MipoError(f"preset field {name} takes {_describe(hint)}, got {value!r}{_example(name)}") from None
 
 
-def _conform(name: str, value: Any, hint: Any) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if isinstance(value, str) and hint is not str:
-        return _parse(name, value, hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+def _conform(value: Any, hint: Any) -> Any:
+    """`value` as type `hint`, or TypeError/ValueError."""
+    text = value.strip() if isinstance(value, str) else None
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # an optional field: `float | None`
+        if value is None or (text is not None and text.lower() in ("none", "null", "")):
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _conform(name, value, inner)
-    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if hint is bool and isinstance(value, bool):
-        return value
-    if hint is int and is_number and isinstance(value, numbers.Integral):
-        return int(value)
-    if hint is float and is_number:
-        return float(value)
+        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is tuple:
+        items = [t.strip() for t in text.split(",") if t.strip()] if text is not None else value
+        if isinstance(items, (bytes, dict)) or not isinstance(items, Iterable):
+            raise TypeError(value)
+        return tuple(_conform(item, typing.get_args(hint)[0]) for item in items)
     if hint is str and isinstance(value, str):
         return value
-    if origin is tuple and isinstance(value, Iterable) and not isinstance(value, (str, bytes, dict)):
-        return tuple(_conform(name, v, args[0]) for v in value)
-    if origin is dict and isinstance(value, dict):
-        return dict(value)
-    raise MipoError(f"preset field {name} takes {_describe(hint)}, got {value!r}{_example(name)}")
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is bool and text is not None and text.lower() in _TRUE + _FALSE:
+        return text.lower() in _TRUE
+    if hint in (int, float) and text is not None:
+        return hint(text)
+    if hint is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if hint is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(value)
 
 
 def _example(name: str) -> str:
     """"; e.g. beta=0.1": the field's default as the fix an error message suggests (nothing for fields without one)."""
     default = _DEFAULTS.get(name)
     return f"; e.g. {name}={cli_text(default)}" if default is not None else ""
-
-
-_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
-
-
-def parse_value(name: str, text: str) -> Any:
-    """Field `name`'s value from command-line text, by the field's type: `0.3`, `true`, `none`, `q_proj,v_proj`."""
-    return _parse(name, text, field_type(name))
-
-
-def _parse(name: str, text: str, hint: Any) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    word = text.strip()
-    try:
-        if origin in (typing.Union, types.UnionType):
-            if word.lower() in ("none", "null", ""):
-                return None
-            (inner,) = [a for a in args if a is not type(None)]
-            return _parse(name, word, inner)
-        if hint is bool:
-            if word.lower() in _TRUE + _FALSE:
-                return word.lower() in _TRUE
-            raise ValueError(word)
-        if hint in (int, float):
-            return hint(word)
-        if hint is str:
-            return text
-        if origin is tuple:
-            return tuple(_parse(name, item.strip(), args[0]) for item in word.split(",") if item.strip())
-        if origin is dict:
-            parsed = json.loads(word)
-            if isinstance(parsed, dict):
-                return parsed
-            raise ValueError(word)
-    except (ValueError, json.JSONDecodeError):
-        raise MipoError(f"preset field {name} takes {_describe(hint)}, got {text!r}{_example(name)}") from None
-    raise MipoError(f"preset field {name} of type {hint} cannot be set from text; set it from Python")
 
 
 def parse_assignments(items: Iterable[str]) -> dict[str, Any]:
@@ -268,168 +350,169 @@ def parse_assignments(items: Iterable[str]) -> dict[str, Any]:
         name, sep, text = item.partition("=")
         if not sep or not name.strip():
             raise MipoError(f"--set expects field=value (e.g. --set beta=0.3), got {item!r}")
-        overrides[name.strip()] = parse_value(name.strip(), text)
+        overrides[name.strip()] = conform(name.strip(), text)
     return overrides
 
 
+def fields_help(width: int = 100) -> str:
+    """Every preset field with its type, its default and its help, as the command line's `--help` lists them."""
+    lines = ["preset fields (--set FIELD=VALUE, repeatable; a preset's own value replaces the default):"]
+    for f in dataclasses.fields(Preset):
+        default = f"default {cli_text(f.default)}" if f.default is not dataclasses.MISSING else "every preset sets it"
+        lines.append(f"  {f.name} ({_describe(_FIELD_TYPES[f.name])}; {default})")
+        lines += textwrap.wrap(f.metadata["help"], width, initial_indent=" " * 6, subsequent_indent=" " * 6,
+                               break_on_hyphens=False)
+    return "\n".join(lines)
+
+
+# Each preset lists only what differs from its parent: the dataclass defaults, or the preset it is replaced from.
+_SMOKE = Preset(
+    name="smoke",
+    description="tiny random model built in code; proves the plumbing in seconds, not the science",
+    model_id=TINY_MODEL,
+    dtype="float32",
+    n_train_prompts=16,
+    n_test_prompts=20,
+    max_new_tokens=8,
+    gen_batch_size=16,
+    epochs=1,
+    sft_epochs=1,
+    batch_size=4,
+    eval_max_new_tokens=8,
+    eval_batch_new_tokens=4,
+    eval_batch_size=20,
+)
+# Sized to finish 3 seeds of everything on 2 slow cores (60 pairs, 100 held-out prompts, batch 4), with token caps
+# that let replies finish; epochs, learning rates and CAD's strength are chosen on validation (`make tune`).
+_CPU = Preset(
+    name="cpu",
+    description="SmolLM2-135M-Instruct bundled offline, on CPU, verifiable personalization, 3 seeds",
+    model_id=BUNDLED_MODEL,
+    n_train_prompts=60,
+    n_test_prompts=100,
+    max_new_tokens=64,
+    gen_batch_size=64,
+    score_batch_size=32,
+    batch_size=4,
+    max_length=192,
+    eval_max_new_tokens=192,
+    eval_batch_new_tokens=96,
+    eval_batch_size=100,
+    eval_no_repeat_ngram=3,
+)
+_PAPER = Preset(
+    name="paper",
+    task_defaults=True,
+    description="24-80 GB GPU: Llama-3.2-1B-Instruct as in the paper, bf16 LoRA, official sampling settings",
+    model_id="meta-llama/Llama-3.2-1B-Instruct",
+    n_train_prompts=300,
+    temperature=0.1,
+    top_p=0.9,
+    max_new_tokens=512,
+    gen_batch_size=64,
+    lora_r=64,
+    lora_alpha=128,
+    lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    learning_rate=2e-5,
+    sft_learning_rate=2e-5,
+    epochs=1,
+    sft_epochs=1,
+    batch_size=4,
+    max_length=1536,
+    eval_max_new_tokens=512,
+    eval_batch_size=64,
+)
 PRESETS: dict[str, Preset] = {
-    "smoke": Preset(
-        name="smoke",
-        description="tiny random model built in code; proves the plumbing in seconds, not the science",
-        model_id=TINY_MODEL,
-        dtype="float32",
-        n_train_prompts=16,
-        n_test_prompts=20,
-        max_new_tokens=8,
-        gen_batch_size=16,
-        score_batch_size=16,
-        epochs=1,
-        sft_epochs=1,
-        batch_size=4,
-        max_length=256,  # the tiny tokenizer is byte-level: chat prompts are up to 161 tokens
-        eval_max_new_tokens=8,
-        eval_batch_new_tokens=4,  # the tests and smoke notebooks run the two-stage evaluation decode
-        eval_batch_size=20,
-        seeds=(0, 1, 2),
-    ),
-    "cpu": Preset(
-        name="cpu",
-        description="SmolLM2-135M-Instruct bundled offline, on CPU, verifiable personalization, 3 seeds",
-        model_id=BUNDLED_MODEL,
-        dtype="auto",
-        # Sized to finish 3 seeds of everything on 2 slow cores: 60 pairs (6 requests x 10 preferences), 100
-        # held-out prompts (10 unseen requests x 10 preferences), batch 4; epochs and learning rates (MIPO, SFT) and
-        # CAD's strength are chosen on the validation split (figures/choices_cpu.csv, `make tune`). Token caps sized
-        # so that replies finish (every request asks for 2-3 sentences): greedy evaluation with no repeated 3-gram
-        # (the 135M model loops otherwise). On the 40 train and validation requests, 1 context-free greedy reply
-        # (2.5%) hits 192 tokens and still runs, without ending, at 1,024 (it turns into loose text: a larger cap
-        # would not finish it); all others end by 151 (measured 2026-11-28).
-        # Without the instruction, at 128 tokens, 40% of prompting and all context-free replies were cut. A batch
-        # decodes 96 tokens together, then only its unfinished replies go on (on 100 validation prompts with context:
-        # 60 s instead of 101 s, every reply identical; 64 and 128 tokens: 67 s and 65 s). Pairs are
-        # sampled up to 64 tokens (a cost choice: sampling and training dominate the run; the pairs flag each reply
-        # cut there, `chosen_truncated` / `rejected_truncated`).
-        n_train_prompts=60,
-        n_test_prompts=100,
-        max_new_tokens=64,
-        gen_batch_size=64,
-        score_batch_size=32,
-        batch_size=4,
-        max_length=192,
-        eval_max_new_tokens=192,
-        eval_batch_new_tokens=96,
-        eval_batch_size=100,
-        eval_no_repeat_ngram=3,
-    ),
-    "t4": Preset(
+    "smoke": _SMOKE,
+    "cpu": _CPU,
+    # the paper's GPU setting scaled down to a free Colab T4: a 1.5B model in 4-bit, a smaller adapter, shorter caps,
+    # the pilot's sampling for personalization
+    "t4": dataclasses.replace(
+        _PAPER,
         name="t4",
-        task_defaults=True,
         description="free Colab T4 (16 GB, no bf16): Qwen2.5-1.5B-Instruct in 4-bit NF4 QLoRA, fp16 compute",
         model_id="Qwen/Qwen2.5-1.5B-Instruct",
         load_in_4bit=True,
         gradient_checkpointing=True,
-        n_train_prompts=300,  # all 30 training requests x 10 preferences (10 more are the validation split)
-        n_test_prompts=200,  # all 20 held-out requests x 10 preferences
         temperature=0.8,
+        top_p=0.95,
         max_new_tokens=256,
         gen_batch_size=32,
         score_batch_size=8,
         lora_r=16,
         lora_alpha=32,
-        lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         learning_rate=5e-5,
         sft_learning_rate=5e-5,
-        epochs=1,
-        sft_epochs=1,
         batch_size=2,
         grad_accum=2,
         max_length=1024,
         eval_max_new_tokens=256,
         eval_batch_size=32,
     ),
-    "paper": Preset(
-        name="paper",
-        task_defaults=True,
-        description="24-80 GB GPU: Llama-3.2-1B-Instruct as in the paper, bf16 LoRA, official sampling settings",
-        model_id="meta-llama/Llama-3.2-1B-Instruct",
-        n_train_prompts=300,  # personalization has 300 training prompts; the GSM8K/ARC loaders have more
-        n_test_prompts=200,
-        temperature=0.1,
-        top_p=0.9,
-        max_new_tokens=512,
-        gen_batch_size=64,
-        score_batch_size=16,
-        lora_r=64,
-        lora_alpha=128,
-        lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-        learning_rate=2e-5,
-        sft_learning_rate=2e-5,
-        epochs=1,
-        sft_epochs=1,
-        batch_size=4,
-        grad_accum=1,
-        max_length=1536,
-        eval_max_new_tokens=512,
-        eval_batch_size=64,
-    ),
-    "smoke-reasoning": Preset(
+    "paper": _PAPER,
+    "smoke-reasoning": dataclasses.replace(
+        _SMOKE,
         name="smoke-reasoning",
         description="tiny random model on one-digit addition: notebook 07's plumbing in seconds, not the science",
-        model_id=TINY_MODEL,
-        dtype="float32",
         task="arithmetic_one_digit_add",
         negative="random_prompt",
         n_train_prompts=8,
         n_test_prompts=10,
-        max_new_tokens=8,
-        gen_batch_size=16,
-        score_batch_size=16,
-        epochs=1,
-        sft_epochs=1,
-        batch_size=4,
-        max_length=256,
-        eval_max_new_tokens=8,
-        eval_batch_size=20,
+        eval_batch_new_tokens=0,
+    ),
+    # Notebook 07 (reasoning, `make reasoning`): unconditional MIPO, the negative is the answer to another problem. The
+    # cpu preset's model, precision, batch sizes and training settings as written (2 epochs of 60 pairs, 30 DPO
+    # steps: the pilot's setting; cpu's validation choices are not inherited, nothing was tuned on this task); its own
+    # task, sampling and token caps. The task is the level whose base accuracy on validation is the lowest inside
+    # 20-70% (figures/reasoning_difficulty_cpu.csv, measured with the cpu preset's model and its evaluation settings
+    # of the time, which this preset keeps: greedy, 32 new tokens, batch 100, no n-gram rule).
+    "cpu-reasoning": dataclasses.replace(
+        _CPU,
+        name="cpu-reasoning",
+        description="SmolLM2-135M-Instruct bundled offline, on CPU, arithmetic at the level chosen on validation, "
+                    "unconditional MIPO (random-prompt negatives), 3 seeds",
+        task="arithmetic_word",
+        negative="random_prompt",
+        n_test_prompts=200,
+        temperature=0.1,
+        top_p=0.9,
+        max_new_tokens=32,
+        eval_max_new_tokens=32,
+        eval_no_repeat_ngram=0,
     ),
 }
 
 
-# Notebook 07 (reasoning, `make reasoning`): unconditional MIPO, the negative is the answer to another problem. The
-# cpu preset's model, precision, batch sizes and training settings; its own task, sampling and token caps.
-PRESETS["cpu-reasoning"] = dataclasses.replace(
-    PRESETS["cpu"],
-    name="cpu-reasoning",
-    description="SmolLM2-135M-Instruct bundled offline, on CPU, arithmetic at the level chosen on validation, "
-                "unconditional MIPO (random-prompt negatives), 3 seeds",
-    # the level whose base accuracy on validation is the lowest inside 20-70% (figures/reasoning_difficulty_cpu.csv,
-    # measured with the cpu preset's model and its evaluation settings of the time, which this preset keeps:
-    # greedy, 32 new tokens, batch 100, no n-gram rule)
-    task="arithmetic_word",
-    negative="random_prompt",
-    n_test_prompts=200,
-    temperature=0.1,  # the official code's math sampling
-    top_p=0.9,
-    max_new_tokens=32,  # one short sentence; the same cap as the evaluation
-    epochs=2,  # 2 epochs of 60 pairs: 30 DPO steps (the pilot's setting, not tuned on this task)
-    sft_epochs=2,
-    eval_max_new_tokens=32,
-    eval_no_repeat_ngram=0,
-)
-
-
+# ------------------------------------------------------------------------------------ choices made on validation
 def choices_path(preset_name: str) -> Path:
     """`figures/choices_<preset>.csv`: the settings `make tune` chose on the validation split for a preset."""
     return repo_root() / "figures" / f"choices_{preset_name}.csv"
 
 
-def load_choices(preset_name: str, path: Path | None = None) -> dict[str, Any]:
-    """`{field: value}` from a preset's committed choices (`choices_path`, or another choices table at `path`), typed
-    like the fields; {} without one."""
-    path = path or choices_path(preset_name)
+@dataclass(frozen=True)
+class Choice:
+    """One row of a choices table: a field's chosen value and the settings its tuning read (`tuned_under`, field ->
+    value as the tuning run had it, dtype resolved; empty for a table written before the column existed)."""
+
+    field: str
+    value: Any
+    tuned_under: Mapping[str, Any]
+
+
+def read_choices(path: Path) -> list[Choice]:
+    """The rows of a choices table (`make tune`'s or another target's), values typed like their fields; [] without
+    the file."""
     if not path.exists():
-        return {}
+        return []
     with path.open(newline="") as fh:
-        return typed_choices((row["field"], row["value"]) for row in csv.DictReader(fh))
+        return [Choice(row["field"], conform(row["field"], row["value"]), json.loads(row.get("tuned_under") or "{}"))
+                for row in csv.DictReader(fh)]
+
+
+def load_choices(preset_name: str, path: Path | None = None) -> dict[str, Any]:
+    """`{field: value}` from a preset's committed choices (`choices_path`, or another choices table at `path`); {}
+    without one."""
+    return {c.field: c.value for c in read_choices(path or choices_path(preset_name))}
 
 
 def typed_choices(rows: Iterable[tuple[str, str]]) -> dict[str, Any]:
@@ -437,38 +520,128 @@ def typed_choices(rows: Iterable[tuple[str, str]]) -> dict[str, Any]:
     return {name: conform(name, value) for name, value in rows}
 
 
-def get_preset(name: str, /, *, tuned: bool = True, **overrides: Any) -> Preset:
-    """Look a preset up by name and apply overrides (validated). Unknown names fail with the list of valid ones.
+def tuning_differences(preset: Preset, tuned_under: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """`{field: (value tuned under, value now)}` for each field `preset` has otherwise than a tuning run had it.
+    `dtype` is compared as resolved on this machine ("auto" is bf16 on a CPU with native bf16, fp32 on another)."""
+    differences = {}
+    for name, recorded in tuned_under.items():
+        tuned = conform(name, recorded)
+        now = resolved_dtype(preset) if name == "dtype" else getattr(preset, name)
+        if tuned != now:
+            differences[name] = (tuned, now)
+    return differences
 
-    `name` is positional-only, so `name` can be overridden too (`get_preset("cpu", name="cpu-beta03")` keeps a
-    variant's runs in their own folder).
+
+def differences_text(differences: Mapping[str, tuple[Any, Any]]) -> tuple[str, str]:
+    """`tuning_differences` as two texts, `--set`'s spelling: ("dtype=float32, lora_r=8", "dtype=bfloat16, lora_r=4")."""
+    names = sorted(differences)
+    was, now = (", ".join(f"{f}={cli_text(differences[f][side])}" for f in names) for side in (0, 1))
+    return was, now
+
+
+def resolved_dtype(preset: Preset) -> str:
+    """The dtype `preset.dtype` means on this machine, as the choices tables record it ("float32", "bfloat16")."""
+    from mipo_lib.hardware import select_device, select_dtype  # torch: imported only when a choice is checked
+
+    return str(select_dtype(select_device(), preset.dtype)).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------------------------------- where each value is from
+@dataclass(frozen=True)
+class Resolved:
+    """A run's preset and where each of its values came from (`resolve_preset`)."""
+
+    preset: Preset
+    written: Preset  #: the preset as written in `PRESETS`
+    sources: Mapping[str, str]  #: every field -> "preset cpu", "task gsm8k's official settings", a choices table, "--set"
+
+    def changes(self) -> list[str]:
+        """`field = value (source)`, one line per value that differs from the preset as written."""
+        return [f"{name} = {cli_text(getattr(self.preset, name))} ({self.sources[name]})"
+                for name in _FIELD_TYPES if getattr(self.preset, name) != getattr(self.written, name)]
+
+
+def resolve_preset(name: str, overrides: Mapping[str, Any] | None = None, *, tuned: bool = True) -> Resolved:
+    """The preset `name` with its layers applied in order, each winning over the ones before for the fields it sets:
+    the task's official settings (with `task_defaults`), the validation choices (with `tuned`), then `overrides`,
+    which always win. Says once per process when applied choices were tuned under other settings (`_say_untuned`).
 
     Imports the MIPO_PLUGINS modules first (see `mipo_lib.tasks`), so tasks and preferences that a researcher
     registers in a module exist in every process that asks for a preset: the command line and each notebook kernel.
+    """
+    from mipo_lib.tasks import load_plugins, task_settings
+
+    load_plugins()
+    try:
+        written = PRESETS[name]
+    except KeyError:
+        raise MipoError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+    overrides = dict(overrides or {})
+    path = choices_path(name)
+    choices = read_choices(path) if tuned else []
+    layers: list[tuple[str, Mapping[str, Any]]] = [(_shown(path), {c.field: c.value for c in choices}),
+                                                   (OVERRIDE_SOURCE, overrides)]
+    if conform("task_defaults", overrides.get("task_defaults", written.task_defaults)):
+        task = overrides.get("task", written.task)
+        layers.insert(0, (f"task {task}'s official settings", task_settings(task)))
+    values: dict[str, Any] = {}
+    sources = {f: f"preset {name}" for f in _FIELD_TYPES}
+    for source, layer in layers:
+        values.update(layer)
+        sources.update(dict.fromkeys(layer, source))
+    preset = written.with_overrides(**values) if values else written
+    _say_untuned(preset, [c for c in choices if c.field not in overrides], _shown(path), name)
+    return Resolved(preset, written, sources)
+
+
+def get_preset(name: str, /, *, tuned: bool = True, **overrides: Any) -> Preset:
+    """Look a preset up by name and apply overrides (validated), through `resolve_preset`. Unknown names fail with the
+    list of valid ones.
+
+    `name` is positional-only, so `name` can be overridden too (`get_preset("cpu", name="cpu-beta03")` keeps a
+    variant's runs in their own folder; it still takes the choices of "cpu").
 
     With `task_defaults` (t4, paper), the task's `official_settings` come between the preset and the overrides:
     `get_preset("t4", task="gsm8k")` samples pairs at the official temperature 0.1 / top-p 0.9 and evaluates 200
-    problems, while `get_preset("t4", task="gsm8k", temperature=0.7)` keeps the caller's temperature. Only fields the
-    caller did not set are taken, and only in `get_preset`: `Preset.with_overrides` changes exactly what it is given.
+    problems, while `get_preset("t4", task="gsm8k", temperature=0.7)` keeps the caller's temperature. Only in
+    `get_preset`: `Preset.with_overrides` changes exactly what it is given.
 
     With `tuned` (the default), the settings `make tune` chose on the validation split for this preset
     (`figures/choices_<name>.csv`: MIPO's and SFT's epochs and learning rates, CAD's strength) replace the preset's
     own values, again only for fields the caller does not set; `tuned=False` gives the preset as written (the tuning
     sweep starts there).
     """
-    from mipo_lib.tasks import load_plugins, task_settings
+    return resolve_preset(name, overrides, tuned=tuned).preset
 
-    load_plugins()
-    try:
-        preset = PRESETS[name]
-    except KeyError:
-        raise MipoError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
-    if tuned:
-        overrides = {**{k: v for k, v in load_choices(name).items() if k not in overrides}, **overrides}
-    if conform("task_defaults", overrides.get("task_defaults", preset.task_defaults)):
-        task = overrides.get("task", preset.task)
-        overrides = {**{k: v for k, v in task_settings(task).items() if k not in overrides}, **overrides}
-    return preset.with_overrides(**overrides) if overrides else preset
+
+_SAID: set[str] = set()
+
+
+def _say_untuned(preset: Preset, applied: list[Choice], table: str, name: str) -> None:
+    """Print, once per process, which applied choices were tuned under settings this run does not have."""
+    differences: dict[str, tuple[Any, Any]] = {}
+    affected = []
+    for choice in applied:
+        if found := tuning_differences(preset, choice.tuned_under):
+            differences.update(found)
+            affected.append(choice)
+    if not affected:
+        return
+    was, now = differences_text(differences)
+    chosen = ", ".join(f"{c.field}={cli_text(c.value)}" for c in affected)
+    retune = " ".join(f"{f}={cli_text(differences[f][1])}" for f in sorted(differences))
+    many = len(affected) > 1
+    line = (f"{table} was tuned under {was}; this run has {now}: its {chosen} {'are' if many else 'is'} applied but "
+            f"{'were' if many else 'was'} not chosen for these settings (make tune PRESET={name} SET=\"{retune}\" "
+            "chooses anew, or --set them)")
+    if line not in _SAID:
+        _SAID.add(line)
+        print(line, flush=True)
+
+
+def _shown(path: Path) -> str:
+    """`path` as a message names it: relative to the repository (figures/choices_cpu.csv) where it is inside."""
+    return str(path.relative_to(repo_root())) if path.is_relative_to(repo_root()) else str(path)
 
 
 def runs_dir() -> Path:

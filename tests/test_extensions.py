@@ -215,10 +215,10 @@ def test_registered_task_runs_the_smoke_pipeline(shout, runs):
 def test_set_parses_values_by_field_type():
     parsed = config.parse_assignments([
         "beta=0.3", "epochs=3", "load_in_4bit=true", "task=arithmetic", "seeds=0, 1", "cad_alpha=none",
-        "lora_target_modules=q_proj,v_proj", "extra={\"note\": 1}",
+        "lora_target_modules=q_proj,v_proj",
     ])
     assert parsed == {"beta": 0.3, "epochs": 3, "load_in_4bit": True, "task": "arithmetic", "seeds": (0, 1),
-                      "cad_alpha": None, "lora_target_modules": ("q_proj", "v_proj"), "extra": {"note": 1}}
+                      "cad_alpha": None, "lora_target_modules": ("q_proj", "v_proj")}
     preset = get_preset("cpu", **parsed)
     assert (preset.beta, preset.seeds, preset.cad_alpha) == (0.3, (0, 1), None)
 

@@ -4,6 +4,7 @@ the same keys for every method and seed, recomputed (and said why) otherwise."""
 import pandas as pd
 import pytest
 
+from mipo_lib import config, hardware
 from mipo_lib.experiments import heldout, pipeline, tune
 from mipo_lib.__main__ import main
 from mipo_lib.config import get_preset
@@ -47,19 +48,49 @@ def test_run_writes_the_first_seed_and_reads_back_unchanged(fake_pipeline):
     assert source.startswith("read from") and len(fake_pipeline) == 1  # nothing recomputed
 
 
+def said_before_computing(monkeypatch, capsys) -> list[str]:
+    """What had been printed each time `heldout.compute` started."""
+    said, compute = [], heldout.compute
+
+    def spy(*args, **kwargs):
+        said.append(capsys.readouterr().out)
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(heldout, "compute", spy)
+    return said
+
+
 @pytest.mark.parametrize("change, reason", [
-    ({"beta": 0.3}, "made with other settings"),
-    ({"learning_rate": 1e-3}, "made with other settings"),  # make tune's rate; the epochs are its own
-    ({"n_test_prompts": 7}, "made with other settings"),
+    ({"beta": 0.3}, "made with beta=0.1; this run has beta=0.3"),
+    # make tune's rate; the epochs are its own
+    ({"learning_rate": 1e-3}, "made with learning_rate=0.0002; this run has learning_rate=0.001"),
+    ({"n_test_prompts": 7}, "made with other settings"),  # the test's size: not a setting the choice was made under
 ])
-def test_other_settings_recompute(fake_pipeline, change, reason):
+def test_other_settings_recompute_and_say_which_first(fake_pipeline, change, reason, monkeypatch, capsys):
     heldout.run("smoke", progress=False)
     preset = get_preset("smoke", **change)
     frame, why = heldout.committed(preset, [0])
     assert frame is None and reason in why
+    said = said_before_computing(monkeypatch, capsys)
     _, source = heldout.records(preset, [0])
     assert source.startswith("computed now") and reason in source
     assert len(fake_pipeline) == 2
+    assert reason in said[0] and "recomputing the held-out-types results for seeds [0]" in said[0]
+
+
+def test_a_dtype_that_resolves_otherwise_is_named_before_recomputing(fake_pipeline, monkeypatch, capsys):
+    """Records made where dtype "auto" meant fp32, read where it means bf16 (a CPU with native bf16): the line names
+    the resolved dtypes, before anything is computed."""
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)
+    heldout.run("smoke", overrides={"dtype": "auto"}, progress=False)
+    preset = get_preset("smoke", dtype="auto")
+    assert heldout.committed(preset, [0])[1] == ""
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
+    capsys.readouterr()
+    said = said_before_computing(monkeypatch, capsys)
+    heldout.records(preset, [0])
+    assert said[0].startswith("heldout_types_smoke.csv was made with dtype=float32; this run has dtype=bfloat16: "
+                              "recomputing the held-out-types results for seeds [0]: per seed, MIPO's pairs")
 
 
 def test_missing_seed_or_file_recomputes(fake_pipeline):
@@ -73,6 +104,9 @@ def test_missing_seed_or_file_recomputes(fake_pipeline):
 def test_the_choice_is_written_and_sets_the_keys(fake_pipeline):
     heldout.run("smoke", progress=False)
     assert heldout.load_choices("smoke") == {"epochs": 2}
+    (row,) = config.read_choices(heldout.choices_path("smoke"))  # with the settings the sweep ran under
+    assert row.tuned_under["task"] == heldout.TASK and row.tuned_under["learning_rate"] == 2e-4
+    assert "epochs" not in row.tuned_under and row.tuned_under["dtype"] == "float32"
     assert heldout.tuning_path("smoke").exists()
     preset = get_preset("smoke")
     assert preset.epochs != 2  # the main run's epochs are not the held-out run's

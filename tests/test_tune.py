@@ -138,6 +138,25 @@ def test_committed_choices_reach_get_preset_unless_overridden(tmp_path, monkeypa
     assert get_preset("smoke").epochs == config.PRESETS["smoke"].epochs  # no choices file for smoke
 
 
+def test_written_choices_record_what_each_methods_tuning_read(tmp_path):
+    """Each row's `tuned_under`: the fields its method's stages read (pairs, training, evaluation; CAD: its decoding
+    only), dtype as resolved, less the fields the table sets and the test's size (validation draws its own)."""
+    grid = {("MIPO", 2e-4): {1: 0.2}, ("SFT", 2e-4): {1: 0.1}}
+    rows = [{"method": m, "setting": tune.TUNED_FIELDS[m], "value": v, "learning_rate": lr, "rate": r, "n": 50}
+            for (m, lr), by in grid.items() for v, r in by.items()]
+    rows.append({"method": "CAD", "setting": "cad_alpha", "value": 1.0, "learning_rate": float("nan"), "rate": 0.4, "n": 50})
+    path = tmp_path / "choices_smoke.csv"
+    tune.write_choices(tune.choose(pd.DataFrame(rows), [0]), get_preset("smoke", dtype="auto", tuned=False), path)
+    under = {c.field: c.tuned_under for c in config.read_choices(path)}
+    assert under["epochs"] == under["learning_rate"] and under["sft_epochs"] == under["sft_learning_rate"]
+    assert {"lora_r", "beta", "temperature", "n_train_prompts", "max_length", "eval_max_new_tokens"} <= set(under["epochs"])
+    assert not set(under["epochs"]) & (tune.tuned_fields() | {"n_test_prompts", "seeds", "name"})
+    assert "beta" not in under["sft_epochs"] and "lora_r" in under["sft_epochs"]  # SFT has no beta
+    assert "lora_r" not in under["cad_alpha"] and {"beta", "eval_no_repeat_ngram"} <= set(under["cad_alpha"])
+    assert under["cad_alpha"]["dtype"] == config.resolved_dtype(get_preset("smoke", dtype="auto"))  # not "auto"
+    assert under["epochs"]["lora_target_modules"] == list(config.PRESETS["smoke"].lora_target_modules)
+
+
 def test_committed_cpu_choices_are_valid_fields():
     for field, value in config.load_choices("cpu").items():
         assert field in tune.tuned_fields()

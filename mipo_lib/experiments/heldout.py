@@ -15,8 +15,9 @@ with `make tune`'s rule (`tune.choose`); the learning rate stays the one `make t
 
 The table carries, per row, the cache key digest of the evaluation that made it (`key`). `records` reuses it only if
 every method and seed it needs is there with the key the current settings give (model, dtype, chosen epochs, DPO
-forward, prompts ...); otherwise it computes the records through the pipeline (as notebook 05 always did) and says
-why, so a stale table is never read as a result of other settings.
+forward, prompts ...); otherwise it says, before computing, why (the fields whose values differ from the ones the
+held-out choice records in `tuned_under`, where they explain it) and what it recomputes, then computes the records
+through the pipeline (as notebook 05 always did), so a stale table is never read as a result of other settings.
 """
 
 from __future__ import annotations
@@ -93,9 +94,10 @@ def committed(preset: Preset, seeds: Sequence[int], path: Path | None = None) ->
     path = path or records_path(preset.name)
     if not path.exists():
         return None, f"no {path.name} (`make heldout` writes it)"
-    chosen = load_choices(preset.name)
-    if not chosen:
+    rows = config.read_choices(choices_path(preset.name))
+    if not rows:
         return None, f"no {choices_path(preset.name).name} (`make heldout` writes it)"
+    chosen = {c.field: c.value for c in rows}
     frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
     frame["response"] = frame["response"].fillna("")
     stored = {(m, int(s)): set(k) for (m, s), k in frame.groupby(["method", "seed"])["key"]}
@@ -104,6 +106,11 @@ def committed(preset: Preset, seeds: Sequence[int], path: Path | None = None) ->
         if wanted not in stored:
             return None, f"{path.name} has no {wanted[0]} records for seed {wanted[1]}"
         if stored[wanted] != {key}:
+            held = task_preset(preset, chosen)  # the settings the held-out choice records it was made under
+            differences = {f: d for c in rows for f, d in config.tuning_differences(held, c.tuned_under).items()}
+            if differences:
+                was, now = config.differences_text(differences)
+                return None, f"{path.name} was made with {was}; this run has {now}"
             return None, f"{path.name} was made with other settings ({wanted[0]}, seed {wanted[1]}: key {sorted(stored[wanted])[0]} != {key})"
     keep = frame[[(m, int(s)) in expected for m, s in zip(frame["method"], frame["seed"])]]
     return keep.reset_index(drop=True), ""
@@ -117,6 +124,10 @@ def records(preset: Preset, seeds: Sequence[int], progress: bool = True) -> tupl
         return frame, (f"read from {records_path(preset.name).name} (`make heldout`; keys match the current settings); "
                        f"MIPO trained {task_preset(preset).epochs} epochs, chosen on its validation split "
                        f"({choices_path(preset.name).name})")
+    print(f"{why}: recomputing the held-out-types results for seeds {list(seeds)}: per seed, MIPO's pairs and a "
+          f"{max(tune.EPOCH_GRID)}-epoch training scored on that task's validation split after each of "
+          f"{', '.join(map(str, tune.EPOCH_GRID))} epochs (to choose them), a training with the chosen epochs, and the "
+          f"test evaluations of {' and '.join(METHODS)} (stages already under runs/ are reused)", flush=True)
     frame, _, choices = compute(preset, seeds, progress=progress)
     return frame, f"computed now ({why}); MIPO trained {choices['value'].iloc[0]} epochs, chosen on its validation split now"
 
@@ -132,5 +143,5 @@ def run(preset_name: str = "cpu", seeds: Sequence[int] | None = None, overrides:
     path.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(path, index=False)
     summary.to_csv(tuning_path(preset.name), index=False, float_format="%.6g")
-    choices.to_csv(choices_path(preset.name), index=False)
+    tune.write_choices(choices, preset.with_overrides(task=TASK), choices_path(preset.name))
     return frame

@@ -14,13 +14,16 @@ Each setting is scored on the validation prompts (requests never used for traini
 the rule is: the highest mean validation rate over the tuning seeds; ties go to the cheaper setting (fewer epochs,
 then the smaller learning rate; the weaker strength). The sweep is written to `figures/tuning_<preset>.csv` and the
 choices to `figures/choices_<preset>.csv`, which `config.get_preset` reads for that preset: `make reproduce` then touches the
-test set once, with these settings. Everything is cached and resumable like the pipeline's own stages.
+test set once, with these settings. Each row of the choices carries the settings its tuning read (`tuned_under`), so a
+run under other settings is told that the choices were not made for it (`config.resolve_preset`). Everything is cached
+and resumable like the pipeline's own stages.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
@@ -189,6 +192,30 @@ def choose(summary: pd.DataFrame, seeds: Sequence[int]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(CHOICES_COLUMNS))
 
 
+def tuned_under(preset: Preset, method: str, chosen: Iterable[str]) -> dict[str, Any]:
+    """The preset fields the tuning of `method` read, as `preset` has them (dtype resolved on this machine), less the
+    `chosen` fields the table sets and `n_test_prompts` (validation draws its own prompts).
+
+    Read from the cache's declaration of what each stage depends on (`cache.STAGE_FIELDS`): a trained method's pairs
+    (generation, scoring), its training and its evaluation; a decoding method's evaluation."""
+    m = registry.get_method(method)
+    stages = ["evaluation-cad" if m.decoding == "cad" else "evaluation"]
+    if m.training is not None:
+        stages += ["generation", "pairs", m.training]
+    fields = {f for stage in stages for f in cache.STAGE_FIELDS[stage]} - set(chosen) - {"n_test_prompts"}
+    values = {f: cache.resolved_dtype(preset) if f == "dtype" else getattr(preset, f) for f in sorted(fields)}
+    return json.loads(json.dumps(values))  # tuples as lists, as the table stores them
+
+
+def write_choices(choices: pd.DataFrame, preset: Preset, path: Path) -> None:
+    """Write a choices table with, per row, the settings its tuning read (`tuned_under`: compact JSON) under
+    `preset`, the preset the sweep ran with."""
+    chosen = set(choices["field"])
+    under = [json.dumps(tuned_under(preset, m, chosen), separators=(",", ":")) for m in choices["method"]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    choices.assign(tuned_under=under).to_csv(path, index=False)
+
+
 def run(preset_name: str = "cpu", seeds: Sequence[int] | None = None, overrides: dict[str, Any] | None = None,
         progress: bool = True, write: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """`make tune`: sweep on validation, write `figures/tuning_<preset>.csv` and `figures/choices_<preset>.csv`.
@@ -203,5 +230,5 @@ def run(preset_name: str = "cpu", seeds: Sequence[int] | None = None, overrides:
     if write:
         tuning_path(preset.name).parent.mkdir(parents=True, exist_ok=True)
         summary.to_csv(tuning_path(preset.name), index=False, float_format="%.6g")
-        choices.to_csv(choices_path(preset.name), index=False)
+        write_choices(choices, preset, choices_path(preset.name))
     return summary, choices

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from mipo_lib.config import get_preset, repo_root, run_dir
+from mipo_lib.config import Resolved, repo_root, resolve_preset, run_dir
 from mipo_lib.errors import MipoError
 
 
@@ -143,6 +143,15 @@ def run_notebook(
     return NotebookRun(path.stem, preset, round(wall, 1), round(mem.peak / 2**20, 1), ok)
 
 
+def say_settings(preset: str, overrides: Mapping[str, Any] | None = None, tuned: bool = True) -> Resolved:
+    """Resolve a preset as a command will run it and print each value that differs from the preset as written, with
+    where it came from (`epochs = 8 (figures/choices_cpu.csv)`, `lora_r = 4 (--set)`), one per line."""
+    resolved = resolve_preset(preset, overrides, tuned=tuned)
+    for line in resolved.changes():
+        print(f"[mipo] {resolved.preset.name}: {line}", flush=True)
+    return resolved
+
+
 def reproduce(
     preset: str = "cpu",
     seeds: Sequence[int] | None = None,
@@ -154,10 +163,11 @@ def reproduce(
     """Run the workbook for a preset: every numbered notebook in order, stopping at the first failure.
 
     `overrides` change preset fields in every notebook (`--set field=value` on the command line); they are validated
-    here first, so a bad value fails before the first kernel starts. Output goes to the overridden preset's folder
+    here first, so a bad value fails before the first kernel starts, and every value that differs from the preset as
+    written is printed once with its source (`say_settings`). Output goes to the overridden preset's folder
     (`--set name=...` keeps a variant's notebooks apart).
     """
-    effective = get_preset(preset, **dict(overrides or {}))  # fail fast on an unknown name, field or value
+    effective = say_settings(preset, overrides).preset  # fail fast on an unknown name, field or value
     out_dir = run_dir(effective, "notebooks")
     timings = out_dir / "timings.csv"
     runs: list[NotebookRun] = []
