@@ -151,6 +151,26 @@ def test_recommended_preset_never_picks_a_gated_model_without_a_login(gb, logged
     assert environment.recommend_preset(gb, logged_in) == preset
 
 
+# What torch reports as total memory (GiB) for cards sold as 8, 12, 16 (T4: 15.0), 24 (RTX 3090/4090: ~23.6), 40, 80 GB.
+@pytest.mark.parametrize("gb, preset", [(7.6, "cpu"), (11.2, "t4"), (15.0, "t4"), (23.6, "paper-gc"), (39.4, "paper"),
+                                        (79.3, "paper")])
+def test_recommended_preset_fits_the_card_by_the_measured_peaks(gb, preset):
+    chosen = environment.recommend_preset(gb, logged_in=True)
+    assert chosen == preset
+    if chosen != "cpu":  # the measured peak of what was chosen fits, with the margin
+        peak = next(r for r in environment.gpu_peaks() if r["preset"] == chosen)["peak_reserved_mib"]
+        assert environment.fits(peak, gb)
+
+
+def test_the_measured_peaks_table_names_presets_as_they_are():
+    from mipo_lib.config import PRESETS
+
+    for row in environment.gpu_peaks():
+        assert PRESETS[row["preset"]].gradient_checkpointing == (row["gradient_checkpointing"] == "true"), row["preset"]
+    # a 24 GB card: paper without checkpointing does not fit (its DPO step peaked at 26.0 GB), with it it does
+    assert not environment.fits(next(r for r in environment.gpu_peaks() if r["preset"] == "paper")["peak_reserved_mib"], 23.6)
+
+
 def test_resolve_preset_auto_explains_and_an_explicit_name_wins(monkeypatch, capsys):
     assert environment.resolve_preset("smoke") == "smoke" and capsys.readouterr().out == ""
     monkeypatch.setattr(environment, "gpu_memory_gb", lambda: None)

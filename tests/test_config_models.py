@@ -21,8 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------------------------- presets
-def test_all_four_presets_exist_and_are_consistent():
-    assert set(PRESETS) == {"smoke", "cpu", "t4", "paper", "cpu-reasoning", "smoke-reasoning"}  # + notebook 07's
+def test_every_preset_exists_and_is_consistent():
+    assert set(PRESETS) == {"smoke", "cpu", "t4", "paper", "paper-gc", "cpu-reasoning", "smoke-reasoning"}
     for name, preset in PRESETS.items():
         assert isinstance(preset, Preset)
         assert preset.name == name

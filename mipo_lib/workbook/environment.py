@@ -9,11 +9,13 @@ A course that forks the workbook edits `DEFAULT_REPO` (or sets `MIPO_REPO`) and 
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.metadata
 import os
 import platform
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from mipo_lib.config import repo_root
 
@@ -167,17 +169,46 @@ def gpu_memory_gb() -> float | None:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
 
 
-def recommend_preset(gpu_memory_gb: float | None, logged_in: bool = False) -> str:
-    """`cpu` without a GPU, `t4` on a 12-20 GB GPU (free Colab), `paper` on 24 GB or more when logged in to the hub.
+#: Measured peak GPU memory of each GPU preset's largest stage (`benchmarks/gpu/`, results in benchmarks/results_gpu.md).
+GPU_PEAKS_CSV = "data/gpu_memory_peaks.csv"
+#: What a card needs beyond a preset's measured peak: the CUDA context (300-620 MiB measured) and a 10% margin for the
+#: allocator and kernels that differ between cards.
+CUDA_CONTEXT_MIB = 640.0
+MEMORY_MARGIN = 0.10
 
-    `paper`'s model is gated (`GATED_PRESETS`): without a login a large GPU gets `t4`, whose model is open, so that a
-    default run never fails at the first download.
+
+def gpu_peaks(path: Path | None = None) -> list[dict[str, Any]]:
+    """The measured peaks, largest first: one row per (preset, gradient checkpointing)."""
+    with (path or repo_root() / GPU_PEAKS_CSV).open(newline="") as fh:
+        rows = [{**r, "peak_reserved_mib": float(r["peak_reserved_mib"])} for r in csv.DictReader(fh)]
+    return sorted(rows, key=lambda r: -r["peak_reserved_mib"])
+
+
+def fits(peak_mib: float, gpu_memory_gb: float) -> bool:
+    """Whether a stage that peaked at `peak_mib` reserved fits a card of `gpu_memory_gb` GiB, with the margin."""
+    return peak_mib * (1 + MEMORY_MARGIN) + CUDA_CONTEXT_MIB <= gpu_memory_gb * 1024
+
+
+def recommend_preset(gpu_memory_gb: float | None, logged_in: bool = False) -> str:
+    """The largest GPU preset whose measured peak (`data/gpu_memory_peaks.csv`) fits this card, else `cpu`.
+
+    `paper` at 40 GB or more; `paper-gc` (gradient checkpointing) on a 24 GB card, where `paper` without it (26.0 GB
+    measured) would not fit; `t4` on 12-16 GB; `cpu` below. `paper`'s model is gated (`GATED_PRESETS`): without a
+    login a large GPU gets `t4`, whose model is open, so that a default run never fails at the first download.
     """
     if gpu_memory_gb is None:
         return "cpu"
-    if gpu_memory_gb >= 23 and logged_in:
-        return "paper"
-    return "t4"
+    for row in gpu_peaks():
+        if fits(row["peak_reserved_mib"], gpu_memory_gb) and (logged_in or not gated(row["preset"])):
+            return row["preset"]
+    return "cpu"
+
+
+def gated(preset: str) -> bool:
+    """Whether a preset's model needs a Hugging Face login (a licence to accept)."""
+    from mipo_lib.config import PRESETS
+
+    return PRESETS[preset].model_id in GATED_PRESETS.values()
 
 
 def preset_advice(gpu_memory_gb: float | None, logged_in: bool) -> str:
@@ -185,13 +216,13 @@ def preset_advice(gpu_memory_gb: float | None, logged_in: bool) -> str:
     name = recommend_preset(gpu_memory_gb, logged_in)
     if gpu_memory_gb is None:
         return f"{name} (no GPU)"
-    if gpu_memory_gb >= 23 and not logged_in:
-        return (f"{name}: this {gpu_memory_gb:.0f} GiB GPU fits 'paper', but its model {GATED_PRESETS['paper']} is gated and "
-                "no Hugging Face login was found. For 'paper': accept the model's licence on huggingface.co, log in "
+    if not logged_in and gated(fitting := recommend_preset(gpu_memory_gb, True)):
+        return (f"{name}: this {gpu_memory_gb:.0f} GiB GPU fits '{fitting}', but its model {GATED_PRESETS['paper']} is gated "
+                f"and no Hugging Face login was found. For '{fitting}': accept the model's licence on huggingface.co, log in "
                 "(`hf auth login`, or `from huggingface_hub import login; login()`, or an HF_TOKEN secret on Colab), "
-                "then set PRESET = \"paper\"; 't4' uses the open Qwen2.5-1.5B-Instruct")
-    if name in GATED_PRESETS:
-        return f"{name}: {gpu_memory_gb:.0f} GiB GPU, logged in (gated model {GATED_PRESETS[name]}: accept its licence first)"
+                f"then set PRESET = \"{fitting}\"; 't4' uses the open Qwen2.5-1.5B-Instruct")
+    if gated(name):
+        return f"{name}: {gpu_memory_gb:.0f} GiB GPU, logged in (gated model {GATED_PRESETS['paper']}: accept its licence first)"
     return f"{name} ({gpu_memory_gb:.0f} GiB GPU)"
 
 
