@@ -1,7 +1,12 @@
-"""DPO (MIPO) and the SFT baseline through TRL with a PEFT LoRA adapter: the only module that imports TRL.
+"""DPO (MIPO), the SFT baseline and the multi-negative InfoNCE objective through TRL with a PEFT LoRA adapter: the
+only module that imports TRL.
 
 Keeping every TRL call here means an API change touches one file, and `tests/test_api_drift.py` checks each keyword
 argument built below against the installed signatures.
+
+A method's `Training` (`mipo_lib.methods`: a training kind and its trainer arguments) is all this module needs: `train`
+runs the kind's trainer (`train_dpo`, `train_sft`, `train_infonce`) with those arguments, and `adapter_key` is the one
+cache key of the adapter it makes, built from the training, never from a method's name (docs/methods.md).
 
 Choices that matter:
 - The reference model is the base model with the adapter disabled (TRL does that for PEFT models): no second copy.
@@ -17,6 +22,8 @@ Choices that matter:
   TRL's loss by `_prompt_run_once`); not with gradient checkpointing, and not on GPUs (`shares_prompt`).
 - Precision follows `hardware.select_dtype`: bf16 where supported, fp16 on a T4 (adapters kept in fp32), fp32 on CPUs
   without native bf16. With 4-bit the base stays NF4; only the LoRA matrices train.
+- InfoNCE (`train_infonce`) is TRL's DPO trainer with its own loss over a prompt's K pairs (`infonce_loss`): the same
+  data, forward, reference log-probs and schedule as DPO, batches of whole prompts (`GroupSampler`).
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ import math
 import shutil
 import time
 from contextlib import contextmanager
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -39,6 +48,7 @@ from mipo_lib import cache, files, shared_prompt
 from mipo_lib.config import Preset
 from mipo_lib.errors import MipoError
 from mipo_lib.hardware import select_device
+from mipo_lib.methods import Training
 from mipo_lib.models import lora_config, prepare_4bit_for_training
 from mipo_lib.pairs import pairs_key
 from mipo_lib.scoring import token_digest
@@ -168,8 +178,10 @@ def _checkpointing_key() -> str:
 
 def dpo_config_kwargs(
     preset: Preset, seed: int, output_dir: Path, model: Any, reuse_reference: bool = True, progress: bool = True, n_rows: int = 0,
+    trainer_args: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Every keyword passed to `DPOConfig` (the API-drift test inspects this); `n_rows` pairs sets the warm-up."""
+    """Every keyword passed to `DPOConfig` (the API-drift test inspects this); `n_rows` pairs sets the warm-up;
+    `trainer_args` (a method's, `methods.Training`) are added last, over these."""
     return {
         **common_args(preset, seed, output_dir, model, progress, epochs=preset.epochs, n_rows=n_rows),
         "beta": preset.beta,
@@ -177,15 +189,21 @@ def dpo_config_kwargs(
         "learning_rate": preset.learning_rate,
         "precompute_ref_log_probs": reuse_reference,
         "disable_dropout": True,
+        **(trainer_args or {}),
     }
 
 
-def sft_config_kwargs(preset: Preset, seed: int, output_dir: Path, model: Any, progress: bool = True, n_rows: int = 0) -> dict[str, Any]:
-    """Every keyword passed to `SFTConfig`: loss on the completion only, same LoRA and schedule as DPO, its own epochs."""
+def sft_config_kwargs(
+    preset: Preset, seed: int, output_dir: Path, model: Any, progress: bool = True, n_rows: int = 0,
+    trainer_args: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Every keyword passed to `SFTConfig`: loss on the completion only, same LoRA and schedule as DPO, its own epochs
+    (`trainer_args` added last, as in `dpo_config_kwargs`)."""
     return {
         **common_args(preset, seed, output_dir, model, progress, epochs=preset.sft_epochs, n_rows=n_rows),
         "learning_rate": preset.sft_learning_rate,
         "completion_only_loss": True,
+        **(trainer_args or {}),
     }
 
 
@@ -233,9 +251,13 @@ def _trainer_classes() -> tuple[type, type, type, type]:
         def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
             checkpointing = getattr(self.args, _checkpointing_key(), False)
             if not (self.share_prompt and shares_prompt(checkpointing, inputs["input_ids"].device)):
-                return super()._compute_loss(model, inputs, return_outputs)
+                return self._pairs_loss(model, inputs, return_outputs)
             with _prompt_run_once(self.accelerator.unwrap_model(model), inputs["completion_mask"]):
-                return super()._compute_loss(model, inputs, return_outputs)
+                return self._pairs_loss(model, inputs, return_outputs)
+
+        def _pairs_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
+            """The loss of a batch of pairs: TRL's (the InfoNCE trainer puts its own here)."""
+            return super()._compute_loss(model, inputs, return_outputs)
 
     return DPOConfig, PairsDPOTrainer, SFTConfig, SFTTrainer
 
@@ -344,16 +366,47 @@ def _log_frame(history: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(steps)
 
 
-def training_extras(training: str, preset: Preset) -> dict[str, str]:
-    """Key values of a training run beyond the preset's fields: the schedule, and for DPO how a step runs its batch."""
-    return {"schedule": LR_SCHEDULE, **({"forward": dpo_forward(preset)} if training == "dpo" else {})}
+# ---------------------------------------------------------------------------------------- an adapter's cache key
+#: The cache stage (`cache.STAGE_FIELDS`) whose preset fields each training kind reads: InfoNCE trains like DPO
+#: (epochs, beta, learning rate); its K is the pairs' `k_negatives`, already in the pairs key.
+_STAGE_OF = {"dpo": "dpo", "sft": "sft", "infonce": "dpo"}
+_LABEL_OF = {"dpo": "DPO", "sft": "SFT", "infonce": "InfoNCE"}
+#: Training kinds whose steps run TRL's DPO forward over [chosen; rejected] batches (so `dpo_forward` matters).
+_PAIRWISE = ("dpo", "infonce")
 
 
-def run_key(training: str, preset: Preset, seed: int, pairs: Sequence[dict[str, Any]]) -> cache.Key:
-    """The cache key of a run given its pairs (`training` is "dpo" or "sft"): the training fields, the pairs' key and
-    a digest of the pairs themselves. The pipeline passes its own key instead, built before the pairs are loaded."""
-    return cache.stage_key(training, preset, f"{training.upper()} adapter (seed {seed})", upstream=pairs_key(preset, seed),
-                           pairs=cache.content_digest(list(pairs))[:16], **training_extras(training, preset))
+def training_extras(kind: str, preset: Preset) -> dict[str, str]:
+    """Key values of a training run beyond the preset's fields: the schedule, and for the DPO trainers how a step runs
+    its batch."""
+    return {"schedule": LR_SCHEDULE, **({"forward": dpo_forward(preset)} if kind in _PAIRWISE else {})}
+
+
+def training_label(training: Training) -> str:
+    """How log lines name a training: "DPO", "SFT", "InfoNCE", with its trainer arguments if any ("DPO (loss_type=ipo)")."""
+    args = ", ".join(f"{k}={v}" for k, v in training.args)
+    return _LABEL_OF[training.kind] + (f" ({args})" if args else "")
+
+
+def adapter_key(training: Training, preset: Preset, seed: int, pairs: Sequence[dict[str, Any]] | None = None) -> cache.Key:
+    """The one cache key of a trained adapter: what trained it (the training kind and its trainer arguments), the
+    preset fields that kind reads, the schedule and forward (`training_extras`), and the seed's pairs key.
+
+    Never the method's name: methods trained alike (MIPO, and MIPO+CAD which only decodes differently) share one
+    adapter. The pipeline builds it before any pairs are loaded; a run given its pairs directly (`train_dpo` without a
+    key, as tests and benchmarks call it) passes them as `pairs`, which adds a digest of their content: such pairs need
+    not be the seed's stored ones that the pairs key describes."""
+    content = {"pairs": cache.content_digest(list(pairs))[:16]} if pairs is not None else {}
+    return cache.stage_key(_STAGE_OF[training.kind], preset, f"{training_label(training)} adapter (seed {seed})",
+                           upstream=pairs_key(preset, seed), training=training.kind, trainer_args=training.arguments,
+                           **content, **training_extras(training.kind, preset))
+
+
+def adapter_name(training: Training, key: cache.Key) -> str:
+    """An adapter folder's name, `<training kind>-<digest of its key>` (e.g. `dpo-3f2a9c0d1b7e`).
+
+    Named by what trained it, as its key is: methods trained alike then find one folder (a method's slug would give
+    MIPO and MIPO+CAD two folders for one adapter, and train it twice). The digest tells the trainer arguments apart."""
+    return f"{training.kind}-{key.digest}"
 
 
 def finished_run(adapter_dir: Path, key: cache.Key) -> TrainResult | None:
@@ -499,22 +552,26 @@ def train_dpo(
     seed: int,
     adapter_dir: Path,
     *,
+    trainer_args: Mapping[str, Any] | None = None,
     reuse_reference: bool = True,
     key: cache.Key | None = None,
     redo: bool = False,
     progress: bool = True,
     snapshot_epochs: Sequence[int] = (),
 ) -> TrainResult:
-    """MIPO: DPO on the pairs with a fresh LoRA adapter on `model` (modified in place). Reuses a finished run of the
-    same cache `key` (default `run_key`) and resumes an interrupted one. `snapshot_epochs` keeps the adapter after
-    those epochs too (`snapshot_dir`; give them in the key if the caller relies on them)."""
-    adapter_dir, key = Path(adapter_dir), key or run_key("dpo", preset, seed, pairs)
+    """MIPO: DPO on the pairs with a fresh LoRA adapter on `model` (modified in place), with a method's
+    `trainer_args` over `dpo_config_kwargs`. Reuses a finished run of the same cache `key` (default: `adapter_key` of
+    these pairs) and resumes an interrupted one. `snapshot_epochs` keeps the adapter after those epochs too
+    (`snapshot_dir`; give them in the key if the caller relies on them)."""
+    training = Training.of("dpo", trainer_args)
+    adapter_dir, key = Path(adapter_dir), key or adapter_key(training, preset, seed, pairs)
     if not redo and (done := finished_run(adapter_dir, key)):
         return done
     _claim(adapter_dir, key, redo)
     DPOConfig, PairsDPOTrainer, _, _ = _trainer_classes()
     _reset_peak_memory()
-    args = DPOConfig(**dpo_config_kwargs(preset, seed, adapter_dir, model, reuse_reference, progress, n_rows=len(pairs)))
+    args = DPOConfig(**dpo_config_kwargs(preset, seed, adapter_dir, model, reuse_reference, progress, n_rows=len(pairs),
+                                         trainer_args=training.arguments))
     trainer = PairsDPOTrainer(
         model=model,
         args=args,
@@ -528,15 +585,36 @@ def train_dpo(
     return _run(trainer, adapter_dir, sanity=initial_sanity(trainer, pairs, reuse_reference), snapshot_epochs=snapshot_epochs)
 
 
-def _one_batch_trainer(model: Any, tokenizer: Any, pairs: Sequence[dict[str, Any]], preset: Preset, output_dir: Path) -> Any:
+def _one_batch_trainer(
+    model: Any, tokenizer: Any, pairs: Sequence[dict[str, Any]], preset: Preset, output_dir: Path, negatives: int | None = None,
+) -> Any:
     """A DPO trainer over `pairs` as a single batch (training and evaluation alike, so its loss is the mean over the
-    pairs), reference log-probs from the pairs, tokens checked against them: for the checks below, which train nothing."""
+    pairs), reference log-probs from the pairs, tokens checked against them: for the checks below, which train nothing.
+    With `negatives` = K, the InfoNCE trainer over groups of K pairs instead (its loss the mean over the prompts)."""
     DPOConfig, PairsDPOTrainer, _, _ = _trainer_classes()
-    args = DPOConfig(**{**dpo_config_kwargs(preset, 0, output_dir, model, reuse_reference=True, progress=False),
-                        "per_device_train_batch_size": len(pairs), "per_device_eval_batch_size": len(pairs)})
-    trainer = _quiet(PairsDPOTrainer(model=model, args=args, train_dataset=dpo_dataset(pairs), processing_class=tokenizer), False)
+    kwargs = dpo_config_kwargs(preset, 0, output_dir, model, reuse_reference=True, progress=False)
+    if negatives is None:
+        trainer_class = PairsDPOTrainer
+    else:
+        _check_groups(pairs, negatives)
+        trainer_class, kwargs = _infonce_trainer_class(negatives), {**kwargs, **INFONCE_CONFIG}
+    args = DPOConfig(**{**kwargs, "per_device_train_batch_size": len(pairs), "per_device_eval_batch_size": len(pairs)})
+    trainer = _quiet(trainer_class(model=model, args=args, train_dataset=dpo_dataset(pairs), processing_class=tokenizer), False)
     check_reference_tokens(trainer, pairs, preset.max_length)
     return trainer
+
+
+def loss_and_gradients(trainer: Any) -> tuple[float, dict[str, torch.Tensor]]:
+    """The loss of a one-batch trainer (`_one_batch_trainer`) on its batch and the gradient of every trainable
+    parameter, by name; in eval mode (no dropout), nothing trained, existing gradients cleared first."""
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))  # on the model's device
+    trainer.model.eval()
+    trainer.model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.model.zero_grad(set_to_none=True)
+    return float(loss.detach()), grads
 
 
 def trl_loss_gradients(model: Any, tokenizer: Any, pairs: Sequence[dict[str, Any]], preset: Preset, output_dir: Path) -> tuple[float, dict[str, torch.Tensor]]:
@@ -548,20 +626,13 @@ def trl_loss_gradients(model: Any, tokenizer: Any, pairs: Sequence[dict[str, Any
     gradient differs, e.g. with a detached term). Run in eval mode (no dropout) so both sides see the same model.
     Nothing is trained or saved; existing gradients are cleared first.
     """
-    trainer = _one_batch_trainer(model, tokenizer, pairs, preset, output_dir)
-    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))  # on the model's device
-    trainer.model.eval()
-    trainer.model.zero_grad(set_to_none=True)
-    loss = trainer.compute_loss(trainer.model, batch)
-    loss.backward()
-    grads = {name: p.grad.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
-    trainer.model.zero_grad(set_to_none=True)
-    return float(loss.detach()), grads
+    return loss_and_gradients(_one_batch_trainer(model, tokenizer, pairs, preset, output_dir))
 
 
-def initial_sanity(trainer: Any, pairs: Sequence[dict[str, Any]], reuse_reference: bool, n: int = 16) -> dict[str, float]:
-    """DPO loss and reward margin before any update: they must be log 2 = 0.6931 and 0 (policy == reference)."""
-    subset = dpo_dataset(pairs[:n], with_reference=reuse_reference)
+def initial_sanity(trainer: Any, pairs: Sequence[dict[str, Any]], reuse_reference: bool, n: int = 16, group: int = 1) -> dict[str, float]:
+    """Loss and reward margin before any update, on the first `n` pairs (whole groups of `group` pairs): with
+    policy == reference they must be log 2 = 0.6931 and 0 for DPO, log(K + 1) and 0 for InfoNCE over K negatives."""
+    subset = dpo_dataset(pairs[: max(group, n - n % group)], with_reference=reuse_reference)
     metrics = trainer.evaluate(eval_dataset=subset, metric_key_prefix="init")
     margin = next((v for k, v in metrics.items() if k.endswith("rewards/margins")), float("nan"))
     return {"loss": float(metrics["init_loss"]), "margin": float(margin)}
@@ -590,14 +661,16 @@ def train_sft(
     seed: int,
     adapter_dir: Path,
     *,
+    trainer_args: Mapping[str, Any] | None = None,
     key: cache.Key | None = None,
     redo: bool = False,
     progress: bool = True,
     snapshot_epochs: Sequence[int] = (),
 ) -> TrainResult:
     """The SFT baseline: the same LoRA trained on the positives only, same schedule, `preset.sft_epochs` epochs
-    (cached like DPO; `snapshot_epochs` as in `train_dpo`)."""
-    adapter_dir, key = Path(adapter_dir), key or run_key("sft", preset, seed, pairs)
+    (cached like DPO; `trainer_args` and `snapshot_epochs` as in `train_dpo`)."""
+    training = Training.of("sft", trainer_args)
+    adapter_dir, key = Path(adapter_dir), key or adapter_key(training, preset, seed, pairs)
     if not redo and (done := finished_run(adapter_dir, key)):
         return done
     _claim(adapter_dir, key, redo)
@@ -606,13 +679,196 @@ def train_sft(
     train = sft_dataset(pairs)
     trainer = SFTTrainer(
         model=model,
-        args=SFTConfig(**sft_config_kwargs(preset, seed, adapter_dir, model, progress, n_rows=len(train))),
+        args=SFTConfig(**sft_config_kwargs(preset, seed, adapter_dir, model, progress, n_rows=len(train),
+                                           trainer_args=training.arguments)),
         train_dataset=train,
         processing_class=tokenizer,
         peft_config=lora_config(preset),
     )
     _prepare(trainer, progress)
     return _run(trainer, adapter_dir, sanity=None, snapshot_epochs=snapshot_epochs)
+
+
+# ------------------------------------------------------------------------------------ the multi-negative objective
+def infonce_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: float, k: int) -> torch.Tensor:
+    """Mean over prompts of -log softmax_0(beta [d+, d-_1, ..., d-_K]), with d = log pi(y|x) - log pi_ref(y|x) summed
+    over the reply's tokens, as DPO's: the K+1-way contrast of a prompt's positive against its K negatives (the
+    InfoNCE bound of notebook 01; SAMI's objective). At K = 1 it is DPO's -log sigmoid(beta (d+ - d-)); with policy ==
+    reference every d is 0 and it is log(K + 1).
+
+    Both tensors hold one value per pair, a prompt's K pairs consecutive (`pairs.build_pairs`' order): the K pairs
+    share y+, so their K chosen log-ratios are one value, averaged here (equal up to rounding)."""
+    positive = chosen_logratios.view(-1, k).mean(dim=1, keepdim=True)
+    logits = beta * torch.cat([positive, rejected_logratios.view(-1, k)], dim=1)
+    return -torch.log_softmax(logits, dim=1)[:, 0].mean()
+
+
+#: DPOConfig values the InfoNCE trainer needs on top of `dpo_config_kwargs`: evaluation reports the loss only (its loss
+#: builds no logits for `compute_metrics`).
+INFONCE_CONFIG: dict[str, Any] = {"prediction_loss_only": True}
+#: DPOConfig options of TRL's DPO loss, which InfoNCE replaces: as its trainer arguments they would be silently ignored
+#: (or, for the reference, not read from the pairs), so they are refused.
+_DPO_LOSS_OPTIONS = ("loss_type", "loss_weights", "ld_alpha", "f_divergence_type", "use_weighting", "label_smoothing",
+                     "precompute_ref_log_probs")
+
+
+def _check_groups(pairs: Sequence[dict[str, Any]], k: int) -> None:
+    """Pairs must come as K consecutive pairs per prompt (one prompt and one positive each, `pairs.build_pairs`'
+    order), and every prompt must have exactly K: a softmax over part of a prompt's negatives, or over two prompts'
+    negatives, is not the objective."""
+    counts = Counter(p["example_id"] for p in pairs)
+    if any(n != k for n in counts.values()):
+        raise MipoError(f"InfoNCE with K={k} needs {k} pairs per prompt, got {sorted(set(counts.values()))}; build the "
+                        f"pairs with k_negatives={k}")
+    for start in range(0, len(pairs), k):
+        group = pairs[start : start + k]
+        if len({(p["example_id"], json.dumps(p["prompt"]), p["chosen"]) for p in group}) != 1:
+            raise MipoError(f"pairs {start}-{start + k - 1} are not the {k} pairs of one prompt; keep each prompt's pairs "
+                            "together, in pairs.build_pairs' order")
+
+
+def check_batch_groups(chosen_ids: torch.Tensor, k: int) -> None:
+    """Refuse a batch whose rows are not whole groups of a prompt's K pairs: its chosen rows (prompt + positive token
+    ids) must come in runs of K identical rows. Checked on every batch, so a sampler or batch size that splits a
+    prompt's negatives fails instead of training another objective."""
+    rows = chosen_ids.shape[0]
+    if rows % k:
+        raise MipoError(f"a batch of {rows} pairs splits a prompt's K={k} negatives; use a batch_size that is a multiple of {k}")
+    grouped = chosen_ids.view(rows // k, k, -1)
+    if not torch.equal(grouped, grouped[:, :1].expand_as(grouped)):
+        raise MipoError(f"a batch mixes the pairs of different prompts within a group of K={k}; batches must hold whole "
+                        "prompts (InfoNCE's GroupSampler)")
+
+
+class GroupSampler(torch.utils.data.Sampler[int]):
+    """Row indices in whole groups of `k` consecutive rows (a prompt's K pairs), the groups in a random order drawn
+    afresh each epoch, each group's rows together and in order. With a batch size that is a multiple of K every batch
+    then holds whole prompts.
+
+    The order is drawn like transformers' default `RandomSampler` (a seed from torch's global generator, which the
+    trainer seeds and restores when it resumes), so at K = 1 it is the very order DPO trains in."""
+
+    def __init__(self, n_rows: int, k: int) -> None:
+        if n_rows % k:
+            raise MipoError(f"{n_rows} pairs are not whole groups of K={k}; build the pairs with k_negatives={k}")
+        self.n_rows, self.k = n_rows, k
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def __iter__(self) -> Iterator[int]:
+        seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        order = torch.randperm(self.n_rows // self.k, generator=torch.Generator().manual_seed(seed))
+        for group in order.tolist():
+            yield from range(group * self.k, (group + 1) * self.k)
+
+
+def _policy_logps(model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of the batch's chosen and rejected replies under `model`, as TRL's DPO loss computes them: its
+    collator's [chosen; rejected] rows, labels on the completion only, TRL's fused LM head."""
+    model_kwargs = {k: v for k, v in inputs.items() if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
+    completion_mask = inputs["completion_mask"]
+    labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+    outputs = model(**model_kwargs, use_cache=False, labels=labels, fused_lm_head=True)
+    logps = outputs.log_probs[:, -(completion_mask.size(1) - 1) :].sum(dim=1)
+    chosen, rejected = logps.chunk(2, dim=0)
+    return chosen, rejected
+
+
+def _infonce_trainer_class(k: int) -> type:
+    """TRL's DPO trainer (`PairsDPOTrainer`: reference log-probs from the pairs, CPU prompt sharing) with the InfoNCE
+    loss over groups of `k` pairs and a sampler that keeps each prompt's pairs together."""
+    _, PairsDPOTrainer, _, _ = _trainer_classes()
+
+    class InfoNCETrainer(PairsDPOTrainer):  # type: ignore[misc, valid-type]
+        negatives = k
+
+        def _get_train_sampler(self, train_dataset: Any = None) -> GroupSampler:
+            return GroupSampler(len(train_dataset if train_dataset is not None else self.train_dataset), self.negatives)
+
+        def _pairs_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> torch.Tensor:
+            if return_outputs:
+                raise MipoError("the InfoNCE loss builds no logits; evaluate it with prediction_loss_only (INFONCE_CONFIG)")
+            chosen_ids, _ = inputs["input_ids"].chunk(2, dim=0)
+            check_batch_groups(chosen_ids, self.negatives)
+            chosen_logps, rejected_logps = _policy_logps(model, inputs)
+            chosen = chosen_logps - inputs["ref_chosen_logps"]
+            rejected = rejected_logps - inputs["ref_rejected_logps"]
+            self._log_rewards(chosen.detach(), rejected.detach(), chosen_logps.detach(), rejected_logps.detach())
+            return infonce_loss(chosen, rejected, self.beta, self.negatives)
+
+        def _log_rewards(self, chosen: torch.Tensor, rejected: torch.Tensor, chosen_logps: torch.Tensor,
+                         rejected_logps: torch.Tensor) -> None:
+            """The per-pair metrics TRL's DPO logs, under its names (reward = beta x log-ratio), so training logs,
+            `reward_accuracy` and the sanity check read InfoNCE runs as they read DPO ones."""
+            mode = "train" if self.model.training else "eval"
+            chosen_rewards, rejected_rewards = self.beta * chosen, self.beta * rejected
+            for name, value in (("rewards/chosen", chosen_rewards), ("rewards/rejected", rejected_rewards),
+                                ("rewards/accuracies", (chosen_rewards > rejected_rewards).float()),
+                                ("rewards/margins", chosen_rewards - rejected_rewards),
+                                ("logps/chosen", chosen_logps), ("logps/rejected", rejected_logps)):
+                self._metrics[mode][name].append(self.accelerator.gather(value).mean().item())
+
+    return InfoNCETrainer
+
+
+def train_infonce(
+    model: Any,
+    tokenizer: Any,
+    pairs: Sequence[dict[str, Any]],
+    preset: Preset,
+    seed: int,
+    adapter_dir: Path,
+    *,
+    trainer_args: Mapping[str, Any] | None = None,
+    key: cache.Key | None = None,
+    redo: bool = False,
+    progress: bool = True,
+    snapshot_epochs: Sequence[int] = (),
+) -> TrainResult:
+    """The multi-negative objective (`infonce_loss`) on the pairs, K = `preset.k_negatives` per prompt, with DPO's
+    settings (beta, epochs, learning rate, LoRA, schedule, reference log-probs from the pairs). Every batch holds whole
+    prompts: `preset.batch_size` must be a multiple of K, and `GroupSampler` shuffles prompts, not pairs. Cached,
+    resumed and snapshotted like `train_dpo`; the sanity check before training is log(K + 1) and margin 0."""
+    training, k = Training.of("infonce", trainer_args), preset.k_negatives
+    if clash := sorted(set(training.arguments) & set(_DPO_LOSS_OPTIONS)):
+        raise MipoError(f"InfoNCE has its own loss and reads the reference log-probs from the pairs; drop {clash} from "
+                        "its trainer_args")
+    _check_groups(pairs, k)
+    if preset.batch_size % k:
+        raise MipoError(f"InfoNCE contrasts a prompt's K={k} negatives in one batch: batch_size {preset.batch_size} is not "
+                        f"a multiple of k_negatives; set batch_size={k * max(1, preset.batch_size // k)}")
+    adapter_dir, key = Path(adapter_dir), key or adapter_key(training, preset, seed, pairs)
+    if not redo and (done := finished_run(adapter_dir, key)):
+        return done
+    _claim(adapter_dir, key, redo)
+    DPOConfig, _, _, _ = _trainer_classes()
+    _reset_peak_memory()
+    config = dpo_config_kwargs(preset, seed, adapter_dir, model, True, progress, n_rows=len(pairs), trainer_args=training.arguments)
+    trainer = _infonce_trainer_class(k)(
+        model=model,
+        args=DPOConfig(**{**config, **INFONCE_CONFIG, "per_device_eval_batch_size": preset.batch_size}),
+        train_dataset=dpo_dataset(pairs),
+        processing_class=tokenizer,
+        peft_config=lora_config(preset),
+    )
+    _prepare(trainer, progress)
+    check_reference_tokens(trainer, pairs, preset.max_length)
+    return _run(trainer, adapter_dir, sanity=initial_sanity(trainer, pairs, True, group=k), snapshot_epochs=snapshot_epochs)
+
+
+def trainer_of(kind: str) -> Callable[..., TrainResult]:
+    """The function that trains a training kind (looked up when called, so a test may wrap `train_dpo` and the like)."""
+    return {"dpo": train_dpo, "sft": train_sft, "infonce": train_infonce}[kind]
+
+
+def train(
+    training: Training, model: Any, tokenizer: Any, pairs: Sequence[dict[str, Any]], preset: Preset, seed: int,
+    adapter_dir: Path, **kwargs: Any,
+) -> TrainResult:
+    """Train a method's adapter: its training kind's trainer (`trainer_of`) with its trainer arguments. `kwargs` go to
+    that trainer (`key`, `redo`, `progress`, `snapshot_epochs`)."""
+    return trainer_of(training.kind)(model, tokenizer, pairs, preset, seed, adapter_dir, trainer_args=training.arguments, **kwargs)
 
 
 def load_adapted(model: Any, adapter_dir: Path, merge: bool = True, trainable: bool = False) -> Any:

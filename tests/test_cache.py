@@ -16,11 +16,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mipo_lib import cache, dpo, files, pairs
+from mipo_lib import cache, dpo, files, methods, pairs
 from mipo_lib.experiments import pipeline
 from mipo_lib.config import Preset, get_preset
 
 F = cache.STAGE_FIELDS
+MIPO_TRAINING = methods.get_method("MIPO").trainer
 ALL_FIELDS = tuple(f.name for f in dataclasses.fields(Preset))
 SPECIAL_VALUES = {
     "name": "smoke_other", "description": "another description", "model_id": "bundled:SmolLM2-135M-Instruct",
@@ -63,7 +64,7 @@ STAGES: list[tuple[str, Callable[[Preset], cache.Key], tuple[str, ...], Callable
      lambda p: pipeline.adapter_dir(p, "MIPO", 0)),
     ("SFT adapter", lambda p: pipeline.training_key(p, "SFT", 0), F["generation"] + F["pairs"] + F["sft"],
      lambda p: pipeline.adapter_dir(p, "SFT", 0)),
-    ("adapter trained directly", lambda p: dpo.run_key("dpo", p, 0, [{"chosen": "a"}]),
+    ("adapter trained directly", lambda p: dpo.adapter_key(MIPO_TRAINING, p, 0, [{"chosen": "a"}]),
      F["generation"] + F["pairs"] + F["dpo"], None),
     ("prompting evaluation", lambda p: pipeline.evaluation_key(p, "prompting", 0), F["evaluation"],
      lambda p: pipeline._eval_path(p, "prompting", 0)),
@@ -110,7 +111,7 @@ def test_keys_of_seeds_methods_and_responses_differ(preset):
     assert pipeline.evaluation_key(preset, "prompting", 0) != pipeline.evaluation_key(preset, "base (no context)", 0)
     other = _responses().assign(response=["one", "two"])
     assert pipeline.pmi_key(preset, other, "PMI") != pipeline.pmi_key(preset, _responses(), "PMI")
-    direct = [dpo.run_key("dpo", preset, 0, [{"chosen": c}]) for c in ("a", "b")]
+    direct = [dpo.adapter_key(MIPO_TRAINING, preset, 0, [{"chosen": c}]) for c in ("a", "b")]
     assert direct[0] != direct[1]  # a run trained directly is keyed by its pairs' content too
 
 
@@ -211,7 +212,7 @@ def test_changed_lora_r_retrains_and_says_why_then_everything_is_reused(preset, 
     text = caplog.text
     assert not second.reused and second.adapter_dir != first.adapter_dir
     assert "reusing pairs (seed 0)" in text and "reusing prompting evaluation" in text
-    assert "computing MIPO adapter (seed 0): the nearest stored one" in text and "lora_r 8 -> 4" in text
+    assert "computing DPO adapter (seed 0): the nearest stored one" in text and "lora_r 8 -> 4" in text
     assert "computing MIPO evaluation (seed 0)" in text
     assert json.loads((second.adapter_dir / "adapter_config.json").read_text())["r"] == 4
     assert (first.adapter_dir / dpo.DONE_MARKER).exists()  # the lora_r=8 run stays, for a switch back
@@ -228,11 +229,11 @@ def test_changed_lora_r_retrains_and_says_why_then_everything_is_reused(preset, 
     pd.testing.assert_frame_equal(again.reset_index(drop=True), records.reset_index(drop=True), check_dtype=False)
     reused = [m.split(" from ")[0] for m in caplog.messages]
     assert reused == [
-        "reusing pairs (seed 0)", "reusing MIPO adapter (seed 0)", "reusing prompting evaluation",
+        "reusing pairs (seed 0)", "reusing DPO adapter (seed 0)", "reusing prompting evaluation",
         "reusing MIPO evaluation (seed 0)", "reusing PMI of the prompting responses",
         "reusing PMI of the MIPO responses (seed 0)",
     ]
-    assert "cache: reusing MIPO adapter (seed 0) from <runs>/smoke/" in capsys.readouterr().out  # a notebook shows it
+    assert "cache: reusing DPO adapter (seed 0) from <runs>/smoke/" in capsys.readouterr().out  # a notebook shows it
 
 
 def test_the_dtype_auto_resolves_to_is_part_of_the_key(monkeypatch):

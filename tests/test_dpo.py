@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from mipo_lib import dpo, models
+from mipo_lib import dpo, methods, models
 from mipo_lib.config import get_preset
 from mipo_lib.errors import MipoError
 from mipo_lib.generate import generate_batches
@@ -190,6 +190,28 @@ def test_gradient_checkpointing_follows_the_preset(preset, workdir, flag):
     sargs = SFTConfig(**dpo.sft_config_kwargs(p, 0, workdir / "gc", model, progress=False))
     assert bool(dargs.gradient_checkpointing) is flag
     assert bool(sargs.gradient_checkpointing) is flag
+
+
+def test_a_methods_trainer_arguments_reach_the_trainer_config(preset, workdir):
+    """A method's trainer_args go over the kind's own config (MIPO has none: TRL's sigmoid DPO loss)."""
+    DPOConfig, _, SFTConfig, _ = dpo._trainer_classes()
+    model, _ = load_for_preset(preset)
+    mipo = methods.get_method("MIPO").trainer
+    assert mipo.arguments == {} and DPOConfig(**dpo.dpo_config_kwargs(
+        preset, 0, workdir / "args", model, progress=False, trainer_args=mipo.arguments)).loss_type == ["sigmoid"]
+    hinge = dpo.dpo_config_kwargs(preset, 0, workdir / "args", model, progress=False, trainer_args={"loss_type": "hinge"})
+    assert DPOConfig(**hinge).loss_type == ["hinge"]
+    sft = dpo.sft_config_kwargs(preset, 0, workdir / "args", model, progress=False, trainer_args={"learning_rate": 1e-3})
+    assert SFTConfig(**sft).learning_rate == 1e-3
+
+
+@pytest.mark.parametrize("kind", methods.TRAININGS)
+def test_train_runs_the_kinds_trainer_with_its_arguments(kind, monkeypatch):
+    called = []
+    name = {"dpo": "train_dpo", "sft": "train_sft", "infonce": "train_infonce"}[kind]
+    monkeypatch.setattr(dpo, name, lambda *args, **kwargs: called.append((args, kwargs)))
+    dpo.train(methods.Training.of(kind, {"learning_rate": 1e-3}), "model", "tok", [], "preset", 0, "dir", progress=False)
+    assert called == [(("model", "tok", [], "preset", 0, "dir"), {"trainer_args": {"learning_rate": 1e-3}, "progress": False})]
 
 
 def test_qlora_dpo_step_on_cpu(preset, pairs, workdir, bnb_avx512bf16):

@@ -80,6 +80,8 @@ def test_register_and_unregister(dummy):
     ({"decoding": "beam"}, "decoding 'beam' is unknown"),
     ({"decoding": "cad", "with_context": False}, "with_context=True"),
     ({"colour": "red"}, "#rrggbb"),
+    ({"trainer_args": {"loss_type": "ipo"}}, "has trainer_args but no training"),
+    ({"training": "dpo", "trainer_args": {"loss_type": ["ipo"]}}, "must be a string, number, bool or tuple"),
 ])
 def test_register_rejects_with_a_fix(kwargs, message):
     args = {"name": "new", "slug": "new", "colour": "#000000", **kwargs}
@@ -131,6 +133,51 @@ def test_dummy_method_in_figures_with_its_colour(dummy):
     assert labels == ["prompting", "MIPO", DUMMY]
     without = plots.plot_method_rates(_records(("prompting", "MIPO")), meta, n_boot=200)
     assert DUMMY_COLOUR not in _colours_of(without)  # the check above can fail
+
+
+# ------------------------------------------------------------------------------------ an adapter is what trained it
+@pytest.fixture
+def mipo_cad():
+    method = methods.register_method("MIPO+CAD", slug="mipo_cad", training="dpo", decoding="cad", colour="#c44e52")
+    yield method
+    methods.unregister_method("MIPO+CAD")
+
+
+def test_a_method_trained_like_mipo_shares_its_adapter(mipo_cad):
+    """MIPO+CAD trains exactly as MIPO does and only decodes differently: one adapter (key and folder) serves both."""
+    preset = get_preset("smoke")
+    for seed in (0, 1):
+        assert pipeline.training_key(preset, "MIPO+CAD", seed).values == pipeline.training_key(preset, "MIPO", seed).values
+        assert pipeline.adapter_dir(preset, "MIPO+CAD", seed) == pipeline.adapter_dir(preset, "MIPO", seed)
+    assert pipeline.adapter_dir(preset, "MIPO", 0) != pipeline.adapter_dir(preset, "MIPO", 1)
+    assert pipeline.evaluation_key(preset, "MIPO+CAD", 0) != pipeline.evaluation_key(preset, "MIPO", 0)  # decodes apart
+
+
+def test_trainer_arguments_are_part_of_the_adapter_key():
+    methods.register_method("MIPO-IPO", slug="mipo_ipo", training="dpo", trainer_args={"loss_type": "ipo"},
+                            colour="#123456")
+    try:
+        preset = get_preset("smoke")
+        ipo, mipo = (pipeline.training_key(preset, m, 0) for m in ("MIPO-IPO", "MIPO"))
+        assert ipo.values["trainer_args"] == {"loss_type": "ipo"} and mipo.values["trainer_args"] == {}
+        assert ipo.digest != mipo.digest and "loss_type=ipo" in ipo.label
+        assert pipeline.adapter_dir(preset, "MIPO-IPO", 0) != pipeline.adapter_dir(preset, "MIPO", 0)
+        assert methods.get_method("MIPO-IPO").trainer.arguments == {"loss_type": "ipo"}
+    finally:
+        methods.unregister_method("MIPO-IPO")
+
+
+def test_the_key_never_names_the_method():
+    key = pipeline.training_key(get_preset("smoke"), "MIPO", 0)
+    assert "MIPO" not in key.label and "MIPO" not in str(key.values.values())
+    assert key.values["training"] == "dpo"
+
+
+def test_opt_in_methods_are_registered_but_not_in_the_default_lists():
+    assert methods.get_method("MIPO-InfoNCE").training == "infonce"
+    assert methods.names() == BUILT_IN and "MIPO-InfoNCE" not in [m.name for m in methods.all_methods()]
+    assert methods.names(opt_in=True) == (*BUILT_IN, "MIPO-InfoNCE")
+    assert [m.name for m in methods.trained(opt_in=True)] == ["SFT", "MIPO", "MIPO-InfoNCE"]
 
 
 # ----------------------------------------------------------------------------------------------- pipeline reads it

@@ -375,8 +375,19 @@ def test_seed_difference_is_over_seeds():
 
 
 @pytest.mark.parametrize("df, quantile", [(1, 12.706), (2, 4.303), (4, 2.776), (10, 2.228), (30, 2.042)])
-def test_t_quantiles_match_the_tables(df, quantile):
-    assert stats._t_quantile(0.975, df) == pytest.approx(quantile, abs=1e-3)
+def test_seed_interval_half_width_is_the_tabled_t_quantile(df, quantile):
+    """The 95% CI of df + 1 seeds is the mean +- t(0.975, df) standard errors, t as printed in statistics tables."""
+    x = np.random.default_rng(df).normal(0.3, 0.1, size=df + 1)
+    mean, lo, hi, _ = stats.seed_interval(x)
+    se = x.std(ddof=1) / np.sqrt(x.size)
+    assert mean - lo == pytest.approx(hi - mean) and (hi - mean) / se == pytest.approx(quantile, abs=1e-3)
+
+
+def test_seed_interval_p_value_is_the_two_sided_t_test():
+    """x = (1, 2, 3): t = 2 / (1 / sqrt 3) = 2 sqrt 3 with 2 degrees of freedom, whose two-sided p-value has the
+    closed form 1 - t / sqrt(t^2 + 2) = 1 - sqrt(12 / 14) (Student-t with 2 df)."""
+    _, _, _, p = stats.seed_interval([1.0, 2.0, 3.0])
+    assert p == pytest.approx(1 - np.sqrt(12 / 14), abs=1e-12)
 
 
 def test_seed_interval_covers_with_three_seeds_where_the_bootstrap_does_not():

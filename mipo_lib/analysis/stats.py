@@ -27,12 +27,12 @@ Conventions used throughout:
   it is compared with a trained method, its single row of scores is paired with every seed of the other method.
 - Everything takes a `seed` and uses `numpy.random.default_rng(seed)`: same inputs, same numbers.
 
-Only numpy and pandas are imported, so the notebooks' results cells and CI stay light.
+Only numpy, pandas and scipy (Student-t intervals and tests) are imported, so the notebooks' results cells and CI
+stay light.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from collections import Counter
@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.stats
 
 from mipo_lib import methods as registry
 from mipo_lib.config import repo_root
@@ -493,25 +494,6 @@ def per_group_rates(records: pd.DataFrame, n_boot: int = 2_000, seed: int = 0, c
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _t_tail_mass(t: float, df: int) -> float:
-    """P(0 < T < |t|) for Student's t with `df` degrees of freedom (no scipy in the stack): with t = sqrt(df) tan(theta)
-    the density becomes c cos(theta)^(df - 1) on [0, pi/2), a bounded integral that the trapezoid rule gets to ~1e-9."""
-    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(math.pi)
-    theta = np.linspace(0.0, math.atan(abs(t) / math.sqrt(df)) if math.isfinite(t) else math.pi / 2, 20_001)
-    y = np.cos(theta) ** (df - 1)
-    return float(c * (theta[1] - theta[0]) * (y.sum() - (y[0] + y[-1]) / 2))  # trapezoid rule (numpy 1.26 too)
-
-
-@functools.lru_cache(maxsize=64)
-def _t_quantile(q: float, df: int) -> float:
-    """The `q` quantile (q > 0.5) of Student's t, by bisection on `_t_tail_mass`."""
-    lo, hi = 0.0, 1e4
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _t_tail_mass(mid, df) < q - 0.5 else (lo, mid)
-    return (lo + hi) / 2
-
-
 def seed_interval(values: Sequence[float] | np.ndarray, ci: float = 0.95) -> tuple[float, float, float, float]:
     """Mean of per-seed values with a Student-t CI over seeds and the two-sided t-test p-value of a zero mean.
 
@@ -525,10 +507,9 @@ def seed_interval(values: Sequence[float] | np.ndarray, ci: float = 0.95) -> tup
         return mean, mean, mean, float("nan")
     if np.ptp(x) == 0:  # every seed the same value (deterministic methods): no spread, a zero-width interval
         return mean, mean, mean, (1.0 if mean == 0 else 0.0)
-    se = float(x.std(ddof=1)) / math.sqrt(x.size)
-    half = _t_quantile(0.5 + ci / 2, x.size - 1) * se
-    p = 1.0 - 2.0 * _t_tail_mass(mean / se, x.size - 1)
-    return mean, mean - half, mean + half, float(min(1.0, max(0.0, p)))
+    test = scipy.stats.ttest_1samp(x, 0.0)
+    lo, hi = test.confidence_interval(confidence_level=ci)
+    return mean, float(lo), float(hi), float(test.pvalue)
 
 
 def seed_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:

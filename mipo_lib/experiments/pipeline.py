@@ -29,15 +29,16 @@ def variant_dir(preset: Preset, *parts: str | int) -> Path:
 
 
 def training_key(preset: Preset, method: str, seed: int) -> cache.Key:
-    """What a trained method's adapter depends on: its training stage's fields and the seed's pairs key."""
-    m = _trained(method)
-    return cache.stage_key(m.training, preset, f"{method} adapter (seed {seed})", upstream=pairs_key(preset, seed), method=method,
-                           **dpo.training_extras(m.training, preset))
+    """What a trained method's adapter depends on: `dpo.adapter_key` of the method's training (kind and trainer
+    arguments, not its name: MIPO+CAD's adapter is MIPO's) for the seed's pairs."""
+    return dpo.adapter_key(_trained(method).trainer, preset, seed)
 
 
 def adapter_dir(preset: Preset, method: str, seed: int) -> Path:
-    """Where a trained adapter lives: `<variant>/seed<k>/<slug>-<digest of its key>` (not created here)."""
-    return variant_dir(preset, f"seed{seed}") / f"{registry.get_method(method).slug}-{training_key(preset, method, seed).digest}"
+    """Where a trained adapter lives: `<variant>/seed<k>/<training kind>-<digest of its key>` (`dpo.adapter_name`;
+    shared by the methods trained alike; not created here)."""
+    training = _trained(method).trainer
+    return variant_dir(preset, f"seed{seed}") / dpo.adapter_name(training, dpo.adapter_key(training, preset, seed))
 
 
 def evaluation_key(preset: Preset, method: str, seed: int) -> cache.Key:
@@ -63,9 +64,10 @@ def _eval_path(preset: Preset, method: str, seed: int) -> Path:
 
 
 def _trained(method: str) -> registry.Method:
+    """The registered method `method`, which must have a training stage (opt-in methods included)."""
     m = registry.get_method(method)
-    if m.training is None:
-        raise MipoError(f"method {method!r} has no training stage; train one of {[t.name for t in registry.trained()]}")
+    if m.trainer is None:
+        raise MipoError(f"method {method!r} has no training stage; train one of {[t.name for t in registry.trained(opt_in=True)]}")
     return m
 
 
@@ -78,14 +80,14 @@ def pairs_for_seed(preset: Preset, seed: int, redo: bool = False, progress: bool
 
 
 def train_for_seed(preset: Preset, method: str, seed: int, redo: bool = False, progress: bool = True) -> dpo.TrainResult:
-    """Stage 2: train a method with a training stage (MIPO: DPO, the SFT baseline: SFT) on the seed's pairs."""
+    """Stage 2: train a method with a training stage (MIPO: DPO, the SFT baseline: SFT, any registered one by name) on
+    the seed's pairs, with what its registry entry says trains it (`dpo.train`)."""
     m, key, folder = _trained(method), training_key(preset, method, seed), adapter_dir(preset, method, seed)
     if not redo and (finished := dpo.finished_run(folder, key)) is not None:
         return finished
     pairs = pairs_for_seed(preset, seed, progress=progress)
     model, tokenizer = load_for_preset(preset)
-    train = {"dpo": dpo.train_dpo, "sft": dpo.train_sft}[m.training]
-    return train(model, tokenizer, pairs, preset, seed, folder, key=key, redo=redo, progress=progress)
+    return dpo.train(m.trainer, model, tokenizer, pairs, preset, seed, folder, key=key, redo=redo, progress=progress)
 
 
 def evaluate_method(preset: Preset, method: str, seed: int, redo: bool = False, progress: bool = True) -> pd.DataFrame:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.stats
 
 from mipo_lib import cache
 from mipo_lib.analysis import plots, stats
@@ -278,8 +279,7 @@ def auc(scores: Sequence[float] | np.ndarray, labels: Sequence[float] | np.ndarr
     n1, n0 = int(y.sum()), int((~y).sum())
     if n1 == 0 or n0 == 0:
         return float("nan")
-    ranks = pd.Series(s).rank(method="average").to_numpy()
-    return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+    return float(scipy.stats.mannwhitneyu(s[y], s[~y], method="asymptotic").statistic / (n1 * n0))
 
 
 def pmi_ranking(

@@ -99,7 +99,7 @@ def sweep_epochs(preset: Preset, method: str, seed: int, grid: Sequence[int] = E
     """Validation records of a trained method after each number of epochs in `grid`, from one run of max(grid) at
     `learning_rate` (default: the preset's rate for that method); the rate used is the `learning_rate` column."""
     m = registry.get_method(method)
-    if m.training is None:
+    if m.trainer is None:
         raise MipoError(f"{method!r} is not trained; epochs are tuned for {[t.name for t in registry.trained()]}")
     field, lr_field = TUNED_FIELDS[method], LR_FIELDS[method]
     if learning_rate is not None:
@@ -108,12 +108,11 @@ def sweep_epochs(preset: Preset, method: str, seed: int, grid: Sequence[int] = E
     base_key = pipeline.training_key(longest, method, seed)
     key = cache.Key(base_key.stage, base_key.label + " with epoch snapshots",
                     {**base_key.values, "snapshot_epochs": sorted(grid)})
-    folder = pipeline.variant_dir(preset, "tune", f"seed{seed}") / f"{m.slug}-{key.digest}"
+    folder = pipeline.variant_dir(preset, "tune", f"seed{seed}") / dpo.adapter_name(m.trainer, key)
     pairs = pipeline.pairs_for_seed(preset, seed, progress=progress)
     if dpo.finished_run(folder, key) is None:
         model, tokenizer = load_for_preset(preset)
-        train = {"dpo": dpo.train_dpo, "sft": dpo.train_sft}[m.training]
-        train(model, tokenizer, pairs, longest, seed, folder, key=key, progress=progress, snapshot_epochs=grid)
+        dpo.train(m.trainer, model, tokenizer, pairs, longest, seed, folder, key=key, progress=progress, snapshot_epochs=grid)
     frames = []
     for epochs in sorted(grid):
         setting = preset.with_overrides(**{field: epochs})
