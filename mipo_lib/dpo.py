@@ -237,7 +237,21 @@ def _trainer_classes() -> tuple[type, type, type, type]:
 
     compact_lm_head_on_cpu()
 
-    class PairsDPOTrainer(DPOTrainer):
+    class FiniteLoss:
+        """Stops the run at the first non-finite loss, before its backward pass: nothing of that step reaches the
+        optimizer or a checkpoint (`check_finite_loss`). Training on NaN would look like a run and save a broken
+        adapter; fp16 (a T4) is where it happens, Qwen2-family models being known to overflow there."""
+
+        def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,  # type: ignore[misc]
+                                       num_items_in_batch=num_items_in_batch)
+            check_finite_loss(out[0] if return_outputs else out, self.state.global_step + 1, self.model)  # type: ignore[attr-defined]
+            return out
+
+    class FiniteSFTTrainer(FiniteLoss, SFTTrainer):  # type: ignore[misc]
+        """TRL's SFTTrainer that stops at a non-finite loss."""
+
+    class PairsDPOTrainer(FiniteLoss, DPOTrainer):  # type: ignore[misc]
         """DPOTrainer that takes reference log-probs already present in the dataset instead of recomputing them, and
         runs each pair's prompt once (`shared_prompt`) where the batch allows it."""
 
@@ -259,7 +273,20 @@ def _trainer_classes() -> tuple[type, type, type, type]:
             """The loss of a batch of pairs: TRL's (the InfoNCE trainer puts its own here)."""
             return super()._compute_loss(model, inputs, return_outputs)
 
-    return DPOConfig, PairsDPOTrainer, SFTConfig, SFTTrainer
+    return DPOConfig, PairsDPOTrainer, SFTConfig, FiniteSFTTrainer
+
+
+def check_finite_loss(loss: torch.Tensor, step: int, model: Any) -> None:
+    """Raise, in one line that names the fix, when a training step's loss is NaN or infinite (non-finite logits make
+    it so too)."""
+    if torch.isfinite(loss.detach()).all():
+        return
+    dtype = _compute_dtype(model)
+    name = str(dtype).replace("torch.", "")
+    fix = ("fp16 overflows easily (Qwen2-family models are known to): set dtype=float32, or bfloat16 on a GPU with "
+           "native bf16" if dtype == torch.float16 else "lower learning_rate or check the pairs for empty replies")
+    raise MipoError(f"step {step}: the training loss is {float(loss.detach().float().mean())} in {name}; the run stopped "
+                    f"before this step's update (nothing of it was applied or saved): {fix}")
 
 
 def shares_prompt(checkpointing: bool, device: torch.device) -> bool:

@@ -138,6 +138,45 @@ def test_a_resumed_training_reports_the_time_of_every_segment(preset, pairs, wor
     assert json.loads((folder / dpo.DONE_MARKER).read_text())["seconds"] == pytest.approx(resumed.seconds, abs=0.01)
 
 
+def test_a_non_finite_loss_stops_the_run_before_its_update_and_any_checkpoint(preset, pairs, workdir, monkeypatch):
+    """The loss turns NaN at step 3 (as an fp16 overflow would): the run stops with one line naming the fix, the LoRA
+    weights are those after step 2 (step 3's update never happened), and nothing was saved (the first checkpoint
+    would come after step 4, the end of epoch 1)."""
+    folder, k, seen = workdir / "nan", 3, {}
+    make_classes = dpo._trainer_classes
+
+    def poisoned_classes():
+        DPOConfig, PairsDPOTrainer, SFTConfig, SFTTrainer = make_classes()
+
+        class Poisoned(PairsDPOTrainer):
+            def _pairs_loss(self, model, inputs, return_outputs):
+                out = super()._pairs_loss(model, inputs, return_outputs)
+                if self.model.training and self.state.global_step == k - 1:
+                    seen["before"] = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+                    return out * float("nan")
+                return out
+
+        return DPOConfig, Poisoned, SFTConfig, SFTTrainer
+
+    monkeypatch.setattr(dpo, "_trainer_classes", poisoned_classes)
+    model, tok = load_for_preset(preset)
+    with pytest.raises(MipoError, match=f"step {k}: the training loss is nan") as err:
+        dpo.train_dpo(model, tok, pairs, preset, 0, folder, progress=False)
+    assert "\n" not in str(err.value) and "nothing of it was applied or saved" in str(err.value)
+    after = [p for n, p in model.named_parameters() if "lora_" in n]  # the same modules, in the same order
+    assert len(seen["before"]) == len(after) == N_LORA_TENSORS
+    assert all(torch.equal(before, now) for before, now in zip(seen["before"].values(), after))
+    assert not list(folder.glob("checkpoint-*")) and not (folder / dpo.DONE_MARKER).exists()
+
+
+def test_the_fix_named_for_a_non_finite_loss_depends_on_the_precision():
+    model = torch.nn.Linear(2, 2).half()
+    model.config = type("Config", (), {})()
+    with pytest.raises(MipoError, match="dtype=float32"):
+        dpo.check_finite_loss(torch.tensor(float("inf")), 5, model)
+    dpo.check_finite_loss(torch.tensor(0.69), 5, model)  # finite: nothing happens
+
+
 def test_reference_logps_come_from_the_pairs(preset, pairs, workdir, monkeypatch):
     """Shift the stored ref log-probs of the chosen side by +5: the untrained margin must move by -beta*5, and no
     reference forward pass may run at all (neither at set-up, in the sanity check, nor while training)."""
