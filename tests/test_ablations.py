@@ -13,7 +13,7 @@ import pytest
 
 from mipo_lib.experiments import ablations, pipeline
 from mipo_lib import cache
-from mipo_lib.analysis import stats
+from mipo_lib.analysis import render, stats
 from mipo_lib.config import get_preset
 from mipo_lib.errors import MipoError
 from mipo_lib.pairs import pairs_dir
@@ -137,8 +137,8 @@ def test_run_variants_adds_the_variant_column_and_the_baseline(preset):
     again = ablations.run_variants(variants, [SEED], progress=False)  # read back from the caches
     pd.testing.assert_frame_equal(again[records.columns], records, check_dtype=False)
     table = ablations.compare_variants(records, ["K=1"], reference="K=1", n_boot=200)
-    assert table.loc[0, "gain_text"].startswith("K=1 - prompting: ")
-    assert table.loc[0, "vs_ref_text"] == ""  # the reference is not compared with itself
+    assert render.difference(table.loc[0, "gain_comparison"]).startswith("K=1 - prompting: ")
+    assert table.loc[0, "vs_ref_comparison"] is None  # the reference is not compared with itself
 
 
 def test_generation_cost_times_three_methods_on_the_same_prompts(preset):
@@ -157,18 +157,23 @@ def _synthetic(rate_a: float, rate_b: float, n: int = 200, seeds=(0, 1, 2)) -> p
     rows = []
     for s in seeds:
         a = (rng.random(n) < rate_a).astype(float)
-        rows.append(pd.DataFrame({"task": "t", "method": "MIPO", "variant": "K=2", "seed": s, "example_id": range(n), "score": a}))
+        rows.append(pd.DataFrame({"task": "t", "method": "MIPO", "variant": "K=2", "seed": s, "example_id": range(n),
+                                  "score": a, "n_words": 12}))
         b = (np.arange(n) < int(rate_b * n)).astype(float)
-        rows.append(pd.DataFrame({"task": "t", "method": "prompting", "variant": "prompting", "seed": s, "example_id": range(n), "score": b}))
+        rows.append(pd.DataFrame({"task": "t", "method": "prompting", "variant": "prompting", "seed": s,
+                                  "example_id": range(n), "score": b, "n_words": 20}))
     return pd.concat(rows, ignore_index=True)
 
 
 def test_compare_variants_finds_a_real_gain_and_a_null():
     gain = ablations.compare_variants(_synthetic(0.45, 0.25), ["K=2"], reference=None, n_boot=500)
-    assert gain.loc[0, "gain_lo"] > 0 and "detectable gain" in gain.loc[0, "gain_text"]
+    row = gain.loc[0, "gain_comparison"]
+    assert gain.loc[0, "gain_lo"] > 0 and row["detectable"] and "detectable gain" in render.difference(row)
+    assert (row["a"], row["b"], row["variant_column"]) == ("K=2", "prompting", "vs_prompting")
     assert len(gain.loc[0, "gain_per_seed"]) == 3
     null = ablations.compare_variants(_synthetic(0.25, 0.25), ["K=2"], reference=None, n_boot=500)
-    assert "no detectable effect" in null.loc[0, "gain_text"]
+    assert not null.loc[0, "gain_comparison"]["detectable"]
+    assert "no detectable effect" in render.difference(null.loc[0, "gain_comparison"])
 
 
 def test_compare_variants_holm_adjusts_the_table_as_one_family():
@@ -179,15 +184,19 @@ def test_compare_variants_holm_adjusts_the_table_as_one_family():
     p = [table.loc[0, "gain_p"], table.loc[1, "gain_p"], table.loc[1, "vs_ref_p"]]
     holm = [table.loc[0, "gain_p_holm"], table.loc[1, "gain_p_holm"], table.loc[1, "vs_ref_p_holm"]]
     assert holm == pytest.approx(list(stats.holm(p))) and min(holm) == pytest.approx(3 * min(p))
-    assert 'over the 3 comparisons of "ablation: K"' in table.loc[1, "gain_text"]
-    assert "no detectable effect" in table.loc[1, "vs_ref_text"]  # identical variants: p = 1
+    assert 'over the 3 comparisons of "ablation: K"' in render.difference(table.loc[1, "gain_comparison"])
+    assert not table.loc[1, "vs_ref_comparison"]["detectable"]  # identical variants: p = 1
+    rows = ablations.variant_comparisons({"table": table}, "K negatives")  # vs prompting first, then vs the reference
+    assert [r["comparison"] for r in rows] == ["K=1 - prompting", "K=2 - prompting", "K=2 - K=1"]
+    assert {r["section"] for r in rows} == {"K negatives"} and rows[2]["variant_column"] == "vs_reference"
 
 
 def test_summary_table_carries_every_variant_with_its_cis_and_the_kl():
     gain = ablations.compare_variants(_synthetic(0.45, 0.25), ["K=2"], reference=None, n_boot=300)
     beta = gain.assign(variant="beta=0.3")
     kl = pd.DataFrame({"variant": ["beta=0.3"], "mean": [1.2], "lo": [0.8], "hi": [1.6]})
-    out = ablations.summary_table({"K": {"table": gain}, "beta": {"table": beta}}, kl)
+    counts = pd.DataFrame({"variant": ["K=2", "K=2"], "seed": [0, 1], "pairs": [120, 120], "optimizer_steps": [60, 60]})
+    out = ablations.summary_table({"K": {"table": gain}, "beta": {"table": beta}}, kl, counts, model="M", task="t")
     assert list(out.columns) == list(ablations.SUMMARY_COLUMNS)
     assert out["ablation"].tolist() == ["K", "beta"] and out["variant"].tolist() == ["K=2", "beta=0.3"]
     k, b = out.iloc[0], out.iloc[1]
@@ -195,6 +204,8 @@ def test_summary_table_carries_every_variant_with_its_cis_and_the_kl():
     assert np.isnan(k["vs_reference"]) and np.isnan(k["kl_nats"])  # no reference given; KL only for beta variants
     assert b["kl_nats"] == 1.2 and (b["kl_lo"], b["kl_hi"]) == (0.8, 1.6)
     assert len(k["per_seed_rate"].split()) == 3 and k["n_seeds"] == 3
+    assert (k["mean_words"], k["optimizer_steps"], k["seeds"], k["model"], k["task"]) == (12, 60, "0 1 2", "M", "t")
+    assert np.isnan(b["optimizer_steps"])  # only the K ablation counts its steps
 
 
 def test_k_ablation_has_the_compute_matched_controls_it_asks_for(preset):
@@ -220,7 +231,7 @@ def test_each_variant_reports_its_share_of_replies_cut_at_the_cap():
     rec["truncated"] = (rec["variant"] == "K=2") & (rec["example_id"] < 30)  # 30 of 200 K=2 replies cut, per seed
     table = ablations.compare_variants(rec, ["K=2"], reference=None, n_boot=200)
     assert table.loc[0, "truncated"] == pytest.approx(0.15)
-    assert ablations.summary_table({"K": {"table": table}}).loc[0, "truncated"] == pytest.approx(0.15)
+    assert ablations.summary_table({"K": {"table": table}}, model="M", task="t").loc[0, "truncated"] == pytest.approx(0.15)
     assert ablations.format_table(table).loc["K=2", "cut at the cap %"] == "15"
     older = ablations.compare_variants(_synthetic(0.45, 0.25), ["K=2"], reference=None, n_boot=200)
     assert np.isnan(older.loc[0, "truncated"]) and ablations.format_table(older).loc["K=2", "cut at the cap %"] == ""

@@ -1,15 +1,62 @@
-"""The README's results block is generated from the committed results table: they cannot disagree."""
+"""Every generated text of the workbook is rendered from committed tables: the README's blocks and timing spans, the
+conclusions files of notebooks 06 and 07 and notebook 06's section 8 re-render from `figures/` with an empty diff."""
 
 from __future__ import annotations
+
+import difflib
+import json
 
 import pandas as pd
 import pytest
 
+from mipo_lib.analysis import ablation_findings, reasoning_findings
 from mipo_lib.workbook import readme
 from mipo_lib.analysis import stats
 from mipo_lib.config import repo_root
 from mipo_lib.errors import MipoError
-from test_stats import make_records
+from test_stats import make_records as _make_records
+
+
+def make_records(*args, **kwargs) -> pd.DataFrame:
+    """`test_stats.make_records` with the truncation record every evaluation writes (here: no reply cut)."""
+    return _make_records(*args, **kwargs).assign(truncated=False)
+
+
+def _same(committed: str, rendered: str, what: str) -> None:
+    diff = "".join(difflib.unified_diff(committed.splitlines(True), rendered.splitlines(True), "committed", "rendered"))
+    assert not diff, f"{what} differs from its rendering from the committed tables:\n{diff}"
+
+
+def test_every_generated_text_re_renders_from_the_committed_tables_with_an_empty_diff(tmp_path):
+    """README blocks and timing spans (`update_readme` on a copy changes nothing), both conclusions files, and the
+    section-8 findings notebook 06 shows, each rendered again from `figures/`."""
+    figures = repo_root() / "figures"
+    copy = tmp_path / "README.md"
+    copy.write_text((repo_root() / "README.md").read_text())
+    for preset in readme.REFERENCE_TABLES:
+        readme.update_readme(preset, copy)
+    _same((repo_root() / "README.md").read_text(), copy.read_text(), "README.md")
+    run = ablation_findings.load_run("cpu")
+    _same((figures / "ablations_cpu_conclusions.txt").read_text(), ablation_findings.conclusions_text(run),
+          "figures/ablations_cpu_conclusions.txt")
+    tables = reasoning_findings.load_tables("cpu")
+    _same((figures / "reasoning_cpu_conclusions.md").read_text(),
+          reasoning_findings.conclusions_text(tables["results"], tables["difficulty"], tables["findings"]),
+          "figures/reasoning_cpu_conclusions.md")
+    cells = json.loads((repo_root() / "notebooks" / "06_ablations.ipynb").read_text())["cells"]
+    shown = next(c for c in cells if "committed_findings" in "".join(c["source"]))["outputs"][0]["data"]["text/markdown"]
+    _same("".join(shown), "\n".join(f"- {b}" for b in ablation_findings.findings(run)), "notebook 06 section 8")
+
+
+def test_the_whole_check_fails_on_a_changed_table(tmp_path, monkeypatch):
+    """A committed table that disagrees with the committed text is caught (here: one verdict cell flipped)."""
+    path = _committed_tables_in(tmp_path, monkeypatch)["comparisons"]
+    table = pd.read_csv(path)
+    table.loc[table["comparison"] == "K=2 - K=1, 2x epochs", "detectable"] = True
+    table.to_csv(path, index=False)
+    text = (repo_root() / "figures" / "ablations_cpu_conclusions.txt").read_text()
+    with pytest.raises(AssertionError, match="differs"):
+        _same(text, ablation_findings.conclusions_text(ablation_findings.load_run("cpu")), "conclusions")
 
 
 @pytest.mark.parametrize("preset", sorted(readme.REFERENCE_TABLES))
@@ -31,18 +78,16 @@ def test_block_states_rates_differences_and_verdicts_from_the_table():
     assert block.startswith(readme._begin("smoke")) and block.endswith(readme.END.format(preset="smoke"))
 
 
-def test_block_quotes_the_notebooks_conclusions_when_written(tmp_path, monkeypatch):
-    """Notebook 07 writes its summary sentences next to its results table; the block quotes them verbatim, and
-    without the file it has none (an older run)."""
-    rec = make_records({"prompting": 0.25, "MIPO": 0.45}, n_examples=40, deterministic=("prompting",))
-    table = stats.results_table(rec, n_boot=200)
-    path = tmp_path / "reasoning_smoke_conclusions.md"
-    monkeypatch.setattr(readme, "conclusions_path", lambda preset: path)
+def test_block_renders_the_notebooks_summary_from_its_tables(monkeypatch):
+    """Notebook 07's summary follows its results in the block, rendered from its tables (not read from its .md)."""
+    table = pd.read_csv(readme.results_path("cpu-reasoning"))
     assert "What the same run shows" not in readme.results_block(table, "smoke")
-    path.write_text("- Accuracy: base 24.0%, MIPO 21.2%.\n\n- PMI and correctness: AUC 0.48.\n")
+    monkeypatch.setattr(readme, "SUMMARIES", {"smoke": "cpu"})
     block = readme.results_block(table, "smoke")
-    assert "- Accuracy: base 24.0%, MIPO 21.2%.\n- PMI and correctness: AUC 0.48.\n" + readme.END.format(preset="smoke") in block
-    assert f"`figures/{path.name}`" in block
+    tables = reasoning_findings.load_tables("cpu")
+    lines = reasoning_findings.lines(table, tables["difficulty"], tables["findings"])
+    assert block.endswith("\n".join(lines) + "\n" + readme.END.format(preset="smoke"))
+    assert "`figures/reasoning_cpu_findings.csv`" in block
 
 
 def test_update_rewrites_only_the_block(tmp_path, monkeypatch):
@@ -78,19 +123,13 @@ def test_deviations_read_our_settings_off_the_preset(monkeypatch):
     assert "learning rate 0.0001" in block and "4 epochs" in block
 
 
-def test_a_table_from_before_the_crossed_design_is_labelled_nested_without_verdicts():
-    rec = make_records({"prompting": 0.25, "MIPO": 0.45}, n_examples=40, deterministic=("prompting",))
-    old = stats.results_table(rec, n_boot=200).drop(columns=["ci_design", "family", "p_value", "p_holm", "detectable"])
-    old = old.drop_duplicates(subset=["kind", "method", "baseline", "seed"])
-    block = readme.results_block(old, "smoke")
-    assert "nested design" in block and "Holm" not in block.split("\n", 2)[2]
-
-
-def test_a_table_without_truncation_records_is_labelled_as_the_earlier_protocol():
+@pytest.mark.parametrize("column", ["ci_design", "p_holm", "detectable", "truncated"])
+def test_a_table_without_verdicts_or_truncation_records_names_the_fix(column):
+    """No compatibility branch renders an older table: it fails, naming the notebook to rerun."""
     rec = make_records({"prompting": 0.25, "MIPO": 0.45}, n_examples=40, deterministic=("prompting",))
     table = stats.results_table(rec, n_boot=200)
-    assert "Earlier protocol" in readme.results_block(table.drop(columns=["truncated"]), "smoke")
-    assert "Earlier protocol" not in readme.results_block(table, "smoke")
+    with pytest.raises(MipoError, match=f"lacks column.*{column}.*rerun"):
+        readme.results_block(table.drop(columns=[column]), "smoke")
 
 
 def test_block_names_the_methods_over_the_truncation_budget():
@@ -152,57 +191,93 @@ def test_committed_readme_matches_the_committed_ablations():
     assert readme.ablations_block("cpu") in text, "README ablations block is stale: run `python -m mipo_lib readme`"
 
 
-def _ablation_files(tmp_path, header):
-    rows = [  # ablation, variant, rate, lo, hi, vs prompting (+lo, hi), vs reference (+lo, hi), KL (+lo, hi)
-        ("K", "K=1", .47, .41, .53, .24, .13, .36, None, None, None, None, None, None, "0.46 0.48 0.47"),
-        ("K", "K=2", .52, .46, .58, .29, .18, .40, .05, -.01, .11, None, None, None, "0.5 0.53 0.53"),
-        ("K", "K=1, 2x epochs", .50, .44, .56, .27, .16, .38, .03, -.03, .09, None, None, None, "0.49 0.5 0.51"),
-        ("beta", "beta=0.1", .47, .41, .53, .24, .13, .36, None, None, None, 1.6, 1.2, 2.0, "0.46 0.48 0.47"),
-    ]
-    cols = ["ablation", "variant", "rate", "lo", "hi", "vs_prompting", "vs_prompting_lo", "vs_prompting_hi",
-            "vs_reference", "vs_reference_lo", "vs_reference_hi", "kl_nats", "kl_lo", "kl_hi", "per_seed_rate"]
-    csv, txt = tmp_path / "ablations_smoke.csv", tmp_path / "ablations_smoke_conclusions.txt"
-    pd.DataFrame(rows, columns=cols).to_csv(csv, index=False)
-    txt.write_text(f"{header}\n\n[K negatives]\n  - K=2 - prompting: +29.0 points [95% CI +18.0, +40.0]; detectable.\n"
-                   "  - K=2 - K=1: +5.0 points [95% CI -1.0, +11.0]; no detectable effect.\n"
-                   "  - K=2 - K=1, 2x epochs: +2.0 points [95% CI -4.0, +8.0]; no detectable effect.\n\n[beta]\n"
-                   "  - KL(policy || base) at beta=0.1: +1.60 nats [95% CI +1.20, +2.00]; detectable.\n\n[diversity]\n"
-                   "  - distinct-2: MIPO - prompting: -0.030 [95% CI -0.050, -0.010]; a detectable decrease.\n"
-                   "  - distinct-2: MIPO K=2 - prompting: +0.001 [95% CI -0.01, +0.01]; no detectable effect.\n")
-    return csv, txt
+def _committed_tables_in(tmp_path, monkeypatch):
+    """Notebook 06's committed tables, copied into `tmp_path/figures`, which the readme then reads."""
+    (tmp_path / "figures").mkdir()
+    for name in ablation_findings.TABLES.values():
+        source = repo_root() / "figures" / name.format(preset="cpu")
+        (tmp_path / "figures" / name.format(preset="cpu")).write_text(source.read_text())
+    monkeypatch.setattr(ablation_findings, "repo_root", lambda: tmp_path)
+    return ablation_findings.table_paths("cpu")
 
 
-def test_ablations_block_shows_the_table_and_only_the_sentences_it_does_not(tmp_path, monkeypatch):
-    csv, txt = _ablation_files(tmp_path, "preset smoke, seeds [0, 1, 2]; 95% CIs: paired crossed bootstrap over prompts and seeds")
-    monkeypatch.setattr(readme, "committed_paths", lambda preset="cpu": (csv, txt))
-    block = readme.ablations_block("smoke")
-    assert block.startswith(readme.ABLATIONS_BEGIN.format(preset="smoke"))
-    assert block.endswith(readme.ABLATIONS_END.format(preset="smoke"))
-    assert "| K | K=1 (reference) | 47.0 [41.0, 53.0] | 46 / 48 / 47 | +24.0 [+13.0, +36.0] | — | — |" in block
-    assert "| K | K=1, 2x epochs | 50.0 [44.0, 56.0] | 49 / 50 / 51 | +27.0 [+16.0, +38.0] | +3.0 [-3.0, +9.0] | — |" in block
-    assert "| beta | beta=0.1 (reference) | 47.0 [41.0, 53.0] | 46 / 48 / 47 | +24.0 [+13.0, +36.0] | — | 1.60 [1.20, 2.00] |" in block
-    assert "- K=2 - K=1, 2x epochs: +2.0 points" in block  # the compute-matched comparison is not a table cell
-    assert "K=2 - prompting" not in block and "K=2 - K=1:" not in block and "KL(policy" not in block  # in the table
+def test_ablations_block_shows_the_table_and_only_the_lines_it_does_not(tmp_path, monkeypatch):
+    paths = _committed_tables_in(tmp_path, monkeypatch)
+    block = readme.ablations_block("cpu")
+    assert block.startswith(readme.ABLATIONS_BEGIN.format(preset="cpu"))
+    assert block.endswith(readme.ABLATIONS_END.format(preset="cpu"))
+    assert "| K | K=1 (reference) | 47.3 [37.0, 57.7] | 47 / 53 / 42 | +24.3 [+12.7, +36.0] | — | — | 0 |" in block
+    assert "- K=2 - K=1, 2x epochs: -7.7 points" in block  # the compute-matched comparison is not a table cell
+    assert "K=2 - prompting" not in block and "- K=2 - K=1:" not in block and "KL(policy" not in block  # cells
     assert "distinct-2: MIPO - prompting" in block and "MIPO K=2 - prompting" not in block
-    assert "Earlier protocol" not in block and "cut at the cap" not in block  # these rows have no truncation record
-    pd.read_csv(csv).assign(truncated=[0.0, 0.03, 0.19, 0.01]).to_csv(csv, index=False)
-    assert "| +3.0 [-3.0, +9.0] | — | 19 |" in readme.ablations_block("smoke")
-    pd.read_csv(csv).assign(truncated=[0.0, 0.03, None, 0.01]).to_csv(csv, index=False)
-    block = readme.ablations_block("smoke")
-    assert "| +3.0 [-3.0, +9.0] | — | — |" in block and "nan" not in block  # a variant without the record
-    txt.write_text(txt.read_text().replace("paired crossed bootstrap over prompts and seeds", "paired hierarchical bootstrap"))
-    assert "**Earlier protocol.**" in readme.ablations_block("smoke")
+    variants = pd.read_csv(paths["variants"])
+    variants.loc[variants["variant"] == "K=4", "truncated"] = None
+    variants.to_csv(paths["variants"], index=False)
+    block = readme.ablations_block("cpu")
+    assert "| -5.0 [-15.0, +6.0] | — | — |" in block and "nan" not in block  # a variant without the record
 
 
-def test_update_readme_rewrites_the_ablations_block_where_the_files_exist(tmp_path, monkeypatch):
-    csv, txt = _ablation_files(tmp_path, "preset cpu; 95% CIs: paired crossed bootstrap")
-    monkeypatch.setattr(readme, "committed_paths", lambda preset="cpu": (csv, txt))
+def test_update_readme_rewrites_the_ablations_block_where_the_tables_exist(tmp_path, monkeypatch):
+    paths = _committed_tables_in(tmp_path, monkeypatch)
     path = tmp_path / "README.md"
     begin, end = readme.ABLATIONS_BEGIN.format(preset="cpu"), readme.ABLATIONS_END.format(preset="cpu")
     text = (repo_root() / "README.md").read_text()
     path.write_text(text.split(begin)[0] + f"{begin}\nstale\n{end}" + text.split(end)[1])
     assert readme.update_readme("cpu", path) is True
     assert readme.ablations_block("cpu") in path.read_text() and "stale" not in path.read_text()
-    csv.unlink()
+    paths["comparisons"].unlink()
     with pytest.raises(MipoError, match="make ablations"):
         readme.ablations_block("cpu")
+
+
+# ------------------------------------------------------------------------------------------------------ timings
+TIMINGS = pd.DataFrame([
+    {"notebook": "00-05", "part": None, "preset": "cpu", "run": "reference", "wall_s": 2640, "peak_rss_mb": 3789},
+    {"notebook": "00_quickstart", "part": None, "preset": "cpu", "run": "reference", "wall_s": 623, "peak_rss_mb": 3379},
+    {"notebook": "03_dpo_training", "part": None, "preset": "cpu", "run": "reference", "wall_s": 1473, "peak_rss_mb": 3789},
+    {"notebook": "06_ablations", "part": "K=2", "preset": "cpu", "run": "reference", "wall_s": 4140, "peak_rss_mb": None},
+    {"notebook": "06_ablations", "part": "K=4", "preset": "cpu", "run": "reference", "wall_s": 6960, "peak_rss_mb": None},
+    {"notebook": "06_ablations", "part": None, "preset": "cpu", "run": "from the cache", "wall_s": 30, "peak_rss_mb": None},
+])
+
+
+@pytest.mark.parametrize("key, text", [
+    ("cpu/00_quickstart wall", "10.4 min"), ("cpu/03_dpo_training wall", "25 min"), ("cpu/00_quickstart seconds", "623 s"),
+    ("cpu/03_dpo_training seconds", "1,473 s"), ("cpu/00-05 min-s", "44 min 0 s"), ("cpu/00_quickstart peak", "3.3 GB"),
+    ("cpu/00-05 budget", "1 min under the 45-minute budget"), ("cpu/00-05 goal", "goal 30: missed"),
+    ("cpu/06_ablations/K=2+K=4 minutes", "3 h 5 min"), ("cpu/06_ablations/K=2 minutes", "1 h 9 min"),
+    ("cpu/06_ablations@cache wall", "30 s"),
+])
+def test_timing_spans_render_from_the_table(key, text):
+    assert readme.timing_text(TIMINGS, key) == text
+
+
+def test_timing_spans_are_rewritten_in_place_and_a_missing_row_names_the_fix():
+    span = "<!-- timing:cpu/00_quickstart wall -->"
+    assert readme.render_timings(f"took **{span}9 min<!-- /timing -->** here", TIMINGS) == (
+        f"took **{span}10.4 min<!-- /timing -->** here")
+    with pytest.raises(MipoError, match="no row for every part"):
+        readme.render_timings("<!-- timing:cpu/06_ablations/K=8 minutes -->x<!-- /timing -->", TIMINGS)
+    with pytest.raises(MipoError, match="unknown format"):
+        readme.render_timings("<!-- timing:cpu/00_quickstart hours -->x<!-- /timing -->", TIMINGS)
+    with pytest.raises(MipoError, match="not closed"):
+        readme.render_timings("<!-- timing:cpu/00_quickstart wall -->x", TIMINGS)
+
+
+def test_update_timings_table_records_a_reference_run(tmp_path):
+    table = tmp_path / "timings_cpu.csv"
+    TIMINGS.assign(seeds="0 1 2", source="old", date="2026-11-28").to_csv(table, index=False)
+    runs = tmp_path / "timings.csv"
+    rows = [("00_quickstart", 600.5, 3000.0, True), ("00_quickstart", 590.0, 3100.0, False)]
+    rows += [(f"0{i}_nb", 10.0, 100.0, True) for i in range(1, 6)] + [("06_ablations", 50.0, 900.0, True)]
+    pd.DataFrame(rows, columns=["notebook", "wall_s", "peak_rss_mb", "ok"]).assign(
+        preset="cpu", finished_at="2026-12-24T10:00:00").to_csv(runs, index=False)
+    out = readme.update_timings_table(runs, "cpu", table).set_index(["notebook", "run"])
+    quick = out.loc[("00_quickstart", "reference")]
+    assert (quick["wall_s"], quick["peak_rss_mb"], quick["date"]) == (600.5, 3000.0, "2026-12-24")  # the ok run
+    assert "runs/cpu/notebooks/timings.csv" in quick["source"]
+    assert out.loc[("00-05", "reference"), "wall_s"] == pytest.approx(650.5)  # all six ran: their sum
+    assert out.loc[("03_dpo_training", "reference"), "wall_s"] == 1473  # not run: kept
+    assert sorted(out.loc["06_ablations", "wall_s"]) == [30, 4140, 6960]  # recorded as a breakdown: left as recorded
+    assert out.loc[("01_nb", "reference"), "wall_s"] == 10.0  # a new notebook gets its row
+    assert out.equals(pd.read_csv(table).set_index(["notebook", "run"]))

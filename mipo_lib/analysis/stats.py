@@ -45,6 +45,7 @@ import pandas as pd
 import scipy.stats
 
 from mipo_lib import methods as registry
+from mipo_lib.analysis import render
 from mipo_lib.config import repo_root
 from mipo_lib.errors import MipoError
 
@@ -490,7 +491,7 @@ def per_group_rates(records: pd.DataFrame, n_boot: int = 2_000, seed: int = 0, c
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# per-seed differences, KL and cost summaries, and the sentence that states a conclusion
+# per-seed differences, KL and cost summaries, and the comparison rows every verdict sentence is rendered from
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -558,25 +559,59 @@ def cost_summary(cost: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def conclusion(
+def comparison_row(
     diff: dict[str, Any],
     what: str,
     *,
+    section: str = "",
     unit: str = "points",
     scale: float = 100.0,
     digits: int = 1,
     words: tuple[str, str] = ("gain", "loss"),
-) -> str:
-    """One sentence from a difference with a 95% CI (a `paired_difference` dict, or any dict with
-    `mean`, `lo`, `hi` and optionally `p_value`, `p_holm`, `family`, `family_size`, `n_seeds`, `n_examples`,
-    `ci_over`).
+    variant_column: str = "",
+) -> dict[str, Any]:
+    """A difference with a 95% CI as one row of a comparisons table (`COMPARISON_COLUMNS`), its verdict included.
 
-    Rates are in [0, 1], so the default `scale=100` writes points. The verdict is the same everywhere in the
-    workbook: a difference is *detectable* when its Holm-adjusted p-value within its family (`adjust_family`) is
-    below ALPHA = 0.05; its sign says gain or loss. Otherwise it is "no detectable effect at this size" (not "no
-    effect": a small effect may hide in a wide CI). A dict with a `p_value` but no family is a family of one (Holm
-    changes nothing); a dict with only a CI (a hand-made example) is judged by the CI, which for a single
-    comparison is the same test. A CI over seeds only, from one seed, gives no verdict.
+    `diff` is a `paired_difference` or `seed_difference` dict, or any dict with `mean`, `lo`, `hi` and optionally
+    `p_value`, `p_holm`, `family`, `family_size`, `n_seeds`, `n_examples`, `ci_design` / `ci_over`, `deterministic`
+    (`adjust_family` adds the family's keys). Rates are in [0, 1], so the default `scale=100` reads in points;
+    `words` name a positive and a negative difference ("gain", "loss"). `section` and `variant_column` place the
+    row in a report: the heading it is read under, and the variant-table column that already shows it (notebook 06).
+
+    The verdict is the same everywhere in the workbook: a difference is `detectable` when its Holm-adjusted p-value
+    within its family is below ALPHA = 0.05 (a dict with a `p_value` but no family is a family of one). A dict with
+    only a CI (a hand-made example) is judged by the CI, which for a single comparison is the same test. A CI over
+    seeds from one seed, or between methods identical in every seed (`deterministic`), has no verdict.
+    """
+    number = {k: float(diff.get(k, float("nan"))) for k in ("mean", "lo", "hi", "p_value", "p_holm")}
+    design = diff.get("ci_design") or (render.SEEDS_DESIGN if diff.get("ci_over") == "seeds" else "")
+    row = {
+        "section": section, "family": diff.get("family", ""), "comparison": what, "a": diff.get("a", ""),
+        "b": diff.get("b", ""), "estimate": number["mean"], "lo": number["lo"], "hi": number["hi"], "unit": unit,
+        "scale": scale, "digits": digits, "up": words[0], "down": words[1], "design": design,
+        "p_value": number["p_value"], "p_holm": number["p_holm"], "family_size": int(diff.get("family_size", 1)),
+        "n_seeds": diff.get("n_seeds", float("nan")), "n_examples": diff.get("n_examples", float("nan")),
+        "deterministic": bool(diff.get("deterministic", False)), "variant_column": variant_column,
+    }
+    return {**row, "detectable": _verdict(row)}
+
+
+def _verdict(row: dict[str, Any]) -> bool:
+    """`comparison_row`'s rule: Holm-adjusted p (else p) < ALPHA with a nonzero estimate, or, without a p-value, a CI
+    that excludes 0; never for a one-seed CI over seeds or deterministic methods."""
+    mean, lo, hi = row["estimate"], row["lo"], row["hi"]
+    if not all(map(math.isfinite, (mean, lo, hi))) or row["deterministic"]:
+        return False
+    if row["design"] == render.SEEDS_DESIGN and float(row["n_seeds"]) < 2:
+        return False
+    p = row["p_holm"] if math.isfinite(row["p_holm"]) else row["p_value"]
+    if math.isfinite(p):
+        return bool(p < ALPHA and mean != 0)
+    return bool(lo > 0 or hi < 0)
+
+
+def conclusion(diff: dict[str, Any], what: str, **kwargs: Any) -> str:
+    """One sentence for a difference with a 95% CI: `render.difference` of its `comparison_row` (same keywords).
 
     >>> conclusion({"mean": 0.05, "lo": 0.02, "hi": 0.08, "n_seeds": 3, "n_examples": 200}, "MIPO - prompting")
     'MIPO - prompting: +5.0 points [95% CI +2.0, +8.0]; the CI excludes 0: a detectable gain (3 seeds x 200 examples).'
@@ -584,47 +619,53 @@ def conclusion(
     ...             "family": "main"}, "MIPO - SFT")
     'MIPO - SFT: +5.0 points [95% CI +1.0, +9.0]; Holm-adjusted p = 0.06 over the 3 comparisons of "main": no detectable effect at this size (its unadjusted CI excludes 0).'
     """
-    mean, lo, hi = (float(diff.get(k, float("nan"))) for k in ("mean", "lo", "hi"))
-    if not all(map(math.isfinite, (mean, lo, hi))):
-        return f"{what}: not computable (no finite values)."
-    n_seeds, n_ex = diff.get("n_seeds"), diff.get("n_examples")
-    size = []
-    if n_seeds is not None:
-        size.append(f"{int(n_seeds)} seed{'s' if int(n_seeds) != 1 else ''}")
-    if n_ex is not None:
-        size.append(f"{int(n_ex)} examples")
-    size_text = f" ({' x '.join(size)})" if size else ""
-    biggest = max(abs(scale * mean), abs(scale * lo), abs(scale * hi))
-    while 0 < biggest < 10 ** (1 - digits) and digits < 6:  # tiny values: more decimals, so "+0.0" never hides them
-        digits += 1
-    fmt = f"{{:+.{digits}f}}"
-    unit_text = f" {unit}" if unit else ""
-    head = f"{what}: {fmt.format(scale * mean)}{unit_text} [95% CI {fmt.format(scale * lo)}, {fmt.format(scale * hi)}]"
-    if diff.get("ci_over") == "seeds" and n_seeds is not None and int(n_seeds) < 2:
-        return f"{head}; one seed only, so no CI over seeds: no conclusion{size_text}."
-    if diff.get("deterministic"):
-        return f"{head}; both sides are identical in every seed (deterministic methods), so the CI over seeds is " \
-               f"degenerate: one measured difference, no verdict{size_text}."
-    direction = words[0] if mean > 0 else words[1]
-    p_holm, p = float(diff.get("p_holm", float("nan"))), float(diff.get("p_value", float("nan")))
-    if math.isfinite(p_holm) or math.isfinite(p):
-        if math.isfinite(p_holm) and int(diff.get("family_size", 1)) > 1:
-            test, p = f"Holm-adjusted p {_fmt_p(p_holm)} over the {int(diff['family_size'])} comparisons of " \
-                      f"\"{diff.get('family', '?')}\"", p_holm
-        else:
-            test = f"p {_fmt_p(p)} (one comparison, nothing to adjust)"
-        if p < ALPHA and mean != 0:
-            return f"{head}; {test}: a detectable {direction}{size_text}."
-        note = " (its unadjusted CI excludes 0)" if lo > 0 or hi < 0 else ""
-        return f"{head}; {test}: no detectable effect at this size{note}{size_text}."
-    if lo > 0 or hi < 0:
-        return f"{head}; the CI excludes 0: a detectable {direction}{size_text}."
-    return f"{head}; the CI includes 0: no detectable effect at this size{size_text}."
+    return render.difference(comparison_row(diff, what, **kwargs))
 
 
-def _fmt_p(p: float) -> str:
-    """Relation and p-value as written in a verdict: "= 0.012" (two significant digits), or "< 0.001"."""
-    return "< 0.001" if p < 0.001 else f"= {p:.2g}"
+COMPARISON_COLUMNS: tuple[str, ...] = (
+    "section", "family", "comparison", "a", "b", "estimate", "lo", "hi", "unit", "scale", "digits", "up", "down",
+    "design", "p_value", "p_holm", "family_size", "n_seeds", "n_examples", "deterministic", "variant_column",
+    "detectable",
+)
+"""A comparisons table (`comparison_row` per row): what every verdict sentence is rendered from (`render`)."""
+
+FINDINGS_COLUMNS: tuple[str, ...] = ("section", "quantity", "subject", "value", "lo", "hi", "n_seeds", "n_examples")
+"""A findings table: descriptive numbers a report states (seconds per prompt, win rates, shares), each with its CI
+where it has one (`lo`, `hi`), under the report's `section`; `subject` is the method, variant or pair it is about."""
+
+
+def comparison_table(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """`comparison_row` dicts as a table with `COMPARISON_COLUMNS`, in the given order."""
+    return pd.DataFrame(list(rows)).reindex(columns=list(COMPARISON_COLUMNS))
+
+
+def findings_table(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """Findings rows (dicts with some of `FINDINGS_COLUMNS`) as a table; absent columns are NaN."""
+    return pd.DataFrame(list(rows)).reindex(columns=list(FINDINGS_COLUMNS))
+
+
+def comparisons_from_results(table: pd.DataFrame, design: str = "crossed") -> pd.DataFrame:
+    """The paired differences of a results table (`write_results`' CSV) of one CI `design` as a comparisons table:
+    `method − baseline` in points, with the size of each row's Holm family (the rows of that family and design with a
+    p-value) so `render.difference` states it."""
+    diffs = table[(table["kind"] == "paired_difference") & (table["ci_design"] == design)]
+    sizes = diffs[diffs["p_value"].notna()].groupby("family").size()
+    rows = [{
+        "family": r["family"], "comparison": f"{r['method']} − {r['baseline']}", "a": r["method"], "b": r["baseline"],
+        "estimate": r["diff"], "lo": r["diff_lo"], "hi": r["diff_hi"], "unit": "points", "scale": 100.0, "digits": 1,
+        "up": "gain", "down": "loss", "design": design, "p_value": r["p_value"], "p_holm": r["p_holm"],
+        "family_size": int(sizes.get(r["family"], 0)), "n_seeds": r["n_seeds"], "n_examples": r["n"],
+        "deterministic": False, "detectable": bool(str(r["detectable"]).strip().lower() == "true"),
+    } for _, r in diffs.iterrows()]
+    return comparison_table(rows)
+
+
+def write_table(table: pd.DataFrame, path: Any) -> Path:
+    """Write a result table to the CSV `path` with 6 significant digits (the committed tables' format)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(path, index=False, float_format="%.6g")
+    return path
 
 
 def default_comparisons() -> tuple[tuple[str, str], ...]:
@@ -752,9 +793,7 @@ def write_results(records: pd.DataFrame, path: Any, **kwargs: Any) -> pd.DataFra
     the committed reference.
     """
     table = results_table(records, **kwargs)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(path, index=False, float_format="%.6g")
+    write_table(table, path)
     return table
 
 

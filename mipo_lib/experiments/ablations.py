@@ -9,8 +9,9 @@ one negative (K > 1), random-context vs dropped-context negatives, a beta sweep,
   resumable, and the variant equal to the preset reuses what notebooks 02-04 built.
 - `run_variants` evaluates MIPO for each variant and seed and adds a `variant` column to the per-example records,
   next to the `prompting` baseline (deterministic, evaluated once): `stats.paired_difference(..., unit="variant")`
-  then compares any two of them on the same examples; `compare_variants` and `summary_table` tabulate them, each
-  difference with its `stats.conclusion` sentence.
+  then compares any two of them on the same examples; `compare_variants` and `summary_table` tabulate them, and
+  `variant_comparisons` gives each difference as a row of notebook 06's comparisons table (`stats.comparison_row`),
+  from which `analysis.ablation_findings` renders every sentence.
 - `kl_to_base` measures how far the trained policy moved (`scoring.sampled_kl`), `generation_cost` times MIPO and
   CAD on the same prompts; both are cached under their own stage keys ("kl", "generation-cost").
 
@@ -159,23 +160,24 @@ def compare_variants(
 ) -> pd.DataFrame:
     """One row per variant: its rate with a crossed CI over prompts and seeds, its paired difference vs the
     baseline (prompting) and vs the reference variant, each with a CI, per-seed values, its bootstrap p-value
-    (`{key}_p`), the p-value Holm-adjusted over all the table's comparisons as one `family` (`{key}_p_holm`) and a
-    `stats.conclusion` sentence, whose verdict is that adjusted p < 0.05.
+    (`{key}_p`), the p-value Holm-adjusted over all the table's comparisons as one `family` (`{key}_p_holm`) and its
+    comparison row (`{key}_comparison`, a `stats.comparison_row` whose verdict is that adjusted p < 0.05, or None).
 
     `truncated` is the share of the variant's replies cut at the token cap (the judges already fail a cut reply where
-    more text could break the preference; the share says how often that happened). Its columns are what
-    `summary_table`, `format_table` and `plots.plot_variants` read."""
+    more text could break the preference; the share says how often that happened), `mean_words` the mean length of
+    its replies. Its columns are what `summary_table`, `format_table` and `plots.plot_variants` read."""
     rows = []
     diffs: dict[tuple[int, str], dict[str, Any]] = {}
     for v in labels:
         h = stats.hierarchical_bootstrap(records, v, n_boot=n_boot, seed=seed, value=value, unit="variant")
+        mine = records[records["variant"] == v]
         row: dict[str, Any] = {"variant": v, "rate": h["mean"], "lo": h["lo"], "hi": h["hi"], "per_seed": h["per_seed"],
                                "seeds": h["seeds"], "n_seeds": h["n_seeds"], "n_examples": h["n_examples"],
-                               "truncated": _cut_share(records[records["variant"] == v])}
+                               "truncated": _cut_share(mine), "mean_words": float(mine["n_words"].mean())}
         for key, other in (("gain", baseline), ("vs_ref", reference)):
             if other is None or other == v or other not in set(records["variant"]):
                 row.update({key: np.nan, f"{key}_lo": np.nan, f"{key}_hi": np.nan, f"{key}_per_seed": [],
-                            f"{key}_p": np.nan, f"{key}_p_holm": np.nan, f"{key}_text": ""})
+                            f"{key}_p": np.nan, f"{key}_p_holm": np.nan, f"{key}_comparison": None})
                 continue
             d = stats.paired_difference(records, v, other, n_boot=n_boot, seed=seed, value=value, unit="variant")
             diffs[(len(rows), key)] = {**d, "what": f"{v} - {other}"}
@@ -184,8 +186,19 @@ def compare_variants(
         rows.append(row)
     for (i, key), d in stats.adjust_family(diffs, family).items():
         rows[i].update({f"{key}_p": d["p_value"], f"{key}_p_holm": d["p_holm"],
-                        f"{key}_text": stats.conclusion(d, d["what"])})
+                        f"{key}_comparison": stats.comparison_row(d, d["what"], variant_column=_VARIANT_COLUMNS[key])})
     return pd.DataFrame(rows)
+
+
+#: The `summary_table` column that shows each of `compare_variants`' differences.
+_VARIANT_COLUMNS = {"gain": "vs_prompting", "vs_ref": "vs_reference"}
+
+
+def variant_comparisons(ablation: dict[str, Any], section: str) -> list[dict[str, Any]]:
+    """The comparison rows of a `run_ablation` result, read under `section` in notebook 06's reports: every variant
+    vs prompting, then every variant vs the reference (the order of the conclusions file)."""
+    table = ablation["table"]
+    return [{**row, "section": section} for key in _VARIANT_COLUMNS for row in table[f"{key}_comparison"] if row]
 
 
 def run_ablation(
@@ -227,19 +240,28 @@ def _cut_share(records: pd.DataFrame) -> float:
 SUMMARY_COLUMNS: tuple[str, ...] = (
     "ablation", "variant", "rate", "lo", "hi", "vs_prompting", "vs_prompting_lo", "vs_prompting_hi",
     "vs_reference", "vs_reference_lo", "vs_reference_hi", "kl_nats", "kl_lo", "kl_hi", "n_seeds", "n_examples",
-    "per_seed_rate", "truncated",
+    "per_seed_rate", "truncated", "mean_words", "optimizer_steps", "seeds", "model", "task",
 )
 
 
-def summary_table(results: dict[str, dict[str, Any]], kl: pd.DataFrame | None = None) -> pd.DataFrame:
+def summary_table(
+    results: dict[str, dict[str, Any]],
+    kl: pd.DataFrame | None = None,
+    counts: pd.DataFrame | None = None,
+    *,
+    model: str,
+    task: str,
+) -> pd.DataFrame:
     """Every ablation's variants in one long table (`SUMMARY_COLUMNS`): rate, paired differences vs prompting and
-    vs the reference variant, each with its 95% CI, the share of replies cut at the token cap, and the KL to the
-    base where `kl` (a `kl_table`) has the variant.
+    vs the reference variant, each with its 95% CI, the share of replies cut at the token cap, mean words per
+    reply, the KL to the base where `kl` (a `kl_table`) has the variant, optimizer steps where `counts` (a
+    `pair_counts` table) has them, and the run's seeds, model and task (the heading of notebook 06's reports).
 
-    `results` maps a name ("K", "negative", "beta") to a `run_ablation` result. This is the small reference result
-    the notebook writes next to its figures, so the numbers behind them can be read without rerunning anything.
+    `results` maps a name ("K", "negative", "beta") to a `run_ablation` result. This is the variant table the notebook
+    writes next to its figures (`figures/ablations_<preset>.csv`); its comparisons table holds the verdicts.
     """
     kl_by = kl.set_index("variant") if kl is not None and len(kl) else None
+    steps = counts.groupby("variant")["optimizer_steps"].mean() if counts is not None else pd.Series(dtype=float)
     rows = []
     for name, ab in results.items():
         for r in ab["table"].itertuples():
@@ -247,7 +269,9 @@ def summary_table(results: dict[str, dict[str, Any]], kl: pd.DataFrame | None = 
                    "vs_prompting": r.gain, "vs_prompting_lo": r.gain_lo, "vs_prompting_hi": r.gain_hi,
                    "vs_reference": r.vs_ref, "vs_reference_lo": r.vs_ref_lo, "vs_reference_hi": r.vs_ref_hi,
                    "n_seeds": r.n_seeds, "n_examples": r.n_examples,
-                   "per_seed_rate": " ".join(f"{v:.4g}" for v in r.per_seed), "truncated": r.truncated}
+                   "per_seed_rate": " ".join(f"{v:.4g}" for v in r.per_seed), "truncated": r.truncated,
+                   "mean_words": r.mean_words, "optimizer_steps": steps.get(r.variant, np.nan),
+                   "seeds": " ".join(str(s) for s in r.seeds), "model": model, "task": task}
             if kl_by is not None and r.variant in kl_by.index:
                 k = kl_by.loc[r.variant]
                 row.update({"kl_nats": k["mean"], "kl_lo": k["lo"], "kl_hi": k["hi"]})
@@ -404,5 +428,6 @@ def generation_cost(
 __all__ = [
     "BASELINE", "BETAS", "K_VALUES", "NEGATIVE_KINDS", "SUMMARY_COLUMNS", "base_and_mipo", "compare_variants",
     "cost_key", "format_table", "generation_cost", "kl_for_variants", "kl_key", "kl_to_base", "pair_counts",
-    "reference_label", "run_ablation", "run_variants", "summary_table", "variant_label", "variant_presets",
+    "reference_label", "run_ablation", "run_variants", "summary_table", "variant_comparisons", "variant_label",
+    "variant_presets",
 ]

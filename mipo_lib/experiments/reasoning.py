@@ -310,7 +310,8 @@ def pmi_ranking(
 # ------------------------------------------------------------------------------------------------ command line
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     """`python -m mipo_lib.experiments.reasoning --preset cpu --n 100`: measure every level on validation, write
-    `reasoning_difficulty_<preset>.csv` into the preset's figures folder, print the table and the chosen level."""
+    `reasoning_difficulty_<preset>.csv` (with the `chosen` level) into the preset's figures folder, print the table
+    and the chosen level."""
     parser = argparse.ArgumentParser(prog="python -m mipo_lib.experiments.reasoning", description=main.__doc__)
     parser.add_argument("--preset", default="cpu", help="model and evaluation settings to measure with (default cpu)")
     parser.add_argument("--n", type=int, default=100, help="validation problems per level (default 100)")
@@ -318,8 +319,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     args = parser.parse_args(argv)
     preset = get_preset(args.preset)
     summary, _ = measure_difficulty(preset, args.levels, args.n, progress=False)
-    path = plots.figures_dir(preset) / f"reasoning_difficulty_{preset.name}.csv"
-    summary.to_csv(path, index=False, float_format="%.6g")
+    summary["chosen"] = summary["level"] == choose_level(summary)  # the level notebook 07's summary names
+    path = stats.write_table(summary, plots.figures_dir(preset) / f"reasoning_difficulty_{preset.name}.csv")
     print(summary.to_string(index=False))
     print(f"wrote {path.name}; chosen level: {choose_level(summary)}")
     return summary

@@ -1,24 +1,27 @@
-"""The README's results and ablations sections, generated from committed tables so prose can never drift from data.
+"""The README's generated blocks and timings, rendered from committed tables so prose can never drift from data.
 
-`figures/results_<preset>.csv` (written by notebook 05 through `stats.write_results`) is the one source of the
-reference numbers. The README holds a block between two markers; `results_block` renders it from the table (method
-rates, per-seed values, paired differences with their crossed-bootstrap CIs, Holm-adjusted verdicts and the
-cluster-bootstrap sensitivity), `update_readme` rewrites the block in place (the runner calls it after a reference
-run), and a test fails when the committed README and the committed table disagree. `ablations_block` does the same
-for notebook 06's table and sentences (`figures/ablations_<preset>.csv`, `..._conclusions.txt`).
+Every number the README states about a reference run comes from a table in `figures/`, through the template layer
+`analysis.render`; no sentence is read back. Blocks sit between two markers and `update_readme` rewrites them (the
+runner calls it after a reference run); `tests/test_readme.py` fails when the committed README and the committed
+tables disagree:
+- results (`results_block`): `figures/results_<preset>.csv` (`stats.write_results`, notebook 05; notebook 07's
+  `results_reasoning_cpu.csv` for `cpu-reasoning`, followed by its summary, `analysis.reasoning_findings`);
+- ablations (`ablations_block`): notebook 06's variant, comparisons and findings tables (`analysis.ablation_findings`);
+- deviations from the paper (`deviations_block`): read off the preset;
+- timings: inline spans `<!-- timing:<preset>/<notebook>[/<part>+<part>][@cache] <format> -->...<!-- /timing -->`,
+  each rendered from `figures/timings_cpu.csv` (`update_timings_table` records a reference run's wall times there).
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import pandas as pd
 
-from mipo_lib.analysis.ablation_findings import committed_paths, load_run
+from mipo_lib.analysis import ablation_findings, reasoning_findings, render
 from mipo_lib.config import Preset, get_preset, load_choices, repo_root
 from mipo_lib.errors import MipoError
 from mipo_lib.methods import Method, get_method
@@ -47,26 +50,17 @@ def _describe(method: str) -> str:
     return f"{how}; {context}; {decoding}"
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
-
-
-def _pts(x: float) -> str:
-    return f"{100 * x:+.1f}"
-
-
 def _method_rows(per_seed: pd.DataFrame) -> list[str]:
-    truncation = "truncated" in per_seed and per_seed["truncated"].notna().any()
-    rows = ["| method | what it is | success rate | per seed | words per reply |" + (" cut at the token cap |" if truncation else ""),
-            "|---|---|---|---|---|" + ("---|" if truncation else "")]
+    rows = []
     for method, sub in per_seed.groupby("method", sort=False):
         rates = sub.sort_values("seed")["rate"].tolist()
         seeds = "same in every seed" if len(set(rates)) == 1 else " / ".join(f"{100 * r:.0f}" for r in rates) + "%"
         entry = _entry(method)
         name = f"**{method}**" if entry is not None and entry.training == "dpo" else method
-        cut = f" {_pct(sub['truncated'].mean())} |" if truncation else ""
-        rows.append(f"| {name} | {_describe(method)} | {_pct(sub['rate'].mean())} | {seeds} | {sub['mean_words'].mean():.1f} |{cut}")
-    return rows
+        rows.append([name, _describe(method), render.pct(sub["rate"].mean()), seeds, f"{sub['mean_words'].mean():.1f}",
+                     render.pct(sub["truncated"].mean())])
+    return render.table(["method", "what it is", "success rate", "per seed", "words per reply", "cut at the token cap"],
+                        rows)
 
 
 #: The protocol's limit on replies cut at the token cap, per method (issue: complete replies).
@@ -75,22 +69,20 @@ TRUNCATION_BUDGET = 0.05
 
 def _truncation_line(per_seed: pd.DataFrame) -> list[str]:
     """Which methods exceed the truncation budget (said in the block, so the prose cannot forget or misstate it)."""
-    if "truncated" not in per_seed or per_seed["truncated"].isna().all():
-        return []
     rates = per_seed.groupby("method", sort=False)["truncated"].mean()
     over = rates[rates > TRUNCATION_BUDGET]
     if over.empty:
-        return ["", f"Every method's replies stay within the {_pct(TRUNCATION_BUDGET)} budget for hitting the token cap "
-                    f"(highest: {rates.idxmax()} {_pct(rates.max())})."]
-    listed = ", ".join(f"{m} {_pct(r)}" for m, r in over.items())
-    return ["", f"**Over the {_pct(TRUNCATION_BUDGET)} budget for replies cut at the token cap: {listed}** (a cut "
+        return ["", f"Every method's replies stay within the {render.pct(TRUNCATION_BUDGET)} budget for hitting the "
+                    f"token cap (highest: {rates.idxmax()} {render.pct(rates.max())})."]
+    listed = ", ".join(f"{m} {render.pct(r)}" for m, r in over.items())
+    return ["", f"**Over the {render.pct(TRUNCATION_BUDGET)} budget for replies cut at the token cap: {listed}** (a cut "
                 "reply fails every preference that more text could break)."]
 
 
 def _read_choices(path: Path) -> tuple[pd.DataFrame, str, str]:
     """(a choices table as written, its settings as one clause, the note on choices at the edge of their grid)."""
     choices = pd.read_csv(path, dtype={"value": str, "grid": str, "seeds": str})  # as written: 8, not 8.0
-    chosen = "; ".join(f"{r['method']} `{r['field']}` = {r['value']} (validation rate {_pct(r['validation_rate'])}, "
+    chosen = "; ".join(f"{r['method']} `{r['field']}` = {r['value']} (validation rate {render.pct(r['validation_rate'])}, "
                        f"grid {r['grid']})" for _, r in choices.iterrows())
     edge = [f"{r['method']}'s `{r['field']}`" for _, r in choices.iterrows()
             if str(r["field"]).endswith(("epochs", "learning_rate"))
@@ -127,32 +119,29 @@ def _task_choices_lines(task: str, preset: str) -> list[str]:
 
 
 def _difference_lines(diffs: pd.DataFrame) -> list[str]:
-    if "ci_design" not in diffs:  # a table written before the crossed design: its CIs say so, and carry no verdict
-        return [f"- **{r['method']} − {r['baseline']}: {_pts(r['diff'])} points, 95% CI [{_pts(r['diff_lo'])}, "
-                f"{_pts(r['diff_hi'])}]** ({_pct(r['rate'])} vs {_pct(r['baseline_rate'])}; relative "
-                f"{_pts(r['rel_gain'])}% [{_pts(r['rel_lo'])}%, {_pts(r['rel_hi'])}%])." for _, r in diffs.iterrows()]
     crossed = diffs[diffs["ci_design"] == "crossed"]
     cluster = diffs[diffs["ci_design"] != "crossed"].set_index(["method", "baseline"])
     lines = []
     for _, r in crossed.iterrows():
         verdict = "detectable" if bool(r["detectable"]) else "no detectable difference"
-        line = (f"- **{r['method']} − {r['baseline']}: {_pts(r['diff'])} points, 95% CI [{_pts(r['diff_lo'])}, "
-                f"{_pts(r['diff_hi'])}]** ({_pct(r['rate'])} vs {_pct(r['baseline_rate'])}; relative "
-                f"{_pts(r['rel_gain'])}% [{_pts(r['rel_lo'])}%, {_pts(r['rel_hi'])}%]); Holm-adjusted p = "
+        line = (f"- **{r['method']} − {r['baseline']}: {render.points(r['diff'])} points, 95% CI "
+                f"[{render.points(r['diff_lo'])}, {render.points(r['diff_hi'])}]** ({render.pct(r['rate'])} vs "
+                f"{render.pct(r['baseline_rate'])}; relative {render.points(r['rel_gain'])}% "
+                f"[{render.points(r['rel_lo'])}%, {render.points(r['rel_hi'])}%]); Holm-adjusted p = "
                 f"{r['p_holm']:.3g} in the family *{r['family']}*: {verdict}")
         key = (r["method"], r["baseline"])
         if key in cluster.index:
             c = cluster.loc[key]
-            line += (f". Sensitivity, {c['ci_design']} bootstrap: [{_pts(c['diff_lo'])}, {_pts(c['diff_hi'])}], "
-                     f"{'detectable' if bool(c['detectable']) else 'not detectable'}")
+            line += (f". Sensitivity, {c['ci_design']} bootstrap: [{render.points(c['diff_lo'])}, "
+                     f"{render.points(c['diff_hi'])}], {'detectable' if bool(c['detectable']) else 'not detectable'}")
         lines.append(line + ".")
     return lines
 
 
-EARLIER_PROTOCOL = ("**Earlier protocol.** This table was written before the current results protocol (no validation "
-                    "split, 2 epochs for every method, CAD at a = 1/beta, replies cut at 32 tokens without the length "
-                    "instruction, no record of truncation): rerun `make reproduce` to replace it.")
-"""The note a results table without a `truncated` column gets: its numbers do not follow the protocol described above."""
+#: Columns a results table needs for its block: the per-method rows and the paired differences' verdicts.
+RESULTS_NEEDS: tuple[str, ...] = ("kind", "task", "method", "seed", "n", "rate", "mean_words", "truncated",
+                                  "ci_design", "family", "p_holm", "detectable")
+
 
 #: (figures file, target) of the settings a further task's own target chose on that task's validation split.
 TASK_CHOICES: dict[str, tuple[str, str]] = {
@@ -172,32 +161,29 @@ TASK_SOURCES: dict[str, str] = {
 
 def results_block(table: pd.DataFrame, preset: str = "cpu") -> str:
     """The README block (markers included) for a results table as `stats.write_results` writes it: the first task's
-    methods and differences, then each further task (e.g. held-out preference types) under its own title."""
+    methods and differences, then each further task (e.g. held-out preference types) under its own title, then the
+    settings chosen on validation and, for a preset with one (`SUMMARIES`), its notebook's summary."""
+    missing = [c for c in RESULTS_NEEDS if c not in table]
+    if missing:
+        raise MipoError(f"figures/{results_path(preset).name} lacks column(s) {missing}; rerun the notebook that "
+                        "writes it (make reproduce, make reasoning)")
     all_per_seed = table[table["kind"] == "per_seed"]
     all_diffs = table[table["kind"] == "paired_difference"]
     if all_per_seed.empty:
-        raise MipoError(f"figures/results_{preset}.csv has no per-seed rows; rerun notebook 05 (make reproduce)")
-    design = ("paired bootstrap over prompts and seeds, crossed (every seed sees the same prompts); verdicts: "
-              "Holm-adjusted p < 0.05 within the family named" if "ci_design" in all_diffs else
-              "paired bootstrap over seeds and examples within each seed (the nested design this table was written "
-              "with, narrower than the crossed one; rerun notebook 05 for crossed CIs and Holm-adjusted verdicts)")
-    tasks = list(dict.fromkeys(all_per_seed["task"])) if "task" in all_per_seed else [None]
-    # a personalization table written before replies were checked for the token cap (the protocol described in the
-    # README is personalization's; other tasks, such as notebook 07's reasoning, have their own)
-    earlier = "truncated" not in table.columns and any(str(t).startswith("personalization") for t in tasks)
+        raise MipoError(f"figures/{results_path(preset).name} has no per-seed rows; rerun the notebook that writes it")
     body = [_begin(preset)]
-    for i, task in enumerate(tasks):
-        per_seed = all_per_seed if task is None else all_per_seed[all_per_seed["task"] == task]
-        diffs = all_diffs if task is None else all_diffs[all_diffs["task"] == task]
+    for i, task in enumerate(dict.fromkeys(all_per_seed["task"])):
+        per_seed = all_per_seed[all_per_seed["task"] == task]
+        diffs = all_diffs[all_diffs["task"] == task]
         n_seeds = per_seed["seed"].nunique()
         n_values = set(per_seed["n"].astype(int))
         if len(n_values) != 1 or any(math.isnan(v) for v in per_seed["rate"]):
-            raise MipoError(f"figures/results_{preset}.csv mixes example counts {sorted(n_values)}; rerun notebook 05")
+            raise MipoError(f"figures/{results_path(preset).name} mixes example counts {sorted(n_values)}; rerun "
+                            "the notebook that writes it")
         where = f"{n_seeds} seed{'' if n_seeds == 1 else 's'} x {n_values.pop()} held-out prompts"
         if i == 0:
-            body += [f"Preset `{preset}`, {where}; 95% CIs: {design}.", ""]
-            if earlier:
-                body += [EARLIER_PROTOCOL, ""]
+            body += [f"Preset `{preset}`, {where}; 95% CIs: paired bootstrap over prompts and seeds, crossed (every "
+                     "seed sees the same prompts); verdicts: Holm-adjusted p < 0.05 within the family named.", ""]
         else:
             source = TASK_SOURCES.get(str(task), "").format(preset=preset)
             body += ["", f"**{TASK_TITLES.get(str(task), str(task))}**: task `{task}`, {where}"
@@ -205,26 +191,24 @@ def results_block(table: pd.DataFrame, preset: str = "cpu") -> str:
         body += [*_method_rows(per_seed), *_truncation_line(per_seed), "", *_difference_lines(diffs)]
         if i > 0:
             body += _task_choices_lines(str(task), preset)
-    body += [*([] if earlier else _choices_lines(preset)), *_conclusion_lines(preset), END.format(preset=preset)]
+    body += [*_choices_lines(preset), *_summary_lines(table, preset), END.format(preset=preset)]
     return "\n".join(body)
 
 
-CONCLUSIONS: dict[str, str] = {"cpu-reasoning": "reasoning_cpu_conclusions.md"}
-"""The sentences a reference notebook writes next to its results table (notebook 07's section 8), quoted in its
-README block so that every number of the README's reasoning section comes from the run."""
+SUMMARIES: dict[str, str] = {"cpu-reasoning": "cpu"}
+"""The reference presets whose notebook summary follows their results (notebook 07's section 8), and the name its
+tables are filed under in `figures/` (`analysis.reasoning_findings`)."""
 
 
-def conclusions_path(preset: str) -> Path | None:
-    name = CONCLUSIONS.get(preset)
-    return repo_root() / "figures" / name if name else None
-
-
-def _conclusion_lines(preset: str) -> list[str]:
-    path = conclusions_path(preset)
-    if path is None or not path.exists():
+def _summary_lines(table: pd.DataFrame, preset: str) -> list[str]:
+    if preset not in SUMMARIES:
         return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    return ["", f"What the same run shows (`figures/{path.name}`, written by the notebook):", "", *lines]
+    paths = reasoning_findings.table_paths(SUMMARIES[preset])
+    tables = reasoning_findings.load_tables(SUMMARIES[preset])
+    conclusions = reasoning_findings.CONCLUSIONS.format(preset=SUMMARIES[preset])
+    return ["", f"What the same run shows (rendered from this table, `figures/{paths['difficulty'].name}` and "
+                f"`figures/{paths['findings'].name}`; notebook 07 writes the same lines to `figures/{conclusions}`):",
+            "", *reasoning_findings.lines(table, tables["difficulty"], tables["findings"])]
 
 
 REFERENCE_TABLES: dict[str, str] = {"cpu": "results_cpu.csv", "cpu-reasoning": "results_reasoning_cpu.csv"}
@@ -241,7 +225,8 @@ def _begin(preset: str) -> str:
 
 def update_readme(preset: str = "cpu", readme: Path | None = None) -> bool:
     """Rewrite the README's generated blocks for `preset` (results from the committed table, deviations from the
-    preset, ablations from notebook 06's committed files where it has them); True if the README changed."""
+    preset, ablations from notebook 06's committed tables where it has them) and every timing span; True if the
+    README changed."""
     readme = readme or repo_root() / "README.md"
     text = readme.read_text()
     new = _replace(text, _begin(preset), END.format(preset=preset),
@@ -249,9 +234,11 @@ def update_readme(preset: str = "cpu", readme: Path | None = None) -> bool:
     if DEVIATIONS_BEGIN.format(preset=preset) in new or preset == "cpu":
         new = _replace(new, DEVIATIONS_BEGIN.format(preset=preset), DEVIATIONS_END.format(preset=preset),
                        deviations_block(preset))
-    if ABLATIONS_BEGIN.format(preset=preset) in new or all(p.exists() for p in committed_paths(preset)):
+    tables = ablation_findings.table_paths(preset)
+    if ABLATIONS_BEGIN.format(preset=preset) in new or all(p.exists() for p in tables.values()):
         new = _replace(new, ABLATIONS_BEGIN.format(preset=preset), ABLATIONS_END.format(preset=preset),
                        ablations_block(preset))
+    new = render_timings(new)
     if new != text:
         readme.write_text(new)
     return new != text
@@ -265,70 +252,169 @@ def _replace(text: str, begin: str, end: str, block: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- ablations
-ABLATIONS_BEGIN = ("<!-- ablations:{preset}:begin (generated from figures/ablations_{preset}.csv and its conclusions by "
+ABLATIONS_BEGIN = ("<!-- ablations:{preset}:begin (generated from figures/ablations_{preset}*.csv by "
                    "`python -m mipo_lib readme`; do not edit) -->")
 ABLATIONS_END = "<!-- ablations:{preset}:end -->"
 
 
-def _ci_text(r: pd.Series, col: str, lo: str = "", hi: str = "", scale: float = 100.0, digits: int = 1,
-             sign: bool = True) -> str:
-    """`value [lo, hi]` of column `col` and its CI columns (default `{col}_lo`, `{col}_hi`); "—" where it is empty."""
-    if pd.isna(r[col]):
-        return "—"
-    f = f"{{:{'+' if sign else ''}.{digits}f}}"
-    low, high = r[lo or f"{col}_lo"], r[hi or f"{col}_hi"]
-    return f"{f.format(scale * r[col])} [{f.format(scale * low)}, {f.format(scale * high)}]"
-
-
-def _in_table(sentence: str, table: pd.DataFrame) -> bool:
-    """Whether a conclusion sentence is a number the table already shows: a variant vs prompting or vs its
-    ablation's reference, or the KL of a variant."""
-    if sentence.startswith("KL(policy || base) at "):
-        return True
-    for _, rows in table.groupby("ablation", sort=False):
-        reference = rows.loc[rows["vs_reference"].isna(), "variant"].tolist()
-        for v in rows["variant"]:
-            if any(sentence.startswith(f"{v} - {other}:") for other in ["prompting", *reference]):
-                return True
-    return False
-
-
 def _cut_cell(share: float) -> str:
-    """The percentage of replies cut at the cap, or "—" for a variant whose cached evaluation predates the record."""
+    """The percentage of replies cut at the cap, or "—" for a variant without the record."""
     return "—" if pd.isna(share) else f"{100 * share:.0f}"
 
 
 def ablations_block(preset: str = "cpu") -> str:
-    """The README's ablation table and findings (markers included), from notebook 06's committed files only: the
-    table's rows, then every sentence of the run the table does not already show (follow-up checks, MIPO vs CAD,
-    diversity of the reference methods, win-or-tie), verbatim."""
-    csv, sentences = committed_paths(preset)
-    run = load_run(csv, sentences)
-    table, header = run.table, run.header
-    body = [ABLATIONS_BEGIN.format(preset=preset), f"Run: {header}. Numbers from `figures/{csv.name}`; every sentence "
-            f"of the run is in `figures/{sentences.name}`.", ""]
-    if "crossed" not in header:
-        body += ["**Earlier protocol.** This run predates the current results protocol (no validation split, 2 epochs, "
-                 "a cosine schedule, replies cut at 32 tokens, CAD at a = 1/beta, CIs of the nested design and no "
-                 "Holm adjustment): read it as that protocol's findings; `make ablations` replaces it.", ""]
-    cut = run.cuts_recorded()  # a column when any variant recorded it; a variant that did not shows "—", not "nan"
-    body += ["| ablation | variant | success rate % [95% CI] | per seed % | vs prompting, points | vs reference, points "
-             "| KL to base, nats |" + (" cut at the cap % |" if cut else ""), "|---|---|---|---|---|---|---|" + ("---|" if cut else "")]
-    for _, r in table.iterrows():
+    """The README's ablation table and findings (markers included), from notebook 06's committed tables only: the
+    variant table's rows, then every line of the run's conclusions the table does not already show (follow-up
+    checks, MIPO vs CAD, diversity of the methods, win-or-tie), rendered as the conclusions file renders them."""
+    run = ablation_findings.load_run(preset)
+    paths = ablation_findings.table_paths(preset)
+    conclusions = ablation_findings.CONCLUSIONS.format(preset=preset)
+    body = [ABLATIONS_BEGIN.format(preset=preset),
+            f"Run: {ablation_findings.header(run)}. Numbers from `figures/{paths['variants'].name}` (variants), "
+            f"`figures/{paths['comparisons'].name}` and `figures/{paths['findings'].name}`; every sentence of the run "
+            f"is in `figures/{conclusions}`.", ""]
+    rows = []
+    for _, r in run.variants.iterrows():
         reference = " (reference)" if pd.isna(r["vs_reference"]) else ""
         per_seed = " / ".join(f"{100 * float(v):.0f}" for v in str(r["per_seed_rate"]).split())
-        rate = _ci_text(r, "rate", "lo", "hi", sign=False)
-        body.append(f"| {r['ablation']} | {r['variant']}{reference} | {rate} | {per_seed} | "
-                    f"{_ci_text(r, 'vs_prompting')} | {_ci_text(r, 'vs_reference')} | "
-                    f"{_ci_text(r, 'kl_nats', 'kl_lo', 'kl_hi', scale=1, digits=2, sign=False)} |"
-                    + (f" {_cut_cell(r['truncated'])} |" if cut else ""))
-    for name, lines in run.sections().items():
-        if name == "diversity":  # the reference methods only; the variants' rows are in the conclusions file
-            lines = [t for t in lines if not re.match(r"(distinct-2|Self-BLEU): MIPO (?!- )", t)]
-        shown = [t for t in lines if not _in_table(t, table)]
+        rows.append([r["ablation"], f"{r['variant']}{reference}",
+                     render.interval(r["rate"], r["lo"], r["hi"], sign=False), per_seed,
+                     render.interval(r["vs_prompting"], r["vs_prompting_lo"], r["vs_prompting_hi"]),
+                     render.interval(r["vs_reference"], r["vs_reference_lo"], r["vs_reference_hi"]),
+                     render.interval(r["kl_nats"], r["kl_lo"], r["kl_hi"], scale=1, digits=2, sign=False),
+                     _cut_cell(r["truncated"])])
+    body += render.table(["ablation", "variant", "success rate % [95% CI]", "per seed %", "vs prompting, points",
+                          "vs reference, points", "KL to base, nats", "cut at the cap %"], rows)
+    for name, lines in ablation_findings.sections(run).items():
+        shown = [text for text, summary in lines if summary]
         if shown:
             body += ["", f"*{name}*", "", *(f"- {t}" for t in shown)]
     return "\n".join([*body, ABLATIONS_END.format(preset=preset)])
+
+
+# ------------------------------------------------------------------------------------------------------ timings
+TIMINGS = "timings_cpu.csv"
+"""The committed wall times and peak memory of the reference runs on the project's 2-core CPU (every CPU preset)."""
+
+TIMING_COLUMNS: tuple[str, ...] = ("notebook", "part", "preset", "seeds", "run", "wall_s", "peak_rss_mb", "source",
+                                   "date")
+TIMING_OPEN, TIMING_CLOSE = "<!-- timing:", "<!-- /timing -->"
+REFERENCE_RUN, CACHED_RUN = "reference", "from the cache"
+
+#: `make reproduce`'s time budget and its goal, which the README's cost paragraph measures the total against.
+REPRODUCE_BUDGET_S, REPRODUCE_GOAL_S = 45 * 60, 30 * 60
+
+
+def timings_path() -> Path:
+    return repo_root() / "figures" / TIMINGS
+
+
+def _timing_rows(timings: pd.DataFrame, selector: str) -> pd.DataFrame:
+    """The rows a span's selector names: `<preset>/<notebook>`, its reference run's whole-notebook row;
+    `<preset>/<notebook>/<part>+<part>`, those parts (summed when rendered); a trailing `@cache`, the cached rerun."""
+    run = CACHED_RUN if selector.endswith("@cache") else REFERENCE_RUN
+    preset, notebook, *parts = selector.removesuffix("@cache").split("/", 2)
+    wanted = parts[0].split("+") if parts else [""]
+    t = timings.assign(part=timings["part"].fillna(""))
+    rows = t[(t["preset"] == preset) & (t["notebook"] == notebook) & (t["run"] == run) & t["part"].isin(wanted)]
+    if len(rows) != len(wanted):
+        raise MipoError(f"figures/{TIMINGS} has no row for every part of the README's timing span {selector!r}; "
+                        "record it there or change the span")
+    return rows
+
+
+def _budget(rows: pd.DataFrame) -> str:
+    total = rows["wall_s"].sum()
+    side = "under" if total <= REPRODUCE_BUDGET_S else "over"
+    return f"{render.whole_minutes(abs(REPRODUCE_BUDGET_S - total))} {side} the {REPRODUCE_BUDGET_S // 60}-minute budget"
+
+
+TIMING_FORMATS: dict[str, Callable[[pd.DataFrame], str]] = {
+    "wall": lambda rows: render.duration(rows["wall_s"].sum()),
+    "minutes": lambda rows: render.whole_minutes(rows["wall_s"].sum()),
+    "seconds": lambda rows: render.plain_seconds(rows["wall_s"].sum()),
+    "min-s": lambda rows: render.minutes_and_seconds(rows["wall_s"].sum()),
+    "peak": lambda rows: render.gigabytes(rows["peak_rss_mb"].max()),
+    "budget": _budget,
+    "goal": lambda rows: (f"goal {REPRODUCE_GOAL_S // 60}: "
+                          f"{'met' if rows['wall_s'].sum() <= REPRODUCE_GOAL_S else 'missed'}"),
+}
+"""How a timing span renders its rows (the span's last word)."""
+
+
+def timing_text(timings: pd.DataFrame, key: str) -> str:
+    """The text of the timing span `key` (`<selector> <format>`, see `_timing_rows` and `TIMING_FORMATS`)."""
+    selector, _, fmt = key.strip().rpartition(" ")
+    if fmt not in TIMING_FORMATS:
+        raise MipoError(f"README timing span {key!r}: unknown format {fmt!r}; use one of {list(TIMING_FORMATS)}")
+    return TIMING_FORMATS[fmt](_timing_rows(timings, selector))
+
+
+def render_timings(text: str, timings: pd.DataFrame | None = None) -> str:
+    """`text` with every timing span's content rendered from the timings table (default the committed one)."""
+    if TIMING_OPEN not in text:
+        return text
+    timings = pd.read_csv(timings_path()) if timings is None else timings
+    out, rest = [], text
+    while TIMING_OPEN in rest:
+        before, _, after = rest.partition(TIMING_OPEN)
+        key, closed, after = after.partition(" -->")
+        _, ended, rest = after.partition(TIMING_CLOSE)
+        if not closed or not ended:
+            raise MipoError(f"README timing span {key[:60]!r} is not closed by {TIMING_CLOSE!r}")
+        out += [before, f"{TIMING_OPEN}{key} -->", timing_text(timings, key), TIMING_CLOSE]
+    return "".join([*out, rest])
+
+
+def _notebook_range(name: str) -> range | None:
+    """The notebook numbers of a range row's name (`00-05`: `make reproduce`'s total), else None."""
+    first, dash, last = name.partition("-")
+    if dash and first.isdigit() and last.isdigit():
+        return range(int(first), int(last) + 1)
+    return None
+
+
+def update_timings_table(timings_csv_path: Path, preset: str, table: Path | None = None) -> pd.DataFrame:
+    """Record a reference run's wall times and peak memory in the committed timings table (`figures/timings_cpu.csv`).
+
+    `timings_csv_path` is the runner's `runs/<preset>/notebooks/timings.csv`; the latest successful run of each of its
+    notebooks replaces that notebook's reference row for `preset`, and a range row (`00-05`: `make reproduce`'s
+    total) becomes the sum of its notebooks when all of them were run. A notebook whose time is recorded as a
+    breakdown (rows with a `part`, e.g. notebook 06 summed over resumed runs) is left as recorded: one runner run of it
+    is one segment, not its cost. Returns the updated table (written to `table`, default the committed one).
+    """
+    table = table or timings_path()
+    runs = pd.read_csv(timings_csv_path)
+    latest = runs[runs["ok"].astype(str) == "True"].groupby("notebook", sort=False).last()
+    committed = pd.read_csv(table).reindex(columns=list(TIMING_COLUMNS)).astype({"wall_s": float, "peak_rss_mb": float})
+    broken_down = set(committed.loc[committed["part"].notna(), "notebook"])
+    seeds = " ".join(str(s) for s in get_preset(preset).seeds)
+    source = f"runner: runs/{preset}/notebooks/timings.csv"
+
+    def whole() -> pd.Series:
+        return committed["part"].isna() & (committed["preset"] == preset) & (committed["run"] == REFERENCE_RUN)
+
+    recorded = []
+    for notebook, r in latest.iterrows():
+        if notebook in broken_down:
+            continue
+        values = {"notebook": notebook, "preset": preset, "seeds": seeds, "run": REFERENCE_RUN, "wall_s": r["wall_s"],
+                  "peak_rss_mb": r["peak_rss_mb"], "source": source, "date": str(r["finished_at"])[:10]}
+        mine = whole() & (committed["notebook"] == notebook)
+        if mine.any():
+            committed.loc[mine, list(values)] = list(values.values())
+        else:
+            committed = pd.concat([committed, pd.DataFrame([values])], ignore_index=True)
+        recorded.append(str(notebook))
+    for i in committed.index[whole()]:
+        numbers = _notebook_range(str(committed.loc[i, "notebook"]))
+        members = [n for n in recorded if n[:2].isdigit() and numbers is not None and int(n[:2]) in numbers]
+        if numbers is not None and len(members) == len(numbers):
+            rows = committed[whole() & committed["notebook"].isin(members)]
+            committed.loc[i, ["wall_s", "peak_rss_mb", "source", "date"]] = [
+                rows["wall_s"].sum(), rows["peak_rss_mb"].max(), source, rows["date"].max()]
+    committed.to_csv(table, index=False)
+    return committed
 
 
 # --------------------------------------------------------------------------------------------------- deviations
@@ -412,7 +498,6 @@ DEVIATIONS: tuple[Deviation, ...] = (
 def deviations_block(preset: str = "cpu") -> str:
     """The README's "Deviations from the paper" table (markers included), with our settings read off `preset`."""
     p = get_preset(preset)
-    rows = ["| aspect | the paper (official code) | this workbook (`" + preset + "` preset) | why | expected effect |",
-            "|---|---|---|---|---|"]
-    rows += [f"| {d.aspect} | {d.official} | {d.ours(p)} | {d.why} | {d.effect} |" for d in DEVIATIONS]
+    rows = render.table(["aspect", "the paper (official code)", f"this workbook (`{preset}` preset)", "why",
+                         "expected effect"], ([d.aspect, d.official, d.ours(p), d.why, d.effect] for d in DEVIATIONS))
     return "\n".join([DEVIATIONS_BEGIN.format(preset=preset), *rows, DEVIATIONS_END.format(preset=preset)])
