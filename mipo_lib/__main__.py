@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     held.add_argument("--seeds", type=_parse_seeds, default=None, help="MIPO seeds (default: the preset's first)")
     held.add_argument("--no-progress", action="store_true")
 
-    rdm = sub.add_parser("readme", help="rewrite the README's results block from figures/results_<preset>.csv")
+    rdm = sub.add_parser("readme", help="rewrite the README's generated blocks (results, ablations, deviations, costs) from the committed figures/ tables")
     rdm.add_argument("--preset", default="all", help="cpu, cpu-reasoning or all (default)")
 
     chat = sub.add_parser("chat", help="one reply from a preset's base model (a quick check that loading works)",

@@ -99,3 +99,26 @@ def test_styled_tables_get_ids_from_their_content():
     assert out(first) != out(other)
     ids = set(publish._STYLER_ID.findall(out(first))) | set(publish._STYLER_ID.findall(out(other)))
     assert len(ids) == 2 and "25.0%" in out(first)
+
+
+def test_only_a_from_scratch_reference_run_records_its_times(tmp_path, monkeypatch):
+    """A reference run that reuses its cache measures reading it: it must not replace the committed timings."""
+    from mipo_lib.workbook import publish as publish_module
+    from mipo_lib.workbook import readme, runner
+
+    monkeypatch.setenv("MIPO_RUNS_DIR", str(tmp_path / "runs"))
+    recorded = []
+    monkeypatch.setattr(runner, "list_notebooks", lambda names: [runner.notebooks_dir() / "05_results.ipynb"])
+    monkeypatch.setattr(runner, "run_notebook", lambda path, *a, **k: runner.NotebookRun(path.stem, "cpu", 1.0, 2.0, True))
+    monkeypatch.setattr(publish_module, "publish", lambda path: None)
+    monkeypatch.setattr(readme, "update_readme", lambda name: False)
+    monkeypatch.setattr(readme, "update_timings_table", lambda timings, name: recorded.append(name))
+    runner.reproduce("cpu", progress=False)  # nothing under runs/cpu/personalization yet: from scratch
+    assert recorded == ["cpu"]
+    (tmp_path / "runs" / "cpu" / "personalization").mkdir(parents=True)  # a later run finds its cache
+    runner.reproduce("cpu", progress=False)
+    assert recorded == ["cpu"]
+    runner.reproduce("cpu", redo=True, progress=False)  # redo recomputes everything
+    assert recorded == ["cpu", "cpu"]
+    runner.reproduce("cpu", overrides={"lora_r": 4}, redo=True, progress=False)  # not the reference
+    assert recorded == ["cpu", "cpu"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from mipo_lib.config import Resolved, repo_root, resolve_preset, run_dir
+from mipo_lib.config import Resolved, repo_root, resolve_preset, run_dir, runs_dir
 from mipo_lib.errors import MipoError
 
 
@@ -168,6 +168,8 @@ def reproduce(
     (`--set name=...` keeps a variant's notebooks apart).
     """
     effective = say_settings(preset, overrides).preset  # fail fast on an unknown name, field or value
+    # only a run that computes everything measures the notebooks' cost (one that reuses its cache measures reading it)
+    from_scratch = redo or not (runs_dir() / effective.name / effective.task).exists()
     out_dir = run_dir(effective, "notebooks")
     timings = out_dir / "timings.csv"
     runs: list[NotebookRun] = []
@@ -193,6 +195,12 @@ def reproduce(
 
         if update_readme(effective.name):
             print("[mipo] README.md's generated blocks rewritten from the committed figures/ files", flush=True)
+    if is_reference_run(effective, overrides) and from_scratch and runs:
+        from mipo_lib.workbook.readme import TIMINGS, update_readme, update_timings_table
+
+        update_timings_table(timings, effective.name)
+        update_readme(effective.name)  # its cost lines are rendered from the timings table
+        print(f"[mipo] figures/{TIMINGS} records this from-scratch run's times", flush=True)
     return runs
 
 
