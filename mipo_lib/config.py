@@ -152,16 +152,19 @@ class Preset:
     learning_rate: float = field(default=2e-4, metadata={"help": (
         "MIPO's (DPO's) learning rate, constant after warm-up. The official code fine-tunes all weights at 5e-7; "
         "LoRA needs far more (5e-5 moved nothing visible on cpu in the pilot): cpu 2e-4 (make tune kept it over "
-        "8e-4 on validation, figures/choices_cpu.csv), t4 5e-5, paper 2e-5.")})
+        "8e-4 on validation, figures/choices_cpu.csv); t4 5e-5 and paper 2e-5 are NOT validated on their models "
+        "(nobody has run make tune PRESET=t4 on a GPU yet; expect them too small for LoRA, as 5e-5 was on cpu).")})
     sft_learning_rate: float = field(default=2e-4, metadata={"help": (
         "The SFT baseline's learning rate, chosen apart from MIPO's so each method runs at its own best: cpu 2e-4 "
-        "as written, 8e-4 as chosen on validation (figures/choices_cpu.csv); t4 5e-5, paper 2e-5.")})
+        "as written, 8e-4 as chosen on validation (figures/choices_cpu.csv); t4 5e-5 and paper 2e-5, not validated "
+        "on their models (make tune PRESET=t4 chooses both on a GPU).")})
     epochs: int = field(default=2, metadata={"help": (
         "MIPO's (DPO's) passes over the pairs: cpu 2 as written, 8 as chosen by make tune on validation "
-        "(figures/choices_cpu.csv); cpu-reasoning 2 (the pilot's value, not tuned), t4 and paper 1.")})
+        "(figures/choices_cpu.csv); cpu-reasoning 2 (the pilot's value, not tuned); t4 and paper 1, as the official "
+        "code trains, not validated on their models with LoRA (make tune PRESET=t4 chooses epochs on a GPU).")})
     sft_epochs: int = field(default=2, metadata={"help": (
         "The SFT baseline's own passes over the chosen replies (make tune chooses them apart from MIPO's): cpu 2 as "
-        "written, 4 as chosen on validation; t4 and paper 1.")})
+        "written, 4 as chosen on validation; t4 and paper 1, not validated on their models.")})
     batch_size: int = field(default=8, metadata={"help": (
         "Pairs per training step (times grad_accum per optimizer update): cpu 4, t4 2, paper 4. Lower it when "
         "training runs out of memory.")})
@@ -403,7 +406,8 @@ _CPU = Preset(
 _PAPER = Preset(
     name="paper",
     task_defaults=True,
-    description="24-80 GB GPU: Llama-3.2-1B-Instruct as in the paper, bf16 LoRA, official sampling settings",
+    description="40-80 GB GPU: Llama-3.2-1B-Instruct as in the paper, bf16 LoRA, official sampling settings; LoRA "
+                "learning rate and epochs not validated on this model (make tune PRESET=paper)",
     model_id="meta-llama/Llama-3.2-1B-Instruct",
     n_train_prompts=300,
     temperature=0.1,
@@ -430,7 +434,8 @@ PRESETS: dict[str, Preset] = {
     "t4": dataclasses.replace(
         _PAPER,
         name="t4",
-        description="free Colab T4 (16 GB, no bf16): Qwen2.5-1.5B-Instruct in 4-bit NF4 QLoRA, fp16 compute",
+        description="free Colab T4 (16 GB, no bf16): Qwen2.5-1.5B-Instruct in 4-bit NF4 QLoRA, fp16 compute; LoRA "
+                    "learning rate and epochs not validated on this model (make tune PRESET=t4)",
         model_id="Qwen/Qwen2.5-1.5B-Instruct",
         load_in_4bit=True,
         gradient_checkpointing=True,
