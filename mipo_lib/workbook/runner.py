@@ -13,10 +13,13 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from mipo_lib import memory
 from mipo_lib.config import Resolved, repo_root, resolve_preset, run_dir, runs_dir
 from mipo_lib.errors import MipoError
 
@@ -93,6 +96,21 @@ class PeakMemory:
         self._thread.join()
 
 
+@contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables for a block (a kernel started in it inherits them), restored afterwards."""
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def run_notebook(
     path: Path,
     preset: str,
@@ -120,10 +138,9 @@ def run_notebook(
     start = time.perf_counter()
     ok = False
     # the kernel inherits this process's environment: mark it as the reference run, the only one whose reference
-    # preset writes the committed figures/ (plots.figures_dir); restored afterwards for the caller
-    previous = os.environ.get(REFERENCE_RUN_ENV)
-    os.environ[REFERENCE_RUN_ENV] = "1"
-    with PeakMemory() as mem:
+    # preset writes the committed figures/ (plots.figures_dir), and tell its stages where to record their memory
+    kernel_env = {REFERENCE_RUN_ENV: "1", memory.LOG_ENV: str(out_dir / "memory.csv"), memory.NOTEBOOK_ENV: path.stem}
+    with _environment(kernel_env), PeakMemory() as mem:
         try:
             pm.execute_notebook(
                 str(path),
@@ -136,10 +153,6 @@ def run_notebook(
             ok = True
         finally:
             wall = time.perf_counter() - start
-            if previous is None:
-                os.environ.pop(REFERENCE_RUN_ENV)
-            else:
-                os.environ[REFERENCE_RUN_ENV] = previous
     return NotebookRun(path.stem, preset, round(wall, 1), round(mem.peak / 2**20, 1), ok)
 
 
