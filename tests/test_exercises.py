@@ -415,6 +415,7 @@ def test_committed_checks_say_not_done_yet(path):
     for cells in editions.exercise_cells(editions.read(path), path.name):
         texts = ["".join(o.get("data", {}).get("text/plain", o.get("text", ""))) for o in cells.check.get("outputs", [])]
         assert texts and all(t.startswith(NOT_DONE) for t in texts), f"{path.name}: check {cells.check['id']} shows {texts}"
+        assert cells.check.get("execution_count") is not None, f"{path.name}: nbval refuses an output of an unrun cell"
 
 
 def _verdict_of_check(check_source: str, namespace: dict) -> exercises.Verdict:

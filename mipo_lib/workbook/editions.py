@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mipo_lib.config import repo_root
 from mipo_lib.errors import MipoError
 
 #: What every exercise's function may use besides its arguments: the set-up cell of the solutions notebooks, and what
@@ -209,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python3 -m mipo_lib.workbook.editions [--check] [--notebooks DIR]`: rebuild the solutions notebooks."""
     parser = argparse.ArgumentParser(prog="python3 -m mipo_lib.workbook.editions", description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a solutions notebook is stale")
-    parser.add_argument("--notebooks", type=Path, default=Path(__file__).resolve().parents[2] / "notebooks")
+    parser.add_argument("--notebooks", type=Path, default=repo_root() / "notebooks", help="the numbered notebooks' folder")
     args = parser.parse_args(argv)
     try:
         stale = stale_solutions(args.notebooks, write=not args.check)
