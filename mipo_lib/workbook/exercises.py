@@ -655,10 +655,10 @@ def _right_padded(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: i
 
 
 def _step_setup() -> tuple[Any, Any, Any, list[dict[str, Any]], dict[str, torch.Tensor]]:
-    """The smoke preset (fp32, LoRA dropout 0: a step is deterministic), its tiny model with a LoRA adapter whose B
-    matrices are random (so the policy is not the reference and every LoRA matrix gets a gradient), four pairs with
-    the base model's log-probs as reference log-probs and the token digests TRL's trainer checks, and the same pairs
-    as the student's batch of tensors."""
+    """The smoke preset (fp32, LoRA dropout 0: a step is deterministic), its tiny model on the CPU with a LoRA adapter
+    whose B matrices are random (so the policy is not the reference and every LoRA matrix gets a gradient), four pairs
+    with the base model's log-probs as reference log-probs and the token digests TRL's trainer checks, and the same
+    pairs as the student's batch of tensors (on the CPU too, so a GPU machine changes nothing)."""
     from peft import get_peft_model
 
     from mipo_lib import models, scoring
@@ -666,7 +666,7 @@ def _step_setup() -> tuple[Any, Any, Any, list[dict[str, Any]], dict[str, torch.
     from mipo_lib.tasks import get_task
 
     preset = get_preset("smoke")
-    base, tokenizer = models.load_for_preset(preset)
+    base, tokenizer = models.load_for_preset(preset, device="cpu")
     policy = get_peft_model(base, models.lora_config(preset))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
