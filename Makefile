@@ -64,10 +64,13 @@ lab: $(STAMP)
 	JUPYTER_PREFER_ENV_PATH=1 $(BIN)/jupyter lab --ServerApp.root_dir=notebooks \
 		--MultiKernelManager.default_kernel_name=python3 $(LAB_ARGS) notebooks/00_quickstart.ipynb
 
-# The student edition: every notebook without its `solution` cells, in student/ (git-ignored); stubs and checks stay
-.PHONY: student
-student: $(STAMP)
-	$(BIN)/python -m mipo_lib.workbook.exercises student --out student
+# The committed notebooks ARE the student edition (stubs, every check says "not done yet"; the Colab badges open them).
+# Their solutions are notebooks/solutions/NN_slug_solutions.ipynb: after editing an exercise's statement or check in a
+# notebook, `make solutions` copies it there around the hand-written solution cells (standard library only: no set-up).
+# Grading a class: python -m mipo_lib grade SUBMISSIONS/ --out grades.csv (layout: mipo_lib/workbook/grade.py)
+.PHONY: solutions
+solutions:
+	$(PYTHON) -m mipo_lib.workbook.editions
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/run.py

@@ -25,8 +25,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
                  "analysis.ablation_findings", "analysis.reasoning_findings"),
     "experiments": ("experiments", "experiments.pipeline", "experiments.tune", "experiments.heldout",
                     "experiments.ablations", "experiments.reasoning", "experiments.launch_dpo"),
-    "workbook": ("workbook", "workbook.environment", "workbook.publish", "workbook.readme", "workbook.exercises",
-                 "workbook.runner", "__main__"),
+    "workbook": ("workbook", "workbook.environment", "workbook.publish", "workbook.readme", "workbook.editions",
+                 "workbook.exercises", "workbook.grade", "workbook.runner", "__main__"),
 }
 ORDER = {name: i for i, name in enumerate(n for names in LAYERS.values() for n in names)}
 

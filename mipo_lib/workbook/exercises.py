@@ -1,21 +1,31 @@
-"""Exercises a student fills in and a teacher can grade: checkers that say "right", or what is wrong with a hint,
-without printing the answer; and the student edition of the notebooks (solutions removed).
+"""Exercises a student fills in and a teacher grades: checkers that say "right", or what is wrong with a hint (never
+the expected numbers), or "not done yet".
 
-An exercise in a notebook is three cells: a **stub** (tag ``stub``) that defines a function raising
-`NotImplementedError`, a **solution** (tag ``solution``, hidden on Colab and in JupyterLab, no committed outputs) that
-redefines it and asserts its own checker, and a **check** cell that calls the checker from this module. Run top to
-bottom, the workbook's check cells print "right"; in the student edition (``make student``), where the solution cells
-are gone, they print "not done yet" until the student has written the function.
+An exercise in a notebook is three cells, placed before any code of the notebook that would give its answer away:
+its statement (a markdown cell tagged ``exercise``), a **stub** (tag ``stub``) that defines a function raising
+`NotImplementedError`, and a **check** cell that calls the exercise's checker from this module. The numbered
+notebooks are the student edition: run top to bottom, every check says "not done yet". The solutions live in
+``notebooks/solutions/`` (`mipo_lib.workbook.editions` builds those notebooks around the same statements and checks),
+and `mipo_lib.workbook.grade` runs submitted stubs through the checkers. `EXERCISES` lists every exercise.
 
-Each checker runs the student's function on small seeded inputs, compares it with the reference implementation, and,
-when they differ, tries the usual mistakes one by one (a hint names the mistake, never the expected numbers).
+Each checker runs the student's function on small seeded inputs, compares it with a reference implementation, and,
+when they differ, tries the usual mistakes one by one. Where the exercise is to write what a library function already
+computes (`mi.conditional_pmi`, `pairs.derangement`, `reasoning.choose_level`, ...), that function refuses to run
+while the student's function runs: its code object is swapped for one that raises (`_library_refuses`), so no alias
+can reach the original, neither `from mipo_lib.mi import conditional_pmi as f`, `import mipo_lib.mi as m`, nor a
+name bound before the check.
 """
 
 from __future__ import annotations
 
-import argparse
+import importlib
+import inspect
 import math
-from collections.abc import Callable, Sequence
+import sys
+import tempfile
+import types
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,10 +35,14 @@ import pandas as pd
 import torch
 
 from mipo_lib import mi
+from mipo_lib.errors import MipoError
 
 __all__ = [
     "NOT_DONE",
     "Verdict",
+    "Exercise",
+    "EXERCISES",
+    "LibraryCall",
     "check_sequence_logprob",
     "check_mipo_pairs",
     "check_conditional_pmi",
@@ -39,6 +53,7 @@ __all__ = [
     "check_ends_with_question",
     "check_dpo_pair",
     "check_logged_rewards",
+    "check_lora_dpo_step",
     "check_kl_estimates",
     "check_compute_matched",
     "check_choose_level",
@@ -47,8 +62,6 @@ __all__ = [
     "check_short_sentences",
     "check_bootstrap_ci",
     "check_pairing_widths",
-    "CHECKERS",
-    "student_edition",
 ]
 
 NOT_DONE = "not done yet"
@@ -68,18 +81,105 @@ class Verdict:
         return self.message
 
 
-def _run(fn: Callable[..., Any], *args: Any) -> tuple[Any, Verdict | None]:
-    """Call the student's function; an untouched stub (NotImplementedError or None) is "not done yet", any other
-    exception is reported as what it is, so the check cell never crashes."""
+# ------------------------------------------------------------------------- library functions that refuse to run
+class LibraryCall(Exception):
+    """Raised by a library function that an exercise asks the student to write, called while the student's function
+    runs (the message names the function)."""
+
+
+_LIBRARY_CALLS: list[str] = []  # what the student's function called, even if it caught the exception
+
+
+def _refuse(*args: Any, **kwargs: Any) -> Any:
+    """The code a forbidden function runs instead of its own. It executes with the *library* module's globals (the
+    function object keeps them), so it imports what it needs locally; `_refusing_code` names it after the function."""
+    from mipo_lib.workbook.exercises import _refused
+
+    _refused()
+
+
+def _refused() -> None:
+    code = sys._getframe(1).f_code  # the forbidden function's frame: _refuse's code under the function's names
+    name = f"{code.co_filename.strip('<>')}.{code.co_qualname}"
+    _LIBRARY_CALLS.append(name)
+    raise LibraryCall(name)
+
+
+def _refusing_code(fn: types.FunctionType) -> types.CodeType:
+    return _refuse.__code__.replace(co_name=fn.__name__, co_qualname=fn.__qualname__, co_filename=f"<{fn.__module__}>")
+
+
+def _library_functions(dotted: str) -> list[types.FunctionType]:
+    """The functions `dotted` names: every function a module defines (`mipo_lib.mi`), or one function or method
+    (`mipo_lib.pairs.derangement`, `mipo_lib.evaluate.ContextAwareDecoding.__call__`), unwrapped from decorators."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            target: Any = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[cut:]:
+            target = getattr(target, attr)
+        break
+    else:
+        raise MipoError(f"no module in {dotted!r}: name a library module or function, e.g. 'mipo_lib.mi.pmi'")
+    if isinstance(target, types.ModuleType):
+        found = [inspect.unwrap(f) for f in vars(target).values()
+                 if isinstance(f, types.FunctionType) and f.__module__ == target.__name__]
+    else:
+        found = [inspect.unwrap(target)]
+    for fn in found:
+        if not isinstance(fn, types.FunctionType) or fn.__code__.co_freevars:
+            raise MipoError(f"{dotted!r} cannot be made to refuse: name a plain Python function or a module")
+    return found
+
+
+@contextmanager
+def _library_refuses(names: Sequence[str]) -> Iterator[None]:
+    """While the block runs, every function of `names` raises `LibraryCall` instead of computing.
+
+    Swapping `__code__` changes the function object itself, which every alias shares; the originals are back when
+    the block ends, also when it raises."""
+    functions = {id(f): f for name in names for f in _library_functions(name)}.values()
+    saved = [(f, f.__code__) for f in functions]
+    _LIBRARY_CALLS.clear()
+    for f in functions:
+        f.__code__ = _refusing_code(f)
     try:
-        out = fn(*args)
-    except NotImplementedError:
-        return None, Verdict(None, f"{NOT_DONE}: replace the `raise NotImplementedError` in the stub with your code")
-    except Exception as exc:  # noqa: BLE001 - a student's bug is a verdict, not a crash of the check cell
-        return None, Verdict(False, f"your function raised {type(exc).__name__}: {exc}")
+        yield
+    finally:
+        for f, code in saved:
+            f.__code__ = code
+
+
+def _run(fn: Callable[..., Any], *args: Any, forbid: Sequence[str] = ()) -> tuple[Any, Verdict | None]:
+    """Call the student's function, with the library functions `forbid` names refusing to run; an untouched stub
+    (NotImplementedError or None) is "not done yet", a call of a forbidden function is wrong whatever it returned,
+    and any other exception is reported as what it is, so the check cell never crashes."""
+    with _library_refuses(forbid):
+        try:
+            out = fn(*args)
+        except NotImplementedError:
+            return None, Verdict(None, f"{NOT_DONE}: replace the `raise NotImplementedError` in the stub with your code")
+        except Exception as exc:  # noqa: BLE001 - a student's bug is a verdict, not a crash of the check cell
+            if not _LIBRARY_CALLS:
+                return None, Verdict(False, f"your function raised {type(exc).__name__}: {exc}")
+    if _LIBRARY_CALLS:
+        return None, Verdict(False, f"not yet: your function calls the library's `{_LIBRARY_CALLS[0]}`, which computes "
+                                    "this exercise's answer: write it yourself")
     if out is None:
         return None, Verdict(None, f"{NOT_DONE}: the function returns None (did you forget `return`?)")
     return out, None
+
+
+#: The library functions each exercise asks the student to write (refusing to run while the student's function runs).
+_MI = ("mipo_lib.mi",)
+_DERANGEMENTS = ("mipo_lib.pairs.derangement", "mipo_lib.pairs.grouped_derangement", "mipo_lib.pairs.negative_sources")
+_SCORING = ("mipo_lib.scoring",)
+_DPO_STEP = ("mipo_lib.scoring", "mipo_lib.dpo")
+_CAD = ("mipo_lib.evaluate.ContextAwareDecoding.__call__",)
+_STATS = ("mipo_lib.analysis.stats",)
+_CHOOSE_LEVEL = ("mipo_lib.experiments.reasoning.choose_level",)
 
 
 def _as_array(x: Any) -> np.ndarray:
@@ -120,7 +220,7 @@ def check_sequence_logprob(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tenso
     padding tokens are excluded, the reply's token log-probs are summed (not averaged).
     """
     logits, ids, mask, attention = _toy_batch()
-    out, verdict = _run(fn, logits.clone(), ids.clone(), mask.clone())
+    out, verdict = _run(fn, logits.clone(), ids.clone(), mask.clone(), forbid=_SCORING)
     if verdict:
         return verdict
     got, want = _as_array(out), _as_array(_reference_sequence_logprob(logits, ids, mask))
@@ -154,7 +254,7 @@ def check_mipo_pairs(fn: Callable[[Sequence[str], Sequence[str], np.random.Gener
     positives = [f"reply to prompt {i}" for i in range(n)]
     draws = []
     for seed in range(6):
-        out, verdict = _run(fn, list(prompts), list(positives), np.random.default_rng(seed))
+        out, verdict = _run(fn, list(prompts), list(positives), np.random.default_rng(seed), forbid=_DERANGEMENTS)
         if verdict:
             return verdict
         try:
@@ -188,7 +288,7 @@ def check_conditional_pmi(fn: Callable[[np.ndarray, np.ndarray], Any]) -> Verdic
     rows, _ = mi.random_world(6, 5, 0.5, seed=3)
     pi0_c = rows.reshape(2, 3, 5)
     pc = np.array([[0.5, 0.3, 0.2], [0.2, 0.2, 0.6]])  # not uniform: catches a plain mean over contexts
-    out, verdict = _run(fn, pi0_c.copy(), pc.copy())
+    out, verdict = _run(fn, pi0_c.copy(), pc.copy(), forbid=_MI)
     if verdict:
         return verdict
     got, want = _as_array(out), mi.conditional_pmi(pi0_c, pc)
@@ -251,7 +351,7 @@ def check_world_summary(fn: Callable[[np.ndarray, np.ndarray, float], Any]) -> V
     """Check ``fn(pi0, px, beta) -> (marginal, mutual_information, optimum)``: the marginal pi0(y), I0(X;Y) in nats
     and MIPO's optimum table pi*(y|x), on the exercise's 2 x 2 world and on a 3 x 4 world with a non-uniform p(x)."""
     for pi0, px, beta in _small_worlds():
-        out, verdict = _run(fn, pi0.copy(), px.copy(), beta)
+        out, verdict = _run(fn, pi0.copy(), px.copy(), beta, forbid=_MI)
         if verdict:
             return verdict
         parts, verdict = _parts(out, 3, "the marginal, the mutual information and the optimum table")
@@ -299,7 +399,7 @@ def check_pmi_and_kl(fn: Callable[[np.ndarray, np.ndarray, float], Any]) -> Verd
     rows, _ = mi.random_world(3, 5, 1.0, seed=5)
     px = np.array([0.6, 0.3, 0.1])
     for beta in (0.5, 1.0, 2.0):
-        out, verdict = _run(fn, rows.copy(), px.copy(), beta)
+        out, verdict = _run(fn, rows.copy(), px.copy(), beta, forbid=_MI)
         if verdict:
             return verdict
         got, verdict = _two_numbers(out, "the expected PMI and the KL")
@@ -335,7 +435,7 @@ def check_log_partition(fn: Callable[[np.ndarray, np.ndarray, float], Any]) -> V
     rows, _ = mi.random_world(4, 6, 0.3, seed=2)
     px = np.array([0.4, 0.3, 0.2, 0.1])
     for beta in (1.0, 0.3):
-        out, verdict = _run(fn, rows.copy(), px.copy(), beta)
+        out, verdict = _run(fn, rows.copy(), px.copy(), beta, forbid=_MI)
         if verdict:
             return verdict
         got, want = _as_array(out), _reference_log_partition(rows, px, beta)
@@ -351,7 +451,7 @@ def check_log_partition(fn: Callable[[np.ndarray, np.ndarray, float], Any]) -> V
         ]) or Verdict(False, "not yet: the numbers differ from log sum_y pi0(y|x) exp(pmi0(x;y)/beta)")
     # a tiny beta: exp(pmi / beta) overflows float64 unless the sum is taken in log space
     beta = 0.002
-    out, verdict = _run(fn, rows.copy(), px.copy(), beta)
+    out, verdict = _run(fn, rows.copy(), px.copy(), beta, forbid=_MI)
     if verdict:
         return verdict
     got = _as_array(out)
@@ -382,7 +482,7 @@ def check_sattolo(fn: Callable[[int, np.random.Generator], Any]) -> Verdict:
     outputs = {}
     for n in (2, 4, 7):
         for seed in range(60):
-            out, verdict = _run(fn, n, np.random.default_rng(seed))
+            out, verdict = _run(fn, n, np.random.default_rng(seed), forbid=_DERANGEMENTS)
             if verdict:
                 return verdict
             perm = np.asarray(out)
@@ -515,6 +615,174 @@ def check_logged_rewards(fn: Callable[..., Any]) -> Verdict:
     return Verdict(True, "right: rewards scaled by beta and relative to the reference; ties are not counted as correct")
 
 
+# ------------------------------------------------------------- notebook 03: one LoRA-DPO step, against TRL's step
+#: (chosen, rejected) replies of the check's four pairs; the prompts are the personalization task's first four.
+_STEP_REPLIES = (
+    ("- Water it when the top soil is dry.\n- Give it bright, indirect light.", "Water it and give it some light."),
+    ("hey there! boil the water, add the tea and wait three minutes.", "Boil water. Add tea. Wait."),
+    ("Two eggs, toast and fruit. Cheers!", "Eggs and toast are a quick breakfast."),
+    ("Walk for 20 minutes after lunch, 3 times a week.", "Walking after lunch helps."),
+)
+_STEP_SIDES = ("chosen", "rejected")
+
+
+class _RecordingSGD(torch.optim.SGD):
+    """Plain SGD that keeps a copy of every parameter's gradient as it is when `step` is called: what the step
+    applies, whatever the student's code does to the gradients afterwards (`zero_grad`)."""
+
+    def __init__(self, named: Sequence[tuple[str, torch.nn.Parameter]], lr: float) -> None:
+        super().__init__([p for _, p in named], lr=lr)
+        self.names = [n for n, _ in named]
+        self.grads_at_step: dict[str, torch.Tensor | None] | None = None
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        params = self.param_groups[0]["params"]
+        self.grads_at_step = {n: None if p.grad is None else p.grad.detach().clone() for n, p in zip(self.names, params)}
+        return super().step(closure)
+
+
+def _right_padded(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """(prompt ids, reply ids) rows as one right-padded batch: input ids, attention mask, and a mask of reply tokens."""
+    width = max(len(p) + len(c) for p, c in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention, reply = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, (prompt, completion) in enumerate(rows):
+        end = len(prompt) + len(completion)
+        ids[i, :end] = torch.tensor(list(prompt) + list(completion), dtype=torch.long)
+        attention[i, :end] = 1
+        reply[i, len(prompt):end] = 1
+    return {"input_ids": ids, "attention_mask": attention, "reply_mask": reply}
+
+
+def _step_setup() -> tuple[Any, Any, Any, list[dict[str, Any]], dict[str, torch.Tensor]]:
+    """The smoke preset (fp32, LoRA dropout 0: a step is deterministic), its tiny model on the CPU with a LoRA adapter
+    whose B matrices are random (so the policy is not the reference and every LoRA matrix gets a gradient), four pairs
+    with the base model's log-probs as reference log-probs and the token digests TRL's trainer checks, and the same
+    pairs as the student's batch of tensors (on the CPU too, so a GPU machine changes nothing)."""
+    from peft import get_peft_model
+
+    from mipo_lib import models, scoring
+    from mipo_lib.config import get_preset
+    from mipo_lib.tasks import get_task
+
+    preset = get_preset("smoke")
+    base, tokenizer = models.load_for_preset(preset, device="cpu")
+    policy = get_peft_model(base, models.lora_config(preset))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.05 * torch.randn(param.shape, generator=gen))
+    policy.eval()
+    task = get_task("personalization")
+    prompts = [task.prompt(ex) for ex in task.examples("train", len(_STEP_REPLIES), seed=0)]
+    replies = {side: [pair[k] for pair in _STEP_REPLIES] for k, side in enumerate(_STEP_SIDES)}
+    tokens = {side: [scoring.pair_tokens(tokenizer, p, r, preset.max_length) for p, r in zip(prompts, replies[side])]
+              for side in _STEP_SIDES}
+    with policy.disable_adapter():
+        ref = {side: scoring.sequence_logprobs(policy, tokenizer, prompts, replies[side], max_length=preset.max_length)[0]
+               for side in _STEP_SIDES}
+    pairs = [{"pair_id": f"step-{i}", "prompt": prompts[i],
+              **{side: replies[side][i] for side in _STEP_SIDES},
+              **{f"ref_{side}_logps": float(ref[side][i]) for side in _STEP_SIDES},
+              **{f"{side}_tokens": len(tokens[side][i][1]) for side in _STEP_SIDES},
+              **{f"{side}_token_digest": scoring.token_digest(*tokens[side][i]) for side in _STEP_SIDES}}
+             for i in range(len(prompts))]
+    batch = {f"{side}_{key}": value for side in _STEP_SIDES
+             for key, value in _right_padded(tokens[side], tokenizer.pad_token_id).items()}
+    batch.update({f"ref_{side}_logps": torch.tensor(ref[side], dtype=torch.float32) for side in _STEP_SIDES})
+    return preset, policy, tokenizer, pairs, batch
+
+
+def _step_losses(policy: Any, batch: dict[str, torch.Tensor], beta: float) -> dict[str, float]:
+    """The DPO loss of `batch` written right, and written with each usual mistake (for the hints)."""
+    logps: dict[str, dict[str, torch.Tensor]] = {}
+    with torch.no_grad():
+        for side in _STEP_SIDES:
+            ids, reply = batch[f"{side}_input_ids"], batch[f"{side}_reply_mask"]
+            logits = policy(input_ids=ids, attention_mask=batch[f"{side}_attention_mask"]).logits.float()
+            shifted = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            unshifted = torch.log_softmax(logits, -1).gather(-1, ids[..., None]).squeeze(-1)
+            logps[side] = {"right": (shifted * reply[:, 1:]).sum(-1),
+                           "mean": (shifted * reply[:, 1:]).sum(-1) / reply[:, 1:].sum(-1),
+                           "unshifted": (unshifted * reply).sum(-1)}
+    ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+
+    def loss(kind: str = "right", scale: float = beta, ref: bool = True, sign: float = 1.0, reduce: str = "mean") -> float:
+        c, r = logps["chosen"][kind], logps["rejected"][kind]
+        margin = scale * ((c - ref_c) - (r - ref_r)) if ref else scale * (c - r)
+        values = -torch.nn.functional.logsigmoid(sign * margin)
+        return float(values.sum() if reduce == "sum" else values.mean())
+
+    return {
+        "right": loss(),
+        "the log-probs are means over the reply's tokens: DPO sums them": loss("mean"),
+        "logits at position t predict token t+1: shift them against the token ids": loss("unshifted"),
+        "the margin is scaled by beta: beta x (log-ratio of chosen - log-ratio of rejected)": loss(scale=1.0),
+        "the rewards are relative to the reference: subtract the reference log-probs": loss(ref=False),
+        "the sign: the loss is -log sigmoid(+margin), a larger margin must lower it": loss(sign=-1.0),
+        "the loss is the mean over the batch's pairs, not their sum": loss(reduce="sum"),
+    }
+
+
+def _step_gradient_verdict(got: dict[str, torch.Tensor | None], want: dict[str, torch.Tensor]) -> Verdict | None:
+    """None when the gradients the student's step applied equal TRL's (relative to the largest entry, 1e-3)."""
+    if all(g is None for g in got.values()):
+        return Verdict(False, "not yet: the LoRA weights had no gradient at `optimizer.step()`: call `loss.backward()` "
+                              "before the step")
+    scale = max(g.abs().max().item() for g in want.values())
+    worst = max((torch.zeros_like(want[n]) if got.get(n) is None else got[n] - want[n]).abs().max().item() for n in want)
+    if worst <= 1e-3 * scale:
+        return None
+    if any(g is not None and g.abs().max().item() > 0 for g in got.values()) and \
+            all(got.get(n) is not None and torch.allclose(got[n], 2 * want[n], rtol=1e-3, atol=1e-3 * scale) for n in want):
+        return Verdict(False, "not yet: the loss is right but the gradients are twice TRL's: `loss.backward()` ran twice "
+                              "(or old gradients were not cleared: `optimizer.zero_grad()` before `backward`)")
+    return Verdict(False, "not yet: the loss matches TRL's but its gradient does not: is a term detached "
+                          "(`.detach()`, `.item()`, `torch.no_grad()`), or were old gradients kept?")
+
+
+def check_lora_dpo_step(fn: Callable[[Any, dict[str, torch.Tensor], float, Any], Any]) -> Verdict:
+    """Check ``fn(model, batch, beta, optimizer) -> loss``: one LoRA-DPO training step, by hand.
+
+    `batch` holds four pairs as right-padded tensors (``chosen_input_ids``, ``chosen_attention_mask``,
+    ``chosen_reply_mask``, the same three for ``rejected``, and the reference log-probs ``ref_chosen_logps``,
+    ``ref_rejected_logps``); `model` is the smoke preset's tiny model with a LoRA adapter, in eval mode. The step
+    must compute the summed reply log-probs of chosen and rejected, the sigmoid DPO loss with `beta`, backpropagate
+    and call ``optimizer.step()``, and return the loss. The loss and the gradients the step applied are compared with
+    TRL's `DPOTrainer` on the same pairs, the same adapter and the same reference log-probs (`dpo.trl_loss_gradients`).
+    """
+    from mipo_lib import dpo
+
+    preset, policy, tokenizer, pairs, batch = _step_setup()
+    named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
+    start = {n: p.detach().clone() for n, p in named}
+    optimizer = _RecordingSGD(named, lr=1e-2)
+    out, verdict = _run(fn, policy, {k: v.clone() for k, v in batch.items()}, preset.beta, optimizer, forbid=_DPO_STEP)
+    if verdict:
+        return verdict
+    try:
+        loss = float(out.detach() if isinstance(out, torch.Tensor) else out)
+    except (TypeError, ValueError, RuntimeError):
+        return Verdict(False, "return the loss: a number or a one-element tensor")
+    with torch.no_grad():  # back to the starting point, where TRL computes its loss and gradient
+        for n, p in named:
+            p.copy_(start[n])
+    policy.zero_grad(set_to_none=True)
+    policy.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        trl_loss, trl_grads = dpo.trl_loss_gradients(policy, tokenizer, pairs, preset, Path(tmp))
+    if not math.isclose(loss, trl_loss, rel_tol=1e-4, abs_tol=1e-4):
+        mistakes = [([v], hint) for hint, v in _step_losses(policy, batch, preset.beta).items() if hint != "right"]
+        return _first_mistake(np.array([loss]), mistakes, tol=1e-4) or Verdict(
+            False, "not yet: the loss differs from TRL's: summed reply log-probs (logits shifted by one), rewards "
+                   "beta x (policy - reference), loss -log sigmoid(chosen reward - rejected reward), batch mean")
+    if optimizer.grads_at_step is None:
+        return Verdict(False, "not yet: the loss is right, but no step was taken: `loss.backward()`, then `optimizer.step()`")
+    return _step_gradient_verdict(optimizer.grads_at_step, trl_grads) or Verdict(
+        True, "right: your step's loss and the LoRA gradients it applied equal TRL's DPOTrainer's on the same pairs")
+
+
 # ------------------------------------------------------------- notebook 06: a Monte-Carlo KL, a matched K
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return logits - np.logaddexp.reduce(logits)
@@ -526,7 +794,7 @@ def check_kl_estimates(fn: Callable[[np.ndarray, np.ndarray, int, np.random.Gene
     logits_p, logits_q, n = np.array([2.0, 1, 0, 0, -1]), np.array([1.0, 1, 1, 0, 0]), 20_000
     lp, lq = _log_softmax(logits_p), _log_softmax(logits_q)
     exact = float(np.sum(np.exp(lp) * (lp - lq)))
-    out, verdict = _run(fn, logits_p.copy(), logits_q.copy(), n, np.random.default_rng(0))
+    out, verdict = _run(fn, logits_p.copy(), logits_q.copy(), n, np.random.default_rng(0), forbid=_SCORING)
     if verdict:
         return verdict
     got = _as_array(out)
@@ -547,8 +815,8 @@ def check_kl_estimates(fn: Callable[[np.ndarray, np.ndarray, int, np.random.Gene
         if abs(got.mean() - reverse) <= 6 * se:
             return Verdict(False, "not yet: draw y from p (the first distribution), not from q")
         return Verdict(False, "not yet: the estimates do not average to KL(p || q): draw y from p's probabilities")
-    again, _ = _run(fn, logits_p.copy(), logits_q.copy(), n, np.random.default_rng(0))
-    other, _ = _run(fn, logits_p.copy(), logits_q.copy(), n, np.random.default_rng(1))
+    again, _ = _run(fn, logits_p.copy(), logits_q.copy(), n, np.random.default_rng(0), forbid=_SCORING)
+    other, _ = _run(fn, logits_p.copy(), logits_q.copy(), n, np.random.default_rng(1), forbid=_SCORING)
     if again is None or other is None or not np.array_equal(_as_array(again), got) or np.array_equal(_as_array(other), got):
         return Verdict(False, "not yet: draw the samples from the `rng` argument (same seed, same draws)")
     return Verdict(True, "right: unbiased single-sample estimates, drawn from p with the given rng")
@@ -601,7 +869,7 @@ def check_choose_level(fn: Callable[[pd.DataFrame, float, float], Any]) -> Verdi
     from mipo_lib.experiments import reasoning
 
     for table, (low, high) in _difficulty_tables():
-        out, verdict = _run(fn, table.copy(), low, high)
+        out, verdict = _run(fn, table.copy(), low, high, forbid=_CHOOSE_LEVEL)
         if verdict:
             return verdict
         want = reasoning.choose_level(table, (low, high))
@@ -664,7 +932,7 @@ def check_cad_scores(fn: Callable[[list[float], list[float], float], Any]) -> Ve
     """Check ``fn(cond_logits, uncond_logits, a) -> one score per token``: context-aware decoding's
     ``(1 + a) log p(y|x, c) - a log p(y|x)``, the log-probabilities being the log-softmax of the logits."""
     for cond, uncond, a in _CAD_CASES:
-        out, verdict = _run(fn, list(cond), list(uncond), a)
+        out, verdict = _run(fn, list(cond), list(uncond), a, forbid=_CAD)
         if verdict:
             return verdict
         got = _as_array(out).ravel()
@@ -748,7 +1016,7 @@ def check_bootstrap_ci(fn: Callable[[np.ndarray, int, np.random.Generator], Any]
     resamples of `x` with replacement drawn with `rng` (the 2.5th and 97.5th percentiles of the resampled means)."""
     n_boot = 20_000
     for x in _skewed_samples():
-        out, verdict = _run(fn, x.copy(), n_boot, np.random.default_rng(0))
+        out, verdict = _run(fn, x.copy(), n_boot, np.random.default_rng(0), forbid=_STATS)
         if verdict:
             return verdict
         parts, verdict = _parts(out, 2, "the lower and the upper end of the interval")
@@ -773,9 +1041,9 @@ def check_bootstrap_ci(fn: Callable[[np.ndarray, int, np.random.Generator], Any]
                                                                    "out on each side (percentiles 2.5 and 97.5)"),
         ], tol) or Verdict(False, "not yet: the interval differs from the 2.5th and 97.5th percentiles of the resampled means")
     x = _skewed_samples()[0]
-    again, _ = _run(fn, x.copy(), n_boot, np.random.default_rng(0))
-    other, _ = _run(fn, x.copy(), n_boot, np.random.default_rng(1))
-    first, _ = _run(fn, x.copy(), n_boot, np.random.default_rng(0))
+    again, _ = _run(fn, x.copy(), n_boot, np.random.default_rng(0), forbid=_STATS)
+    other, _ = _run(fn, x.copy(), n_boot, np.random.default_rng(1), forbid=_STATS)
+    first, _ = _run(fn, x.copy(), n_boot, np.random.default_rng(0), forbid=_STATS)
     if again is None or other is None or not np.allclose(_as_array(list(again)), _as_array(list(first))) or \
             np.allclose(_as_array(list(other)), _as_array(list(first)), rtol=0, atol=0):
         return Verdict(False, "not yet: draw the resamples from the `rng` argument (same seed, same interval)")
@@ -818,7 +1086,7 @@ def check_pairing_widths(fn: Callable[[np.ndarray, np.ndarray, int, np.random.Ge
     B; unpaired, an independent draw for each."""
     a, b = _paired_world()
     n_boot = 10_000
-    out, verdict = _run(fn, a.copy(), b.copy(), n_boot, np.random.default_rng(0))
+    out, verdict = _run(fn, a.copy(), b.copy(), n_boot, np.random.default_rng(0), forbid=_STATS)
     if verdict:
         return verdict
     parts, verdict = _parts(out, 2, "the paired width and the unpaired width")
@@ -844,55 +1112,28 @@ def check_pairing_widths(fn: Callable[[np.ndarray, np.ndarray, int, np.random.Ge
                               "differences (prompts resampled with replacement, one draw shared by every seed)")
 
 
-#: notebook -> its checkers, in the order of the notebook's exercises (tests/test_exercises.py holds every notebook
-#: to this list: each checker has a stub, a hidden solution and a check cell there).
-CHECKERS = {
-    "01": ("check_world_summary", "check_pmi_and_kl", "check_log_partition", "check_conditional_pmi"),
-    "02": ("check_sattolo", "check_ends_with_question", "check_mipo_pairs"),
-    "03": ("check_dpo_pair", "check_logged_rewards", "check_sequence_logprob"),
-    "04": ("check_cad_scores", "check_short_sentences"),
-    "05": ("check_bootstrap_ci", "check_pairing_widths"),
-    "06": ("check_kl_estimates", "check_compute_matched"),
-    "07": ("check_choose_level", "check_identical_pairs"),
+@dataclass(frozen=True)
+class Exercise:
+    """One graded exercise: the function its stub defines, and the name of the checker (in this module) grading it."""
+
+    function: str
+    checker: str
+
+    def check(self, fn: Callable[..., Any]) -> Verdict:
+        return globals()[self.checker](fn)
+
+
+#: notebook -> its exercises, in the notebook's order (tests/test_exercises.py holds every notebook to this list: each
+#: exercise has a statement, a stub and a check cell there, and a solution in notebooks/solutions/).
+EXERCISES: dict[str, tuple[Exercise, ...]] = {
+    "01": (Exercise("world_summary", "check_world_summary"), Exercise("pmi_and_kl", "check_pmi_and_kl"),
+           Exercise("log_partition", "check_log_partition"), Exercise("conditional_pmi_table", "check_conditional_pmi")),
+    "02": (Exercise("mipo_pairs", "check_mipo_pairs"), Exercise("sattolo", "check_sattolo"),
+           Exercise("ends_with_question", "check_ends_with_question")),
+    "03": (Exercise("dpo_pair", "check_dpo_pair"), Exercise("logged_rewards", "check_logged_rewards"),
+           Exercise("sequence_logprob", "check_sequence_logprob"), Exercise("lora_dpo_step", "check_lora_dpo_step")),
+    "04": (Exercise("cad_scores", "check_cad_scores"), Exercise("short_sentences", "check_short_sentences")),
+    "05": (Exercise("bootstrap_ci", "check_bootstrap_ci"), Exercise("ci_widths", "check_pairing_widths")),
+    "06": (Exercise("kl_estimates", "check_kl_estimates"), Exercise("compute_matched", "check_compute_matched")),
+    "07": (Exercise("choose_level", "check_choose_level"), Exercise("identical_pairs", "check_identical_pairs")),
 }
-
-
-# ------------------------------------------------------------------------------------------ student edition
-def student_edition(notebooks: Sequence[Path], out_dir: Path) -> list[Path]:
-    """Write a copy of each notebook without its ``solution`` cells (nbconvert's TagRemovePreprocessor) and return
-    the written paths. Stubs, check cells and every other cell stay as they are, outputs included."""
-    import nbformat
-    from nbconvert.preprocessors import TagRemovePreprocessor
-    from traitlets.config import Config
-
-    config = Config()
-    config.TagRemovePreprocessor.remove_cell_tags = ("solution",)
-    config.TagRemovePreprocessor.enabled = True
-    remover = TagRemovePreprocessor(config=config)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for path in notebooks:
-        nb = nbformat.read(path, as_version=4)
-        nb, _ = remover.preprocess(nb, {})
-        target = out_dir / path.name
-        nbformat.write(nb, target)
-        written.append(target)
-    return written
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m mipo_lib.workbook.exercises student [--out student]`: the student edition of the numbered notebooks."""
-    from mipo_lib.config import repo_root
-
-    parser = argparse.ArgumentParser(prog="python -m mipo_lib.workbook.exercises")
-    sub = parser.add_subparsers(dest="command", required=True)
-    student = sub.add_parser("student", help="write the notebooks without their solution cells")
-    student.add_argument("--out", type=Path, default=repo_root() / "student", help="output folder (default: student/)")
-    args = parser.parse_args(argv)
-    paths = sorted((repo_root() / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-    for path in student_edition(paths, args.out):
-        print(f"wrote {path}")
-
-
-if __name__ == "__main__":
-    main()
