@@ -1,4 +1,4 @@
-"""Command line: `python -m mipo_lib {setup,reproduce,tune,heldout,chat,readme}`.
+"""Command line: `python -m mipo_lib {setup,reproduce,tune,heldout,chat,readme,grade}`.
 
 Any preset field can be changed with a repeatable `--set field=value` (parsed by the field's type: `beta=0.3`,
 `load_in_4bit=true`, `cad_alpha=none`, `lora_target_modules=q_proj,v_proj`, `seeds=0,1`); `reproduce` hands the same
@@ -22,6 +22,11 @@ def _parse_seeds(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["grade"]:  # its own options: python -m mipo_lib grade --help
+        from mipo_lib.workbook.grade import main as grade
+
+        return grade(argv[1:])
     from mipo_lib.config import PRESETS, fields_help
 
     parser = argparse.ArgumentParser(prog="python -m mipo_lib", description=__doc__)
@@ -29,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     # the commands that take --set end their help with every preset field (RawDescription keeps its layout)
     with_fields = {"epilog": fields_help(), "formatter_class": argparse.RawDescriptionHelpFormatter}
 
+    sub.add_parser("grade", help="grade a class's exercises into a CSV: python -m mipo_lib grade SUBMISSIONS/ --out grades.csv")
     sub.add_parser("setup", help="convert the bundled SmolLM2 to a cached checkpoint and build the tiny smoke model")
 
     rep = sub.add_parser("reproduce", help="run the numbered notebooks with papermill for a preset", **with_fields)

@@ -1,5 +1,5 @@
 """Publishing the reference run's outputs into the committed notebooks: code and text stay the committed ones, outputs
-come from the executed copy by cell id, without machine paths, progress bars or any solution's output."""
+come from the executed copy by cell id, without machine paths or progress bars."""
 
 import nbformat
 import pytest
@@ -14,7 +14,6 @@ def _notebooks():
     committed = new_notebook(cells=[
         new_markdown_cell("# title", id="md"),
         new_code_cell("print(path)", id="a"),
-        new_code_cell("answer()", id="sol", metadata={"tags": ["solution"]}),
         new_code_cell("new_cell()", id="new"),
         new_code_cell("# NBVAL_CHECK_OUTPUT\nprint(1)", id="chk", outputs=[new_output("stream", name="stdout", text="1\n")]),
     ])
@@ -25,7 +24,6 @@ def _notebooks():
             new_output("stream", name="stderr", text="positive responses:  50%|#####     | 30/60 [00:10<00:10, 3.0it/s]\r"),
             new_output("execute_result", data={"text/plain": f"'{repo_root()}/notebooks'"}, execution_count=3),
         ]),
-        new_code_cell("answer()", id="sol", execution_count=4, outputs=[new_output("stream", name="stdout", text="42\n")]),
         new_code_cell("# NBVAL_CHECK_OUTPUT\nprint(1)", id="chk", outputs=[
             new_output("stream", name="stderr", text="a warning\n"), new_output("stream", name="stdout", text="1\n")]),
     ])
@@ -36,12 +34,11 @@ def test_outputs_are_merged_by_id_and_sanitized():
     committed, executed = _notebooks()
     merged = publish.merge_outputs(committed, executed)
     cells = {c.id: c for c in merged.cells}
-    assert [c.id for c in merged.cells] == ["md", "a", "sol", "new", "chk"]  # no injected cell, committed order
+    assert [c.id for c in merged.cells] == ["md", "a", "new", "chk"]  # no injected cell, committed order
     assert cells_outputs(merged, "chk") == ["1\n"]  # nbval's regression truth is kept, not the run's
     assert cells["a"].source == "print(path)" and cells["a"].execution_count == 3
     texts = [o.get("text", "") or o["data"]["text/plain"] for o in cells["a"].outputs]
     assert texts == ["wrote <repo>/figures/x.png and <runs>/cpu/y.csv\n", "'<repo>/notebooks'"]  # no stderr
-    assert cells["sol"].outputs == [] and cells["sol"].execution_count is None  # never print a solution
     assert cells["new"].outputs == []
     assert committed.cells[1].outputs == []  # the input notebook is not modified
 
@@ -65,14 +62,6 @@ def test_publish_writes_into_the_committed_notebook(tmp_path):
     assert back.cells[1].outputs and str(repo_root()) not in nbformat.writes(back)
     with pytest.raises(MipoError, match="no committed notebook"):
         publish.publish(tmp_path / "ran.ipynb", tmp_path / "missing.ipynb")
-
-
-def test_committed_solution_cells_have_no_outputs():
-    for path in sorted((repo_root() / "notebooks").glob("[0-9][0-9]_*.ipynb")):
-        nb = nbformat.read(str(path), as_version=4)
-        for cell in nb.cells:
-            if publish.SOLUTION_TAG in cell.metadata.get("tags", []):
-                assert not cell.get("outputs"), f"{path.name}: a solution cell has committed outputs"
 
 
 def test_only_the_reference_run_publishes():

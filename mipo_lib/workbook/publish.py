@@ -3,9 +3,8 @@
 After a reference run (`make reproduce` on the `cpu` preset) the runner calls `publish` for each executed notebook:
 the committed notebook stays the source of truth for every cell's code and text, and takes from the executed copy
 (`runs/cpu/notebooks/<name>.ipynb`) only each cell's outputs and execution count, matched by cell id. On the way,
-outputs are sanitized: machine paths become `<repo>`, `<runs>` and `~`, object addresses and stderr (progress bars,
-library warnings) are dropped, and solution cells (tagged `solution`) keep no output, so a student never sees an
-answer printed.
+outputs are sanitized: machine paths become `<repo>`, `<runs>` and `~`, and object addresses and stderr (progress
+bars, library warnings) are dropped. (The notebooks are the student edition: they hold no solutions to print.)
 nbval (`--nbval-lax`) keeps running smoke copies of these notebooks and compares only `NBVAL_CHECK_OUTPUT` cells:
 those keep their committed outputs, which only a deliberate edit changes.
 """
@@ -21,7 +20,6 @@ from typing import Any
 from mipo_lib.config import repo_root, runs_dir
 from mipo_lib.errors import MipoError
 
-SOLUTION_TAG = "solution"
 CHECKED = "NBVAL_CHECK_OUTPUT"  # cells whose committed output nbval compares against every smoke run
 
 
@@ -93,7 +91,7 @@ def sanitize_outputs(outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def merge_outputs(committed: Any, executed: Any) -> Any:
     """`committed` (an nbformat notebook) with each code cell's outputs and execution count from the executed copy's
-    cell of the same id; solution cells and cells the executed copy lacks get none; `NBVAL_CHECK_OUTPUT` cells keep
+    cell of the same id; cells the executed copy lacks get none; `NBVAL_CHECK_OUTPUT` cells keep
     their committed outputs."""
     ran = {c.get("id"): c for c in executed.cells if c.get("cell_type") == "code"}
     out = copy.deepcopy(committed)
@@ -103,7 +101,7 @@ def merge_outputs(committed: Any, executed: Any) -> Any:
         source = ran.get(cell.get("id"))
         if CHECKED in cell.source:  # nbval's regression truth: only a deliberate edit changes it, never a run
             continue
-        if SOLUTION_TAG in cell.metadata.get("tags", []) or source is None:
+        if source is None:
             cell.outputs, cell.execution_count = [], None
             continue
         cell.outputs = sanitize_outputs(source.get("outputs", []))
