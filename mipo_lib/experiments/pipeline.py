@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from mipo_lib import cache, dpo, evaluate
+from mipo_lib import cache, dpo, evaluate, memory
 from mipo_lib import methods as registry
 from mipo_lib.analysis import stats
 from mipo_lib.config import Preset, get_preset, run_dir
@@ -75,8 +75,9 @@ def pairs_for_seed(preset: Preset, seed: int, redo: bool = False, progress: bool
     """Stage 1: the seed's MIPO pairs (generated, scored and stored, or read back)."""
     if not redo and (finished := cached_pairs(preset, seed)) is not None:
         return finished  # no model load for a finished stage
-    model, tokenizer = load_for_preset(preset)
-    return build_pairs(model, tokenizer, get_task(preset.task), preset, seed, redo=redo, progress=progress)
+    with memory.stage(f"pairs (seed {seed})"):
+        model, tokenizer = load_for_preset(preset)
+        return build_pairs(model, tokenizer, get_task(preset.task), preset, seed, redo=redo, progress=progress)
 
 
 def train_for_seed(preset: Preset, method: str, seed: int, redo: bool = False, progress: bool = True) -> dpo.TrainResult:
@@ -86,8 +87,9 @@ def train_for_seed(preset: Preset, method: str, seed: int, redo: bool = False, p
     if not redo and (finished := dpo.finished_run(folder, key)) is not None:
         return finished
     pairs = pairs_for_seed(preset, seed, progress=progress)
-    model, tokenizer = load_for_preset(preset)
-    return dpo.train(m.trainer, model, tokenizer, pairs, preset, seed, folder, key=key, redo=redo, progress=progress)
+    with memory.stage(f"train {method} (seed {seed})"):
+        model, tokenizer = load_for_preset(preset)
+        return dpo.train(m.trainer, model, tokenizer, pairs, preset, seed, folder, key=key, redo=redo, progress=progress)
 
 
 def evaluate_method(preset: Preset, method: str, seed: int, redo: bool = False, progress: bool = True) -> pd.DataFrame:
@@ -99,16 +101,17 @@ def evaluate_method(preset: Preset, method: str, seed: int, redo: bool = False, 
     def make() -> pd.DataFrame:
         # train first (if needed): that stage loads its own copy, so only one model is in memory at a time
         adapter = train_for_seed(preset, method, seed, progress=progress).adapter_dir if m.training else None
-        model, tokenizer = load_for_preset(preset)
-        if adapter is not None:
-            model = dpo.load_adapted(model, adapter)
-        responses, truncated = evaluate.generate_replies(
-            model, tokenizer, task, examples, preset,
-            with_context=m.with_context,
-            cad_alpha=preset.cad_strength if m.decoding == "cad" else None,
-            progress=progress, desc=f"{method} responses",
-        )
-        return evaluate.records(task, examples, responses, method, seed, truncated)
+        with memory.stage(f"evaluate {method}" + ("" if m.deterministic else f" (seed {seed})")):
+            model, tokenizer = load_for_preset(preset)
+            if adapter is not None:
+                model = dpo.load_adapted(model, adapter)
+            responses, truncated = evaluate.generate_replies(
+                model, tokenizer, task, examples, preset,
+                with_context=m.with_context,
+                cad_alpha=preset.cad_strength if m.decoding == "cad" else None,
+                progress=progress, desc=f"{method} responses",
+            )
+            return evaluate.records(task, examples, responses, method, seed, truncated)
 
     key = evaluation_key(preset, method, seed)
     frame = evaluate.evaluate_cached(_eval_path(preset, method, seed), make, redo, key=key)
@@ -151,9 +154,10 @@ def pmi_before_after(
 
     def scored(part: pd.DataFrame, model_name: str, label: str, folder: Path, slug: str) -> pd.DataFrame:
         def make() -> pd.DataFrame:
-            model, tokenizer = load_for_preset(preset)
-            exs = [examples[i] for i in part.example_id]
-            pmi = evaluate.response_pmi(model, tokenizer, task, exs, part.response.fillna("").tolist(), preset)
+            with memory.stage(label):
+                model, tokenizer = load_for_preset(preset)
+                exs = [examples[i] for i in part.example_id]
+                pmi = evaluate.response_pmi(model, tokenizer, task, exs, part.response.fillna("").tolist(), preset)
             return pd.DataFrame({"example_id": part.example_id.values, "group": part.group.values, "model": model_name, "pmi": pmi})
 
         key = pmi_key(preset, part, label)
