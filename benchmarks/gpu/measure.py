@@ -74,6 +74,21 @@ PEAK_TFLOPS = [("H200", 989.4), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H10
 T4_DTYPES = {"t4": "auto", "t4_fp16": "float16"}
 
 
+@dataclass
+class Throughput:
+    """Generated tokens and the seconds spent generating them (what the library's GenerationStats counts)."""
+
+    new_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds else float("nan")
+
+    def __add__(self, other: Throughput) -> Throughput:
+        return Throughput(self.new_tokens + other.new_tokens, self.seconds + other.seconds)
+
+
 # ======================================================================================= the library, in one place
 # Every use of mipo_lib is in this section, imports included: when a signature changes, adapt it here alone.
 from mipo_lib import dpo  # noqa: E402
@@ -149,15 +164,15 @@ def lib_prompt_length(tok: Any, prompt: Any) -> int:
 
 
 def lib_generate(model: Any, tok: Any, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
-                 top_p: float, batch_size: int) -> tuple[list[str], GenerationStats]:
-    """Replies in prompt order, sampled as build_pairs samples them (`generate.generate_batches`), and the stats."""
+                 top_p: float, batch_size: int) -> tuple[list[str], Throughput]:
+    """Replies in prompt order, sampled as build_pairs samples them (`generate.generate_batches`), and the throughput."""
     stats = GenerationStats()
     texts = [""] * len(prompt_ids)
     for batch, replies in generate_batches(model, tok, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
                                            top_p=top_p, batch_size=batch_size, seed=0, stats=stats, progress=False):
         for row, text in zip(batch.rows, replies):
             texts[row] = text
-    return texts, stats
+    return texts, Throughput(stats.new_tokens, stats.seconds)
 
 
 def lib_score(model: Any, tok: Any, prompts: list[Any], responses: list[str], *, max_length: int | None,
@@ -180,10 +195,10 @@ def lib_pair(tok: Any, example: dict[str, Any], chosen: str, rejected: str, logp
 
 
 def lib_train_dpo(model: Any, tok: Any, pairs: list[dict[str, Any]], preset: Preset, adapter_dir: Path, reuse: bool,
-                  callback: Any, on_trainer: Callable[[Any], None]) -> Any:
+                  callback: Any, on_trainer: Callable[[Any], None]) -> dict[str, Any]:
     """`dpo.train_dpo` as the workbook runs it, with a transformers `callback` added to its trainer and
-    `on_trainer(trainer)` called once the trainer is set up. train_dpo takes no callbacks, so they are attached in
-    `dpo._prepare`, the set-up step it runs before training (restored afterwards)."""
+    `on_trainer(trainer)` called once the trainer is set up, and what its result says. train_dpo takes no callbacks,
+    so they are attached in `dpo._prepare`, the set-up step it runs before training (restored afterwards)."""
     original = dpo._prepare
 
     def prepare(trainer: Any, progress: bool) -> None:
@@ -193,9 +208,15 @@ def lib_train_dpo(model: Any, tok: Any, pairs: list[dict[str, Any]], preset: Pre
 
     dpo._prepare = prepare
     try:
-        return dpo.train_dpo(model, tok, pairs, preset, 0, adapter_dir, reuse_reference=reuse, redo=True, progress=False)
+        res = dpo.train_dpo(model, tok, pairs, preset, 0, adapter_dir, reuse_reference=reuse, redo=True, progress=False)
     finally:
         dpo._prepare = original
+    history = res.log
+    return {"trainer_seconds": round(res.seconds, 2), "initial_sanity": res.sanity,
+            "losses": [round(float(x), 4) for x in history["loss"].tolist()] if "loss" in history else None,
+            "reward_accuracies": [round(float(x), 3) for x in history["rewards/accuracies"].tolist()]
+            if "rewards/accuracies" in history else None,
+            "lora_changed_fraction": sum(res.lora_changed.values()) / len(res.lora_changed) if res.lora_changed else None}
 
 
 def lib_build_pairs(model: Any, tok: Any, preset: Preset) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -493,21 +514,18 @@ def run_dpo(st: State, model: Any, tok: Any, pairs: list[dict[str, Any]], preset
         "reuse_reference": reuse, "n_pairs": len(pairs), "optimizer_steps": n_steps,
         "batch_size": preset.batch_size, "grad_accum": preset.grad_accum, "max_length": preset.max_length,
         "gradient_checkpointing": preset.gradient_checkpointing, "lora_r": preset.lora_r,
-        "train_dpo_wall_s": round(wall, 2), "trainer_seconds": round(res.seconds, 2),
+        "train_dpo_wall_s": round(wall, 2), "trainer_seconds": res["trainer_seconds"],
         "first_step_s": round(steps[0], 3) if steps else None,
         "median_step_s_after_first": round(s_step, 3),
         "mean_step_s_after_first": round(sum(steps[1:]) / max(1, n_steps - 1), 3) if n_steps > 1 else None,
         "step_s_all": [round(s, 3) for s in steps],
         "tokens_per_step": tokens_per_step,
         "tokens_per_s": round(tokens_per_step / s_step, 1) if s_step == s_step else None,
-        "initial_sanity": res.sanity,
+        "initial_sanity": res["initial_sanity"],
         "memory_setup_and_sanity_eval": probe.pre_train,
         "memory_training": probe.train_mem,
         **(probe.trainable or {}),
-        "losses": [round(float(x), 4) for x in res.log["loss"].tolist()] if "loss" in res.log else None,
-        "reward_accuracies": [round(float(x), 3) for x in res.log["rewards/accuracies"].tolist()]
-        if "rewards/accuracies" in res.log else None,
-        "lora_changed_fraction": (sum(res.lora_changed.values()) / len(res.lora_changed)) if res.lora_changed else None,
+        **{k: res[k] for k in ("losses", "reward_accuracies", "lora_changed_fraction")},
     }
     if s_step == s_step and s_step > 0:
         achieved_6n = 6 * n_base * tokens_per_step / s_step
@@ -528,7 +546,7 @@ def run_dpo(st: State, model: Any, tok: Any, pairs: list[dict[str, Any]], preset
     shutil.rmtree(adapter_dir, ignore_errors=True)
     log(f"{tag}: {n_steps} steps, median {s_step:.3f} s/step, {out.get('tokens_per_s')} tok/s, "
         f"peak alloc/reserved {out.get('peak_allocated_mib')}/{out.get('peak_reserved_mib')} MiB, "
-        f"MFU(6N) {out.get('mfu_6N')}, sanity {res.sanity}, dtype {lib_dtype(preset.dtype)}")
+        f"MFU(6N) {out.get('mfu_6N')}, sanity {res['initial_sanity']}, dtype {lib_dtype(preset.dtype)}")
     return out
 
 
@@ -672,10 +690,11 @@ def triton_fallback(st: State, name: str, fn: Callable[[], Any]) -> Any:
     return fn()
 
 
-def t4_preset(st: State, variant: str) -> tuple[Preset, dict[str, Any]]:
-    """The `t4` preset on the Qwen-shaped checkpoint in the variant's dtype, and the dtype record of the part."""
+def t4_preset(st: State, variant: str, **extra: Any) -> tuple[Preset, dict[str, Any]]:
+    """The `t4` preset on the Qwen-shaped checkpoint in the variant's dtype (and `extra` settings), and the dtype
+    record of the part."""
     dtype, note = runnable_dtype(T4_DTYPES[variant])
-    kw: dict[str, Any] = {"model_id": st.ctx["t4_dir"], "dtype": dtype}
+    kw: dict[str, Any] = {"model_id": st.ctx["t4_dir"], "dtype": dtype, **extra}
     if st.sizes["t4_max_length"]:
         kw["max_length"] = st.sizes["t4_max_length"]
     preset = lib_preset("t4", **kw)
@@ -791,12 +810,11 @@ def part_gen_speedup(st: State) -> dict[str, Any]:
     st.results["parts"]["gen_speedup"] = out
     st.write()
 
-    naive = GenerationStats()
+    naive = Throughput()
     t = time.perf_counter()
     done = 0
     for b in range(min(s["gen_naive"], len(ids))):
-        _, one = lib_generate(model, tok, [ids[b]], batch_size=1, **kw)
-        naive.new_tokens, naive.seconds = naive.new_tokens + one.new_tokens, naive.seconds + one.seconds
+        naive += lib_generate(model, tok, [ids[b]], batch_size=1, **kw)[1]
         done += 1
         if time.perf_counter() - t > s["gen_naive_max_s"]:
             break
@@ -899,8 +917,7 @@ def part_t4_long_prompts(st: State) -> dict[str, Any]:
 def part_t4_build_pairs(st: State) -> dict[str, Any]:
     """pairs.build_pairs end to end (generate positives and context-drop negatives, score, store) for 32 prompts."""
     n = st.sizes["t4_gen_prompts"]
-    preset, dtype = t4_preset(st, "t4")
-    preset = preset.with_overrides(n_train_prompts=n, max_new_tokens=st.sizes["t4_new_tokens"])
+    preset, dtype = t4_preset(st, "t4", n_train_prompts=n, max_new_tokens=st.sizes["t4_new_tokens"])
     model, tok, load_info = load(st, preset)
     clean()
     sync()
