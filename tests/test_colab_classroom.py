@@ -70,6 +70,49 @@ def test_write_colab_cells_points_badges_and_cells_at_a_fork_and_back(tmp_path):
     assert path.read_text() == NOTEBOOKS[1].read_text()
 
 
+#: Where the workbook names its own repository: a Colab badge, a clone command, an install cell's default.
+ADDRESS_MARKERS = ("colab.research.google.com/github/", "git clone https://github.com/", '"MIPO_REPO", "')
+
+
+def repository_addresses(text: str) -> list[str]:
+    """Every `owner/name` that follows an address marker in `text` (a badge, a clone command, an install cell)."""
+    found = []
+    for marker in ADDRESS_MARKERS:
+        for chunk in text.split(marker)[1:]:
+            owner, _, rest = chunk.partition("/")
+            name = rest.split("/")[0].split(" ")[0].split('"')[0].split(")")[0].split("\n")[0]
+            found.append(f"{owner}/{name}")
+    return found
+
+
+def _committed_texts() -> dict[str, str]:
+    """README.md, every docs/ page and every notebook's cell sources (solutions included), by path."""
+    paths = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    texts = {str(p.relative_to(ROOT)): p.read_text() for p in paths}
+    for path in sorted((ROOT / "notebooks").rglob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        texts[str(path.relative_to(ROOT))] = "\n".join(c.source for c in nb.cells)
+    return texts
+
+
+def test_every_badge_and_install_address_is_the_one_repository_address():
+    """README, docs and notebooks name the repository only through `environment.REPO` (badges, clone, install)."""
+    texts = _committed_texts()
+    wrong = {path: sorted(set(a for a in repository_addresses(t) if a != REPO)) for path, t in texts.items()}
+    assert not {p: w for p, w in wrong.items() if w}, f"addresses other than {REPO}: {wrong}"
+    counts = {path: len(repository_addresses(t)) for path, t in texts.items()}
+    assert counts["README.md"] >= len(NOTEBOOKS) + 2, "the README's badges and clone command should be found"
+    assert all(counts[str(p.relative_to(ROOT))] >= 2 for p in NOTEBOOKS), "each notebook: its badge and install cell"
+
+
+def test_the_address_check_can_fail():
+    text = ("[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+            "(https://colab.research.google.com/github/old/repo/blob/main/notebooks/00_quickstart.ipynb)\n"
+            "git clone https://github.com/other/fork && cd fork\n"
+            'repo = os.environ.get("MIPO_REPO", "third/one")')
+    assert repository_addresses(text) == ["old/repo", "other/fork", "third/one"]
+
+
 def test_colab_pins_cover_the_stack_but_not_torch():
     pins = environment.pinned_versions()
     assert "torch" not in pins

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import builtins
 import pathlib
+import shutil
 from pathlib import Path
 
 import pytest
@@ -66,10 +67,10 @@ def no_conclusions_reads(monkeypatch):
 
 
 def test_no_renderer_reads_a_conclusions_file(no_conclusions_reads, tmp_path):
-    copy = tmp_path / "README.md"
-    copy.write_text((repo_root() / "README.md").read_text())
+    shutil.copy(repo_root() / "README.md", tmp_path / "README.md")
+    shutil.copytree(repo_root() / "docs", tmp_path / "docs")
     for preset in readme.REFERENCE_TABLES:
-        readme.update_readme(preset, copy)
+        readme.update_readme(preset, tmp_path)
     assert ablation_findings.committed_findings("cpu") and reasoning_findings.committed_lines("cpu")
 
 

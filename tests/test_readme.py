@@ -1,10 +1,14 @@
-"""Every generated text of the workbook is rendered from committed tables: the README's blocks and timing spans, the
-conclusions files of notebooks 06 and 07 and notebook 06's section 8 re-render from `figures/` with an empty diff."""
+"""Every generated text of the workbook is rendered from committed tables: the README's and the docs pages' blocks and
+spans, the conclusions files of notebooks 06 and 07 and notebook 06's section 8 re-render from `figures/` with an empty
+diff; each block sits on the page `readme.BLOCKS` names; the README stays a page (<= 150 lines, <= 1,500 words) whose
+docs links all resolve and which links every docs page."""
 
 from __future__ import annotations
 
 import difflib
 import json
+import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -27,15 +31,27 @@ def _same(committed: str, rendered: str, what: str) -> None:
     assert not diff, f"{what} differs from its rendering from the committed tables:\n{diff}"
 
 
+def copy_pages(root: Path) -> list[Path]:
+    """The committed README and docs/ pages, copied under `root` (which `update_readme` then rewrites)."""
+    shutil.copy(repo_root() / "README.md", root / "README.md")
+    shutil.copytree(repo_root() / "docs", root / "docs")
+    return [p.relative_to(root) for p in readme.pages(root)]
+
+
+def page_text(block: readme.Block) -> str:
+    return (repo_root() / block.page).read_text()
+
+
 def test_every_generated_text_re_renders_from_the_committed_tables_with_an_empty_diff(tmp_path):
-    """README blocks and timing spans (`update_readme` on a copy changes nothing), both conclusions files, and the
+    """README and docs blocks and spans (`update_readme` on a copy changes no page), both conclusions files, and the
     section-8 findings notebook 06 shows, each rendered again from `figures/`."""
     figures = repo_root() / "figures"
-    copy = tmp_path / "README.md"
-    copy.write_text((repo_root() / "README.md").read_text())
-    for preset in readme.REFERENCE_TABLES:
-        readme.update_readme(preset, copy)
-    _same((repo_root() / "README.md").read_text(), copy.read_text(), "README.md")
+    pages = copy_pages(tmp_path)
+    assert len(pages) > 1 and all(str(p).startswith("docs/") for p in pages[1:])
+    for preset in sorted({b.preset for b in readme.BLOCKS}):
+        readme.update_readme(preset, tmp_path)
+    for page in pages:
+        _same((repo_root() / page).read_text(), (tmp_path / page).read_text(), str(page))
     run = ablation_findings.load_run("cpu")
     _same((figures / "ablations_cpu_conclusions.txt").read_text(), ablation_findings.conclusions_text(run),
           "figures/ablations_cpu_conclusions.txt")
@@ -59,11 +75,23 @@ def test_the_whole_check_fails_on_a_changed_table(tmp_path, monkeypatch):
         _same(text, ablation_findings.conclusions_text(ablation_findings.load_run("cpu")), "conclusions")
 
 
-@pytest.mark.parametrize("preset", sorted(readme.REFERENCE_TABLES))
-def test_committed_readme_matches_the_committed_results_table(preset):
-    text = (repo_root() / "README.md").read_text()
-    block = readme.results_block(pd.read_csv(readme.results_path(preset)), preset)
-    assert block in text, "README results block is stale: run `python -m mipo_lib readme` and commit README.md"
+@pytest.mark.parametrize("block", readme.BLOCKS, ids=lambda b: f"{b.kind}:{b.preset}")
+def test_each_block_is_on_its_page_and_matches_the_committed_tables(block):
+    assert readme.render_block(block) in page_text(block), (
+        f"{block.page}'s {block.kind}:{block.preset} block is stale: run `python -m mipo_lib readme` and commit it")
+
+
+def test_every_page_holds_exactly_the_blocks_the_table_gives_it():
+    """No block is left behind on its old page (a stale copy in the README) or placed on a page `BLOCKS` does not name."""
+    for path in readme.pages():
+        text, page = path.read_text(), str(path.relative_to(repo_root()))
+        found = sorted(line.split(":")[0].removeprefix("<!-- ") + ":" + line.split(":")[1]
+                       for line in text.splitlines() if line.startswith("<!-- ") and ":begin" in line)
+        assert found == sorted(f"{b.kind}:{b.preset}" for b in readme.BLOCKS if b.page == page), page
+
+
+def test_reference_tables_all_have_their_blocks():
+    assert set(readme.REFERENCE_TABLES) == {b.preset for b in readme.BLOCKS if b.kind == "results"}
 
 
 def test_block_states_rates_differences_and_verdicts_from_the_table():
@@ -90,28 +118,41 @@ def test_block_renders_the_notebooks_summary_from_its_tables(monkeypatch):
     assert "`figures/reasoning_cpu_findings.csv`" in block
 
 
-def test_update_rewrites_only_the_block(tmp_path, monkeypatch):
+def test_update_writes_each_block_into_the_page_the_table_names(tmp_path, monkeypatch):
     rec = make_records({"prompting": 0.25, "MIPO": 0.45}, n_examples=40, deterministic=("prompting",))
     csv = tmp_path / "results_smoke.csv"
     stats.write_results(rec, csv, n_boot=200)
     monkeypatch.setattr(readme, "results_path", lambda preset="cpu": csv)
-    path = tmp_path / "README.md"
     dev = f"{readme.DEVIATIONS_BEGIN.format(preset='smoke')}\nDEV-BLOCK\n{readme.DEVIATIONS_END.format(preset='smoke')}"
     monkeypatch.setattr(readme, "deviations_block", lambda preset="cpu": dev)
-    path.write_text(f"intro\n{readme._begin('smoke')}\nold numbers\n{readme.END.format(preset='smoke')}\n"
-                    f"{readme.DEVIATIONS_BEGIN.format(preset='smoke')}\nold\n{readme.DEVIATIONS_END.format(preset='smoke')}\noutro\n")
-    assert readme.update_readme("smoke", path) is True
-    text = path.read_text()
-    assert text.startswith("intro\n") and text.endswith(dev + "\noutro\n") and "old numbers" not in text
-    assert readme.update_readme("smoke", path) is False  # idempotent
-    path.write_text("no markers\n")
-    with pytest.raises(MipoError, match="no generated block"):
-        readme.update_readme("smoke", path)
+    monkeypatch.setitem(readme.BLOCK_RENDERERS, "deviations", readme.deviations_block)
+    monkeypatch.setattr(readme, "BLOCKS", (readme.Block("results", "smoke", "docs/results.md"),
+                                           readme.Block("deviations", "smoke", "README.md")))
+    (tmp_path / "docs").mkdir()
+    results, front = tmp_path / "docs" / "results.md", tmp_path / "README.md"
+    results.write_text(f"intro\n{readme._begin('smoke')}\nold numbers\n{readme.END.format(preset='smoke')}\noutro\n")
+    front.write_text(f"top\n{readme.DEVIATIONS_BEGIN.format(preset='smoke')}\nold\n"
+                     f"{readme.DEVIATIONS_END.format(preset='smoke')}\nend\n")
+    assert readme.update_readme("smoke", tmp_path) is True
+    text = results.read_text()
+    assert text.startswith("intro\n") and text.endswith(readme.END.format(preset="smoke") + "\noutro\n")
+    assert "old numbers" not in text and "| **MIPO** |" in text
+    assert front.read_text() == f"top\n{dev}\nend\n"
+    assert readme.update_readme("smoke", tmp_path) is False  # idempotent
+    results.write_text("no markers\n")
+    with pytest.raises(MipoError, match="docs/results.md has no generated block"):
+        readme.update_readme("smoke", tmp_path)
+    results.unlink()
+    with pytest.raises(MipoError, match="docs/results.md is missing"):
+        readme.update_readme("smoke", tmp_path)
+    with pytest.raises(MipoError, match="no generated block belongs to preset 'nope'"):
+        readme.update_readme("nope", tmp_path)
 
 
 def test_committed_deviations_table_matches_the_preset():
-    """Change a `cpu` preset value and this fails until the README's deviations table is regenerated."""
-    assert readme.deviations_block("cpu") in (repo_root() / "README.md").read_text()
+    """Change a `cpu` preset value and this fails until the deviations table (docs/protocol.md) is regenerated."""
+    block = next(b for b in readme.BLOCKS if b.kind == "deviations")
+    assert readme.deviations_block("cpu") in page_text(block)
 
 
 def test_deviations_read_our_settings_off_the_preset(monkeypatch):
@@ -186,9 +227,9 @@ def test_held_out_types_block_says_which_epochs_its_own_validation_chose(tmp_pat
             "figures/heldout_choices_smoke.csv): MIPO `epochs` = 4 (validation rate 58.0%, grid 1 2 4 8).") in held_part
 
 
-def test_committed_readme_matches_the_committed_ablations():
-    text = (repo_root() / "README.md").read_text()
-    assert readme.ablations_block("cpu") in text, "README ablations block is stale: run `python -m mipo_lib readme`"
+def test_committed_ablations_page_matches_the_committed_ablations():
+    block = next(b for b in readme.BLOCKS if b.kind == "ablations")
+    assert readme.ablations_block("cpu") in page_text(block), "ablations block is stale: run `python -m mipo_lib readme`"
 
 
 def _committed_tables_in(tmp_path, monkeypatch):
@@ -217,13 +258,14 @@ def test_ablations_block_shows_the_table_and_only_the_lines_it_does_not(tmp_path
     assert "| -5.0 [-15.0, +6.0] | — | — |" in block and "nan" not in block  # a variant without the record
 
 
-def test_update_readme_rewrites_the_ablations_block_where_the_tables_exist(tmp_path, monkeypatch):
+def test_update_readme_rewrites_the_ablations_block_from_its_tables(tmp_path, monkeypatch):
     paths = _committed_tables_in(tmp_path, monkeypatch)
-    path = tmp_path / "README.md"
+    copy_pages(tmp_path)
+    path = tmp_path / next(b for b in readme.BLOCKS if b.kind == "ablations").page
     begin, end = readme.ABLATIONS_BEGIN.format(preset="cpu"), readme.ABLATIONS_END.format(preset="cpu")
-    text = (repo_root() / "README.md").read_text()
+    text = path.read_text()
     path.write_text(text.split(begin)[0] + f"{begin}\nstale\n{end}" + text.split(end)[1])
-    assert readme.update_readme("cpu", path) is True
+    assert readme.update_readme("cpu", tmp_path) is True
     assert readme.ablations_block("cpu") in path.read_text() and "stale" not in path.read_text()
     paths["comparisons"].unlink()
     with pytest.raises(MipoError, match="make ablations"):
@@ -254,14 +296,14 @@ def test_timing_spans_render_from_the_table(key, text):
 
 def test_timing_spans_are_rewritten_in_place_and_a_missing_row_names_the_fix():
     span = "<!-- timing:cpu/00_quickstart wall -->"
-    assert readme.render_timings(f"took **{span}9 min<!-- /timing -->** here", TIMINGS) == (
+    assert readme.render_spans(f"took **{span}9 min<!-- /timing -->** here", TIMINGS) == (
         f"took **{span}10.4 min<!-- /timing -->** here")
     with pytest.raises(MipoError, match="no row for every part"):
-        readme.render_timings("<!-- timing:cpu/06_ablations/K=8 minutes -->x<!-- /timing -->", TIMINGS)
+        readme.render_spans("<!-- timing:cpu/06_ablations/K=8 minutes -->x<!-- /timing -->", TIMINGS)
     with pytest.raises(MipoError, match="unknown format"):
-        readme.render_timings("<!-- timing:cpu/00_quickstart hours -->x<!-- /timing -->", TIMINGS)
+        readme.render_spans("<!-- timing:cpu/00_quickstart hours -->x<!-- /timing -->", TIMINGS)
     with pytest.raises(MipoError, match="not closed"):
-        readme.render_timings("<!-- timing:cpu/00_quickstart wall -->x", TIMINGS)
+        readme.render_spans("<!-- timing:cpu/00_quickstart wall -->x", TIMINGS)
 
 
 def test_update_timings_table_records_a_reference_run(tmp_path):
@@ -281,3 +323,125 @@ def test_update_timings_table_records_a_reference_run(tmp_path):
     assert sorted(out.loc["06_ablations", "wall_s"]) == [30, 4140, 6960]  # recorded as a breakdown: left as recorded
     assert out.loc[("01_nb", "reference"), "wall_s"] == 10.0  # a new notebook gets its row
     assert out.equals(pd.read_csv(table).set_index(["notebook", "run"]))
+
+
+# ----------------------------------------------------------------------------------------------------- headline
+def test_headline_states_each_difference_with_its_ci_verdict_and_population():
+    table = pd.read_csv(readme.results_path("cpu"))
+    block = readme.headline_block(table, "cpu")
+    assert block.startswith(readme.markers("headline", "cpu")[0]) and block.endswith(readme.markers("headline", "cpu")[1])
+    crossed = table[(table["kind"] == "paired_difference") & (table["ci_design"] == "crossed")
+                    & (table["task"] == "personalization")]
+    assert len(crossed) >= 2
+    for _, r in crossed.iterrows():
+        assert (f"| {r['method']} − {r['baseline']} | {100 * r['rate']:.1f}% vs {100 * r['baseline_rate']:.1f}% | "
+                f"**{100 * r['diff']:+.1f} [{100 * r['diff_lo']:+.1f}, {100 * r['diff_hi']:+.1f}]** |") in block
+    # the population in words, counted off the task's test split and the table's seeds
+    assert "100 held-out prompts (10 requests never trained on x 10 preference types), 3 seeds" in block
+    assert "held-out types" not in block and "unseen_types" not in block  # the main task only
+
+
+def test_headline_follows_a_flipped_verdict_and_names_a_missing_column():
+    table = pd.read_csv(readme.results_path("cpu"))
+    row = (table["kind"] == "paired_difference") & (table["baseline"] == "SFT") & (table["ci_design"] == "crossed") \
+        & (table["task"] == "personalization")
+    flipped = table.assign(detectable=table["detectable"].where(~row, not bool(table.loc[row, "detectable"].iloc[0])))
+    assert readme.headline_block(flipped, "cpu") != readme.headline_block(table, "cpu")
+    with pytest.raises(MipoError, match="lacks column.*p_holm"):
+        readme.headline_block(table.drop(columns=["p_holm"]), "cpu")
+
+
+# -------------------------------------------------------------------------------------------------- study times
+def _notebook(cells: list[tuple[str, str, list[str]]]) -> str:
+    return json.dumps({"cells": [{"cell_type": kind, "source": [source], "metadata": {"tags": tags}}
+                                 for kind, source, tags in cells]})
+
+
+def test_study_time_is_prose_plus_code_cells_plus_measured_compute(tmp_path, monkeypatch):
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.setattr(readme, "repo_root", lambda: tmp_path)
+    path = tmp_path / "notebooks" / "00_quickstart.ipynb"
+    prose = " ".join(["word"] * 300)
+    path.write_text(_notebook([("markdown", prose, []), ("code", "x = 1", []), ("code", "y = 2", ["stub"]),
+                               ("code", "def f(): ...", ["solution"]), ("markdown", "two words", [])]))
+    study = readme.study_time(TIMINGS, "cpu/00_quickstart")
+    assert (study.words, study.code_cells, study.compute_s) == (302, 2, 623.0)  # the solution cell is not counted
+    expected = 302 / readme.READING_WORDS_PER_MINUTE + 2 * readme.MINUTES_PER_CODE_CELL + 623 / 60
+    assert study.minutes == pytest.approx(expected)
+    span = "<!-- study:cpu/00_quickstart -->"
+    before = readme.render_spans(f"{span}x<!-- /study -->", TIMINGS)
+    assert before == f"{span}{readme.render.whole_minutes(60 * expected)}<!-- /study -->"
+    path.write_text(_notebook([("markdown", prose * 4, []), ("code", "x = 1", [])]))  # more prose: a longer time
+    assert readme.render_spans(f"{span}x<!-- /study -->", TIMINGS) != before
+    with pytest.raises(MipoError, match="no notebooks/09_missing.ipynb"):
+        readme.study_time(TIMINGS, "cpu/09_missing")
+
+
+def test_a_class_plan_says_whether_it_fits_a_lab(monkeypatch):
+    minutes = {"cpu/00_quickstart": 50.0, "cpu/03_dpo_training": 30.0, "cpu/04_evaluation": 55.0}
+    monkeypatch.setattr(readme, "study_time", lambda timings, selector: readme.StudyTime(0, int(minutes[selector]), 0.0))
+    assert readme.lab_text(TIMINGS, "cpu/00_quickstart + cpu/03_dpo_training") == (
+        "1 h 20 min: fits a 90-minute lab, 10 min to spare")
+    assert readme.lab_text(TIMINGS, "cpu/00_quickstart + cpu/04_evaluation") == "1 h 45 min: 15 min over a 90-minute lab"
+
+
+# ------------------------------------------------------------------------------------------ badges and addresses
+def test_badge_and_clone_spans_come_from_the_one_repository_address(monkeypatch):
+    from mipo_lib.workbook import environment
+
+    text = "<!-- colab:03_dpo_training -->old<!-- /colab --> and <!-- repo:clone -->old<!-- /repo -->"
+    monkeypatch.setattr(environment, "REPO", "course/fork")
+    out = readme.render_spans(text, TIMINGS)
+    assert environment.colab_badge("03_dpo_training.ipynb", "course/fork") in out
+    assert "git clone https://github.com/course/fork && cd fork" in out and "mipo-workbook" not in out
+    with pytest.raises(MipoError, match="one repo span"):
+        readme.render_spans("<!-- repo:url -->x<!-- /repo -->", TIMINGS)
+
+
+# ---------------------------------------------------------------------------------------------- README as a page
+README_MAX_LINES, README_MAX_WORDS = 150, 1500
+
+
+def readme_size(text: str) -> tuple[int, int]:
+    """(lines, words) of a page as committed: every whitespace-separated token counts, markers and addresses too."""
+    return len(text.splitlines()), len(text.split())
+
+
+def docs_links(text: str) -> set[str]:
+    """The docs/ pages a page links to: `](docs/name.md)` or `](docs/name.md#anchor)`."""
+    links = set()
+    for chunk in text.split("](docs/")[1:]:
+        target = chunk.split(")", 1)[0].split("#", 1)[0]
+        links.add(f"docs/{target}")
+    return links
+
+
+def test_readme_is_a_page_not_a_manual():
+    lines, words = readme_size((repo_root() / "README.md").read_text())
+    assert lines <= README_MAX_LINES, f"README.md has {lines} lines; move detail to a docs/ page"
+    assert words <= README_MAX_WORDS, f"README.md has {words} words; move detail to a docs/ page"
+
+
+def test_the_size_check_can_fail():
+    assert readme_size("one two\nthree\n") == (2, 3)
+    assert readme_size("word " * 1501)[1] > README_MAX_WORDS
+
+
+def test_every_docs_link_of_the_readme_exists_and_every_docs_page_is_linked():
+    linked = docs_links((repo_root() / "README.md").read_text())
+    missing = sorted(link for link in linked if not (repo_root() / link).is_file())
+    assert not missing, f"README.md links to docs pages that do not exist: {missing}"
+    pages = {str(p.relative_to(repo_root())) for p in (repo_root() / "docs").glob("*.md")}
+    assert not pages - linked, f"docs pages the README does not link (orphans): {sorted(pages - linked)}"
+    assert docs_links("[a](docs/x.md) [b](docs/y.md#part) [c](figures/z.png)") == {"docs/x.md", "docs/y.md"}
+
+
+def test_relative_links_of_the_docs_pages_resolve():
+    """A page moved into docs/ keeps no link that pointed from the repository root (`figures/...` is `../figures/...`)."""
+    broken = []
+    for path in readme.pages():
+        for chunk in path.read_text().split("](")[1:]:
+            target = chunk.split(")", 1)[0].split("#", 1)[0]
+            if target and "://" not in target and not (path.parent / target).exists():
+                broken.append(f"{path.relative_to(repo_root())}: {target}")
+    assert not broken, broken

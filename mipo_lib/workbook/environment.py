@@ -1,9 +1,12 @@
 """What this machine is and which versions run: the environment cell at the top and the versions cell at the end
 of every notebook, the preset a notebook picks by itself (`resolve_preset`), and the Colab path: the badge and the
-install cell of every notebook are generated here (`colab_badge`, `colab_cell`) from one repository address, `REPO`.
+install cell of every notebook are generated here (`colab_badge`, `colab_cell`) from one repository address, `REPO`,
+and so are the badges and the clone command of the README and the docs pages (`workbook.readme` renders them with
+`colab_badge` and `clone_command`).
 
 A course that forks the workbook edits `DEFAULT_REPO` (or sets `MIPO_REPO`) and runs
-``python -m mipo_lib.workbook.environment colab-cells``: every badge and install cell then points at the fork.
+``python -m mipo_lib.workbook.environment colab-cells`` (the notebooks) and ``python -m mipo_lib readme`` (the README
+and docs/): every badge, install cell and clone command then points at the fork.
 """
 
 from __future__ import annotations
@@ -49,6 +52,12 @@ def colab_badge(notebook: str, repo: str | None = None) -> str:
     """Markdown for the 'Open in Colab' badge of `notebooks/<notebook>`."""
     url = f"https://colab.research.google.com/github/{repo or REPO}/blob/main/notebooks/{notebook}"
     return f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url})"
+
+
+def clone_command(repo: str | None = None) -> str:
+    """The shell line that clones the workbook and enters it (the folder git names after the repository)."""
+    repo = repo or REPO
+    return f"git clone https://github.com/{repo} && cd {repo.rsplit('/', 1)[-1]}"
 
 
 def colab_cell(notebook: str, repo: str | None = None) -> str:

@@ -1,19 +1,27 @@
-"""The README's generated blocks and timings, rendered from committed tables so prose can never drift from data.
+"""The README's and docs pages' generated blocks and spans, rendered from committed tables so prose can never drift.
 
-Every number the README states about a reference run comes from a table in `figures/`, through the template layer
-`analysis.render`; no sentence is read back. Blocks sit between two markers and `update_readme` rewrites them (the
-runner calls it after a reference run); `tests/test_readme.py` fails when the committed README and the committed
-tables disagree:
-- results (`results_block`): `figures/results_<preset>.csv` (`stats.write_results`, notebook 05; notebook 07's
-  `results_reasoning_cpu.csv` for `cpu-reasoning`, followed by its summary, `analysis.reasoning_findings`);
-- ablations (`ablations_block`): notebook 06's variant, comparisons and findings tables (`analysis.ablation_findings`);
-- deviations from the paper (`deviations_block`): read off the preset;
-- timings: inline spans `<!-- timing:<preset>/<notebook>[/<part>+<part>][@cache] <format> -->...<!-- /timing -->`,
-  each rendered from `figures/timings_cpu.csv` (`update_timings_table` records a reference run's wall times there).
+Every number the README and its docs pages state about a reference run comes from a table in `figures/`, through the
+template layer `analysis.render`; no sentence is read back. Blocks sit between two markers, each on the page `BLOCKS`
+names, and `update_readme` rewrites them (the runner calls it after a reference run); `tests/test_readme.py` fails
+when a committed page and the committed tables disagree:
+- headline (`headline_block`, README.md): MIPO's paired differences with their CIs, from `figures/results_cpu.csv`;
+- results (`results_block`, docs/results.md): `figures/results_<preset>.csv` (`stats.write_results`, notebook 05;
+  notebook 07's `results_reasoning_cpu.csv` for `cpu-reasoning`, followed by its summary, `analysis.reasoning_findings`);
+- ablations (`ablations_block`, docs/ablations.md): notebook 06's variant, comparisons and findings tables
+  (`analysis.ablation_findings`);
+- deviations from the paper (`deviations_block`, docs/protocol.md): read off the preset.
+Spans, `<!-- <kind>:<key> -->...<!-- /<kind> -->`, may sit on any page (`pages`) and are rendered by `render_spans`:
+- `timing:<preset>/<notebook>[/<part>+<part>][@cache] <format>`: a time from `figures/timings_cpu.csv`
+  (`update_timings_table` records a reference run's wall times there);
+- `study:<preset>/<notebook>`: a notebook's study time (`study_time`: its prose, its code cells, its measured time),
+  and `lab:<preset>/<notebook> + <preset>/<notebook> ...`: a class plan's summed study time against a lab's length;
+- `colab:<notebook>`: its Open-in-Colab badge, and `repo:clone`: the clone command, both from the one repository
+  address of `workbook.environment` (`REPO`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +33,8 @@ from mipo_lib.analysis import ablation_findings, reasoning_findings, render
 from mipo_lib.config import Preset, get_preset, load_choices, repo_root
 from mipo_lib.errors import MipoError
 from mipo_lib.methods import Method, get_method
+from mipo_lib.tasks import get_task
+from mipo_lib.workbook.environment import clone_command, colab_badge
 
 BEGIN = "<!-- results:{preset}:begin (generated from figures/{table} by `python -m mipo_lib readme`; do not edit) -->"
 END = "<!-- results:{preset}:end -->"
@@ -223,32 +233,130 @@ def _begin(preset: str) -> str:
     return BEGIN.format(preset=preset, table=results_path(preset).name)
 
 
-def update_readme(preset: str = "cpu", readme: Path | None = None) -> bool:
-    """Rewrite the README's generated blocks for `preset` (results from the committed table, deviations from the
-    preset, ablations from notebook 06's committed tables where it has them) and every timing span; True if the
-    README changed."""
-    readme = readme or repo_root() / "README.md"
-    text = readme.read_text()
-    new = _replace(text, _begin(preset), END.format(preset=preset),
-                   results_block(pd.read_csv(results_path(preset)), preset))
-    if DEVIATIONS_BEGIN.format(preset=preset) in new or preset == "cpu":
-        new = _replace(new, DEVIATIONS_BEGIN.format(preset=preset), DEVIATIONS_END.format(preset=preset),
-                       deviations_block(preset))
-    tables = ablation_findings.table_paths(preset)
-    if ABLATIONS_BEGIN.format(preset=preset) in new or all(p.exists() for p in tables.values()):
-        new = _replace(new, ABLATIONS_BEGIN.format(preset=preset), ABLATIONS_END.format(preset=preset),
-                       ablations_block(preset))
-    new = render_timings(new)
-    if new != text:
-        readme.write_text(new)
-    return new != text
+@dataclass(frozen=True)
+class Block:
+    """A generated block: what it renders (`kind`, a key of `BLOCK_RENDERERS`), for which preset, and the page
+    (relative to the repository root) that holds it."""
+
+    kind: str
+    preset: str
+    page: str
 
 
-def _replace(text: str, begin: str, end: str, block: str) -> str:
+#: Every generated block and the page that holds it: the README keeps the headline, docs/ the full tables.
+BLOCKS: tuple[Block, ...] = (
+    Block("headline", "cpu", "README.md"),
+    Block("results", "cpu", "docs/results.md"),
+    Block("results", "cpu-reasoning", "docs/results.md"),
+    Block("deviations", "cpu", "docs/protocol.md"),
+    Block("ablations", "cpu", "docs/ablations.md"),
+)
+
+
+def pages(root: Path | None = None) -> list[Path]:
+    """The README and every docs/ page: where generated blocks and spans may sit."""
+    root = root or repo_root()
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def markers(kind: str, preset: str) -> tuple[str, str]:
+    """The two marker lines around a block of `kind` for `preset`."""
+    begin, end = {"headline": (HEADLINE_BEGIN, HEADLINE_END), "results": (BEGIN, END),
+                  "deviations": (DEVIATIONS_BEGIN, DEVIATIONS_END), "ablations": (ABLATIONS_BEGIN, ABLATIONS_END)}[kind]
+    return begin.format(preset=preset, table=results_path(preset).name), end.format(preset=preset)
+
+
+def render_block(block: Block) -> str:
+    """A block's text, markers included, rendered from the committed tables (or the preset, for deviations)."""
+    return BLOCK_RENDERERS[block.kind](block.preset)
+
+
+def update_readme(preset: str = "cpu", root: Path | None = None) -> bool:
+    """Rewrite every generated block of `preset` on the page that holds it (`BLOCKS`) and every span on every page
+    (`pages`) under `root` (default: the repository); True if a page changed."""
+    blocks = [b for b in BLOCKS if b.preset == preset]
+    if not blocks:
+        raise MipoError(f"no generated block belongs to preset {preset!r}; use one of "
+                        f"{sorted({b.preset for b in BLOCKS})}")
+    root = root or repo_root()
+    before = {path: path.read_text() for path in pages(root) if path.exists()}
+    after = dict(before)
+    for block in blocks:
+        path = root / block.page
+        if path not in after:
+            raise MipoError(f"{block.page} is missing; it holds the {block.kind}:{block.preset} block (readme.BLOCKS)")
+        after[path] = _replace(after[path], *markers(block.kind, block.preset), render_block(block), block.page)
+    timings = pd.read_csv(timings_path())
+    changed = []
+    for path, text in after.items():
+        new = render_spans(text, timings)
+        if new != before[path]:
+            path.write_text(new)
+            changed.append(path)
+    return bool(changed)
+
+
+def _replace(text: str, begin: str, end: str, block: str, page: str) -> str:
     if begin not in text or end not in text:
-        raise MipoError(f"README.md has no generated block {begin!r} ... {end!r}; add those two lines where it belongs")
+        raise MipoError(f"{page} has no generated block {begin!r} ... {end!r}; add those two lines where it belongs")
     head, rest = text.split(begin, 1)
     return head + block + rest.split(end, 1)[1]
+
+
+# ----------------------------------------------------------------------------------------------------- headline
+HEADLINE_BEGIN = ("<!-- headline:{preset}:begin (generated from figures/{table} by `python -m mipo_lib readme`; "
+                  "do not edit) -->")
+HEADLINE_END = "<!-- headline:{preset}:end -->"
+
+
+def _population(task: str, n: int, n_seeds: int) -> str:
+    """The test set in words, counted off the task's own test split: `100 held-out prompts (10 requests never trained
+    on x 10 preference types), 3 seeds`; prompts alone for a task without requests and preference types."""
+    examples = get_task(task).examples("test", n)
+    requests = {e.meta.get("request_id") for e in examples}
+    types = {e.meta.get("preference") for e in examples}
+    crossed = (f" ({len(requests)} requests never trained on x {len(types)} preference types)"
+               if None not in requests | types else "")
+    return f"{n} held-out prompts{crossed}, {n_seeds} seed{'' if n_seeds == 1 else 's'}"
+
+
+def headline_block(table: pd.DataFrame, preset: str = "cpu") -> str:
+    """The README's short results table (markers included): each paired difference of the table's first (main) task
+    with its 95% CI, its verdict and its cluster-bootstrap sensitivity, under one line that states the population."""
+    missing = [c for c in RESULTS_NEEDS if c not in table]
+    if missing:
+        raise MipoError(f"figures/{results_path(preset).name} lacks column(s) {missing}; rerun the notebook that "
+                        "writes it (make reproduce)")
+    per_seed = table[table["kind"] == "per_seed"]
+    if per_seed.empty:
+        raise MipoError(f"figures/{results_path(preset).name} has no per-seed rows; rerun the notebook that writes it")
+    task = str(per_seed["task"].iloc[0])
+    diffs = table[(table["kind"] == "paired_difference") & (table["task"] == task)]
+    crossed = diffs[diffs["ci_design"] == "crossed"]
+    cluster = diffs[diffs["ci_design"] != "crossed"].set_index(["method", "baseline"])
+    designs = sorted(set(cluster.reset_index()["ci_design"]))
+    rows = []
+    for _, r in crossed.iterrows():
+        verdict = "detectable" if bool(r["detectable"]) else "no detectable difference"
+        sensitivity = "—"
+        if (r["method"], r["baseline"]) in cluster.index:
+            c = cluster.loc[(r["method"], r["baseline"])]
+            sensitivity = (f"[{render.points(c['diff_lo'])}, {render.points(c['diff_hi'])}], "
+                           f"{'detectable' if bool(c['detectable']) else 'not detectable'}")
+        rows.append([f"{r['method']} − {r['baseline']}", f"{render.pct(r['rate'])} vs {render.pct(r['baseline_rate'])}",
+                     f"**{render.points(r['diff'])} [{render.points(r['diff_lo'])}, {render.points(r['diff_hi'])}]**",
+                     f"{verdict} (p = {r['p_holm']:.3g})", sensitivity])
+    n = int(per_seed["n"].iloc[0])
+    begin, end = markers("headline", preset)
+    return "\n".join([
+        begin,
+        f"Task `{task}`, preset `{preset}`: {_population(task, n, per_seed['seed'].nunique())}. Differences in "
+        "percentage points with 95% CIs (paired, crossed bootstrap over prompts and seeds); verdicts: Holm-adjusted "
+        "p < 0.05 within the family; sensitivity: the same check with whole groups of the task (`Task.group`) "
+        "resampled.", "",
+        *render.table(["comparison", "success rates", "difference, points [95% CI]", "verdict (Holm-adjusted p)",
+                       f"sensitivity, {' / '.join(designs) or 'none'} bootstrap"], rows),
+        end])
 
 
 # ---------------------------------------------------------------------------------------------------- ablations
@@ -298,7 +406,6 @@ TIMINGS = "timings_cpu.csv"
 
 TIMING_COLUMNS: tuple[str, ...] = ("notebook", "part", "preset", "seeds", "run", "wall_s", "peak_rss_mb", "source",
                                    "date")
-TIMING_OPEN, TIMING_CLOSE = "<!-- timing:", "<!-- /timing -->"
 REFERENCE_RUN, CACHED_RUN = "reference", "from the cache"
 
 #: `make reproduce`'s time budget and its goal, which the README's cost paragraph measures the total against.
@@ -318,7 +425,7 @@ def _timing_rows(timings: pd.DataFrame, selector: str) -> pd.DataFrame:
     t = timings.assign(part=timings["part"].fillna(""))
     rows = t[(t["preset"] == preset) & (t["notebook"] == notebook) & (t["run"] == run) & t["part"].isin(wanted)]
     if len(rows) != len(wanted):
-        raise MipoError(f"figures/{TIMINGS} has no row for every part of the README's timing span {selector!r}; "
+        raise MipoError(f"figures/{TIMINGS} has no row for every part of the span {selector!r}; "
                         "record it there or change the span")
     return rows
 
@@ -346,23 +453,97 @@ def timing_text(timings: pd.DataFrame, key: str) -> str:
     """The text of the timing span `key` (`<selector> <format>`, see `_timing_rows` and `TIMING_FORMATS`)."""
     selector, _, fmt = key.strip().rpartition(" ")
     if fmt not in TIMING_FORMATS:
-        raise MipoError(f"README timing span {key!r}: unknown format {fmt!r}; use one of {list(TIMING_FORMATS)}")
+        raise MipoError(f"timing span {key!r}: unknown format {fmt!r}; use one of {list(TIMING_FORMATS)}")
     return TIMING_FORMATS[fmt](_timing_rows(timings, selector))
 
 
-def render_timings(text: str, timings: pd.DataFrame | None = None) -> str:
-    """`text` with every timing span's content rendered from the timings table (default the committed one)."""
-    if TIMING_OPEN not in text:
-        return text
-    timings = pd.read_csv(timings_path()) if timings is None else timings
+# ------------------------------------------------------------------------------------------------- study times
+#: The study time's two rates (docs/instructors.md states the formula): technical prose is read at about 150 words a
+#: minute, and a code cell takes about a minute to read, run and look at (longer cells and exercises balance short ones).
+READING_WORDS_PER_MINUTE = 150
+MINUTES_PER_CODE_CELL = 1.0
+
+
+@dataclass(frozen=True)
+class StudyTime:
+    """What a notebook asks of a student: its prose, the code cells they run, and its measured compute time."""
+
+    words: int
+    code_cells: int
+    compute_s: float
+
+    @property
+    def minutes(self) -> float:
+        """Reading + running the cells + waiting for the computation, in minutes."""
+        return (self.words / READING_WORDS_PER_MINUTE + self.code_cells * MINUTES_PER_CODE_CELL
+                + self.compute_s / 60)
+
+
+def study_time(timings: pd.DataFrame, selector: str) -> StudyTime:
+    """`<preset>/<notebook>`'s study time: the words of its markdown cells, its code cells, and its reference run's
+    wall time."""
+    notebook = selector.split("/")[1]
+    path = repo_root() / "notebooks" / f"{notebook}.ipynb"
+    if not path.exists():
+        raise MipoError(f"study span {selector!r}: no notebooks/{notebook}.ipynb; name a notebook that exists")
+    cells = json.loads(path.read_text())["cells"]
+    words = sum(len("".join(c["source"]).split()) for c in cells if c["cell_type"] == "markdown")
+    code = [c for c in cells if c["cell_type"] == "code"]
+    return StudyTime(words, len(code), float(_timing_rows(timings, selector)["wall_s"].sum()))
+
+
+#: A lab session's length, against which a class plan's notebooks are summed (docs/instructors.md).
+LAB_MINUTES = 90
+
+
+def lab_text(timings: pd.DataFrame, key: str) -> str:
+    """A class plan's line: the summed study time of `<selector> + <selector> ...` and whether it fits a lab."""
+    total = sum(study_time(timings, selector.strip()).minutes for selector in key.split(" + "))
+    spare = LAB_MINUTES - total
+    verdict = (f"fits a {LAB_MINUTES}-minute lab, {render.whole_minutes(60 * spare)} to spare" if spare >= 0
+               else f"{render.whole_minutes(-60 * spare)} over a {LAB_MINUTES}-minute lab")
+    return f"{render.whole_minutes(60 * total)}: {verdict}"
+
+
+# ------------------------------------------------------------------------------------------------------- spans
+def _repo_text(key: str) -> str:
+    if key != "clone":
+        raise MipoError(f"repo span {key!r}: the one repo span is `<!-- repo:clone -->`")
+    return f"\n```bash\n{clone_command()}\n```\n"
+
+
+def _span_renderers(timings: pd.DataFrame) -> dict[str, Callable[[str], str]]:
+    """How each kind of span renders its key (see the module docstring)."""
+    return {
+        "timing": lambda key: timing_text(timings, key),
+        "study": lambda key: render.whole_minutes(60 * study_time(timings, key.strip()).minutes),
+        "lab": lambda key: lab_text(timings, key),
+        "colab": lambda key: colab_badge(f"{key.strip()}.ipynb"),
+        "repo": lambda key: _repo_text(key.strip()),
+    }
+
+
+def _next_span(text: str, kinds: list[str]) -> tuple[int, str] | None:
+    """(position, kind) of the first span opening in `text`, if any."""
+    found = [(text.find(f"<!-- {kind}:"), kind) for kind in kinds]
+    found = [(at, kind) for at, kind in found if at >= 0]
+    return min(found) if found else None
+
+
+def render_spans(text: str, timings: pd.DataFrame | None = None) -> str:
+    """`text` with every span's content rendered: times and study times from the timings table (default the
+    committed one), badges and the clone command from the repository address."""
+    renderers = _span_renderers(pd.read_csv(timings_path()) if timings is None else timings)
     out, rest = [], text
-    while TIMING_OPEN in rest:
-        before, _, after = rest.partition(TIMING_OPEN)
-        key, closed, after = after.partition(" -->")
-        _, ended, rest = after.partition(TIMING_CLOSE)
+    while (span := _next_span(rest, list(renderers))) is not None:
+        at, kind = span
+        opening, closing = f"<!-- {kind}:", f"<!-- /{kind} -->"
+        key, closed, after = rest[at + len(opening):].partition(" -->")
+        _, ended, after = after.partition(closing)
         if not closed or not ended:
-            raise MipoError(f"README timing span {key[:60]!r} is not closed by {TIMING_CLOSE!r}")
-        out += [before, f"{TIMING_OPEN}{key} -->", timing_text(timings, key), TIMING_CLOSE]
+            raise MipoError(f"{kind} span {key[:60]!r} is not closed by {closing!r}")
+        out += [rest[:at], f"{opening}{key} -->", renderers[kind](key), closing]
+        rest = after
     return "".join([*out, rest])
 
 
@@ -501,3 +682,12 @@ def deviations_block(preset: str = "cpu") -> str:
     rows = render.table(["aspect", "the paper (official code)", f"this workbook (`{preset}` preset)", "why",
                          "expected effect"], ([d.aspect, d.official, d.ours(p), d.why, d.effect] for d in DEVIATIONS))
     return "\n".join([DEVIATIONS_BEGIN.format(preset=preset), *rows, DEVIATIONS_END.format(preset=preset)])
+
+
+BLOCK_RENDERERS: dict[str, Callable[[str], str]] = {
+    "headline": lambda preset: headline_block(pd.read_csv(results_path(preset)), preset),
+    "results": lambda preset: results_block(pd.read_csv(results_path(preset)), preset),
+    "deviations": deviations_block,
+    "ablations": ablations_block,
+}
+"""How each kind of block (`Block.kind`) is rendered for a preset."""
