@@ -363,9 +363,9 @@ def test_study_time_is_prose_plus_code_cells_plus_measured_compute(tmp_path, mon
     path = tmp_path / "notebooks" / "00_quickstart.ipynb"
     prose = " ".join(["word"] * 300)
     path.write_text(_notebook([("markdown", prose, []), ("code", "x = 1", []), ("code", "y = 2", ["stub"]),
-                               ("code", "def f(): ...", ["solution"]), ("markdown", "two words", [])]))
+                               ("markdown", "two words", [])]))
     study = readme.study_time(TIMINGS, "cpu/00_quickstart")
-    assert (study.words, study.code_cells, study.compute_s) == (302, 2, 623.0)  # the solution cell is not counted
+    assert (study.words, study.code_cells, study.compute_s) == (302, 2, 623.0)
     expected = 302 / readme.READING_WORDS_PER_MINUTE + 2 * readme.MINUTES_PER_CODE_CELL + 623 / 60
     assert study.minutes == pytest.approx(expected)
     span = "<!-- study:cpu/00_quickstart -->"
