@@ -19,14 +19,23 @@ as they complete; `pairs.jsonl` and `manifest.json` are written once at the end 
 settings reuses the pairs; a run killed halfway resumes from the finished batches (only under the same generation
 key), and a torn last line is dropped, so nothing is lost or duplicated. A changed scoring setting (`score_batch_size`,
 `max_length`) rescores the stored responses without generating them again.
+
+Several processes (`accelerate launch`, `torchrun`: whatever initialized torch.distributed) share the work without
+changing the result: the batch plans are those of one process (same batches, same per-batch seeds), rank r generates
+batches r, r + W, r + 2W, ... into its own shard (`responses.rank<r>.jsonl`, resumable like the log), and rank 0
+merges the shards into `responses.jsonl` in the order one process writes it; scoring is shared the same way, batch by
+batch. So `responses.jsonl` and `pairs.jsonl` are byte-identical to a one-process run's (on the same kind of device),
+and only rank 0 writes the pairs folder (each rank writes only its shard).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -120,10 +129,70 @@ def pairs_dir(preset: Preset, seed: int, task: Task | None = None) -> Path:
     return run_dir(preset, preset.task, variant_name(preset), f"seed{seed}", f"pairs-{key.digest}")
 
 
-class BatchLog:
-    """Append-only JSON Lines log of finished generation batches, tolerant of a torn last line."""
+@dataclass(frozen=True)
+class Ranks:
+    """The processes that build one seed's pairs together: torch.distributed's group when the run was launched with
+    several (`accelerate launch`, `torchrun`), else this process alone.
 
-    def __init__(self, path: Path) -> None:
+    Why share the work rather than let rank 0 build the pairs while the others wait: the others' GPUs would idle,
+    and a long wait at a collective outlives NCCL's timeout (10 minutes by default) on a large set.
+    """
+
+    rank: int = 0
+    size: int = 1
+
+    @classmethod
+    def current(cls) -> Ranks:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the pairs folder (rank 0)."""
+        return self.rank == 0
+
+    def share(self, n_batches: int) -> set[int]:
+        """This rank's batches of a plan of `n_batches`: r, r + W, r + 2W, ... (the longest batches come first in
+        every plan, so dealing them out in turn keeps the ranks' loads even)."""
+        return set(range(self.rank, n_batches, self.size))
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order (a collective: every rank calls it)."""
+        if self.size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+#: The stages of a generation, in the order one process runs them (and `responses.jsonl` lists them).
+STAGES = ("positive", "negative")
+SHARD_GLOB = "responses.rank*.jsonl"
+
+
+def shard_path(log_path: Path, rank: int) -> Path:
+    """Where rank `rank` of several processes logs the batches it generated, before rank 0 merges them."""
+    return log_path.with_name(f"responses.rank{rank}.jsonl")
+
+
+class BatchLog:
+    """Append-only JSON Lines log of finished generation batches, tolerant of a torn last line.
+
+    `repair` (the process that appends to it) rewrites the file without a torn last line before appending; a process
+    that only reads the log of another (`repair=False`) skips that line without writing."""
+
+    def __init__(self, path: Path, *, repair: bool = True) -> None:
         self.path = path
         self.done: dict[tuple[str, int], dict[str, Any]] = {}
         if path.exists():
@@ -137,7 +206,8 @@ class BatchLog:
                 if key not in self.done:
                     self.done[key] = rec
                     good.append(line)
-            files.write_text(path, "".join(g + "\n" for g in good))  # drop the torn tail before appending
+            if repair:
+                files.write_text(path, "".join(g + "\n" for g in good))  # drop the torn tail before appending
 
     def finished(self, stage: str) -> set[int]:
         return {b for (s, b) in self.done if s == stage}
@@ -149,6 +219,21 @@ class BatchLog:
             fh.flush()
             os.fsync(fh.fileno())
         self.done[(stage, batch)] = rec
+
+    def absorb(self, shards: Sequence[Path]) -> None:
+        """Take in the batches of other processes' shards that this log lacks, rewrite it in the order one process
+        writes it (stage by stage, each in batch order) and delete the shards. The order makes the merged log
+        byte-identical to a one-process run's whichever rank finished first."""
+        if not shards:
+            return
+        for shard in shards:
+            for key, rec in BatchLog(shard, repair=False).done.items():
+                self.done.setdefault(key, rec)
+        order = sorted(self.done, key=lambda k: (STAGES.index(k[0]), k[1]))
+        self.done = {k: self.done[k] for k in order}
+        files.write_text(self.path, "".join(json.dumps(rec) + "\n" for rec in self.done.values()))
+        for shard in shards:
+            shard.unlink(missing_ok=True)
 
     def replies(self, stage: str, n: int) -> tuple[list[str], list[bool]]:
         """The stage's `n` responses in prompt order, and whether each was cut off at the token cap."""
@@ -163,20 +248,105 @@ class BatchLog:
         return [t[0] for t in out], [t[1] for t in out]  # type: ignore[index]
 
 
-def _sample(
+def _generate_share(
     stage: str, model: Any, tokenizer: Any, prompts: list[Messages], preset: Preset, seed: int,
-    log: BatchLog, stats: GenerationStats, progress: bool,
-) -> tuple[list[str], list[bool]]:
+    log: BatchLog, ranks: Ranks, stats: GenerationStats, progress: bool,
+) -> None:
+    """Generate this rank's batches of the stage that neither the log nor this rank's shard holds yet: into the log
+    itself in one process, into the rank's shard with several. Every rank plans all the batches (with the batch's
+    position in the plan as its seed, `generate.plan_batches`) and skips the others', so each batch is sampled
+    exactly as one process samples it."""
     ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
     stage_seed = seed * 10 + {"positive": 1, "negative": 2}[stage]
+    out = log if ranks.size == 1 else BatchLog(shard_path(log.path, ranks.rank))
+    n_batches = math.ceil(len(ids) / preset.gen_batch_size)
+    others = set(range(n_batches)) - ranks.share(n_batches)
     for batch, texts, cut in generate_reply_batches(
         model, tokenizer, ids,
         max_new_tokens=preset.max_new_tokens, temperature=preset.temperature, top_p=preset.top_p,
-        batch_size=preset.gen_batch_size, seed=stage_seed, skip_batches=log.finished(stage),
+        batch_size=preset.gen_batch_size, seed=stage_seed,
+        skip_batches=log.finished(stage) | out.finished(stage) | others,
         stats=stats, progress=progress, desc=f"{stage} responses",
     ):
-        log.append(stage, batch.index, batch.rows, texts, cut)
-    return log.replies(stage, len(prompts))
+        out.append(stage, batch.index, batch.rows, texts, cut)
+
+
+def _sample(
+    stage: str, model: Any, tokenizer: Any, prompts: list[Messages], preset: Preset, seed: int,
+    log_path: Path, ranks: Ranks, stats: GenerationStats, progress: bool,
+) -> tuple[list[str], list[bool]]:
+    """The stage's responses in prompt order (and their cut-off flags), each rank generating its share; rank 0 then
+    merges the shards into the log (`BatchLog.absorb`) and every rank reads the merged log."""
+    log = BatchLog(log_path, repair=ranks.main)
+    _generate_share(stage, model, tokenizer, prompts, preset, seed, log, ranks, stats, progress)
+    ranks.barrier()
+    if ranks.main:  # in one process too: a killed run of several leaves shards this one has to take in
+        log.absorb(sorted(log_path.parent.glob(SHARD_GLOB)))
+    ranks.barrier()
+    merged = log if ranks.main else BatchLog(log_path, repair=False)
+    return merged.replies(stage, len(prompts))
+
+
+def _combined(parts: Sequence[GenerationStats]) -> GenerationStats:
+    """The ranks' generation bookkeeping as one: tokens and batches summed, seconds those of the slowest rank (the
+    ranks generate side by side, so the throughput is all tokens over that time)."""
+    return GenerationStats(new_tokens=sum(p.new_tokens for p in parts), seconds=max(p.seconds for p in parts),
+                           batches=sum(p.batches for p in parts))
+
+
+def score_plan(tokens: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int) -> list[list[int]]:
+    """The batches `scoring.completion_logprobs` cuts from these (prompt, completion) token pairs: longest first,
+    `batch_size` at a time. A row's log-prob depends (in the last bits) on the padding of its batch, so the ranks
+    score exactly these batches and the result equals one process's bit for bit."""
+    order = sorted(range(len(tokens)), key=lambda i: -(len(tokens[i][0]) + len(tokens[i][1])))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def score_share(
+    model: Any, tokenizer: Any, prompts: Sequence[Messages], responses: Sequence[str], batches: Sequence[list[int]],
+    max_length: int, *, progress: bool = False, desc: str = "scoring",
+) -> dict[int, float]:
+    """Summed log pi(response | prompt) of the rows of `batches`, each batch scored as one (`sequence_logprobs`)."""
+    from tqdm.auto import tqdm
+
+    out: dict[int, float] = {}
+    with tqdm(total=sum(map(len, batches)), desc=desc, disable=not progress, unit="seq") as bar:
+        for rows in batches:
+            sums, _ = sequence_logprobs(model, tokenizer, [prompts[r] for r in rows], [responses[r] for r in rows],
+                                        max_length=max_length, batch_size=len(rows))
+            out.update(zip(rows, sums.tolist()))
+            bar.update(len(rows))
+    return out
+
+
+def _score(
+    model: Any, tokenizer: Any, prompts: Sequence[Messages], responses: Sequence[str], preset: Preset, ranks: Ranks,
+    progress: bool, desc: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Summed log-probs and completion token counts of every pair (`sequence_logprobs`), each rank scoring its
+    share of the batches (a collective: every rank calls it)."""
+    tokens = [pair_tokens(tokenizer, p, r, preset.max_length) for p, r in zip(prompts, responses)]
+    plan = score_plan(tokens, preset.score_batch_size)
+    mine = [plan[b] for b in sorted(ranks.share(len(plan)))]
+    share = score_share(model, tokenizer, prompts, responses, mine, preset.max_length, progress=progress, desc=desc)
+    merged = {row: value for part in ranks.all_gather(share) for row, value in part.items()}
+    return np.array([merged[i] for i in range(len(tokens))], dtype=np.float64), np.array([len(c) for _, c in tokens])
+
+
+def _prepare_folder(pairs_path: Path, manifest_path: Path, log_path: Path, key: cache.Key, gen_key: cache.Key,
+                    redo: bool) -> None:
+    """Before (re)making the pairs (on the main process only): clear what `redo` or other generation settings make
+    stale, shards of several processes included, and mark the log as this generation key's, so its finished batches
+    (and the shards') are resumed."""
+    shards = sorted(log_path.parent.glob(SHARD_GLOB))
+    if redo:
+        for p in (pairs_path, manifest_path, log_path, cache.key_file(pairs_path), cache.key_file(log_path), *shards):
+            p.unlink(missing_ok=True)
+    cache.prepare(pairs_path, key)  # says why they are (re)made; the pairs file is replaced below
+    if (log_path.exists() or shards) and not cache.reuse(log_path, gen_key) and cache.prepare(log_path, gen_key):
+        for p in (log_path, *shards):  # a partial generation of other settings: start afresh
+            p.unlink(missing_ok=True)
+    cache.store(log_path, gen_key)  # the resume marker: finished batches below belong to this key
 
 
 # ----------------------------------------------------------------------------------------------------- main entry
@@ -190,7 +360,10 @@ def build_pairs(
     redo: bool = False,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Generate, pair, score and store the MIPO pairs of one seed; reuse them when they already exist."""
+    """Generate, pair, score and store the MIPO pairs of one seed; reuse them when they already exist.
+
+    Under torch.distributed every rank calls it: each generates and scores its share, rank 0 writes the pairs and
+    the others read them back (see the module docstring)."""
     if preset.negative not in NEGATIVES:
         raise MipoError(f"unknown negative {preset.negative!r}; choose one of: {', '.join(NEGATIVES)}")
     if preset.negative != "random_prompt" and not task.conditional:
@@ -198,35 +371,36 @@ def build_pairs(
     gen_key, key = generation_key(preset, seed, task), pairs_key(preset, seed, task)
     folder = pairs_dir(preset, seed, task)
     pairs_path, manifest_path, log_path = folder / "pairs.jsonl", folder / "manifest.json", folder / "responses.jsonl"
-    if redo:
-        for p in (pairs_path, manifest_path, log_path, cache.key_file(pairs_path), cache.key_file(log_path)):
-            p.unlink(missing_ok=True)
-    if cache.reuse(pairs_path, key):
+    ranks = Ranks.current()
+    if not redo and cache.reuse(pairs_path, key):  # every rank decides alike: nothing finishes pairs before the barrier
         return load_pairs(pairs_path)
-    cache.prepare(pairs_path, key)  # says why they are (re)made; the pairs file is replaced below
-    if log_path.exists() and not cache.reuse(log_path, gen_key) and cache.prepare(log_path, gen_key):
-        log_path.unlink()  # a partial generation of other settings: start afresh
-    cache.store(log_path, gen_key)  # the resume marker: finished batches below belong to this key
+    if ranks.main:
+        _prepare_folder(pairs_path, manifest_path, log_path, key, gen_key, redo)
+    ranks.barrier()  # the folder is ready (or cleared) before any rank reads its log
     examples = task.examples("train", preset.n_train_prompts, seed=seed)
     positives_prompts = [task.prompt(e) for e in examples]
 
     rng = np.random.default_rng(seed)
     stats = GenerationStats()
     started = time.perf_counter()
-    log = BatchLog(log_path)
-    positives, positives_cut = _sample("positive", model, tokenizer, positives_prompts, preset, seed, log, stats, progress)
+    progress = progress and ranks.main
+    positives, positives_cut = _sample("positive", model, tokenizer, positives_prompts, preset, seed, log_path, ranks,
+                                       stats, progress)
 
     # (example index, negative prompt x', negative response y-) for every pair
     k = preset.k_negatives
     if preset.negative == "context_drop":
         neg_prompts = [task.prompt(e, with_context=False) for e in examples for _ in range(k)]
-        negatives, negatives_cut = _sample("negative", model, tokenizer, neg_prompts, preset, seed, log, stats, progress)
+        negatives, negatives_cut = _sample("negative", model, tokenizer, neg_prompts, preset, seed, log_path, ranks,
+                                           stats, progress)
         triples = [(i, neg_prompts[i * k + j], negatives[i * k + j], "context_drop", negatives_cut[i * k + j])
                    for i in range(len(examples)) for j in range(k)]
     else:
         sources = negative_sources(examples, preset.negative, k, rng)
         triples = [(i, positives_prompts[s], positives[s], examples[s].id, positives_cut[s])
                    for i in range(len(examples)) for s in sources[i]]
+    per_process = ranks.all_gather(stats)  # what each rank generated in this run
+    stats = _combined(per_process)
     gen_seconds = time.perf_counter() - started
 
     # Four scores per pair: both responses under x (reference log-probs) and under x' (for the PMI).
@@ -235,9 +409,11 @@ def build_pairs(
     x_negs = [t[1] for t in triples]
     ys_pos = [positives[i] for i, *_ in triples]
     ys_neg = [t[2] for t in triples]
-    kw = dict(max_length=preset.max_length, batch_size=preset.score_batch_size, progress=progress)
-    lp_pos_x, n_pos = sequence_logprobs(model, tokenizer, xs + x_negs, ys_pos + ys_pos, desc="scoring positives", **kw)
-    lp_neg_x, n_neg = sequence_logprobs(model, tokenizer, xs + x_negs, ys_neg + ys_neg, desc="scoring negatives", **kw)
+    lp_pos_x, n_pos = _score(model, tokenizer, xs + x_negs, ys_pos + ys_pos, preset, ranks, progress, "scoring positives")
+    lp_neg_x, n_neg = _score(model, tokenizer, xs + x_negs, ys_neg + ys_neg, preset, ranks, progress, "scoring negatives")
+    if not ranks.main:
+        ranks.barrier()  # rank 0 writes the pairs
+        return load_pairs(pairs_path)
     m = len(triples)
     score_seconds = time.perf_counter() - score_start
 
@@ -281,6 +457,7 @@ def build_pairs(
         "truncated_chosen": sum(r["chosen_truncated"] for r in records),
         "truncated_rejected": sum(r["rejected_truncated"] for r in records),
         "generated_tokens": stats.new_tokens,
+        "generated_batches_by_process": [part.batches for part in per_process],
         "generation_seconds": round(gen_seconds, 2),
         "generation_tokens_per_s": round(stats.tokens_per_s, 2),
         "scoring_seconds": round(score_seconds, 2),
@@ -289,6 +466,7 @@ def build_pairs(
     }
     files.write_text(manifest_path, json.dumps(manifest, indent=2))
     cache.store(pairs_path, key)  # last: the pairs count as finished only once pairs and manifest are written
+    ranks.barrier()  # the other ranks read the pairs now
     if manifest["duplicate_negatives"]:
         logger.warning(
             "%d of %d negatives repeat another negative of the same prompt (K=%d, temperature %g): those pairs add no "
