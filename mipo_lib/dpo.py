@@ -402,10 +402,22 @@ _LABEL_OF = {"dpo": "DPO", "sft": "SFT", "infonce": "InfoNCE"}
 _PAIRWISE = ("dpo", "infonce")
 
 
-def training_extras(kind: str, preset: Preset) -> dict[str, str]:
-    """Key values of a training run beyond the preset's fields: the schedule, and for the DPO trainers how a step runs
-    its batch."""
-    return {"schedule": LR_SCHEDULE, **({"forward": dpo_forward(preset)} if kind in _PAIRWISE else {})}
+def training_extras(kind: str, preset: Preset) -> dict[str, Any]:
+    """Key values of a training run beyond the preset's fields: the schedule, for the DPO trainers how a step runs
+    its batch, and, under `accelerate launch` with several processes, their number (each takes `batch_size` rows a
+    step, so N processes train N times the batch for 1/N of the steps: another adapter; one process adds nothing, so
+    a notebook's adapter and a one-process launch's are the same)."""
+    processes = _processes().num_processes
+    return {"schedule": LR_SCHEDULE, **({"forward": dpo_forward(preset)} if kind in _PAIRWISE else {}),
+            **({"processes": processes} if processes > 1 else {})}
+
+
+def _processes() -> Any:
+    """accelerate's view of the processes of this run (one, outside `accelerate launch`): only the main one writes an
+    adapter's folder, and the others wait for it (`_claim`, `_finish`)."""
+    from accelerate import PartialState
+
+    return PartialState()
 
 
 def training_label(training: Training) -> str:
@@ -457,14 +469,16 @@ def finished_run(adapter_dir: Path, key: cache.Key) -> TrainResult | None:
 def _finish(trainer: Any, adapter_dir: Path, seconds: float, before: dict[str, torch.Tensor], sanity: dict[str, float] | None) -> TrainResult:
     after = _lora_snapshot(trainer.model)
     changed = {n: bool(not torch.equal(before[n], after[n])) for n in before}
-    _save_adapter(trainer, adapter_dir)
+    _save_adapter(trainer, adapter_dir)  # transformers and TRL save on the main process only
     log = _log_frame(trainer.state.log_history)
-    log.to_csv(adapter_dir / "train_log.csv", index=False)
     peak = _peak_memory_mb(next(trainer.model.parameters()).device)
     info = {"seconds": round(seconds, 2), "peak_memory_mb": peak, "lora_changed": changed, "sanity": sanity}
-    files.write_text(adapter_dir / DONE_MARKER, json.dumps(info, indent=1))
-    for ckpt in adapter_dir.glob("checkpoint-*"):
-        shutil.rmtree(ckpt)
+    if trainer.is_world_process_zero():  # one writer; the done marker last, so it never announces a partial folder
+        files.write_text(adapter_dir / "train_log.csv", log.to_csv(index=False))
+        files.write_text(adapter_dir / DONE_MARKER, json.dumps(info, indent=1))
+        for ckpt in adapter_dir.glob("checkpoint-*"):
+            shutil.rmtree(ckpt)
+    trainer.accelerator.wait_for_everyone()  # no process returns before the adapter is complete
     return TrainResult(adapter_dir, log, seconds, peak, changed, sanity, reused=False)
 
 
@@ -472,10 +486,12 @@ def _claim(adapter_dir: Path, key: cache.Key, redo: bool) -> None:
     """Make `adapter_dir` this run's before training: a run of other settings (or any run, with `redo`) is cleared so
     training never resumes from another run's checkpoint; an interrupted run of the same key is kept and resumed.
     The key is stored inside the folder, next to the done marker that `finished_run` waits for."""
-    marker = adapter_dir / DONE_MARKER
-    if cache.prepare(marker, key) or redo:
-        shutil.rmtree(adapter_dir, ignore_errors=True)
-    cache.store(marker, key)
+    marker, processes = adapter_dir / DONE_MARKER, _processes()
+    if processes.is_main_process:
+        if cache.prepare(marker, key) or redo:
+            shutil.rmtree(adapter_dir, ignore_errors=True)
+        cache.store(marker, key)
+    processes.wait_for_everyone()  # no process trains (or resumes) before the folder is this run's
 
 
 def _save_adapter(trainer: Any, adapter_dir: Path) -> None:
@@ -520,7 +536,7 @@ def _snapshot_callback(adapter_dir: Path, epochs: Sequence[int]) -> Any:
         def on_epoch_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
             epoch = round(state.epoch or 0)
             target = snapshot_dir(adapter_dir, epoch)
-            if epoch in wanted and model is not None and not target.exists():
+            if epoch in wanted and model is not None and state.is_world_process_zero and not target.exists():
                 with files.atomic(target, directory=True) as tmp:
                     model.save_pretrained(str(tmp))
 
@@ -550,7 +566,7 @@ def _elapsed_callback(offset: float, start: float) -> Any:
     class ElapsedCallback(TrainerCallback):  # type: ignore[misc]
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if checkpoint.is_dir():
+            if state.is_world_process_zero and checkpoint.is_dir():
                 seconds = offset + time.perf_counter() - start
                 files.write_text(checkpoint / ELAPSED_FILE, json.dumps({"seconds": round(seconds, 2)}))
 

@@ -121,7 +121,7 @@ def stage(name: str) -> Iterator[None]:
 
 def _append(row: StageMemory) -> None:
     log = os.environ.get(LOG_ENV)
-    if not log:
+    if not log or os.environ.get("RANK", "0") != "0":  # under `accelerate launch`, the main process writes the log
         return
     path = Path(log)
     new = not path.exists()
