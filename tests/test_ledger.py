@@ -74,7 +74,8 @@ def test_a_changed_csv_no_longer_matches_the_document(tmp_path):
 def test_the_reviewers_check_and_the_protocol_changes_are_in_it():
     rows = ledger.read()
     outside = [r for r in rows if r["commit"] == ledger.OUTSIDE]
-    assert len(outside) == 1 and "+24.3 [+16.1, +32.3]" in outside[0]["result"] and "300 prompts" in outside[0]["result"]
+    assert len(outside) == 1
+    assert "+24.3 [+16.1, +32.3]" in outside[0]["result"] and "300 prompts" in outside[0]["result"]
     by_commit = {r["commit"]: r for r in rows}
     assert "+13.3 [+4.7, +22.0]" in by_commit["15c83a1"]["result"]
     assert by_commit["15c83a1"]["re_evaluation"].startswith("yes")

@@ -128,13 +128,18 @@ def _seed_list(seeds: Sequence[int]) -> str:
     return " ".join(str(s) for s in seeds)
 
 
+def _cad(preset: Preset) -> str:
+    return f"{preset.cad_alpha:g}" if preset.cad_alpha is not None else f"1/beta = {1 / preset.beta:g}"
+
+
 def protocol_of(preset: Preset, seeds: Sequence[int]) -> str:
     """One line with the settings a results table's numbers depend on: task, prompts, seeds, training and decoding."""
-    return (f"{preset.name} preset ({preset.task}, {preset.n_test_prompts} test prompts, dtype {resolved_dtype(preset)}), seeds "
-            f"{_seed_list(seeds)}; MIPO {preset.epochs} epochs at learning rate {preset.learning_rate:g}, SFT "
-            f"{preset.sft_epochs} epochs at {preset.sft_learning_rate:g}, CAD a = {preset.cad_alpha:g}; token caps "
-            f"{preset.max_new_tokens} (sampling) / {preset.eval_max_new_tokens} (evaluation), no repeated "
-            f"{preset.eval_no_repeat_ngram}-grams (0: off)")
+    ngrams = f"no repeated {preset.eval_no_repeat_ngram}-grams" if preset.eval_no_repeat_ngram else "no n-gram rule"
+    return (f"{preset.name} preset ({preset.task}, {preset.n_test_prompts} test prompts, dtype "
+            f"{resolved_dtype(preset)}), seeds {_seed_list(seeds)}; MIPO {preset.epochs} epochs at learning rate "
+            f"{preset.learning_rate:g}, SFT {preset.sft_epochs} epochs at {preset.sft_learning_rate:g}, CAD a = "
+            f"{_cad(preset)}; token caps {preset.max_new_tokens} (sampling) / {preset.eval_max_new_tokens} "
+            f"(evaluation), {ngrams}")
 
 
 def headline(table_path: Path) -> str:
