@@ -16,7 +16,7 @@ SET    ?=
 export HF_HUB_OFFLINE ?= $(if $(filter cpu% smoke%,$(PRESET)),1,0)
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup reproduce tune heldout ablations reasoning test benchmark clean
+.PHONY: setup reproduce tune heldout ablations reasoning confirm test benchmark clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,13 @@ ablations: $(STAMP)
 REASONING_PRESET ?= cpu-reasoning
 reasoning: $(STAMP)
 	$(BIN)/python -m mipo_lib reproduce --preset $(REASONING_PRESET) --notebooks 07 $(if $(SEEDS),--seeds $(SEEDS)) $(foreach s,$(SET),--set $(s))
+
+# The confirmatory test (docs/confirmatory-plan.md): the adapters of the first reference run with >= 5 seeds committed
+# after the plan, evaluated ONCE on new requests nobody tuned on (data/confirm/) -> figures/confirm_cpu.csv. A second
+# run is refused; why: .venv/bin/python -m mipo_lib.experiments.confirm --status. Give it the reference run's SET
+# (e.g. SET="dtype=float32").
+confirm: $(STAMP)
+	$(BIN)/python -m mipo_lib.experiments.confirm --preset cpu $(foreach s,$(SET),--set $(s))
 
 test: $(STAMP)
 	MPLBACKEND=Agg TQDM_DISABLE=1 $(BIN)/python -m pytest
