@@ -92,6 +92,7 @@ def test_styled_tables_get_ids_from_their_content():
 
 def test_only_a_from_scratch_reference_run_records_its_times(tmp_path, monkeypatch):
     """A reference run that reuses its cache measures reading it: it must not replace the committed timings."""
+    from mipo_lib.experiments import ledger
     from mipo_lib.workbook import publish as publish_module
     from mipo_lib.workbook import readme, runner
 
@@ -102,6 +103,8 @@ def test_only_a_from_scratch_reference_run_records_its_times(tmp_path, monkeypat
     monkeypatch.setattr(publish_module, "publish", lambda path: None)
     monkeypatch.setattr(readme, "update_readme", lambda name: False)
     monkeypatch.setattr(readme, "update_timings_table", lambda timings, name: recorded.append(name))
+    evaluations = []  # every reference run of the results notebook gets a ledger row, cached or not
+    monkeypatch.setattr(ledger, "record", lambda table, commit, protocol, result: evaluations.append(table))
     runner.reproduce("cpu", progress=False)  # nothing under runs/cpu/personalization yet: from scratch
     assert recorded == ["cpu"]
     (tmp_path / "runs" / "cpu" / "personalization").mkdir(parents=True)  # a later run finds its cache
@@ -111,3 +114,4 @@ def test_only_a_from_scratch_reference_run_records_its_times(tmp_path, monkeypat
     assert recorded == ["cpu", "cpu"]
     runner.reproduce("cpu", overrides={"lora_r": 4}, redo=True, progress=False)  # not the reference
     assert recorded == ["cpu", "cpu"]
+    assert evaluations == ["results_cpu.csv"] * 3

@@ -117,7 +117,9 @@ def _choices_lines(preset: str) -> list[str]:
     from mipo_lib.config import choices_path
 
     return _choice_lines(choices_path(preset), "Settings chosen on the validation split", "make tune",
-                         " The test set was used once, with these.")
+                         " The test prompts were evaluated with these; every evaluation ever made on them, under"
+                         " earlier protocols too, is in [the ledger](ledger.md), and `make confirm` tests the headline"
+                         " once on requests nobody tuned on ([the plan](confirmatory-plan.md)).")
 
 
 def _task_choices_lines(task: str, preset: str) -> list[str]:

@@ -208,6 +208,13 @@ def reproduce(
 
         if update_readme(effective.name):
             print("[mipo] README.md's generated blocks rewritten from the committed figures/ files", flush=True)
+    if is_reference_run(effective, overrides) and any(r.notebook.startswith(RESULTS_NOTEBOOK[effective.name]) for r in runs):
+        from mipo_lib.experiments import ledger
+        from mipo_lib.workbook.readme import results_path
+
+        table = results_path(effective.name)  # every evaluation of the test split has its ledger row (docs/ledger.md)
+        ledger.record(table.name, ledger.PENDING, ledger.protocol_of(effective, seeds or effective.seeds), ledger.headline(table))
+        print(f"[mipo] data/ledger.csv: a row for this evaluation of the test split (commit it with {table.name})", flush=True)
     if is_reference_run(effective, overrides) and from_scratch and runs:
         from mipo_lib.workbook.readme import TIMINGS, update_readme, update_timings_table
 
