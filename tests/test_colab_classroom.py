@@ -240,8 +240,9 @@ def test_the_runner_marks_its_kernels_as_the_reference_run(monkeypatch, tmp_path
     seen = []
     monkeypatch.delenv(plots.REFERENCE_RUN_ENV, raising=False)
     monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **k: seen.append(os.environ.get(plots.REFERENCE_RUN_ENV)))
-    runner.run_notebook(NOTEBOOKS[1], "smoke", None, False, tmp_path, progress=False)
-    assert seen == ["1"] and plots.REFERENCE_RUN_ENV not in os.environ
+    runner.run_notebook(NOTEBOOKS[1], "smoke", None, False, tmp_path, progress=False, reference=True)
+    runner.run_notebook(NOTEBOOKS[1], "cpu", [0], False, tmp_path, progress=False)  # not the reference run
+    assert seen == ["1", "0"] and plots.REFERENCE_RUN_ENV not in os.environ
 
 
 def test_version_mismatch_is_reported(monkeypatch):

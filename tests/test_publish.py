@@ -73,6 +73,8 @@ def test_only_the_reference_run_publishes():
     assert not is_reference_run(get_preset("smoke"), {})
     assert is_reference_run(get_preset("cpu-reasoning"), {"dtype": "float32"})  # notebook 07's reference (make reasoning)
     assert not is_reference_run(get_preset("smoke-reasoning"), {})
+    assert not is_reference_run(get_preset("cpu"), {}, seeds=[0])  # the one-seed quick path writes under runs/
+    assert is_reference_run(get_preset("cpu"), {}, seeds=[0, 1, 2])
 
 
 def test_styled_tables_get_ids_from_their_content():

@@ -119,6 +119,7 @@ def run_notebook(
     out_dir: Path,
     progress: bool,
     overrides: Mapping[str, Any] | None = None,
+    reference: bool = False,
 ) -> NotebookRun:
     """Execute one notebook with papermill; the executed copy lands in `out_dir` even when a cell fails.
 
@@ -137,9 +138,10 @@ def run_notebook(
     }
     start = time.perf_counter()
     ok = False
-    # the kernel inherits this process's environment: mark it as the reference run, the only one whose reference
-    # preset writes the committed figures/ (plots.figures_dir), and tell its stages where to record their memory
-    kernel_env = {REFERENCE_RUN_ENV: "1", memory.LOG_ENV: str(out_dir / "memory.csv"), memory.NOTEBOOK_ENV: path.stem}
+    # the kernel inherits this process's environment: tell its stages where to record their memory and, in the
+    # reference run only (`is_reference_run`), that its reference preset writes the committed figures/ (plots.figures_dir)
+    kernel_env = {REFERENCE_RUN_ENV: "1" if reference else "0", memory.LOG_ENV: str(out_dir / "memory.csv"),
+                  memory.NOTEBOOK_ENV: path.stem}
     with _environment(kernel_env), PeakMemory() as mem:
         try:
             pm.execute_notebook(
@@ -181,6 +183,7 @@ def reproduce(
     (`--set name=...` keeps a variant's notebooks apart).
     """
     effective = say_settings(preset, overrides).preset  # fail fast on an unknown name, field or value
+    reference = is_reference_run(effective, overrides, seeds)
     # only a run that computes everything measures the notebooks' cost (one that reuses its cache measures reading it)
     from_scratch = redo or not (runs_dir() / effective.name / effective.task).exists()
     out_dir = run_dir(effective, "notebooks")
@@ -189,7 +192,7 @@ def reproduce(
     for path in list_notebooks(notebooks):
         print(f"[mipo] {effective.name}: running {path.name} ...", flush=True)
         try:
-            run = run_notebook(path, preset, seeds, redo, out_dir, progress, overrides)
+            run = run_notebook(path, preset, seeds, redo, out_dir, progress, overrides, reference)
         except Exception:
             _append_timing(timings, NotebookRun(path.stem, preset, float("nan"), float("nan"), False))
             print(f"[mipo] {path.name} failed; the executed copy with the error is in {out_dir}", flush=True)
@@ -197,25 +200,25 @@ def reproduce(
         _append_timing(timings, run)
         print(f"[mipo] {path.name}: {run.wall_s:.0f} s, peak {run.peak_rss_mb:.0f} MB", flush=True)
         runs.append(run)
-        if is_reference_run(effective, overrides):
+        if reference:
             from mipo_lib.workbook.publish import publish
 
             publish(out_dir / path.name)
             print(f"[mipo] notebooks/{path.name} now shows this reference run's outputs", flush=True)
     writers = README_NOTEBOOKS.get(effective.name, ())
-    if is_reference_run(effective, overrides) and any(r.notebook.startswith(writers) for r in runs):
+    if reference and any(r.notebook.startswith(writers) for r in runs):
         from mipo_lib.workbook.readme import update_readme  # the reference run: its numbers are the README's
 
         if update_readme(effective.name):
             print("[mipo] README.md's generated blocks rewritten from the committed figures/ files", flush=True)
-    if is_reference_run(effective, overrides) and any(r.notebook.startswith(RESULTS_NOTEBOOK[effective.name]) for r in runs):
+    if reference and any(r.notebook.startswith(RESULTS_NOTEBOOK[effective.name]) for r in runs):
         from mipo_lib.experiments import ledger
         from mipo_lib.workbook.readme import results_path
 
         table = results_path(effective.name)  # every evaluation of the test split has its ledger row (docs/ledger.md)
         ledger.record(table.name, ledger.PENDING, ledger.protocol_of(effective, seeds or effective.seeds), ledger.headline(table))
         print(f"[mipo] data/ledger.csv: a row for this evaluation of the test split (commit it with {table.name})", flush=True)
-    if is_reference_run(effective, overrides) and from_scratch and runs:
+    if reference and from_scratch and runs:
         from mipo_lib.workbook.readme import TIMINGS, update_readme, update_timings_table
 
         update_timings_table(timings, effective.name)
@@ -236,11 +239,13 @@ RESULTS_NOTEBOOK: dict[str, str] = {"cpu": "05", "cpu-reasoning": "07"}
 README_NOTEBOOKS: dict[str, tuple[str, ...]] = {"cpu": ("05", "06"), "cpu-reasoning": ("07",)}
 
 
-def is_reference_run(preset: Any, overrides: Mapping[str, Any] | None) -> bool:
+def is_reference_run(preset: Any, overrides: Mapping[str, Any] | None, seeds: Sequence[int] | None = None) -> bool:
     """A reference run: a reference preset (`RESULTS_NOTEBOOK`) as committed (its validation choices included), at
-    most with `dtype` set. Only it publishes its outputs into the committed notebooks and regenerates the README's
-    results block."""
-    return preset.name in RESULTS_NOTEBOOK and set(overrides or {}) <= REFERENCE_OVERRIDES
+    most with `dtype` set, on all of its seeds. Only it writes the committed figures/, publishes its outputs into the
+    committed notebooks and regenerates the README's results block: a one-seed quick run (`make reproduce SEEDS=0`)
+    writes under runs/ like any other."""
+    all_seeds = seeds is None or tuple(seeds) == tuple(preset.seeds)
+    return preset.name in RESULTS_NOTEBOOK and set(overrides or {}) <= REFERENCE_OVERRIDES and all_seeds
 
 
 def _append_timing(path: Path, run: NotebookRun) -> None:
