@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.stats
 
 from mipo_lib.analysis import stats
 from mipo_lib.errors import MipoError
@@ -227,6 +228,119 @@ def test_cluster_bootstrap_resamples_whole_groups():
     assert w["cluster"] > 1.5 * w["crossed"]
     with pytest.raises(MipoError, match="more than one 'group'"):
         stats.paired_difference(rec.assign(group=rec["seed"]), n_boot=10, design="cluster")
+
+
+def seed_by_prompt(diffs: np.ndarray, groups: np.ndarray | None = None) -> pd.DataFrame:
+    """Records whose paired difference MIPO - prompting is `diffs` (seeds x prompts), prompting scoring 0 throughout
+    (the seed-aware formulas only see the differences); `groups` labels the prompts (a `group` column)."""
+    seed, ex = np.indices(diffs.shape).reshape(2, -1)
+    frame = pd.DataFrame({"task": "t", "seed": seed, "example_id": ex})
+    if groups is not None:
+        frame["group"] = np.asarray(groups)[ex]
+    return pd.concat([frame.assign(method="MIPO", score=diffs.ravel()), frame.assign(method="prompting", score=0.0)],
+                     ignore_index=True)
+
+
+def test_seed_aware_is_the_t_interval_over_seeds_when_the_prompts_agree():
+    """Per-seed differences of 16, 31 and 5 points, the same on every prompt: no prompt variance is left, and the
+    interval is the Student-t interval over the 3 seeds, [-15.1, +49.8] (t = 4.30 on 2 degrees of freedom), where
+    the crossed bootstrap, resampling 3 numbers, is far narrower."""
+    rec = seed_by_prompt(np.repeat([[0.16], [0.31], [0.05]], 100, axis=1))
+    d = stats.paired_difference(rec, design="seed-aware")
+    mean, lo, hi, p = stats.seed_interval([0.16, 0.31, 0.05])
+    assert (d["mean"], d["lo"], d["hi"], d["p_value"]) == pytest.approx((mean, lo, hi, p))
+    assert (round(100 * d["lo"], 1), round(100 * d["hi"], 1)) == (-15.1, 49.8)
+    assert d["df"] == pytest.approx(2.0) and d["se_prompts"] == pytest.approx(0.0, abs=1e-12) and d["seed_component"]
+    assert d["ci_design"] == "seed-aware" and d["p_value"] > 0.05
+    crossed = stats.paired_difference(rec, n_boot=2000)
+    assert crossed["lo"] > 0 and crossed["hi"] - crossed["lo"] < 0.5 * (d["hi"] - d["lo"])
+
+
+def test_seed_aware_is_the_t_interval_over_prompts_or_types_when_the_seeds_agree():
+    """Identical seeds: no seed variance, and the interval is the one-sample t interval of the prompts' differences
+    (n - 1 degrees of freedom); the cluster variant is the t interval over the type means (K - 1), the type-level
+    sensitivity the workbook reports beside the prompt-level interval."""
+    rng = np.random.default_rng(4)
+    types = np.repeat(np.arange(10), 8)
+    per_prompt = rng.normal(0.1, 0.3, 80) + np.repeat(rng.normal(0.0, 0.2, 10), 8)
+    rec = seed_by_prompt(np.tile(per_prompt, (3, 1)), types)
+    plain = stats.paired_difference(rec.drop(columns="group"), design="seed-aware")
+    t = scipy.stats.ttest_1samp(per_prompt, 0.0)
+    assert (plain["lo"], plain["hi"]) == pytest.approx(tuple(t.confidence_interval(0.95)))
+    assert plain["p_value"] == pytest.approx(t.pvalue) and plain["df"] == pytest.approx(79)
+    type_level = stats.paired_difference(rec, design="seed-aware-cluster")
+    t_types = scipy.stats.ttest_1samp(per_prompt.reshape(10, 8).mean(axis=1), 0.0)
+    assert (type_level["lo"], type_level["hi"]) == pytest.approx(tuple(t_types.confidence_interval(0.95)))
+    assert type_level["df"] == pytest.approx(9) and type_level["ci_design"] == "seed-aware cluster(group)"
+
+
+def test_seed_aware_prompt_level_holds_the_types_fixed():
+    """With a `group` column the prompt-level interval counts only the spread within the types (they are the
+    estimand's fixed strata), so the types' own spread widens the type-level interval but not the prompt-level one."""
+    rng = np.random.default_rng(5)
+    types = np.repeat(np.arange(10), 10)
+    within = np.tile(rng.normal(0.0, 0.2, 100), (3, 1))  # identical seeds: the prompt part alone
+    narrow = seed_by_prompt(within + 0.1, types)
+    spread = seed_by_prompt(within + 0.1 + np.repeat(np.linspace(-0.4, 0.4, 10), 10), types)
+    width = {(name, design): (lambda d: d["hi"] - d["lo"])(stats.paired_difference(rec, design=design))
+             for name, rec in (("narrow", narrow), ("spread", spread))
+             for design in ("seed-aware", "seed-aware-cluster")}
+    assert width["spread", "seed-aware"] == pytest.approx(width["narrow", "seed-aware"], rel=0.02)
+    assert width["spread", "seed-aware-cluster"] > 3 * width["narrow", "seed-aware-cluster"]
+    unstratified = stats.paired_difference(spread.drop(columns="group"), design="seed-aware")
+    assert unstratified["hi"] - unstratified["lo"] > 1.5 * width["spread", "seed-aware"]
+
+
+def test_seed_aware_one_seed_is_prompt_only_and_flagged():
+    one = planted(150, seeds=(0,))
+    d = stats.paired_difference(one, design="seed-aware")
+    assert d["n_seeds"] == 1 and not d["seed_component"] and math.isnan(d["se_seeds"])
+    assert d["se"] == pytest.approx(d["se_prompts"]) and d["lo"] < d["mean"] < d["hi"]
+    three = pd.concat([one.assign(seed=s) for s in (0, 1, 2)], ignore_index=True)
+    d3 = stats.paired_difference(three, design="seed-aware")  # three identical seeds: a zero seed part, estimated
+    assert d3["seed_component"] and d3["se_seeds"] == 0.0
+    assert (d3["lo"], d3["hi"]) == pytest.approx((d["lo"], d["hi"]))
+
+
+def test_seed_aware_deterministic_baseline_is_paired_with_every_seed():
+    rec = make_records({"prompting": 0.25, "MIPO": 0.45}, n_examples=80, deterministic=("prompting",))
+    d = stats.paired_difference(rec, design="seed-aware")
+    full = pd.concat([rec[rec.method == "MIPO"]] + [rec[rec.method == "prompting"].assign(seed=s) for s in (0, 1, 2)])
+    assert stats.paired_difference(full, design="seed-aware") == d
+    per_seed_mipo = rec[rec.method == "MIPO"].groupby("seed")["score"].mean()
+    assert d["se_seeds"] == pytest.approx(per_seed_mipo.std(ddof=1) / math.sqrt(3))  # the seed part is MIPO's alone
+
+
+def test_seed_aware_p_value_ci_relative_gain_and_rates():
+    for delta, n in ((0.1, 600), (0.02, 60), (0.0, 100), (0.05, 200)):
+        d = stats.paired_difference(planted(n, delta=delta, seed=n), design="seed-aware")
+        assert (d["p_value"] < 0.05) == (d["lo"] > 0 or d["hi"] < 0)
+        assert d["relative_lo"] <= d["relative_gain"] <= d["relative_hi"]
+        assert d["lo"] <= d["mean"] <= d["hi"] and d["mean"] - d["lo"] == pytest.approx(d["hi"] - d["mean"])
+    rec = make_records({"MIPO": 0.3}, n_examples=100)
+    h = stats.hierarchical_bootstrap(rec, "MIPO", design="seed-aware")
+    assert h["lo"] < h["mean"] < h["hi"] and h["ci_design"] == "seed-aware" and h["p_value"] < 1e-6
+    same = seed_by_prompt(np.zeros((3, 20)))
+    zero = stats.paired_difference(same, design="seed-aware")
+    assert (zero["lo"], zero["hi"], zero["p_value"]) == (0.0, 0.0, 1.0)
+    with pytest.raises(MipoError, match="at least 2 clusters"):
+        stats.paired_difference(seed_by_prompt(np.ones((3, 5)), np.zeros(5)), design="seed-aware-cluster")
+    with pytest.raises(MipoError, match="at least 2 examples"):
+        stats.paired_difference(seed_by_prompt(np.ones((3, 5)), np.arange(5)), design="seed-aware")
+
+
+def test_results_designs_switch_is_one_constant(monkeypatch):
+    """The committed results use the crossed bootstrap; `RESULTS_DESIGNS` switches every results table to the
+    seed-aware prompt-level and type-level intervals."""
+    rec = make_records({"prompting": 0.25, "MIPO": 0.45}, n_examples=60, deterministic=("prompting",))
+    assert stats.RESULTS_DESIGNS == ("crossed", "cluster") and stats.DEFAULT_DESIGN == "crossed"
+    monkeypatch.setattr(stats, "RESULTS_DESIGNS", ("seed-aware", "seed-aware-cluster"))
+    rows = stats.results_table(rec, n_boot=100)
+    rows = rows[rows["kind"] == "paired_difference"].set_index("ci_design")
+    assert list(rows.index) == ["seed-aware", "seed-aware cluster(group)"]
+    d = stats.paired_difference(rec, design="seed-aware")
+    assert rows.loc["seed-aware", "diff_lo"] == pytest.approx(d["lo"])
+    assert rows.loc["seed-aware", "p_value"] == pytest.approx(d["p_value"])
 
 
 def test_p_value_agrees_with_the_ci():

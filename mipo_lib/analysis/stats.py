@@ -9,7 +9,7 @@ per-example difference cancels most of the prompt-to-prompt variance ("this prom
 Conventions used throughout:
 - `records` is the per-example evaluation frame (`task, method, seed, example_id, group, score, response, n_words`).
 - An example is identified by `(task, example_id)`, so a frame that holds several tasks pools them correctly.
-- Prompts and seeds are *crossed*: every seed is evaluated on the same held-out prompts. The default bootstrap
+- Prompts and seeds are *crossed*: every seed is evaluated on the same held-out prompts. The crossed bootstrap
   (`design="crossed"`) therefore draws, per replicate, the prompts (example ids) once and applies that one draw to
   every seed and to both methods of a paired comparison, and draws the seeds independently with replacement. A
   nested bootstrap (`design="nested"`: examples redrawn within each seed) treats the seeds' shared prompts as if
@@ -18,11 +18,18 @@ Conventions used throughout:
   crossed design vs well under 90% for the nested one on crossed data). It is kept only to show that.
   `design="cluster"` resamples whole clusters of examples (e.g. every prompt of one preference type) crossed with
   seeds: a sensitivity analysis for when prompts of a cluster share more than their cluster label.
-  With 3 seeds the seed level is coarse, which is the honest answer: 3 seeds carry little information about
-  seed-to-seed variance.
-- Multiple comparisons: every paired difference carries a two-sided bootstrap p-value from the same replicates as
-  its CI, and comparisons are grouped into *families* (`adjust_family`, `results_table`) whose p-values are
-  Holm-adjusted (`p_holm`). "Detectable" means Holm-adjusted p < 0.05 everywhere (`conclusion`, `results_table`).
+- Few seeds: resampling 3 seeds can only recombine 3 numbers, so the crossed bootstrap under-counts the seed
+  variance when the seeds differ a lot (coverage 0.92 with two trained arms, 3 seeds and a per-seed spread of 7
+  points, tests/test_coverage.py). `design="seed-aware"` (`_seed_aware`, docs/statistics.md) adds a prompt part
+  and a seed part of the variance and takes a Student-t quantile with Satterthwaite's degrees of freedom, so the
+  interval widens as the number of seeds falls; it is the prompt-level interval, for the preference types present
+  (`records[cluster]` are fixed strata). `design="seed-aware-cluster"` takes whole clusters (the preference types)
+  as the units instead of prompts: the type-level interval, for the population of types. `RESULTS_DESIGNS` says
+  which designs the results table and the defaults use.
+- Multiple comparisons: every paired difference carries a two-sided p-value from the same computation as its CI
+  (the bootstrap replicates, or the t distribution of the seed-aware designs), and comparisons are grouped into
+  *families* (`adjust_family`, `results_table`) whose p-values are Holm-adjusted (`p_holm`). "Detectable" means
+  Holm-adjusted p < 0.05 everywhere (`conclusion`, `results_table`).
 - A deterministic method (greedy decoding, no training: base, prompting, CAD) may be stored with one seed only. When
   it is compared with a trained method, its single row of scores is paired with every seed of the other method.
 - Everything takes a `seed` and uses `numpy.random.default_rng(seed)`: same inputs, same numbers.
@@ -55,7 +62,17 @@ REPORTED_COLUMNS: tuple[str, ...] = (
 )
 _RECORD_COLUMNS = ("task", "method", "seed", "example_id", "score")
 _CHUNK_ELEMENTS = 2_000_000  # bootstrap draws per vectorised chunk (about 16 MB of indices), whatever n_boot is
-CI_DESIGNS: tuple[str, ...] = ("crossed", "nested", "cluster")
+BOOTSTRAP_DESIGNS: tuple[str, ...] = ("crossed", "nested", "cluster")
+SEED_AWARE_DESIGNS: tuple[str, ...] = ("seed-aware", "seed-aware-cluster")
+CI_DESIGNS: tuple[str, ...] = BOOTSTRAP_DESIGNS + SEED_AWARE_DESIGNS
+CLUSTER_DESIGNS: tuple[str, ...] = ("cluster", "seed-aware-cluster")
+RESULTS_DESIGNS: tuple[str, str] = ("crossed", "cluster")
+"""(prompt-level, type-level) CI designs of `results_table`; the first is every function's default `design`.
+
+The committed results use the crossed bootstrap. The switch to the seed-aware intervals is this one line,
+`RESULTS_DESIGNS = ("seed-aware", "seed-aware-cluster")`, made together with the next multi-seed reference run
+(code that picks a table's prompt-level rows by the literal label "crossed" must then use `DEFAULT_DESIGN`)."""
+DEFAULT_DESIGN: str = RESULTS_DESIGNS[0]
 ALPHA = 0.05  # a comparison is "detectable" when its Holm-adjusted p-value is below ALPHA (the 95% CIs' level)
 
 
@@ -145,13 +162,13 @@ def _draw_counts(rng: np.random.Generator, n_rep: int, n: int) -> np.ndarray:
 
 
 def _boot_means(
-    mats: Sequence[np.ndarray], n_boot: int, seed: int, design: str = "crossed", clusters: np.ndarray | None = None
+    mats: Sequence[np.ndarray], n_boot: int, seed: int, design: str, clusters: np.ndarray | None = None
 ) -> list[np.ndarray]:
     """Bootstrap means of several aligned (seeds x examples) matrices with *shared* draws, one array per matrix.
 
     Sharing the draws across matrices is what makes a comparison paired: in every replicate both methods see the
     same seeds and the same example ids, so prompt difficulty cancels in their difference. `design`:
-    - "crossed" (default): seed weights w (drawn seeds) and example weights c (drawn prompts) are drawn once per
+    - "crossed": seed weights w (drawn seeds) and example weights c (drawn prompts) are drawn once per
       replicate; the replicate mean is the bilinear form w M c, so every drawn seed is scored on the *same* drawn
       prompts, as in the experiment itself.
     - "nested": seeds, then examples independently within each drawn seed (underestimates the prompt variance of
@@ -159,8 +176,8 @@ def _boot_means(
     - "cluster": whole clusters of examples (`clusters`: one label index per column) drawn with replacement,
       crossed with the seeds; the mean is over the drawn examples, whose number varies with the clusters drawn.
     """
-    if design not in CI_DESIGNS:
-        raise MipoError(f"unknown CI design {design!r}; use one of {CI_DESIGNS}")
+    if design not in BOOTSTRAP_DESIGNS:
+        raise MipoError(f"{design!r} is not a bootstrap design; use one of {BOOTSTRAP_DESIGNS}")
     if design == "cluster" and clusters is None:
         raise MipoError("design='cluster' needs the cluster of every example (e.g. the records' 'group' column)")
     n_seeds, n_ex = mats[0].shape
@@ -217,6 +234,15 @@ def _cluster_codes(df: pd.DataFrame, examples: Sequence[Any], column: str) -> np
     return codes
 
 
+def _design_codes(df: pd.DataFrame, examples: Sequence[Any], design: str, cluster: str) -> np.ndarray | None:
+    """The cluster code of every example where `design` uses one: the cluster designs resample or average whole
+    clusters of `df[cluster]` (the column is required); "seed-aware" takes them as fixed strata when `df` has the
+    column (the preference types of the prompt-level interval); the other designs use none."""
+    if design in CLUSTER_DESIGNS or (design == "seed-aware" and cluster in df.columns):
+        return _cluster_codes(df, examples, cluster)
+    return None
+
+
 def _percentile_ci(boot: np.ndarray, ci: float) -> tuple[float, float]:
     finite = boot[np.isfinite(boot)]
     if finite.size == 0:
@@ -232,6 +258,98 @@ def _relative(diff: np.ndarray | float, base: np.ndarray | float) -> np.ndarray:
     b = np.asarray(base, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(b > 0, d / np.where(b > 0, b, 1.0), np.nan)
+
+
+def _check_design(design: str) -> None:
+    if design not in CI_DESIGNS:
+        raise MipoError(f"unknown CI design {design!r}; use one of {CI_DESIGNS}")
+
+
+def _variance_components(
+    values: np.ndarray, clusters: np.ndarray | None, by_cluster: bool
+) -> tuple[float, int, float, int]:
+    """The variance of the mean of a (seeds x examples) matrix as `(var_prompts, df_prompts, var_seeds, df_seeds)`.
+
+    The prompt part works on the seed-averaged example values m_j (N examples, mean m), grouped by `clusters` (one
+    code per example; None: a single group), K groups of N_k examples with means m_k:
+    - `by_cluster=False` (prompt level): the groups are fixed strata (the preference types present), so only the
+      spread within them is sampling noise: sum_j (m_j - m_k(j))^2 / (N - K) / N, on N - K degrees of freedom (the
+      stratified-sample variance with a pooled within-stratum variance; with one stratum, s^2 / N, what the crossed
+      bootstrap of the prompts with the seeds fixed estimates).
+    - `by_cluster=True` (type level): the groups are drawn from a population of groups, so their spread is the
+      noise: K / (K - 1) * sum_k N_k^2 (m_k - m)^2 / N^2, on K - 1 degrees of freedom (the cluster bootstrap's
+      variance of a mean over drawn clusters, linearised, with the unbiased divisor).
+    The seed part is the between-seed variance of the per-seed means over the number of seeds S, on S - 1 degrees
+    of freedom; NaN on 0 degrees of freedom with one seed (not estimable).
+    """
+    per_example = values.mean(axis=0)
+    n = per_example.size
+    codes = np.zeros(n, dtype=int) if clusters is None else clusters
+    sizes = np.bincount(codes).astype(float)
+    means = np.bincount(codes, weights=per_example) / sizes
+    k = sizes.size
+    if by_cluster:
+        if k < 2:
+            raise MipoError("design='seed-aware-cluster' needs at least 2 clusters; pass a cluster column with several")
+        var_prompts = k / (k - 1) * float(np.sum((sizes * (means - per_example.mean())) ** 2)) / n**2
+        df_prompts = k - 1
+    else:
+        if n - k < 1:
+            raise MipoError("design='seed-aware' needs a cluster of at least 2 examples; pass a coarser cluster column")
+        var_prompts = float(np.sum((per_example - means[codes]) ** 2)) / (n - k) / n
+        df_prompts = n - k
+    per_seed = values.mean(axis=1)
+    var_seeds = float(per_seed.var(ddof=1)) / per_seed.size if per_seed.size > 1 else float("nan")
+    return var_prompts, df_prompts, var_seeds, per_seed.size - 1
+
+
+def _seed_aware(
+    estimate: float, influence: np.ndarray, clusters: np.ndarray | None, by_cluster: bool, ci: float
+) -> dict[str, Any]:
+    """Student-t CI and two-sided p-value of `estimate`, whose variance is that of the mean of `influence` (a seeds x
+    examples matrix: the scores, the paired differences, or a ratio's linearisation), `clusters` and `by_cluster`
+    as in `_variance_components`.
+
+    Returns `dict(lo, hi, p_value, se, df, se_prompts, se_seeds, seed_component)`; `seed_component` is False with
+    one seed, where the interval covers the prompts only (a deterministic pair has no seed variance; a trained
+    method's is unknown, not zero).
+
+    Why this method (docs/statistics.md has the long version). Model each cell as x_sj = mu_k + p_j + g_s + e_sj
+    for prompt j of cluster (preference type) k and seed s: a prompt effect shared by every seed (the design is
+    crossed), a seed effect shared by every prompt, and their interaction with the judge's noise, of variances
+    v_p, v_g, v_e. The prompt-level estimand (`by_cluster=False`) is the mean over the population of prompts of
+    *these* clusters (weighted as in the data) and over the population of training seeds; the type-level estimand
+    (`by_cluster=True`) also averages mu_k over the population of clusters. The mean of the S x N table has
+    variance v_p / N + v_g / S + v_e / (N S) (at the type level, plus the clusters' own spread over K). The prompt
+    part of `_variance_components` estimates the prompt terms + v_e / (N S), the seed part v_g / S + v_e / (N S):
+    their sum V counts the smallest term twice, a slight conservative bias kept on purpose, because subtracting an
+    interaction mean square can drive V negative and, in simulation, under-covers (0.90-0.94). The two parts are
+    independent mean squares, so (estimate - mu) / sqrt(V) is referred to a Student t with Satterthwaite's (Welch's)
+    effective degrees of freedom nu = V^2 / (V_p^2 / df_p + V_s^2 / (S - 1)): nu falls to S - 1 when the seed part
+    dominates (the t interval over seeds, t = 4.30 for 3 seeds) and rises to df_p when the prompt part does.
+    Satterthwaite's t is slightly liberal when the seed part dominates with 3 seeds; the alternatives fare worse: a
+    bootstrap of 3 seeds cannot produce a t tail, a "bootstrap-t" over 3 seeds has 10 distinct resamples, and the
+    generalized pivot or the two parts' t half-widths added in quadrature over-cover (0.98, 40% wider, in the
+    simulation of tests/test_coverage.py). The p-value is the same t test, so p < 1 - ci exactly when the CI
+    excludes 0. The t quantile assumes a roughly symmetric estimate: 0/1 scores near 0 or 1 on few prompts are
+    better served by the percentile bootstrap.
+    """
+    var_p, df_p, var_s, df_s = _variance_components(influence, clusters, by_cluster)
+    parts = [(var_p, df_p)] + ([(var_s, df_s)] if df_s > 0 else [])
+    var = sum(v for v, _ in parts)
+    info = {"se_prompts": math.sqrt(var_p), "se_seeds": math.sqrt(var_s) if df_s > 0 else float("nan"),
+            "seed_component": df_s > 0}
+    if not math.isfinite(estimate):
+        return {"lo": float("nan"), "hi": float("nan"), "p_value": float("nan"), "se": float("nan"),
+                "df": float("nan"), **info}
+    if var == 0:  # every example and seed the same: no spread, a zero-width interval
+        return {"lo": estimate, "hi": estimate, "p_value": 1.0 if estimate == 0 else 0.0, "se": 0.0,
+                "df": float("nan"), **info}
+    df = var**2 / sum(v**2 / d for v, d in parts)
+    se = math.sqrt(var)
+    half = float(scipy.stats.t.ppf(0.5 + ci / 2.0, df)) * se
+    p = float(2.0 * scipy.stats.t.sf(abs(estimate) / se, df))
+    return {"lo": estimate - half, "hi": estimate + half, "p_value": p, "se": se, "df": float(df), **info}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -309,28 +427,32 @@ def hierarchical_bootstrap(
     ci: float = 0.95,
     value: str = "score",
     unit: str = "method",
-    design: str = "crossed",
+    design: str = DEFAULT_DESIGN,
     cluster: str = "group",
 ) -> dict[str, Any]:
-    """Mean rate of `method` and its CI over seeds and examples, by default the crossed bootstrap (one draw of the
-    prompts shared by every drawn seed; see the module docstring and `_boot_means` for `design`). `cluster` names
-    the column whose values are resampled as whole clusters when `design="cluster"`.
+    """Mean rate of `method` and its CI over seeds and examples, by default of design `DEFAULT_DESIGN` (see the
+    module docstring; `_boot_means` for the bootstrap designs, `_seed_aware` for the seed-aware ones, which are in
+    closed form and ignore `n_boot` and `seed`). `cluster` names the column whose values are resampled as whole
+    clusters by the cluster designs.
 
-    Returns `dict(mean, lo, hi, p_value, n_seeds, n_examples, per_seed, seeds, ci_design)`: `per_seed` lists the
-    per-seed rates, `p_value` tests a mean of 0 (useful for signed quantities such as a KL estimate). `value` and
-    `unit` let the same machinery run on other per-example quantities (e.g. PMI per `model`).
+    Returns `dict(mean, lo, hi, p_value, n_seeds, n_examples, per_seed, seeds, ci_design)`, plus `_seed_aware`'s
+    keys for a seed-aware design: `per_seed` lists the per-seed rates, `p_value` tests a mean of 0 (useful for
+    signed quantities such as a KL estimate). `value` and `unit` let the same machinery run on other per-example
+    quantities (e.g. PMI per `model`).
     """
+    _check_design(design)
     _check_columns(records, ("seed", "example_id", value, unit), "records")
     sub = records[records[unit] == method]
     m, seeds, examples = _score_matrix(sub, value, unit, method)
-    codes = _cluster_codes(sub, examples, cluster) if design == "cluster" else None
-    (boot,) = _boot_means([m], n_boot, seed, design, codes)
-    lo, hi = _percentile_ci(boot, ci)
+    codes = _design_codes(sub, examples, design, cluster)
+    if design in SEED_AWARE_DESIGNS:
+        interval = _seed_aware(float(m.mean()), m, codes, design == "seed-aware-cluster", ci)
+    else:
+        (boot,) = _boot_means([m], n_boot, seed, design, codes)
+        interval = dict(zip(("lo", "hi"), _percentile_ci(boot, ci)), p_value=_p_value(boot))
     return {
         "mean": float(m.mean()),
-        "lo": lo,
-        "hi": hi,
-        "p_value": _p_value(boot),
+        **interval,
         "n_seeds": len(seeds),
         "n_examples": len(examples),
         "per_seed": [float(v) for v in m.mean(axis=1)],
@@ -340,8 +462,39 @@ def hierarchical_bootstrap(
 
 
 def _design_label(design: str, cluster: str) -> str:
-    """How a CI was computed, as written in tables: "crossed", "nested" or "cluster(<column>)"."""
-    return f"cluster({cluster})" if design == "cluster" else design
+    """How a CI was computed, as written in tables: "crossed", "nested", "seed-aware", "cluster(<column>)" or
+    "seed-aware cluster(<column>)"."""
+    if design == "cluster":
+        return f"cluster({cluster})"
+    if design == "seed-aware-cluster":
+        return f"seed-aware cluster({cluster})"
+    return design
+
+
+def _paired_bootstrap(
+    ma: np.ndarray, mb: np.ndarray, n_boot: int, seed: int, ci: float, design: str, codes: np.ndarray | None
+) -> tuple[dict[str, float], tuple[float, float]]:
+    """(CI and p-value of the difference, CI of the relative gain) from shared bootstrap draws (`_boot_means`)."""
+    boot_a, boot_b = _boot_means([ma, mb], n_boot, seed, design, codes)
+    diff = boot_a - boot_b
+    lo, hi = _percentile_ci(diff, ci)
+    return {"lo": lo, "hi": hi, "p_value": _p_value(diff)}, _percentile_ci(_relative(diff, boot_b), ci)
+
+
+def _paired_seed_aware(
+    ma: np.ndarray, mb: np.ndarray, ci: float, codes: np.ndarray | None, by_cluster: bool
+) -> tuple[dict[str, Any], tuple[float, float]]:
+    """(`_seed_aware` of the difference, CI of the relative gain) for aligned matrices of two methods.
+
+    The relative gain r = A / B - 1 (A, B the two rates) gets the same seed-aware variance by the delta method: to
+    first order its error is the mean of the cells (a - (1 + r) b) / B, so those cells are its `influence`."""
+    rate_a, rate_b = float(ma.mean()), float(mb.mean())
+    interval = _seed_aware(rate_a - rate_b, ma - mb, codes, by_cluster, ci)
+    if rate_b <= 0:  # a relative gain over nothing is undefined (`_relative`)
+        return interval, (float("nan"), float("nan"))
+    ratio = rate_a / rate_b
+    rel = _seed_aware(ratio - 1.0, (ma - ratio * mb) / rate_b, codes, by_cluster, ci)
+    return interval, (rel["lo"], rel["hi"])
 
 
 def paired_difference(
@@ -353,30 +506,40 @@ def paired_difference(
     ci: float = 0.95,
     value: str = "score",
     unit: str = "method",
-    design: str = "crossed",
+    design: str = DEFAULT_DESIGN,
     cluster: str = "group",
 ) -> dict[str, Any]:
-    """Rate of `a` minus rate of `b` on the same examples, with a paired bootstrap CI and p-value.
+    """Rate of `a` minus rate of `b` on the same examples, with a paired CI and p-value.
 
-    Each replicate draws the seeds and the prompts (by default crossed: one draw of the prompts for every drawn
-    seed; `design="cluster"` draws whole clusters of `records[cluster]`) and applies the *same* draws to both
-    methods; that is the pairing, and it is why this CI is much tighter than two independent CIs would suggest.
-    The relative gain (a - b) / b, the quantity the paper's abstracts quote, is computed per replicate from the
-    same draws so its CI is consistent with the difference's. `p_value` is the two-sided bootstrap p-value of
-    "no difference" from the same replicates (`_p_value`); adjust it within a family of comparisons with
-    `adjust_family` before calling a difference detectable.
+    The bootstrap designs draw, per replicate, the seeds and the prompts ("crossed": one draw of the prompts for
+    every drawn seed; "cluster": whole clusters of `records[cluster]`) and apply the *same* draws to both methods;
+    that is the pairing, and it is why this CI is much tighter than two independent CIs would suggest. The relative
+    gain (a - b) / b, the quantity the paper's abstracts quote, is computed per replicate from the same draws so its
+    CI is consistent with the difference's. `p_value` is the two-sided bootstrap p-value of "no difference" from the
+    same replicates (`_p_value`).
+
+    The seed-aware designs apply `_seed_aware` to the per-example differences: a prompt part and a seed part of the
+    variance, a Student t with Satterthwaite's degrees of freedom, the p-value of the same t test, the relative gain
+    by the delta method (`_paired_seed_aware`); `n_boot` and `seed` are unused. "seed-aware" is the prompt-level
+    interval: the clusters of `records[cluster]` (when the column exists; for personalization the preference types)
+    are fixed strata, the prompts within them and the seeds are random. "seed-aware-cluster" is the type-level
+    interval: the clusters themselves are drawn from a population of clusters. With one seed both return the
+    prompt-only interval with `seed_component` False. Adjust `p_value` within a family of comparisons
+    with `adjust_family` before calling a difference detectable.
 
     Returns `dict(mean, lo, hi, p_value, n_seeds, n_examples, relative_gain, relative_lo, relative_hi, rate_a,
-    rate_b, a, b, ci_design, per_seed=[dict(seed, rate_a, rate_b, diff, relative_gain)])`.
+    rate_b, a, b, ci_design, per_seed=[dict(seed, rate_a, rate_b, diff, relative_gain)])`, plus `se, df, se_prompts,
+    se_seeds, seed_component` for a seed-aware design.
     """
+    _check_design(design)
     _check_columns(records, ("seed", "example_id", value, unit), "records")
     ma, mb, seeds, examples = _paired_matrices(records, a, b, value, unit)
-    codes = _cluster_codes(records[records[unit].isin([a, b])], examples, cluster) if design == "cluster" else None
-    boot_a, boot_b = _boot_means([ma, mb], n_boot, seed, design, codes)
-    diff = boot_a - boot_b
-    rel = _relative(diff, boot_b)
-    lo, hi = _percentile_ci(diff, ci)
-    rlo, rhi = _percentile_ci(rel, ci)
+    pair = records[records[unit].isin([a, b])]
+    codes = _design_codes(pair, examples, design, cluster)
+    if design in SEED_AWARE_DESIGNS:
+        interval, (rlo, rhi) = _paired_seed_aware(ma, mb, ci, codes, design == "seed-aware-cluster")
+    else:
+        interval, (rlo, rhi) = _paired_bootstrap(ma, mb, n_boot, seed, ci, design, codes)
     rate_a, rate_b = float(ma.mean()), float(mb.mean())
     per_seed = []
     for i, s in enumerate(seeds):
@@ -386,9 +549,7 @@ def paired_difference(
         "a": a,
         "b": b,
         "mean": rate_a - rate_b,
-        "lo": lo,
-        "hi": hi,
-        "p_value": _p_value(diff),
+        **interval,
         "n_seeds": len(seeds),
         "n_examples": len(examples),
         "rate_a": rate_a,
@@ -644,7 +805,7 @@ def findings_table(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(list(rows)).reindex(columns=list(FINDINGS_COLUMNS))
 
 
-def comparisons_from_results(table: pd.DataFrame, design: str = "crossed") -> pd.DataFrame:
+def comparisons_from_results(table: pd.DataFrame, design: str = DEFAULT_DESIGN) -> pd.DataFrame:
     """The paired differences of a results table (`write_results`' CSV) of one CI `design` as a comparisons table:
     `method − baseline` in points, with the size of each row's Holm family (the rows of that family and design with a
     p-value) so `render.difference` states it."""
@@ -691,7 +852,7 @@ def compare_methods(
     n_boot: int = 10_000,
     seed: int = 0,
     ci: float = 0.95,
-    design: str = "crossed",
+    design: str = DEFAULT_DESIGN,
     cluster: str = "group",
 ) -> dict[tuple[str, str], dict[str, Any]]:
     """`paired_difference` of every `(a, b)` in `comparisons` whose methods are both in `records`, keyed by
@@ -730,17 +891,21 @@ def results_table(
     number of paired examples, `rate` / `baseline_rate` the two methods' rates, `diff*` and `rel_*` with their CIs).
     `comparisons` defaults to `default_comparisons()`; those whose methods are not both in the records are skipped.
 
-    Every comparison appears once per CI design (`ci_design`): "crossed", the default bootstrap over prompts and
-    seeds, then, when `records` has the `cluster` column, "cluster(<cluster>)", a sensitivity analysis that
-    resamples whole clusters (for personalization the 10 preference types) crossed with seeds, in case prompts of
-    one preference share more than the crossed bootstrap assumes. `p_value` is the two-sided bootstrap p-value of
+    Every comparison appears once per CI design of `RESULTS_DESIGNS` (`ci_design`): the prompt-level interval over
+    prompts and seeds, then, when `records` has the `cluster` column, its cluster variant (e.g. "cluster(group)"),
+    which treats whole clusters (for personalization the 10 preference types) as the units: a sensitivity analysis
+    in case prompts of one preference share more than the prompt-level interval assumes, and the type-level
+    interval reported beside the prompt-level one. `p_value` is the two-sided bootstrap p-value of
     no difference, `p_holm` its Holm adjustment within `family` (all the table's comparisons, over every task,
     adjusted separately per design: the cluster rows test the same hypotheses, not new ones), and `detectable` is
     `p_holm < ALPHA` (0.05): the same rule as `conclusion`'s verdicts.
     """
     _check_columns(records, _RECORD_COLUMNS, "records")
     per = per_seed_metrics(records).assign(kind="per_seed", baseline="", n_seeds=1)
-    designs = [("crossed", "group")] + ([("cluster", cluster)] if cluster is not None and cluster in records else [])
+    prompt_level, type_level = RESULTS_DESIGNS
+    designs = [(prompt_level, "group")]
+    if cluster is not None and cluster in records:
+        designs.append((type_level, cluster))
     rows = []
     for design, column in designs:
         diffs: dict[Any, dict[str, Any]] = {}
@@ -763,7 +928,9 @@ def results_table(
     return out.reindex(columns=list(RESULTS_COLUMNS))
 
 
-def difference_from_results(table: pd.DataFrame, method: str, baseline: str, design: str = "crossed") -> dict[str, Any]:
+def difference_from_results(
+    table: pd.DataFrame, method: str, baseline: str, design: str = DEFAULT_DESIGN
+) -> dict[str, Any]:
     """A paired difference read back from a results table (`write_results`' CSV), in `paired_difference`'s keys.
 
     Lets a figure combine numbers of two committed runs (personalization and reasoning) without rerunning either:
