@@ -16,7 +16,8 @@ with `make tune`'s rule (`tune.choose`); the learning rate stays the one `make t
 The table carries, per row, the cache key digest of the evaluation that made it (`key`). `records` reuses it only if
 every method and seed it needs is there with the key the current settings give (model, dtype, chosen epochs, DPO
 forward, prompts ...); otherwise it computes the records through the pipeline (as notebook 05 always did) and says
-why, so a stale table is never read as a result of other settings.
+why, so a stale table is never read as a result of other settings. Like every cached evaluation, the replies it reads
+are judged on read by the task's current judge (`evaluate.judged`): the file's `score` column is for its readers.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from mipo_lib import config
+from mipo_lib import config, evaluate
 from mipo_lib.experiments import pipeline, tune
 from mipo_lib.config import Preset, get_preset, repo_root
+from mipo_lib.tasks import get_task
 
 TASK = "personalization_unseen_types"
 METHODS: tuple[str, ...] = ("prompting", "MIPO")
@@ -106,7 +108,8 @@ def committed(preset: Preset, seeds: Sequence[int], path: Path | None = None) ->
         if stored[wanted] != {key}:
             return None, f"{path.name} was made with other settings ({wanted[0]}, seed {wanted[1]}: key {sorted(stored[wanted])[0]} != {key})"
     keep = frame[[(m, int(s)) in expected for m, s in zip(frame["method"], frame["seed"])]]
-    return keep.reset_index(drop=True), ""
+    held, task = task_preset(preset, chosen), get_task(TASK)
+    return evaluate.judged(keep.reset_index(drop=True), task, task.examples("test", held.n_test_prompts)), ""
 
 
 def records(preset: Preset, seeds: Sequence[int], progress: bool = True) -> tuple[pd.DataFrame, str]:
