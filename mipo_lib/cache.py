@@ -1,26 +1,40 @@
 """One cache contract for every stage: a result is reused only when it was made with the same settings.
 
-Every stage (pairs, training, evaluation, PMI) declares below, in `STAGE_FIELDS`, the preset fields it reads. Its key
-is those fields' values plus its upstream's key (the pairs' for training, the adapter's for evaluating a trained
-method) plus a few values that are not preset fields (the seed, a digest of the task's prompts, the method). The key
-is stored next to the result as `<result>.key.json` and checked before any reuse, so a changed setting can never
-silently reuse a stale result. Folder and file names carry the key's short digest (`mipo-3f2a9c0d1b7e/`), so results
-of other settings sit side by side (an ablation and the reference run share a runs folder) instead of replacing each
-other.
+Every stage (pairs, training, evaluation, PMI, the LLM judge) declares below, in `STAGE_FIELDS`, the preset fields it
+reads. Its key is those fields' values plus its upstream's key (the pairs' for training, the adapter's for evaluating a
+trained method) plus a few values that are not preset fields (the seed, a digest of the task's prompts, the method).
+Each stage's key is built next to its stage (`pairs.pairs_key`, `evaluate.evaluation_key` for every evaluating stage,
+`evaluate.judge_key`, ...). The key is stored next to the result as `<result>.key.json` and checked before any reuse,
+so a changed setting can never silently reuse a stale result. Folder and file names carry the key's short digest
+(`mipo-3f2a9c0d1b7e/`), so results of other settings sit side by side (an ablation and the reference run share a runs
+folder) instead of replacing each other.
+
+What no key holds, and why that cannot go stale:
+- a code judge (a preference checker, a gold answer): cached evaluations and pairs hold the replies (and whether each
+  hit the token cap), and their scores are judged on every read by the task's judge of the moment
+  (`evaluate.cached_records`, `pairs.judged_pairs`). An LLM judge is too slow for that: its scores are cached under
+  `evaluate.judge_key` (the judge model, its 4-bit setting and dtype, its prompt and sampling, the judged replies);
+- library versions: `<result>.key.json` records those of torch, transformers, trl, peft and mipo_lib the result was
+  made with, outside the compared values. A result of other versions is reused (committed results must stay usable
+  on Colab's versions), and one line says so, once per difference and process; `MIPO_CACHE_VERSIONS=strict` makes a
+  version difference (or a record made before versions were recorded) count as a changed key.
 
 A stage says what it does on the `mipo_lib.cache` logger, one line each, shown in a notebook cell's output: when it
 reuses a result (what and from where), and when it computes one although results of other settings exist (which
 fields differ from the nearest one). Silence it with `logging.getLogger("mipo_lib.cache").setLevel("WARNING")`.
 
 Results are written through `files.atomic` (a temporary file or folder renamed into place), so an interrupted run
-never leaves a half-written result that a later run would take for a finished one.
+never leaves a half-written result that a later run would take for a finished one. docs/caches.md sums it all up.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.metadata
 import json
 import logging
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mipo_lib.config import Preset, runs_dir
+from mipo_lib.errors import MipoError
 from mipo_lib.files import write_text
 from mipo_lib.hardware import select_device, select_dtype
 
@@ -53,9 +68,14 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     # a trained adapter; + the pairs key and the method
     "dpo": _TRAINING + ("epochs", "beta", "learning_rate"),
     "sft": _TRAINING + ("sft_epochs", "sft_learning_rate"),
-    # one method's records on the held-out prompts; + test prompts, the method's definition, a trained one's adapter key
+    # one method's replies to a split's prompts (scores are judged on read); + the prompts, the method's definition, a
+    # trained one's adapter key (evaluate.evaluation_key builds every evaluating stage's key)
     "evaluation": _EVALUATION,
     "evaluation-cad": _EVALUATION + ("beta", "cad_alpha"),  # context-aware decoding's strength is cad_alpha or 1/beta
+    # the LLM judge's scores of a set of records (PRISM): the judge loads in the preset's dtype (and, unless told,
+    # its 4-bit setting) and samples in eval batches; + the judge's id, its 4-bit setting, the judge prompt and
+    # sampling (a digest), the judged inputs (requests, preferences, reference replies) and the records' replies
+    "llm-judge": ("dtype", "load_in_4bit", "eval_batch_size"),
     # base-model PMI of responses; + test prompts and a digest of the responses themselves
     "pmi": _MODEL + ("task", "n_test_prompts", "max_length", "score_batch_size"),
     # ablations: Monte-Carlo KL of the MIPO policy to the base model (replies sampled in gen batches, both models score
@@ -78,6 +98,10 @@ NOT_AFFECTING: dict[str, str] = {
 (tests/test_cache.py checks it), so a new field cannot be forgotten by the cache."""
 
 KEY_SUFFIX = ".key.json"
+#: Libraries whose versions are recorded with every stored result (with mipo_lib's own version).
+LIBRARIES = ("torch", "transformers", "trl", "peft")
+#: `MIPO_CACHE_VERSIONS=strict`: a result made under other library versions counts as stale (recomputed).
+VERSIONS_ENV = "MIPO_CACHE_VERSIONS"
 log = logging.getLogger(__name__)
 
 
@@ -112,8 +136,11 @@ class Key:
         """12 hex digits of the values' hash: short enough for a folder name, far from any collision here."""
         return content_digest(self.values)[:12]
 
-    def to_json(self) -> str:
-        return json.dumps({"stage": self.stage, "label": self.label, "digest": self.digest, "values": self.values}, indent=1)
+    def record(self) -> str:
+        """What `store` writes: the key, and the library versions the result is made with (not compared by default:
+        see `version_note`)."""
+        return json.dumps({"stage": self.stage, "label": self.label, "digest": self.digest, "values": self.values,
+                           "versions": library_versions()}, indent=1)
 
 
 def stage_key(stage: str, preset: Preset, label: str, *, upstream: Key | None = None, **extra: Any) -> Key:
@@ -146,6 +173,55 @@ def prompts_digest(task: Task, examples: Sequence[Example]) -> str:
     return content_digest(prompts)[:16]
 
 
+# ------------------------------------------------------------------------------------------------------ versions
+@functools.cache
+def library_versions() -> dict[str, str | None]:
+    """The versions of mipo_lib and of `LIBRARIES` in this process (None for one not installed)."""
+    import mipo_lib  # the package itself, already imported: this module is part of it
+
+    found: dict[str, str | None] = {"mipo_lib": mipo_lib.__version__}
+    for name in LIBRARIES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def strict_versions() -> bool:
+    """True when `MIPO_CACHE_VERSIONS=strict`: results made under other library versions are recomputed.
+
+    Off by default: a result is a function of its settings, and a new library release rarely changes one; the
+    committed reference results must stay usable on Colab's versions. The reuse line says when versions differ.
+    """
+    value = os.environ.get(VERSIONS_ENV, "").strip().lower()
+    if value not in ("", "strict"):
+        raise MipoError(f"{VERSIONS_ENV}={value!r} is not a setting; set it to strict (recompute results made under "
+                        "other library versions) or leave it unset (reuse them)")
+    return value == "strict"
+
+
+def version_note(stored: Mapping[str, Any]) -> str:
+    """How the library versions of a stored record differ from this process's: "made with transformers 5.24.0
+    (now 5.25.0)", "made before library versions were recorded", or "" when they are the same."""
+    if "versions" not in stored:
+        return "made before library versions were recorded"
+    old, now = stored["versions"], library_versions()
+    diff = [f"{name} {old.get(name) or '(not installed)'} (now {version or '(not installed)'})"
+            for name, version in now.items() if old.get(name) != version]
+    return f"made with {', '.join(diff)}" if diff else ""
+
+
+_versions_said: set[str] = set()
+
+
+def _say_versions_once(note: str) -> None:
+    """One line per distinct version difference and process (not one per reused file)."""
+    if note not in _versions_said:
+        _versions_said.add(note)
+        log.info("results %s are reused; set %s=strict to recompute them", note, VERSIONS_ENV)
+
+
 # --------------------------------------------------------------------------------------------------- reuse or not
 def key_file(result: Path) -> Path:
     """Where `result`'s key is stored: next to it (`pairs.jsonl.key.json`; a folder's result is the file that marks
@@ -154,10 +230,18 @@ def key_file(result: Path) -> Path:
 
 
 def reuse(result: Path, key: Key) -> bool:
-    """True (and one log line) when `result` exists and was stored under `key`."""
+    """True (and one log line) when `result` exists and was stored under `key`.
+
+    Made under other library versions, it is reused all the same (and that said once per difference and process),
+    unless `MIPO_CACHE_VERSIONS=strict`.
+    """
     stored = _stored(key_file(result))
     if stored is None or stored.get("values") != key.values or not result.exists():
         return False
+    if note := version_note(stored):
+        if strict_versions():
+            return False
+        _say_versions_once(note)
     log.info("reusing %s from %s", key.label, _shown(result))
     return True
 
@@ -171,9 +255,8 @@ def prepare(result: Path, key: Key) -> bool:
     `lora_r`, say) is named with the fields that differ, so the reader sees why the stage runs again.
     """
     stored = _stored(key_file(result))
-    if stored is not None and stored.get("values") != key.values:
-        log.info("%s in %s was made with other settings (%s): recomputing", key.label, _shown(result),
-                 changes(stored.get("values", {}), key.values))
+    if stored is not None and (why := _stale(stored, key)):
+        log.info("%s in %s was %s: recomputing", key.label, _shown(result), why)
         key_file(result).unlink(missing_ok=True)
         return True
     if stored is None and result.exists():
@@ -186,9 +269,9 @@ def prepare(result: Path, key: Key) -> bool:
 
 
 def store(result: Path, key: Key) -> None:
-    """Store `key` next to `result`: after the result is complete, or, for a resumable stage (training), as it starts
-    (`reuse` still waits for the result itself)."""
-    write_text(key_file(result), key.to_json())
+    """Store `key` (and the library versions) next to `result`: after the result is complete, or, for a resumable
+    stage (training), as it starts (`reuse` still waits for the result itself)."""
+    write_text(key_file(result), key.record())
 
 
 def changes(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 6) -> str:
@@ -196,6 +279,14 @@ def changes(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 6) -> s
     diff = [f"{k} {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}" for k in sorted({*old, *new}) if old.get(k) != new.get(k)]
     more = f" and {len(diff) - limit} more" if len(diff) > limit else ""
     return ", ".join(diff[:limit]) + more
+
+
+def _stale(stored: Mapping[str, Any], key: Key) -> str:
+    """Why a stored record does not hold `key`'s result ("made with other settings (lora_r 8 -> 4)", or under
+    `MIPO_CACHE_VERSIONS=strict` its version note), "" when it does."""
+    if stored.get("values") != key.values:
+        return f"made with other settings ({changes(stored.get('values', {}), key.values)})"
+    return version_note(stored) if strict_versions() else ""
 
 
 def _stored(path: Path) -> dict[str, Any] | None:

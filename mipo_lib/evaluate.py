@@ -7,6 +7,11 @@ Methods are the entries of `mipo_lib.methods` (display names used in tables and 
 - `CAD`: context-aware decoding, MIPO's decode-time twin: next-token scores (1+a) log p(y|x,c) - a log p(y|x) with
   a = 1/beta, implemented as a transformers logits processor that runs the context-free prompt alongside.
 Decoding is greedy, so untrained methods are deterministic and evaluated once; trained methods once per seed.
+
+Cached records hold the replies (and whether each hit the token cap), never a verdict: `cached_records` judges them
+each time they are read, with the task's judge of the moment (a preference checker registered anew, an edited gold
+answer), so a score can never be a stale one. Code judges are cheap; the LLM judge (PRISM) is not, so its scores are
+cached under a key of everything that decides them (`judge_key`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import pandas as pd
 import torch
 
 from mipo_lib import cache, files
+from mipo_lib import methods as registry
 from mipo_lib.config import Preset
 from mipo_lib.errors import MipoError
 from mipo_lib.generate import (
@@ -27,6 +33,7 @@ from mipo_lib.generate import (
 )
 from mipo_lib.scoring import sequence_logprobs
 from mipo_lib.shared_prompt import cache_argument, cache_of
+from mipo_lib.tasks import get_task
 from mipo_lib.tasks.base import Example, Task, judge_or_nan
 
 
@@ -138,16 +145,67 @@ def records(
     })
 
 
-def evaluate_cached(path: Path, make: Callable[[], pd.DataFrame], redo: bool = False, key: cache.Key | None = None) -> pd.DataFrame:
+def judged(frame: pd.DataFrame, task: Task, examples: Sequence[Example]) -> pd.DataFrame:
+    """`frame` (records: `example_id`, `response`, `truncated`) with its `score` judged now by `task`'s judge (NaN for
+    an LLM-judged task), in the column after `response`. A reply without a `truncated` flag counts as complete."""
+    by_id = {e.id: e for e in examples}
+    unknown = sorted(set(frame["example_id"]) - set(by_id))
+    if unknown:
+        raise MipoError(f"records of {len(unknown)} examples task {task.name!r} does not have (e.g. {unknown[0]!r}); "
+                        "recompute them with redo=True")
+    cut = frame["truncated"] if "truncated" in frame else pd.Series(False, index=frame.index)
+    scores = [judge_or_nan(task, by_id[i], r, bool(t) if pd.notna(t) else False)
+              for i, r, t in zip(frame["example_id"], frame["response"], cut)]
+    out = frame.drop(columns="score", errors="ignore")
+    out.insert(out.columns.get_loc("response") + 1, "score", scores)
+    return out
+
+
+def evaluation_key(
+    preset: Preset, label: str, examples: Sequence[Example], adapter: cache.Key | None, *,
+    method: str | None = None, stage: str | None = None, **extra: Any,
+) -> cache.Key:
+    """The key of every stage that measures a model on a task's prompts: a method's records (the pipeline's on the
+    test split, `make tune`'s on the validation split) and the ablations' measurements of a trained policy (its KL to
+    the base model, its generation cost).
+
+    It holds the stage's declared preset fields (`cache.STAGE_FIELDS`), the values of `adapter` (the key of the
+    trained adapter measured, built by its training stage; None for the base model), a digest of the prompts of
+    `examples` (so also of their split) and `extra` (an epoch snapshot, a token cap, the number of timed repeats). A
+    method's records (`method=`) add the method's definition (name, context or not, decoding) and read the
+    "evaluation" stage's fields, or with context-aware decoding the "evaluation-cad" ones (its strength); another
+    measurement names its `stage`. No judge is in it: records are judged on read (`cached_records`).
+    """
+    if (method is None) == (stage is None):
+        raise MipoError("evaluation_key keys a method's records (method=...) or another measuring stage (stage=...); pass one")
+    if method is not None:
+        m = registry.get_method(method)
+        if (m.training is None) != (adapter is None):
+            raise MipoError(f"method {method!r} {'is' if m.training else 'is not'} trained: "
+                            f"{'pass its adapter key' if m.training else 'pass adapter=None'}")
+        stage = "evaluation-cad" if m.decoding == "cad" else "evaluation"
+        extra = {"method": method, "with_context": m.with_context, "decoding": m.decoding, **extra}
+    prompts = cache.prompts_digest(get_task(preset.task), examples)
+    return cache.stage_key(stage, preset, label, upstream=adapter, prompts=prompts, **extra)
+
+
+def cached_records(
+    path: Path, key: cache.Key, make: Callable[[], pd.DataFrame], task: Task, examples: Sequence[Example],
+    redo: bool = False,
+) -> pd.DataFrame:
+    """A method's records on `examples`: made by `make()` (a `records` table) or read back, stored as replies (every
+    column but `score`) under `key`, and judged on every read (`judged`), the first one included, so a fresh and a
+    cached call give the same table and a changed judge reaches cached replies."""
+    return judged(evaluate_cached(path, lambda: make().drop(columns="score"), redo, key=key), task, examples)
+
+
+def evaluate_cached(path: Path, make: Callable[[], pd.DataFrame], redo: bool = False, *, key: cache.Key) -> pd.DataFrame:
     """Read a finished table stored under `key`, or build it with `make()`, write it atomically and store the key.
 
-    Without a `key`, the file name must carry everything the table depends on (the ablations name theirs by the
-    adapter's keyed folder): the key is then the name alone. JSON Lines, not CSV: responses are arbitrary text
-    (carriage returns, quotes, bytes from a random smoke model), and JSON round-trips every one of them exactly with
-    the column types intact (floats with 15 digits).
+    JSON Lines, not CSV: responses are arbitrary text (carriage returns, quotes, bytes from a random smoke model), and
+    JSON round-trips every one of them exactly with the column types intact (floats with 15 digits).
     """
     path = Path(path)
-    key = key or cache.Key("named", path.name, {})
     if not redo and cache.reuse(path, key):
         return _read_records(path)
     cache.prepare(path, key)
@@ -257,6 +315,30 @@ def llm_judge_scores(
 def judge_for(policy_model_id: str) -> str:
     """The official judge of a policy: Qwen2.5-14B-Instruct for Qwen models, Llama-3-8B-Instruct otherwise."""
     return JUDGES["qwen"] if "qwen" in policy_model_id.lower() else JUDGES["llama"]
+
+
+def judge_protocol() -> str:
+    """Digest of how the judge is asked and sampled: its messages for a placeholder example (the template constants
+    as they are filled in) and its sampling settings. Part of `judge_key`: a reworded rubric rescores."""
+    probe = judge_messages(Example("probe", "{prompt}"), "{response}", "{preference}")
+    return cache.content_digest([probe, JUDGE_TEMPERATURE, JUDGE_TOP_P, JUDGE_MAX_NEW_TOKENS])[:16]
+
+
+def judge_key(
+    preset: Preset, records: pd.DataFrame, examples: Sequence[Example], judge_id: str, judge_4bit: bool | None = None,
+) -> cache.Key:
+    """What the LLM judge's scores of `records` (`judge_records`) depend on: the "llm-judge" stage's fields (the
+    judge loads in the preset's dtype and samples in its eval batches), the judge's id and whether it loads in 4 bits
+    (`judge_4bit`, default the preset's `load_in_4bit`; the key's `judge_4bit` is what to load), the judge prompt and
+    sampling (`judge_protocol`), what each example gives the judge (request, stated preferences, reference reply) and
+    the records' replies."""
+    inputs = [[e.id, e.request, e.meta.get("preferences") or [e.context or ""], e.meta.get("reference")] for e in examples]
+    replies = records[["method", "seed", "example_id", "response"]].astype(str).values.tolist()
+    return cache.stage_key(
+        "llm-judge", preset, "LLM-judged records", judge=judge_id,
+        judge_4bit=preset.load_in_4bit if judge_4bit is None else bool(judge_4bit), protocol=judge_protocol(),
+        inputs=cache.content_digest(inputs)[:16], replies=cache.content_digest(replies)[:16],
+    )
 
 
 def judge_records(

@@ -11,7 +11,9 @@ Kinds of negative (as in the paper's official code):
 Every pair is scored once under the base model: log pi0(y+|x), log pi0(y-|x) (DPO's reference log-probs, reused by
 the trainer) and log pi0(y|x') for both sides, so each side's PMI log pi0(y|x) - log pi0(y|x') is stored with it.
 Each side also records whether its sampled reply was cut off at `max_new_tokens` (`chosen_truncated`,
-`rejected_truncated`): DPO learns from whatever text was sampled, a cut-off positive included.
+`rejected_truncated`): DPO learns from whatever text was sampled, a cut-off positive included. The task's judge of each
+side under the pair's own example (`chosen_score`, `rejected_score`) is not stored: it is judged whenever the pairs
+are read (`judged_pairs`), so it follows the judge of the moment (a preference checker registered anew).
 
 On disk (`runs/<preset>/<task>/<variant>/seed<k>/pairs-<digest>/`, the digest of the generation key, see
 `mipo_lib.cache`): `responses.jsonl` holds finished generation batches, one JSON line per batch, appended and flushed
@@ -372,12 +374,12 @@ def build_pairs(
     folder = pairs_dir(preset, seed, task)
     pairs_path, manifest_path, log_path = folder / "pairs.jsonl", folder / "manifest.json", folder / "responses.jsonl"
     ranks = Ranks.current()
+    examples = task.examples("train", preset.n_train_prompts, seed=seed)
     if not redo and cache.reuse(pairs_path, key):  # every rank decides alike: nothing finishes pairs before the barrier
-        return load_pairs(pairs_path)
+        return judged_pairs(task, examples, load_pairs(pairs_path))
     if ranks.main:
         _prepare_folder(pairs_path, manifest_path, log_path, key, gen_key, redo)
     ranks.barrier()  # the folder is ready (or cleared) before any rank reads its log
-    examples = task.examples("train", preset.n_train_prompts, seed=seed)
     positives_prompts = [task.prompt(e) for e in examples]
 
     rng = np.random.default_rng(seed)
@@ -413,7 +415,7 @@ def build_pairs(
     lp_neg_x, n_neg = _score(model, tokenizer, xs + x_negs, ys_neg + ys_neg, preset, ranks, progress, "scoring negatives")
     if not ranks.main:
         ranks.barrier()  # rank 0 writes the pairs
-        return load_pairs(pairs_path)
+        return judged_pairs(task, examples, load_pairs(pairs_path))
     m = len(triples)
     score_seconds = time.perf_counter() - score_start
 
@@ -441,8 +443,6 @@ def build_pairs(
             "rejected_tokens": int(n_neg[j]),
             "chosen_token_digest": token_digest(*pair_tokens(tokenizer, xs[j], ys_pos[j], preset.max_length)),
             "rejected_token_digest": token_digest(*pair_tokens(tokenizer, xs[j], y_neg, preset.max_length)),
-            "chosen_score": judge_or_nan(task, ex, ys_pos[j]),
-            "rejected_score": judge_or_nan(task, ex, y_neg),
         })
     files.write_text(pairs_path, "".join(json.dumps(r) + "\n" for r in records))
     manifest = {
@@ -473,7 +473,19 @@ def build_pairs(
             "new contrast; raise the temperature or lower k_negatives",
             manifest["duplicate_negatives"], len(records), k, preset.temperature,
         )
-    return records
+    return judged_pairs(task, examples, records)
+
+
+def judged_pairs(task: Task, examples: Sequence[Example], rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`rows` with `chosen_score` and `rejected_score`: the task's judge of each side now, under the pair's own
+    example (1 = the positive's preference met / answer right; NaN for an LLM-judged task)."""
+    by_id = {e.id: e for e in examples}
+    unknown = sorted({r["example_id"] for r in rows} - set(by_id))
+    if unknown:
+        raise MipoError(f"pairs of {len(unknown)} prompts task {task.name!r} does not have (e.g. {unknown[0]!r}); "
+                        "rebuild them with redo=True")
+    return [{**r, "chosen_score": judge_or_nan(task, by_id[r["example_id"]], r["chosen"]),
+             "rejected_score": judge_or_nan(task, by_id[r["example_id"]], r["rejected"])} for r in rows]
 
 
 def duplicate_negatives(records: Sequence[dict[str, Any]]) -> int:
@@ -492,9 +504,12 @@ def duplicate_negatives(records: Sequence[dict[str, Any]]) -> int:
 
 
 def cached_pairs(preset: Preset, seed: int) -> list[dict[str, Any]] | None:
-    """The finished pairs of a seed made with these settings (no model needed), None if there are none."""
+    """The finished pairs of a seed made with these settings (no model needed), judged now; None if there are none."""
     path = pairs_dir(preset, seed) / "pairs.jsonl"
-    return load_pairs(path) if cache.reuse(path, pairs_key(preset, seed)) else None
+    if not cache.reuse(path, pairs_key(preset, seed)):
+        return None
+    task = get_task(preset.task)
+    return judged_pairs(task, task.examples("train", preset.n_train_prompts, seed=seed), load_pairs(path))
 
 
 def load_pairs(path: Path) -> list[dict[str, Any]]:

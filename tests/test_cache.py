@@ -3,7 +3,9 @@ preset field is accounted for, writes are atomic, and a run says what it reuses 
 
 The end-to-end check runs the smoke preset's tiny model (8 pairs, one epoch of 2 steps) three times in one runs
 folder: `lora_r` changed (training and what follows rerun, and the log names the field), then unchanged (everything
-reused, no model loaded)."""
+reused, no model loaded). Then what no key holds: a code judge (cached replies are judged on read, so a preference
+checker registered anew reaches them), the LLM judge (its model, 4-bit setting, dtype and prompt are keyed) and the
+library versions (recorded, said once when they differ, a changed key only under MIPO_CACHE_VERSIONS=strict)."""
 
 from __future__ import annotations
 
@@ -16,9 +18,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mipo_lib import cache, dpo, files, methods, pairs
-from mipo_lib.experiments import pipeline
+from mipo_lib import cache, dpo, evaluate, files, methods, pairs
+from mipo_lib.errors import MipoError
+from mipo_lib.experiments import pipeline, tune
 from mipo_lib.config import Preset, get_preset
+from mipo_lib.tasks import register_preference, register_task, unregister_task
+from mipo_lib.tasks import personalization
+from mipo_lib.tasks.base import Example
 
 F = cache.STAGE_FIELDS
 MIPO_TRAINING = methods.get_method("MIPO").trainer
@@ -56,6 +62,14 @@ def _responses() -> pd.DataFrame:
     return pd.DataFrame({"example_id": ["a", "b"], "response": ["one", None]})
 
 
+JUDGED_EXAMPLES = [Example("c1", "How do I start running?", context="Be brief.",
+                           meta={"preferences": ["Be brief."], "reference": "Slowly."})]
+
+
+def _judged_records() -> pd.DataFrame:
+    return pd.DataFrame({"method": ["MIPO"], "seed": [0], "example_id": ["c1"], "response": ["Run."]})
+
+
 # (what, key of the stage, every field it reads: its own and its upstream stages', the path named by the key)
 STAGES: list[tuple[str, Callable[[Preset], cache.Key], tuple[str, ...], Callable[[Preset], Path] | None]] = [
     ("generation", lambda p: pairs.generation_key(p, 0), F["generation"], lambda p: pairs.pairs_dir(p, 0)),
@@ -74,6 +88,8 @@ STAGES: list[tuple[str, Callable[[Preset], cache.Key], tuple[str, ...], Callable
     ("MIPO evaluation", lambda p: pipeline.evaluation_key(p, "MIPO", 0),
      F["evaluation"] + F["generation"] + F["pairs"] + F["dpo"], lambda p: pipeline._eval_path(p, "MIPO", 0)),
     ("PMI", lambda p: pipeline.pmi_key(p, _responses(), "PMI"), F["pmi"], None),
+    ("validation evaluation", lambda p: tune._eval_key(p, "prompting", 0, 5, None), F["evaluation"], None),
+    ("LLM judge", lambda p: evaluate.judge_key(p, _judged_records(), JUDGED_EXAMPLES, "judge/x"), F["llm-judge"], None),
 ]
 
 
@@ -249,3 +265,173 @@ def test_the_dtype_auto_resolves_to_is_part_of_the_key(monkeypatch):
         keys[native] = cache.stage_key("generation", preset, "pairs")
     assert keys[False].values["resolved_dtype"] == "float32" and keys[True].values["resolved_dtype"] == "bfloat16"
     assert keys[False].digest != keys[True].digest
+
+
+# ---------------------------------------------------------------------------------------------- judged on read
+@pytest.fixture
+def preferences_restored():
+    """The preference registry as it is, restored after the test (which registers a preference anew)."""
+    saved, complete_only = dict(personalization.PREFERENCES), set(personalization.COMPLETE_ONLY)
+    yield
+    personalization.PREFERENCES.clear()
+    personalization.PREFERENCES.update(saved)
+    personalization.COMPLETE_ONLY.clear()
+    personalization.COMPLETE_ONLY.update(complete_only)
+
+
+@pytest.mark.usefixtures("one_thread", "preferences_restored")
+def test_a_preference_checker_registered_anew_judges_the_cached_replies(preset, tmp_path, monkeypatch):
+    """The judge is in no key: cached evaluations and pairs store replies, and the scores read back follow the
+    checker registered now (same sentence, so the same prompts and keys), without a model."""
+    monkeypatch.setenv("MIPO_RUNS_DIR", str(tmp_path / "runs"))
+    before = pipeline.evaluate_method(preset, "prompting", 0, progress=False)
+    pairs_before = pd.DataFrame(pipeline.pairs_for_seed(preset, 0, progress=False))
+    bullets, on_bullets = before["group"] == "bullets", pairs_before["group"] == "bullets"
+    assert bullets.any() and (before.loc[bullets, "score"] == 0).all()  # the tiny random model writes no bullet list
+    assert on_bullets.any() and (pairs_before.loc[on_bullets, "chosen_score"] == 0).all()
+    stored = evaluate._read_records(pipeline._eval_path(preset, "prompting", 0))
+    assert "score" not in stored and "response" in stored and "truncated" in stored  # replies, no verdict
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the replies are cached: no model may be loaded")
+
+    monkeypatch.setattr(pipeline, "load_for_preset", no_model)
+    key = pipeline.evaluation_key(preset, "prompting", 0)
+    register_preference("bullets", personalization.PREFERENCES["bullets"][0], lambda reply: True, replace=True,
+                        complete_only=False)
+    assert pipeline.evaluation_key(preset, "prompting", 0) == key
+    after = pipeline.evaluate_method(preset, "prompting", 0, progress=False)
+    assert (after.loc[bullets, "score"] == 1).all()
+    pd.testing.assert_frame_equal(after[~bullets], before[~bullets])  # the other preferences' verdicts are unchanged
+    pairs_after = pd.DataFrame(pipeline.pairs_for_seed(preset, 0, progress=False))
+    assert (pairs_after.loc[on_bullets, ["chosen_score", "rejected_score"]] == 1).all().all()
+    pd.testing.assert_frame_equal(pairs_after[~on_bullets], pairs_before[~on_bullets])
+
+
+def test_records_of_examples_the_task_lacks_are_refused(task):
+    frame = pd.DataFrame({"example_id": ["r99-nothing"], "response": ["hi"], "truncated": [False]})
+    with pytest.raises(MipoError, match="redo=True"):
+        evaluate.judged(frame, task, task.examples("test", 10))
+
+
+# ------------------------------------------------------------------------------------------------- the LLM judge
+@pytest.fixture
+def llm_judged_task(monkeypatch):
+    """A registered task without a code judge (as PRISM), its one test example having a reference reply."""
+
+    class Judged:
+        name, conditional, program_judge = "llm_judged", True, False
+
+        def examples(self, split, n=None, seed=0):
+            return list(JUDGED_EXAMPLES)
+
+        def prompt(self, example, with_context=True, context=None):
+            return [{"role": "user", "content": example.request}]
+
+        def score(self, example, response):
+            raise AssertionError("judged by an LLM")
+
+        def group(self, example):
+            return "all"
+
+    register_task("llm_judged", Judged)
+    yield
+    unregister_task("llm_judged")
+
+
+@pytest.mark.usefixtures("llm_judged_task")
+def test_another_judge_model_4bit_setting_dtype_or_prompt_is_another_judged_table(tmp_path, monkeypatch, capsys):
+    """The judged table is reused for the same judge and replies, and judged again for another judge model, its
+    4-bit setting, its dtype or its prompt: each decides the scores."""
+    monkeypatch.setenv("MIPO_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setattr(pipeline, "evaluate_all", lambda preset, seeds, progress=True: _judged_records())
+    loaded = []
+    monkeypatch.setattr(pipeline, "load_model_and_tokenizer", lambda judge, **kw: loaded.append((judge, kw)) or (None, None))
+    monkeypatch.setattr(evaluate, "llm_judge_scores", lambda model, tok, examples, responses, preset, progress: [4.0] * len(responses))
+
+    def judged(**settings):
+        frame = pipeline.judge_run("smoke", task="llm_judged", progress=False, **settings)
+        assert frame["score"].tolist() == [4.0, 4.0]  # MIPO's reply and the reference
+        return len(loaded)
+
+    assert judged(judge_id="judge/a") == 1
+    assert judged(judge_id="judge/a") == 1  # reused
+    assert judged(judge_id="judge/b") == 2
+    assert judged(judge_id="judge/a", judge_4bit=True) == 3
+    assert loaded[-1] == ("judge/a", {"dtype": "float32", "load_in_4bit": True})
+    assert judged(judge_id="judge/a", dtype="bfloat16") == 4
+    monkeypatch.setattr(evaluate, "JUDGE_SYSTEM", "Rate the reply from 1 to 5.")
+    assert judged(judge_id="judge/a") == 5
+    assert len(list((tmp_path / "runs" / "smoke" / "llm_judged" / "judged").glob("judged-*.jsonl"))) == 5
+
+
+# ------------------------------------------------------------------------------------------------------- versions
+VERSIONS = {"mipo_lib": "0.1.0", "torch": "2.13.0", "transformers": "5.24.0", "trl": "1.16.0", "peft": "0.21.2"}
+
+
+@pytest.fixture
+def versions(monkeypatch):
+    """Set the library versions this process reports (`versions(transformers="5.25.0")`), from a fresh process's
+    state: nothing said yet, MIPO_CACHE_VERSIONS unset."""
+    monkeypatch.setattr(cache, "_versions_said", set())
+    monkeypatch.delenv(cache.VERSIONS_ENV, raising=False)
+
+    def set_versions(**changed):
+        monkeypatch.setattr(cache, "library_versions", lambda: {**VERSIONS, **changed})
+
+    set_versions()
+    return set_versions
+
+
+def test_versions_are_recorded_not_keyed_and_a_difference_is_said_once(tmp_path, versions, caplog):
+    results = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    for result in results:
+        result.write_text("x")
+        cache.store(result, _key())
+    record = json.loads(cache.key_file(results[0]).read_text())
+    assert record["versions"] == VERSIONS and record["values"] == dict(_key().values)
+    versions(transformers="5.25.0")
+    with caplog.at_level(logging.INFO, logger="mipo_lib.cache"):
+        assert all(cache.reuse(r, _key()) for r in results + results)
+    line = "results made with transformers 5.24.0 (now 5.25.0) are reused; set MIPO_CACHE_VERSIONS=strict to recompute them"
+    assert caplog.messages[0] == line and caplog.messages.count(line) == 1  # once per process, not once per file
+    assert caplog.messages[1:] == [f"reusing thing (seed 0) from {r}" for r in results + results]
+
+
+def test_strict_versions_recompute_results_of_other_versions(tmp_path, versions, monkeypatch, caplog):
+    result = tmp_path / "a.jsonl"
+    result.write_text("x")
+    cache.store(result, _key())
+    monkeypatch.setenv(cache.VERSIONS_ENV, "strict")
+    assert cache.reuse(result, _key())  # the same versions: reused
+    versions(peft="0.22.0")
+    assert not cache.reuse(result, _key())
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mipo_lib.cache"):
+        assert cache.prepare(result, _key())
+    assert caplog.messages == [f"thing (seed 0) in {result} was made with peft 0.21.2 (now 0.22.0): recomputing"]
+    assert not cache.key_file(result).exists()
+    old = {k: v for k, v in json.loads(_key().record()).items() if k != "versions"}  # made before versions were recorded
+    cache.key_file(result).write_text(json.dumps(old))
+    assert not cache.reuse(result, _key())
+    monkeypatch.setenv(cache.VERSIONS_ENV, "no")
+    with pytest.raises(MipoError, match="set it to strict"):
+        cache.reuse(result, _key())
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_an_evaluation_of_other_versions_is_reused_unless_strict(preset, tmp_path, monkeypatch, versions, caplog):
+    monkeypatch.setenv("MIPO_RUNS_DIR", str(tmp_path / "runs"))
+    first = pipeline.evaluate_method(preset, "prompting", 0, progress=False)
+    versions(torch="2.14.0")
+    loads = []
+    real = pipeline.load_for_preset
+    monkeypatch.setattr(pipeline, "load_for_preset", lambda p: loads.append(p) or real(p))
+    with caplog.at_level(logging.INFO, logger="mipo_lib.cache"):
+        pd.testing.assert_frame_equal(pipeline.evaluate_method(preset, "prompting", 0, progress=False), first)
+    assert not loads and "results made with torch 2.13.0 (now 2.14.0) are reused" in caplog.text
+    monkeypatch.setenv(cache.VERSIONS_ENV, "strict")
+    pd.testing.assert_frame_equal(pipeline.evaluate_method(preset, "prompting", 0, progress=False), first)
+    assert len(loads) == 1  # recomputed (the same replies: greedy decoding of the same model)
+    record = json.loads(cache.key_file(pipeline._eval_path(preset, "prompting", 0)).read_text())
+    assert record["versions"]["torch"] == "2.14.0"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LogitsProcessorList
 
-from mipo_lib import evaluate, methods
+from mipo_lib import cache, evaluate, methods
 from mipo_lib.experiments import pipeline
 from mipo_lib.config import get_preset
 from mipo_lib.evaluate import ContextAwareDecoding
@@ -157,15 +157,18 @@ def test_records_columns(task):
     assert frame.score.tolist() == [task.score(e, r) for e, r in zip(examples, responses)]
 
 
-def test_evaluate_cached_round_trips_empty_responses(tmp_path, task):
+def test_cached_records_round_trip_odd_replies_and_judge_them_on_read(tmp_path, task):
     examples = task.examples("test", 10)[:2]
     frame = evaluate.records(task, examples, ["", "NA"], "SFT", seed=0).assign(response=["", "NA"])
     frame.loc[1, "response"] = 'a "quoted",\r\nbare\rreturn \x00 and 1,5'
-    path = tmp_path / "eval" / "x.jsonl"
-    evaluate.evaluate_cached(path, lambda: frame)
-    again = evaluate.evaluate_cached(path, lambda: pytest.fail("should be read from the cache"))
+    path, key = tmp_path / "eval" / "x.jsonl", cache.Key("evaluation", "SFT evaluation", {"n": 2})
+    first = evaluate.cached_records(path, key, lambda: frame, task, examples)
+    again = evaluate.cached_records(path, key, lambda: pytest.fail("should be read from the cache"), task, examples)
     assert again.response.tolist() == frame.response.tolist()  # empty stays empty, odd text survives exactly
     assert again.score.dtype == float and again.seed.dtype == int
+    assert list(again.columns) == list(frame.columns) and "score" not in evaluate._read_records(path)
+    pd.testing.assert_frame_equal(again, first)
+    assert again.score.tolist() == [task.score(e, r) for e, r in zip(examples, frame.response)]
 
 
 # --------------------------------------------------------------------------------------------------------- pipeline

@@ -4,10 +4,11 @@ the same keys for every method and seed, recomputed (and said why) otherwise."""
 import pandas as pd
 import pytest
 
-from mipo_lib import config, hardware
+from mipo_lib import config, evaluate, hardware
 from mipo_lib.experiments import heldout, pipeline, tune
 from mipo_lib.__main__ import main
 from mipo_lib.config import get_preset
+from mipo_lib.tasks import get_task
 
 
 @pytest.fixture
@@ -18,10 +19,11 @@ def fake_pipeline(monkeypatch, tmp_path):
 
     def evaluate_all(preset, seeds, methods=None, progress=True):
         calls.append((preset.task, tuple(seeds), tuple(methods), preset.epochs))
-        rows = [{"task": preset.task, "method": m, "seed": s, "example_id": f"r{i:02d}-short", "group": "short",
-                 "response": ['Hi "there"\nline two 🍌', "NA", ""][i % 3], "score": float(i % 2), "n_words": i,
-                 "truncated": i == 0} for s in seeds for m in methods for i in range(3)]
-        return pd.DataFrame(rows)
+        task = get_task(preset.task)
+        examples = task.examples("test", preset.n_test_prompts)[:3]  # read back, the replies are judged against them
+        replies = ['Hi "there"\nline two 🍌', "NA", ""]
+        return pd.concat([evaluate.records(task, examples, replies, m, s, [True, False, False])
+                          for s in seeds for m in methods], ignore_index=True)
 
     def choose_epochs(preset, seeds, progress=True):
         summary = pd.DataFrame({"method": "MIPO", "setting": "epochs", "value": [1.0, 2.0], "rate": [0.1, 0.3]})

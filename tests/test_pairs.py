@@ -161,7 +161,9 @@ def test_build_pairs_fields(tiny, task, preset, fresh_runs, negative, k):
     assert manifest["n_pairs"] == N * k and manifest["n_prompts"] == N
     assert manifest["truncated_chosen"] == sum(r["chosen_truncated"] for r in rows)
     assert manifest["truncated_rejected"] == sum(r["rejected_truncated"] for r in rows)
-    assert load_pairs(pairs_dir(p, 0) / "pairs.jsonl") == rows
+    stored = load_pairs(pairs_dir(p, 0) / "pairs.jsonl")
+    assert not {"chosen_score", "rejected_score"} & set(stored[0])  # replies are stored, verdicts judged on read
+    assert pairs_mod.judged_pairs(task, list(examples.values()), stored) == rows
 
 
 def test_truncated_flags_are_the_generators_per_reply(tiny, task, preset, fresh_runs, monkeypatch):

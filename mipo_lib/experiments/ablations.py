@@ -317,11 +317,10 @@ def _held_out(preset: Preset, n_prompts: int) -> tuple[Task, list[Example]]:
 
 
 def _measurement_key(stage: str, preset: Preset, seed: int, label: str, examples: Sequence[Example], **extra: Any) -> cache.Key:
-    """A measurement of the seed's MIPO policy: the stage's fields, the adapter's key and the prompts measured on."""
-    return cache.stage_key(
-        stage, preset, label, upstream=pipeline.training_key(preset, "MIPO", seed),
-        prompts=cache.prompts_digest(get_task(preset.task), examples), **extra,
-    )
+    """A measurement of the seed's MIPO policy (`evaluate.evaluation_key`): the stage's fields, the adapter's key and
+    the prompts measured on."""
+    adapter = pipeline.training_key(preset, "MIPO", seed)
+    return evaluate.evaluation_key(preset, label, examples, adapter, stage=stage, **extra)
 
 
 def kl_key(preset: Preset, seed: int, *, n_prompts: int = 50, sample_seed: int = 0, max_new_tokens: int | None = None) -> cache.Key:

@@ -18,6 +18,8 @@ every method and seed it needs is there with the key the current settings give (
 forward, prompts ...); otherwise it says, before computing, why (the fields whose values differ from the ones the
 held-out choice records in `tuned_under`, where they explain it) and what it recomputes, then computes the records
 through the pipeline (as notebook 05 always did), so a stale table is never read as a result of other settings.
+Like every cached evaluation, the replies it reads are judged on read by the task's current judge
+(`evaluate.judged`): the file's `score` column is for its readers.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from mipo_lib import config
+from mipo_lib import config, evaluate
 from mipo_lib.experiments import pipeline, tune
 from mipo_lib.config import Preset, get_preset, repo_root
+from mipo_lib.tasks import get_task
 
 TASK = "personalization_unseen_types"
 METHODS: tuple[str, ...] = ("prompting", "MIPO")
@@ -113,7 +116,8 @@ def committed(preset: Preset, seeds: Sequence[int], path: Path | None = None) ->
                 return None, f"{path.name} was made with {was}; this run has {now}"
             return None, f"{path.name} was made with other settings ({wanted[0]}, seed {wanted[1]}: key {sorted(stored[wanted])[0]} != {key})"
     keep = frame[[(m, int(s)) in expected for m, s in zip(frame["method"], frame["seed"])]]
-    return keep.reset_index(drop=True), ""
+    held, task = task_preset(preset, chosen), get_task(TASK)
+    return evaluate.judged(keep.reset_index(drop=True), task, task.examples("test", held.n_test_prompts)), ""
 
 
 def records(preset: Preset, seeds: Sequence[int], progress: bool = True) -> tuple[pd.DataFrame, str]:

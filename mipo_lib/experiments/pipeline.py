@@ -42,17 +42,13 @@ def adapter_dir(preset: Preset, method: str, seed: int) -> Path:
 
 
 def evaluation_key(preset: Preset, method: str, seed: int) -> cache.Key:
-    """What a method's records depend on: the evaluation fields (and CAD's strength), the held-out prompts, the
-    method's definition, and a trained method's adapter key (so also its seed)."""
+    """What a method's test records depend on (`evaluate.evaluation_key`): the evaluation fields (and CAD's strength),
+    the held-out prompts, the method's definition, and a trained method's adapter key (so also its seed)."""
     m = registry.get_method(method)
     task = get_task(preset.task)
     label = f"{method} evaluation" + ("" if m.deterministic else f" (seed {seed})")
-    return cache.stage_key(
-        "evaluation-cad" if m.decoding == "cad" else "evaluation", preset, label,
-        upstream=training_key(preset, method, seed) if m.training else None,
-        method=method, with_context=m.with_context, decoding=m.decoding,
-        prompts=cache.prompts_digest(task, task.examples("test", preset.n_test_prompts)),
-    )
+    adapter = training_key(preset, method, seed) if m.training else None
+    return evaluate.evaluation_key(preset, label, task.examples("test", preset.n_test_prompts), adapter, method=method)
 
 
 def _eval_path(preset: Preset, method: str, seed: int) -> Path:
@@ -93,7 +89,8 @@ def train_for_seed(preset: Preset, method: str, seed: int, redo: bool = False, p
 
 
 def evaluate_method(preset: Preset, method: str, seed: int, redo: bool = False, progress: bool = True) -> pd.DataFrame:
-    """Stage 3: one method's per-example records on the held-out prompts (cached as JSON Lines)."""
+    """Stage 3: one method's per-example records on the held-out prompts (replies cached as JSON Lines, judged on
+    every read by the task's current judge)."""
     task = get_task(preset.task)
     examples = task.examples("test", preset.n_test_prompts)
     m = registry.get_method(method)
@@ -114,7 +111,7 @@ def evaluate_method(preset: Preset, method: str, seed: int, redo: bool = False, 
             return evaluate.records(task, examples, responses, method, seed, truncated)
 
     key = evaluation_key(preset, method, seed)
-    frame = evaluate.evaluate_cached(_eval_path(preset, method, seed), make, redo, key=key)
+    frame = evaluate.cached_records(_eval_path(preset, method, seed), key, make, task, examples, redo)
     return frame.assign(seed=seed)
 
 
@@ -196,8 +193,9 @@ def judge_run(
 ) -> pd.DataFrame:
     """The PRISM evaluation of a GPU run, end to end: every method's records of the preset's seeds (computed or read
     from the cache), judged with the official judge and protocol; prints and returns win-or-tie and strict win of
-    each method against the reference. The judged table is cached beside the records, named by a digest of the
-    responses and the judge. `judge_4bit` defaults to the preset's `load_in_4bit` (a 14B judge fits a T4 in 4 bits)."""
+    each method against the reference. The judged table is cached beside the records under `evaluate.judge_key`
+    (the judge, its 4-bit setting and dtype, the judge prompt, the judged inputs and replies). `judge_4bit` defaults
+    to the preset's `load_in_4bit` (a 14B judge fits a T4 in 4 bits)."""
     preset = get_preset(preset_name, **overrides)
     task = get_task(preset.task)
     if getattr(task, "program_judge", True):
@@ -205,14 +203,13 @@ def judge_run(
     examples = task.examples("test", preset.n_test_prompts)
     records = evaluate_all(preset, list(preset.seeds), progress=progress)
     judge_id = judge_id or evaluate.judge_for(preset.model_id)
-    digest = cache.content_digest([judge_id, records[["method", "seed", "example_id", "response"]].astype(str).values.tolist()])[:12]
+    key = evaluate.judge_key(preset, records, examples, judge_id, judge_4bit)
 
     def make() -> pd.DataFrame:
-        judge, tok = load_model_and_tokenizer(judge_id, dtype=preset.dtype,
-                                              load_in_4bit=preset.load_in_4bit if judge_4bit is None else judge_4bit)
+        judge, tok = load_model_and_tokenizer(judge_id, dtype=preset.dtype, load_in_4bit=key.values["judge_4bit"])
         return evaluate.judge_records(records, examples, judge, tok, preset, progress=progress)
 
-    judged = evaluate.evaluate_cached(run_dir(preset, preset.task, "judged") / f"judged-{digest}.jsonl", make)
+    judged = evaluate.evaluate_cached(run_dir(preset, preset.task, "judged") / f"judged-{key.digest}.jsonl", make, key=key)
     for method in [m for m in judged["method"].unique() if m != evaluate.REFERENCE]:
         rates = stats.win_rates_per_seed(judged, method, evaluate.REFERENCE)
         print(f"{method:>18} vs {evaluate.REFERENCE}: win-or-tie {rates.win_or_tie.mean():.1%}, strict win "

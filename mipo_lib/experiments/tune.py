@@ -68,7 +68,7 @@ def _validation(preset: Preset, n: int) -> list[Any]:
 
 def _records(preset: Preset, method: str, seed: int, label: str, key: cache.Key, folder: Path, adapter: Path | None,
              n: int, progress: bool) -> pd.DataFrame:
-    """Validation records of one setting: greedy replies judged like the test set's (cached under `key`)."""
+    """Validation records of one setting: greedy replies (cached under `key`) judged like the test set's, on read."""
     m, task = registry.get_method(method), get_task(preset.task)
     examples = _validation(preset, n)
 
@@ -81,17 +81,14 @@ def _records(preset: Preset, method: str, seed: int, label: str, key: cache.Key,
             cad_alpha=preset.cad_strength if m.decoding == "cad" else None, progress=progress, desc=label)
         return evaluate.records(task, examples, texts, method, seed, cut)
 
-    frame = evaluate.evaluate_cached(folder / f"{m.slug}-{key.digest}.jsonl", make, key=key)
+    frame = evaluate.cached_records(folder / f"{m.slug}-{key.digest}.jsonl", key, make, task, examples)
     return frame.assign(seed=seed)
 
 
-def _eval_key(preset: Preset, method: str, seed: int, n: int, upstream: cache.Key | None, **extra: Any) -> cache.Key:
-    m = registry.get_method(method)
-    task = get_task(preset.task)
-    return cache.stage_key(
-        "evaluation-cad" if m.decoding == "cad" else "evaluation", preset, f"{method} validation (seed {seed})",
-        upstream=upstream, method=method, split="validation",
-        prompts=cache.prompts_digest(task, _validation(preset, n)), **extra)
+def _eval_key(preset: Preset, method: str, seed: int, n: int, adapter: cache.Key | None, **extra: Any) -> cache.Key:
+    """A setting's validation records: `evaluate.evaluation_key` on the validation prompts (`extra`: the snapshot)."""
+    return evaluate.evaluation_key(preset, f"{method} validation (seed {seed})", _validation(preset, n), adapter,
+                                   method=method, **extra)
 
 
 def sweep_epochs(preset: Preset, method: str, seed: int, grid: Sequence[int] = EPOCH_GRID, n: int = N_VALIDATION,
