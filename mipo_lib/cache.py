@@ -41,10 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mipo_lib.config import Preset, runs_dir
+from mipo_lib.config import Preset, resolved_dtype, runs_dir
 from mipo_lib.errors import MipoError
 from mipo_lib.files import write_text
-from mipo_lib.hardware import select_device, select_dtype
 
 if TYPE_CHECKING:
     from mipo_lib.tasks.base import Example, Task
@@ -147,18 +146,9 @@ def stage_key(stage: str, preset: Preset, label: str, *, upstream: Key | None = 
     """The key of `stage`: its declared fields of `preset`, the upstream key's values and the `extra` values."""
     own = {name: getattr(preset, name) for name in STAGE_FIELDS[stage]}
     if "dtype" in own:
-        own["resolved_dtype"] = resolved_dtype(preset)
+        own["resolved_dtype"] = resolved_dtype(preset)  # a runs folder copied between a bf16 and an fp32 CPU
     values = {**(upstream.values if upstream else {}), **own, **extra}
     return Key(stage, label, json.loads(json.dumps(values, default=str)))  # tuples -> lists: equal after a round trip
-
-
-def resolved_dtype(preset: Preset) -> str:
-    """The dtype `preset.dtype` means on this machine ("auto" is bf16 on a CPU with AVX512-BF16, fp32 on one without).
-
-    Part of every key that reads `dtype`: a runs folder copied between two such machines must not pass off fp32
-    results as bf16 ones (or the reverse).
-    """
-    return str(select_dtype(select_device(), preset.dtype)).replace("torch.", "")
 
 
 def content_digest(obj: Any) -> str:

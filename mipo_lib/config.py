@@ -553,7 +553,9 @@ def differences_text(differences: Mapping[str, tuple[Any, Any]]) -> tuple[str, s
 
 
 def resolved_dtype(preset: Preset) -> str:
-    """The dtype `preset.dtype` means on this machine, as the choices tables record it ("float32", "bfloat16")."""
+    """The dtype `preset.dtype` means on this machine ("auto" is bf16 on a CPU with AVX512-BF16, fp32 on one without),
+    as cache keys and choices tables record it ("float32", "bfloat16"): a result must not pass for one of the other
+    precision."""
     from mipo_lib.hardware import select_device, select_dtype  # torch: imported only when a choice is checked
 
     return str(select_dtype(select_device(), preset.dtype)).removeprefix("torch.")

@@ -30,7 +30,7 @@ import pandas as pd
 from mipo_lib import cache, dpo, evaluate
 from mipo_lib.experiments import pipeline
 from mipo_lib import methods as registry
-from mipo_lib.config import Preset, choices_path, get_preset, repo_root
+from mipo_lib.config import Preset, choices_path, get_preset, repo_root, resolved_dtype
 from mipo_lib.errors import MipoError
 from mipo_lib.models import load_for_preset
 from mipo_lib.tasks import get_task
@@ -199,7 +199,7 @@ def tuned_under(preset: Preset, method: str, chosen: Iterable[str]) -> dict[str,
     if m.training is not None:
         stages += ["generation", "pairs", m.training]
     fields = {f for stage in stages for f in cache.STAGE_FIELDS[stage]} - set(chosen) - {"n_test_prompts"}
-    values = {f: cache.resolved_dtype(preset) if f == "dtype" else getattr(preset, f) for f in sorted(fields)}
+    values = {f: resolved_dtype(preset) if f == "dtype" else getattr(preset, f) for f in sorted(fields)}
     return json.loads(json.dumps(values))  # tuples as lists, as the table stores them
 
 
