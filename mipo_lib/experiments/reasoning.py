@@ -262,12 +262,15 @@ def answer_pmi(
         lp, n_tok = sequence_logprobs(model, tokenizer, prompts, ys + ys, max_length=preset.max_length,
                                       batch_size=preset.score_batch_size, progress=progress, desc="answer PMI")
         m = len(exs)
-        return pd.DataFrame({"example_id": part["example_id"], "group": part["group"], "correct": part["score"],
+        return pd.DataFrame({"example_id": part["example_id"], "group": part["group"],
                              "logp_x": lp[:m], "logp_x_prime": lp[m:], "pmi": lp[:m] - lp[m:], "n_tokens": n_tok[:m]})
 
     folder = run_dir(preset, preset.task, "eval")
     slug = registry.get_method(method).slug
-    return evaluate.evaluate_cached(folder / f"answer-pmi-{slug}-{key.digest}.jsonl", make, key=key)
+    scored = evaluate.evaluate_cached(folder / f"answer-pmi-{slug}-{key.digest}.jsonl", make, key=key)
+    # correctness comes from the records, judged on read like every score, never from the cached PMI table
+    correct = dict(zip(part["example_id"], part["score"]))
+    return scored.drop(columns="correct", errors="ignore").assign(correct=scored["example_id"].map(correct))
 
 
 def auc(scores: Sequence[float] | np.ndarray, labels: Sequence[float] | np.ndarray) -> float:
