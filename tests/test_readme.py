@@ -1,7 +1,7 @@
-"""Every generated text of the workbook is rendered from committed tables: the README's and the docs pages' blocks and
-spans, the conclusions files of notebooks 06 and 07 and notebook 06's section 8 re-render from `figures/` with an empty
-diff; each block sits on the page `readme.BLOCKS` names; the README stays a page (<= 150 lines, <= 1,500 words) whose
-docs links all resolve and which links every docs page."""
+"""Every generated text of the workbook is rendered from committed tables: the README's, the docs pages' and the
+notebooks' blocks and spans, the conclusions files of notebooks 06 and 07 and notebook 06's section 8 re-render from
+`figures/` with an empty diff; each block sits on the page `readme.BLOCKS` names; the README stays a page (<= 150 lines,
+<= 1,500 words) whose docs links all resolve and which links every docs page."""
 
 from __future__ import annotations
 
@@ -32,10 +32,14 @@ def _same(committed: str, rendered: str, what: str) -> None:
 
 
 def copy_pages(root: Path) -> list[Path]:
-    """The committed README and docs/ pages, copied under `root` (which `update_readme` then rewrites)."""
+    """The committed README, docs/ pages and numbered notebooks, copied under `root` (which `update_readme` then
+    rewrites)."""
     shutil.copy(repo_root() / "README.md", root / "README.md")
     shutil.copytree(repo_root() / "docs", root / "docs")
-    return [p.relative_to(root) for p in readme.pages(root)]
+    (root / "notebooks").mkdir()
+    for notebook in readme.numbered_notebooks():
+        shutil.copy(notebook, root / "notebooks" / notebook.name)
+    return [p.relative_to(root) for p in [*readme.pages(root), *readme.numbered_notebooks(root)]]
 
 
 def page_text(block: readme.Block) -> str:
@@ -43,11 +47,12 @@ def page_text(block: readme.Block) -> str:
 
 
 def test_every_generated_text_re_renders_from_the_committed_tables_with_an_empty_diff(tmp_path):
-    """README and docs blocks and spans (`update_readme` on a copy changes no page), both conclusions files, and the
-    section-8 findings notebook 06 shows, each rendered again from `figures/`."""
+    """README, docs and notebook-markdown blocks and spans (`update_readme` on a copy changes no page and no
+    notebook), both conclusions files, and the section-8 findings notebook 06 shows, each rendered again from
+    `figures/`."""
     figures = repo_root() / "figures"
     pages = copy_pages(tmp_path)
-    assert len(pages) > 1 and all(str(p).startswith("docs/") for p in pages[1:])
+    assert len(pages) > 9 and all(str(p).startswith(("docs/", "notebooks/")) for p in pages[1:])
     for preset in sorted({b.preset for b in readme.BLOCKS}):
         readme.update_readme(preset, tmp_path)
     for page in pages:
@@ -158,8 +163,8 @@ def test_committed_deviations_table_matches_the_preset():
 def test_deviations_read_our_settings_off_the_preset(monkeypatch):
     from mipo_lib import config
 
-    changed = config.get_preset("cpu", learning_rate=1e-4, epochs=4)
-    monkeypatch.setattr(readme, "get_preset", lambda name: changed)
+    changed = config.get_preset("cpu", learning_rate=1e-4, epochs=4, dtype="float32")
+    monkeypatch.setattr(readme, "reference_preset", lambda name: changed)
     block = readme.deviations_block("cpu")
     assert "learning rate 0.0001" in block and "4 epochs" in block
 

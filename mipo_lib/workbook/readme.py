@@ -16,13 +16,20 @@ Spans, `<!-- <kind>:<key> -->...<!-- /<kind> -->`, may sit on any page (`pages`)
 - `study:<preset>/<notebook>`: a notebook's study time (`study_time`: its prose, its code cells, its measured time),
   and `lab:<preset>/<notebook> + <preset>/<notebook> ...`: a class plan's summed study time against a lab's length;
 - `colab:<notebook>`: its Open-in-Colab badge, and `repo:clone`: the clone command, both from the one repository
-  address of `workbook.environment` (`REPO`).
+  address of `workbook.environment` (`REPO`);
+- `setting:<preset>/<field>`: a setting of the preset as its reference runs used it (`reference_preset`: the validation
+  choices applied), e.g. `setting:cpu/epochs`, `setting:cpu/cad_alpha`;
+- `schedule:<preset>`: the DPO learning-rate schedule of our runs (`dpo.LR_SCHEDULE`) with the preset's warm-up.
+The numbered notebooks' markdown cells hold spans too (`update_notebooks`), so one command refreshes the README, docs/
+and the notebooks' prose.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -30,7 +37,8 @@ from typing import Callable
 import pandas as pd
 
 from mipo_lib.analysis import ablation_findings, reasoning_findings, render
-from mipo_lib.config import Preset, get_preset, load_choices, repo_root
+from mipo_lib.config import Preset, cli_text, get_preset, load_choices, repo_root
+from mipo_lib.dpo import LR_SCHEDULE
 from mipo_lib.errors import MipoError
 from mipo_lib.methods import Method, get_method
 from mipo_lib.tasks import get_task
@@ -274,8 +282,9 @@ def render_block(block: Block) -> str:
 
 
 def update_readme(preset: str = "cpu", root: Path | None = None) -> bool:
-    """Rewrite every generated block of `preset` on the page that holds it (`BLOCKS`) and every span on every page
-    (`pages`) under `root` (default: the repository); True if a page changed."""
+    """Rewrite every generated block of `preset` on the page that holds it (`BLOCKS`), every span on every page
+    (`pages`) and every span in the numbered notebooks' markdown cells (`update_notebooks`) under `root` (default: the
+    repository); True if a page or a notebook changed."""
     blocks = [b for b in BLOCKS if b.preset == preset]
     if not blocks:
         raise MipoError(f"no generated block belongs to preset {preset!r}; use one of "
@@ -289,7 +298,7 @@ def update_readme(preset: str = "cpu", root: Path | None = None) -> bool:
             raise MipoError(f"{block.page} is missing; it holds the {block.kind}:{block.preset} block (readme.BLOCKS)")
         after[path] = _replace(after[path], *markers(block.kind, block.preset), render_block(block), block.page)
     timings = pd.read_csv(timings_path())
-    changed = []
+    changed = update_notebooks(root, timings)
     for path, text in after.items():
         new = render_spans(text, timings)
         if new != before[path]:
@@ -489,9 +498,13 @@ def study_time(timings: pd.DataFrame, selector: str) -> StudyTime:
     if not path.exists():
         raise MipoError(f"study span {selector!r}: no notebooks/{notebook}.ipynb; name a notebook that exists")
     cells = json.loads(path.read_text())["cells"]
-    words = sum(len("".join(c["source"]).split()) for c in cells if c["cell_type"] == "markdown")
+    words = sum(len(_COMMENT.sub(" ", "".join(c["source"])).split()) for c in cells if c["cell_type"] == "markdown")
     code = [c for c in cells if c["cell_type"] == "code"]
     return StudyTime(words, len(code), float(_timing_rows(timings, selector)["wall_s"].sum()))
+
+
+#: An HTML comment (a span's markers): not read by a student, so not counted in a study time.
+_COMMENT = re.compile(r"<!--.*?-->", re.S)
 
 
 #: A lab session's length, against which a class plan's notebooks are summed (docs/instructors.md).
@@ -514,9 +527,52 @@ def _repo_text(key: str) -> str:
     return f"\n```bash\n{clone_command()}\n```\n"
 
 
+def reference_preset(name: str) -> Preset:
+    """Preset `name` as its reference runs used it: the validation choices applied (`get_preset`), and "auto" precision
+    as fp32, the precision of every committed CPU run (figures/timings_cpu.csv) and of `make tune`. Resolving "auto"
+    here also keeps `get_preset`'s note on choices tuned under another precision (printed on a CPU with native bf16)
+    out of `python -m mipo_lib readme`."""
+    written = get_preset(name, tuned=False)
+    return get_preset(name, **({"dtype": "float32"} if written.dtype == "auto" else {}))
+
+
+def setting_value(value: object) -> str:
+    """A setting as prose states it: `8`, `1` (not `1.0`), `0.0002`, `q_proj,k_proj`, `true`."""
+    return f"{value:g}" if isinstance(value, float) else cli_text(value)
+
+
+def setting_text(key: str) -> str:
+    """The text of the setting span `<preset>/<field>`: that field of `reference_preset(preset)`."""
+    name, slash, field = key.strip().partition("/")
+    if not slash:
+        raise MipoError(f"setting span {key!r}: name it `<preset>/<field>`, e.g. `setting:cpu/epochs`")
+    preset = reference_preset(name)
+    fields = sorted(f.name for f in dataclasses.fields(preset))
+    if field not in fields:
+        raise MipoError(f"setting span {key!r}: preset {name!r} has no field {field!r}; use one of {fields}")
+    return setting_value(getattr(preset, field))
+
+
+#: Our DPO learning-rate schedules (transformers' names, `dpo.LR_SCHEDULE`) in words.
+SCHEDULE_WORDS: dict[str, str] = {"constant_with_warmup": "constant after a warm-up",
+                                  "cosine": "cosine decay after a warm-up",
+                                  "linear": "linear decay after a warm-up"}
+
+
+def schedule_text(preset: Preset) -> str:
+    """Our DPO schedule (`dpo.LR_SCHEDULE`) with the preset's warm-up: `constant after a warm-up of 3% of one epoch's
+    steps (at least 1; `constant_with_warmup`)`."""
+    if LR_SCHEDULE not in SCHEDULE_WORDS:
+        raise MipoError(f"dpo.LR_SCHEDULE {LR_SCHEDULE!r} has no words in readme.SCHEDULE_WORDS; add them")
+    return (f"{SCHEDULE_WORDS[LR_SCHEDULE]} of {100 * preset.warmup_ratio:g}% of one epoch's steps (at least 1; "
+            f"`{LR_SCHEDULE}`)")
+
+
 def _span_renderers(timings: pd.DataFrame) -> dict[str, Callable[[str], str]]:
     """How each kind of span renders its key (see the module docstring)."""
     return {
+        "setting": setting_text,
+        "schedule": lambda key: schedule_text(reference_preset(key.strip())),
         "timing": lambda key: timing_text(timings, key),
         "study": lambda key: render.whole_minutes(60 * study_time(timings, key.strip()).minutes),
         "lab": lambda key: lab_text(timings, key),
@@ -547,6 +603,39 @@ def render_spans(text: str, timings: pd.DataFrame | None = None) -> str:
         out += [rest[:at], f"{opening}{key} -->", renderers[kind](key), closing]
         rest = after
     return "".join([*out, rest])
+
+
+def numbered_notebooks(root: Path | None = None) -> list[Path]:
+    """notebooks/NN_slug.ipynb under `root` (default: the repository): the notebooks whose prose holds spans."""
+    return sorted(((root or repo_root()) / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def render_notebook(nb: dict, timings: pd.DataFrame | None = None) -> dict:
+    """Notebook `nb` (its JSON) with every span of its markdown cells rendered (`render_spans`); code cells and
+    outputs untouched, each source kept as a list of lines as the file stores it."""
+    timings = pd.read_csv(timings_path()) if timings is None else timings
+    cells = []
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "markdown":
+            text = "".join(cell["source"])
+            rendered = render_spans(text, timings)
+            if rendered != text:
+                cell = {**cell, "source": rendered.splitlines(keepends=True)}
+        cells.append(cell)
+    return {**nb, "cells": cells}
+
+
+def update_notebooks(root: Path | None = None, timings: pd.DataFrame | None = None) -> list[Path]:
+    """Rewrite the spans of every numbered notebook's markdown under `root` (in the notebooks' own JSON format);
+    returns the notebooks that changed."""
+    changed = []
+    for path in numbered_notebooks(root):
+        text = path.read_text()
+        new = json.dumps(render_notebook(json.loads(text), timings), indent=1, ensure_ascii=False) + "\n"
+        if new != text:
+            path.write_text(new)
+            changed.append(path)
+    return changed
 
 
 def _notebook_range(name: str) -> range | None:
@@ -641,8 +730,7 @@ DEVIATIONS: tuple[Deviation, ...] = (
               "60 pairs give 15 steps per epoch; each method's epochs are chosen on the validation split (1/2/4/8), "
               "with its learning rate (1x or 4x the preset's)",
               "each method at its own best on validation, rather than the paper's single epoch"),
-    Deviation("schedule", "cosine with a minimum learning rate (OpenRLHF), 3% warm-up",
-              lambda p: f"constant after a warm-up of {100 * p.warmup_ratio:g}% of one epoch's steps (at least 1)",
+    Deviation("schedule", "cosine with a minimum learning rate (OpenRLHF), 3% warm-up", schedule_text,
               "the adapter after e epochs of one run is then an e-epoch run, so one run per method serves the whole "
               "epoch sweep on validation", "larger late steps than a cosine decay"),
     Deviation("pair sampling", "temperature 0.1, top-p 0.9 (1.0 for ARC), 512-1024 new tokens",
@@ -679,8 +767,9 @@ DEVIATIONS: tuple[Deviation, ...] = (
 
 
 def deviations_block(preset: str = "cpu") -> str:
-    """The README's "Deviations from the paper" table (markers included), with our settings read off `preset`."""
-    p = get_preset(preset)
+    """The README's "Deviations from the paper" table (markers included), with our settings read off `preset` as its
+    reference runs used it (`reference_preset`)."""
+    p = reference_preset(preset)
     rows = render.table(["aspect", "the paper (official code)", f"this workbook (`{preset}` preset)", "why",
                          "expected effect"], ([d.aspect, d.official, d.ours(p), d.why, d.effect] for d in DEVIATIONS))
     return "\n".join([DEVIATIONS_BEGIN.format(preset=preset), *rows, DEVIATIONS_END.format(preset=preset)])
