@@ -190,3 +190,13 @@ def test_every_notebook_header_with_a_cpu_time_renders_it():
         preset = "cpu-reasoning" if number == "07" else "cpu"
         if number != "01":  # notebook 01 computes on tables: "seconds" on any preset
             assert f"<!-- timing:{preset}/{path.stem} " in header(number), path.name
+
+
+def test_a_study_time_counts_a_spans_text_not_its_markers(tmp_path, monkeypatch):
+    timings = pd.read_csv(readme.timings_path())
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.setattr(readme, "repo_root", lambda: tmp_path)
+    prose = f"MIPO trains {span('setting', 'cpu/epochs', '8')} epochs"
+    cell = {"cell_type": "markdown", "metadata": {}, "source": [prose]}
+    (tmp_path / "notebooks" / "03_dpo_training.ipynb").write_text(json.dumps({"cells": [cell]}))
+    assert readme.study_time(timings, "cpu/03_dpo_training").words == 4
