@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     held.add_argument("--seeds", type=_parse_seeds, default=None, help="MIPO seeds (default: the preset's first)")
     held.add_argument("--no-progress", action="store_true")
 
-    rdm = sub.add_parser("readme", help="rewrite the README's generated blocks (results, ablations, deviations, costs) from the committed figures/ tables")
+    rdm = sub.add_parser("readme", help="re-render the generated blocks and spans of README.md, docs/ and the notebooks' prose from the committed tables")
     rdm.add_argument("--preset", default="all", help="cpu, cpu-reasoning or all (default)")
 
     chat = sub.add_parser("chat", help="one reply from a preset's base model (a quick check that loading works)",
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             from mipo_lib.workbook.readme import REFERENCE_TABLES
 
             for name in [args.preset] if args.preset != "all" else list(REFERENCE_TABLES):
-                print(f"README.md {name} block " + ("updated" if update_readme(name) else "already up to date"))
+                print(f"{name}: README, docs/ and notebook prose " + ("updated" if update_readme(name) else "already up to date"))
         elif args.command == "chat":
             from mipo_lib.config import get_preset
             from mipo_lib.generate import chat_reply
