@@ -450,3 +450,17 @@ def test_relative_links_of_the_docs_pages_resolve():
             if target and "://" not in target and not (path.parent / target).exists():
                 broken.append(f"{path.relative_to(repo_root())}: {target}")
     assert not broken, broken
+
+
+def test_the_memory_block_names_every_stage_over_the_target(tmp_path, monkeypatch):
+    """A stage over the laptop target must be named in the block, whatever the table says."""
+    table = pd.read_csv(readme.memory_path("cpu"))
+    fitted = table.assign(peak_rss_mb=1000.0)
+    path = tmp_path / "memory_cpu.csv"
+    fitted.to_csv(path, index=False)
+    monkeypatch.setattr(readme, "memory_path", lambda preset: path)
+    assert "Every stage fits in 3 GB." in readme.memory_block("cpu")
+    fitted.loc[1, "peak_rss_mb"] = 4000.0
+    fitted.to_csv(path, index=False)
+    text = readme.memory_block("cpu")
+    assert f"{fitted.loc[1, 'stage']} in {fitted.loc[1, 'notebook']} (3.9 GB)" in text and "fits" not in text

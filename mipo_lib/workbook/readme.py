@@ -259,6 +259,7 @@ BLOCKS: tuple[Block, ...] = (
     Block("results", "cpu-reasoning", "docs/results.md"),
     Block("deviations", "cpu", "docs/protocol.md"),
     Block("ablations", "cpu", "docs/ablations.md"),
+    Block("memory", "cpu", "docs/colab-and-memory.md"),
 )
 
 
@@ -271,7 +272,8 @@ def pages(root: Path | None = None) -> list[Path]:
 def markers(kind: str, preset: str) -> tuple[str, str]:
     """The two marker lines around a block of `kind` for `preset`."""
     begin, end = {"headline": (HEADLINE_BEGIN, HEADLINE_END), "results": (BEGIN, END),
-                  "deviations": (DEVIATIONS_BEGIN, DEVIATIONS_END), "ablations": (ABLATIONS_BEGIN, ABLATIONS_END)}[kind]
+                  "deviations": (DEVIATIONS_BEGIN, DEVIATIONS_END), "ablations": (ABLATIONS_BEGIN, ABLATIONS_END),
+                  "memory": (MEMORY_BEGIN, MEMORY_END)}[kind]
     return begin.format(preset=preset, table=results_path(preset).name), end.format(preset=preset)
 
 
@@ -373,6 +375,33 @@ def headline_block(table: pd.DataFrame, preset: str = "cpu") -> str:
 ABLATIONS_BEGIN = ("<!-- ablations:{preset}:begin (generated from figures/ablations_{preset}*.csv by "
                    "`python -m mipo_lib readme`; do not edit) -->")
 ABLATIONS_END = "<!-- ablations:{preset}:end -->"
+MEMORY_BEGIN = ("<!-- memory:{preset}:begin (generated from figures/memory_{preset}.csv by `python -m mipo_lib readme`; "
+                "do not edit) -->")
+MEMORY_END = "<!-- memory:{preset}:end -->"
+#: What every stage of the `cpu` preset's default path should fit in, so an 8 GB laptop or Colab's CPU runtime runs it.
+MEMORY_TARGET_MB = 3 * 1024
+
+
+def memory_path(preset: str) -> Path:
+    return repo_root() / "figures" / f"memory_{preset}.csv"
+
+
+def memory_block(preset: str) -> str:
+    """Each stage's peak resident memory in the process that ran it (a notebook's kernel, `memory.stage`), with the
+    stages over `MEMORY_TARGET_MB` named: the figure a laptop user needs, not the runner's and kernel's sum."""
+    table = pd.read_csv(memory_path(preset))
+    over = table[table["peak_rss_mb"] > MEMORY_TARGET_MB]
+    first = table.iloc[0]
+    lines = [markers("memory", preset)[0],
+             f"Preset `{preset}`, seed(s) {first['seeds']}, {first['dtype']}: {first['measured']}.", "",
+             *render.table(("notebook", "stage", "peak memory", "time"),
+                           [(r.notebook, r.stage, f"{r.peak_rss_mb / 1024:.1f} GB", render.duration(r.seconds))
+                            for r in table.itertuples()]), "",
+             (f"Over the {MEMORY_TARGET_MB / 1024:.0f} GB an 8 GB laptop leaves a notebook: "
+              + ", ".join(f"{r.stage} in {r.notebook} ({r.peak_rss_mb / 1024:.1f} GB)" for r in over.itertuples()) + "."
+              if len(over) else f"Every stage fits in {MEMORY_TARGET_MB / 1024:.0f} GB."),
+             markers("memory", preset)[1]]
+    return "\n".join(lines)
 
 
 def _cut_cell(share: float) -> str:
@@ -785,5 +814,6 @@ BLOCK_RENDERERS: dict[str, Callable[[str], str]] = {
     "results": lambda preset: results_block(pd.read_csv(results_path(preset)), preset),
     "deviations": deviations_block,
     "ablations": ablations_block,
+    "memory": memory_block,
 }
 """How each kind of block (`Block.kind`) is rendered for a preset."""
