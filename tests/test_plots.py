@@ -156,11 +156,71 @@ def test_plot_reported_vs_reproduced_keeps_paper_and_ours_on_separate_axes(recor
     assert "reported (abstract-level)" in left_p.get_title() and "measured" in right_p.get_title()
     assert left_p.get_shared_x_axes().get_siblings(left_p) == [left_p]  # no common axis with ours
     assert any("v1 abstract" in t.get_text() for t in left_p.get_yticklabels())
-    assert right_p.get_yticklabels()[0].get_text().startswith("MIPO vs prompting")
+    assert right_p.get_yticklabels()[0].get_text().replace("\n", " ").startswith("MIPO vs prompting")
     assert any(f"{100 * d['relative_gain']:+.1f}%" in t.get_text() for t in right_p.texts)
     assert any("not measured" in t.get_text() for t in right_r.texts)  # no reasoning entry given
     assert "compare the sign and rough size" in fig.mipo_caption
     _save(fig, "reported_vs_reproduced", tmp_path)
+
+
+def _overlaps(fig) -> list[tuple[str, str]]:
+    """Pairs of things a reader cannot tell apart: a tick label over another axes, a legend over any axes or tick
+    label; and tick labels that the code cut short ("...")."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ticks = [(ax, label) for ax in fig.axes for label in ax.get_yticklabels() + ax.get_xticklabels() if label.get_text()]
+    legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend() is not None)]
+    found = [(label.get_text(), "cut short") for _, label in ticks if label.get_text().endswith("...")]
+    for own, label in ticks:
+        box = label.get_window_extent(renderer)
+        found += [(label.get_text(), other.get_title()) for other in fig.axes
+                  if other is not own and box.overlaps(other.get_window_extent(renderer))]
+    for legend in legends:
+        box = legend.get_window_extent(renderer)
+        found += [("legend", label.get_text()) for _, label in ticks if box.overlaps(label.get_window_extent(renderer))]
+        if legend in fig.legends:
+            found += [("figure legend", ax.get_title()) for ax in fig.axes if box.overlaps(ax.get_window_extent(renderer))]
+    return found
+
+
+def test_the_committed_reported_vs_reproduced_figure_is_legible():
+    """As notebook 05 draws it from the committed tables: no row label cut, none over the other column, no legend
+    over a label or an axes (the figure had all three)."""
+    from mipo_lib.config import repo_root
+
+    results = pd.read_csv(repo_root() / "figures" / "results_cpu.csv")
+    reasoning = pd.read_csv(repo_root() / "figures" / "results_reasoning_cpu.csv")
+    ours = [plots.reproduced_entry(stats.difference_from_results(results, "MIPO", "prompting"), "personalization",
+                                   "SmolLM2-135M-Instruct, personalization, program judge, 3 seeds x 100"),
+            plots.reproduced_entry(stats.difference_from_results(reasoning, "MIPO", "prompting"), "math+MC",
+                                   "SmolLM2-135M-Instruct, arithmetic (notebook 07), exact match")]
+    fig = plots.plot_reported_vs_reproduced(stats.load_reported_gains(), ours, META)
+    assert _overlaps(fig) == []
+    plt.close(fig)
+
+
+def test_the_legibility_check_can_fail():
+    fig, (a, b) = plt.subplots(1, 2, figsize=(4, 2))
+    a.set_yticks([0], ["cut..."])
+    b.set_yticks([0], ["a label far too long to stay beside its own axes"])  # reaches into the left axes
+    b.plot([0], [0], label="x")
+    b.legend(loc="center left", bbox_to_anchor=(-0.6, 0.5))
+    found = _overlaps(fig)
+    assert ("cut...", "cut short") in found and any(what == "legend" for what, _ in found)
+    assert ("a label far too long to stay beside its own axes", "") in found
+    plt.close(fig)
+
+
+def test_difference_from_results_reads_only_its_own_tasks_seeds():
+    """results_cpu.csv holds two tasks with the same method names: per-seed gains must come from the difference's
+    own task (they were averaged with the held-out types' seed 0)."""
+    from mipo_lib.config import repo_root
+
+    results = pd.read_csv(repo_root() / "figures" / "results_cpu.csv")
+    d = stats.difference_from_results(results, "MIPO", "prompting")
+    own = results[(results["kind"] == "per_seed") & (results["task"] == "personalization")]
+    mipo = own[own["method"] == "MIPO"].set_index("seed")["rate"]
+    assert [p["rate_a"] for p in d["per_seed"]] == pytest.approx(list(mipo))
 
 
 def test_difference_from_results_round_trips_a_written_table(records, tmp_path):

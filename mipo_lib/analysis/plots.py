@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -390,6 +391,7 @@ def plot_reported_vs_reproduced(reported_df: pd.DataFrame, ours: Sequence[dict[s
     fig, axes = plt.subplots(len(DOMAINS), 2, figsize=(13.5, 1.6 + 0.5 * sum(heights)), squeeze=False,
                              gridspec_kw={"height_ratios": heights})
     rep_colour, rep_point = "#8c8c8c", "#4d4d4d"
+    legend: dict[str, Any] = {}  # one legend for the figure, in its empty top-left corner: none can hide a bar
     for row, (domain, title) in enumerate(DOMAINS):
         left, right = axes[row]
         rows = rel[rel["domain"] == domain].reset_index(drop=True)
@@ -401,9 +403,8 @@ def plot_reported_vs_reproduced(reported_df: pd.DataFrame, ours: Sequence[dict[s
                           label="range")
             else:
                 left.scatter([low], [y], marker="D", s=40, color=rep_point, zorder=3, label="single value")
-            label = f"{r['source']} | {r['model_or_setting']} | vs {r['compared_to']}"
-            labels.append(label if len(label) <= 70 else label[:67] + "...")
-        left.set_yticks(range(len(labels)), labels, fontsize=7.5)
+            labels.append(textwrap.fill(f"{r['source']} | {r['model_or_setting']} | vs {r['compared_to']}", 48))
+        left.set_yticks(range(len(labels)), labels, fontsize=7.5)  # wrapped, never cut
         left.set_ylim(max(len(labels), 1) - 0.5, -0.6)
         left.axvline(0.0, color="black", lw=0.8)
         left.set_xlabel("reported relative gain (%)")
@@ -413,17 +414,17 @@ def plot_reported_vs_reproduced(reported_df: pd.DataFrame, ours: Sequence[dict[s
             note = "; ".join(f"{r['metric']} {r['low']:g} ({r['model_or_setting']}, {r['source']})" for _, r in other.iterrows())
             left.text(0.0, -0.32 - 0.04 * len(other), "also reported: " + note, transform=left.transAxes, fontsize=6.5,
                       va="top", wrap=True, color=rep_point)
-        handles, names = left.get_legend_handles_labels()
-        if handles:
-            unique = dict(zip(names, handles))
-            left.legend(unique.values(), unique.keys(), fontsize=7, loc="best")
+        legend.update(zip(*reversed(left.get_legend_handles_labels())))
         mine = [o for o in ours if o["domain"] == domain]
         _draw_ours(right, mine, title)
     cap = _meta_caption(meta, extra=f"Left: the {PAPER_SETTING}. The paper's abstract-level claims (grey; ranges as bars, single values as "
                         "diamonds; whether its percentages are relative or absolute is not stated at abstract level). "
                         "Right: our measured relative gains, mean and 95% CI (dots: seeds), in a different setting "
                         "(model, task, judge, baseline): compare the sign and rough size of the effect, not the numbers.")
-    fig.subplots_adjust(left=0.3, right=0.98, top=0.93, bottom=0.12, hspace=0.9, wspace=0.75)
+    if legend:
+        fig.legend(legend.values(), legend.keys(), loc="upper left", bbox_to_anchor=(0.01, 0.995), fontsize=8,
+                   title="the paper's claims", title_fontsize=8)
+    fig.subplots_adjust(left=0.27, right=0.98, top=0.89, bottom=0.12, hspace=0.9, wspace=0.25)
     return _finish(fig, cap)
 
 
@@ -448,8 +449,10 @@ def _draw_ours(ax: Any, mine: Sequence[dict[str, Any]], title: str) -> None:
         points = f"{100 * float(o['mean']):+.1f} points [{100 * float(o['lo']):+.1f}, {100 * float(o['hi']):+.1f}]"
         ax.annotate(f"{mean:+.1f}% [{lo:+.1f}, {hi:+.1f}] = {points}", (mean, y), xytext=(0, 7),
                     textcoords="offset points", ha="center", va="bottom", fontsize=7.5, color=col)
-        labels.append(f"{o.get('a', 'MIPO')} vs {o.get('b', '?')}\n{o['setting']}")
-    ax.set_yticks(range(len(labels)), labels, fontsize=7.5)
+        ax.annotate(o["setting"], (0.5, y), xycoords=("axes fraction", "data"), xytext=(0, -9),
+                    textcoords="offset points", ha="center", va="top", fontsize=7, color="#4d4d4d")
+        labels.append(f"{o.get('a', 'MIPO')}\nvs {o.get('b', '?')}")
+    ax.set_yticks(range(len(labels)), labels, fontsize=7.5)  # short: the setting sits under the interval
     ax.set_ylim(len(labels) - 0.5, -0.6)
 
 

@@ -942,7 +942,10 @@ def difference_from_results(
     if rows.empty:
         raise MipoError(f"the results table has no {method} vs {baseline} row ({design}); rerun the notebook that wrote it")
     r = rows.iloc[0]
-    per = table[table["kind"] == "per_seed"].pivot_table(index="seed", columns="method", values="rate")
+    seeds = table[table["kind"] == "per_seed"]
+    if "task" in table:  # a table may hold several tasks (the held-out types): the difference's own seeds only
+        seeds = seeds[seeds["task"] == r["task"]]
+    per = seeds.pivot_table(index="seed", columns="method", values="rate")
     per_seed = [{"seed": s, "rate_a": row[method], "rate_b": row[baseline], "diff": row[method] - row[baseline],
                  "relative_gain": float(_relative(row[method] - row[baseline], row[baseline]))}
                 for s, row in per.iterrows() if method in per and baseline in per]
