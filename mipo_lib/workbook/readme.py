@@ -457,9 +457,11 @@ def timings_path() -> Path:
 
 def _timing_rows(timings: pd.DataFrame, selector: str) -> pd.DataFrame:
     """The rows a span's selector names: `<preset>/<notebook>`, its reference run's whole-notebook row;
-    `<preset>/<notebook>/<part>+<part>`, those parts (summed when rendered); a trailing `@cache`, the cached rerun."""
-    run = CACHED_RUN if selector.endswith("@cache") else REFERENCE_RUN
-    preset, notebook, *parts = selector.removesuffix("@cache").split("/", 2)
+    `<preset>/<notebook>/<part>+<part>`, those parts (summed when rendered); a trailing `@<run>`, that run's rows
+    instead of the reference run's (`@cache`: the cached rerun, `@one-seed`: the one-seed quick path)."""
+    selector, _, suffix = selector.partition("@")
+    run = {"": REFERENCE_RUN, "cache": CACHED_RUN}.get(suffix, suffix)
+    preset, notebook, *parts = selector.split("/", 2)
     wanted = parts[0].split("+") if parts else [""]
     t = timings.assign(part=timings["part"].fillna(""))
     rows = t[(t["preset"] == preset) & (t["notebook"] == notebook) & (t["run"] == run) & t["part"].isin(wanted)]
