@@ -482,6 +482,18 @@ def _finish(trainer: Any, adapter_dir: Path, seconds: float, before: dict[str, t
     return TrainResult(adapter_dir, log, seconds, peak, changed, sanity, reused=False)
 
 
+def _start(training: Training, preset: Preset, seed: int, pairs: Sequence[dict[str, Any]], adapter_dir: Path,
+           key: cache.Key | None, redo: bool) -> TrainResult | None:
+    """What every trainer does first: its key (default `adapter_key` of these pairs), then the finished run of that key
+    if there is one (and not `redo`), else the folder claimed for this run and the peak-memory counter reset."""
+    key = key or adapter_key(training, preset, seed, pairs)
+    if not redo and (done := finished_run(adapter_dir, key)):
+        return done
+    _claim(adapter_dir, key, redo)
+    _reset_peak_memory()
+    return None
+
+
 def _claim(adapter_dir: Path, key: cache.Key, redo: bool) -> None:
     """Make `adapter_dir` this run's before training: a run of other settings (or any run, with `redo`) is cleared so
     training never resumes from another run's checkpoint; an interrupted run of the same key is kept and resumed.
@@ -607,12 +619,10 @@ def train_dpo(
     these pairs) and resumes an interrupted one. `snapshot_epochs` keeps the adapter after those epochs too
     (`snapshot_dir`; give them in the key if the caller relies on them)."""
     training = Training.of("dpo", trainer_args)
-    adapter_dir, key = Path(adapter_dir), key or adapter_key(training, preset, seed, pairs)
-    if not redo and (done := finished_run(adapter_dir, key)):
+    adapter_dir = Path(adapter_dir)
+    if done := _start(training, preset, seed, pairs, adapter_dir, key, redo):
         return done
-    _claim(adapter_dir, key, redo)
     DPOConfig, PairsDPOTrainer, _, _ = _trainer_classes()
-    _reset_peak_memory()
     args = DPOConfig(**dpo_config_kwargs(preset, seed, adapter_dir, model, reuse_reference, progress, n_rows=len(pairs),
                                          trainer_args=training.arguments))
     trainer = PairsDPOTrainer(
@@ -713,12 +723,10 @@ def train_sft(
     """The SFT baseline: the same LoRA trained on the positives only, same schedule, `preset.sft_epochs` epochs
     (cached like DPO; `trainer_args` and `snapshot_epochs` as in `train_dpo`)."""
     training = Training.of("sft", trainer_args)
-    adapter_dir, key = Path(adapter_dir), key or adapter_key(training, preset, seed, pairs)
-    if not redo and (done := finished_run(adapter_dir, key)):
+    adapter_dir = Path(adapter_dir)
+    if done := _start(training, preset, seed, pairs, adapter_dir, key, redo):
         return done
-    _claim(adapter_dir, key, redo)
     _, _, SFTConfig, SFTTrainer = _trainer_classes()
-    _reset_peak_memory()
     train = sft_dataset(pairs)
     trainer = SFTTrainer(
         model=model,
@@ -881,12 +889,10 @@ def train_infonce(
     if preset.batch_size % k:
         raise MipoError(f"InfoNCE contrasts a prompt's K={k} negatives in one batch: batch_size {preset.batch_size} is not "
                         f"a multiple of k_negatives; set batch_size={k * max(1, preset.batch_size // k)}")
-    adapter_dir, key = Path(adapter_dir), key or adapter_key(training, preset, seed, pairs)
-    if not redo and (done := finished_run(adapter_dir, key)):
+    adapter_dir = Path(adapter_dir)
+    if done := _start(training, preset, seed, pairs, adapter_dir, key, redo):
         return done
-    _claim(adapter_dir, key, redo)
     DPOConfig, _, _, _ = _trainer_classes()
-    _reset_peak_memory()
     config = dpo_config_kwargs(preset, seed, adapter_dir, model, True, progress, n_rows=len(pairs), trainer_args=training.arguments)
     trainer = _infonce_trainer_class(k)(
         model=model,
