@@ -178,10 +178,11 @@ def _checkpointing_key() -> str:
 
 def dpo_config_kwargs(
     preset: Preset, seed: int, output_dir: Path, model: Any, reuse_reference: bool = True, progress: bool = True, n_rows: int = 0,
-    trainer_args: Mapping[str, Any] | None = None,
+    trainer_args: Mapping[str, Any] | None = None, evaluated: bool = False,
 ) -> dict[str, Any]:
     """Every keyword passed to `DPOConfig` (the API-drift test inspects this); `n_rows` pairs sets the warm-up;
-    `trainer_args` (a method's, `methods.Training`) are added last, over these."""
+    `evaluated`: an eval set is given, evaluated on a schedule (`evaluation_args`); `trainer_args` (a method's,
+    `methods.Training`) are added last, over these."""
     return {
         **common_args(preset, seed, output_dir, model, progress, epochs=preset.epochs, n_rows=n_rows),
         "beta": preset.beta,
@@ -189,8 +190,23 @@ def dpo_config_kwargs(
         "learning_rate": preset.learning_rate,
         "precompute_ref_log_probs": reuse_reference,
         "disable_dropout": True,
+        **(evaluation_args(preset, n_rows) if evaluated else {}),
         **(trainer_args or {}),
     }
+
+
+#: Evaluations of the validation pairs per epoch: two points per epoch draw a curve even for a 1- or 2-epoch run, and on
+#: the cpu preset (60 training pairs, 20 validation pairs) each pass costs a forward over a third as many pairs as an
+#: epoch trains on, without the backward pass.
+EVALS_PER_EPOCH = 2
+
+
+def evaluation_args(preset: Preset, n_rows: int) -> dict[str, Any]:
+    """TrainingArguments that evaluate the eval set `EVALS_PER_EPOCH` times an epoch (every `eval_steps` optimizer
+    steps, the last of an epoch included when the steps divide evenly), in batches of the training batch size."""
+    per_epoch = math.ceil(max(n_rows, 1) / (preset.batch_size * preset.grad_accum))
+    return {"eval_strategy": "steps", "eval_steps": max(1, math.ceil(per_epoch / EVALS_PER_EPOCH)),
+            "per_device_eval_batch_size": preset.batch_size}
 
 
 def sft_config_kwargs(
@@ -257,6 +273,15 @@ def _trainer_classes() -> tuple[type, type, type, type]:
 
         share_prompt: bool = True  # False: TRL's own forward (the tests compare the two)
 
+        def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> Any:
+            """TRL's evaluation; the scheduled one (of the eval set, `eval_dataset` None) leaves every random number
+            generator as it found it (`_rng_untouched`), so that training is the same with or without it
+            (a run with dropout draws its masks from the generator the evaluation dataloader draws a seed from)."""
+            if eval_dataset is not None:
+                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            with _rng_untouched():
+                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
         def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
             if {"ref_chosen_logps", "ref_rejected_logps"} <= set(dataset.column_names):
                 return dataset
@@ -274,6 +299,28 @@ def _trainer_classes() -> tuple[type, type, type, type]:
             return super()._compute_loss(model, inputs, return_outputs)
 
     return DPOConfig, PairsDPOTrainer, SFTConfig, FiniteSFTTrainer
+
+
+@contextmanager
+def _rng_untouched() -> Iterator[None]:
+    """Restore torch's (CPU and CUDA), numpy's and Python's random states on exit.
+
+    Why: an evaluation draws from torch's global generator (its dataloader's base seed), from which a training run
+    with dropout draws its masks: without this, merely evaluating would change such a run's adapter (every LoRA tensor
+    of the smoke run with lora_dropout=0.2, tests/test_validation_curves.py). The order of the training pairs does
+    not depend on it (accelerate seeds each epoch's shuffle)."""
+    import random
+
+    import numpy as np
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 def check_finite_loss(loss: torch.Tensor, step: int, model: Any) -> None:
@@ -339,13 +386,14 @@ def _prompt_run_once(model: Any, completion_mask: torch.Tensor) -> Iterator[None
             body.forward = own
 
 
-def check_reference_tokens(trainer: Any, pairs: Sequence[dict[str, Any]], max_length: int) -> None:
+def check_reference_tokens(trainer: Any, pairs: Sequence[dict[str, Any]], max_length: int, dataset: Any = None) -> None:
     """Fail loudly if TRL tokenized a pair differently from the scoring that produced its reference log-probs.
 
     Compares the exact token ids (through `scoring.token_digest`), not only their counts: a prompt that changed
     without changing length (a chat template that renders the date, an edited system message) is caught too.
+    `dataset`: TRL's tokenized rows of `pairs` (default: the trainer's training set).
     """
-    ds = trainer.train_dataset
+    ds = trainer.train_dataset if dataset is None else dataset
     if len(ds) != len(pairs):
         raise MipoError(f"TRL dropped {len(pairs) - len(ds)} pairs whose prompt fills max_length; raise max_length in the preset")
     for row, pair in zip(ds, pairs):
@@ -388,9 +436,17 @@ def _peak_memory_mb(device: torch.device) -> float | None:
     return None
 
 
+EVAL_PREFIX = "eval_"
+
+
 def _log_frame(history: list[dict[str, Any]]) -> pd.DataFrame:
-    steps = [h for h in history if "loss" in h and "train_runtime" not in h]
-    return pd.DataFrame(steps)
+    """One row per logged training step; with an eval set, its metrics (`eval_loss`, `eval_rewards/margins`,
+    `eval_rewards/accuracies`, ...) on the row of the step after which they were measured (empty elsewhere)."""
+    steps = pd.DataFrame([h for h in history if "loss" in h and "train_runtime" not in h])
+    evals = [{k: v for k, v in h.items() if k.startswith(EVAL_PREFIX) or k == "step"} for h in history if "eval_loss" in h]
+    if not evals or steps.empty:
+        return steps
+    return steps.merge(pd.DataFrame(evals), on="step", how="left", validate="one_to_one")
 
 
 # ---------------------------------------------------------------------------------------- an adapter's cache key
@@ -613,28 +669,36 @@ def train_dpo(
     redo: bool = False,
     progress: bool = True,
     snapshot_epochs: Sequence[int] = (),
+    eval_pairs: Sequence[dict[str, Any]] | None = None,
 ) -> TrainResult:
     """MIPO: DPO on the pairs with a fresh LoRA adapter on `model` (modified in place), with a method's
     `trainer_args` over `dpo_config_kwargs`. Reuses a finished run of the same cache `key` (default: `adapter_key` of
     these pairs) and resumes an interrupted one. `snapshot_epochs` keeps the adapter after those epochs too
-    (`snapshot_dir`; give them in the key if the caller relies on them)."""
+    (`snapshot_dir`; give them in the key if the caller relies on them).
+
+    `eval_pairs` (pairs with reference log-probs, e.g. `pipeline.validation_pairs`) are evaluated `EVALS_PER_EPOCH`
+    times an epoch; their loss, reward margin and accuracy join the log (`eval_*` columns). They are a diagnostic, not
+    part of the key: the adapter is the same with or without them (tests/test_dpo.py compares every LoRA tensor)."""
     training = Training.of("dpo", trainer_args)
     adapter_dir = Path(adapter_dir)
     if done := _start(training, preset, seed, pairs, adapter_dir, key, redo):
         return done
     DPOConfig, PairsDPOTrainer, _, _ = _trainer_classes()
     args = DPOConfig(**dpo_config_kwargs(preset, seed, adapter_dir, model, reuse_reference, progress, n_rows=len(pairs),
-                                         trainer_args=training.arguments))
+                                         trainer_args=training.arguments, evaluated=bool(eval_pairs)))
     trainer = PairsDPOTrainer(
         model=model,
         args=args,
         train_dataset=dpo_dataset(pairs, with_reference=reuse_reference),
+        eval_dataset=dpo_dataset(eval_pairs) if eval_pairs else None,
         processing_class=tokenizer,
         peft_config=lora_config(preset),
     )
     _prepare(trainer, progress)
     if reuse_reference:
         check_reference_tokens(trainer, pairs, preset.max_length)
+    if eval_pairs:
+        check_reference_tokens(trainer, eval_pairs, preset.max_length, trainer.eval_dataset)
     return _run(trainer, adapter_dir, sanity=initial_sanity(trainer, pairs, reuse_reference), snapshot_epochs=snapshot_epochs)
 
 

@@ -106,18 +106,50 @@ def negative_sources(examples: Sequence[Example], negative: str, k: int, rng: np
 RESPONSE_LOG_FORMAT = 2
 
 
-def generation_key(preset: Preset, seed: int, task: Task | None = None) -> cache.Key:
-    """What the sampled responses depend on: the generation fields, the seed and the training prompts (the batch
-    plan depends on the exact prompts, so a partial log resumes only when they are unchanged)."""
+#: The pairs' splits: `train` (one set per seed, what DPO trains on) and `validation` (one small set shared by every
+#: seed, on which training reports its validation loss and reward margin, `validation_pairs`).
+SPLITS = ("train", "validation")
+#: Prompts of the validation pairs: enough for a readable curve, few enough that evaluating them a few times per run
+#: costs a few percent of training (measured in `tests/test_dpo.py`'s docstring of the eval test and the report).
+N_VALIDATION_PROMPTS = 20
+#: The one seed the validation pairs are sampled with, whatever the training seed: every seed's run is then measured on
+#: the very same pairs, so seeds' validation curves differ by their training only, and the pairs are built once.
+VALIDATION_SEED = 0
+
+
+def split_examples(task: Task, preset: Preset, seed: int, split: str = "train") -> list[Example]:
+    """The prompts a split's pairs are built from: the seed's `n_train_prompts` training prompts, or the task's first
+    `N_VALIDATION_PROMPTS` validation prompts (the task's balanced draw, which ignores the seed)."""
+    if split == "train":
+        return task.examples("train", preset.n_train_prompts, seed=seed)
+    if split == "validation":
+        available = len(task.examples("validation"))
+        return task.examples("validation", min(N_VALIDATION_PROMPTS, available))
+    raise MipoError(f"unknown pairs split {split!r}; use one of {', '.join(SPLITS)}")
+
+
+def _split_seed(seed: int, split: str) -> int:
+    return VALIDATION_SEED if split == "validation" else seed
+
+
+def generation_key(preset: Preset, seed: int, task: Task | None = None, split: str = "train") -> cache.Key:
+    """What the sampled responses depend on: the generation fields, the seed and the split's prompts (the batch
+    plan depends on the exact prompts, so a partial log resumes only when they are unchanged). The validation split
+    is named in the key (its seed is always `VALIDATION_SEED`); the training pairs' key is what it always was."""
     task = task or get_task(preset.task)
-    prompts = cache.prompts_digest(task, task.examples("train", preset.n_train_prompts, seed=seed))
-    return cache.stage_key("generation", preset, f"generated responses (seed {seed})", seed=seed, prompts=prompts,
-                           log_format=RESPONSE_LOG_FORMAT)
+    prompts = cache.prompts_digest(task, split_examples(task, preset, seed, split))
+    seed = _split_seed(seed, split)
+    if split == "train":
+        return cache.stage_key("generation", preset, f"generated responses (seed {seed})", seed=seed, prompts=prompts,
+                               log_format=RESPONSE_LOG_FORMAT)
+    return cache.stage_key("generation", preset, f"generated {split} responses", seed=seed, prompts=prompts,
+                           log_format=RESPONSE_LOG_FORMAT, split=split)
 
 
-def pairs_key(preset: Preset, seed: int, task: Task | None = None) -> cache.Key:
+def pairs_key(preset: Preset, seed: int, task: Task | None = None, split: str = "train") -> cache.Key:
     """What the finished pairs depend on: the generation key and the scoring fields."""
-    return cache.stage_key("pairs", preset, f"pairs (seed {seed})", upstream=generation_key(preset, seed, task))
+    label = f"pairs (seed {seed})" if split == "train" else f"{split} pairs"
+    return cache.stage_key("pairs", preset, label, upstream=generation_key(preset, seed, task, split))
 
 
 def variant_name(preset: Preset) -> str:
@@ -125,10 +157,12 @@ def variant_name(preset: Preset) -> str:
     return f"{preset.negative}-k{preset.k_negatives}"
 
 
-def pairs_dir(preset: Preset, seed: int, task: Task | None = None) -> Path:
-    """The seed's pairs folder, named by the generation key: other sampling settings get a folder of their own."""
-    key = generation_key(preset, seed, task)
-    return run_dir(preset, preset.task, variant_name(preset), f"seed{seed}", f"pairs-{key.digest}")
+def pairs_dir(preset: Preset, seed: int, task: Task | None = None, split: str = "train") -> Path:
+    """The seed's pairs folder (the validation pairs': one per variant, `<variant>/validation/`), named by the
+    generation key: other sampling settings get a folder of their own."""
+    key = generation_key(preset, seed, task, split)
+    owner = f"seed{seed}" if split == "train" else split
+    return run_dir(preset, preset.task, variant_name(preset), owner, f"pairs-{key.digest}")
 
 
 @dataclass(frozen=True)
@@ -361,8 +395,11 @@ def build_pairs(
     *,
     redo: bool = False,
     progress: bool = True,
+    split: str = "train",
 ) -> list[dict[str, Any]]:
-    """Generate, pair, score and store the MIPO pairs of one seed; reuse them when they already exist.
+    """Generate, pair, score and store the MIPO pairs of one seed; reuse them when they already exist. With
+    `split="validation"`, the shared validation pairs instead (`split_examples`; sampled with `VALIDATION_SEED`
+    whatever `seed` is), by the same code and sampling settings as the training pairs.
 
     Under torch.distributed every rank calls it: each generates and scores its share, rank 0 writes the pairs and
     the others read them back (see the module docstring)."""
@@ -370,11 +407,12 @@ def build_pairs(
         raise MipoError(f"unknown negative {preset.negative!r}; choose one of: {', '.join(NEGATIVES)}")
     if preset.negative != "random_prompt" and not task.conditional:
         raise MipoError(f"task {task.name!r} has no context to drop or swap; use negative='random_prompt'")
-    gen_key, key = generation_key(preset, seed, task), pairs_key(preset, seed, task)
-    folder = pairs_dir(preset, seed, task)
+    gen_key, key = generation_key(preset, seed, task, split), pairs_key(preset, seed, task, split)
+    folder = pairs_dir(preset, seed, task, split)
     pairs_path, manifest_path, log_path = folder / "pairs.jsonl", folder / "manifest.json", folder / "responses.jsonl"
     ranks = Ranks.current()
-    examples = task.examples("train", preset.n_train_prompts, seed=seed)
+    examples = split_examples(task, preset, seed, split)
+    seed = _split_seed(seed, split)
     if not redo and cache.reuse(pairs_path, key):  # every rank decides alike: nothing finishes pairs before the barrier
         return judged_pairs(task, examples, load_pairs(pairs_path))
     if ranks.main:
@@ -503,13 +541,14 @@ def duplicate_negatives(records: Sequence[dict[str, Any]]) -> int:
     return repeats
 
 
-def cached_pairs(preset: Preset, seed: int) -> list[dict[str, Any]] | None:
-    """The finished pairs of a seed made with these settings (no model needed), judged now; None if there are none."""
-    path = pairs_dir(preset, seed) / "pairs.jsonl"
-    if not cache.reuse(path, pairs_key(preset, seed)):
+def cached_pairs(preset: Preset, seed: int, split: str = "train") -> list[dict[str, Any]] | None:
+    """The finished pairs of a seed (or the validation pairs) made with these settings (no model needed), judged now;
+    None if there are none."""
+    path = pairs_dir(preset, seed, split=split) / "pairs.jsonl"
+    if not cache.reuse(path, pairs_key(preset, seed, split=split)):
         return None
     task = get_task(preset.task)
-    return judged_pairs(task, task.examples("train", preset.n_train_prompts, seed=seed), load_pairs(path))
+    return judged_pairs(task, split_examples(task, preset, seed, split), load_pairs(path))
 
 
 def load_pairs(path: Path) -> list[dict[str, Any]]:

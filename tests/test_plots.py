@@ -274,3 +274,37 @@ def test_plot_win_rates(records, tmp_path):
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == list(stats.WIN_TIE_METRICS)
     assert fig.mipo_caption.startswith("Preset smoke | tiny-random") and "needs a GPU preset" in fig.mipo_caption
     _save(fig, "win_rates", tmp_path)
+
+
+def _validated_log() -> pd.DataFrame:
+    """`_train_log` with validation metrics every 5 steps on the MIPO rows (validation loss turning up late)."""
+    log = _train_log()
+    measured = (log.method == "MIPO") & (log.step % 5 == 0)
+    log.loc[measured, "eval_loss"] = 0.6 - 0.02 * log.loc[measured, "step"] + 0.002 * log.loc[measured, "step"] ** 2
+    log.loc[measured, "eval_rewards/margins"] = log.loc[measured, "step"] / 20
+    return log
+
+
+def test_plot_validation_curves_draws_training_beside_validation(tmp_path):
+    log = _validated_log()
+    meta = {**META, "n_validation_pairs": 20, "evals_per_epoch": 2}
+    fig = plots.plot_validation_curves(log, meta)
+    assert _titles(fig) == ["DPO loss", "reward margin (chosen - rejected)"]
+    assert "preset smoke" in fig._suptitle.get_text() and "tiny-random" in fig._suptitle.get_text()
+    assert "3 seeds" in fig._suptitle.get_text() and "20 validation pairs" in fig._suptitle.get_text()
+    dashed = [line for line in fig.axes[0].lines if line.get_linestyle() == "--"]
+    assert len(dashed) == 3 + 1  # one per seed and the mean
+    mean = log[log.method == "MIPO"].dropna(subset=["eval_loss"]).groupby("step")["eval_loss"].mean()
+    thick = next(line for line in dashed if line.get_linewidth() == 2.0)
+    assert np.allclose(thick.get_ydata(), mean.to_numpy())
+    assert not any(ax.get_legend() for ax in fig.axes) and len(fig.legends) == 1  # one legend, below the axes
+    fig.canvas.draw()
+    legend_box = fig.legends[0].get_window_extent()
+    assert all(not legend_box.overlaps(ax.get_tightbbox()) for ax in fig.axes)
+    _save(fig, "validation", tmp_path)
+
+
+def test_plot_validation_curves_of_logs_without_validation_say_so():
+    fig = plots.plot_validation_curves(_train_log(), {**META, "n_validation_pairs": 20})
+    assert "not logged" in fig._suptitle.get_text()
+    assert all(line.get_linestyle() != "--" for line in fig.axes[0].lines)

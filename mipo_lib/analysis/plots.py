@@ -315,6 +315,54 @@ def plot_training_curves(train_log: pd.DataFrame, meta: dict[str, Any]) -> Any:
     return _finish(fig, cap)
 
 
+#: The two DPO quantities `plot_validation_curves` draws for the training pairs and the validation pairs.
+_VALIDATED = (("loss", "DPO loss"), ("rewards/margins", "reward margin (chosen - rejected)"))
+
+
+def plot_validation_curves(train_log: pd.DataFrame, meta: dict[str, Any]) -> Any:
+    """DPO loss and reward margin on the training pairs (solid) beside the same on the shared validation pairs
+    (dashed, dots where measured), per seed (thin) and their mean (thick), for every DPO-trained method.
+
+    Why: the training curves measure the pairs the adapter is fitted to, so they keep improving as it memorizes them;
+    the validation pairs were never trained on, and a validation loss that turns up while the training loss still
+    falls is over-optimization seen directly. `meta` needs preset, model and `n_validation_pairs` (the title states
+    them with the number of seeds); logs of runs made before validation curves existed draw training lines only."""
+    import matplotlib.lines as mlines
+
+    dpo_methods = [m.name for m in registry.trained() if m.training == "dpo"]
+    log = train_log[train_log["method"].isin(dpo_methods)]
+    fig, axes = subplots(1, 2, (10.0, 4.2))
+    for ax, (column, title) in zip(axes[0], _VALIDATED):
+        for method in dpo_methods:
+            part = log[log["method"] == method]
+            _curve(ax, part, column, colour(method), method)
+            if _curve(ax, part, f"eval_{column}", colour(method), method):
+                for line in ax.lines[-(part["seed"].nunique() + 1):]:
+                    line.set_linestyle("--")
+                    line.set_marker("o")
+                    line.set_markersize(3 if line.get_linewidth() < 1 else 5)
+        ax.axhline(math.log(2) if column == "loss" else 0.0, color="gray", ls=":", lw=1)
+        ax.set_title(title, fontsize=11)
+        ax.set_xlabel("optimizer step")
+    n_seeds = int(log["seed"].nunique()) if len(log) else 0
+    validated = any(c.startswith("eval_") and log[c].notna().any() for c in log.columns)
+    fig.suptitle(f"Training vs validation: preset {meta.get('preset', '?')} | {meta.get('model', '?')} | "
+                 f"{n_seeds} seed{'s' if n_seeds != 1 else ''} | {meta.get('n_validation_pairs', '?')} validation pairs"
+                 + ("" if validated else " (not logged: adapters trained before validation curves)"), fontsize=11)
+    handles = [mlines.Line2D([], [], color="black", lw=2, label="training pairs (mean over seeds)"),
+               mlines.Line2D([], [], color="black", lw=2, ls="--", marker="o", label="validation pairs (mean over seeds)"),
+               mlines.Line2D([], [], color="black", lw=0.7, alpha=0.4, label="thin: one seed"),
+               mlines.Line2D([], [], color="gray", ls=":", lw=1, label="untrained (log 2, margin 0)")]
+    handles += [mlines.Line2D([], [], color=colour(m), lw=2, label=m) for m in dpo_methods if m in set(log["method"])]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
+    cap = _meta_caption(meta, bars="none; the validation pairs are the same for every seed", n_seeds=n_seeds,
+                        n_examples=meta.get("n_validation_pairs"), examples_word="validation pairs", bars_word="CI",
+                        dots="Solid: training pairs (logged every step); dashed with dots: validation pairs "
+                             f"(evaluated {meta.get('evals_per_epoch', 'a few')} times an epoch)")
+    return _finish(fig, cap)
+
+
 def plot_pmi_shift(pmi: pd.DataFrame, meta: dict[str, Any], n_boot: int = 5_000, seed: int = 0) -> Any:
     """Base-model PMI log p(y|x,c) - log p(y|x) of each model's own greedy response, before vs after MIPO.
 

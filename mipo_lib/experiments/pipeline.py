@@ -20,7 +20,7 @@ from mipo_lib.analysis import stats
 from mipo_lib.config import Preset, get_preset, run_dir
 from mipo_lib.errors import MipoError
 from mipo_lib.models import load_for_preset, load_model_and_tokenizer
-from mipo_lib.pairs import build_pairs, cached_pairs, pairs_key, variant_name
+from mipo_lib.pairs import VALIDATION_SEED, build_pairs, cached_pairs, pairs_key, variant_name
 from mipo_lib.tasks import get_task
 
 
@@ -76,6 +76,29 @@ def pairs_for_seed(preset: Preset, seed: int, redo: bool = False, progress: bool
         return build_pairs(model, tokenizer, get_task(preset.task), preset, seed, redo=redo, progress=progress)
 
 
+def validation_pairs(preset: Preset, redo: bool = False, progress: bool = True) -> list[dict[str, Any]] | None:
+    """The validation pairs every seed's DPO run is evaluated on while it trains (`pairs.N_VALIDATION_PROMPTS`
+    validation prompts, sampled once with `pairs.VALIDATION_SEED`), built and cached like a seed's training pairs;
+    None for a task without a validation split (its runs log no validation curve)."""
+    if not has_validation(preset):
+        return None
+    if not redo and (finished := cached_pairs(preset, VALIDATION_SEED, split="validation")) is not None:
+        return finished
+    with memory.stage("validation pairs"):
+        model, tokenizer = load_for_preset(preset)
+        return build_pairs(model, tokenizer, get_task(preset.task), preset, VALIDATION_SEED, redo=redo,
+                           progress=progress, split="validation")
+
+
+def has_validation(preset: Preset) -> bool:
+    """Whether the preset's task has a validation split (the personalization and arithmetic tasks do; the reasoning
+    datasets have train and test only)."""
+    try:
+        return bool(get_task(preset.task).examples("validation"))
+    except MipoError:
+        return False
+
+
 def train_for_seed(preset: Preset, method: str, seed: int, redo: bool = False, progress: bool = True) -> dpo.TrainResult:
     """Stage 2: train a method with a training stage (MIPO: DPO, the SFT baseline: SFT, any registered one by name) on
     the seed's pairs, with what its registry entry says trains it (`dpo.train`)."""
@@ -83,9 +106,13 @@ def train_for_seed(preset: Preset, method: str, seed: int, redo: bool = False, p
     if not redo and (finished := dpo.finished_run(folder, key)) is not None:
         return finished
     pairs = pairs_for_seed(preset, seed, progress=progress)
+    # DPO only: validation pairs are DPO rows (SFT would score only the positives); not in the key (they change nothing
+    # the run trains, tests/test_dpo.py), so an adapter trained without them is still reused
+    monitored = {"eval_pairs": validation_pairs(preset, progress=progress)} if m.trainer.kind == "dpo" else {}
     with memory.stage(f"train {method} (seed {seed})"):
         model, tokenizer = load_for_preset(preset)
-        return dpo.train(m.trainer, model, tokenizer, pairs, preset, seed, folder, key=key, redo=redo, progress=progress)
+        return dpo.train(m.trainer, model, tokenizer, pairs, preset, seed, folder, key=key, redo=redo, progress=progress,
+                         **monitored)
 
 
 def evaluate_method(preset: Preset, method: str, seed: int, redo: bool = False, progress: bool = True) -> pd.DataFrame:
