@@ -19,9 +19,11 @@ What no key holds, and why that cannot go stale:
   on Colab's versions), and one line says so, once per difference and process; `MIPO_CACHE_VERSIONS=strict` makes a
   version difference (or a record made before versions were recorded) count as a changed key.
 
-A stage says what it does on the `mipo_lib.cache` logger, one line each, shown in a notebook cell's output: when it
-reuses a result (what and from where), and when it computes one although results of other settings exist (which
-fields differ from the nearest one). Silence it with `logging.getLogger("mipo_lib.cache").setLevel("WARNING")`.
+A stage says what it does on the `mipo_lib.cache` logger, shown in a notebook cell's output: one summary line per
+stage for the results it reuses ("reusing MIPO evaluation: 3 results (seeds 0, 1, 2)", said when the cell or the
+process ends; `MIPO_CACHE_VERBOSE=1` says each result and where it is, as it is reused), and one line when it computes
+a result although results of other settings exist (which fields differ from the nearest one). Silence it with
+`logging.getLogger("mipo_lib.cache").setLevel("WARNING")`.
 
 Results are written through `files.atomic` (a temporary file or folder renamed into place), so an interrupted run
 never leaves a half-written result that a later run would take for a finished one. docs/caches.md sums it all up.
@@ -29,13 +31,16 @@ never leaves a half-written result that a later run would take for a finished on
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import importlib.metadata
 import json
 import logging
 import os
+import re
 import sys
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +106,8 @@ KEY_SUFFIX = ".key.json"
 LIBRARIES = ("torch", "transformers", "trl", "peft")
 #: `MIPO_CACHE_VERSIONS=strict`: a result made under other library versions counts as stale (recomputed).
 VERSIONS_ENV = "MIPO_CACHE_VERSIONS"
+#: `MIPO_CACHE_VERBOSE=1`: one line per reused result (what and from where) instead of one summary line per stage.
+VERBOSE_ENV = "MIPO_CACHE_VERBOSE"
 log = logging.getLogger(__name__)
 
 
@@ -232,8 +239,72 @@ def reuse(result: Path, key: Key) -> bool:
         if strict_versions():
             return False
         _say_versions_once(note)
-    log.info("reusing %s from %s", key.label, _shown(result))
+    if verbose():
+        log.info("reusing %s from %s", key.label, _shown(result))
+    else:
+        _tally(key, result)
     return True
+
+
+# ----------------------------------------------------------------------------------------- one line per stage
+def verbose() -> bool:
+    """True when `MIPO_CACHE_VERBOSE` is set (not 0/false/empty): every reused result gets its own line."""
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+_SEED = re.compile(r" \(seed (\d+)\)")
+#: Reused results not yet said, by stage: a label without its seed -> {path: label} of each result reused (a result
+#: read twice, as the pairs by training after the pairs cell, counts once).
+_reused: dict[str, dict[Path, str]] = defaultdict(dict)
+_hooked = False
+
+
+def _tally(key: Key, result: Path) -> None:
+    """Count a reused result towards its stage's summary line, said when the notebook cell (or the process) ends.
+
+    Why not one line each: a notebook cell that loops over seeds and methods reuses dozens of results, and a line per
+    result buried the cell's real output (78 lines in notebook 06).
+    """
+    _reused[_SEED.sub("", key.label)][result] = key.label
+    _hook_once()
+
+
+def _hook_once() -> None:
+    """Say the pending summary when each notebook cell ends (IPython's post_run_cell), and when the process exits."""
+    global _hooked
+    if _hooked:
+        return
+    _hooked = True
+    atexit.register(say_reused)
+    try:
+        from IPython import get_ipython  # type: ignore[attr-defined]
+    except ImportError:
+        return
+    if (shell := get_ipython()) is not None:
+        shell.events.register("post_run_cell", lambda *_: say_reused())
+
+
+def summary_lines() -> list[str]:
+    """The pending summary, one line per stage: "reusing MIPO evaluation: 3 results (seeds 0, 1, 2)"; a stage with
+    one result names it and its place, as the verbose line does."""
+    lines = []
+    for stage, results in _reused.items():
+        if len(results) == 1:
+            [(path, label)] = results.items()
+            lines.append(f"reusing {label} from {_shown(path)}")
+            continue
+        seeds = sorted({int(m.group(1)) for label in results.values() if (m := _SEED.search(label))})
+        seen = f" (seeds {', '.join(map(str, seeds))})" if seeds else ""
+        lines.append(f"reusing {stage}: {len(results)} results{seen}")
+    return lines
+
+
+def say_reused() -> None:
+    """Log the pending summary lines and start a new tally (a notebook's next cell, a script's next stage)."""
+    lines = summary_lines()
+    _reused.clear()
+    for line in lines:
+        log.info(line)
 
 
 def prepare(result: Path, key: Key) -> bool:
@@ -244,6 +315,7 @@ def prepare(result: Path, key: Key) -> bool:
     Nothing stored at `result`: the nearest stored result with the same label (the same seed's adapter of an earlier
     `lora_r`, say) is named with the fields that differ, so the reader sees why the stage runs again.
     """
+    say_reused()  # what was reused so far comes before what is computed now
     stored = _stored(key_file(result))
     if stored is not None and (why := _stale(stored, key)):
         log.info("%s in %s was %s: recomputing", key.label, _shown(result), why)

@@ -17,6 +17,9 @@ def _isolated_runs(tmp_path_factory, monkeypatch):
     root = tmp_path_factory.getbasetemp()
     monkeypatch.setenv("MIPO_RUNS_DIR", str(root / "runs"))
     monkeypatch.setenv("MIPO_FIGURES_DIR", str(root / "figures"))
+    from mipo_lib import cache
+
+    cache._reused.clear()  # a test's reuse summary starts empty (another test's pending lines are not its own)
 
 
 @pytest.fixture(scope="module")

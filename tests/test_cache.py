@@ -12,6 +12,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -145,7 +148,60 @@ def test_reuse_needs_the_same_key_and_a_finished_result(tmp_path, caplog):
     assert not cache.reuse(result, _key(lora_r=4))
     with caplog.at_level(logging.INFO, logger="mipo_lib.cache"):
         assert cache.reuse(result, _key())
+        cache.say_reused()
     assert caplog.messages == [f"reusing thing (seed 0) from {result}"]
+
+
+def _reused_results(tmp_path: Path, stage_labels: list[str]) -> None:
+    """Store and reuse one result per label (a notebook cell looping over seeds and methods)."""
+    for i, label in enumerate(stage_labels):
+        result = tmp_path / f"r{i}.jsonl"
+        result.write_text("x")
+        key = cache.Key("stage", label, {"i": i})
+        cache.store(result, key)
+        assert cache.reuse(result, key)
+
+
+def test_reuse_says_one_summary_line_per_stage_when_the_cell_ends(tmp_path, caplog, monkeypatch):
+    monkeypatch.delenv(cache.VERBOSE_ENV, raising=False)
+    labels = [f"pairs (seed {s})" for s in (0, 1, 2)] + [f"MIPO evaluation (seed {s})" for s in (0, 1)] + ["prompting evaluation"]
+    with caplog.at_level(logging.INFO, logger="mipo_lib.cache"):
+        _reused_results(tmp_path, labels)
+        assert caplog.messages == []  # nothing said per result
+        cache.say_reused()
+        cache.say_reused()  # said once: the tally starts again
+    assert caplog.messages == [
+        "reusing pairs: 3 results (seeds 0, 1, 2)", "reusing MIPO evaluation: 2 results (seeds 0, 1)",
+        f"reusing prompting evaluation from {tmp_path / 'r5.jsonl'}",
+    ]
+
+
+def test_verbose_says_every_reused_result(tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv(cache.VERBOSE_ENV, "1")
+    with caplog.at_level(logging.INFO, logger="mipo_lib.cache"):
+        _reused_results(tmp_path, ["pairs (seed 0)", "pairs (seed 1)"])
+        cache.say_reused()
+    assert caplog.messages == [f"reusing pairs (seed {s}) from {tmp_path / f'r{s}.jsonl'}" for s in (0, 1)]
+
+
+def test_a_notebook_cell_ends_with_the_summary(tmp_path):
+    """Run in a real IPython shell: the post_run_cell hook says the summary as the cell that reused ends."""
+    pytest.importorskip("IPython")
+    code = (
+        "from pathlib import Path\nfrom mipo_lib import cache\n"
+        f"root = Path({str(tmp_path)!r})\n"
+        "for s in range(3):\n"
+        "    r = root / f'p{s}.jsonl'; r.write_text('x'); k = cache.Key('pairs', f'pairs (seed {s})', {'s': s})\n"
+        "    cache.store(r, k); cache.reuse(r, k)\n"
+        "print('cell ran')\n"
+    )
+    script = tmp_path / "cell.ipy"
+    script.write_text(code)
+    env = {k: v for k, v in os.environ.items() if k != cache.VERBOSE_ENV}
+    out = subprocess.run([sys.executable, "-m", "IPython", "--quick", "--no-banner", "-c", f"%run -i {script}"],
+                         capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    lines = [line for line in out.stdout.splitlines() if line.strip()]
+    assert lines[-2:] == ["cell ran", "cache: reusing pairs: 3 results (seeds 0, 1, 2)"], out.stdout + out.stderr
 
 
 def test_prepare_names_the_changed_fields_and_drops_the_stale_key(tmp_path, caplog):
@@ -225,6 +281,7 @@ def test_changed_lora_r_retrains_and_says_why_then_everything_is_reused(preset, 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="mipo_lib.cache"):
         second, records = _run_stages(smaller)
+        cache.say_reused()
     text = caplog.text
     assert not second.reused and second.adapter_dir != first.adapter_dir
     assert "reusing pairs (seed 0)" in text and "reusing prompting evaluation" in text
@@ -241,6 +298,7 @@ def test_changed_lora_r_retrains_and_says_why_then_everything_is_reused(preset, 
     capsys.readouterr()
     with caplog.at_level(logging.INFO, logger="mipo_lib.cache"):
         third, again = _run_stages(smaller)
+        cache.say_reused()  # one result per stage: the summary names each, as a notebook cell shows it
     assert third.reused and third.adapter_dir == second.adapter_dir
     pd.testing.assert_frame_equal(again.reset_index(drop=True), records.reset_index(drop=True), check_dtype=False)
     reused = [m.split(" from ")[0] for m in caplog.messages]
@@ -393,9 +451,10 @@ def test_versions_are_recorded_not_keyed_and_a_difference_is_said_once(tmp_path,
     versions(transformers="5.25.0")
     with caplog.at_level(logging.INFO, logger="mipo_lib.cache"):
         assert all(cache.reuse(r, _key()) for r in results + results)
+        cache.say_reused()
     line = "results made with transformers 5.24.0 (now 5.25.0) are reused; set MIPO_CACHE_VERSIONS=strict to recompute them"
     assert caplog.messages[0] == line and caplog.messages.count(line) == 1  # once per process, not once per file
-    assert caplog.messages[1:] == [f"reusing thing (seed 0) from {r}" for r in results + results]
+    assert caplog.messages[1:] == ["reusing thing: 2 results (seeds 0)"]  # each result counted once
 
 
 def test_strict_versions_recompute_results_of_other_versions(tmp_path, versions, monkeypatch, caplog):
@@ -404,6 +463,7 @@ def test_strict_versions_recompute_results_of_other_versions(tmp_path, versions,
     cache.store(result, _key())
     monkeypatch.setenv(cache.VERSIONS_ENV, "strict")
     assert cache.reuse(result, _key())  # the same versions: reused
+    cache.say_reused()
     versions(peft="0.22.0")
     assert not cache.reuse(result, _key())
     caplog.clear()

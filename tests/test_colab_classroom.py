@@ -28,30 +28,94 @@ def test_badge_colab_cell_and_environment_cell(path):
     colab = code[0].source
     assert colab == environment.colab_cell(path.name), f"{path.name}: regenerate with `python -m mipo_lib.workbook.environment colab-cells`"
     assert colab.startswith("# NBVAL_SKIP") and '"google.colab" in sys.modules' in colab and REPO in colab
-    code_lines = [line for line in colab.splitlines() if not line.lstrip().startswith("#")]
-    assert "requirements-colab.txt" in colab and not any("torch" in line for line in code_lines), "the Colab cell must leave torch alone"
     assert "parameters" in code[1].get("metadata", {}).get("tags", []), f"{path.name}: parameters must follow the Colab cell"
     assert any("environment_report()" in c.source for c in code[2:5]), f"{path.name}: no environment cell near the top"
 
 
+def test_one_short_install_cell_the_same_in_every_notebook():
+    """The set-up boilerplate lives in the library (`colab_install`): each notebook's cell is the same few lines."""
+    cells = {path.name: [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"][0].source
+             for path in NOTEBOOKS}
+    assert len(set(cells.values())) == 1, "the install cells differ between notebooks"
+    cell = next(iter(cells.values()))
+    assert len(cell.splitlines()) <= 6, f"the install cell has {len(cell.splitlines())} lines; keep the logic in the library"
+    compile(cell, "<colab cell>", "exec")
+    code_lines = [line for line in cell.splitlines() if not line.lstrip().startswith("#")]
+    assert not any("torch" in line for line in code_lines), "the Colab cell must leave torch alone"
+
+
+def test_colab_install_pins_restarts_once_and_does_nothing_elsewhere(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr("subprocess.run", lambda args, **kw: calls.append(args))
+    environment.colab_install(str(tmp_path))
+    assert calls == [], "off Colab the install must do nothing"
+    shutdowns = []
+    monkeypatch.setattr(environment, "on_colab", lambda: True)
+    kernel = type("K", (), {"do_shutdown": lambda self, restart: shutdowns.append(restart)})()
+    monkeypatch.setattr("IPython.get_ipython", lambda: type("S", (), {"kernel": kernel})())
+    environment.colab_install(str(tmp_path))
+    assert any(f"{tmp_path}/requirements-colab.txt" in args for args in calls) and shutdowns == [True]
+    assert not any("torch" in a for args in calls for a in args), "Colab's CUDA torch is kept"
+    calls.clear()
+    environment.colab_install(str(tmp_path))  # the second run, after the restart
+    assert calls == [] and shutdowns == [True]
+
+
+def _training(path: Path) -> bool:
+    """Whether a notebook trains an adapter when run from scratch (a training entry point in its code)."""
+    nb = nbformat.read(path, as_version=4)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    return any(call in code for call in ("train_for_seed(", "run_ablation(", "evaluate_all(")) and path.name[:2] not in ("04", "05")
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_every_notebook_offers_drive_restarts_and_picks_its_preset(path):
-    """The three things a Colab session needs: runs kept on Drive (opt-in, with what is lost without it), a restart
-    after the install, and a preset chosen from the machine unless the parameters cell names one."""
+def test_training_notebooks_ask_colab_for_a_t4_and_say_what_each_runtime_costs(path):
+    nb = nbformat.read(path, as_version=4)
+    trains = path.name[:2] in environment.TRAINING_NOTEBOOKS
+    assert trains == _training(path), f"{path.name}: TRAINING_NOTEBOOKS disagrees with the notebook's code"
+    if not trains:
+        assert "accelerator" not in nb.metadata
+        return
+    assert nb.metadata["accelerator"] == "GPU" and nb.metadata["colab"]["gpuType"] == "T4"
+    first_code = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code")
+    top = "\n".join(c.source for c in nb.cells[:first_code] if c.cell_type == "markdown")
+    assert "<!-- runtime:" in top and "T4 GPU" in top and "from scratch" in top, f"{path.name}: say which runtime first"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_notebook_keeps_runs_on_drive_without_a_prompt_and_picks_its_preset(path):
+    """Runs kept on Drive by default (a parameter, used by the set-up), nothing that waits for an answer, and a preset
+    chosen from the machine unless the parameters cell names one."""
     nb = nbformat.read(path, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
-    colab, params, derive = code[0].source, code[1].source, code[2].source
-    assert "KEEP_RUNS_ON_DRIVE = False" in colab and "keep_runs_on_drive()" in colab
-    assert environment.RECOMPUTES[path.name[:2]] in colab, f"{path.name}: say what is recomputed without Drive"
-    assert "RESTARTING" in colab and "do_shutdown(restart=True)" in colab and "Restart session" in colab
+    params, derive = code[1].source, code[2].source
     assert params.splitlines()[0].startswith('PRESET = "auto"'), f"{path.name}: PRESET should default to 'auto'"
+    assert "RUNS_ON_DRIVE = True" in params and "runs_on_colab_drive(RUNS_ON_DRIVE)" in derive
     assert "get_preset(resolve_preset(PRESET)" in derive, f"{path.name}: the derive cell must resolve 'auto'"
+    assert not any("input(" in c.source or "drive.mount" in c.source for c in code), f"{path.name}: nothing may ask"
+
+
+def test_runs_on_drive_falls_back_to_local_in_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(environment, "on_colab", lambda: True)
+    monkeypatch.setattr(environment, "DRIVE_MOUNT", "/nonexistent-drive")
+    monkeypatch.delenv("MIPO_RUNS_DIR", raising=False)
+    environment.runs_on_colab_drive(True)  # google.colab is not importable here: the mount fails
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("Google Drive not mounted") and "MIPO_RUNS_DIR" not in os.environ
+    environment.runs_on_colab_drive(False)
+    assert capsys.readouterr().out == ""
+
+
+def test_the_library_never_asks_for_input():
+    root = ROOT / "mipo_lib"
+    asking = [p for p in root.rglob("*.py") if "input(" in p.read_text().replace("_input(", "")]
+    assert not asking, f"Run all must never block on a prompt: {asking}"
 
 
 def test_colab_cell_is_python_and_takes_a_fork():
     cell = environment.colab_cell("03_dpo_training.ipynb", repo="course/fork")
     compile(cell, "<colab cell>", "exec")
-    assert 'os.environ.get("MIPO_REPO", "course/fork")' in cell and environment.RECOMPUTES["03"] in cell
+    assert 'os.environ.get("MIPO_REPO", "course/fork")' in cell
     assert "course/fork" in colab_badge("03_dpo_training.ipynb", repo="course/fork")
 
 

@@ -240,6 +240,7 @@ def test_changed_scoring_settings_rescore_without_generating(tiny, task, preset,
     monkeypatch.setattr(pairs_mod, "generate_reply_batches", counter)
     with caplog.at_level("INFO", logger="mipo_lib.cache"):
         rows = build_pairs(model, tok, task, smaller, seed=0, progress=False)
+        cache.say_reused()
     assert counter.yielded == []  # every batch came from the stored responses
     assert "other settings (score_batch_size 16 -> 3)" in caplog.text and "reusing generated responses" in caplog.text
     assert [(r["chosen"], r["rejected"]) for r in rows] == [(r["chosen"], r["rejected"]) for r in first]

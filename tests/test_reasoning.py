@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mipo_lib import cache
 from mipo_lib.experiments import reasoning
 from mipo_lib.config import PRESETS, get_preset, repo_root
 from mipo_lib.errors import MipoError
@@ -242,5 +243,6 @@ def test_measure_difficulty_and_answer_pmi_on_the_tiny_model(one_thread, capsys)
     assert np.isfinite(first["pmi"]).all() and (first["n_tokens"] > 0).all()
     capsys.readouterr()
     again = reasoning.answer_pmi(preset, recs, "prompting", progress=False)
+    cache.say_reused()
     assert "reusing answer PMI" in capsys.readouterr().out
     pd.testing.assert_frame_equal(first, again)

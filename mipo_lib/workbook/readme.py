@@ -19,7 +19,9 @@ Spans, `<!-- <kind>:<key> -->...<!-- /<kind> -->`, may sit on any page (`pages`)
   address of `workbook.environment` (`REPO`);
 - `setting:<preset>/<field>`: a setting of the preset as its reference runs used it (`reference_preset`: the validation
   choices applied), e.g. `setting:cpu/epochs`, `setting:cpu/cad_alpha`;
-- `schedule:<preset>`: the DPO learning-rate schedule of our runs (`dpo.LR_SCHEDULE`) with the preset's warm-up.
+- `schedule:<preset>`: the DPO learning-rate schedule of our runs (`dpo.LR_SCHEDULE`) with the preset's warm-up;
+- `runtime:<preset>/<notebook>`: which Colab runtime a training notebook asks for and what the free T4 and the CPU
+  runtime each cost it (`runtime_text`), from the timings table.
 The numbered notebooks' markdown cells hold spans too (`update_notebooks`), so one command refreshes the README, docs/
 and the notebooks' prose.
 """
@@ -36,7 +38,7 @@ from typing import Callable
 import pandas as pd
 
 from mipo_lib.analysis import ablation_findings, reasoning_findings, render
-from mipo_lib.config import Preset, cli_text, get_preset, load_choices, repo_root
+from mipo_lib.config import PRESETS, Preset, cli_text, get_preset, load_choices, repo_root
 from mipo_lib.dpo import LR_SCHEDULE
 from mipo_lib.errors import MipoError
 from mipo_lib.methods import Method, get_method
@@ -557,6 +559,37 @@ def lab_text(timings: pd.DataFrame, key: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------- spans
+def _reference_seconds(timings: pd.DataFrame, preset: str, notebook: str) -> float | None:
+    """A notebook's whole-notebook wall time in the reference run of `preset`, None where none was recorded."""
+    t = timings.assign(part=timings["part"].fillna(""))
+    rows = t[(t["preset"] == preset) & (t["notebook"] == notebook) & (t["run"] == REFERENCE_RUN) & (t["part"] == "")]
+    return float(rows["wall_s"].sum()) if len(rows) else None
+
+
+def runtime_text(timings: pd.DataFrame, key: str) -> str:
+    """The first lines of a training notebook: which Colab runtime to pick and what each costs, measured.
+
+    The CPU cost is the preset's reference run (2 cores, as Colab's free CPU runtime); the T4 cost is the t4 twin's
+    (`cpu` -> `t4`) reference run where the timings table has one, and says "not measured yet" otherwise, so no
+    estimate is ever typed here. A preset without a t4 twin (`cpu-reasoning`) is named for the T4 runtime itself,
+    since "auto" would pick `t4`, which does not run that notebook.
+    """
+    preset, _, notebook = key.strip().partition("/")
+    cpu = _reference_seconds(timings, preset, notebook)
+    if cpu is None:
+        raise MipoError(f"runtime span {key!r}: figures/{TIMINGS} has no reference row for it; record one or fix the span")
+    twin = preset.replace("cpu", "t4", 1)
+    on_t4 = twin if twin in PRESETS else preset  # no t4 twin (the reasoning presets): the same preset, on the GPU
+    t4 = _reference_seconds(timings, on_t4, notebook) if on_t4 != preset else None
+    pick = (f"leave `PRESET = \"auto\"`, which then runs `{twin}`" if on_t4 == twin
+            else f"set `PRESET = \"{preset}\"` there (there is no t4 preset for it)")
+    return (f"**Which runtime.** On Colab pick *Runtime > Change runtime type > T4 GPU* (free; this notebook asks for "
+            f"it when opened) and {pick}; on a T4: {f'{render.duration(t4)} measured' if t4 else 'not measured yet'}. "
+            f"The CPU runtime runs `{preset}`: {render.duration(cpu)} from scratch, measured on 2 cores like Colab's. "
+            "Either way the runs folder stays on Google Drive (`RUNS_ON_DRIVE`), so a later session reuses what this "
+            "one computed.")
+
+
 def _repo_text(key: str) -> str:
     if key != "clone":
         raise MipoError(f"repo span {key!r}: the one repo span is `<!-- repo:clone -->`")
@@ -614,6 +647,7 @@ def _span_renderers(timings: pd.DataFrame) -> dict[str, Callable[[str], str]]:
         "lab": lambda key: lab_text(timings, key),
         "colab": lambda key: colab_badge(f"{key.strip()}.ipynb"),
         "repo": lambda key: _repo_text(key.strip()),
+        "runtime": lambda key: runtime_text(timings, key),
     }
 
 
