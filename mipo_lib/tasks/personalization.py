@@ -353,6 +353,37 @@ class PersonalizationTask:
         return example.meta["preference"]
 
 
+# -------------------------------------------------------------------------------------------------- context echo
+#: How many consecutive words of the preference sentence a reply must repeat to count as echoing it. Three: two-word
+#: runs ("your reply", "in your") occur by chance in any reply; a three-word run of the user's own sentence rarely does.
+ECHO_NGRAM = 3
+_WORD = re.compile(r"[a-z0-9]+")
+_QUOTED = re.compile(r'"[^"]*"')
+
+
+def _word_ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    words = _WORD.findall(text.lower())
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def echoes_preference(preference_key: str, response: str, n: int = ECHO_NGRAM) -> bool:
+    """Whether `response` restates the user's preference sentence: it repeats `n` consecutive words of it
+    (case and punctuation ignored), not counting the words a reply must contain to satisfy it (the quoted part:
+    "Cheers!", "Hey there", "- ").
+
+    Why measure it: MIPO rewards replies the context makes likely, and repeating the context is the cheapest way to be
+    likely under it ("I will write my reply in lowercase letters"). A rise in echo next to a rise in success says
+    part of the gain is the model talking about the preference rather than following it. The no-context base model
+    never saw the sentence, so its echo rate is the chance level of this measure.
+    """
+    try:
+        sentence, _ = PREFERENCES[preference_key]
+    except KeyError:
+        raise MipoError(f"unknown preference {preference_key!r}; valid: {', '.join(PREFERENCES)}") from None
+    payload = _word_ngrams(" ".join(_QUOTED.findall(sentence)), n)
+    return bool((_word_ngrams(sentence, n) - payload) & _word_ngrams(response, n))
+
+
 def _with_length(request: str) -> str:
     return f"{request} {LENGTH_INSTRUCTION}"
 
