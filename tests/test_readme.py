@@ -362,6 +362,17 @@ def _notebook(cells: list[tuple[str, str, list[str]]]) -> str:
                                  for kind, source, tags in cells]})
 
 
+def test_study_time_leaves_out_the_optional_appendix(tmp_path, monkeypatch):
+    """A lecture covers the core path: the cells from a `## Appendix` heading on are not counted."""
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.setattr(readme, "repo_root", lambda: tmp_path)
+    path = tmp_path / "notebooks" / "00_quickstart.ipynb"
+    core = [("markdown", "three core words", []), ("code", "x = 1", [])]
+    path.write_text(_notebook(core + [("markdown", "## Appendix (optional) " + "word " * 500, []), ("code", "y", [])]))
+    study = readme.study_time(TIMINGS, "cpu/00_quickstart")
+    assert (study.words, study.code_cells) == (3, 1)
+
+
 def test_study_time_is_prose_plus_code_cells_plus_measured_compute(tmp_path, monkeypatch):
     (tmp_path / "notebooks").mkdir()
     monkeypatch.setattr(readme, "repo_root", lambda: tmp_path)

@@ -523,16 +523,29 @@ class StudyTime:
 
 
 def study_time(timings: pd.DataFrame, selector: str) -> StudyTime:
-    """`<preset>/<notebook>`'s study time: the words of its markdown cells, its code cells, and its reference run's
-    wall time."""
+    """`<preset>/<notebook>`'s study time: the words of its core path's markdown cells, its code cells, and its
+    reference run's wall time. An optional appendix (from a `## Appendix` heading on) is not counted: a lecture covers
+    the core path, and the appendix is there for whoever wants more."""
     notebook = selector.split("/")[1]
     path = repo_root() / "notebooks" / f"{notebook}.ipynb"
     if not path.exists():
         raise MipoError(f"study span {selector!r}: no notebooks/{notebook}.ipynb; name a notebook that exists")
-    cells = json.loads(path.read_text())["cells"]
+    cells = core_path(json.loads(path.read_text())["cells"])
     words = sum(len(_without_comments("".join(c["source"])).split()) for c in cells if c["cell_type"] == "markdown")
     code = [c for c in cells if c["cell_type"] == "code"]
     return StudyTime(words, len(code), float(_timing_rows(timings, selector)["wall_s"].sum()))
+
+
+#: The heading that starts a notebook's optional appendix: cells from there on are not part of the core path.
+APPENDIX_HEADING = "## Appendix"
+
+
+def core_path(cells: list[dict]) -> list[dict]:
+    """The cells before the notebook's optional appendix (all of them if it has none)."""
+    for i, cell in enumerate(cells):
+        if cell["cell_type"] == "markdown" and "".join(cell["source"]).lstrip().startswith(APPENDIX_HEADING):
+            return cells[:i]
+    return cells
 
 
 def _without_comments(text: str) -> str:
