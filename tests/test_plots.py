@@ -175,12 +175,75 @@ def _overlaps(fig) -> list[tuple[str, str]]:
         box = label.get_window_extent(renderer)
         found += [(label.get_text(), other.get_title()) for other in fig.axes
                   if other is not own and box.overlaps(other.get_window_extent(renderer))]
+    titles = [ax.title for ax in fig.axes if ax.get_title()]
     for legend in legends:
         box = legend.get_window_extent(renderer)
         found += [("legend", label.get_text()) for _, label in ticks if box.overlaps(label.get_window_extent(renderer))]
+        found += [("legend", t.get_text()) for t in titles if box.overlaps(t.get_window_extent(renderer))]
         if legend in fig.legends:
             found += [("figure legend", ax.get_title()) for ax in fig.axes if box.overlaps(ax.get_window_extent(renderer))]
+        found += [("legend over data", what) for ax in fig.axes for what, hit in _data_marks(ax) if hit(box)]
+    for ax in fig.axes:  # a value label written on its own error bar (the caps) cannot be read
+        for text in ax.texts:
+            box = text.get_window_extent(renderer)
+            found += [(text.get_text(), what) for what, hit in _data_marks(ax, errorbars_only=True) if hit(box)]
     return found
+
+
+def _data_marks(ax, errorbars_only: bool = False):
+    """(name, box -> bool) for each plotted data mark of `ax` in display coordinates: error bars and caps, bars,
+    histogram outlines, lines (their segments and markers) and scatter points. Shaded spans across the whole axes
+    (a baseline's band) are background, not marks."""
+    from matplotlib.collections import LineCollection, PathCollection
+    from matplotlib.container import BarContainer, ErrorbarContainer
+    from matplotlib.transforms import Bbox
+
+    def crosses(path, transform, filled=False):
+        return lambda box: transform.transform_path(path).intersects_bbox(box, filled=filled)
+
+    def inside(points):
+        points = np.asarray(points, dtype=float).reshape(-1, 2)
+        return lambda box: bool(np.any((points[:, 0] >= box.x0) & (points[:, 0] <= box.x1)
+                                       & (points[:, 1] >= box.y0) & (points[:, 1] <= box.y1)))
+
+    def line_hit(line):
+        xy = line.get_transform().transform(line.get_xydata())
+        markers = line.get_marker() not in (None, "None", "none", "")
+        drawn = line.get_linestyle() not in ("None", "none", "", " ") and len(xy) > 1
+        return lambda box: (markers and inside(xy)(box)) or (drawn and crosses(line.get_path(), line.get_transform())(box))
+
+    def cap_hit(line):
+        """A cap is a short horizontal (or vertical) stroke; a label must keep 3 points clear of it."""
+        px = ax.figure.dpi / 72
+        half_w, half_h = line.get_markersize() * px / 2, line.get_markeredgewidth() * px / 2 + 3 * px
+        if line.get_marker() == "|":
+            half_w, half_h = half_h, half_w
+        xy = line.get_transform().transform(line.get_xydata())
+        return lambda box: any(box.overlaps(Bbox([[x - half_w, y - half_h], [x + half_w, y + half_h]])) for x, y in xy)
+
+    marks = []
+    error_lines = {id(a) for c in ax.containers if isinstance(c, ErrorbarContainer) for group in c[1:] for a in group}
+    for c in ax.collections:
+        if isinstance(c, LineCollection) and (id(c) in error_lines or not errorbars_only):
+            marks += [("error bar", crosses(path, c.get_transform())) for path in c.get_paths()]
+        elif isinstance(c, PathCollection) and not errorbars_only:
+            marks.append(("point", inside(c.get_offset_transform().transform(c.get_offsets()))))
+    for line in ax.lines:
+        if id(line) in error_lines:
+            marks.append(("error bar cap", cap_hit(line)))
+        elif not errorbars_only:
+            marks.append((f"line {line.get_label()}", lambda box, hit=line_hit(line): hit(box)))
+    if errorbars_only:
+        return marks
+    bars = {id(p) for c in ax.containers if isinstance(c, BarContainer) for p in c}
+    width = ax.get_window_extent().width
+    for patch in ax.patches:
+        extent = patch.get_window_extent()
+        if id(patch) in bars:
+            marks.append(("bar", lambda box, e=extent: e.height > 0.5 and box.overlaps(e)))
+        elif extent.width < width - 1:  # a histogram's outline, not a span across the axes
+            marks.append(("patch", crosses(patch.get_path(), patch.get_transform(), filled=True)))
+    return marks
 
 
 def test_the_committed_reported_vs_reproduced_figure_is_legible():
@@ -308,3 +371,109 @@ def test_plot_validation_curves_of_logs_without_validation_say_so():
     fig = plots.plot_validation_curves(_train_log(), {**META, "n_validation_pairs": 20})
     assert "not logged" in fig._suptitle.get_text()
     assert all(line.get_linestyle() != "--" for line in fig.axes[0].lines)
+
+
+# ------------------------------------------------------------------------- every workbook figure, legible at a glance
+def _pmi_frame() -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = [{"seed": 0, "example_id": e, "group": "g", "model": "base", "pmi": rng.normal(2, 3)} for e in range(40)]
+    rows += [{"seed": s, "example_id": e, "group": "g", "model": "MIPO", "pmi": rng.normal(5, 3)}
+             for s in (0, 1, 2) for e in range(40)]
+    return pd.DataFrame(rows)
+
+
+def _corner_records() -> pd.DataFrame:
+    """Rates at the axes' edges, where a legend inside the axes would sit: MIPO at 100% on the last preference (the
+    bottom right of the per-preference plot, as on "short" in the committed figure), every method at 0% on another."""
+    records = make_records({"base (no context)": 0.1, "prompting": 0.3, "SFT": 0.4, "MIPO": 0.6, "CAD": 0.5},
+                           n_examples=40, deterministic=("base (no context)", "prompting", "CAD"))
+    last = records["group"] == sorted(GROUPS)[-1]
+    records.loc[last & (records["method"] == "MIPO"), "score"] = 1.0
+    records.loc[records["group"] == sorted(GROUPS)[0], "score"] = 0.0
+    return records
+
+
+def _variants_figure(records, kl: bool):
+    from mipo_lib.experiments import ablations
+
+    variants = _variant_records(records)
+    table = ablations.compare_variants(variants, ["K=2"], reference=None, n_boot=200)
+    base = stats.hierarchical_bootstrap(variants, "prompting", n_boot=200, unit="variant")
+    kl_table = pd.DataFrame({"variant": ["K=2"], "mean": [1.0], "lo": [0.5], "hi": [1.5], "per_seed": [[0.9, 1.0, 1.1]]})
+    return plots.plot_variants(table, META, "K", baseline_row=base, reference="K=2", kl=kl_table if kl else None)
+
+
+def _twin_figure(records):
+    cost = pd.DataFrame([{"method": m, "seed": s, "n_prompts": 6, "s_per_prompt": t + 0.01 * s, "mean_words": 9.0}
+                         for m, t in (("prompting", 0.1), ("MIPO", 0.1), ("CAD", 0.2)) for s in (0, 1, 2)])
+    return plots.plot_twin(records, cost, META, n_boot=200)
+
+
+def _difficulty_figure(_records):
+    from mipo_lib.analysis import reasoning_plots
+    from mipo_lib.config import repo_root
+    from mipo_lib.experiments import reasoning
+
+    table = pd.read_csv(repo_root() / "figures" / "reasoning_difficulty_cpu.csv")  # what notebook 07 draws
+    return reasoning_plots.plot_difficulty(table, reasoning.choose_level(table), META)
+
+
+def _pairs_figure(_records):
+    from mipo_lib.analysis import reasoning_plots
+
+    rng = np.random.default_rng(1)
+    pair_table = pd.DataFrame({"seed": [0, 1, 2], "positive_correct": [0.2, 0.25, 0.18],
+                               "negative_correct": [0.05, 0.02, 0.06], "agree": [0.2, 0.22, 0.18],
+                               "disagree": [0.04, 0.02, 0.05], "both_wrong": [0.76, 0.8, 0.72]})
+    pmi = pd.DataFrame({"pmi": rng.normal(38, 9, 200), "correct": (rng.random(200) < 0.25).astype(float)})
+    ranking = pd.DataFrame({"measure": ["pmi", "logp_x"], "auc": [0.49, 0.64], "lo": [0.39, 0.54], "hi": [0.59, 0.73]})
+    return reasoning_plots.plot_pairs_and_pmi(pair_table, pmi, ranking, {**META, "n_pairs": 60})
+
+
+def _formats_figure(_records):
+    from mipo_lib.analysis import reasoning_plots
+
+    formats = pd.DataFrame([{"method": m, "seed": s, "accuracy": a + 0.02 * s, "parseable": 1.0,
+                             "accuracy_parseable": a + 0.02 * s, "unfinished": u}
+                            for m, a, u in (("prompting", 0.22, 0.07), ("SFT", 0.18, 0.04), ("MIPO", 0.22, 0.58))
+                            for s in (0, 1, 2)])
+    return reasoning_plots.plot_formats(formats, META)
+
+
+WORKBOOK_FIGURES = {
+    "method rates (00, 05, 07)": lambda r: plots.plot_method_rates(r, META, n_boot=200),
+    "per preference (05)": lambda r: plots.plot_per_group(r, META, n_boot=200),
+    "training curves (03, 05, 07)": lambda r: plots.plot_training_curves(_train_log(), META),
+    "validation curves (03)": lambda r: plots.plot_validation_curves(_validated_log(), {**META, "n_validation_pairs": 20}),
+    "diversity (04, 06)": lambda r: plots.plot_diversity(stats.diversity_table(r, sample=20), META),
+    "pmi shift (05)": lambda r: plots.plot_pmi_shift(_pmi_frame(), META, n_boot=200),
+    "variants with KL (06 beta)": lambda r: _variants_figure(r, kl=True),
+    "variants (06 K, negative kind)": lambda r: _variants_figure(r, kl=False),
+    "MIPO vs CAD (06)": _twin_figure,
+    "win rates (06)": lambda r: plots.plot_win_rates(stats.win_tie_table(r, n_boot=200), META),
+    "difficulty (07, committed table)": _difficulty_figure,
+    "pairs and PMI (07)": _pairs_figure,
+    "formats (07)": _formats_figure,
+}
+
+
+@pytest.mark.parametrize("name", list(WORKBOOK_FIGURES))
+def test_every_workbook_figure_is_legible(name):
+    """No legend over data, a title or a tick label; no value label on its error bar's cap; no label cut short or
+    over another axes. On rates at the axes' edges, where a legend inside the axes would cover a point."""
+    fig = WORKBOOK_FIGURES[name](_corner_records())
+    assert _overlaps(fig) == []
+    plt.close(fig)
+
+
+def test_the_legend_over_data_check_can_fail():
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.bar([0, 1], [1.0, 0.2], label="bars")
+    ax.errorbar([1], [0.9], yerr=[[0.1], [0.05]], fmt="o", capsize=4, label="point")
+    ax.text(0, 1.0, "on its cap", ha="center", va="bottom")
+    ax.errorbar([0], [0.95], yerr=[[0.05], [0.05]], fmt="none", capsize=4)
+    ax.legend(loc="upper right")
+    found = _overlaps(fig)
+    assert ("legend over data", "error bar") in found and ("legend over data", "error bar cap") in found
+    assert ("on its cap", "error bar cap") in found
+    plt.close(fig)

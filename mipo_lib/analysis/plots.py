@@ -195,8 +195,11 @@ def plot_method_rates(
         ax.errorbar(i, mean, yerr=[[mean - lo], [hi - mean]], fmt="none", ecolor="black", capsize=6, lw=1.6, zorder=3)
         per_seed = 100 * np.asarray(h["per_seed"])
         ax.scatter(i + jitter(len(per_seed)), per_seed, s=22, color="white", edgecolor="black", lw=0.9, zorder=4)
-        ax.text(i, hi + 1.0, f"{mean:.1f}%", ha="center", va="bottom", fontsize=9)
-        top = max(top, hi, float(per_seed.max()))
+        top_i = max(hi, float(per_seed.max()))
+        # above the CI's cap and the seeds, a fixed gap in points: a gap in data units shrinks with a tall axis
+        ax.annotate(f"{mean:.1f}%", (i, top_i), xytext=(0, 5), textcoords="offset points", ha="center", va="bottom",
+                    fontsize=9)
+        top = max(top, top_i)
     ax.set_xticks(range(len(methods)), methods, rotation=15 if len(methods) > 3 else 0)
     ax.set_ylabel(meta.get("metric_label", "success rate (%)"))
     ax.set_ylim(0, max(10.0, top * 1.35 + 6))
@@ -245,8 +248,12 @@ def plot_per_group(records: pd.DataFrame, meta: dict[str, Any], n_boot: int = 2_
     ax.invert_yaxis()
     ax.set_xlim(-3, 103)
     ax.set_xlabel(meta.get("metric_label", "success rate (%)"))
-    ax.set_title("Success rate per preference type")
-    ax.legend(loc="lower right", fontsize=8, frameon=True)
+    # Above the axes in rows, under the title: inside, a legend hides some method's dot at 0% or 100% wherever it sits.
+    legend = ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(len(methods), 5), fontsize=8,
+                       frameon=False, handletextpad=0.2, columnspacing=1.2)
+    fig.canvas.draw()
+    legend_pt = (legend.get_window_extent().y1 - ax.get_window_extent().y1) * 72 / fig.dpi
+    ax.set_title("Success rate per preference type", pad=legend_pt + 4)
     n_per_group = int(table["n_examples"].median()) if len(table) else None
     cap = _meta_caption(meta, bars="95% crossed bootstrap CI over the group's prompts and seeds",
                         extra=f"About {n_per_group} examples per group." if n_per_group else None)
@@ -389,8 +396,11 @@ def plot_pmi_shift(pmi: pd.DataFrame, meta: dict[str, Any], n_boot: int = 5_000,
     ax_h.axvline(0.0, color="black", lw=0.8)
     ax_h.set_xlabel("base-model PMI of the response (nats)")
     ax_h.set_ylabel("density")
-    ax_h.set_title("PMI distribution (pooled over seeds)")
-    ax_h.legend(fontsize=8)
+    # Above the axes, under the title: inside, the legend can hide a histogram's tail or a mean's dashed line.
+    legend = ax_h.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(models), frameon=False)
+    fig.canvas.draw()
+    legend_pt = (legend.get_window_extent().y1 - ax_h.get_window_extent().y1) * 72 / fig.dpi
+    ax_h.set_title("PMI distribution (pooled over seeds)", pad=legend_pt + 4)
     ax_p.set_xticks(range(len(models)), models)
     ax_p.set_xlim(-0.6, len(models) - 0.4)
     ax_p.axhline(0.0, color="black", lw=0.8)
@@ -648,15 +658,18 @@ def plot_twin(records: pd.DataFrame, cost: pd.DataFrame, meta: dict[str, Any], n
                   f"{100 * d['hi']:+.1f}]", transform=ax_q.transAxes, va="top", fontsize=9,
                   bbox={"boxstyle": "round", "fc": "white", "ec": "gray"})
     summary = stats.cost_summary(cost)
+    top_cost = 0.0
     for i, r in summary.reset_index(drop=True).iterrows():
         ax_c.bar(i, r["s_per_prompt"], width=0.6, color=colour(r["method"]), alpha=0.85)
         ax_c.errorbar(i, r["s_per_prompt"], yerr=[[r["s_per_prompt"] - r["lo"]], [r["hi"] - r["s_per_prompt"]]],
                       fmt="none", ecolor="black", capsize=5, lw=1.5)
         _seed_dots(ax_c, i, cost.loc[cost["method"] == r["method"], "s_per_prompt"].to_numpy(float), "black")
         top_c = max(r["hi"], float(cost.loc[cost["method"] == r["method"], "s_per_prompt"].max()))
-        ax_c.text(i, top_c * 1.04, f"{r['x_mipo']:.2f}x", ha="center", va="bottom", fontsize=9)
+        ax_c.annotate(f"{r['x_mipo']:.2f}x", (i, top_c), xytext=(0, 5), textcoords="offset points", ha="center",
+                      va="bottom", fontsize=9)
+        top_cost = max(top_cost, top_c)
     ax_c.set_xticks(range(len(summary)), list(summary["method"]))
-    ax_c.set_ylim(0, float(cost["s_per_prompt"].max()) * 1.25)
+    ax_c.set_ylim(0, top_cost * 1.25)  # room for the ratio above the highest CI or seed
     ax_c.set_ylabel("seconds per prompt (greedy)")
     ax_c.set_title("Generation cost (ratio to MIPO on top)", fontsize=11)
     cap = _meta_caption(meta, bars="95% crossed bootstrap CI over prompts and seeds (left), Student-t CI over seeds "
@@ -681,7 +694,9 @@ def plot_win_rates(table: pd.DataFrame, meta: dict[str, Any], a: str = "MIPO", b
         ax.bar(i, mean, width=0.6, color=_WIN_TIE_COLOURS.get(r["metric"], "gray"), alpha=0.85)
         ax.errorbar(i, mean, yerr=[[mean - lo], [hi - mean]], fmt="none", ecolor="black", capsize=5, lw=1.5)
         _seed_dots(ax, i, 100 * np.asarray(r["per_seed"]), "black")
-        ax.text(i, hi + 1.5, f"{mean:.1f}%", ha="center", va="bottom", fontsize=9)
+        top_i = max(hi, *(100 * np.asarray(r["per_seed"], dtype=float)))
+        ax.annotate(f"{mean:.1f}%", (i, top_i), xytext=(0, 5), textcoords="offset points", ha="center",
+                    va="bottom", fontsize=9)  # above the CI's cap and the seeds, never touching them
     ax.set_xticks(range(len(table)), list(table["metric"]))
     ax.set_ylim(0, 115)
     ax.set_ylabel(f"share of prompts (%), {a} vs {b}")

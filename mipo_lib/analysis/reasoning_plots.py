@@ -28,8 +28,8 @@ def plot_difficulty(table: pd.DataFrame, chosen: str, meta: dict[str, Any]) -> A
                edgecolor="black" if picked else "none", lw=2.0 if picked else 0)
         ax.errorbar(i, 100 * r.accuracy, yerr=[[100 * (r.accuracy - r.lo)], [100 * (r.hi - r.accuracy)]], fmt="none",
                     ecolor="black", capsize=5, lw=1.4)
-        ax.text(i, 100 * r.hi + 1.5, f"{100 * r.accuracy:.0f}%" + ("\nchosen" if picked else ""), ha="center",
-                va="bottom", fontsize=9)
+        ax.annotate(f"{100 * r.accuracy:.0f}%" + ("\nchosen" if picked else ""), (i, 100 * r.hi), xytext=(0, 5),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=9)  # clear of the CI's cap
     ax.set_xticks(range(len(table)), [lv.replace("_", " ") for lv in table["level"]], rotation=15)
     ax.set_ylabel("base accuracy on validation (%)")
     ax.set_ylim(0, 115)
@@ -77,8 +77,11 @@ def plot_pairs_and_pmi(pair_table: pd.DataFrame, pmi: pd.DataFrame, ranking: pd.
               bbox={"boxstyle": "round", "fc": "white", "ec": "gray"})
     ax_h.set_xlabel("base-model PMI log p(y|x) - log p(y|x') (nats)")
     ax_h.set_ylabel("density")
-    ax_h.set_title("Does PMI rank correct answers higher?")
-    ax_h.legend(fontsize=8, loc="upper right")
+    # Above the axes, under the title: inside, the legend hid the tallest bars.
+    legend = ax_h.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
+    fig.canvas.draw()
+    legend_pt = (legend.get_window_extent().y1 - ax_h.get_window_extent().y1) * 72 / fig.dpi
+    ax_h.set_title("Does PMI rank correct answers higher?", pad=legend_pt + 4)
     cap = plots.caption(
         str(meta.get("preset", "?")), str(meta.get("model", "?")), str(meta.get("task", "?")), meta.get("n_seeds"),
         meta.get("n_pairs"), bars="95% Student-t CI over seeds (left), bootstrap over answers for the AUCs (right)",
@@ -93,12 +96,14 @@ def plot_pairs_and_pmi(pair_table: pd.DataFrame, pmi: pd.DataFrame, ranking: pd.
 def plot_formats(formats: pd.DataFrame, meta: dict[str, Any]) -> Any:
     """Per method: accuracy, parseable share, accuracy among parseable replies and the share of unfinished replies;
     bars = mean over seeds with a Student-t CI over seeds, dots = seeds (untrained methods are deterministic)."""
-    panels = [("accuracy", "accuracy"), ("parseable", "a number found (format)"),
-              ("accuracy_parseable", "accuracy among parseable (correctness)"),
-              ("unfinished", "unfinished replies (cut by the token cap)")]
+    problems, parseable = "% of held-out problems", "% of parseable replies"
+    panels = [("accuracy", "accuracy", problems), ("parseable", "a number found (format)", problems),
+              ("accuracy_parseable", "accuracy among parseable (correctness)", parseable),
+              ("unfinished", "unfinished replies (cut by the token cap)", problems)]
     methods = stats.ordered_methods(formats["method"])
-    fig, axes = plots.subplots(1, len(panels), (3.6 * len(panels), 3.8))
-    for ax, (col, title) in zip(axes[0], panels):
+    # 2 x 2, not 1 x 4: four panels in a row shrink to unreadable fonts at a notebook's width
+    fig, axes = plots.subplots(2, 2, (9.5, 7.2))
+    for ax, (col, title, unit) in zip(axes.flat, panels):
         for i, m in enumerate(methods):
             v = 100 * formats.loc[formats["method"] == m, col].dropna().to_numpy(float)
             if not v.size:
@@ -110,11 +115,11 @@ def plot_formats(formats: pd.DataFrame, meta: dict[str, Any]) -> Any:
         ax.set_xticks(range(len(methods)), methods, rotation=15, fontsize=9)
         ax.set_ylim(0, 105)
         ax.set_title(title, fontsize=11)
-    axes[0, 0].set_ylabel("% of held-out problems (or of parseable replies)")
+        ax.set_ylabel(unit)
     cap = plots.caption(str(meta.get("preset", "?")), str(meta.get("model", "?")), str(meta.get("task", "?")),
                         meta.get("n_seeds"), meta.get("n_examples"), bars="95% Student-t CI over seeds",
-                        extra="accuracy = parseable x accuracy among parseable: a gain in the middle panel is format, "
-                              "in the right panel correctness.")
+                        extra="accuracy = parseable x accuracy among parseable: a gain in the top right panel is "
+                              "format, in the bottom left panel correctness.")
     fig.tight_layout()
     fig.mipo_caption = cap
     return fig
