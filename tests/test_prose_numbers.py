@@ -57,8 +57,10 @@ NUMBER = re.compile(r"(?<![\w.])([+\-−±]?)(\d*\.\d+|\d+)(?![\d.]*\d)(\s?\\?%)
 
 
 def _strip(markdown: str) -> str:
-    """Remove what a reader does not see as prose: link targets, bare URLs, HTML comments and tags."""
-    text = re.sub(r"<!--.*?-->", " ", markdown, flags=re.S)
+    """Remove what a reader does not see as typed prose: generated spans (`<!-- kind:key -->...<!-- /kind -->`, rendered
+    from committed tables by `python -m mipo_lib readme`), link targets, bare URLs, HTML comments and tags."""
+    text = re.sub(r"<!-- ([a-z-]+):[^>]*-->.*?<!-- /\1 -->", " ", markdown, flags=re.S)
+    text = re.sub(r"<!--.*?-->", " ", text, flags=re.S)
     text = re.sub(r"\]\([^)]*\)", "]", text)                   # [label](target): keep the label
     text = re.sub(r"https?://\S+", " ", text)
     return re.sub(r"<[^>]+>", " ", text)

@@ -279,7 +279,8 @@ def test_update_readme_rewrites_the_ablations_block_from_its_tables(tmp_path, mo
 
 # ------------------------------------------------------------------------------------------------------ timings
 TIMINGS = pd.DataFrame([
-    {"notebook": "00-05", "part": None, "preset": "cpu", "run": "reference", "wall_s": 2640, "peak_rss_mb": 3789},
+    {"notebook": "00-05", "part": None, "preset": "cpu", "run": "reference", "wall_s": 2640, "peak_rss_mb": 3789,
+     "seeds": "0 1 2"},
     {"notebook": "00_quickstart", "part": None, "preset": "cpu", "run": "reference", "wall_s": 623, "peak_rss_mb": 3379},
     {"notebook": "03_dpo_training", "part": None, "preset": "cpu", "run": "reference", "wall_s": 1473, "peak_rss_mb": 3789},
     {"notebook": "06_ablations", "part": "K=2", "preset": "cpu", "run": "reference", "wall_s": 4140, "peak_rss_mb": None},
@@ -291,7 +292,8 @@ TIMINGS = pd.DataFrame([
 @pytest.mark.parametrize("key, text", [
     ("cpu/00_quickstart wall", "10.4 min"), ("cpu/03_dpo_training wall", "25 min"), ("cpu/00_quickstart seconds", "623 s"),
     ("cpu/03_dpo_training seconds", "1,473 s"), ("cpu/00-05 min-s", "44 min 0 s"), ("cpu/00_quickstart peak", "3.3 GB"),
-    ("cpu/00-05 budget", "1 min under the 45-minute budget"), ("cpu/00-05 goal", "goal 30: missed"),
+    ("cpu/00-05 budget", "16 min under the 60-minute budget"), ("cpu/00-05 goal", "goal 45: met"),
+    ("cpu/00-05 seeds", "3 seeds"),
     ("cpu/06_ablations/K=2+K=4 minutes", "3 h 5 min"), ("cpu/06_ablations/K=2 minutes", "1 h 9 min"),
     ("cpu/06_ablations@cache wall", "30 s"),
 ])
