@@ -764,8 +764,10 @@ DEVIATIONS: tuple[Deviation, ...] = (
               lambda p: (f"MIPO {p.epochs} epochs, SFT {p.sft_epochs}, batch {p.batch_size} x {p.grad_accum} accumulation"
                          f"{_chosen(p, 'epochs', 'sft_epochs')}"),
               "60 pairs give 15 steps per epoch; each method's epochs are chosen on the validation split (1/2/4/8), "
-              "with its learning rate (1x or 4x the preset's)",
-              "each method at its own best on validation, rather than the paper's single epoch"),
+              "with its learning rate (1x or 4x the preset's), by the one-standard-error rule: the fewest epochs "
+              "whose validation rate is within one binomial standard error of the best setting's",
+              "each method at the cheapest setting validation cannot tell from its best, rather than the paper's "
+              "single epoch"),
     Deviation("schedule", "cosine with a minimum learning rate (OpenRLHF), 3% warm-up", schedule_text,
               "the adapter after e epochs of one run is then an e-epoch run, so one run per method serves the whole "
               "epoch sweep on validation", "larger late steps than a cosine decay"),
