@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
                          **with_fields)
     tun.add_argument("--seeds", type=_parse_seeds, default=None, help="tuning seeds (default: the preset's)")
     tun.add_argument("--no-progress", action="store_true")
+    tun.add_argument("--rechoose", action="store_true",
+                     help="no sweep: re-apply the choice rule to the committed figures/tuning_<preset>.csv and rewrite "
+                          "figures/choices_<preset>.csv (and heldout_choices_<preset>.csv from its sweep, if committed)")
 
     held = sub.add_parser("heldout", help="MIPO vs prompting on preference types never trained on -> figures/heldout_types_<preset>.csv",
                           **with_fields)
@@ -83,6 +86,16 @@ def main(argv: list[str] | None = None) -> int:
             from mipo_lib.workbook.runner import reproduce
 
             reproduce(args.preset, args.seeds, args.notebooks, args.redo, progress=not args.no_progress, overrides=overrides)
+        elif args.command == "tune" and args.rechoose:
+            from mipo_lib.config import choices_path
+            from mipo_lib.experiments import heldout, tune
+
+            pairs = [(tune.tuning_path(args.preset), choices_path(args.preset)),
+                     (heldout.tuning_path(args.preset), heldout.choices_path(args.preset))]
+            for i, (tuning, choices) in enumerate(pairs):
+                if i == 0 or choices.exists():
+                    print(f"{choices.name} from {tuning.name}:")
+                    print(tune.rechoose(tuning, choices).drop(columns=["tuned_under", "rule"]).to_string(index=False))
         elif args.command == "tune":
             from mipo_lib.experiments.tune import run
             from mipo_lib.workbook.runner import say_settings

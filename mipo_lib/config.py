@@ -151,17 +151,18 @@ class Preset:
         "official code; notebook 06 varies it. Also sets context-aware decoding's default strength, 1/beta.")})
     learning_rate: float = field(default=2e-4, metadata={"help": (
         "MIPO's (DPO's) learning rate, constant after warm-up. The official code fine-tunes all weights at 5e-7; "
-        "LoRA needs far more (5e-5 moved nothing visible on cpu in the pilot): cpu 2e-4 (make tune kept it over "
-        "8e-4 on validation, figures/choices_cpu.csv); t4 5e-5 and paper 2e-5 are NOT validated on their models "
+        "LoRA needs far more (5e-5 moved nothing visible on cpu in the pilot): cpu 2e-4 as written, 8e-4 as "
+        "chosen by make tune's one-standard-error rule on validation (figures/choices_cpu.csv); t4 5e-5 and paper 2e-5 are NOT validated on their models "
         "(nobody has run make tune PRESET=t4 on a GPU yet; expect them too small for LoRA, as 5e-5 was on cpu).")})
     sft_learning_rate: float = field(default=2e-4, metadata={"help": (
         "The SFT baseline's learning rate, chosen apart from MIPO's so each method runs at its own best: cpu 2e-4 "
         "as written, 8e-4 as chosen on validation (figures/choices_cpu.csv); t4 5e-5 and paper 2e-5, not validated "
         "on their models (make tune PRESET=t4 chooses both on a GPU).")})
     epochs: int = field(default=2, metadata={"help": (
-        "MIPO's (DPO's) passes over the pairs: cpu 2 as written, 8 as chosen by make tune on validation "
-        "(figures/choices_cpu.csv); cpu-reasoning 2 (the pilot's value, not tuned); t4 and paper 1, as the official "
-        "code trains, not validated on their models with LoRA (make tune PRESET=t4 chooses epochs on a GPU).")})
+        "MIPO's (DPO's) passes over the pairs: cpu 2 as written, and 2 as chosen by make tune on validation "
+        "(8 epochs scored best, 2 at 8e-4 within one standard error of it; figures/choices_cpu.csv); cpu-reasoning "
+        "2 (the pilot's value, not tuned); t4 and paper 1, as the official code trains, not validated on their "
+        "models with LoRA (make tune PRESET=t4 chooses epochs on a GPU).")})
     sft_epochs: int = field(default=2, metadata={"help": (
         "The SFT baseline's own passes over the chosen replies (make tune chooses them apart from MIPO's): cpu 2 as "
         "written, 4 as chosen on validation; t4 and paper 1, not validated on their models.")})

@@ -153,13 +153,14 @@ def test_cli_writes_the_table(fake_pipeline, capsys):
     assert fake_pipeline == [(heldout.TASK, (1,), heldout.METHODS, 2)]
 
 
-def test_committed_cpu_records_match_the_reference_settings_and_results():
+def test_committed_cpu_records_match_the_reference_settings_and_results(heldout_run_settings):
     """The committed table is the reference run's (`make heldout SET="dtype=float32"`): a change to anything in its
     keys without rerunning it fails here, and the results file's held-out rows are computed from it."""
     from mipo_lib.config import repo_root
 
     path = repo_root() / "figures" / "heldout_types_cpu.csv"
-    frame, why = heldout.committed(get_preset("cpu", dtype="float32"), [0], path=path)
+    run = get_preset("cpu", dtype="float32", **heldout_run_settings)
+    frame, why = heldout.committed(run, [0], path=path)
     assert frame is not None, why
     results = pd.read_csv(repo_root() / "figures" / "results_cpu.csv")
     rows = results[(results["kind"] == "per_seed") & (results["task"] == heldout.TASK)].set_index("method")

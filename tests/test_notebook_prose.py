@@ -54,9 +54,9 @@ def span(kind: str, key: str, content: str) -> str:
 # ------------------------------------------------------------------------------------------ settings and schedule
 def test_setting_spans_render_the_preset_with_its_validation_choices():
     choices = pd.read_csv(repo_root() / "figures" / "choices_cpu.csv", dtype={"value": str}).set_index("field")["value"]
-    assert readme.setting_text("cpu/epochs") == choices["epochs"] == "8"
+    assert readme.setting_text("cpu/epochs") == choices["epochs"] == "2"
     assert readme.setting_text("cpu/cad_alpha") == choices["cad_alpha"] == "1"  # 1, not 1.0
-    assert readme.setting_text("cpu/learning_rate") == "0.0002"
+    assert readme.setting_text("cpu/learning_rate") == "0.0008"
     assert readme.setting_text("smoke/epochs") == str(config.get_preset("smoke").epochs)
     assert readme.render_spans(span("setting", "cpu/sft_epochs", "2")) == span("setting", "cpu/sft_epochs", "4")
     with pytest.raises(MipoError, match="has no field 'epoch'"):
@@ -72,7 +72,7 @@ def test_a_setting_span_prints_nothing_on_a_cpu_with_native_bf16(monkeypatch, ca
     config.get_preset("cpu")
     assert "tuned under dtype=float32" in capsys.readouterr().out  # the note this guards against
     monkeypatch.setattr(config, "_SAID", set())
-    assert readme.render_spans(span("setting", "cpu/epochs", "x")) == span("setting", "cpu/epochs", "8")
+    assert readme.render_spans(span("setting", "cpu/epochs", "x")) == span("setting", "cpu/epochs", "2")
     assert readme.deviations_block("cpu")
     assert capsys.readouterr().out == ""
 
@@ -90,16 +90,16 @@ def test_the_schedule_span_follows_dpo_lr_schedule(monkeypatch):
 
 # ------------------------------------------------------------------------------------------ rendering a notebook
 def test_rendering_a_notebook_touches_only_its_markdown_spans():
-    stale = span("setting", "cpu/epochs", "2")
+    stale = span("setting", "cpu/epochs", "8")
     prose = ["MIPO trains ", stale, " epochs\n", "and more.\n"]
     nb = {"cells": [{"cell_type": "markdown", "metadata": {}, "source": prose},
                     {"cell_type": "code", "metadata": {}, "outputs": [], "source": [stale]},
                     {"cell_type": "markdown", "metadata": {}, "source": ["no span"]}],
           "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
     out = readme.render_notebook(nb)
-    assert out["cells"][0]["source"] == [f"MIPO trains {span('setting', 'cpu/epochs', '8')} epochs\n", "and more.\n"]
+    assert out["cells"][0]["source"] == [f"MIPO trains {span('setting', 'cpu/epochs', '2')} epochs\n", "and more.\n"]
     assert out["cells"][1:] == nb["cells"][1:]  # code cells are not rendered
-    assert nb["cells"][0]["source"][1].endswith("2<!-- /setting -->")  # the input is not changed in place
+    assert nb["cells"][0]["source"][1].endswith("8<!-- /setting -->")  # the input is not changed in place
 
 
 def test_update_notebooks_keeps_the_committed_json_format(tmp_path):
@@ -109,7 +109,7 @@ def test_update_notebooks_keeps_the_committed_json_format(tmp_path):
     target = tmp_path / "notebooks" / source.name
     target.write_text(committed)
     assert readme.update_notebooks(tmp_path) == []
-    target.write_text(committed.replace(span("setting", "cpu/epochs", "8"), span("setting", "cpu/epochs", "2"), 1))
+    target.write_text(committed.replace(span("setting", "cpu/epochs", "2"), span("setting", "cpu/epochs", "8"), 1))
     assert readme.update_notebooks(tmp_path) == [target]
     assert target.read_text() == committed
 

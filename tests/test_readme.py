@@ -104,9 +104,13 @@ def test_block_states_rates_differences_and_verdicts_from_the_table():
     table = stats.results_table(rec, n_boot=300)
     block = readme.results_block(table, "smoke")
     mipo = table[(table["kind"] == "paired_difference") & (table["method"] == "MIPO")
-                 & (table["baseline"] == "prompting") & (table["ci_design"] == "crossed")].iloc[0]
+                 & (table["baseline"] == "prompting") & (table["ci_design"] == stats.DEFAULT_DESIGN)].iloc[0]
     assert f"{100 * mipo['diff']:+.1f} points, 95% CI [{100 * mipo['diff_lo']:+.1f}, {100 * mipo['diff_hi']:+.1f}]" in block
     assert "same in every seed" in block  # prompting is deterministic
+    assert readme.DESIGN_WORDS[stats.DEFAULT_DESIGN] in block  # the table's design, said as such
+    type_level = table.loc[(table["kind"] == "paired_difference") & (table["ci_design"] != stats.DEFAULT_DESIGN),
+                           "ci_design"].iloc[0]
+    assert f"Type-level, {type_level}: [" in block  # beside the prompt-level interval
     assert "| **MIPO** | DPO on the MIPO pairs; context in the prompt; greedy |" in block
     assert block.startswith(readme._begin("smoke")) and block.endswith(readme.END.format(preset="smoke"))
 
@@ -337,20 +341,27 @@ def test_headline_states_each_difference_with_its_ci_verdict_and_population():
     table = pd.read_csv(readme.results_path("cpu"))
     block = readme.headline_block(table, "cpu")
     assert block.startswith(readme.markers("headline", "cpu")[0]) and block.endswith(readme.markers("headline", "cpu")[1])
-    crossed = table[(table["kind"] == "paired_difference") & (table["ci_design"] == "crossed")
-                    & (table["task"] == "personalization")]
-    assert len(crossed) >= 2
-    for _, r in crossed.iterrows():
+    # the committed table may predate the seed-aware designs: the block reads the design the table holds
+    design = stats.prompt_level_design(table)
+    diffs = table[(table["kind"] == "paired_difference") & (table["task"] == "personalization")]
+    prompt_level = diffs[diffs["ci_design"] == design]
+    type_level = diffs[diffs["ci_design"] != design].set_index(["method", "baseline"])
+    assert len(prompt_level) >= 2 and len(type_level) == len(prompt_level)
+    for _, r in prompt_level.iterrows():
+        c = type_level.loc[(r["method"], r["baseline"])]
         assert (f"| {r['method']} − {r['baseline']} | {100 * r['rate']:.1f}% vs {100 * r['baseline_rate']:.1f}% | "
                 f"**{100 * r['diff']:+.1f} [{100 * r['diff_lo']:+.1f}, {100 * r['diff_hi']:+.1f}]** |") in block
+        assert f"| [{100 * c['diff_lo']:+.1f}, {100 * c['diff_hi']:+.1f}], " in block  # the type-level one beside it
+    assert readme.DESIGN_WORDS[design] in block
     # the population in words, counted off the task's test split and the table's seeds
-    assert "100 held-out prompts (10 requests never trained on x 10 preference types), 3 seeds" in block
+    assert "on these 10 preference types x 10 test requests (100 held-out prompts" in block and "3 seeds" in block
     assert "held-out types" not in block and "unseen_types" not in block  # the main task only
 
 
 def test_headline_follows_a_flipped_verdict_and_names_a_missing_column():
     table = pd.read_csv(readme.results_path("cpu"))
-    row = (table["kind"] == "paired_difference") & (table["baseline"] == "SFT") & (table["ci_design"] == "crossed") \
+    row = (table["kind"] == "paired_difference") & (table["baseline"] == "SFT") \
+        & (table["ci_design"] == stats.prompt_level_design(table)) \
         & (table["task"] == "personalization")
     flipped = table.assign(detectable=table["detectable"].where(~row, not bool(table.loc[row, "detectable"].iloc[0])))
     assert readme.headline_block(flipped, "cpu") != readme.headline_block(table, "cpu")

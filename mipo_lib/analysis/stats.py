@@ -70,8 +70,9 @@ RESULTS_DESIGNS: tuple[str, str] = ("crossed", "cluster")
 """(prompt-level, type-level) CI designs of `results_table`; the first is every function's default `design`.
 
 The committed results use the crossed bootstrap. The switch to the seed-aware intervals is this one line,
-`RESULTS_DESIGNS = ("seed-aware", "seed-aware-cluster")`, made together with the next multi-seed reference run
-(code that picks a table's prompt-level rows by the literal label "crossed" must then use `DEFAULT_DESIGN`)."""
+`RESULTS_DESIGNS = ("seed-aware", "seed-aware-cluster")`, made together with the next multi-seed reference run. Code
+that reads a table takes the prompt-level design from the table itself (its first paired difference's `ci_design`,
+`prompt_level_design`), never from this constant, so tables written before and after the switch both read right."""
 DEFAULT_DESIGN: str = RESULTS_DESIGNS[0]
 ALPHA = 0.05  # a comparison is "detectable" when its Holm-adjusted p-value is below ALPHA (the 95% CIs' level)
 
@@ -805,10 +806,11 @@ def findings_table(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(list(rows)).reindex(columns=list(FINDINGS_COLUMNS))
 
 
-def comparisons_from_results(table: pd.DataFrame, design: str = DEFAULT_DESIGN) -> pd.DataFrame:
-    """The paired differences of a results table (`write_results`' CSV) of one CI `design` as a comparisons table:
-    `method − baseline` in points, with the size of each row's Holm family (the rows of that family and design with a
-    p-value) so `render.difference` states it."""
+def comparisons_from_results(table: pd.DataFrame, design: str | None = None) -> pd.DataFrame:
+    """The paired differences of a results table (`write_results`' CSV) of one CI `design` (default: the table's
+    prompt-level one, `prompt_level_design`) as a comparisons table: `method − baseline` in points, with the size of
+    each row's Holm family (the rows of that family and design with a p-value) so `render.difference` states it."""
+    design = design or prompt_level_design(table)
     diffs = table[(table["kind"] == "paired_difference") & (table["ci_design"] == design)]
     sizes = diffs[diffs["p_value"].notna()].groupby("family").size()
     rows = [{
@@ -928,14 +930,25 @@ def results_table(
     return out.reindex(columns=list(RESULTS_COLUMNS))
 
 
+def prompt_level_design(table: pd.DataFrame) -> str:
+    """The prompt-level CI design a results table holds: its first paired difference's `ci_design` (`results_table`
+    writes the prompt-level rows first), so tables written under an earlier `RESULTS_DESIGNS` still read right."""
+    diffs = table[table["kind"] == "paired_difference"]
+    if diffs.empty:
+        raise MipoError("the results table has no paired differences; rerun the notebook that wrote it")
+    return str(diffs["ci_design"].iloc[0])
+
+
 def difference_from_results(
-    table: pd.DataFrame, method: str, baseline: str, design: str = DEFAULT_DESIGN
+    table: pd.DataFrame, method: str, baseline: str, design: str | None = None
 ) -> dict[str, Any]:
     """A paired difference read back from a results table (`write_results`' CSV), in `paired_difference`'s keys.
 
     Lets a figure combine numbers of two committed runs (personalization and reasoning) without rerunning either:
-    the CI is the one computed when the table was written; per-seed relative gains come from its per-seed rows.
+    the CI is the one computed when the table was written (`design`: default the table's prompt-level one,
+    `prompt_level_design`); per-seed relative gains come from its per-seed rows.
     """
+    design = design or prompt_level_design(table)
     rows = table[(table["kind"] == "paired_difference") & (table["method"] == method) & (table["baseline"] == baseline)]
     if "ci_design" in rows:
         rows = rows[rows["ci_design"] == design]

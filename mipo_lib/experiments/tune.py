@@ -11,9 +11,13 @@ What is chosen, each method at its own best:
   them and stays a named variant in the ablations).
 
 Each setting is scored on the validation prompts (requests never used for training or testing) with the judge, and
-the rule is: the highest mean validation rate over the tuning seeds; ties go to the cheaper setting (fewer epochs,
-then the smaller learning rate; the weaker strength). The sweep is written to `figures/tuning_<preset>.csv` and the
-choices to `figures/choices_<preset>.csv`, which `config.get_preset` reads for that preset: `make reproduce` then touches the
+the rule is the one-standard-error rule (`RULE`, `choose`): the best setting's rate p is measured on n = validation
+prompts x tuning seeds judged replies, so its binomial standard error sqrt(p(1-p)/n) (about 7 points on 50 prompts)
+says which other settings it does not beat; among those within one standard error of it, the cheapest is chosen
+(fewest epochs, then the highest rate, then the smaller learning rate; CAD: the weakest strength). The highest rate
+alone would buy a noise-sized gain with four times the training. The sweep is written to
+`figures/tuning_<preset>.csv` and the choices to `figures/choices_<preset>.csv` (`rechoose` re-applies the rule to a
+committed sweep without training anything), which `config.get_preset` reads for that preset: `make reproduce` then touches the
 test set once, with these settings. Each row of the choices carries the settings its tuning read (`tuned_under`), so a
 run under other settings is told that the choices were not made for it (`config.resolve_preset`). Everything is cached
 and resumable like the pipeline's own stages.
@@ -22,6 +26,7 @@ and resumable like the pipeline's own stages.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -44,8 +49,11 @@ TUNED_FIELDS: dict[str, str] = {"MIPO": "epochs", "SFT": "sft_epochs", "CAD": "c
 #: The learning-rate field of each trained method, chosen jointly with its epochs.
 LR_FIELDS: dict[str, str] = {"MIPO": "learning_rate", "SFT": "sft_learning_rate"}
 N_VALIDATION = 50  # 5 of the 10 validation requests x 10 preferences (a fixed draw; 100 would double the cost)
-CHOICES_COLUMNS = ("field", "value", "method", "validation_rate", "grid", "seeds", "n_validation", "rule")
-RULE = "highest mean validation rate over the tuning seeds; ties: fewer epochs, then smaller learning rate / weaker strength"
+CHOICES_COLUMNS = ("field", "value", "method", "validation_rate", "grid", "seeds", "n_validation", "best_rate", "se",
+                   "rule")
+RULE = ("one-standard-error rule: among the settings whose mean validation rate is within one standard error of the "
+        "best setting's rate p (se = sqrt(p(1-p)/n), n = validation prompts x tuning seeds of that setting), the "
+        "cheapest: fewest epochs, then the highest rate, then the smaller learning rate; CAD: the weakest strength")
 
 
 def tuned_fields() -> set[str]:
@@ -165,27 +173,64 @@ def summarize(records: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def standard_error(rate: float, n: int) -> float:
+    """The binomial standard error of a success rate measured on `n` judged replies: how far apart two settings'
+    validation rates can be by chance alone."""
+    return math.sqrt(rate * (1 - rate) / n)
+
+
+def within_one_se(sub: pd.DataFrame) -> tuple[pd.Series, float, float]:
+    """(the chosen row, the best rate, its standard error) of one method's rows of a summary, by `RULE`.
+
+    The best row's n is its prompts x seeds (`n` x `n_seeds`). The order among the candidates puts cost first: the
+    fewest epochs (for CAD the weakest strength, the `value` column either way), then the highest rate, then the
+    smaller learning rate, which costs nothing but moves the adapter less."""
+    best = sub.loc[sub["rate"].idxmax()]
+    se = standard_error(float(best["rate"]), int(best["n"]) * int(best["n_seeds"]))
+    candidates = sub[sub["rate"] >= best["rate"] - se - 1e-12]  # the margin: rounding, not a looser rule
+    ordered = candidates.assign(minus_rate=-candidates["rate"]).sort_values(
+        ["value", "minus_rate", "learning_rate"], na_position="last", kind="stable")
+    return ordered.iloc[0], float(best["rate"]), se
+
+
 def choose(summary: pd.DataFrame, seeds: Sequence[int]) -> pd.DataFrame:
-    """The choices table: per tuned method, the setting with the highest validation rate (ties: the smallest value,
-    then the smallest learning rate), one row per field: epochs (or CAD's strength) and, where it was swept, the
-    learning rate chosen with them."""
+    """The choices table: per tuned method, the setting `RULE` picks (`within_one_se`), one row per field: epochs (or
+    CAD's strength) and, where it was swept, the learning rate chosen with them; each row states the best rate and its
+    standard error, so the table shows which settings the chosen one was allowed to replace."""
     summary = _with_learning_rate(summary)
     rows = []
     for method, field in TUNED_FIELDS.items():
-        sub = summary[summary["method"] == method].sort_values(["value", "learning_rate"])
+        sub = summary[(summary["method"] == method) & summary["rate"].notna()].sort_values(["value", "learning_rate"])
         if sub.empty:
             continue
-        best = sub.loc[sub["rate"].idxmax()] if sub["rate"].notna().any() else sub.iloc[0]
-        best = sub[sub["rate"] == best["rate"]].iloc[0]  # the cheapest among the tied best
-        common = {"method": method, "validation_rate": round(float(best["rate"]), 4),
-                  "seeds": " ".join(map(str, seeds)), "n_validation": int(best["n"]), "rule": RULE}
-        value = f"{int(best['value'])}" if field != "cad_alpha" else f"{float(best['value']):g}"  # as --set spells it
+        chosen, best_rate, se = within_one_se(sub)
+        common = {"method": method, "validation_rate": round(float(chosen["rate"]), 4),
+                  "seeds": " ".join(map(str, seeds)), "n_validation": int(chosen["n"]),
+                  "best_rate": round(best_rate, 4), "se": round(se, 4), "rule": RULE}
+        value = f"{int(chosen['value'])}" if field != "cad_alpha" else f"{float(chosen['value']):g}"  # as --set spells it
         rows.append({"field": field, "value": value, "grid": " ".join(f"{v:g}" for v in sub["value"].unique()), **common})
-        if method in LR_FIELDS and pd.notna(best["learning_rate"]):
+        if method in LR_FIELDS and pd.notna(chosen["learning_rate"]):
             rates = sorted(sub["learning_rate"].dropna().unique())
-            rows.append({"field": LR_FIELDS[method], "value": f"{float(best['learning_rate']):g}",
+            rows.append({"field": LR_FIELDS[method], "value": f"{float(chosen['learning_rate']):g}",
                          "grid": " ".join(f"{v:g}" for v in rates), **common})
     return pd.DataFrame(rows, columns=list(CHOICES_COLUMNS))
+
+
+def rechoose(tuning: Path, choices: Path) -> pd.DataFrame:
+    """Apply `choose` to a committed sweep (`tuning`) and rewrite the committed `choices` table with the result:
+    nothing is trained or evaluated. The seeds, the fields chosen (the held-out-types table holds only `epochs`) and
+    each row's `tuned_under` stay those of the committed table, since the sweep that made them is the same."""
+    for path in (tuning, choices):
+        if not path.exists():
+            raise MipoError(f"{path.name} is missing; run the target that sweeps and chooses (make tune, make heldout)")
+    committed = pd.read_csv(choices, dtype=str, keep_default_na=False)
+    seeds = [int(s) for s in committed["seeds"].iloc[0].split()]
+    new = choose(pd.read_csv(tuning), seeds)
+    new = new[new["field"].isin(committed["field"])].reset_index(drop=True)
+    under = dict(zip(committed["field"], committed["tuned_under"]))
+    new = new.assign(tuned_under=[under[f] for f in new["field"]])
+    new.to_csv(choices, index=False)
+    return new
 
 
 def tuned_under(preset: Preset, method: str, chosen: Iterable[str]) -> dict[str, Any]:

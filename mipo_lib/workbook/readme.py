@@ -37,7 +37,7 @@ from typing import Callable
 
 import pandas as pd
 
-from mipo_lib.analysis import ablation_findings, reasoning_findings, render
+from mipo_lib.analysis import ablation_findings, reasoning_findings, render, stats
 from mipo_lib.config import PRESETS, Preset, cli_text, get_preset, load_choices, repo_root
 from mipo_lib.dpo import LR_SCHEDULE
 from mipo_lib.errors import MipoError
@@ -139,22 +139,56 @@ def _task_choices_lines(task: str, preset: str) -> list[str]:
     return _choice_lines(repo_root() / "figures" / name.format(preset=preset), "Chosen on this task's own validation split", target)
 
 
+#: How the README says each prompt-level CI design a results table may hold (the table's own `ci_design` picks it).
+DESIGN_WORDS: dict[str, str] = {
+    "crossed": "paired crossed bootstrap over prompts and seeds",
+    "seed-aware": ("paired and seed-aware: a prompt part and a seed part of the variance with a Student-t quantile, so "
+                   "the interval widens as the seeds get fewer (docs/statistics.md)"),
+}
+
+
+def _by_design(diffs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(prompt-level rows, type-level rows indexed by (method, baseline)) of a table's paired differences, split by
+    the design the table itself holds (`stats.prompt_level_design`): tables written before and after a change of
+    `stats.RESULTS_DESIGNS` both render."""
+    if diffs.empty:
+        return diffs, diffs.set_index(["method", "baseline"])
+    prompt_level = stats.prompt_level_design(diffs)
+    return (diffs[diffs["ci_design"] == prompt_level],
+            diffs[diffs["ci_design"] != prompt_level].set_index(["method", "baseline"]))
+
+
+def _design_words(diffs: pd.DataFrame) -> str:
+    design = stats.prompt_level_design(diffs) if not diffs.empty else ""
+    if diffs.empty:
+        return "no paired differences"
+    if design not in DESIGN_WORDS:
+        raise MipoError(f"readme.DESIGN_WORDS does not say how the {design!r} intervals were computed; add it")
+    return DESIGN_WORDS[design]
+
+
+def _type_level(cluster: pd.DataFrame, r: pd.Series) -> str:
+    """The type-level interval beside a prompt-level row, or "—" when the table has none for that comparison."""
+    if (r["method"], r["baseline"]) not in cluster.index:
+        return "—"
+    c = cluster.loc[(r["method"], r["baseline"])]
+    return (f"[{render.points(c['diff_lo'])}, {render.points(c['diff_hi'])}], "
+            f"{'detectable' if bool(c['detectable']) else 'not detectable'}")
+
+
 def _difference_lines(diffs: pd.DataFrame) -> list[str]:
-    crossed = diffs[diffs["ci_design"] == "crossed"]
-    cluster = diffs[diffs["ci_design"] != "crossed"].set_index(["method", "baseline"])
+    prompt_level, cluster = _by_design(diffs)
     lines = []
-    for _, r in crossed.iterrows():
+    for _, r in prompt_level.iterrows():
         verdict = "detectable" if bool(r["detectable"]) else "no detectable difference"
         line = (f"- **{r['method']} − {r['baseline']}: {render.points(r['diff'])} points, 95% CI "
                 f"[{render.points(r['diff_lo'])}, {render.points(r['diff_hi'])}]** ({render.pct(r['rate'])} vs "
                 f"{render.pct(r['baseline_rate'])}; relative {render.points(r['rel_gain'])}% "
                 f"[{render.points(r['rel_lo'])}%, {render.points(r['rel_hi'])}%]); Holm-adjusted p = "
                 f"{r['p_holm']:.3g} in the family *{r['family']}*: {verdict}")
-        key = (r["method"], r["baseline"])
-        if key in cluster.index:
-            c = cluster.loc[key]
-            line += (f". Sensitivity, {c['ci_design']} bootstrap: [{render.points(c['diff_lo'])}, "
-                     f"{render.points(c['diff_hi'])}], {'detectable' if bool(c['detectable']) else 'not detectable'}")
+        if (r["method"], r["baseline"]) in cluster.index:
+            c = cluster.loc[(r["method"], r["baseline"])]
+            line += f". Type-level, {c['ci_design']}: {_type_level(cluster, r)}"
         lines.append(line + ".")
     return lines
 
@@ -203,8 +237,9 @@ def results_block(table: pd.DataFrame, preset: str = "cpu") -> str:
                             "the notebook that writes it")
         where = f"{n_seeds} seed{'' if n_seeds == 1 else 's'} x {n_values.pop()} held-out prompts"
         if i == 0:
-            body += [f"Preset `{preset}`, {where}; 95% CIs: paired bootstrap over prompts and seeds, crossed (every "
-                     "seed sees the same prompts); verdicts: Holm-adjusted p < 0.05 within the family named.", ""]
+            body += [f"Preset `{preset}`, {where}; 95% CIs: {_design_words(diffs)}; type-level: whole groups of the "
+                     "task (`Task.group`, the preference types) as the units; verdicts: Holm-adjusted p < 0.05 within "
+                     "the family named.", ""]
         else:
             source = TASK_SOURCES.get(str(task), "").format(preset=preset)
             body += ["", f"**{TASK_TITLES.get(str(task), str(task))}**: task `{task}`, {where}"
@@ -324,19 +359,22 @@ HEADLINE_END = "<!-- headline:{preset}:end -->"
 
 
 def _population(task: str, n: int, n_seeds: int) -> str:
-    """The test set in words, counted off the task's own test split: `100 held-out prompts (10 requests never trained
-    on x 10 preference types), 3 seeds`; prompts alone for a task without requests and preference types."""
+    """The test set in words, counted off the task's own test split: `on these 10 preference types x 10 test requests
+    (100 held-out prompts, requests never trained on), 3 seeds`; prompts alone for a task without requests and
+    preference types. The headline is a statement about these types, not preference-following in general."""
     examples = get_task(task).examples("test", n)
     requests = {e.meta.get("request_id") for e in examples}
     types = {e.meta.get("preference") for e in examples}
-    crossed = (f" ({len(requests)} requests never trained on x {len(types)} preference types)"
-               if None not in requests | types else "")
-    return f"{n} held-out prompts{crossed}, {n_seeds} seed{'' if n_seeds == 1 else 's'}"
+    seeds = f"{n_seeds} seed{'' if n_seeds == 1 else 's'}"
+    if None in requests | types:
+        return f"{n} held-out prompts, {seeds}"
+    return f"on these {len(types)} preference types x {len(requests)} test requests ({n} held-out prompts), {seeds}"
 
 
 def headline_block(table: pd.DataFrame, preset: str = "cpu") -> str:
     """The README's short results table (markers included): each paired difference of the table's first (main) task
-    with its 95% CI, its verdict and its cluster-bootstrap sensitivity, under one line that states the population."""
+    with its prompt-level 95% CI and verdict, and beside it the type-level interval (whole preference types as the
+    units), under one line that names the population the headline is about."""
     missing = [c for c in RESULTS_NEEDS if c not in table]
     if missing:
         raise MipoError(f"figures/{results_path(preset).name} lacks column(s) {missing}; rerun the notebook that "
@@ -346,30 +384,23 @@ def headline_block(table: pd.DataFrame, preset: str = "cpu") -> str:
         raise MipoError(f"figures/{results_path(preset).name} has no per-seed rows; rerun the notebook that writes it")
     task = str(per_seed["task"].iloc[0])
     diffs = table[(table["kind"] == "paired_difference") & (table["task"] == task)]
-    crossed = diffs[diffs["ci_design"] == "crossed"]
-    cluster = diffs[diffs["ci_design"] != "crossed"].set_index(["method", "baseline"])
+    prompt_level, cluster = _by_design(diffs)
     designs = sorted(set(cluster.reset_index()["ci_design"]))
     rows = []
-    for _, r in crossed.iterrows():
+    for _, r in prompt_level.iterrows():
         verdict = "detectable" if bool(r["detectable"]) else "no detectable difference"
-        sensitivity = "—"
-        if (r["method"], r["baseline"]) in cluster.index:
-            c = cluster.loc[(r["method"], r["baseline"])]
-            sensitivity = (f"[{render.points(c['diff_lo'])}, {render.points(c['diff_hi'])}], "
-                           f"{'detectable' if bool(c['detectable']) else 'not detectable'}")
         rows.append([f"{r['method']} − {r['baseline']}", f"{render.pct(r['rate'])} vs {render.pct(r['baseline_rate'])}",
                      f"**{render.points(r['diff'])} [{render.points(r['diff_lo'])}, {render.points(r['diff_hi'])}]**",
-                     f"{verdict} (p = {r['p_holm']:.3g})", sensitivity])
+                     f"{verdict} (p = {r['p_holm']:.3g})", _type_level(cluster, r)])
     n = int(per_seed["n"].iloc[0])
     begin, end = markers("headline", preset)
     return "\n".join([
         begin,
         f"Task `{task}`, preset `{preset}`: {_population(task, n, per_seed['seed'].nunique())}. Differences in "
-        "percentage points with 95% CIs (paired, crossed bootstrap over prompts and seeds); verdicts: Holm-adjusted "
-        "p < 0.05 within the family; sensitivity: the same check with whole groups of the task (`Task.group`) "
-        "resampled.", "",
-        *render.table(["comparison", "success rates", "difference, points [95% CI]", "verdict (Holm-adjusted p)",
-                       f"sensitivity, {' / '.join(designs) or 'none'} bootstrap"], rows),
+        f"points, 95% CIs ({_design_words(diffs)}); verdicts: Holm-adjusted p < 0.05 in the family; type-level: "
+        "whole preference types (`Task.group`) as the units.", "",
+        *render.table(["comparison", "success rates", "difference, points [prompt-level 95% CI]",
+                       "verdict (Holm-adjusted p)", f"type-level 95% CI ({' / '.join(designs) or 'none'})"], rows),
         end])
 
 
@@ -815,8 +846,10 @@ DEVIATIONS: tuple[Deviation, ...] = (
               lambda p: (f"MIPO {p.epochs} epochs, SFT {p.sft_epochs}, batch {p.batch_size} x {p.grad_accum} accumulation"
                          f"{_chosen(p, 'epochs', 'sft_epochs')}"),
               "60 pairs give 15 steps per epoch; each method's epochs are chosen on the validation split (1/2/4/8), "
-              "with its learning rate (1x or 4x the preset's)",
-              "each method at its own best on validation, rather than the paper's single epoch"),
+              "with its learning rate (1x or 4x the preset's), by the one-standard-error rule: the fewest epochs "
+              "whose validation rate is within one binomial standard error of the best setting's",
+              "each method at the cheapest setting validation cannot tell from its best, rather than the paper's "
+              "single epoch"),
     Deviation("schedule", "cosine with a minimum learning rate (OpenRLHF), 3% warm-up", schedule_text,
               "the adapter after e epochs of one run is then an e-epoch run, so one run per method serves the whole "
               "epoch sweep on validation", "larger late steps than a cosine decay"),
