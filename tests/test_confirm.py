@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from mipo_lib.analysis import stats
 from mipo_lib.config import get_preset, repo_root
 from mipo_lib.errors import MipoError
 from mipo_lib.experiments import confirm, ledger, pipeline
@@ -215,7 +216,7 @@ def paths(tmp_path):
                          tmp_path / "ledger.csv", tmp_path / "ledger.md")
 
 
-REFERENCE = confirm.Reference("0123456789ab", (0, 1), "crossed")
+REFERENCE = confirm.Reference("0123456789ab", (0, 1), stats.DEFAULT_DESIGN)
 
 
 def test_missing_adapters_stop_the_run_before_the_lock(paths, tmp_path, monkeypatch):
@@ -241,7 +242,7 @@ def test_it_evaluates_once_and_refuses_a_second_run_saying_why(paths, tmp_path, 
     assert set(records["example_id"].str[:3]) == {rid for rid, _ in NEW[:3]}
     written = pd.read_csv(paths.results)
     written[["hypothesis", "verdict"]] = written[["hypothesis", "verdict"]].fillna("")
-    h1 = written[(written["hypothesis"] == "H1") & (written["ci_design"] == "crossed")].iloc[0]
+    h1 = written[(written["hypothesis"] == "H1") & (written["ci_design"] == stats.DEFAULT_DESIGN)].iloc[0]
     assert h1["method"] == "MIPO" and h1["baseline"] == "prompting" and h1["n"] == n
     assert h1["verdict"] == ("confirmed" if h1["diff_lo"] > 0 else
                              "not confirmed (upper bound below 0)" if h1["diff_hi"] < 0 else "not confirmed")

@@ -290,7 +290,7 @@ def test_difference_from_results_round_trips_a_written_table(records, tmp_path):
     table = stats.write_results(records, tmp_path / "r.csv", n_boot=300)
     back = stats.difference_from_results(pd.read_csv(tmp_path / "r.csv"), "MIPO", "prompting")
     row = table[(table["kind"] == "paired_difference") & (table["method"] == "MIPO")
-                & (table["baseline"] == "prompting") & (table["ci_design"] == "crossed")].iloc[0]
+                & (table["baseline"] == "prompting") & (table["ci_design"] == stats.DEFAULT_DESIGN)].iloc[0]
     assert back["mean"] == pytest.approx(row["diff"], abs=1e-5) and back["relative_lo"] == pytest.approx(row["rel_lo"], abs=1e-5)
     assert len(back["per_seed"]) == records["seed"].nunique()
 

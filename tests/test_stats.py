@@ -115,7 +115,7 @@ def test_paired_difference_identical_methods_is_exactly_zero():
 
 
 def test_paired_difference_recovers_planted_difference():
-    d = stats.paired_difference(planted(3000), n_boot=2000, seed=0)
+    d = stats.paired_difference(planted(3000), n_boot=2000, seed=0, design="crossed")
     assert d["lo"] <= 0.1 <= d["hi"]
     assert d["lo"] > 0.0
     assert d["mean"] == pytest.approx(0.1, abs=0.02)
@@ -187,10 +187,10 @@ def test_write_results_per_seed_and_paired_rows(tmp_path):
     per = back[back["kind"] == "per_seed"]
     assert len(per) == len(stats.per_seed_metrics(rec)) == 1 + 3 + 3
     rows = back[back["kind"] == "paired_difference"]
-    assert rows["ci_design"].tolist() == ["crossed", "crossed", "cluster(group)", "cluster(group)"]
+    assert rows["ci_design"].tolist() == ["seed-aware", "seed-aware", "seed-aware cluster(group)", "seed-aware cluster(group)"]
     assert (rows["family"] == stats.MAIN_FAMILY).all() and (rows["p_holm"] >= rows["p_value"]).all()
     assert (rows["detectable"] == (rows["p_holm"] < 0.05)).all()
-    paired = rows[rows["ci_design"] == "crossed"].set_index("baseline")
+    paired = rows[rows["ci_design"] == "seed-aware"].set_index("baseline")
     assert list(paired.index) == ["prompting", "SFT"]  # MIPO - CAD is skipped: no CAD records
     d = stats.paired_difference(rec, "MIPO", "prompting", n_boot=300)
     assert paired.loc["prompting", "diff"] == pytest.approx(d["mean"], rel=1e-5)
@@ -216,7 +216,7 @@ def test_cluster_bootstrap_resamples_whole_groups():
     rec = make_records({"prompting": 0.25, "MIPO": 0.45}, n_examples=80, deterministic=("prompting",))
     # one cluster per example is the crossed bootstrap itself (same draws, same numbers)
     singletons = rec.assign(group=rec["example_id"])
-    crossed = stats.paired_difference(rec, n_boot=500, seed=3)
+    crossed = stats.paired_difference(rec, n_boot=500, seed=3, design="crossed")
     per_example = stats.paired_difference(singletons, n_boot=500, seed=3, design="cluster")
     assert per_example["ci_design"] == "cluster(group)"
     assert (per_example["lo"], per_example["hi"]) == pytest.approx((crossed["lo"], crossed["hi"]))
@@ -252,7 +252,7 @@ def test_seed_aware_is_the_t_interval_over_seeds_when_the_prompts_agree():
     assert (round(100 * d["lo"], 1), round(100 * d["hi"], 1)) == (-15.1, 49.8)
     assert d["df"] == pytest.approx(2.0) and d["se_prompts"] == pytest.approx(0.0, abs=1e-12) and d["seed_component"]
     assert d["ci_design"] == "seed-aware" and d["p_value"] > 0.05
-    crossed = stats.paired_difference(rec, n_boot=2000)
+    crossed = stats.paired_difference(rec, n_boot=2000, design="crossed")
     assert crossed["lo"] > 0 and crossed["hi"] - crossed["lo"] < 0.5 * (d["hi"] - d["lo"])
 
 
@@ -330,11 +330,15 @@ def test_seed_aware_p_value_ci_relative_gain_and_rates():
 
 
 def test_results_designs_switch_is_one_constant(monkeypatch):
-    """The committed results use the crossed bootstrap; `RESULTS_DESIGNS` switches every results table to the
-    seed-aware prompt-level and type-level intervals."""
+    """The results use the seed-aware prompt-level and type-level intervals (issue 29); `RESULTS_DESIGNS` is the one
+    constant that says so, and switching it back to the crossed bootstrap switches every results table."""
     rec = make_records({"prompting": 0.25, "MIPO": 0.45}, n_examples=60, deterministic=("prompting",))
-    assert stats.RESULTS_DESIGNS == ("crossed", "cluster") and stats.DEFAULT_DESIGN == "crossed"
-    monkeypatch.setattr(stats, "RESULTS_DESIGNS", ("seed-aware", "seed-aware-cluster"))
+    assert stats.RESULTS_DESIGNS == ("seed-aware", "seed-aware-cluster") and stats.DEFAULT_DESIGN == "seed-aware"
+    monkeypatch.setattr(stats, "RESULTS_DESIGNS", ("crossed", "cluster"))
+    crossed = stats.results_table(rec, n_boot=100)
+    crossed = crossed[crossed["kind"] == "paired_difference"]
+    assert list(crossed["ci_design"]) == ["crossed", "cluster(group)"]
+    monkeypatch.undo()
     rows = stats.results_table(rec, n_boot=100)
     rows = rows[rows["kind"] == "paired_difference"].set_index("ci_design")
     assert list(rows.index) == ["seed-aware", "seed-aware cluster(group)"]

@@ -93,6 +93,12 @@ def savefig(fig: Any, name: str, preset: Preset | str, caption: str | None = Non
 _FALLBACK_COLOURS = ("#c44e52", "#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd")
 _PMI_COLOURS = {"base": PALETTE["prompting"], "MIPO": PALETTE["MIPO"]}  # base model's response = prompting's
 BARS_SEEDS_EXAMPLES = "95% crossed bootstrap CI over prompts and seeds"
+#: What a figure's paired-difference box is, by the CI design `stats.paired_difference` uses by default.
+PAIRED_NOTES: dict[str, str] = {
+    "crossed": "Paired difference: same examples for both methods, resampled together.",
+    "seed-aware": ("Paired difference: same examples and seeds for both methods; 95% seed-aware CI (prompt and "
+                   "seed parts of the variance, Student-t over seeds)."),
+}
 PAPER_SETTING = "paper: 1B-7B instruct models, full fine-tuning, PRISM / Community Alignment / GSM8K / SVAMP / ARC, LLM judge"
 
 
@@ -215,8 +221,7 @@ def plot_method_rates(
     ax.set_title("Success rate per method")
     n_seeds = int(records["seed"].nunique())
     n_ex = int(records.groupby(["task", "example_id"]).ngroups) if "task" in records else int(records["example_id"].nunique())
-    cap = _meta_caption(meta, extra="Paired difference: same examples for both methods, resampled together."
-                        if note else None, n_seeds=meta.get("n_seeds", n_seeds), n_examples=meta.get("n_examples", n_ex))
+    cap = _meta_caption(meta, extra=PAIRED_NOTES[stats.DEFAULT_DESIGN] if note else None, n_seeds=meta.get("n_seeds", n_seeds), n_examples=meta.get("n_examples", n_ex))
     fig.tight_layout()
     return _finish(fig, cap)
 
