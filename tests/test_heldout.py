@@ -39,14 +39,18 @@ def fake_pipeline(monkeypatch, tmp_path):
     return calls
 
 
-def test_run_writes_the_first_seed_and_reads_back_unchanged(fake_pipeline):
+def test_run_writes_the_first_three_seeds_tuned_on_the_first_and_reads_back_unchanged(fake_pipeline, monkeypatch):
+    tuned, choose = [], heldout.choose_epochs
+    monkeypatch.setattr(heldout, "choose_epochs",
+                        lambda preset, seeds, progress=True: tuned.append(tuple(seeds)) or choose(preset, seeds, progress))
     written = heldout.run("smoke", progress=False)
-    assert fake_pipeline == [(heldout.TASK, (0,), heldout.METHODS, 2)]  # trained with the epochs chosen for it
+    # the epochs are chosen on the first seed's validation sweep (as make tune), then every seed trains with them
+    assert tuned == [(0,)] and fake_pipeline == [(heldout.TASK, (0, 1, 2), heldout.METHODS, 2)]
     preset = get_preset("smoke")
-    frame, why = heldout.committed(preset, [0])
+    frame, why = heldout.committed(preset, [0, 1, 2])
     assert why == ""
     pd.testing.assert_frame_equal(frame, written, check_dtype=False)
-    again, source = heldout.records(preset, [0])
+    again, source = heldout.records(preset, [0, 1, 2])
     assert source.startswith("read from") and len(fake_pipeline) == 1  # nothing recomputed
 
 
@@ -99,8 +103,8 @@ def test_missing_seed_or_file_recomputes(fake_pipeline):
     preset = get_preset("smoke")
     assert "no heldout_types_smoke.csv" in heldout.committed(preset, [0])[1]
     heldout.run("smoke", progress=False)
-    frame, why = heldout.committed(preset, [0, 1])
-    assert frame is None and "no prompting records for seed 1" in why
+    frame, why = heldout.committed(preset, [0, 3])
+    assert frame is None and "no prompting records for seed 3" in why
 
 
 def test_the_choice_is_written_and_sets_the_keys(fake_pipeline):
