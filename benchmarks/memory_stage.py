@@ -3,6 +3,7 @@
     python benchmarks/memory_stage.py cad                 # evaluate CAD on the cpu preset (seed 0, float32)
     python benchmarks/memory_stage.py train --pairs 16    # train MIPO on the seed's first 16 pairs (4 steps)
     python benchmarks/memory_stage.py cad --prompts 20    # CAD on 20 held-out prompts (one batch of 20, not 100)
+    python benchmarks/memory_stage.py train --train-prompts 8   # pairs from 8 prompts, then train MIPO on them
 
 The stage runs under `memory.stage` (the notebooks' measurement: VmHWM reset at the start, read at the end), with
 its own `runs/` folder (`MIPO_RUNS_DIR`, a temporary one unless given) so nothing cached is reused. A thread samples
@@ -65,6 +66,7 @@ def main() -> None:
     parser.add_argument("stage", choices=["train", "cad"])
     parser.add_argument("--pairs", type=int, default=0, help="train on the seed's first N pairs (0: all)")
     parser.add_argument("--prompts", type=int, default=0, help="evaluate N held-out prompts (0: the preset's)")
+    parser.add_argument("--train-prompts", type=int, default=0, help="build pairs from N prompts (0: the preset's)")
     parser.add_argument("--runs", default="", help="runs folder (default: a fresh temporary one)")
     args = parser.parse_args()
     os.environ.setdefault("MIPO_RUNS_DIR", args.runs or tempfile.mkdtemp(prefix="mipo-memory-"))
@@ -76,6 +78,8 @@ def main() -> None:
     overrides = {"dtype": "float32", "seeds": (0,)}
     if args.prompts:
         overrides["n_test_prompts"] = args.prompts
+    if args.train_prompts:
+        overrides["n_train_prompts"] = args.train_prompts
     preset = get_preset("cpu", **overrides)
     if args.stage == "train":
         pairs = pipeline.pairs_for_seed(preset, 0, progress=False)
