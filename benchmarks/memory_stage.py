@@ -8,7 +8,8 @@
 The stage runs under `memory.stage` (the notebooks' measurement: VmHWM reset at the start, read at the end), with
 its own `runs/` folder (`MIPO_RUNS_DIR`, a temporary one unless given) so nothing cached is reused. A thread samples
 the resident size every 20 ms and records, at the peak, which library function was running (the innermost
-`mipo_lib` frame of the main thread's stack): that names the place the peak comes from.
+`mipo_lib` frames of the main thread's stack): that names the place the peak comes from. Each climb of 100 MB past
+the highest sample so far is printed as it happens, so a run stopped early still shows where memory went.
 
 Scaling: a DPO step's peak depends on its batch (4 pairs at max_length 192), not on the number of steps, so a few
 steps on the seed's first pairs reach the full stage's peak up to the longest batch's length. CAD decodes the
@@ -33,11 +34,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 class PeakSampler:
     """The resident size every `interval` s, and the main thread's innermost `mipo_lib` frame at the highest one."""
 
-    def __init__(self, interval: float = 0.02) -> None:
+    def __init__(self, interval: float = 0.02, step_mb: float = 100.0) -> None:
         import psutil
 
         self._process, self._interval = psutil.Process(), interval
-        self.peak_mb, self.where = 0.0, ""
+        self.peak_mb, self.where, self.step_mb = 0.0, "", step_mb
         self._main = threading.main_thread().ident
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -54,6 +55,8 @@ class PeakSampler:
         while not self._stop.wait(self._interval):
             rss = self._process.memory_info().rss / 2**20
             if rss > self.peak_mb:
+                if rss > self.peak_mb + self.step_mb:  # a live trace of the climb, for a run stopped before its end
+                    print(f"  {rss:6.0f} MB at {self._frame()}", flush=True)
                 self.peak_mb, self.where = rss, self._frame()
 
     def stop(self) -> None:
