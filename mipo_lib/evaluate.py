@@ -51,9 +51,15 @@ class ContextAwareDecoding:
         self.cache: Any = None
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """The next-token logits after `ids` (the whole prompts at first, then one token), extending the cache.
+
+        Only the last position goes through the LM head (`logits_to_keep=1`, as `generate` does for the context
+        stream): the first call would otherwise hold the whole vocabulary's logits for every prompt position, e.g.
+        100 prompts x 50 tokens x 49,152 in fp32, 1 GB: CAD's peak on the cpu preset fell from 3.2 to 2.4 GB with this
+        (benchmarks/results.md)."""
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
-                         **{cache_argument(self.model.forward): self.cache})
+                         logits_to_keep=1, **{cache_argument(self.model.forward): self.cache})
         self.cache = cache_of(out)
         return out.logits[:, -1, :].float()
 

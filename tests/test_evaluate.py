@@ -1,6 +1,7 @@
 """Evaluation: context-aware decoding (exact formula, cached context-free stream), the records
 table, and the whole smoke pipeline (five methods, cached on the second call)."""
 
+import functools
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -15,6 +16,7 @@ from mipo_lib import cache, evaluate, methods
 from mipo_lib.experiments import pipeline
 from mipo_lib.config import get_preset
 from mipo_lib.evaluate import ContextAwareDecoding
+from mipo_lib.shared_prompt import cache_argument, cache_of
 from mipo_lib.generate import chat_prompt_ids, generate_batches, generate_reply_batches
 from mipo_lib.tasks import get_task
 
@@ -63,6 +65,39 @@ def test_cad_alpha_zero_in_generate_responses(tiny, task, preset):
     plain = evaluate.generate_responses(model, tok, task, examples, preset, progress=False)
     cad = evaluate.generate_responses(model, tok, task, examples, preset, cad_alpha=0.0, progress=False)
     assert cad == plain and len(plain) == 10
+
+
+def test_cad_context_free_stream_scores_only_the_last_position(tiny, task, preset, monkeypatch):
+    """The context-free stream asks the model for the last position's logits only (never the whole vocabulary at every
+    prompt position: 1 GB on the cpu preset), and its replies and token-cap flags are exactly those of the old path,
+    which scored every position and kept the last one."""
+    model, tok = tiny
+    examples = task.examples("test", 10)
+    positions = []
+    forward = type(model).forward
+
+    @functools.wraps(forward)  # its signature: `generate` passes logits_to_keep only to a forward that names it
+    def recording(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        positions.append(out.logits.shape[1])
+        return out
+
+    monkeypatch.setattr(type(model), "forward", recording)
+    kept = evaluate.generate_replies(model, tok, task, examples, preset, cad_alpha=2.0, progress=False)
+    assert set(positions) == {1}
+
+    def every_position(self, ids):  # the old ContextAwareDecoding._forward: no logits_to_keep
+        positions_ = (self.mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions_, use_cache=True,
+                         **{cache_argument(self.model.forward): self.cache})
+        self.cache = cache_of(out)
+        return out.logits[:, -1, :].float()
+
+    positions.clear()
+    monkeypatch.setattr(ContextAwareDecoding, "_forward", every_position)
+    old = evaluate.generate_replies(model, tok, task, examples, preset, cad_alpha=2.0, progress=False)
+    assert max(positions) > 1  # the old path did score every prompt position
+    assert old == kept and len(set(kept[0])) > 1
 
 
 def test_cad_one_step_matches_the_formula(tiny):

@@ -305,6 +305,16 @@ def test_timing_spans_render_from_the_table(key, text):
     assert readme.timing_text(TIMINGS, key) == text
 
 
+def test_wall_and_peak_take_a_notebooks_highest_stage_else_its_whole_run(tmp_path, monkeypatch):
+    pd.DataFrame([
+        {"notebook": "00_quickstart", "stage": "pairs (seed 0)", "peak_rss_mb": 2079.0},
+        {"notebook": "00_quickstart", "stage": "train MIPO (seed 0)", "peak_rss_mb": 3597.1},
+    ]).to_csv(tmp_path / "memory_cpu.csv", index=False)
+    monkeypatch.setattr(readme, "memory_path", lambda preset: tmp_path / f"memory_{preset}.csv")
+    assert readme.timing_text(TIMINGS, "cpu/00_quickstart wall+peak") == "10.4 min, 3.5 GB"  # the stage, not 3.3 GB
+    assert readme.timing_text(TIMINGS, "cpu/03_dpo_training wall+peak") == "25 min, 3.7 GB"  # no stage: the whole run
+
+
 def test_timing_spans_are_rewritten_in_place_and_a_missing_row_names_the_fix():
     span = "<!-- timing:cpu/00_quickstart wall -->"
     assert readme.render_spans(f"took **{span}9 min<!-- /timing -->** here", TIMINGS) == (

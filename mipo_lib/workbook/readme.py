@@ -437,6 +437,17 @@ def memory_block(preset: str) -> str:
     return "\n".join(lines)
 
 
+def notebook_peak_mb(rows: pd.DataFrame) -> float:
+    """A notebook's peak resident memory (`rows`: its timing rows): the highest of its stages in
+    `figures/memory_<preset>.csv` (its kernel, stage by stage, one-seed run) where it has measured stages, else its
+    run's whole-notebook peak from the timings table."""
+    preset, notebook = rows["preset"].iloc[0], rows["notebook"].iloc[0]
+    path = memory_path(preset)
+    stages = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["notebook", "peak_rss_mb"])
+    stages = stages[stages["notebook"] == notebook]
+    return float(stages["peak_rss_mb"].max() if len(stages) else rows["peak_rss_mb"].max())
+
+
 def _cut_cell(share: float) -> str:
     """The percentage of replies cut at the cap, or "—" for a variant without the record."""
     return "—" if pd.isna(share) else f"{100 * share:.0f}"
@@ -518,6 +529,7 @@ TIMING_FORMATS: dict[str, Callable[[pd.DataFrame], str]] = {
     "min-s": lambda rows: render.minutes_and_seconds(rows["wall_s"].sum()),
     "peak": lambda rows: render.gigabytes(rows["peak_rss_mb"].max()),
     "seeds": lambda rows: f"{len(str(rows['seeds'].iloc[0]).split())} seeds",
+    "wall+peak": lambda rows: f"{render.duration(rows['wall_s'].sum())}, {render.gigabytes(notebook_peak_mb(rows))}",
     "budget": _budget,
     "goal": lambda rows: (f"goal {REPRODUCE_GOAL_S // 60}: "
                           f"{'met' if rows['wall_s'].sum() <= REPRODUCE_GOAL_S else 'missed'}"),
