@@ -74,7 +74,8 @@ def test_only_the_reference_run_publishes():
     assert is_reference_run(get_preset("cpu-reasoning"), {"dtype": "float32"})  # notebook 07's reference (make reasoning)
     assert not is_reference_run(get_preset("smoke-reasoning"), {})
     assert not is_reference_run(get_preset("cpu"), {}, seeds=[0])  # the one-seed quick path writes under runs/
-    assert is_reference_run(get_preset("cpu"), {}, seeds=[0, 1, 2])
+    assert is_reference_run(get_preset("cpu"), {}, seeds=[0, 1, 2, 3, 4])
+    assert not is_reference_run(get_preset("cpu"), {}, seeds=[0, 1, 2])  # a subset of the preset's seeds
 
 
 def test_styled_tables_get_ids_from_their_content():

@@ -326,7 +326,7 @@ def test_seed_aware_p_value_ci_relative_gain_and_rates():
     with pytest.raises(MipoError, match="at least 2 clusters"):
         stats.paired_difference(seed_by_prompt(np.ones((3, 5)), np.zeros(5)), design="seed-aware-cluster")
     with pytest.raises(MipoError, match="at least 2 examples"):
-        stats.paired_difference(seed_by_prompt(np.ones((3, 5)), np.arange(5)), design="seed-aware")
+        stats.paired_difference(seed_by_prompt(np.ones((3, 1)), np.arange(1)), design="seed-aware")
 
 
 def test_results_designs_switch_is_one_constant(monkeypatch):
@@ -575,3 +575,15 @@ def test_reported_gains_csv():
     assert {"personalization", "math+MC"} <= set(df["domain"])
     v1 = df[df["source"].str.contains("v1 abstract") & (df["domain"] == "personalization")].iloc[0]
     assert (v1["low"], v1["high"]) == (3, 40)
+
+
+def test_seed_aware_pools_strata_that_hold_one_example_each():
+    """A tiny run whose every preference type has one prompt leaves no within-type spread: the prompt-level
+    interval falls back to one stratum (s^2 / N) instead of failing, and a type-level row needs two types."""
+    rec = make_records({"prompting": 0.25, "MIPO": 0.45}, n_examples=40, deterministic=("prompting",))
+    own = rec.assign(group=rec["example_id"].astype(str))
+    one = rec.assign(group="all")
+    d_own, d_one = (stats.paired_difference(r, design="seed-aware") for r in (own, one))
+    assert (d_own["lo"], d_own["hi"]) == pytest.approx((d_one["lo"], d_one["hi"]))
+    table = stats.results_table(one, n_boot=50)
+    assert set(table.loc[table["kind"] == "paired_difference", "ci_design"]) == {stats.DEFAULT_DESIGN}

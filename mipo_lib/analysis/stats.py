@@ -295,8 +295,11 @@ def _variance_components(
         var_prompts = k / (k - 1) * float(np.sum((sizes * (means - per_example.mean())) ** 2)) / n**2
         df_prompts = k - 1
     else:
+        if n - k < 1 and n >= 2:  # every stratum a single example (a tiny run): no within-stratum spread to pool, so
+            codes, k = np.zeros(n, dtype=int), 1  # one stratum, s^2 / N: conservative, strata differences count as noise
+            means = np.array([per_example.mean()])
         if n - k < 1:
-            raise MipoError("design='seed-aware' needs a cluster of at least 2 examples; pass a coarser cluster column")
+            raise MipoError("design='seed-aware' needs at least 2 examples; evaluate more prompts")
         var_prompts = float(np.sum((per_example - means[codes]) ** 2)) / (n - k) / n
         df_prompts = n - k
     per_seed = values.mean(axis=1)
@@ -894,7 +897,7 @@ def results_table(
     `comparisons` defaults to `default_comparisons()`; those whose methods are not both in the records are skipped.
 
     Every comparison appears once per CI design of `RESULTS_DESIGNS` (`ci_design`): the prompt-level interval over
-    prompts and seeds, then, when `records` has the `cluster` column, its cluster variant (e.g. "cluster(group)"),
+    prompts and seeds, then, when `records` has the `cluster` column with two or more values per task, its cluster variant (e.g. "cluster(group)"),
     which treats whole clusters (for personalization the 10 preference types) as the units: a sensitivity analysis
     in case prompts of one preference share more than the prompt-level interval assumes, and the type-level
     interval reported beside the prompt-level one. `p_value` is the two-sided bootstrap p-value of
@@ -906,8 +909,8 @@ def results_table(
     per = per_seed_metrics(records).assign(kind="per_seed", baseline="", n_seeds=1)
     prompt_level, type_level = RESULTS_DESIGNS
     designs = [(prompt_level, "group")]
-    if cluster is not None and cluster in records:
-        designs.append((type_level, cluster))
+    if cluster is not None and cluster in records and records.groupby("task")[cluster].nunique().min() >= 2:
+        designs.append((type_level, cluster))  # a type-level interval needs at least two types to vary over
     rows = []
     for design, column in designs:
         diffs: dict[Any, dict[str, Any]] = {}
