@@ -56,7 +56,7 @@ class ContextAwareDecoding:
         Only the last position goes through the LM head (`logits_to_keep=1`, as `generate` does for the context
         stream): the first call would otherwise hold the whole vocabulary's logits for every prompt position, e.g.
         100 prompts x 50 tokens x 49,152 in fp32, 1 GB: CAD's peak on the cpu preset fell from 3.2 to 2.4 GB with this
-        (benchmarks/results.md)."""
+        (benchmarks/results_stages.md)."""
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
                          logits_to_keep=1, **{cache_argument(self.model.forward): self.cache})
