@@ -127,7 +127,7 @@ def test_paired_difference_recovers_planted_difference():
 
 def test_pairing_gives_tighter_ci_than_independent_cis():
     rec = planted(300)
-    d = stats.paired_difference(rec, n_boot=2000)
+    d = stats.paired_difference(rec, n_boot=2000, design="crossed")  # the same design as the rates below
     ha = stats.hierarchical_bootstrap(rec, "MIPO", n_boot=2000)
     hb = stats.hierarchical_bootstrap(rec, "prompting", n_boot=2000)
     assert d["hi"] - d["lo"] < 0.8 * math.hypot(ha["hi"] - ha["lo"], hb["hi"] - hb["lo"])
