@@ -110,11 +110,3 @@ def smoke_pairs(preset, tmp_path_factory):
         mp.setenv("MIPO_RUNS_DIR", str(tmp_path_factory.mktemp("pairs-runs")))
         model, tok = load_for_preset(preset)
         return build_pairs(model, tok, get_task("personalization"), preset, seed=0, progress=False)
-
-
-@pytest.fixture
-def heldout_run_settings() -> dict:
-    """The cpu settings `make heldout` last ran with that differ from cpu's committed choices: MIPO's learning rate
-    was cpu's choice under the highest-rate rule (2e-4); the one-standard-error rule re-derived it from the same sweep
-    (8e-4), so the committed held-out-types tables are stale until `make heldout` reruns, and then this goes."""
-    return {"learning_rate": 2e-4}

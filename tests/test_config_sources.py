@@ -121,14 +121,14 @@ def test_cpu_with_lora_r_4_says_which_committed_choices_no_longer_match(cpu_nati
     assert "are applied but were not chosen for these settings (make tune PRESET=cpu SET=" in line
 
 
-def test_the_committed_choices_record_the_reference_settings(heldout_run_settings):
+def test_the_committed_choices_record_the_reference_settings():
     """Both committed choices tables were tuned under the cpu preset as written, in fp32 (`make tune SEEDS=0
     SET="dtype=float32"`, `make heldout SET="dtype=float32"`): a change to the cpu preset that a tuning read, without
     tuning anew, fails here."""
     from mipo_lib.experiments import heldout
 
     reference = get_preset("cpu", dtype="float32")
-    held = reference.with_overrides(task=heldout.TASK, **heldout_run_settings)
+    held = reference.with_overrides(task=heldout.TASK)
     for path, preset in [(config.choices_path("cpu"), reference), (heldout.choices_path("cpu"), held)]:
         table = pd.read_csv(path)
         for row in table.itertuples():
