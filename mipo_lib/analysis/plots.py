@@ -366,8 +366,9 @@ def plot_validation_curves(train_log: pd.DataFrame, meta: dict[str, Any]) -> Any
                mlines.Line2D([], [], color="black", lw=0.7, alpha=0.4, label="thin: one seed"),
                mlines.Line2D([], [], color="gray", ls=":", lw=1, label="untrained (log 2, margin 0)")]
     handles += [mlines.Line2D([], [], color=colour(m), lw=2, label=m) for m in dpo_methods if m in set(log["method"])]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
+    # between the title and the panels, three to a row: below the panels it would run into the saved caption
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.925), ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.84))
     cap = _meta_caption(meta, bars="none; the validation pairs are the same for every seed", n_seeds=n_seeds,
                         n_examples=meta.get("n_validation_pairs"), examples_word="validation pairs", bars_word="CI",
                         dots="Solid: training pairs (logged every step); dashed with dots: validation pairs "
