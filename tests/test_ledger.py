@@ -9,8 +9,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
+from mipo_lib.analysis import stats
 from mipo_lib.config import repo_root
 from mipo_lib.errors import MipoError
 from mipo_lib.experiments import ledger
@@ -172,6 +174,11 @@ def test_a_document_without_markers_is_refused(tmp_path):
 
 
 def test_headline_reads_the_committed_results():
+    table = pd.read_csv(ROOT / "figures" / "results_cpu.csv")
     line = ledger.headline(ROOT / "figures" / "results_cpu.csv")
-    assert "MIPO 47.3% vs prompting 23.0%: +24.3 [+12.7, +36.3]" in line
-    assert line.endswith("[95% CIs: crossed; sensitivity: cluster(group)]")
+    design = stats.prompt_level_design(table)
+    r = table[(table["kind"] == "paired_difference") & (table["task"] == "personalization") & (table["method"] == "MIPO")
+              & (table["baseline"] == "prompting") & (table["ci_design"] == design)].iloc[0]
+    assert (f"MIPO {100 * r['rate']:.1f}% vs prompting {100 * r['baseline_rate']:.1f}%: {100 * r['diff']:+.1f} "
+            f"[{100 * r['diff_lo']:+.1f}, {100 * r['diff_hi']:+.1f}]") in line
+    assert line.endswith(f"[95% CIs: {design}; sensitivity: seed-aware cluster(group)]")

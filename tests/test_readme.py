@@ -367,7 +367,9 @@ def test_headline_states_each_difference_with_its_ci_verdict_and_population():
         assert f"| [{100 * c['diff_lo']:+.1f}, {100 * c['diff_hi']:+.1f}], " in block  # the type-level one beside it
     assert readme.DESIGN_WORDS[design] in block
     # the population in words, counted off the task's test split and the table's seeds
-    assert "on these 10 preference types x 10 test requests (100 held-out prompts" in block and "3 seeds" in block
+    n_seeds = int(prompt_level["n_seeds"].iloc[0])
+    assert "on these 10 preference types x 10 test requests (100 held-out prompts" in block
+    assert f"{n_seeds} seeds" in block and n_seeds >= 5  # the reference run issue 29 asked for
     assert "held-out types" not in block and "unseen_types" not in block  # the main task only
 
 

@@ -142,8 +142,7 @@ def _task_choices_lines(task: str, preset: str) -> list[str]:
 #: How the README says each prompt-level CI design a results table may hold (the table's own `ci_design` picks it).
 DESIGN_WORDS: dict[str, str] = {
     "crossed": "paired crossed bootstrap over prompts and seeds",
-    "seed-aware": ("paired and seed-aware: a prompt part and a seed part of the variance with a Student-t quantile, so "
-                   "the interval widens as the seeds get fewer (docs/statistics.md)"),
+    "seed-aware": "paired and seed-aware: prompt and seed variance, Student-t (docs/statistics.md)",
 }
 
 
