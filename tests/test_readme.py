@@ -503,3 +503,13 @@ def test_the_memory_block_names_every_stage_over_the_target(tmp_path, monkeypatc
     fitted.to_csv(path, index=False)
     text = readme.memory_block("cpu")
     assert f"{fitted.loc[1, 'stage']} in {fitted.loc[1, 'notebook']} (3.9 GB)" in text and "fits" not in text
+
+
+def test_the_confirm_span_renders_the_committed_verdict_or_says_it_has_not_run(tmp_path, monkeypatch):
+    table = pd.read_csv(readme.repo_root() / "figures" / "confirm_cpu.csv")
+    h1 = table[(table["hypothesis"] == "H1") & (table["ci_design"] == stats.prompt_level_design(table))].iloc[0]
+    text = readme.confirm_text("cpu")
+    assert text.startswith(f"H1 {h1['verdict']}: MIPO − prompting {100 * h1['diff']:+.1f} points")
+    assert f"on {int(h1['n'])} new prompts" in text
+    monkeypatch.setattr(readme, "repo_root", lambda: tmp_path)
+    assert readme.confirm_text("cpu") == "not run yet (`make confirm`)"

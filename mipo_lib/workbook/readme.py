@@ -17,6 +17,7 @@ Spans, `<!-- <kind>:<key> -->...<!-- /<kind> -->`, may sit on any page (`pages`)
   and `lab:<preset>/<notebook> + <preset>/<notebook> ...`: a class plan's summed study time against a lab's length;
 - `colab:<notebook>`: its Open-in-Colab badge, and `repo:clone`: the clone command, both from the one repository
   address of `workbook.environment` (`REPO`);
+- `confirmatory:<preset>`: the confirmatory test's H1 verdict and interval (`make confirm`'s results), or "not run yet";
 - `setting:<preset>/<field>`: a setting of the preset as its reference runs used it (`reference_preset`: the validation
   choices applied), e.g. `setting:cpu/epochs`, `setting:cpu/cad_alpha`, and `setting:cpu/n_seeds` (how many seeds);
 - `schedule:<preset>`: the DPO learning-rate schedule of our runs (`dpo.LR_SCHEDULE`) with the preset's warm-up;
@@ -707,7 +708,23 @@ def _span_renderers(timings: pd.DataFrame) -> dict[str, Callable[[str], str]]:
         "colab": lambda key: colab_badge(f"{key.strip()}.ipynb"),
         "repo": lambda key: _repo_text(key.strip()),
         "runtime": lambda key: runtime_text(timings, key),
+        "confirmatory": confirm_text,
     }
+
+
+def confirm_text(key: str) -> str:
+    """The confirmatory test's verdict, as its results table (`make confirm`, run once) records it: H1's
+    verdict, difference and interval on the plan's prompts, or that it has not been run."""
+    path = repo_root() / "figures" / f"confirm_{key.strip()}.csv"  # what `make confirm` writes (no module imports it)
+    if not path.exists():
+        return "not run yet (`make confirm`)"
+    table = pd.read_csv(path)
+    diffs = table[table["kind"] == "paired_difference"]
+    h1 = diffs[(diffs["hypothesis"] == "H1") & (diffs["ci_design"] == stats.prompt_level_design(table))].iloc[0]
+    per_seed = table[(table["kind"] == "per_seed") & (table["method"] == h1["method"])]
+    return (f"H1 {h1['verdict']}: {h1['method']} − {h1['baseline']} {100 * h1['diff']:+.1f} points "
+            f"[{100 * h1['diff_lo']:+.1f}, {100 * h1['diff_hi']:+.1f}] on {int(h1['n'])} new prompts, "
+            f"{int(per_seed['seed'].nunique())} seeds")
 
 
 def _next_span(text: str, kinds: list[str]) -> tuple[int, str] | None:
