@@ -678,7 +678,8 @@ def train_dpo(
 
     `eval_pairs` (pairs with reference log-probs, e.g. `pipeline.validation_pairs`) are evaluated `EVALS_PER_EPOCH`
     times an epoch; their loss, reward margin and accuracy join the log (`eval_*` columns). They are a diagnostic, not
-    part of the key: the adapter is the same with or without them (tests/test_dpo.py compares every LoRA tensor)."""
+    part of the key: the adapter is the same with or without them (tests/test_validation_curves.py compares every LoRA
+    tensor)."""
     training = Training.of("dpo", trainer_args)
     adapter_dir = Path(adapter_dir)
     if done := _start(training, preset, seed, pairs, adapter_dir, key, redo):
