@@ -439,8 +439,8 @@ def memory_block(preset: str) -> str:
 
 def notebook_peak_mb(rows: pd.DataFrame) -> float:
     """A notebook's peak resident memory (`rows`: its timing rows): the highest of its stages in
-    `figures/memory_<preset>.csv` (its kernel, stage by stage, one-seed run) where it has measured stages, else its
-    run's whole-notebook peak from the timings table."""
+    `figures/memory_<preset>.csv` (its kernel, stage by stage, as the recorded run measured it) where it has
+    measured stages, else its run's whole-notebook peak from the timings table."""
     preset, notebook = rows["preset"].iloc[0], rows["notebook"].iloc[0]
     path = memory_path(preset)
     stages = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["notebook", "peak_rss_mb"])
