@@ -26,7 +26,7 @@ def test_badge_colab_cell_and_environment_cell(path):
     assert first.cell_type == "markdown" and colab_badge(path.name) in first.source, f"{path.name}: badge missing or not for {REPO}"
     code = [c for c in nb.cells if c.cell_type == "code"]
     colab = code[0].source
-    assert colab == environment.colab_cell(path.name), f"{path.name}: regenerate with `python -m mipo_lib.workbook.environment colab-cells`"
+    assert colab == environment.colab_cell(), f"{path.name}: regenerate with `python -m mipo_lib.workbook.environment colab-cells`"
     assert colab.startswith("# NBVAL_SKIP") and '"google.colab" in sys.modules' in colab and REPO in colab
     assert "parameters" in code[1].get("metadata", {}).get("tags", []), f"{path.name}: parameters must follow the Colab cell"
     assert any("environment_report()" in c.source for c in code[2:5]), f"{path.name}: no environment cell near the top"
@@ -113,7 +113,7 @@ def test_the_library_never_asks_for_input():
 
 
 def test_colab_cell_is_python_and_takes_a_fork():
-    cell = environment.colab_cell("03_dpo_training.ipynb", repo="course/fork")
+    cell = environment.colab_cell(repo="course/fork")
     compile(cell, "<colab cell>", "exec")
     assert 'os.environ.get("MIPO_REPO", "course/fork")' in cell
     assert "course/fork" in colab_badge("03_dpo_training.ipynb", repo="course/fork")

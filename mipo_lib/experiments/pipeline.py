@@ -107,7 +107,7 @@ def train_for_seed(preset: Preset, method: str, seed: int, redo: bool = False, p
         return finished
     pairs = pairs_for_seed(preset, seed, progress=progress)
     # DPO only: validation pairs are DPO rows (SFT would score only the positives); not in the key (they change nothing
-    # the run trains, tests/test_dpo.py), so an adapter trained without them is still reused
+    # the run trains, tests/test_validation_curves.py), so an adapter trained without them is still reused
     monitored = {"eval_pairs": validation_pairs(preset, progress=progress)} if m.trainer.kind == "dpo" else {}
     with memory.stage(f"train {method} (seed {seed})"):
         model, tokenizer = load_for_preset(preset)

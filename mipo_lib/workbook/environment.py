@@ -56,16 +56,15 @@ TRAINING_NOTEBOOKS = ("00", "03", "06", "07")
 DRIVE_TIMEOUT_S = 60
 
 
-def colab_cell(notebook: str, repo: str | None = None) -> str:
+def colab_cell(repo: str | None = None) -> str:
     """The source of every notebook's first code cell: the bootstrap that must run before `mipo_lib` is importable on
     Colab (clone the repository), then `colab_install`, which does the rest. The same in every notebook, six lines.
 
     Why split so: a fresh Colab machine has neither the workbook nor its pinned versions, so the clone has to live in
     the cell; everything after it (pins, restart, the marker that skips the second install) is library code, tested
     once instead of copied into eight notebooks. Elsewhere the cell does nothing (the clone is skipped, `colab_install`
-    returns at once). `notebook` is unused: the cell is the same everywhere (kept for `write_colab_cells`' signature).
+    returns at once).
     """
-    del notebook
     return f'''# NBVAL_SKIP  Colab only (nothing elsewhere): install the workbook, which restarts the runtime once; then Run all again.
 import os, subprocess, sys
 if "google.colab" in sys.modules and not os.path.isdir("{COLAB_CHECKOUT}"):  # a course's fork: set MIPO_REPO
@@ -318,7 +317,7 @@ def write_colab_cells(notebooks: Sequence[Path], repo: str | None = None) -> lis
         before = nbformat.writes(nb)
         first_md = next(c for c in nb.cells if c.cell_type == "markdown")
         first_md.source = badge.sub(lambda _: colab_badge(path.name, repo), first_md.source)
-        next(c for c in nb.cells if c.cell_type == "code").source = colab_cell(path.name, repo)
+        next(c for c in nb.cells if c.cell_type == "code").source = colab_cell(repo)
         for name in ("accelerator", "colab"):
             nb.metadata.pop(name, None)
         nb.metadata.update(colab_metadata(path.name))
