@@ -112,6 +112,7 @@ def invariance(model: Any, tok: Any, ids: list[list[int]], preset: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--preset", default="cpu", help="whose model and shapes (smoke: the tests' check)")
     parser.add_argument("--pair-prompts", type=int, default=60)
     parser.add_argument("--eval-prompts", type=int, default=32)
     parser.add_argument("--paths", default="dynamic,static,static+compile")
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    preset = get_preset("cpu", dtype=args.dtype)
+    preset = get_preset(args.preset, dtype=args.dtype)
     model, tok = load_for_preset(preset)
     task = get_task(preset.task)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, dtype {args.dtype}", flush=True)

@@ -4,6 +4,7 @@
     python benchmarks/memory_stage.py train --pairs 16    # train MIPO on the seed's first 16 pairs (4 steps)
     python benchmarks/memory_stage.py cad --prompts 20    # CAD on 20 held-out prompts (one batch of 20, not 100)
     python benchmarks/memory_stage.py train --train-prompts 8   # pairs from 8 prompts, then train MIPO on them
+    python benchmarks/memory_stage.py train --set gradient_checkpointing=true   # the laptop option's training peak
 
 The stage runs under `memory.stage` (the notebooks' measurement: VmHWM reset at the start, read at the end), with
 its own `runs/` folder (`MIPO_RUNS_DIR`, a temporary one unless given) so nothing cached is reused. A thread samples
@@ -64,26 +65,28 @@ class PeakSampler:
         self._thread.join()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("stage", choices=["train", "cad"])
     parser.add_argument("--pairs", type=int, default=0, help="train on the seed's first N pairs (0: all)")
     parser.add_argument("--prompts", type=int, default=0, help="evaluate N held-out prompts (0: the preset's)")
     parser.add_argument("--train-prompts", type=int, default=0, help="build pairs from N prompts (0: the preset's)")
     parser.add_argument("--runs", default="", help="runs folder (default: a fresh temporary one)")
-    args = parser.parse_args()
+    parser.add_argument("--preset", default="cpu", help="the preset whose stage is measured (smoke: the tests' check)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="preset field overrides")
+    args = parser.parse_args(argv)
     os.environ.setdefault("MIPO_RUNS_DIR", args.runs or tempfile.mkdtemp(prefix="mipo-memory-"))
 
     from mipo_lib import memory
-    from mipo_lib.config import get_preset
+    from mipo_lib.config import get_preset, parse_assignments
     from mipo_lib.experiments import pipeline
 
-    overrides = {"dtype": "float32", "seeds": (0,)}
+    overrides = {"dtype": "float32", "seeds": (0,), **parse_assignments(args.set)}
     if args.prompts:
         overrides["n_test_prompts"] = args.prompts
     if args.train_prompts:
         overrides["n_train_prompts"] = args.train_prompts
-    preset = get_preset("cpu", **overrides)
+    preset = get_preset(args.preset, **overrides)
     if args.stage == "train":
         pairs = pipeline.pairs_for_seed(preset, 0, progress=False)
         if args.pairs:  # the training stage reads its pairs through this function: hand it the first ones
