@@ -245,7 +245,7 @@ def load_model_and_tokenizer(
     """Load a causal LM and its tokenizer, ready for batched generation (left padding, pad token set)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dev = select_device(device)
+    dev = process_device(select_device(device))
     torch_dtype = select_dtype(dev, dtype)
     if load_in_4bit:
         check_4bit_backend(dev)
@@ -265,6 +265,19 @@ def load_model_and_tokenizer(
     model.eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def process_device(dev: torch.device) -> torch.device:
+    """The device this process loads its model onto: under `accelerate launch` (which sets `LOCAL_RANK`) a bare
+    "cuda" becomes this rank's GPU, `cuda:<LOCAL_RANK>`.
+
+    Why: a 4-bit model is placed by its `device_map` when it loads, and `{"": "cuda"}` means the current device, GPU 0
+    in every process that has not chosen another yet: all ranks would load onto the first GPU (and run out of its
+    memory) while the others stay idle. An explicit index, or one process, is left as it is."""
+    rank = os.environ.get("LOCAL_RANK")
+    if dev.type == "cuda" and dev.index is None and rank is not None:
+        return torch.device("cuda", int(rank))
+    return dev
 
 
 def load_for_preset(preset: Preset, **overrides: Any) -> tuple[Any, Any]:

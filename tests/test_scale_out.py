@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mipo_lib import pairs as pairs_mod
 from mipo_lib.config import get_preset
@@ -126,3 +127,39 @@ def test_two_cpu_processes_build_the_one_process_pairs_and_train(tmp_path, monke
     assert json.loads((one / "manifest.json").read_text())["generated_batches_by_process"] == [8]
     for name in ("responses.jsonl", "pairs.jsonl"):
         assert (two / name).read_bytes() == (one / name).read_bytes(), name
+
+
+def test_each_rank_loads_its_4bit_model_onto_its_own_gpu(monkeypatch):
+    """Under `accelerate launch` (LOCAL_RANK set) a 4-bit model's device_map names the rank's GPU, not a bare "cuda"
+    (GPU 0 for every rank); an explicit index and a single process are left alone. Faked: no GPU here."""
+    import mipo_lib.models as models
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    seen = {}
+
+    class FakeModel:
+        generation_config = type("G", (), {})()
+
+        def eval(self):
+            return self
+
+    def fake_model(path, **kwargs):
+        seen.update(kwargs)
+        return FakeModel()
+
+    tokenizer = type("T", (), {"pad_token": "x", "pad_token_id": 0, "padding_side": "right"})()
+    monkeypatch.setattr(models, "select_device", lambda requested=None: torch.device("cuda"))
+    monkeypatch.setattr(models, "select_dtype", lambda dev, dtype: torch.float16)
+    monkeypatch.setattr(models, "check_4bit_backend", lambda dev: None)
+    monkeypatch.setattr(models, "nf4_config", lambda dtype: "nf4")
+    monkeypatch.setattr(models, "resolve_model_path", lambda model_id: model_id)
+    monkeypatch.setattr(models, "pin_chat_template_date", lambda tok: None)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda path: tokenizer)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fake_model)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    models.load_model_and_tokenizer("some/model", load_in_4bit=True)
+    assert seen["device_map"] == {"": torch.device("cuda", 1)}
+    assert models.process_device(torch.device("cuda", 0)) == torch.device("cuda", 0), "an explicit index is kept"
+    assert models.process_device(torch.device("cpu")) == torch.device("cpu")
+    monkeypatch.delenv("LOCAL_RANK")
+    assert models.process_device(torch.device("cuda")) == torch.device("cuda"), "one process: as before"
