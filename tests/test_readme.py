@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -513,3 +514,20 @@ def test_the_confirm_span_renders_the_committed_verdict_or_says_it_has_not_run(t
     assert f"on {int(h1['n'])} new prompts" in text
     monkeypatch.setattr(readme, "repo_root", lambda: tmp_path)
     assert readme.confirm_text("cpu") == "not run yet (`make confirm`)"
+
+
+def test_a_range_row_has_the_seeds_of_its_notebooks_rows():
+    """`make reproduce`'s total row (00-05) and the per-notebook reference rows of the same run must name the same
+    seeds: the README's "with N seeds" next to the total reads the range row (a typed row once said 3 for a 5-seed run)."""
+    table = pd.read_csv(repo_root() / "figures" / "timings_cpu.csv", dtype=str, keep_default_na=False)
+    ref = table[table["run"] == "reference"]
+    for _, row in ref[ref["notebook"].str.fullmatch(r"\d\d-\d\d")].iterrows():
+        lo, hi = (int(x) for x in row["notebook"].split("-"))
+        def in_range(name: str) -> bool:
+            return bool(re.fullmatch(r"\d\d_.*", name)) and lo <= int(name[:2]) <= hi
+
+        inside = ref[ref["notebook"].map(in_range) & (ref["preset"] == row["preset"]) & (ref["date"] == row["date"])]
+        assert len(inside), f"no per-notebook rows of the {row['notebook']} run ({row['date']})"
+        assert set(inside["seeds"]) == {row["seeds"]}, (
+            f"figures/timings_cpu.csv: the {row['notebook']} row says seeds {row['seeds']!r}, its notebooks' rows "
+            f"{sorted(set(inside['seeds']))}; make them agree")
