@@ -16,6 +16,10 @@ the token cap instead of being cut off (a cut-off reply can fake some verdicts: 
 and tests on the other five, asking whether MIPO teaches following preferences in general or only the ones it saw. `register_preference` adds another
 checkable preference (key, sentence, checker); it then appears in pairs, training, evaluation, the per-preference
 figure and tables like the built-in ones.
+
+`personalization_constraints` is a test-only task: the same test requests under users who state a negative constraint
+("Please do not mention coffee in your reply.", `NEGATIVE_CONSTRAINTS`), which no training or tuning ever sees. It asks
+where MIPO's reward backfires: a sentence that names what to avoid makes that very thing likely (`make constraints`).
 """
 
 from __future__ import annotations
