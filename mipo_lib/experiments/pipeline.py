@@ -163,10 +163,10 @@ def evaluate_stored(
     preset: Preset, task: Task, examples: Sequence[Example], found: dict[tuple[str, int], Path],
     seeds: Sequence[int], methods: Sequence[str], progress: bool = True, cache_dir: Path | None = None,
 ) -> pd.DataFrame:
-    """Per-prompt records of `methods` x `seeds` on `examples`, another task's or another split's than the preset's
-    test prompts, answered by the base model (untrained methods: decoded once and repeated for each seed, as the
-    pipeline pairs deterministic methods) or by the adapters `found` (`stored_adapters`), with the preset's
-    evaluation settings.
+    """Per-prompt records of `methods` x `seeds` on any `examples` of `task` (prompts the preset's own evaluation
+    never asked: new requests, test-only constraints), answered by the base model (untrained methods: decoded once and
+    repeated for each seed, as the pipeline pairs deterministic methods) or by the adapters `found`
+    (`stored_adapters`), with the preset's evaluation settings.
 
     With `cache_dir`, each method's replies (and each seed's, for a trained one) are stored there under their
     `evaluate.evaluation_key` (on `task`'s prompts) and read back by a later call, so an interrupted run continues."""
