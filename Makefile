@@ -16,7 +16,7 @@ SET    ?=
 export HF_HUB_OFFLINE ?= $(if $(filter cpu% smoke%,$(PRESET)),1,0)
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup reproduce tune heldout ablations reasoning confirm test benchmark clean
+.PHONY: setup reproduce tune heldout constraints ablations reasoning confirm test benchmark clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,12 @@ tune: $(STAMP)
 # figures/heldout_types_$(PRESET).csv, which `make reproduce` reads while its settings match: make heldout SET="dtype=float32"
 heldout: $(STAMP)
 	$(BIN)/python -m mipo_lib heldout --preset $(PRESET) $(if $(SEEDS),--seeds $(SEEDS)) $(foreach s,$(SET),--set $(s))
+
+# Test-only negative constraints ("do not mention coffee") on the test requests, answered by prompting and by the
+# stored SFT and MIPO adapters of every seed (nothing trained: make reproduce first, with the same SEEDS and SET)
+# -> figures/negative_constraints_$(PRESET).csv and negative_constraints_results_$(PRESET).csv: make constraints SET="dtype=float32"
+constraints: $(STAMP)
+	$(BIN)/python -m mipo_lib constraints --preset $(PRESET) $(if $(SEEDS),--seeds $(SEEDS)) $(foreach s,$(SET),--set $(s))
 
 ablations: $(STAMP)
 	$(BIN)/python -m mipo_lib reproduce --preset $(PRESET) --notebooks 06 $(if $(SEEDS),--seeds $(SEEDS)) $(foreach s,$(SET),--set $(s))

@@ -1,4 +1,4 @@
-"""Command line: `python -m mipo_lib {setup,reproduce,tune,heldout,chat,readme,grade}`.
+"""Command line: `python -m mipo_lib {setup,reproduce,tune,heldout,constraints,chat,readme,grade}`.
 
 Any preset field can be changed with a repeatable `--set field=value` (parsed by the field's type: `beta=0.3`,
 `load_in_4bit=true`, `cad_alpha=none`, `lora_target_modules=q_proj,v_proj`, `seeds=0,1`); `reproduce` hands the same
@@ -56,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     held.add_argument("--seeds", type=_parse_seeds, default=None, help="MIPO seeds (default: the preset's first)")
     held.add_argument("--no-progress", action="store_true")
 
+    neg = sub.add_parser("constraints", help="prompting, SFT and MIPO's stored adapters on test-only negative "
+                         "constraints ('do not mention coffee') -> figures/negative_constraints_<preset>.csv",
+                         **with_fields)
+    neg.add_argument("--seeds", type=_parse_seeds, default=None, help="adapters' seeds (default: the preset's)")
+    neg.add_argument("--no-progress", action="store_true")
+
     rdm = sub.add_parser("readme", help="re-render the generated blocks and spans of README.md, docs/ and the notebooks' prose from the committed tables")
     rdm.add_argument("--preset", default="all", help="cpu, cpu-reasoning or all (default)")
 
@@ -63,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                           **with_fields)
     chat.add_argument("message")
     chat.add_argument("--max-new-tokens", type=int, default=64)
-    for command in (rep, chat, tun, held):
+    for command in (rep, chat, tun, held, neg):
         command.add_argument(
             "--set", action="append", default=[], dest="overrides", metavar="FIELD=VALUE",
             help="change one preset field, e.g. --set beta=0.3 (repeatable; every field is listed below)",
@@ -113,6 +119,18 @@ def main(argv: list[str] | None = None) -> int:
             rates = frame.groupby(["method", "seed"])[["score", "truncated"]].mean()
             print(rates.to_string(float_format="{:.3f}".format))
             print(f"wrote {records_path(args.preset)}")
+        elif args.command == "constraints":
+            from mipo_lib.experiments import constraints
+            from mipo_lib.workbook.runner import say_settings
+
+            say_settings(args.preset, overrides)
+            records, table, seconds = constraints.run(args.preset, overrides, args.seeds, progress=not args.no_progress)
+            print(constraints.per_constraint(records).to_string(index=False, float_format="{:.3f}".format))
+            diffs = table[table["kind"] == "paired_difference"]
+            print(diffs[["method", "baseline", "ci_design", "rate", "baseline_rate", "diff", "diff_lo", "diff_hi",
+                         "p_holm"]].to_string(index=False, float_format="{:.3f}".format))
+            print(f"wrote {constraints.records_path(args.preset)} and {constraints.results_path(args.preset).name} "
+                  f"in {seconds:.0f} s")
         elif args.command == "readme":
             from mipo_lib.workbook.readme import update_readme
 

@@ -43,7 +43,7 @@ BAD_VALUES = [
     ({"eval_batch_new_tokens": -1}, r"eval_batch_new_tokens=-1 must be >= 0 \(0 is off\)"),
     ({"dtype": "fp16"}, "dtype='fp16' must be one of auto, float32, float16, bfloat16"),
     ({"negative": "nope"}, "unknown negative; choose one of context_drop, random_context, random_prompt"),
-    ({"task": "mmlu"}, "task='mmlu' is an unknown task; choose one of personalization, personalization_unseen_types, arithmetic"),
+    ({"task": "mmlu"}, "task='mmlu' is an unknown task; choose one of personalization, personalization_unseen_types, personalization_constraints, arithmetic"),
     ({"lora_target_modules": ()}, "lora_target_modules=\\(\\) must name at least one module"),
     ({"lora_target_modules": ("q_proj", "")}, "must name at least one module"),
     ({"seeds": ()}, r"seeds=\(\) must hold at least one seed; e.g. seeds=0,1,2"),

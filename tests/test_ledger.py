@@ -20,7 +20,7 @@ from mipo_lib.experiments import ledger
 ROOT = repo_root()
 #: The tables whose every change is an evaluation of a test split (confirm_cpu.csv from `make confirm` on).
 TABLES = ("results_cpu.csv", "heldout_types_cpu.csv", "results_reasoning_cpu.csv", "ablations_cpu.csv",
-          "confirm_cpu.csv")
+          "confirm_cpu.csv", "negative_constraints_results_cpu.csv")
 
 
 def git(root: Path, *args: str) -> str:

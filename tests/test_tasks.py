@@ -454,8 +454,8 @@ def test_offline_env_set_after_import_is_still_honoured(monkeypatch):
 
 # ------------------------------------------------------------------------------------------------------- registry
 def test_registry():
-    builtin = ("personalization", "personalization_unseen_types", "arithmetic", "gsm8k", "svamp", "arc_easy",
-               "arc_challenge", "prism")
+    builtin = ("personalization", "personalization_unseen_types", "personalization_constraints", "arithmetic", "gsm8k",
+               "svamp", "arc_easy", "arc_challenge", "prism")
     assert task_names()[: len(builtin)] == builtin
     for name in builtin:
         assert get_task(name).name == name

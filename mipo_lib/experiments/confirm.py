@@ -8,7 +8,7 @@ test anything nobody looked at. `docs/confirmatory-plan.md` fixed in advance, in
   git history; the working tree must hold that run's results, validation choices, plan and requests unchanged);
 - the plan's requests crossed with the preference types the preset trains on, prompted and judged by the
   personalization task's own template and judge (`examples`), answered by prompting, SFT and MIPO with the preset's
-  evaluation settings (`evaluate.generate_replies`, `evaluate.records`); nothing is trained here;
+  evaluation settings (`pipeline.evaluate_stored`); nothing is trained here;
 - the paired differences of `HYPOTHESES` from `stats.results_table`, H1 read on the interval design of the reference
   run's headline row (`verdicts`).
 
@@ -38,12 +38,11 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from mipo_lib import dpo, evaluate, files, methods
+from mipo_lib import files
 from mipo_lib.analysis import stats
 from mipo_lib.config import Preset, get_preset, parse_assignments, repo_root
 from mipo_lib.errors import MipoError
 from mipo_lib.experiments import ledger, pipeline
-from mipo_lib.models import load_for_preset
 from mipo_lib.tasks import get_task
 from mipo_lib.tasks.base import Example
 from mipo_lib.tasks.personalization import PREFERENCES, PersonalizationTask
@@ -211,42 +210,6 @@ def _now() -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
-def adapters(preset: Preset, seeds: Sequence[int]) -> dict[tuple[str, int], Path]:
-    """{(method, seed): adapter folder} of the trained methods, as the pipeline stored them under the preset's keys;
-    a missing one stops the run (nothing is trained here: other adapters would answer another question)."""
-    found = {}
-    for method in (m for m in METHODS if methods.get_method(m).training):
-        for seed in seeds:
-            folder = pipeline.adapter_dir(preset, method, seed)
-            if dpo.finished_run(folder, pipeline.training_key(preset, method, seed)) is None:
-                raise MipoError(f"no finished {method} adapter for seed {seed} under {folder.parent} with these "
-                                f"settings; recreate the reference run's adapters (make reproduce with its seeds, at "
-                                f"its commit, with its --set dtype if it had one), then rerun")
-            found[(method, seed)] = folder
-    return found
-
-
-def evaluate_methods(
-    preset: Preset, task: PersonalizationTask, exs: Sequence[Example], found: dict[tuple[str, int], Path],
-    seeds: Sequence[int], progress: bool = True,
-) -> pd.DataFrame:
-    """Per-prompt records of every method and seed (prompting decoded once and repeated for each seed, as the
-    pipeline pairs deterministic methods)."""
-
-    def replies(method: str, seed: int, adapter: Path | None) -> pd.DataFrame:
-        model, tokenizer = load_for_preset(preset)
-        if adapter is not None:
-            model = dpo.load_adapted(model, adapter)
-        texts, cut = evaluate.generate_replies(model, tokenizer, task, exs, preset, progress=progress,
-                                               desc=f"{method} on the new requests")
-        return evaluate.records(task, exs, texts, method, seed, cut)
-
-    base = replies("prompting", seeds[0], None)
-    frames = [base.assign(seed=s) for s in seeds]
-    frames += [replies(m, s, found[(m, s)]) for s in seeds for m in METHODS if (m, s) in found]
-    return pd.concat(frames, ignore_index=True)
-
-
 def verdicts(table: pd.DataFrame, design: str) -> pd.DataFrame:
     """The plan's reading of each comparison: on `design`'s rows, H1 "confirmed" when its CI's lower bound is above
     0 ("not confirmed" otherwise, "not confirmed (upper bound below 0)" for a CI below 0), H2 "supported" or "not
@@ -287,13 +250,13 @@ def run(
         raise MipoError(f"the confirmatory plan is about the personalization task, not {preset.task!r}; "
                         "use the cpu preset")
     reference = reference or find_reference(preset_name, task.name)
-    found = adapters(preset, reference.seeds)  # before the lock: a missing adapter does not use the plan up
+    found = pipeline.stored_adapters(preset, METHODS, reference.seeds)  # before the lock: a missing adapter does not use the plan up
     exs, digest = examples(task, read_requests(paths.requests)), plan_digest(paths)
     lock = {"plan_digest": digest, "adapters_commit": reference.commit, "seeds": list(reference.seeds),
             "adapters": {f"{m} seed {s}": p.name for (m, s), p in found.items()}, "preset": preset.name,
             "started_at": _now(), "finished_at": None, "results": _shown(paths.results)}
     _write_lock(paths.lock, lock)
-    records = evaluate_methods(preset, task, exs, found, reference.seeds, progress=progress)
+    records = pipeline.evaluate_stored(preset, task, exs, found, reference.seeds, METHODS, progress=progress)
     table = stats.results_table(records, comparisons=list(HYPOTHESES), family=FAMILY)
     table = verdicts(table, reference.design).assign(plan_digest=digest, adapters_commit=reference.commit)
     stats.write_table(table, paths.results)

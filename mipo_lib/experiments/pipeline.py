@@ -22,6 +22,7 @@ from mipo_lib.errors import MipoError
 from mipo_lib.models import load_for_preset, load_model_and_tokenizer
 from mipo_lib.pairs import VALIDATION_SEED, build_pairs, cached_pairs, pairs_key, variant_name
 from mipo_lib.tasks import get_task
+from mipo_lib.tasks.base import Example, Task
 
 
 def variant_dir(preset: Preset, *parts: str | int) -> Path:
@@ -140,6 +141,59 @@ def evaluate_method(preset: Preset, method: str, seed: int, redo: bool = False, 
     key = evaluation_key(preset, method, seed)
     frame = evaluate.cached_records(_eval_path(preset, method, seed), key, make, task, examples, redo)
     return frame.assign(seed=seed)
+
+
+def stored_adapters(preset: Preset, methods: Sequence[str], seeds: Sequence[int]) -> dict[tuple[str, int], Path]:
+    """{(method, seed): adapter folder} of the trained ones among `methods`, as `train_for_seed` stored them under the
+    preset's keys; a missing one stops the caller before anything is generated: an evaluation of stored adapters
+    trains nothing (another adapter would answer another question)."""
+    found = {}
+    for method in (m for m in methods if registry.get_method(m).training):
+        for seed in seeds:
+            folder = adapter_dir(preset, method, seed)
+            if dpo.finished_run(folder, training_key(preset, method, seed)) is None:
+                raise MipoError(f"no finished {method} adapter for seed {seed} under {folder.parent} with these "
+                                f"settings; recreate the reference run's adapters (make reproduce with its seeds, at "
+                                f"its commit, with its --set dtype if it had one), then rerun")
+            found[(method, seed)] = folder
+    return found
+
+
+def evaluate_stored(
+    preset: Preset, task: Task, examples: Sequence[Example], found: dict[tuple[str, int], Path],
+    seeds: Sequence[int], methods: Sequence[str], progress: bool = True, cache_dir: Path | None = None,
+) -> pd.DataFrame:
+    """Per-prompt records of `methods` x `seeds` on any `examples` of `task` (prompts the preset's own evaluation
+    never asked: new requests, test-only constraints), answered by the base model (untrained methods: decoded once and
+    repeated for each seed, as the pipeline pairs deterministic methods) or by the adapters `found`
+    (`stored_adapters`), with the preset's evaluation settings.
+
+    With `cache_dir`, each method's replies (and each seed's, for a trained one) are stored there under their
+    `evaluate.evaluation_key` (on `task`'s prompts) and read back by a later call, so an interrupted run continues."""
+
+    def replies(method: str, seed: int, adapter: Path | None) -> pd.DataFrame:
+        model, tokenizer = load_for_preset(preset)
+        if adapter is not None:
+            model = dpo.load_adapted(model, adapter)
+        texts, cut = evaluate.generate_replies(model, tokenizer, task, examples, preset, progress=progress,
+                                               desc=f"{method} on {len(examples)} {task.name} prompts")
+        return evaluate.records(task, examples, texts, method, seed, cut)
+
+    def stored(method: str, seed: int) -> pd.DataFrame:
+        adapter = found.get((method, seed))
+        if cache_dir is None:
+            return replies(method, seed, adapter)
+        m = registry.get_method(method)
+        key = evaluate.evaluation_key(preset.with_overrides(task=task.name), f"{method} evaluation on {task.name}"
+                                      + ("" if m.deterministic else f" (seed {seed})"), examples,
+                                      training_key(preset, method, seed) if m.training else None, method=method)
+        path = cache_dir / (f"{m.slug}-{key.digest}.jsonl" if m.deterministic else f"{m.slug}-seed{seed}-{key.digest}.jsonl")
+        return evaluate.cached_records(path, key, lambda: replies(method, seed, adapter), task, examples)
+
+    untrained = [m for m in methods if not registry.get_method(m).training]
+    frames = [stored(m, seeds[0]).assign(seed=s) for m in untrained for s in seeds]
+    frames += [stored(m, s) for s in seeds for m in methods if (m, s) in found]
+    return pd.concat(frames, ignore_index=True)
 
 
 def evaluate_all(

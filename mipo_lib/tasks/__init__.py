@@ -24,6 +24,7 @@ from mipo_lib.tasks.base import Example, Task
 from mipo_lib.tasks.datasets import ARCTask, GSM8KTask, PRISMTask, SVAMPTask
 from mipo_lib.tasks.personalization import (
     PREFERENCES,
+    NegativeConstraintsTask,
     PersonalizationTask,
     UnseenTypesTask,
     check,
@@ -37,6 +38,7 @@ TaskFactory = Callable[..., Task]
 _REGISTRY: dict[str, TaskFactory] = {
     "personalization": PersonalizationTask,
     "personalization_unseen_types": UnseenTypesTask,  # trains on 5 preference types, tests on the other 5
+    "personalization_constraints": NegativeConstraintsTask,  # test only: "do not ..." constraints (make constraints)
     "arithmetic": ArithmeticTask,
     "gsm8k": GSM8KTask,
     "svamp": SVAMPTask,

@@ -16,6 +16,10 @@ the token cap instead of being cut off (a cut-off reply can fake some verdicts: 
 and tests on the other five, asking whether MIPO teaches following preferences in general or only the ones it saw. `register_preference` adds another
 checkable preference (key, sentence, checker); it then appears in pairs, training, evaluation, the per-preference
 figure and tables like the built-in ones.
+
+`personalization_constraints` is a test-only task: the same test requests under users who state a negative constraint
+("Please do not mention coffee in your reply.", `NEGATIVE_CONSTRAINTS`), which no training or tuning ever sees. It asks
+where MIPO's reward backfires: a sentence that names what to avoid makes that very thing likely (`make constraints`).
 """
 
 from __future__ import annotations
@@ -380,6 +384,11 @@ def echoes_preference(preference_key: str, response: str, n: int = ECHO_NGRAM) -
         sentence, _ = PREFERENCES[preference_key]
     except KeyError:
         raise MipoError(f"unknown preference {preference_key!r}; valid: {', '.join(PREFERENCES)}") from None
+    return _echoes(sentence, response, n)
+
+
+def _echoes(sentence: str, response: str, n: int) -> bool:
+    """Whether `response` repeats `n` consecutive words of `sentence`, its quoted part left out."""
     payload = _word_ngrams(" ".join(_QUOTED.findall(sentence)), n)
     return bool((_word_ngrams(sentence, n) - payload) & _word_ngrams(response, n))
 
@@ -406,3 +415,91 @@ class UnseenTypesTask(PersonalizationTask):
     def preference_keys(self, split: str) -> list[str]:
         seen = [k for k in PREFERENCES if k in SEEN_TYPES]
         return seen if split != "test" else [k for k in PREFERENCES if k not in SEEN_TYPES]
+
+
+# ------------------------------------------------------------------------------------ negative constraints (test only)
+# Every preference above names something the reply should *contain*, and MIPO's reward (the base model's PMI of the
+# reply with the user's sentence) pays for words that sentence makes likely: naming the thing helps. A constraint
+# that names something to *avoid* ("do not mention coffee") makes that very word likely too, so the same reward can
+# pull the reply towards what the user forbade. These constraints measure that; they are never trained on or tuned
+# on (they are not in `PREFERENCES`): only `NegativeConstraintsTask`'s test split states them.
+_COFFEE = re.compile(r"\bcoffee", re.IGNORECASE)
+_HELLO = re.compile(r"^[\W_]*hello", re.IGNORECASE)
+_YOU = re.compile(r"\byou\b", re.IGNORECASE)
+
+
+def _no_coffee(text: str) -> bool:
+    # Any word that starts with "coffee" (coffee, Coffees, coffeehouse), in any case, breaks it.
+    return bool(text.strip()) and _COFFEE.search(text) is None
+
+
+def _no_hello(text: str) -> bool:
+    # The first word, after any leading punctuation or quotes, may not start with "hello" in any case.
+    return bool(text.strip()) and _HELLO.search(text) is None
+
+
+def _no_you(text: str) -> bool:
+    # The word "you" in any case, also before an apostrophe (you're, you'll); "your" and "yourself" are other words.
+    return bool(text.strip()) and _YOU.search(text) is None
+
+
+def _no_exclamation(text: str) -> bool:
+    return bool(text.strip()) and "!" not in text
+
+
+#: key -> (the sentence the user states, the checker: True when the reply keeps the constraint, whether a reply cut at
+#: the token cap fails it). An empty reply keeps none (saying nothing is no answer). A cut reply fails the constraints
+#: that more text could still break (`COMPLETE_ONLY`'s rule); how a reply starts is settled once it has started.
+NEGATIVE_CONSTRAINTS: dict[str, tuple[str, Checker, bool]] = {
+    "no_coffee": ("Please do not mention coffee in your reply.", _no_coffee, True),
+    "no_hello": ('Never start your reply with "Hello".', _no_hello, False),
+    "no_you": ('Please never use the word "you" in your reply.', _no_you, True),
+    "no_exclamation": ("Please do not use any exclamation marks in your reply.", _no_exclamation, True),
+}
+
+
+def _constraint(key: str) -> tuple[str, Checker, bool]:
+    try:
+        return NEGATIVE_CONSTRAINTS[key]
+    except KeyError:
+        raise MipoError(f"unknown negative constraint {key!r}; valid: {', '.join(NEGATIVE_CONSTRAINTS)}") from None
+
+
+def check_constraint(key: str, response: str, truncated: bool = False) -> bool:
+    """Whether `response` keeps the negative constraint `key`; a `truncated` reply fails the ones more text could
+    break."""
+    _, checker, complete_only = _constraint(key)
+    return not (truncated and complete_only) and checker(response)
+
+
+def echoes_constraint(key: str, response: str, n: int = ECHO_NGRAM) -> bool:
+    """`echoes_preference` for a negative constraint: the reply repeats `n` consecutive words of its sentence (the
+    quoted word it forbids left out: saying it is a violation, counted by `check_constraint`)."""
+    return _echoes(_constraint(key)[0], response, n)
+
+
+class NegativeConstraintsTask(PersonalizationTask):
+    """The personalization test requests, each under a user who states a `NEGATIVE_CONSTRAINTS` sentence instead of a
+    preference; prompted exactly as `personalization` prompts, judged by `check_constraint`, reported per constraint.
+
+    Test only: it has no training or validation examples, so nothing is ever trained or tuned on a constraint. With
+    `n`, its test subset is `balanced_shape`'s draw with the personalization test subset's seed: `n` = (the
+    personalization subset's requests) x (the constraints) gives the same requests, crossed with every constraint.
+    """
+
+    name = "personalization_constraints"
+
+    def preference_keys(self, split: str) -> list[str]:
+        if split != "test":
+            raise MipoError(f"{self.name} is a test-only task (negative constraints are never trained or tuned on); "
+                            f"ask for its 'test' split, not {split!r}")
+        return list(NEGATIVE_CONSTRAINTS)
+
+    @staticmethod
+    def _example(request_id: str, key: str) -> Example:
+        return Example(id=f"{request_id}-{key}", request=REQUESTS[int(request_id[1:])],
+                       context=NEGATIVE_CONSTRAINTS[key][0], meta={"preference": key, "request_id": request_id})
+
+    def score(self, example: Example, response: str, truncated: bool = False) -> float:
+        """1.0 when the reply keeps the example's constraint, else 0.0 (`check_constraint`)."""
+        return float(check_constraint(example.meta["preference"], response, truncated))
