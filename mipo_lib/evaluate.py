@@ -75,6 +75,19 @@ class ContextAwareDecoding:
         return ((1 + self.alpha) * cond - self.alpha * torch.log_softmax(uncond, dim=-1)).to(scores.dtype)
 
 
+def prompts_per_batch(preset: Preset, *, cad: bool) -> int:
+    """How many prompts an evaluation batch decodes: `eval_batch_size`, or half of it with context-aware decoding.
+
+    Why half: CAD runs every prompt twice, with the user's context and without (its `ContextAwareDecoding` processor
+    keeps the context-free rows' own key/value cache), so half the prompts make the same number of rows, and the
+    same memory, as any other method's batch. Measured on the `cpu` preset (fp32, 100 test prompts): CAD's stage
+    peaked at 3.1 GB in the notebook kernel with 100 prompts a batch, 1.9 GB alone with 50, and its 100 replies were
+    identical to the 100-prompt batch's. In bf16 a batch plan changes replies (docs/performance.md), so the plan is
+    in CAD's cache key (`evaluation_key`).
+    """
+    return max(1, preset.eval_batch_size // 2) if cad else preset.eval_batch_size
+
+
 def generate_replies(
     model: Any,
     tokenizer: Any,
@@ -118,7 +131,8 @@ def generate_replies(
     texts, truncated = [""] * len(distinct), [False] * len(distinct)
     for batch, replies, cut in generate_reply_batches(
         model, tokenizer, [list(d[0]) for d in distinct], max_new_tokens=preset.eval_max_new_tokens, temperature=0.0,
-        batch_size=preset.eval_batch_size, logits_processor_factory=factory, progress=progress, desc=desc,
+        batch_size=prompts_per_batch(preset, cad=cad_alpha is not None), logits_processor_factory=factory,
+        progress=progress, desc=desc,
         no_repeat_ngram_size=preset.eval_no_repeat_ngram, batch_new_tokens=preset.eval_batch_new_tokens,
     ):
         for row, text, hit in zip(batch.rows, replies, cut):
@@ -191,6 +205,8 @@ def evaluation_key(
                             f"{'pass its adapter key' if m.training else 'pass adapter=None'}")
         stage = "evaluation-cad" if m.decoding == "cad" else "evaluation"
         extra = {"method": method, "with_context": m.with_context, "decoding": m.decoding, **extra}
+        if m.decoding == "cad":
+            extra["prompts_per_batch"] = prompts_per_batch(preset, cad=True)
     prompts = cache.prompts_digest(get_task(preset.task), examples)
     return cache.stage_key(stage, preset, label, upstream=adapter, prompts=prompts, **extra)
 

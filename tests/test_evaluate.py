@@ -270,3 +270,31 @@ def test_each_distinct_prompt_is_decoded_once_and_its_reply_shared(tiny, task, p
     decoded.clear()  # with context every example is its own prompt, with CAD too (its key adds the context-free twin)
     evaluate.generate_replies(model, tok, task, examples, preset, cad_alpha=1.0, progress=False)
     assert len(decoded) == len(examples)
+
+
+def test_cad_decodes_half_the_prompts_per_batch_and_keys_its_plan(tiny, task, preset, monkeypatch):
+    """CAD runs each prompt with and without context, so a batch holds half the prompts (the rows, and the memory, of
+    another method's batch); the plan is in its cache key, and in fp32 the replies do not depend on it."""
+    model, tok = tiny
+    examples = task.examples("test", 10)
+    wide = preset.with_overrides(eval_batch_size=10)
+    sizes = []
+    original = evaluate.generate_reply_batches
+
+    def spy(*args, **kwargs):
+        sizes.append(kwargs["batch_size"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate_reply_batches", spy)
+    cad_half = evaluate.generate_responses(model, tok, task, examples, wide, cad_alpha=1.0, progress=False)
+    plain = evaluate.generate_responses(model, tok, task, examples, wide, progress=False)
+    assert sizes == [5, 10], "CAD: half the prompts per batch; other methods: eval_batch_size"
+    cad_full = evaluate.generate_responses(model, tok, task, examples, wide.with_overrides(eval_batch_size=20),
+                                           cad_alpha=1.0, progress=False)
+    assert cad_half == cad_full and len(plain) == 10, "fp32: the batch plan must not change CAD's replies"
+
+    def cad_key(p):
+        return evaluate.evaluation_key(p, "CAD", examples, None, method="CAD").digest
+
+    assert cad_key(wide) != cad_key(wide.with_overrides(eval_batch_size=20))
+    assert "prompts_per_batch" not in str(evaluate.evaluation_key(wide, "prompting", examples, None, method="prompting").values)

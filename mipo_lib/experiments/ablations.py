@@ -386,10 +386,10 @@ def _timed(
 
 def cost_key(preset: Preset, seed: int, *, n_prompts: int = 50, repeats: int = 2) -> cache.Key:
     """What `generation_cost` depends on: the "generation-cost" stage's fields (greedy evaluation settings, CAD's
-    strength), the MIPO adapter's key, the held-out prompts and the number of timed repeats."""
+    strength), the MIPO adapter's key, the held-out prompts, the number of timed repeats and CAD's batch plan."""
     _, examples = _held_out(preset, n_prompts)
     return _measurement_key("generation-cost", preset, seed, f"generation cost (seed {seed})", examples,
-                            repeats=max(1, repeats))
+                            repeats=max(1, repeats), cad_prompts_per_batch=evaluate.prompts_per_batch(preset, cad=True))
 
 
 def generation_cost(
@@ -398,7 +398,8 @@ def generation_cost(
     """Seconds per prompt of greedy evaluation on the same `n_prompts` held-out prompts for prompting (base
     model), MIPO (the seed's merged adapter) and CAD (base model, a = `preset.cad_strength`).
 
-    Same prompts, batch size and `eval_max_new_tokens` for all three; one untimed warm-up pass per model, then the
+    Same prompts, rows per batch and `eval_max_new_tokens` for all three (CAD decodes half the prompts per batch,
+    each twice: `evaluate.prompts_per_batch`); one untimed warm-up pass per model, then the
     best of `repeats` timings. A batch stops when all its rows have ended, so methods with shorter replies finish
     sooner: `mean_words` is kept alongside. Wall-clock timings on a shared machine vary (up to 2x in the pilot);
     the seeds give repeated measurements. Cached per seed under `cost_key` (`redo=True` times again); summarised by
