@@ -23,7 +23,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     "analysis": ("analysis", "analysis.render", "analysis.stats", "analysis.plots", "analysis.reasoning_plots",
                  "analysis.ablation_findings", "analysis.reasoning_findings"),
-    "experiments": ("experiments", "experiments.pipeline", "experiments.tune", "experiments.heldout",
+    "experiments": ("experiments", "experiments.pipeline", "experiments.tune", "experiments.heldout", "experiments.regime",
                     "experiments.ablations", "experiments.reasoning", "experiments.launch_dpo", "experiments.ledger",
                     "experiments.confirm"),
     "workbook": ("workbook", "workbook.environment", "workbook.publish", "workbook.readme", "workbook.editions",
