@@ -119,12 +119,56 @@ def test_full_fine_tuning_choice_takes_the_fewest_epochs_within_one_standard_err
     rows = [(1, 1e-6, 0.20), (2, 1e-6, 0.22), (4, 1e-6, 0.24), (1, 1e-5, 0.30), (2, 1e-5, 0.36), (4, 1e-5, 0.30)]
     chosen = regime.choose(summary(regime.FULL, rows), regime.FULL, [0])
     assert (chosen["epochs"], chosen["learning_rate"]) == (1, 1e-5)  # 0.30 >= 0.36 - 0.068
-    assert chosen["method"] == FULL and chosen["epoch_grid"] == "1 2 4"
+    assert chosen["method"] == FULL and chosen["epoch_grid"] == " ".join(map(str, regime.FULL.epoch_grid))
 
 
 def test_a_regime_without_sweep_rows_is_refused():
     with pytest.raises(MipoError, match="make regime"):
         regime.choose(summary(regime.FULL, [(1, 1e-6, 0.2)]), regime.ONE_EPOCH, [0])
+
+
+# ------------------------------------------------------------------------- reusing make tune's committed sweep
+@pytest.fixture
+def committed_tune(monkeypatch, tmp_path):
+    """A committed `make tune` sweep and choices for the smoke preset (MIPO at 1 and 2 epochs, rates 2e-4 and 8e-4,
+    seed 0) in tmp_path, and `tune.sweep_epochs` replaced by a spy returning one seed's fake records."""
+    preset = get_preset("smoke")
+    sweep_ = pd.DataFrame([{"method": "MIPO", "setting": "epochs", "value": float(e), "learning_rate": lr,
+                            "rate": 0.3, "truncated": 0.0, "mean_words": 20.0, "n": 50, "n_seeds": 1, "per_seed": "0.300"}
+                           for e in (1, 2) for lr in (2e-4, 8e-4)])
+    sweep_.to_csv(tmp_path / "tuning.csv", index=False)
+    choices = pd.DataFrame([{"field": "epochs", "value": "2", "method": "MIPO", "validation_rate": 0.3, "grid": "1 2",
+                             "seeds": "0", "n_validation": 50, "best_rate": 0.3, "se": 0.06, "rule": tune.RULE}])
+    tune.write_choices(choices, preset, tmp_path / "choices.csv")
+    monkeypatch.setattr(tune, "tuning_path", lambda name: tmp_path / "tuning.csv")
+    monkeypatch.setattr(regime.config, "choices_path", lambda name: tmp_path / "choices.csv")
+    calls = []
+
+    def sweep_epochs(preset, method, seed, grid, progress=True, learning_rate=None):
+        calls.append((method, seed, tuple(grid), learning_rate))
+        return pd.DataFrame({"method": method, "setting": "epochs", "value": 1.0, "learning_rate": learning_rate,
+                             "seed": seed, "score": [1.0, 0.0], "truncated": False, "n_words": 10})
+
+    monkeypatch.setattr(tune, "sweep_epochs", sweep_epochs)
+    return calls
+
+
+def test_one_epoch_sweep_trains_only_the_rates_make_tune_did_not_try(committed_tune):
+    summary_ = regime.sweep(get_preset("smoke"), regime.ONE_EPOCH, [0], progress=False)
+    assert committed_tune == [("MIPO", 0, (1,), 2e-3), ("MIPO", 0, (1,), 4e-3)]
+    assert summary_["learning_rate"].tolist() == [2e-4, 8e-4, 2e-3, 4e-3] and set(summary_["value"]) == {1.0}
+    assert summary_["rate"].tolist() == [0.3, 0.3, 0.5, 0.5] and set(summary_["regime"]) == {regime.ONE_EPOCH.label}
+
+
+@pytest.mark.parametrize("change, seeds", [({"beta": 0.3}, [0]), ({}, [1])])
+def test_make_tunes_rows_are_not_reused_under_other_settings_or_seeds(committed_tune, change, seeds):
+    regime.sweep(get_preset("smoke", **change), regime.ONE_EPOCH, seeds, progress=False)
+    assert [c[3] for c in committed_tune] == list(regime.ONE_EPOCH.lr_grid)
+
+
+def test_full_fine_tuning_reuses_nothing_of_make_tune(committed_tune):
+    regime.sweep(get_preset("smoke"), regime.FULL, [0], progress=False)
+    assert committed_tune == [(FULL, 0, regime.FULL.epoch_grid, lr) for lr in regime.FULL.lr_grid]
 
 
 # ------------------------------------------------------------------------------------ the committed records
@@ -158,7 +202,7 @@ def test_run_writes_tables_that_read_back_while_the_settings_match(fake_run):
     records, table, _ = regime.run("smoke", seeds=[0, 1], progress=False)
     choices = regime.read_choices("smoke")
     # each regime's largest learning rate at its largest epochs scored best in the fake sweep
-    assert [(c["epochs"], c["learning_rate"]) for c in choices] == [(1, 4e-3), (4, 1e-4)]
+    assert [(c["epochs"], c["learning_rate"]) for c in choices] == [(1, 4e-3), (2, 1e-4)]
     frame, why = regime.committed(get_preset("smoke"), [0, 1])
     assert why == "" and len(frame) == len(records) == 3 * 2 * 6
     diffs = table[table["kind"] == "paired_difference"]

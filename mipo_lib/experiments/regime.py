@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from mipo_lib import evaluate, memory
+from mipo_lib import config, evaluate, memory
 from mipo_lib.analysis import stats
 from mipo_lib.config import Preset, get_preset, repo_root
 from mipo_lib.errors import MipoError
@@ -59,7 +59,7 @@ class Regime:
 
 
 ONE_EPOCH = Regime("MIPO, 1 epoch", "MIPO", (1,), (2e-4, 8e-4, 2e-3, 4e-3))
-FULL = Regime("MIPO, full fine-tuning", "MIPO (full fine-tuning)", (1, 2, 4), (1e-6, 1e-5, 1e-4))
+FULL = Regime("MIPO, full fine-tuning", "MIPO (full fine-tuning)", (1, 2), (1e-6, 1e-5, 1e-4))
 REGIMES: tuple[Regime, ...] = (ONE_EPOCH, FULL)
 CHOICE_COLUMNS = ("regime", "method", "epochs", "learning_rate", "validation_rate", "best_rate", "se", "n_validation",
                   "seeds", "epoch_grid", "lr_grid", "rule", "tuned_under")
@@ -94,10 +94,35 @@ def get_regime(label: str) -> Regime:
 
 def sweep(preset: Preset, regime: Regime, seeds: Sequence[int], progress: bool = True) -> pd.DataFrame:
     """The validation summary of `regime` (`tune.summarize`, a `regime` column added): one training per seed and
-    learning rate for the grid's largest epochs, scored after each epoch of the grid."""
+    learning rate for the grid's largest epochs, scored after each epoch of the grid. Settings `make tune` already
+    scored on the same seeds and settings are read from its committed sweep (`swept_by_tune`), not trained again."""
+    done = swept_by_tune(preset, regime, seeds)
+    todo = [lr for lr in regime.lr_grid if not (done["learning_rate"] == lr).any()]
     frames = [tune.sweep_epochs(preset, regime.method, int(s), regime.epoch_grid, progress=progress, learning_rate=lr)
-              for s in seeds for lr in regime.lr_grid]
-    return tune.summarize(pd.concat(frames, ignore_index=True)).assign(regime=regime.label)
+              for s in seeds for lr in todo]
+    swept = tune.summarize(pd.concat(frames, ignore_index=True)) if frames else done.iloc[:0]
+    return (pd.concat([done, swept], ignore_index=True).sort_values(["value", "learning_rate"])
+            .reset_index(drop=True).assign(regime=regime.label))
+
+
+def swept_by_tune(preset: Preset, regime: Regime, seeds: Sequence[int]) -> pd.DataFrame:
+    """The rows of `make tune`'s committed sweep (`figures/tuning_<preset>.csv`) that are settings of `regime`: its
+    method, at every epoch of its grid, for a learning rate of its grid; only if that sweep ran on `seeds` under the
+    settings `preset` has (its choices' `tuned_under`, `config.tuning_differences`), else none.
+
+    With the schedule constant after warm-up (`dpo.LR_SCHEDULE`), `make tune`'s snapshot after e epochs is an e-epoch
+    run, so MIPO at one epoch needs no new training for the rates `make tune` already tried (2e-4 and 8e-4)."""
+    path, empty = tune.tuning_path(preset.name), pd.DataFrame(columns=["method", "setting", "value", "learning_rate"])
+    rows = [c for c in config.read_choices(config.choices_path(preset.name)) if c.field == tune.TUNED_FIELDS.get(regime.method)]
+    if not path.exists() or not rows or config.tuning_differences(preset, rows[0].tuned_under):
+        return empty
+    committed = pd.read_csv(config.choices_path(preset.name), dtype={"seeds": str})
+    if committed["seeds"].iloc[0].split() != [str(s) for s in seeds]:
+        return empty
+    sweep_ = pd.read_csv(path)
+    keep = ((sweep_["method"] == regime.method) & sweep_["value"].isin(regime.epoch_grid)
+            & sweep_["learning_rate"].isin(regime.lr_grid))
+    return sweep_[keep].reset_index(drop=True)
 
 
 def choose(summary: pd.DataFrame, regime: Regime, seeds: Sequence[int]) -> dict[str, Any]:
