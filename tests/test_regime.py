@@ -234,3 +234,16 @@ def test_the_regimes_train_with_mipos_fields():
     preset = regime.regime_preset(get_preset("smoke"), {"epochs": 1, "learning_rate": 2e-3})
     assert (preset.epochs, preset.learning_rate) == (1, 2e-3)
     assert tune.trained_fields("SFT") == ("sft_epochs", "sft_learning_rate")
+
+
+def test_a_reference_run_records_its_test_evaluation_in_the_ledger(fake_run, monkeypatch):
+    rows = []
+    monkeypatch.setattr(regime.ledger, "record", lambda *args, **kwargs: rows.append(args))
+    regime.run("smoke", seeds=[0], progress=False)
+    assert rows == []  # smoke is no reference preset: its tables are no evaluation of the reference test split
+    monkeypatch.setattr(regime, "REFERENCE_PRESETS", ("smoke",))
+    regime.run("smoke", seeds=[0], progress=False)
+    (table, commit, protocol, result), = rows
+    assert (table, commit) == ("results_path_smoke.csv", regime.ledger.PENDING)
+    assert "MIPO, 1 epoch: 1 epoch(s) at learning rate 0.004" in protocol and regime.FAMILY in protocol
+    assert "MIPO, full fine-tuning" in result and "vs prompting" in result

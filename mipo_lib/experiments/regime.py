@@ -37,7 +37,7 @@ from mipo_lib import config, evaluate, memory
 from mipo_lib.analysis import stats
 from mipo_lib.config import Preset, get_preset, repo_root
 from mipo_lib.errors import MipoError
-from mipo_lib.experiments import pipeline, tune
+from mipo_lib.experiments import ledger, pipeline, tune
 from mipo_lib.tasks import get_task
 
 BASELINE = "prompting"
@@ -45,6 +45,8 @@ FAMILY = "paper regime: MIPO as the paper trained it vs prompting"
 """The Holm family of the regime rows: their own, not the headline's (`stats.MAIN_FAMILY`)."""
 #: Seeds that choose each regime's setting on validation: the first, as `make tune` (SEEDS=0).
 TUNING_SEEDS = 1
+#: Presets whose `make regime` tables are the committed reference: their test evaluation gets a ledger row.
+REFERENCE_PRESETS = ("cpu",)
 
 
 @dataclass(frozen=True)
@@ -238,7 +240,19 @@ def run(preset_name: str = "cpu", seeds: Sequence[int] | None = None, overrides:
     table = results(records)
     if write:
         _write(preset, pd.concat(summaries, ignore_index=True), choices, records, table)
+        if preset.name in REFERENCE_PRESETS:  # every evaluation of the test split has its row (docs/ledger.md)
+            ledger.record(results_path(preset.name).name, ledger.PENDING, protocol(preset, seeds, choices),
+                          ledger.headline(results_path(preset.name)))
     return records, table, costs
+
+
+def protocol(preset: Preset, seeds: Sequence[int], choices: Sequence[dict[str, Any]]) -> str:
+    """The ledger's protocol line of a `make regime` run: the preset's (`ledger.protocol_of`) and each regime's
+    setting as chosen on validation, and its family."""
+    chosen = "; ".join(f"{c['regime']}: {c['epochs']} epoch(s) at learning rate {c['learning_rate']:g} (grid epochs "
+                       f"{c['epoch_grid']} x rates {c['lr_grid']}, chosen on validation, seed {c['seeds']})"
+                       for c in choices)
+    return f"{ledger.protocol_of(preset, seeds)}; the paper's regime (make regime): {chosen}; Holm family: {FAMILY}"
 
 
 def _write(preset: Preset, summary: pd.DataFrame, choices: list[dict[str, Any]], records: pd.DataFrame,
