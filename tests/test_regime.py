@@ -215,12 +215,27 @@ def test_run_writes_tables_that_read_back_while_the_settings_match(fake_run):
 
 @pytest.mark.parametrize("change, seeds, reason", [
     ({"beta": 0.3}, [0, 1], "made with other settings"),
-    ({}, [0, 1, 2], "has no prompting records for seed 2"),
+    ({}, [2, 3], "holds seeds [0, 1], none of this run's"),
 ])
 def test_records_of_other_settings_are_not_read(fake_run, change, seeds, reason):
     regime.run("smoke", seeds=[0, 1], progress=False)
     frame, why = regime.committed(get_preset("smoke", **change), seeds)
     assert frame is None and reason in why
+
+
+def test_a_run_with_more_seeds_reads_the_seeds_the_table_holds(fake_run):
+    regime.run("smoke", seeds=[0, 1], progress=False)
+    frame, why = regime.committed(get_preset("smoke"), [0, 1, 2, 3, 4])
+    assert why == "" and sorted(frame["seed"].unique()) == [0, 1]
+
+
+def test_a_row_missing_for_a_seed_the_table_holds_is_not_read(fake_run):
+    regime.run("smoke", seeds=[0, 1], progress=False)
+    path = regime.records_path("smoke")
+    table = pd.read_csv(path)
+    table[~((table["method"] == "MIPO, 1 epoch") & (table["seed"] == 1))].to_csv(path, index=False)
+    frame, why = regime.committed(get_preset("smoke"), [0, 1])
+    assert frame is None and "has no MIPO, 1 epoch records for seed 1" in why
 
 
 def test_without_committed_tables_it_says_which_target_writes_them(fake_run):

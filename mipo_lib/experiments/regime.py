@@ -189,8 +189,10 @@ def read_choices(preset_name: str) -> list[dict[str, Any]]:
 
 
 def committed(preset: Preset, seeds: Sequence[int]) -> tuple[pd.DataFrame | None, str]:
-    """(the committed records, "") if they hold every row and seed with the key the current settings give, else
-    (None, why): a table made under other settings is never read as this run's."""
+    """(the committed records of those of `seeds` the table holds, "") if they hold every row of each such seed with
+    the key the current settings give, else (None, why): a table made under other settings is never read as this
+    run's. A seed the table lacks is left out rather than computed (`make regime` costs more than a notebook may):
+    the records' `seed` column says which seeds are shown."""
     path = records_path(preset.name)
     choices = read_choices(preset.name)
     if not path.exists() or not choices:
@@ -198,6 +200,10 @@ def committed(preset: Preset, seeds: Sequence[int]) -> tuple[pd.DataFrame | None
     frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
     frame["response"] = frame["response"].fillna("")
     stored = {(m, int(s)): set(k) for (m, s), k in frame.groupby(["method", "seed"])["key"]}
+    held = sorted({s for _, s in stored})
+    seeds = [int(s) for s in seeds if int(s) in held]
+    if not seeds:
+        return None, f"{path.name} holds seeds {held}, none of this run's (`make regime SEEDS=...`)"
     expected = expected_keys(preset, seeds, choices)
     for (label, seed), key in expected.items():
         if (label, seed) not in stored:
