@@ -23,9 +23,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     "analysis": ("analysis", "analysis.render", "analysis.stats", "analysis.plots", "analysis.reasoning_plots",
                  "analysis.ablation_findings", "analysis.reasoning_findings"),
-    "experiments": ("experiments", "experiments.pipeline", "experiments.tune", "experiments.heldout", "experiments.regime",
+    "experiments": ("experiments", "experiments.pipeline", "experiments.tune", "experiments.heldout",
                     "experiments.ablations", "experiments.reasoning", "experiments.launch_dpo", "experiments.ledger",
-                    "experiments.confirm"),
+                    "experiments.regime", "experiments.confirm"),
     "workbook": ("workbook", "workbook.environment", "workbook.publish", "workbook.readme", "workbook.editions",
                  "workbook.exercises", "workbook.grade", "workbook.runner", "__main__"),
 }

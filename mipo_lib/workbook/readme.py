@@ -292,8 +292,18 @@ def regime_block(preset: str = "cpu") -> str:
                             "cut at the token cap"], rows), *_truncation_line(per_seed), "", *_difference_lines(diffs),
              "", f"Chosen on the validation split by `make tune`'s rule (seed {choices[0]['seeds']}, "
                  f"{choices[0]['n_validation']} validation prompts; figures/{regime.choices_path(preset).name}): "
-                 f"{chosen}.", REGIME_END.format(preset=preset)]
+                 f"{chosen}.{_regime_edge(choices)}", REGIME_END.format(preset=preset)]
     return "\n".join(body)
+
+
+def _regime_edge(choices: list[dict]) -> str:
+    """" At the grid's edge: ..." for each regime whose chosen epochs or rate is the largest its grid tried."""
+    edge = [f"{c['regime']}'s {what}" for c in choices
+            for what, value, grid in (("epochs", c["epochs"], str(c["epoch_grid"])),
+                                      ("learning rate", c["learning_rate"], str(c["lr_grid"])))
+            if len(grid.split()) > 1 and float(value) == max(float(v) for v in grid.split())]
+    return (f" At the grid's edge: {' and '.join(edge)} {'is' if len(edge) == 1 else 'are'} the largest tried, so a "
+            "larger one might score higher on validation (not tried)." if edge else "")
 
 
 def _regime_text(p: Preset) -> str:
