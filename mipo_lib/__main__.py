@@ -1,9 +1,9 @@
-"""Command line: `python -m mipo_lib {setup,reproduce,tune,heldout,constraints,chat,readme,grade}`.
+"""Command line: `python -m mipo_lib {setup,reproduce,tune,heldout,constraints,regime,chat,readme,grade}`.
 
 Any preset field can be changed with a repeatable `--set field=value` (parsed by the field's type: `beta=0.3`,
 `load_in_4bit=true`, `cad_alpha=none`, `lora_target_modules=q_proj,v_proj`, `seeds=0,1`); `reproduce` hands the same
 overrides to every notebook. The help of each command that takes `--set` lists every field with its type, default
-and meaning; `reproduce`, `tune` and `heldout` print each value that differs from the preset as written, with where
+and meaning; `reproduce`, `tune`, `heldout` and `regime` print each value that differs from the preset as written, with where
 it came from, before they start. User mistakes (unknown preset or field, a value of the wrong type or out of range,
 offline hub id, no 4-bit backend) print one line starting with `error:` and exit 2, without a traceback.
 """
@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
                          **with_fields)
     neg.add_argument("--seeds", type=_parse_seeds, default=None, help="adapters' seeds (default: the preset's)")
     neg.add_argument("--no-progress", action="store_true")
+    reg = sub.add_parser("regime", help="the paper's regime (MIPO at 1 epoch; full fine-tuning) vs prompting -> "
+                                        "figures/regime_<preset>.csv", **with_fields)
+    reg.add_argument("--seeds", type=_parse_seeds, default=None, help="seeds (default: the preset's; the first tunes)")
+    reg.add_argument("--no-progress", action="store_true")
 
     rdm = sub.add_parser("readme", help="re-render the generated blocks and spans of README.md, docs/ and the notebooks' prose from the committed tables")
     rdm.add_argument("--preset", default="all", help="cpu, cpu-reasoning or all (default)")
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                           **with_fields)
     chat.add_argument("message")
     chat.add_argument("--max-new-tokens", type=int, default=64)
-    for command in (rep, chat, tun, held, neg):
+    for command in (rep, chat, tun, held, neg, reg):
         command.add_argument(
             "--set", action="append", default=[], dest="overrides", metavar="FIELD=VALUE",
             help="change one preset field, e.g. --set beta=0.3 (repeatable; every field is listed below)",
@@ -131,6 +135,16 @@ def main(argv: list[str] | None = None) -> int:
                          "p_holm"]].to_string(index=False, float_format="{:.3f}".format))
             print(f"wrote {constraints.records_path(args.preset)} and {constraints.results_path(args.preset).name} "
                   f"in {seconds:.0f} s")
+        elif args.command == "regime":
+            from mipo_lib.experiments.regime import records_path, run as run_regime
+            from mipo_lib.workbook.runner import say_settings
+
+            say_settings(args.preset, overrides)
+            _, table, costs = run_regime(args.preset, args.seeds, overrides, progress=not args.no_progress)
+            print(table[table["kind"] == "paired_difference"].to_string(index=False))
+            for cost in costs:
+                print(cost)
+            print(f"wrote {records_path(args.preset)}")
         elif args.command == "readme":
             from mipo_lib.workbook.readme import update_readme
 

@@ -478,7 +478,7 @@ def _processes() -> Any:
 
 def training_label(training: Training) -> str:
     """How log lines name a training: "DPO", "SFT", "InfoNCE", with its trainer arguments if any ("DPO (loss_type=ipo)")."""
-    args = ", ".join(f"{k}={v}" for k, v in training.args)
+    args = ", ".join([f"{k}={v}" for k, v in training.args] + (["full fine-tuning"] if training.weights == "full" else []))
     return _LABEL_OF[training.kind] + (f" ({args})" if args else "")
 
 
@@ -493,7 +493,13 @@ def adapter_key(training: Training, preset: Preset, seed: int, pairs: Sequence[d
     content = {"pairs": cache.content_digest(list(pairs))[:16]} if pairs is not None else {}
     return cache.stage_key(_STAGE_OF[training.kind], preset, f"{training_label(training)} adapter (seed {seed})",
                            upstream=pairs_key(preset, seed), training=training.kind, trainer_args=training.arguments,
-                           **content, **training_extras(training.kind, preset))
+                           **content, **_weights_key(training), **training_extras(training.kind, preset))
+
+
+def _weights_key(training: Training) -> dict[str, str]:
+    """`{"weights": "full"}` for a full fine-tuning, nothing for a LoRA adapter: the key of every LoRA adapter trained
+    before full fine-tuning existed stays what it was, so their caches are still found."""
+    return {} if training.weights == "lora" else {"weights": training.weights}
 
 
 def adapter_name(training: Training, key: cache.Key) -> str:
@@ -670,8 +676,10 @@ def train_dpo(
     progress: bool = True,
     snapshot_epochs: Sequence[int] = (),
     eval_pairs: Sequence[dict[str, Any]] | None = None,
+    weights: str = "lora",
 ) -> TrainResult:
-    """MIPO: DPO on the pairs with a fresh LoRA adapter on `model` (modified in place), with a method's
+    """MIPO: DPO on the pairs with a fresh LoRA adapter on `model` (modified in place), or with `weights="full"` on
+    every parameter of `model` (the paper's regime: the folder then holds the whole fine-tuned model), with a method's
     `trainer_args` over `dpo_config_kwargs`. Reuses a finished run of the same cache `key` (default: `adapter_key` of
     these pairs) and resumes an interrupted one. `snapshot_epochs` keeps the adapter after those epochs too
     (`snapshot_dir`; give them in the key if the caller relies on them).
@@ -680,7 +688,7 @@ def train_dpo(
     times an epoch; their loss, reward margin and accuracy join the log (`eval_*` columns). They are a diagnostic, not
     part of the key: the adapter is the same with or without them (tests/test_validation_curves.py compares every LoRA
     tensor)."""
-    training = Training.of("dpo", trainer_args)
+    training = Training.of("dpo", trainer_args, weights)
     adapter_dir = Path(adapter_dir)
     if done := _start(training, preset, seed, pairs, adapter_dir, key, redo):
         return done
@@ -693,7 +701,8 @@ def train_dpo(
         train_dataset=dpo_dataset(pairs, with_reference=reuse_reference),
         eval_dataset=dpo_dataset(eval_pairs) if eval_pairs else None,
         processing_class=tokenizer,
-        peft_config=lora_config(preset),
+        # no reference model either way: the pairs carry the reference log-probs (`precompute_ref_log_probs`)
+        peft_config=lora_config(preset) if weights == "lora" else None,
     )
     _prepare(trainer, progress)
     if reuse_reference:
@@ -981,14 +990,22 @@ def train(
     adapter_dir: Path, **kwargs: Any,
 ) -> TrainResult:
     """Train a method's adapter: its training kind's trainer (`trainer_of`) with its trainer arguments. `kwargs` go to
-    that trainer (`key`, `redo`, `progress`, `snapshot_epochs`)."""
+    that trainer (`key`, `redo`, `progress`, `snapshot_epochs`); a full fine-tuning (`Training.weights`) is DPO's only."""
+    if training.weights != "lora":
+        if training.kind != "dpo":
+            raise MipoError(f"full fine-tuning is implemented for DPO only; train {training.kind!r} with weights='lora'")
+        kwargs["weights"] = training.weights
     return trainer_of(training.kind)(model, tokenizer, pairs, preset, seed, adapter_dir, trainer_args=training.arguments, **kwargs)
 
 
 def load_adapted(model: Any, adapter_dir: Path, merge: bool = True, trainable: bool = False) -> Any:
     """Base model + a trained adapter, merged for fast generation (kept separate on a 4-bit base). `trainable` keeps
-    the adapter's weights requiring gradients (and unmerged), for a gradient check such as `trl_loss_gradients`."""
+    the adapter's weights requiring gradients (and unmerged), for a gradient check such as `trl_loss_gradients`.
+    A full fine-tuning's folder (no adapter, the whole model: `train_dpo(weights="full")`) replaces `model`'s weights."""
     from peft import PeftModel
+
+    if not (Path(adapter_dir) / "adapter_config.json").exists():
+        return _load_full(model, Path(adapter_dir))
 
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
     merge = merge and not trainable
@@ -996,6 +1013,25 @@ def load_adapted(model: Any, adapter_dir: Path, merge: bool = True, trainable: b
     merged = peft_model.merge_and_unload() if merge and not quantized else peft_model
     merged.eval()
     return merged
+
+
+def _load_full(model: Any, folder: Path) -> Any:
+    """`model` with the weights of a full fine-tuning saved in `folder` (`save_pretrained`'s safetensors), loaded in
+    place in `model`'s own dtype. Only the output layer tied to the embeddings may be absent from the file (it is
+    saved once); any other missing or unknown weight means the folder is not this model's."""
+    from safetensors.torch import load_file
+
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        raise MipoError(f"{folder} holds neither a LoRA adapter nor a model's weights; train it again (redo=True)")
+    state = {name: tensor for shard in shards for name, tensor in load_file(str(shard)).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise MipoError(f"{folder}'s weights do not fit this model (missing {sorted(set(missing) - tied)[:3]}, "
+                        f"unknown {sorted(unexpected)[:3]}); was it trained on another base model?")
+    model.eval()
+    return model
 
 
 def reward_accuracy(log: pd.DataFrame, last_fraction: float = 0.25) -> float:

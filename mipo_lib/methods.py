@@ -34,6 +34,9 @@ from mipo_lib.errors import MipoError
 
 #: The training kinds `mipo_lib.dpo` runs (`dpo.train`): TRL's DPO, TRL's SFT, and the K+1-way InfoNCE contrast.
 TRAININGS = ("dpo", "sft", "infonce")
+#: Which weights a training updates: a LoRA adapter on the frozen base (the workbook's default), or every parameter of
+#: the model ("full": the paper's regime; DPO only, `mipo_lib.dpo.train_dpo`).
+WEIGHTS = ("lora", "full")
 DECODINGS = ("greedy", "cad")
 _SLUG = re.compile(r"[a-z0-9][a-z0-9_]*")  # no "-": file names join the slug and a digest with "-"
 _HEX_COLOUR = re.compile(r"#[0-9a-fA-F]{6}")
@@ -49,11 +52,12 @@ class Training:
 
     kind: str
     args: tuple[tuple[str, Any], ...] = ()  # sorted (name, value) pairs: hashable, so a Training can key a dict
+    weights: str = "lora"  # one of `WEIGHTS`: a LoRA adapter, or full fine-tuning
 
     @classmethod
-    def of(cls, kind: str, args: Mapping[str, Any] | None = None) -> Training:
+    def of(cls, kind: str, args: Mapping[str, Any] | None = None, weights: str = "lora") -> Training:
         """The training of `kind` with trainer arguments `args` (checked and frozen as `args` pairs)."""
-        return cls(kind, _frozen_args(args or {}))
+        return cls(kind, _frozen_args(args or {}), weights)
 
     @property
     def arguments(self) -> dict[str, Any]:
@@ -73,11 +77,12 @@ class Method:
     colour: str  # "#rrggbb" in every figure
     trainer_args: tuple[tuple[str, Any], ...] = ()  # see `Training.args`
     default: bool = True  # part of a full evaluation (`names`); False: opt-in, run only when named
+    weights: str = "lora"  # see `Training.weights`
 
     @property
     def trainer(self) -> Training | None:
         """What trains this method's adapter (None: untrained)."""
-        return None if self.training is None else Training(self.training, self.trainer_args)
+        return None if self.training is None else Training(self.training, self.trainer_args, self.weights)
 
     @property
     def deterministic(self) -> bool:
@@ -99,13 +104,14 @@ def register_method(
     decoding: str = "greedy",
     colour: str,
     default: bool = True,
+    weights: str = "lora",
 ) -> Method:
     """Add a method (appended to the display order) and return it; a taken name or slug, or an invalid value,
     raises a `MipoError` that names the fix.
 
     `trainer_args` are passed to the training kind's trainer config on top of its own (for "dpo": TRL's `DPOConfig`,
     e.g. `{"loss_type": "ipo"}`); TRL checks the names when the trainer is built. `default=False` registers an opt-in
-    method (module docstring)."""
+    method (module docstring). `weights="full"` trains every parameter instead of a LoRA adapter (DPO only)."""
     if name in _REGISTRY:
         raise MipoError(f"method {name!r} is already registered; pick another name or unregister_method({name!r}) first")
     if not _SLUG.fullmatch(slug):
@@ -116,13 +122,17 @@ def register_method(
         raise MipoError(f"training {training!r} is unknown; use one of {TRAININGS} or None (untrained)")
     if trainer_args and training is None:
         raise MipoError(f"method {name!r} has trainer_args but no training; give it a training kind or drop them")
+    if weights not in WEIGHTS:
+        raise MipoError(f"weights {weights!r} is unknown; use one of {WEIGHTS}")
+    if weights == "full" and training != "dpo":
+        raise MipoError(f"weights='full' (full fine-tuning) is implemented for training='dpo' only, not {training!r}")
     if decoding not in DECODINGS:
         raise MipoError(f"decoding {decoding!r} is unknown; use one of {DECODINGS}")
     if decoding == "cad" and not with_context:
         raise MipoError("context-aware decoding contrasts the prompt with and without the context; set with_context=True")
     if not _HEX_COLOUR.fullmatch(colour):
         raise MipoError(f"colour {colour!r} must be written '#rrggbb' (e.g. '#c44e52')")
-    method = Method(name, slug, training, with_context, decoding, colour, _frozen_args(trainer_args or {}), default)
+    method = Method(name, slug, training, with_context, decoding, colour, _frozen_args(trainer_args or {}), default, weights)
     _REGISTRY[name] = method
     return method
 
@@ -179,3 +189,6 @@ register_method("CAD", slug="cad", decoding="cad", colour="#8172b3")
 # Opt-in: the K+1-way InfoNCE contrast over a prompt's K negatives (SAMI-style), the multi-negative objective whose bound
 # notebook 01 derives; run it by name, with k_negatives > 1 (docs/methods.md).
 register_method("MIPO-InfoNCE", slug="mipo_infonce", training="infonce", colour="#c44e52", default=False)
+# Opt-in: the paper's regime, DPO on every parameter of the model instead of a LoRA adapter (`make regime`, notebook 05).
+register_method("MIPO (full fine-tuning)", slug="mipo_full", training="dpo", weights="full", colour="#2ca02c",
+                default=False)

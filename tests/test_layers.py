@@ -25,7 +25,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
                  "analysis.ablation_findings", "analysis.reasoning_findings"),
     "experiments": ("experiments", "experiments.pipeline", "experiments.tune", "experiments.heldout",
                     "experiments.ablations", "experiments.reasoning", "experiments.launch_dpo", "experiments.ledger",
-                    "experiments.constraints", "experiments.confirm"),
+                    "experiments.constraints", "experiments.regime", "experiments.confirm"),
     "workbook": ("workbook", "workbook.environment", "workbook.publish", "workbook.readme", "workbook.editions",
                  "workbook.exercises", "workbook.grade", "workbook.runner", "__main__"),
 }

@@ -18,9 +18,10 @@ from mipo_lib.errors import MipoError
 from mipo_lib.experiments import ledger
 
 ROOT = repo_root()
-#: The tables whose every change is an evaluation of a test split (confirm_cpu.csv from `make confirm` on).
+#: The tables whose every change is an evaluation of a test split (confirm_cpu.csv from `make confirm` on,
+#: regime_results_cpu.csv from `make regime` on).
 TABLES = ("results_cpu.csv", "heldout_types_cpu.csv", "results_reasoning_cpu.csv", "ablations_cpu.csv",
-          "confirm_cpu.csv", "negative_constraints_results_cpu.csv")
+          "confirm_cpu.csv", "negative_constraints_results_cpu.csv", "regime_results_cpu.csv")
 
 
 def git(root: Path, *args: str) -> str:

@@ -176,8 +176,9 @@ def test_the_key_never_names_the_method():
 def test_opt_in_methods_are_registered_but_not_in_the_default_lists():
     assert methods.get_method("MIPO-InfoNCE").training == "infonce"
     assert methods.names() == BUILT_IN and "MIPO-InfoNCE" not in [m.name for m in methods.all_methods()]
-    assert methods.names(opt_in=True) == (*BUILT_IN, "MIPO-InfoNCE")
-    assert [m.name for m in methods.trained(opt_in=True)] == ["SFT", "MIPO", "MIPO-InfoNCE"]
+    assert methods.names(opt_in=True) == (*BUILT_IN, "MIPO-InfoNCE", "MIPO (full fine-tuning)")
+    assert [m.name for m in methods.trained(opt_in=True)] == ["SFT", "MIPO", "MIPO-InfoNCE", "MIPO (full fine-tuning)"]
+    assert "MIPO (full fine-tuning)" not in methods.names()
 
 
 # ----------------------------------------------------------------------------------------------- pipeline reads it

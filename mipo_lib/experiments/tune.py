@@ -61,6 +61,14 @@ def tuned_fields() -> set[str]:
     return set(TUNED_FIELDS.values()) | set(LR_FIELDS.values())
 
 
+def trained_fields(method: str) -> tuple[str, str]:
+    """(epochs field, learning-rate field) a trained method reads: the SFT kind's own, else DPO's (MIPO and its
+    variants, e.g. full fine-tuning, which `make regime` sweeps)."""
+    if registry.get_method(method).training == "sft":
+        return TUNED_FIELDS["SFT"], LR_FIELDS["SFT"]
+    return TUNED_FIELDS["MIPO"], LR_FIELDS["MIPO"]
+
+
 def tuning_path(preset_name: str) -> Path:
     return repo_root() / "figures" / f"tuning_{preset_name}.csv"
 
@@ -106,7 +114,7 @@ def sweep_epochs(preset: Preset, method: str, seed: int, grid: Sequence[int] = E
     m = registry.get_method(method)
     if m.trainer is None:
         raise MipoError(f"{method!r} is not trained; epochs are tuned for {[t.name for t in registry.trained()]}")
-    field, lr_field = TUNED_FIELDS[method], LR_FIELDS[method]
+    field, lr_field = trained_fields(method)
     if learning_rate is not None:
         preset = preset.with_overrides(**{lr_field: learning_rate})
     longest = preset.with_overrides(**{field: max(grid)})

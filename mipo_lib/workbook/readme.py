@@ -9,7 +9,9 @@ when a committed page and the committed tables disagree:
   notebook 07's `results_reasoning_cpu.csv` for `cpu-reasoning`, followed by its summary, `analysis.reasoning_findings`);
 - ablations (`ablations_block`, docs/ablations.md): notebook 06's variant, comparisons and findings tables
   (`analysis.ablation_findings`);
-- deviations from the paper (`deviations_block`, docs/protocol.md): read off the preset.
+- deviations from the paper (`deviations_block`, docs/protocol.md): read off the preset (and the paper-regime choices);
+- the paper's regime (`regime_block`, docs/results.md): `make regime`'s `figures/regime_results_<preset>.csv` and
+  `figures/regime_choices_<preset>.csv` (MIPO at 1 epoch, full fine-tuning, each against prompting), or "not run yet".
 Spans, `<!-- <kind>:<key> -->...<!-- /<kind> -->`, may sit on any page (`pages`) and are rendered by `render_spans`:
 - `timing:<preset>/<notebook>[/<part>+<part>][@cache] <format>`: a time from `figures/timings_cpu.csv`
   (`update_timings_table` records a reference run's wall times there);
@@ -42,6 +44,7 @@ from mipo_lib.analysis import ablation_findings, reasoning_findings, render, sta
 from mipo_lib.config import PRESETS, Preset, cli_text, get_preset, load_choices, repo_root
 from mipo_lib.dpo import LR_SCHEDULE
 from mipo_lib.errors import MipoError
+from mipo_lib.experiments import regime
 from mipo_lib.methods import Method, get_method
 from mipo_lib.tasks import get_task
 from mipo_lib.workbook.environment import clone_command, colab_badge
@@ -50,6 +53,9 @@ BEGIN = "<!-- results:{preset}:begin (generated from figures/{table} by `python 
 END = "<!-- results:{preset}:end -->"
 DEVIATIONS_BEGIN = "<!-- deviations:{preset}:begin (generated from the preset by `python -m mipo_lib readme`; do not edit) -->"
 DEVIATIONS_END = "<!-- deviations:{preset}:end -->"
+REGIME_BEGIN = ("<!-- regime:{preset}:begin (generated from figures/regime_results_{preset}.csv by `python -m mipo_lib "
+                "readme`; do not edit) -->")
+REGIME_END = "<!-- regime:{preset}:end -->"
 
 
 def _entry(method: str) -> Method | None:
@@ -251,6 +257,64 @@ def results_block(table: pd.DataFrame, preset: str = "cpu") -> str:
     return "\n".join(body)
 
 
+def _regime_setting(choice: dict) -> str:
+    """A regime's chosen setting in words: "full fine-tuning, 1 epoch at learning rate 1e-05"."""
+    weights = "full fine-tuning" if get_method(choice["method"]).trainer.weights == "full" else "LoRA"
+    epochs = f"{choice['epochs']} epoch{'' if choice['epochs'] == 1 else 's'}"
+    return f"{weights}, {epochs} at learning rate {choice['learning_rate']:g}"
+
+
+def regime_block(preset: str = "cpu") -> str:
+    """The paper's regime block (markers included): each regime's per-seed rates and its paired difference to
+    prompting from `make regime`'s results table, then the settings chosen on validation; "not run yet" without it."""
+    path, choices = regime.results_path(preset), regime.read_choices(preset)
+    body = [REGIME_BEGIN.format(preset=preset)]
+    if not path.exists() or not choices:
+        body.append(f"Not run yet: `make regime` writes `figures/{path.name}`.")
+        return "\n".join([*body, REGIME_END.format(preset=preset)])
+    table = pd.read_csv(path)
+    per_seed, diffs = table[table["kind"] == "per_seed"], table[table["kind"] == "paired_difference"]
+    n_seeds, n = per_seed["seed"].nunique(), int(per_seed["n"].iloc[0])
+    seeds = " ".join(str(int(s)) for s in sorted(per_seed["seed"].unique()))
+    setting = {c["regime"]: _regime_setting(c) for c in choices}
+    rows = [[f"**{m}**" if m in setting else m, setting.get(m, _describe(m)), render.pct(sub["rate"].mean()),
+             " / ".join(f"{100 * r:.0f}" for r in sub.sort_values("seed")["rate"]) + "%"
+             if sub["rate"].nunique() > 1 else "same in every seed",
+             f"{sub['mean_words'].mean():.1f}", render.pct(sub["truncated"].mean())]
+            for m, sub in per_seed.groupby("method", sort=False)]
+    chosen = "; ".join(f"{c['regime']}: {c['epochs']} epoch{'' if c['epochs'] == 1 else 's'} x learning rate "
+                       f"{c['learning_rate']:g} (validation rate {render.pct(c['validation_rate'])}, best "
+                       f"{render.pct(c['best_rate'])}, se {render.pct(c['se'])}; grid epochs {c['epoch_grid']} x rates "
+                       f"{c['lr_grid']})" for c in choices)
+    body += [f"The paper's regime (`make regime`, preset `{preset}`), {n_seeds} seeds ({seeds}) x {n} held-out "
+             f"prompts; same CIs as above; its own Holm family, apart from the headline's.", "",
+             *render.table(["method", "what it is", "success rate", "per seed", "words per reply",
+                            "cut at the token cap"], rows), *_truncation_line(per_seed), "", *_difference_lines(diffs),
+             "", f"Chosen on the validation split by `make tune`'s rule (seed {choices[0]['seeds']}, "
+                 f"{choices[0]['n_validation']} validation prompts; figures/{regime.choices_path(preset).name}): "
+                 f"{chosen}.{_regime_edge(choices)}", REGIME_END.format(preset=preset)]
+    return "\n".join(body)
+
+
+def _regime_edge(choices: list[dict]) -> str:
+    """" At the grid's edge: ..." for each regime whose chosen epochs or rate is the largest its grid tried."""
+    edge = [f"{c['regime']}'s {what}" for c in choices
+            for what, value, grid in (("epochs", c["epochs"], str(c["epoch_grid"])),
+                                      ("learning rate", c["learning_rate"], str(c["lr_grid"])))
+            if len(grid.split()) > 1 and float(value) == max(float(v) for v in grid.split())]
+    return (f" At the grid's edge: {' and '.join(edge)} {'is' if len(edge) == 1 else 'are'} the largest tried, so a "
+            "larger one might score higher on validation (not tried)." if edge else "")
+
+
+def _regime_text(p: Preset) -> str:
+    """"; the paper's regime as rows of its own (make regime): ..." from the committed regime choices, if any."""
+    choices = regime.read_choices(p.name)
+    if not choices:
+        return ""
+    return ("; the paper's regime as rows of their own (`make regime`, docs/results.md): "
+            + "; ".join(f"{c['regime']} ({_regime_setting(c)}, chosen on validation)" for c in choices))
+
+
 SUMMARIES: dict[str, str] = {"cpu-reasoning": "cpu"}
 """The reference presets whose notebook summary follows their results (notebook 07's section 8), and the name its
 tables are filed under in `figures/` (`analysis.reasoning_findings`)."""
@@ -293,6 +357,7 @@ class Block:
 BLOCKS: tuple[Block, ...] = (
     Block("headline", "cpu", "README.md"),
     Block("results", "cpu", "docs/results.md"),
+    Block("regime", "cpu", "docs/results.md"),
     Block("results", "cpu-reasoning", "docs/results.md"),
     Block("deviations", "cpu", "docs/protocol.md"),
     Block("ablations", "cpu", "docs/ablations.md"),
@@ -310,7 +375,7 @@ def markers(kind: str, preset: str) -> tuple[str, str]:
     """The two marker lines around a block of `kind` for `preset`."""
     begin, end = {"headline": (HEADLINE_BEGIN, HEADLINE_END), "results": (BEGIN, END),
                   "deviations": (DEVIATIONS_BEGIN, DEVIATIONS_END), "ablations": (ABLATIONS_BEGIN, ABLATIONS_END),
-                  "memory": (MEMORY_BEGIN, MEMORY_END)}[kind]
+                  "memory": (MEMORY_BEGIN, MEMORY_END), "regime": (REGIME_BEGIN, REGIME_END)}[kind]
     return begin.format(preset=preset, table=results_path(preset).name), end.format(preset=preset)
 
 
@@ -867,7 +932,7 @@ DEVIATIONS: tuple[Deviation, ...] = (
     Deviation("fine-tuning", "full parameters, bf16, DeepSpeed ZeRO-2, learning rate 5e-7 (also 1e-7, 1e-6)",
               lambda p: (f"LoRA r={p.lora_r}, alpha {p.lora_alpha} on {', '.join(p.lora_target_modules)}; learning "
                          f"rate {p.learning_rate:g} (SFT {p.sft_learning_rate:g})"
-                         f"{_chosen(p, 'learning_rate', 'sft_learning_rate')}"),
+                         f"{_chosen(p, 'learning_rate', 'sft_learning_rate')}{_regime_text(p)}"),
               "fits a CPU and a T4; LoRA needs a far larger learning rate (5e-5 moved nothing visible in the pilot)",
               "a rank-limited update: likely a smaller move from the base than full fine-tuning"),
     Deviation("epochs and batch", "1 epoch, global batch 4",
@@ -929,5 +994,6 @@ BLOCK_RENDERERS: dict[str, Callable[[str], str]] = {
     "deviations": deviations_block,
     "ablations": ablations_block,
     "memory": memory_block,
+    "regime": lambda preset: regime_block(preset),
 }
 """How each kind of block (`Block.kind`) is rendered for a preset."""
