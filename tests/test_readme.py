@@ -531,3 +531,19 @@ def test_a_range_row_has_the_seeds_of_its_notebooks_rows():
         assert set(inside["seeds"]) == {row["seeds"]}, (
             f"figures/timings_cpu.csv: the {row['notebook']} row says seeds {row['seeds']!r}, its notebooks' rows "
             f"{sorted(set(inside['seeds']))}; make them agree")
+
+
+def test_constraints_span_renders_the_committed_comparison_or_says_it_is_missing(tmp_path, monkeypatch):
+    """The README's backfire line comes from `make constraints`' table: its MIPO - prompting row, prompt-level design."""
+    from mipo_lib.experiments import constraints
+
+    table = pd.read_csv(repo_root() / "figures" / "negative_constraints_results_cpu.csv")
+    row = table[(table["kind"] == "paired_difference") & (table["method"] == "MIPO") & (table["baseline"] == "prompting")].iloc[0]
+    text = readme.constraints_text("cpu")
+    assert f"{100 * row['diff']:+.1f} points [{100 * row['diff_lo']:+.1f}, {100 * row['diff_hi']:+.1f}]" in text
+    flipped = table.assign(diff=-table["diff"], detectable=False)
+    flipped.to_csv(tmp_path / "t.csv", index=False)
+    monkeypatch.setattr(constraints, "results_path", lambda name: tmp_path / "t.csv")
+    assert "not detectable" in readme.constraints_text("cpu") and f"{-100 * row['diff']:+.1f} points" in readme.constraints_text("cpu")
+    monkeypatch.setattr(constraints, "results_path", lambda name: tmp_path / "missing.csv")
+    assert readme.constraints_text("cpu").startswith("not run yet")

@@ -20,6 +20,7 @@ Spans, `<!-- <kind>:<key> -->...<!-- /<kind> -->`, may sit on any page (`pages`)
 - `colab:<notebook>`: its Open-in-Colab badge, and `repo:clone`: the clone command, both from the one repository
   address of `workbook.environment` (`REPO`);
 - `confirmatory:<preset>`: the confirmatory test's H1 verdict and interval (`make confirm`'s results), or "not run yet";
+- `constraints:<preset>`: MIPO against prompting on the test-only negative constraints (`make constraints`' results);
 - `setting:<preset>/<field>`: a setting of the preset as its reference runs used it (`reference_preset`: the validation
   choices applied), e.g. `setting:cpu/epochs`, `setting:cpu/cad_alpha`, and `setting:cpu/n_seeds` (how many seeds);
 - `schedule:<preset>`: the DPO learning-rate schedule of our runs (`dpo.LR_SCHEDULE`) with the preset's warm-up;
@@ -774,6 +775,7 @@ def _span_renderers(timings: pd.DataFrame) -> dict[str, Callable[[str], str]]:
         "repo": lambda key: _repo_text(key.strip()),
         "runtime": lambda key: runtime_text(timings, key),
         "confirmatory": confirm_text,
+        "constraints": constraints_text,
     }
 
 
@@ -790,6 +792,24 @@ def confirm_text(key: str) -> str:
     return (f"H1 {h1['verdict']}: {h1['method']} − {h1['baseline']} {100 * h1['diff']:+.1f} points "
             f"[{100 * h1['diff_lo']:+.1f}, {100 * h1['diff_hi']:+.1f}] on {int(h1['n'])} new prompts, "
             f"{int(per_seed['seed'].nunique())} seeds")
+
+
+def constraints_text(key: str) -> str:
+    """MIPO against prompting on the negative constraints ("do not mention coffee") no training or tuning saw, as
+    `make constraints` recorded it (prompt-level interval and verdict), or that it has not been run."""
+    from mipo_lib.experiments import constraints
+
+    path = constraints.results_path(key.strip())
+    if not path.exists():
+        return "not run yet (`make constraints`)"
+    table = pd.read_csv(path)
+    diffs = table[(table["kind"] == "paired_difference") & (table["ci_design"] == stats.prompt_level_design(table))]
+    row = diffs[(diffs["method"] == "MIPO") & (diffs["baseline"] == "prompting")].iloc[0]
+    seeds = table.loc[(table["kind"] == "per_seed") & (table["method"] == "MIPO"), "seed"].nunique()
+    verdict = ("a detectable " + ("loss" if row["diff"] < 0 else "gain")) if bool(row["detectable"]) else "not detectable"
+    return (f"MIPO keeps them in {100 * row['rate']:.1f}% of replies, prompting in {100 * row['baseline_rate']:.1f}%: "
+            f"{100 * row['diff']:+.1f} points [{100 * row['diff_lo']:+.1f}, {100 * row['diff_hi']:+.1f}], {verdict} "
+            f"({int(row['n'])} prompts, {seeds} seeds)")
 
 
 def _next_span(text: str, kinds: list[str]) -> tuple[int, str] | None:
