@@ -494,8 +494,9 @@ PRESETS: dict[str, Preset] = {
         n_test_prompts=200,
         temperature=0.1,
         top_p=0.9,
-        max_new_tokens=32,
-        eval_max_new_tokens=32,
+        max_new_tokens=128,
+        max_length=256,
+        eval_max_new_tokens=128,
         eval_no_repeat_ngram=0,
     ),
 }
