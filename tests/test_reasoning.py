@@ -23,6 +23,7 @@ from mipo_lib.tasks.arithmetic import (
 from mipo_lib.tasks.base import Example
 
 DIFFICULTY_CSV = repo_root() / "figures" / "reasoning_difficulty_cpu.csv"
+CAP_CSV = repo_root() / "figures" / "reasoning_cap_cpu.csv"
 
 
 # ------------------------------------------------------------------------------------------------ answer extraction
@@ -173,8 +174,13 @@ def test_reasoning_presets_keep_the_measured_settings():
     cpu, reas = PRESETS["cpu"], PRESETS["cpu-reasoning"]
     for name in ("model_id", "dtype"):
         assert getattr(reas, name) == getattr(cpu, name), name
-    # what the difficulty table measured (the cpu preset's greedy evaluation when it was made: 32 tokens, batch 100)
-    assert (reas.eval_max_new_tokens, reas.eval_batch_size, reas.eval_no_repeat_ngram) == (32, 100, 0)
+    # the evaluation cap chosen on validation (figures/reasoning_cap_cpu.csv), the pairs' cap at the upper bound
+    caps = pd.read_csv(CAP_CSV)
+    assert reas.eval_max_new_tokens == int(caps.loc[caps["chosen"], "cap"].iloc[0]) <= reasoning.CAP_UPPER_BOUND
+    assert reas.max_new_tokens == reasoning.CAP_UPPER_BOUND and (reas.eval_batch_size, reas.eval_no_repeat_ngram) == (100, 0)
+    at_cap = caps[caps["cap"] == reas.eval_max_new_tokens]
+    assert set(at_cap["method"]) == {"prompting", "SFT", "MIPO"}
+    assert (at_cap["finished"] >= reasoning.FINISHED_SHARE).all()
     for p in (reas, PRESETS["smoke-reasoning"]):
         assert p.negative == "random_prompt" and not get_task(p.task).conditional and len(p.seeds) == 3
         assert p.n_test_prompts <= len(get_task(p.task).examples("test"))
@@ -271,8 +277,8 @@ def test_answer_prefix_and_variants():
         assert 0 <= v["random"] <= reasoning.RANDOM_MAX
         seen.add(v["operand"])
     assert seen == {5, 7}
-    with pytest.raises(MipoError, match="no operand"):
-        reasoning.answer_variants(Example(id="x", request="What is 3 + 3 - 3?", answer="3"), np.random.default_rng(0))
+    assert reasoning.answer_variants(Example(id="x", request="What is 3 + 3 - 3?", answer="3"),
+                                     np.random.default_rng(0)) is None  # no operand to compare with
 
 
 def test_within_problem_pmi_is_the_answer_logprob_given_x_minus_its_mean_given_other_problems():
@@ -296,6 +302,10 @@ def test_within_problem_pmi_is_the_answer_logprob_given_x_minus_its_mean_given_o
     assert wins.loc[("logp_x", "operand"), "win_rate"] == 1.0 and wins.loc[("logp_x", "random"), "n"] == 4
     with pytest.raises(MipoError, match="k_other"):
         reasoning.within_problem_pmi(task, examples, ["x"] * 4, score, k_other=4)
+    zero = Example(id="z", request="What is 0 + 0?", answer="0")  # no operand: left out
+    answer[task.prompt(zero)[0]["content"]] = 0
+    frame = reasoning.within_problem_pmi(task, [*examples, zero], ["x"] * 5, score, k_other=2, seed=0)
+    assert sorted(set(frame["example_id"])) == sorted(e.id for e in examples)
 
 
 def test_pmi_wins_counts_ties_as_half_and_pairs_within_problems():

@@ -419,6 +419,9 @@ def pmi_ranking(
 VARIANTS: tuple[str, ...] = ("right", "operand", "random")
 #: Random final numbers are drawn from 0..RANDOM_MAX (the word level's answers are 0-40).
 RANDOM_MAX = 40
+#: Other problems x' per problem whose mean log pi0(N | x', prefix) estimates log pi0(N | prefix): each costs one more
+#: scored sequence per variant (3 x 200 more on the reference run).
+OTHER_PROBLEMS = 3
 
 
 def answer_prefix(reply: str) -> str:
@@ -431,15 +434,16 @@ def answer_prefix(reply: str) -> str:
     return reply.rstrip() + "\nAnswer:"
 
 
-def answer_variants(example: Example, rng: np.random.Generator) -> dict[str, int]:
+def answer_variants(example: Example, rng: np.random.Generator) -> dict[str, int] | None:
     """The numbers a reply to `example` is made to end with: the right answer, an operand of the problem (a number
     in its text other than the answer, drawn at random when there are several) and a random number in
     0..`RANDOM_MAX` that is neither. The operand is the wrong answer a reply most plausibly gives by restating the
-    problem; the random number is the wrong answer with no link to it."""
+    problem; the random number is the wrong answer with no link to it. None when every number of the problem is its
+    answer ("What is 0 + 0?"): there is no operand to compare with."""
     right = int(float(example.answer))
     operands = sorted({int(v) for v in numbers_in(example.request) if v != right})
     if not operands:
-        raise MipoError(f"problem {example.id} has no operand other than its answer; within_problem_pmi needs one")
+        return None
     others = [v for v in range(RANDOM_MAX + 1) if v != right and v not in operands]
     return {"right": right, "operand": int(rng.choice(operands)), "random": int(rng.choice(others))}
 
@@ -467,7 +471,8 @@ def answer_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Any], prefixes
 
 
 def within_problem_pmi(
-    task: Task, examples: Sequence[Example], replies: Sequence[str], score: Any, k_other: int = 3, seed: int = 0
+    task: Task, examples: Sequence[Example], replies: Sequence[str], score: Any, k_other: int = OTHER_PROBLEMS,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """PMI of a reply's final number, per problem and variant: log pi0(N | x, prefix) - mean over `k_other` other
     problems x' of log pi0(N | x', prefix), with the same reply prefix (`answer_prefix`) and N the right answer, an
@@ -475,7 +480,8 @@ def within_problem_pmi(
 
     Each problem's variants share everything but N, so comparing them within the problem asks whether the model's
     PMI prefers the right number, with no difference of length, wording or problem to explain it. The x' are drawn
-    per problem (seeded) among the other problems. `score(prompts, prefixes, numbers)` returns the log-probabilities
+    per problem (seeded) among the other problems; a problem whose numbers all equal its answer has no operand and is
+    left out. `score(prompts, prefixes, numbers)` returns the log-probabilities
     (`answer_logprobs` bound to a model). Columns: example_id, variant, number, logp_x, logp_x_prime, pmi.
     """
     if k_other < 1 or k_other >= len(examples):
@@ -485,7 +491,8 @@ def within_problem_pmi(
     for i, (example, reply) in enumerate(zip(examples, replies)):
         prefix = answer_prefix(str(reply))
         others = rng.choice([j for j in range(len(examples)) if j != i], size=k_other, replace=False)
-        for variant, number in answer_variants(example, rng).items():
+        variants = answer_variants(example, rng)
+        for variant, number in (variants or {}).items():  # a problem without an operand is left out
             rows.append({"example_id": example.id, "variant": variant, "number": number})
             for x in [example, *(examples[j] for j in others)]:
                 prompts.append(task.prompt(x))
@@ -496,7 +503,7 @@ def within_problem_pmi(
     return out.assign(logp_x=lp[:, 0], logp_x_prime=lp[:, 1:].mean(axis=1), pmi=lp[:, 0] - lp[:, 1:].mean(axis=1))
 
 
-def base_reply_pmi(preset: Preset, records: pd.DataFrame, method: str, k_other: int = 3, seed: int = 0,
+def base_reply_pmi(preset: Preset, records: pd.DataFrame, method: str, k_other: int = OTHER_PROBLEMS, seed: int = 0,
                    progress: bool = True) -> pd.DataFrame:
     """`within_problem_pmi` of `method`'s held-out replies (its first seed) under the base model, cached like
     `answer_pmi` (`cache` stage 'pmi')."""
