@@ -87,6 +87,7 @@ def lines(results: pd.DataFrame, difficulty: pd.DataFrame, findings: pd.DataFram
     no_answer = {m: 1 - f.value("formats", "final answer given", m) for m in methods}
     pmi, logp = f.row("pmi", "AUC", "pmi"), f.row("pmi", "AUC", "logp_x")
     setting = {m: (f.value("setup", "epochs", m), f.value("setup", "learning rate", m)) for m in ("MIPO", "SFT")}
+    cap, chosen_cap = f.value("setup", "new-token cap"), f.value("setup", "cap chosen on validation")
     out = [
         f"- Task: {task} ({'chosen on validation' if task == task_name(chosen) else 'not the chosen level'}), "
         f"{int(per_seed['n'].iloc[0])} held-out problems, {per_seed['seed'].nunique()} seeds, "
@@ -95,12 +96,14 @@ def lines(results: pd.DataFrame, difficulty: pd.DataFrame, findings: pd.DataFram
         "without it has no final answer and counts as wrong).",
         f"- Difficulty: greedy base accuracy on each level's validation problems: {levels}; the hardest level inside "
         f"[{low:.0%}, {high:.0%}] is `{chosen}`.",
-        f"- Chosen on validation: MIPO {setting['MIPO'][0]:.0f} epochs at learning rate {setting['MIPO'][1]:g}, SFT "
-        f"{setting['SFT'][0]:.0f} epochs at {setting['SFT'][1]:g} (one-standard-error rule); evaluation cap "
-        f"{f.value('setup', 'new-token cap'):.0f} new tokens, the smallest at which at least "
-        f"{f.value('setup', 'finished share required'):.0%} of every method's validation replies finish; pairs "
-        f"sampled with a cap of {f.value('setup', 'pairs token cap'):.0f} ({f.value('setup', 'pairs cut'):.1%} of "
-        "their replies cut).",
+        f"- Training: MIPO {setting['MIPO'][0]:.0f} epochs at learning rate {setting['MIPO'][1]:g}, SFT "
+        f"{setting['SFT'][0]:.0f} epochs at {setting['SFT'][1]:g} ("
+        + ("chosen on validation by the one-standard-error rule" if f.value("setup", "training settings chosen on "
+           "validation") else "not the settings chosen on validation") + f"); evaluation cap {cap:.0f} new tokens ("
+        + (f"the smallest at which at least {f.value('setup', 'finished share required'):.0%} of every method's "
+           "validation replies finish" if cap == chosen_cap else f"not the cap chosen on validation, {chosen_cap:.0f}")
+        + f"); pairs sampled with a cap of {f.value('setup', 'pairs token cap'):.0f} "
+        f"({f.value('setup', 'pairs cut'):.1%} of their replies cut).",
         f"- Accuracy: base {rates[base]:.1%}, SFT {rates['SFT']:.1%}, MIPO {rates['MIPO']:.1%}; replies cut by the "
         "cap: " + ", ".join(f"{'base' if m == base else m} {cut[m]:.1%}" for m in methods) + "; no final answer: "
         + ", ".join(f"{'base' if m == base else m} {no_answer[m]:.0%}" for m in methods) + ".",
