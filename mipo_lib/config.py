@@ -478,11 +478,14 @@ PRESETS: dict[str, Preset] = {
         eval_batch_new_tokens=0,
     ),
     # Notebook 07 (reasoning, `make reasoning`): unconditional MIPO, the negative is the answer to another problem. The
-    # cpu preset's model, precision, batch sizes and training settings as written (2 epochs of 60 pairs, 30 DPO
-    # steps: the pilot's setting; cpu's validation choices are not inherited, nothing was tuned on this task); its own
-    # task, sampling and token caps. The task is the level whose base accuracy on validation is the lowest inside
-    # 20-70% (figures/reasoning_difficulty_cpu.csv, measured with the cpu preset's model and its evaluation settings
-    # of the time, which this preset keeps: greedy, 32 new tokens, batch 100, no n-gram rule).
+    # cpu preset's model, precision, batch sizes and LoRA; every other choice was made on validation problems
+    # (`make reasoning-choices SET="dtype=float32"`, in this order): the task is the level whose base accuracy is the
+    # lowest inside 20-70% with the prompt's `Answer: <number>` format (figures/reasoning_difficulty_cpu.csv, 128 new
+    # tokens); MIPO's and SFT's epochs and learning rates come from figures/choices_cpu-reasoning.csv (seed 0, the
+    # one-standard-error rule); the evaluation cap is the smallest at which at least 95% of every method's validation
+    # replies finish (figures/reasoning_cap_cpu.csv, from the tuning's replies at 128 tokens). The pairs are sampled at
+    # that upper bound, 128 tokens (a batch stops when all its replies have ended), and max_length 256 holds a prompt
+    # (at most 68 tokens on this level) with a 128-token reply.
     "cpu-reasoning": dataclasses.replace(
         _CPU,
         name="cpu-reasoning",

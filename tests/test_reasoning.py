@@ -370,3 +370,20 @@ def test_answer_logprobs_score_only_the_number_after_the_prefix(one_thread):
         head = tokenizer.encode(prefixes[i], add_special_tokens=False)
         both = completion_logprobs(model, [chat, chat], [full, head], tokenizer.pad_token_id)
         assert got[i] == pytest.approx(both[0] - both[1], abs=1e-4) and got[i] < 0
+
+
+@pytest.mark.slow
+def test_base_reply_pmi_on_the_tiny_model_is_cached(one_thread, capsys):
+    preset = get_preset("smoke-reasoning")
+    examples = get_task(preset.task).examples("test", preset.n_test_prompts)
+    recs = _records("prompting", 0, [f"It is {i}.\nAnswer: {i}" for i in range(len(examples))],
+                    [0.0] * len(examples)).assign(example_id=[e.id for e in examples], task=preset.task)
+    first = reasoning.base_reply_pmi(preset, recs, "prompting", progress=False)
+    kept = [e for e in examples if reasoning.answer_variants(e, np.random.default_rng(0)) is not None]
+    assert len(first) == 3 * len(kept) and np.isfinite(first["pmi"]).all()
+    assert np.allclose(first["pmi"], first["logp_x"] - first["logp_x_prime"])
+    capsys.readouterr()
+    again = reasoning.base_reply_pmi(preset, recs, "prompting", progress=False)
+    cache.say_reused()
+    assert "reusing within-problem answer PMI" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(first, again)
