@@ -500,6 +500,7 @@ PRESETS: dict[str, Preset] = {
         max_new_tokens=128,
         max_length=256,
         eval_max_new_tokens=128,
+        eval_batch_new_tokens=48,  # most replies end by 48 tokens: the rest go on together, the batch does not wait
         eval_no_repeat_ngram=0,
     ),
 }
