@@ -420,8 +420,9 @@ VARIANTS: tuple[str, ...] = ("right", "operand", "random")
 #: Random final numbers are drawn from 0..RANDOM_MAX (the word level's answers are 0-40).
 RANDOM_MAX = 40
 #: Other problems x' per problem whose mean log pi0(N | x', prefix) estimates log pi0(N | prefix): each costs one more
-#: scored sequence per variant (3 x 200 more on the reference run).
-OTHER_PROBLEMS = 3
+#: scored sequence per variant (3 x 200 more on the reference run). The same x' serve all three variants of a problem,
+#: so their noise is shared by the paired comparison.
+OTHER_PROBLEMS = 2
 
 
 def answer_prefix(reply: str) -> str:
