@@ -128,7 +128,7 @@ class Preset:
     max_new_tokens: int = field(default=48, metadata={"help": (
         "Token cap of the pairs' sampled replies; a reply cut there is flagged in the pairs (chosen_truncated, "
         "rejected_truncated) and DPO learns from the cut text. cpu 64 (a cost choice: sampling and training "
-        "dominate its run), cpu-reasoning 32, t4 256, paper and the official settings 512.")})
+        "dominate its run), cpu-reasoning 128 (the upper bound its evaluation cap is chosen under), t4 256, paper and the official settings 512.")})
     gen_batch_size: int = field(default=32, metadata={"help": (
         "Prompts sampled together when making pairs (and in notebook 06's KL estimate): larger is faster until "
         "memory runs out. The batch plan seeds the sampling, so another value samples other pairs.")})
@@ -161,7 +161,7 @@ class Preset:
     epochs: int = field(default=2, metadata={"help": (
         "MIPO's (DPO's) passes over the pairs: cpu 2 as written, and 2 as chosen by make tune on validation "
         "(8 epochs scored best, 2 at 8e-4 within one standard error of it; figures/choices_cpu.csv); cpu-reasoning "
-        "2 (the pilot's value, not tuned); t4 and paper 1, as the official code trains, not validated on their "
+        "as chosen on its validation problems (figures/choices_cpu-reasoning.csv); t4 and paper 1, as the official code trains, not validated on their "
         "models with LoRA (make tune PRESET=t4 chooses epochs on a GPU).")})
     sft_epochs: int = field(default=2, metadata={"help": (
         "The SFT baseline's own passes over the chosen replies (make tune chooses them apart from MIPO's): cpu 2 as "
@@ -185,7 +185,8 @@ class Preset:
         "192, sized so that replies finish (every request asks for 2-3 sentences): on the 40 train and validation "
         "requests every greedy reply ends by 151 tokens but one context-free reply, which still runs at 1,024 "
         "(measured 2026-11-28; at 128 tokens, before the instruction, 40% of prompting and all context-free replies "
-        "were cut). cpu-reasoning 32, t4 256, paper 512.")})
+        "were cut). cpu-reasoning: the smallest cap at which at least 95% of every method's validation replies finish "
+        "(figures/reasoning_cap_cpu.csv); t4 256, paper 512.")})
     eval_batch_size: int = field(default=50, metadata={"help": (
         "Prompts decoded together in evaluation (and by the LLM judge): a speed and memory knob (cpu 100, t4 32, "
         "paper 64). Padding changes the numerics slightly, so evaluations are cached per value.")})
