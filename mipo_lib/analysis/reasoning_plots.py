@@ -173,8 +173,11 @@ def plot_pmi_wins(wins: pd.DataFrame, meta: dict[str, Any]) -> Any:
     ax.set_xticks(range(len(versus)), [f"right answer vs {v}" for v in versus])
     ax.set_ylabel("problems where the right answer scores higher (%)")
     ax.set_ylim(0, 105)
-    ax.set_title("Within a problem: does the right final number score higher?")
-    ax.legend(fontsize=8, loc="lower right")
+    # above the axes, under the title: inside, the legend hid the bars
+    legend = ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
+    fig.canvas.draw()
+    legend_pt = (legend.get_window_extent().y1 - ax.get_window_extent().y1) * 72 / fig.dpi
+    ax.set_title("Within a problem: does the right final number score higher?", pad=legend_pt + 4)
     cap = plots.caption(str(meta.get("preset", "?")), str(meta.get("model", "?")), str(meta.get("task", "?")), None,
                         int(wins["n"].min()) if len(wins) else None, bars="95% bootstrap CI over problems (paired)",
                         examples_word="held-out problems", dots="Bars: share of problems",
