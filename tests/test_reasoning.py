@@ -387,3 +387,19 @@ def test_base_reply_pmi_on_the_tiny_model_is_cached(one_thread, capsys):
     cache.say_reused()
     assert "reusing within-problem answer PMI" in capsys.readouterr().out
     pd.testing.assert_frame_equal(first, again)
+
+
+def test_committed_reasoning_choices_were_tuned_under_the_preset_at_the_caps_upper_bound():
+    """figures/choices_cpu-reasoning.csv was tuned under cpu-reasoning as written, in fp32, its replies generated at
+    the cap's upper bound (`make reasoning-choices SET="dtype=float32"`): a change to the preset that the tuning read,
+    without tuning anew, fails here."""
+    import json
+
+    from mipo_lib.config import choices_path
+    from mipo_lib.experiments import tune
+
+    table = pd.read_csv(choices_path("cpu-reasoning"))
+    swept = get_preset("cpu-reasoning", tuned=False, dtype="float32", eval_max_new_tokens=reasoning.CAP_UPPER_BOUND)
+    assert set(table["field"]) == {"epochs", "learning_rate", "sft_epochs", "sft_learning_rate"}
+    for row in table.itertuples():
+        assert json.loads(row.tuned_under) == tune.tuned_under(swept, row.method, set(table["field"]))
