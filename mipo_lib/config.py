@@ -128,7 +128,7 @@ class Preset:
     max_new_tokens: int = field(default=48, metadata={"help": (
         "Token cap of the pairs' sampled replies; a reply cut there is flagged in the pairs (chosen_truncated, "
         "rejected_truncated) and DPO learns from the cut text. cpu 64 (a cost choice: sampling and training "
-        "dominate its run), cpu-reasoning 32, t4 256, paper and the official settings 512.")})
+        "dominate its run), cpu-reasoning 128 (the upper bound its evaluation cap is chosen under), t4 256, paper and the official settings 512.")})
     gen_batch_size: int = field(default=32, metadata={"help": (
         "Prompts sampled together when making pairs (and in notebook 06's KL estimate): larger is faster until "
         "memory runs out. The batch plan seeds the sampling, so another value samples other pairs.")})
@@ -161,7 +161,7 @@ class Preset:
     epochs: int = field(default=2, metadata={"help": (
         "MIPO's (DPO's) passes over the pairs: cpu 2 as written, and 2 as chosen by make tune on validation "
         "(8 epochs scored best, 2 at 8e-4 within one standard error of it; figures/choices_cpu.csv); cpu-reasoning "
-        "2 (the pilot's value, not tuned); t4 and paper 1, as the official code trains, not validated on their "
+        "as chosen on its validation problems (figures/choices_cpu-reasoning.csv); t4 and paper 1, as the official code trains, not validated on their "
         "models with LoRA (make tune PRESET=t4 chooses epochs on a GPU).")})
     sft_epochs: int = field(default=2, metadata={"help": (
         "The SFT baseline's own passes over the chosen replies (make tune chooses them apart from MIPO's): cpu 2 as "
@@ -185,7 +185,8 @@ class Preset:
         "192, sized so that replies finish (every request asks for 2-3 sentences): on the 40 train and validation "
         "requests every greedy reply ends by 151 tokens but one context-free reply, which still runs at 1,024 "
         "(measured 2026-11-28; at 128 tokens, before the instruction, 40% of prompting and all context-free replies "
-        "were cut). cpu-reasoning 32, t4 256, paper 512.")})
+        "were cut). cpu-reasoning: the smallest cap at which at least 95% of every method's validation replies finish "
+        "(figures/reasoning_cap_cpu.csv); t4 256, paper 512.")})
     eval_batch_size: int = field(default=50, metadata={"help": (
         "Prompts decoded together in evaluation (and by the LLM judge): a speed and memory knob (cpu 100, t4 32, "
         "paper 64). Padding changes the numerics slightly, so evaluations are cached per value.")})
@@ -478,11 +479,14 @@ PRESETS: dict[str, Preset] = {
         eval_batch_new_tokens=0,
     ),
     # Notebook 07 (reasoning, `make reasoning`): unconditional MIPO, the negative is the answer to another problem. The
-    # cpu preset's model, precision, batch sizes and training settings as written (2 epochs of 60 pairs, 30 DPO
-    # steps: the pilot's setting; cpu's validation choices are not inherited, nothing was tuned on this task); its own
-    # task, sampling and token caps. The task is the level whose base accuracy on validation is the lowest inside
-    # 20-70% (figures/reasoning_difficulty_cpu.csv, measured with the cpu preset's model and its evaluation settings
-    # of the time, which this preset keeps: greedy, 32 new tokens, batch 100, no n-gram rule).
+    # cpu preset's model, precision, batch sizes and LoRA; every other choice was made on validation problems
+    # (`make reasoning-choices SET="dtype=float32"`, in this order): the task is the level whose base accuracy is the
+    # lowest inside 20-70% with the prompt's `Answer: <number>` format (figures/reasoning_difficulty_cpu.csv, 128 new
+    # tokens); MIPO's and SFT's epochs and learning rates come from figures/choices_cpu-reasoning.csv (seed 0, the
+    # one-standard-error rule); the evaluation cap is the smallest at which at least 95% of every method's validation
+    # replies finish (figures/reasoning_cap_cpu.csv, from the tuning's replies at 128 tokens). The pairs are sampled at
+    # that upper bound, 128 tokens (a batch stops when all its replies have ended), and max_length 256 holds a prompt
+    # (at most 68 tokens on this level) with a 128-token reply.
     "cpu-reasoning": dataclasses.replace(
         _CPU,
         name="cpu-reasoning",
@@ -494,8 +498,10 @@ PRESETS: dict[str, Preset] = {
         n_test_prompts=200,
         temperature=0.1,
         top_p=0.9,
-        max_new_tokens=32,
-        eval_max_new_tokens=32,
+        max_new_tokens=128,
+        max_length=256,
+        eval_max_new_tokens=106,  # figures/reasoning_cap_cpu.csv: MIPO's replies reach 95% finished there
+        eval_batch_new_tokens=48,  # most replies end by 48 tokens: the rest go on together, the batch does not wait
         eval_no_repeat_ngram=0,
     ),
 }

@@ -440,6 +440,25 @@ def _formats_figure(_records):
     return reasoning_plots.plot_formats(formats, META)
 
 
+def _cap_figure(_records):
+    from mipo_lib.analysis import reasoning_plots
+    from mipo_lib.experiments import reasoning
+
+    lengths = pd.DataFrame({"method": ["prompting"] * 4 + ["SFT"] * 4 + ["MIPO"] * 4,
+                            "n_tokens": [10, 20, 30, 40, 12, 22, 33, 60, 15, 25, 35, float("inf")]})
+    shares = reasoning.finished_shares(lengths, range(8, 129, 8))
+    return reasoning_plots.plot_cap(shares, 64, 0.95, META)
+
+
+def _pmi_wins_figure(_records):
+    from mipo_lib.analysis import reasoning_plots
+
+    wins = pd.DataFrame([{"measure": m, "versus": v, "n": 200, "win_rate": w, "lo": w - 0.07, "hi": w + 0.07}
+                         for m, v, w in (("pmi", "operand", 0.55), ("pmi", "random", 0.7), ("logp_x", "operand", 0.6),
+                                         ("logp_x", "random", 0.8))])
+    return reasoning_plots.plot_pmi_wins(wins, META)
+
+
 WORKBOOK_FIGURES = {
     "method rates (00, 05, 07)": lambda r: plots.plot_method_rates(r, META, n_boot=200),
     "per preference (05)": lambda r: plots.plot_per_group(r, META, n_boot=200),
@@ -454,6 +473,8 @@ WORKBOOK_FIGURES = {
     "difficulty (07, committed table)": _difficulty_figure,
     "pairs and PMI (07)": _pairs_figure,
     "formats (07)": _formats_figure,
+    "token cap (07)": _cap_figure,
+    "PMI within a problem (07)": _pmi_wins_figure,
 }
 
 

@@ -17,10 +17,13 @@ from mipo_lib.config import PRESETS, get_preset, repo_root
 from mipo_lib.errors import MipoError
 from mipo_lib.tasks import get_task, task_names
 from mipo_lib.tasks.arithmetic import (
-    DEFAULT_LEVEL, GRADED_LEVELS, INSTRUCTION, LEVELS, SPLITS, ArithmeticTask, extract_answer, parse_answer, task_name,
+    ANSWER_FORMAT, DEFAULT_LEVEL, GRADED_LEVELS, INSTRUCTION, LEVELS, SPLITS, ArithmeticTask, extract_answer,
+    final_answer, parse_answer, task_name,
 )
+from mipo_lib.tasks.base import Example
 
 DIFFICULTY_CSV = repo_root() / "figures" / "reasoning_difficulty_cpu.csv"
+CAP_CSV = repo_root() / "figures" / "reasoning_cap_cpu.csv"
 
 
 # ------------------------------------------------------------------------------------------------ answer extraction
@@ -51,13 +54,35 @@ def test_parse_answer_phrasings(reply, value, how):
     assert extract_answer(reply) == value
 
 
-def test_score_uses_the_final_answer():
+@pytest.mark.parametrize("reply,value", [
+    ("Sam has 7 + 5 = 12 apples.\nAnswer: 12", 12),
+    ("Answer: 12 apples.", 12),
+    ("**Answer:** 12", 12),
+    ("answer: $12", 12),
+    ("Answer: 3. Check: 3 + 4 = 7. Answer: 7", 7),  # the last answer line counts
+    ("Answer: \u22125", -5),
+    ("Sam has 7 + 5 = 12 apples.", None),  # no answer line: no final answer, even with numbers in it
+    ("The answer is 12.", None),
+    ("Leo has 7 + 5 =", None),  # cut by the cap before the answer line
+    ("Answer: <number>", None),
+    ("Answer:", None),
+])
+def test_final_answer_reads_only_the_answer_line(reply, value):
+    parsed = final_answer(reply)
+    assert (parsed.value, parsed.how) == (value, "none" if value is None else "answer_line")
+
+
+def test_graded_levels_score_only_the_final_answer_line():
     task = get_task("arithmetic_two_step")
     ex = next(e for e in task.examples("test") if e.answer == "20")
-    assert task.score(ex, "The answer is 20.") == task.score(ex, "6 × 3 + 2 = 20") == 1.0
-    assert task.score(ex, "The answer is 20 - 1 = 19") == 1.0  # the number the phrase commits to
-    assert task.score(ex, "20 is wrong, it is 21") == 0.0
-    assert task.score(ex, "twenty") == 0.0
+    assert task.score(ex, "6 × 3 + 2 = 20\nAnswer: 20") == task.score(ex, "Answer: 20.") == 1.0
+    assert task.score(ex, "6 × 3 + 2 = 20") == 0.0  # right number, no final answer: wrong (the old grading said 1)
+    assert task.score(ex, "The answer is 20.") == 0.0
+    assert task.score(ex, "Answer: 19, no, 20") == 0.0  # the number right after the answer line
+    assert task.parse("6 × 3 + 2 = 20").how == "none"
+    plain = get_task("arithmetic")  # the original task keeps its lenient reading
+    ex = plain.examples("test", 1)[0]
+    assert plain.score(ex, f"It is {ex.answer}.") == 1.0 and plain.parse("It is 5.").how == "last_number"
 
 
 # ------------------------------------------------------------------------------------------------ levels and splits
@@ -118,10 +143,12 @@ def test_levels_are_registered_tasks_with_their_instruction():
         assert not task.conditional and task.name == task_name(level)
         ex = task.examples("test", 1)[0]
         assert task.prompt(ex) == task.prompt(ex, with_context=False) == [
-            {"role": "user", "content": f"{ex.request} {INSTRUCTION}"}]
+            {"role": "user", "content": f"{ex.request} {ANSWER_FORMAT}"}]
+        assert task.level.answer_format
         with pytest.raises(MipoError, match="random_prompt"):
             task.prompt(ex, context="x")
     plain = get_task("arithmetic")
+    assert not plain.level.answer_format
     assert plain.level.name == DEFAULT_LEVEL and plain.prompt(plain.examples("test", 1)[0])[0]["content"].endswith("?")
     with pytest.raises(MipoError, match="unknown arithmetic level"):
         ArithmeticTask("calculus")
@@ -147,8 +174,13 @@ def test_reasoning_presets_keep_the_measured_settings():
     cpu, reas = PRESETS["cpu"], PRESETS["cpu-reasoning"]
     for name in ("model_id", "dtype"):
         assert getattr(reas, name) == getattr(cpu, name), name
-    # what the difficulty table measured (the cpu preset's greedy evaluation when it was made: 32 tokens, batch 100)
-    assert (reas.eval_max_new_tokens, reas.eval_batch_size, reas.eval_no_repeat_ngram) == (32, 100, 0)
+    # the evaluation cap chosen on validation (figures/reasoning_cap_cpu.csv), the pairs' cap at the upper bound
+    caps = pd.read_csv(CAP_CSV)
+    assert reas.eval_max_new_tokens == int(caps.loc[caps["chosen"], "cap"].iloc[0]) <= reasoning.CAP_UPPER_BOUND
+    assert reas.max_new_tokens == reasoning.CAP_UPPER_BOUND and (reas.eval_batch_size, reas.eval_no_repeat_ngram) == (100, 0)
+    at_cap = caps[caps["cap"] == reas.eval_max_new_tokens]
+    assert set(at_cap["method"]) == {"prompting", "SFT", "MIPO"}
+    assert (at_cap["finished"] >= reasoning.FINISHED_SHARE).all()
     for p in (reas, PRESETS["smoke-reasoning"]):
         assert p.negative == "random_prompt" and not get_task(p.task).conditional and len(p.seeds) == 3
         assert p.n_test_prompts <= len(get_task(p.task).examples("test"))
@@ -186,31 +218,105 @@ def test_pair_correctness_counts_each_kind():
     assert (t.loc[1, "positive_correct"], t.loc[1, "agree"], t.loc[1, "n_pairs"]) == (0.5, 0.5, 2)
 
 
-def _records(method, seed, responses, scores):
-    return pd.DataFrame({"task": "t", "method": method, "seed": seed, "example_id": [f"e{i}" for i in range(len(scores))],
-                         "group": "g", "response": responses, "score": scores, "n_words": 1})
+def _records(method, seed, responses, scores, truncated=None):
+    return pd.DataFrame({"task": "arithmetic_word", "method": method, "seed": seed,
+                         "example_id": [f"e{i}" for i in range(len(scores))], "group": "g", "response": responses,
+                         "score": scores, "n_words": 1,
+                         "truncated": [False] * len(scores) if truncated is None else truncated})
 
 
 def test_format_decomposition_adds_up():
-    base = _records("prompting", 0, ["7.", "no idea", "no idea.", "5"], [1.0, 0.0, 0.0, 0.0])
-    mipo = pd.concat([_records("MIPO", 0, ["7", "8", "9", "no"], [1.0, 1.0, 0.0, 0.0]),
-                      _records("MIPO", 1, ["7", "8", "9", "6"], [1.0, 0.0, 0.0, 1.0])])
+    base = _records("prompting", 0, ["Answer: 7", "no idea", "no idea.", "It is 5"], [1.0, 0.0, 0.0, 0.0],
+                    truncated=[False, True, False, True])
+    mipo = pd.concat([_records("MIPO", 0, ["Answer: 7", "Answer: 8", "Answer: 9", "no"], [1.0, 1.0, 0.0, 0.0]),
+                      _records("MIPO", 1, ["Answer: 7", "Answer: 8", "Answer: 9", "Answer: 6"], [1.0, 0.0, 0.0, 1.0])])
     formats = reasoning.answer_formats(pd.concat([mipo, base]))
     assert list(formats["method"].unique()) == ["prompting", "MIPO"]
     b = formats[formats["method"] == "prompting"].iloc[0]
-    assert (b["parseable"], b["accuracy_parseable"], b["share_none"], b["share_last_number"]) == (0.5, 0.5, 0.5, 0.5)
-    assert (b["unfinished"], b["accuracy_finished"], b["mean_words"]) == (0.5, 0.5, 1.5)  # "no idea", "5" are cut
+    # "It is 5" has a number but no answer line: no final answer
+    assert (b["parseable"], b["accuracy_parseable"], b["share_none"], b["share_answer_line"]) == (0.25, 1.0, 0.75, 0.25)
+    assert (b["unfinished"], b["accuracy_finished"], b["mean_words"]) == (0.5, 0.5, 2.25)  # the truncated flag
     dec = reasoning.format_decomposition(formats, "MIPO", "prompting")
     assert np.allclose(dec["difference"], dec["format"] + dec["correctness"])
     assert np.allclose(dec["difference"], [0.25, 0.25])
     with pytest.raises(MipoError, match="needs rows of both"):
         reasoning.format_decomposition(formats, "SFT", "prompting")
+    with pytest.raises(MipoError, match="truncated"):
+        reasoning.answer_formats(base.drop(columns="truncated"))
 
 
-@pytest.mark.parametrize("reply,cut", [("Sam has 12 apples.", False), ('He said "12!"', False), ("Is it 12?", False),
-                                       ("(It is 12.)", False), ("so Leo now has 7 + 5 =", True), ("12", True), ("", True)])
-def test_unfinished_replies(reply, cut):
-    assert reasoning.unfinished(reply) is cut
+class _Tokens:
+    """A tokenizer stand-in: one token per character."""
+
+    def encode(self, text, add_special_tokens=False):
+        return list(text)
+
+
+def test_reply_lengths_and_the_smallest_cap_at_which_every_method_finishes():
+    rec = pd.concat([_records("prompting", 0, ["a" * 9, "a" * 4, "a" * 2, "a" * 3], [0.0] * 4),
+                     _records("MIPO", 0, ["a" * 5, "a" * 6, "a" * 7, "a" * 20], [0.0] * 4, truncated=[0, 0, 0, 1])])
+    lengths = reasoning.reply_lengths(_Tokens(), rec)
+    assert lengths["n_tokens"].tolist()[:4] == [10, 5, 3, 4]  # characters + the end token
+    assert math.isinf(lengths["n_tokens"].iloc[-1])  # cut: never finishes, whatever the cap
+    shares = reasoning.finished_shares(lengths, [4, 8]).set_index(["method", "cap"])["finished"]
+    assert shares[("prompting", 4)] == 0.5 and shares[("MIPO", 8)] == 0.75
+    assert reasoning.choose_cap(lengths, share=0.75, upper=10) == 8  # MIPO needs 8 (3 of 4), prompting 5
+    assert reasoning.choose_cap(lengths.iloc[:4], share=1.0, upper=10) == 10
+    with pytest.raises(MipoError, match="MIPO's replies finish"):
+        reasoning.choose_cap(lengths, share=0.95, upper=10)  # the cut reply never finishes
+
+
+def test_answer_prefix_and_variants():
+    assert reasoning.answer_prefix("Sam has 12.\nAnswer: 12") == "Sam has 12.\nAnswer:"
+    assert reasoning.answer_prefix("Sam has 12.  ") == "Sam has 12.\nAnswer:"
+    ex = Example(id="wa-7+5", request="Sam has 7 apples. He gets 5 more apples. How many?", answer="12")
+    seen = set()
+    for seed in range(30):
+        v = reasoning.answer_variants(ex, np.random.default_rng(seed))
+        assert v["right"] == 12 and v["operand"] in (7, 5) and v["random"] not in (12, 7, 5)
+        assert 0 <= v["random"] <= reasoning.RANDOM_MAX
+        seen.add(v["operand"])
+    assert seen == {5, 7}
+    assert reasoning.answer_variants(Example(id="x", request="What is 3 + 3 - 3?", answer="3"),
+                                     np.random.default_rng(0)) is None  # no operand to compare with
+
+
+def test_within_problem_pmi_is_the_answer_logprob_given_x_minus_its_mean_given_other_problems():
+    task = get_task("arithmetic_word")
+    examples = task.examples("validation", 4)
+    answer = {task.prompt(e)[0]["content"]: int(e.answer) for e in examples}
+    calls = []
+
+    def score(prompts, prefixes, numbers):  # a made-up model: log p(N | x, prefix) = -|N - the answer of x|
+        calls.append(len(prompts))
+        return [-abs(n - answer[p[0]["content"]]) for p, n in zip(prompts, numbers)]
+
+    frame = reasoning.within_problem_pmi(task, examples, ["x\nAnswer: 3"] * 4, score, k_other=2, seed=0)
+    assert calls == [4 * 3 * 3] and len(frame) == 12 and list(frame["variant"][:3]) == list(reasoning.VARIANTS)
+    assert np.allclose(frame["pmi"], frame["logp_x"] - frame["logp_x_prime"])
+    right = frame[frame["variant"] == "right"]
+    assert (right["logp_x"] == 0).all() and right["number"].tolist() == [int(e.answer) for e in examples]
+    wrong = frame[frame["variant"] != "right"]
+    assert (wrong["logp_x"] < 0).all()
+    wins = reasoning.pmi_wins(frame, n_boot=200).set_index(["measure", "versus"])
+    assert wins.loc[("logp_x", "operand"), "win_rate"] == 1.0 and wins.loc[("logp_x", "random"), "n"] == 4
+    with pytest.raises(MipoError, match="k_other"):
+        reasoning.within_problem_pmi(task, examples, ["x"] * 4, score, k_other=4)
+    zero = Example(id="z", request="What is 0 + 0?", answer="0")  # no operand: left out
+    answer[task.prompt(zero)[0]["content"]] = 0
+    frame = reasoning.within_problem_pmi(task, [*examples, zero], ["x"] * 5, score, k_other=2, seed=0)
+    assert sorted(set(frame["example_id"])) == sorted(e.id for e in examples)
+
+
+def test_pmi_wins_counts_ties_as_half_and_pairs_within_problems():
+    frame = pd.DataFrame({"example_id": ["a"] * 3 + ["b"] * 3 + ["c"] * 3, "variant": list(reasoning.VARIANTS) * 3,
+                          "pmi": [2.0, 1.0, 3.0, 0.0, -1.0, -1.0, 5.0, 5.0, 9.0],
+                          "logp_x": [0.0, -1.0, -1.0, 0.0, -1.0, -1.0, 0.0, -1.0, -1.0]})
+    w = reasoning.pmi_wins(frame, n_boot=500).set_index(["measure", "versus"])
+    assert w.loc[("pmi", "operand"), "win_rate"] == pytest.approx(2.5 / 3)  # a wins, b wins, c ties
+    assert w.loc[("pmi", "random"), "win_rate"] == pytest.approx(1 / 3)  # a loses, b wins, c loses
+    assert w.loc[("logp_x", "operand"), "win_rate"] == 1.0 and w.loc[("logp_x", "operand"), "lo"] == 1.0
+    assert w.loc[("pmi", "operand"), "mean_difference"] == pytest.approx(2 / 3)
 
 
 def test_auc_and_pmi_ranking():
@@ -246,3 +352,54 @@ def test_measure_difficulty_and_answer_pmi_on_the_tiny_model(one_thread, capsys)
     cache.say_reused()
     assert "reusing answer PMI" in capsys.readouterr().out
     pd.testing.assert_frame_equal(first, again)
+
+
+def test_answer_logprobs_score_only_the_number_after_the_prefix(one_thread):
+    from mipo_lib.generate import chat_prompt_ids
+    from mipo_lib.models import load_for_preset
+    from mipo_lib.scoring import completion_logprobs
+
+    model, tokenizer = load_for_preset(get_preset("smoke-reasoning"))
+    task = get_task("arithmetic_word")
+    ex = task.examples("validation", 2)
+    prompts, prefixes, numbers = [task.prompt(ex[0]), task.prompt(ex[1])], ["Sam has 3.\nAnswer:"] * 2, [17, 4]
+    got = reasoning.answer_logprobs(model, tokenizer, prompts, prefixes, numbers, batch_size=2)
+    for i in range(2):  # log p(prefix + " N" | x) - log p(prefix | x): the number's own log-probability
+        chat = chat_prompt_ids(tokenizer, prompts[i])
+        full = tokenizer.encode(f"{prefixes[i]} {numbers[i]}", add_special_tokens=False)
+        head = tokenizer.encode(prefixes[i], add_special_tokens=False)
+        both = completion_logprobs(model, [chat, chat], [full, head], tokenizer.pad_token_id)
+        assert got[i] == pytest.approx(both[0] - both[1], abs=1e-4) and got[i] < 0
+
+
+@pytest.mark.slow
+def test_base_reply_pmi_on_the_tiny_model_is_cached(one_thread, capsys):
+    preset = get_preset("smoke-reasoning")
+    examples = get_task(preset.task).examples("test", preset.n_test_prompts)
+    recs = _records("prompting", 0, [f"It is {i}.\nAnswer: {i}" for i in range(len(examples))],
+                    [0.0] * len(examples)).assign(example_id=[e.id for e in examples], task=preset.task)
+    first = reasoning.base_reply_pmi(preset, recs, "prompting", progress=False)
+    kept = [e for e in examples if reasoning.answer_variants(e, np.random.default_rng(0)) is not None]
+    assert len(first) == 3 * len(kept) and np.isfinite(first["pmi"]).all()
+    assert np.allclose(first["pmi"], first["logp_x"] - first["logp_x_prime"])
+    capsys.readouterr()
+    again = reasoning.base_reply_pmi(preset, recs, "prompting", progress=False)
+    cache.say_reused()
+    assert "reusing within-problem answer PMI" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(first, again)
+
+
+def test_committed_reasoning_choices_were_tuned_under_the_preset_at_the_caps_upper_bound():
+    """figures/choices_cpu-reasoning.csv was tuned under cpu-reasoning as written, in fp32, its replies generated at
+    the cap's upper bound (`make reasoning-choices SET="dtype=float32"`): a change to the preset that the tuning read,
+    without tuning anew, fails here."""
+    import json
+
+    from mipo_lib.config import choices_path
+    from mipo_lib.experiments import tune
+
+    table = pd.read_csv(choices_path("cpu-reasoning"))
+    swept = get_preset("cpu-reasoning", tuned=False, dtype="float32", eval_max_new_tokens=reasoning.CAP_UPPER_BOUND)
+    assert set(table["field"]) == {"epochs", "learning_rate", "sft_epochs", "sft_learning_rate"}
+    for row in table.itertuples():
+        assert json.loads(row.tuned_under) == tune.tuned_under(swept, row.method, set(table["field"]))

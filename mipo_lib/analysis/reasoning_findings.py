@@ -6,8 +6,9 @@ Three tables hold everything the summary states, and nothing else is read back:
 - the difficulty table (`figures/reasoning_difficulty_<preset>.csv`, `experiments.reasoning.main`): the base model's
   validation accuracy per level, which levels were in the informative range, and the `chosen` one;
 - the findings table (`figures/reasoning_<preset>_findings.csv`, `stats.FINDINGS_COLUMNS`, written by notebook 07):
-  the setup (training problems, the evaluation's token cap, the informative range), format vs correctness, how
-  often the pairs are correct, and how well PMI ranks correct answers.
+  the setup (training problems, the token caps and training settings chosen on validation, the informative range),
+  format vs correctness and the replies cut by the cap per method, how often the pairs are correct, and how well PMI
+  ranks correct answers, across problems and within each problem.
 `lines` renders the summary bullets through `render`; which caveat applies is chosen by the tables' numbers.
 """
 
@@ -23,9 +24,9 @@ from mipo_lib.config import repo_root
 from mipo_lib.errors import MipoError
 from mipo_lib.tasks.arithmetic import task_name
 
-#: How much more often MIPO's replies must be unfinished than the base model's before the summary warns that the
-#: token cap, not arithmetic, may explain the difference.
-UNFINISHED_MARGIN = 0.05
+#: The largest share of a method's held-out replies the token cap may cut before the summary warns that the cap, not
+#: arithmetic, may explain a difference (the cap was chosen so that at least 95% of validation replies finish).
+CUT_LIMIT = 0.05
 
 TABLES = {"results": "results_reasoning_{preset}.csv", "difficulty": "reasoning_difficulty_{preset}.csv",
           "findings": "reasoning_{preset}_findings.csv"}
@@ -74,48 +75,68 @@ def lines(results: pd.DataFrame, difficulty: pd.DataFrame, findings: pd.DataFram
     f = _Findings(findings)
     per_seed = results[results["kind"] == "per_seed"]
     rates = per_seed.groupby("method", sort=False)["rate"].mean()
+    cut = per_seed.groupby("method", sort=False)["truncated"].mean()
     base = _base(list(rates.index))
+    methods = [base, "SFT", "MIPO"]
     task = str(per_seed["task"].iloc[0])
     chosen = str(difficulty.loc[difficulty["chosen"].astype(bool), "level"].iloc[0])
     low, high = f.value("setup", "informative range, low"), f.value("setup", "informative range, high")
     levels = ", ".join(f"{r.description} {r.accuracy:.0%}"
                        for r in difficulty.sort_values("accuracy", ascending=False).itertuples())
     diffs = stats.comparisons_from_results(results).set_index(["a", "b"], drop=False)
-    unfinished = {m: f.value("formats", "unfinished", m) for m in (base, "MIPO")}
-    finished = {m: f.value("formats", "accuracy among finished replies", m) for m in (base, "MIPO")}
-    words = {m: f.value("formats", "mean words", m) for m in (base, "MIPO")}
+    no_answer = {m: 1 - f.value("formats", "final answer given", m) for m in methods}
     pmi, logp = f.row("pmi", "AUC", "pmi"), f.row("pmi", "AUC", "logp_x")
+    setting = {m: (f.value("setup", "epochs", m), f.value("setup", "learning rate", m)) for m in ("MIPO", "SFT")}
+    cap, chosen_cap = f.value("setup", "new-token cap"), f.value("setup", "cap chosen on validation")
     out = [
         f"- Task: {task} ({'chosen on validation' if task == task_name(chosen) else 'not the chosen level'}), "
         f"{int(per_seed['n'].iloc[0])} held-out problems, {per_seed['seed'].nunique()} seeds, "
-        f"{f.value('setup', 'training problems per seed'):.0f} training problems per seed, no labels used in training.",
+        f"{f.value('setup', 'training problems per seed'):.0f} training problems per seed, no labels used in training; "
+        "each prompt ends with \"End your reply with 'Answer: <number>'.\" and only that line is graded (a reply "
+        "without it has no final answer and counts as wrong).",
         f"- Difficulty: greedy base accuracy on each level's validation problems: {levels}; the hardest level inside "
         f"[{low:.0%}, {high:.0%}] is `{chosen}`.",
-        f"- Accuracy: base {rates[base]:.1%}, SFT {rates['SFT']:.1%}, MIPO {rates['MIPO']:.1%}.",
+        f"- Training: MIPO {setting['MIPO'][0]:.0f} epochs at learning rate {setting['MIPO'][1]:g}, SFT "
+        f"{setting['SFT'][0]:.0f} epochs at {setting['SFT'][1]:g} ("
+        + ("chosen on validation by the one-standard-error rule" if f.value("setup", "training settings chosen on "
+           "validation") else "not the settings chosen on validation") + f"); evaluation cap {cap:.0f} new tokens ("
+        + (f"the smallest at which at least {f.value('setup', 'finished share required'):.0%} of every method's "
+           "validation replies finish" if cap == chosen_cap else f"not the cap chosen on validation, {chosen_cap:.0f}")
+        + f"); pairs sampled with a cap of {f.value('setup', 'pairs token cap'):.0f} "
+        f"({f.value('setup', 'pairs cut'):.1%} of their replies cut).",
+        f"- Accuracy: base {rates[base]:.1%}, SFT {rates['SFT']:.1%}, MIPO {rates['MIPO']:.1%}; replies cut by the "
+        "cap: " + ", ".join(f"{'base' if m == base else m} {cut[m]:.1%}" for m in methods) + "; no final answer: "
+        + ", ".join(f"{'base' if m == base else m} {no_answer[m]:.0%}" for m in methods) + ".",
         f"- {render.difference(diffs.loc[('MIPO', base)])}",
         f"- {render.difference(diffs.loc[('MIPO', 'SFT')])}",
-        f"- Of the MIPO − base difference, {f.value('formats', 'format', 'MIPO'):+.1%} is format and "
-        f"{f.value('formats', 'correctness', 'MIPO'):+.1%} correctness; replies left unfinished (no final full stop): "
-        f"base {unfinished[base]:.0%}, MIPO {unfinished['MIPO']:.0%} (mean words {words[base]:.1f} vs "
-        f"{words['MIPO']:.1f}).",
+        f"- Of the MIPO − base difference, {f.value('formats', 'format', 'MIPO'):+.1%} is format (more replies with "
+        f"a final answer) and {f.value('formats', 'correctness', 'MIPO'):+.1%} correctness (final answers more often "
+        "right).",
     ]
-    if unfinished["MIPO"] > unfinished[base] + UNFINISHED_MARGIN:
-        out.append(
-            f"- Caveat: with a cap of {f.value('setup', 'new-token cap'):.0f} new tokens, MIPO's longer replies are "
-            f"left unfinished in {unfinished['MIPO']:.0%} of problems vs {unfinished[base]:.0%} for the base model; "
-            f"among finished replies MIPO scores {finished['MIPO']:.0%} vs {finished[base]:.0%} (different subsets, "
-            "not a paired comparison). Rerun with a larger `eval_max_new_tokens` (the adapters are reused) before "
-            "reading the difference as arithmetic.")
+    over = [m for m in methods if cut[m] > CUT_LIMIT]
+    if over:
+        out.append(f"- Caveat: the cap cut more than {CUT_LIMIT:.0%} of the held-out replies of "
+                   f"{', '.join(over)}; those replies have no final answer because of the cap, not the arithmetic.")
+    wins = {(m, v): f.row("pmi within", f"right beats {v}", m) for m in ("pmi", "logp_x") for v in ("operand", "random")}
     out += [
         f"- The pairs: positives are correct in {f.value('pairs', 'positive correct'):.0%} of pairs, negatives "
         f"(answers to other problems) in {f.value('pairs', 'negative correct'):.0%}; "
         f"{f.value('pairs', 'correct over wrong'):.0%} of pairs prefer a correct answer to a wrong one, "
         f"{f.value('pairs', 'wrong over correct'):.0%} the reverse, {f.value('pairs', 'no correctness signal'):.0%} "
         "carry no correctness signal.",
-        f"- PMI and correctness: base-model PMI ranks held-out answers with AUC {pmi['value']:.2f} [95% CI "
-        f"{pmi['lo']:.2f}, {pmi['hi']:.2f}] (mean {f.value('pmi', 'mean, correct answers', 'pmi'):.1f} nats for "
-        f"correct vs {f.value('pmi', 'mean, wrong answers', 'pmi'):.1f} for wrong answers); likelihood log p(y|x): AUC "
-        f"{logp['value']:.2f} [{logp['lo']:.2f}, {logp['hi']:.2f}].",
+        f"- PMI within a problem (the base model's reply to each of {int(wins[('pmi', 'operand')]['n_examples'])} "
+        "held-out problems, its final number replaced; PMI = log p(N | x, reply) minus its mean over "
+        f"{f.value('setup', 'other problems per PMI'):.0f} other problems): the right answer scores higher than an "
+        f"operand of the problem in {wins[('pmi', 'operand')]['value']:.0%} of problems [95% CI "
+        f"{wins[('pmi', 'operand')]['lo']:.0%}, {wins[('pmi', 'operand')]['hi']:.0%}] and than a random number in "
+        f"{wins[('pmi', 'random')]['value']:.0%} [{wins[('pmi', 'random')]['lo']:.0%}, "
+        f"{wins[('pmi', 'random')]['hi']:.0%}] (50% is chance); likelihood log p(N | x, reply): "
+        f"{wins[('logp_x', 'operand')]['value']:.0%} [{wins[('logp_x', 'operand')]['lo']:.0%}, "
+        f"{wins[('logp_x', 'operand')]['hi']:.0%}] and {wins[('logp_x', 'random')]['value']:.0%} "
+        f"[{wins[('logp_x', 'random')]['lo']:.0%}, {wins[('logp_x', 'random')]['hi']:.0%}].",
+        f"- PMI across problems (whole replies of different problems, one x' each, so mostly how much of its problem "
+        f"a reply restates): AUC {pmi['value']:.2f} [95% CI {pmi['lo']:.2f}, {pmi['hi']:.2f}] for correct vs wrong "
+        f"base answers; likelihood log p(y|x): AUC {logp['value']:.2f} [{logp['lo']:.2f}, {logp['hi']:.2f}].",
     ]
     return out
 

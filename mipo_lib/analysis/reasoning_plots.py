@@ -94,12 +94,12 @@ def plot_pairs_and_pmi(pair_table: pd.DataFrame, pmi: pd.DataFrame, ranking: pd.
 
 
 def plot_formats(formats: pd.DataFrame, meta: dict[str, Any]) -> Any:
-    """Per method: accuracy, parseable share, accuracy among parseable replies and the share of unfinished replies;
+    """Per method: accuracy, share of replies with a final answer, accuracy among them and the share cut by the cap;
     bars = mean over seeds with a Student-t CI over seeds, dots = seeds (untrained methods are deterministic)."""
-    problems, parseable = "% of held-out problems", "% of parseable replies"
-    panels = [("accuracy", "accuracy", problems), ("parseable", "a number found (format)", problems),
-              ("accuracy_parseable", "accuracy among parseable (correctness)", parseable),
-              ("unfinished", "unfinished replies (cut by the token cap)", problems)]
+    problems, parseable = "% of held-out problems", "% of replies with a final answer"
+    panels = [("accuracy", "accuracy", problems), ("parseable", "an 'Answer: N' line given (format)", problems),
+              ("accuracy_parseable", "accuracy among them (correctness)", parseable),
+              ("unfinished", "replies cut by the token cap", problems)]
     methods = stats.ordered_methods(formats["method"])
     # 2 x 2, not 1 x 4: four panels in a row shrink to unreadable fonts at a notebook's width
     fig, axes = plots.subplots(2, 2, (9.5, 7.2))
@@ -118,8 +118,71 @@ def plot_formats(formats: pd.DataFrame, meta: dict[str, Any]) -> Any:
         ax.set_ylabel(unit)
     cap = plots.caption(str(meta.get("preset", "?")), str(meta.get("model", "?")), str(meta.get("task", "?")),
                         meta.get("n_seeds"), meta.get("n_examples"), bars="95% Student-t CI over seeds",
-                        extra="accuracy = parseable x accuracy among parseable: a gain in the top right panel is "
-                              "format, in the bottom left panel correctness.")
+                        extra="accuracy = share with a final answer x accuracy among them: a gain in the top right "
+                              "panel is format, in the bottom left panel correctness.")
+    fig.tight_layout()
+    fig.mipo_caption = cap
+    return fig
+
+
+def plot_cap(shares: pd.DataFrame, cap: int, share: float, meta: dict[str, Any]) -> Any:
+    """Share of each method's validation replies that finish within each token cap (`reasoning.finished_shares`),
+    the required share as a line and the chosen cap marked."""
+    fig, axes = plots.subplots(1, 1, (8.0, 4.0))
+    ax = axes[0, 0]
+    for method in stats.ordered_methods(shares["method"]):
+        part = shares[shares["method"] == method].sort_values("cap")
+        ax.plot(part["cap"], 100 * part["finished"], marker="o", ms=3, color=plots.colour(method), label=method)
+    ax.axhline(100 * share, color="black", ls="--", lw=1.0, label=f"{share:.0%} must finish")
+    ax.axvline(cap, color="gray", ls=":", lw=1.2)
+    ax.annotate(f"chosen cap: {cap}", (cap, 5), xytext=(4, 0), textcoords="offset points", fontsize=9)
+    ax.set_xlabel("token cap (new tokens)")
+    ax.set_ylabel("replies that finish (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title("Which token cap lets every method's replies finish?")
+    ax.legend(fontsize=8, loc="center right")
+    n = int(shares["n"].min()) if len(shares) else None
+    cap_text = plots.caption(str(meta.get("preset", "?")), str(meta.get("model", "?")), str(meta.get("task", "?")),
+                             meta.get("n_seeds"), n, bars="none (the shares of these replies, not estimates)",
+                             examples_word="validation problems", dots="Lines: one per method",
+                             bars_word="error bars",
+                             extra="Replies generated greedily at the upper bound, MIPO and SFT at the settings "
+                                   "chosen on validation; a reply finishes when the model ends it within the cap.")
+    fig.tight_layout()
+    fig.mipo_caption = cap_text
+    return fig
+
+
+def plot_pmi_wins(wins: pd.DataFrame, meta: dict[str, Any]) -> Any:
+    """Within-problem comparisons (`reasoning.pmi_wins`): how often the right final number beats an operand and a
+    random number, by PMI and by likelihood, with bootstrap 95% CIs over problems; 50% is chance."""
+    fig, axes = plots.subplots(1, 1, (7.5, 4.0))
+    ax = axes[0, 0]
+    labels = {"pmi": "PMI log p(N|x,r) - mean log p(N|x',r)", "logp_x": "likelihood log p(N|x,r)"}
+    colours = {"pmi": plots.colour("MIPO"), "logp_x": plots.colour(registry.names()[0])}
+    versus = list(dict.fromkeys(wins["versus"]))
+    width = 0.38
+    for j, measure in enumerate(m for m in labels if m in set(wins["measure"])):
+        part = wins[wins["measure"] == measure].set_index("versus").loc[versus]
+        x = np.arange(len(versus)) + (j - 0.5) * width
+        ax.bar(x, 100 * part["win_rate"], width=width, color=colours[measure], alpha=0.85, label=labels[measure])
+        ax.errorbar(x, 100 * part["win_rate"], yerr=[100 * (part["win_rate"] - part["lo"]),
+                                                     100 * (part["hi"] - part["win_rate"])],
+                    fmt="none", ecolor="black", capsize=5, lw=1.4)
+    ax.axhline(50, color="black", ls="--", lw=1.0)
+    ax.set_xticks(range(len(versus)), [f"right answer vs {v}" for v in versus])
+    ax.set_ylabel("problems where the right answer scores higher (%)")
+    ax.set_ylim(0, 105)
+    # above the axes, under the title: inside, the legend hid the bars
+    legend = ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
+    fig.canvas.draw()
+    legend_pt = (legend.get_window_extent().y1 - ax.get_window_extent().y1) * 72 / fig.dpi
+    ax.set_title("Within a problem: does the right final number score higher?", pad=legend_pt + 4)
+    cap = plots.caption(str(meta.get("preset", "?")), str(meta.get("model", "?")), str(meta.get("task", "?")), None,
+                        int(wins["n"].min()) if len(wins) else None, bars="95% bootstrap CI over problems (paired)",
+                        examples_word="held-out problems", dots="Bars: share of problems",
+                        extra="The base model's greedy reply to each problem, its final number replaced; scored "
+                              "under the base model. Dashed line: chance.")
     fig.tight_layout()
     fig.mipo_caption = cap
     return fig

@@ -9,18 +9,25 @@ model's informative range, so:
   `choose_level` picks the hardest level whose accuracy lies in `INFORMATIVE_RANGE` (test splits stay untouched);
 - `pair_correctness` counts how often a pair's positive is correct and its negative is not: MIPO never sees labels,
   so this is the label information its pairs carry by accident;
-- `answer_formats` / `format_decomposition` split an accuracy change into "more replies parseable" (format) and "more
-  parseable replies correct" (correctness);
+- `answer_formats` / `format_decomposition` split an accuracy change into "more replies with a final answer"
+  (format) and "more final answers correct" (correctness);
+- `reply_lengths` / `choose_cap` size the evaluation's token cap from replies generated at an upper bound, so that
+  the replies of every method finish (end by the model's end token) instead of being graded where the cap cut them;
 - `answer_pmi` / `pmi_ranking` ask whether the base model's PMI log pi0(y|x) - log pi0(y|x') ranks its correct
-  answers above its wrong ones, the premise under which maximizing PMI should raise accuracy.
+  answers above its wrong ones across problems (one x' per answer), and `within_problem_pmi` / `pmi_wins` ask it
+  within each problem: the same reply ending in the right answer, an operand or a random number, the premise under
+  which maximizing PMI should raise accuracy, without comparing different problems' replies.
 Its figures are drawn in `analysis.reasoning_plots` from the tables these functions return.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,16 +37,22 @@ import scipy.stats
 from mipo_lib import cache
 from mipo_lib.analysis import plots, stats
 from mipo_lib import methods as registry
-from mipo_lib.config import PRESETS, Preset, get_preset, run_dir
+from mipo_lib.config import PRESETS, Preset, get_preset, repo_root, run_dir
 from mipo_lib.errors import MipoError
 from mipo_lib.tasks import get_task
-from mipo_lib.tasks.arithmetic import GRADED_LEVELS, INFORMATIVE_RANGE, LEVELS, parse_answer, task_name
-from mipo_lib.tasks.base import Task
+from mipo_lib.tasks.arithmetic import GRADED_LEVELS, INFORMATIVE_RANGE, LEVELS, ParsedAnswer, parse_answer, task_name
+from mipo_lib.tasks.base import Example, Task
+from mipo_lib.tasks.numbers import numbers_in
 
 #: The preset whose figures and tables are the committed reference of notebook 07.
 REFERENCE_PRESET = "cpu-reasoning"
-#: How a reply committed to a number (`tasks.arithmetic.parse_answer`); "none" means unparseable.
-PARSE_KINDS: tuple[str, ...] = ("final_mark", "answer_phrase", "last_number", "none")
+#: How a reply committed to a number (`ArithmeticTask.parse`): the `Answer: N` line the graded levels ask for, or the
+#: plain task's lenient readings; "none" means no final answer.
+PARSE_KINDS: tuple[str, ...] = ("answer_line", "final_mark", "answer_phrase", "last_number", "none")
+#: The share of every method's replies that must finish within the evaluation's token cap (`choose_cap`).
+FINISHED_SHARE = 0.95
+#: The largest evaluation cap `choose_cap` may pick: replies are generated at this cap to measure their lengths.
+CAP_UPPER_BOUND = 128
 
 
 # ------------------------------------------------------------------------------------------------ presets, methods
@@ -115,7 +128,7 @@ def measure_difficulty(
                                                 desc=f"{level} (validation)")
         seconds = time.perf_counter() - start
         rec = evaluate.records(task, examples, responses, "base", 0).assign(
-            level=level, parsed_how=[parse_answer(r).how for r in responses])
+            level=level, parsed_how=[_parse(task, r).how for r in responses])
         mean, lo, hi = stats.bootstrap_ci(rec["score"].to_numpy(), seed=0)
         rows.append({
             "level": level, "task": task.name, "description": LEVELS[level].description, "n": len(examples),
@@ -165,25 +178,30 @@ def pair_correctness(pairs: pd.DataFrame) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------------ format vs correctness
+def _parse(task: Task, response: str) -> ParsedAnswer:
+    """The final answer as `task` grades it (`ArithmeticTask.parse`), or the lenient `parse_answer` for a numeric task
+    without its own parser (GSM8K, SVAMP)."""
+    parse = getattr(task, "parse", None)
+    return parse(response) if parse is not None else parse_answer(response)
+
+
 def with_parse(records: pd.DataFrame) -> pd.DataFrame:
-    """`records` plus `parsed_how` (how the answer was found) and `parseable` (1.0 when a number was found)."""
-    how = [parse_answer(str(r)).how for r in records["response"].fillna("")]
+    """`records` plus `parsed_how` (how the final answer was found, as each row's task grades it) and `parseable`
+    (1.0 when the reply has a final answer)."""
+    tasks = {name: get_task(name) for name in records["task"].unique()}
+    how = [_parse(tasks[t], str(r)).how for t, r in zip(records["task"], records["response"].fillna(""))]
     return records.assign(parsed_how=how, parseable=[float(h != "none") for h in how])
 
 
-def unfinished(response: str) -> bool:
-    """Whether a reply stops without ending a sentence (no final '.', '!' or '?', closing quotes and brackets
-    aside): with one-sentence answers that almost always means the token cap cut it, and a cut reply's last number
-    is often an operand ("so Leo now has 7 + 5 ="), not its answer."""
-    return not str(response).rstrip().rstrip("\"')]*").endswith((".", "!", "?"))
-
-
 def answer_formats(records: pd.DataFrame) -> pd.DataFrame:
-    """Per method and seed: accuracy, parseable share, share of each way of committing to a number, accuracy among
-    parseable replies (NaN when none is parseable), the share of unfinished (cut) replies, accuracy among finished
-    ones, and mean words."""
+    """Per method and seed: accuracy, the share of replies with a final answer (`parseable`), the share of each way of
+    committing to a number, accuracy among replies with a final answer (NaN when none has one), the share of replies
+    cut by the token cap (`unfinished`: the record's `truncated` flag, the model never ended them), accuracy among
+    finished ones, and mean words."""
+    if "truncated" not in records:
+        raise MipoError("answer_formats needs the records' `truncated` column (evaluate.records writes it)")
     rec = with_parse(records)
-    rec = rec.assign(unfinished=[float(unfinished(r)) for r in rec["response"].fillna("")])
+    rec = rec.assign(unfinished=rec["truncated"].astype(float))
     rows = []
     for (method, seed), r in rec.groupby(["method", "seed"], sort=False):
         parseable, finished = r[r["parseable"] > 0], r[r["unfinished"] == 0]
@@ -204,9 +222,9 @@ def answer_formats(records: pd.DataFrame) -> pd.DataFrame:
 def format_decomposition(formats: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
     """Per seed, accuracy(a) - accuracy(b) = format + correctness, exactly:
 
-    accuracy = parseable x accuracy_parseable, so the change splits into
-    format = (parseable_a - parseable_b) x accuracy_parseable_b (more answers found, at b's hit rate) and
-    correctness = parseable_a x (accuracy_parseable_a - accuracy_parseable_b) (found answers more often right).
+    accuracy = parseable x accuracy_parseable (a reply without a final answer is wrong), so the change splits into
+    format = (parseable_a - parseable_b) x accuracy_parseable_b (more final answers given, at b's hit rate) and
+    correctness = parseable_a x (accuracy_parseable_a - accuracy_parseable_b) (final answers more often right).
     An untrained `b` stored for one seed is paired with every seed of `a`.
     """
     fa, fb = formats[formats["method"] == a].set_index("seed"), formats[formats["method"] == b].set_index("seed")
@@ -222,6 +240,92 @@ def format_decomposition(formats: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
                      "format": (ra["parseable"] - rb["parseable"]) * acc_pb,
                      "correctness": ra["parseable"] * (acc_pa - acc_pb)})
     return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------------ the token cap
+def reply_lengths(tokenizer: Any, records: pd.DataFrame) -> pd.DataFrame:
+    """`records` plus `n_tokens`: how many new tokens the model generated to finish each reply, its end token included
+    (the reply's text re-encoded, plus one); infinite for a reply the cap cut (`truncated`: it never ended).
+
+    Under a cap of c new tokens a reply finishes (ends by the model's end token, within the cap) exactly when
+    n_tokens <= c, so lengths measured on replies generated at an upper bound say how the same greedy replies would
+    fare under every smaller cap.
+    """
+    texts = records["response"].fillna("").astype(str).tolist()
+    counts = [len(tokenizer.encode(t, add_special_tokens=False)) + 1 for t in texts]
+    return records.assign(n_tokens=np.where(records["truncated"].astype(bool), np.inf, counts))
+
+
+def finished_shares(lengths: pd.DataFrame, caps: Sequence[int]) -> pd.DataFrame:
+    """Per method (and `setting` when present) and cap: the share of replies that finish within the cap
+    (`n_tokens <= cap`), one row per (method, cap)."""
+    keys = [k for k in ("method", "setting") if k in lengths]
+    rows = []
+    for group, part in lengths.groupby(keys, sort=False):
+        group = group if isinstance(group, tuple) else (group,)
+        n = part["n_tokens"].to_numpy(float)
+        rows += [{**dict(zip(keys, group)), "cap": int(c), "n": len(n), "finished": float((n <= c).mean())}
+                 for c in caps]
+    return pd.DataFrame(rows)
+
+
+def choose_cap(lengths: pd.DataFrame, share: float = FINISHED_SHARE, upper: int = CAP_UPPER_BOUND) -> int:
+    """The smallest cap (new tokens, at most `upper`) at which at least `share` of EVERY method's replies finish.
+
+    `lengths` comes from `reply_lengths` on replies generated at `upper`; a method whose replies do not finish often
+    enough even there fails naming it (its replies ramble: look at them before raising the bound).
+    """
+    table = finished_shares(lengths, range(1, upper + 1))
+    worst = table.groupby("cap")["finished"].min()
+    ok = worst[worst >= share - 1e-12]
+    if ok.empty:
+        at_upper = table[table["cap"] == upper].sort_values("finished").iloc[0]
+        raise MipoError(f"only {at_upper['finished']:.0%} of {at_upper['method']}'s replies finish within {upper} new "
+                        f"tokens (needed {share:.0%}); read its replies, then raise the bound or change the prompt")
+    return int(ok.index.min())
+
+
+def tables_dir(preset: Preset) -> Path:
+    """Where the validation choices' tables of notebook 07 go: the repository's `figures/` for the reasoning reference
+    (they are committed, as `make tune`'s are), else the preset's runs folder (`plots.figures_dir`)."""
+    if preset.name == REFERENCE_PRESET and not os.environ.get("MIPO_FIGURES_DIR"):  # tests redirect every figure
+        return repo_root() / "figures"
+    return plots.figures_dir(preset)
+
+
+def cap_path(preset: Preset) -> Path:
+    """`reasoning_cap_<preset>.csv`: the finished shares behind the evaluation cap's choice (`tables_dir`)."""
+    return tables_dir(preset) / f"reasoning_cap_{figures_preset(preset)}.csv"
+
+
+def choose_cap_on_validation(preset: Preset, seeds: Sequence[int] = (0,), share: float = FINISHED_SHARE,
+                             upper: int = CAP_UPPER_BOUND, progress: bool = True) -> tuple[int, pd.DataFrame]:
+    """The evaluation cap (`choose_cap`) from every method's validation replies at the settings `make tune` chose:
+    the base model and MIPO and SFT at their chosen epochs and learning rates, generated at `upper` new tokens.
+
+    The replies are the tuning sweep's own (`tune.sweep`, cached, run with `eval_max_new_tokens=upper`), so this
+    reads what the sweep generated. Returns (cap, the finished share of each method at every cap from 8 to
+    `upper`, with the chosen cap flagged), written to `cap_path`.
+    """
+    from mipo_lib.config import read_choices, choices_path
+    from mipo_lib.experiments import tune
+    from mipo_lib.models import load_for_preset
+
+    swept = preset.with_overrides(eval_max_new_tokens=upper)
+    grid = tune.EPOCH_GRIDS.get(preset.name, tune.EPOCH_GRID)
+    records = tune.sweep(swept, list(seeds), epoch_grid=grid, progress=progress)
+    chosen = {c.field: c.value for c in read_choices(choices_path(preset.name))}
+    keep = records["method"].eq(base_method(get_task(preset.task)))
+    for method, field in (("MIPO", "epochs"), ("SFT", "sft_epochs")):
+        lr = float(chosen[tune.LR_FIELDS[method]])
+        keep |= (records["method"].eq(method) & records["value"].eq(float(chosen[field]))
+                 & np.isclose(records["learning_rate"], lr))
+    lengths = reply_lengths(load_for_preset(preset)[1], records[keep])
+    cap = choose_cap(lengths, share, upper)
+    table = finished_shares(lengths.drop(columns=["setting"]), range(8, upper + 1, 8) if cap % 8 == 0 else
+                            sorted({*range(8, upper + 1, 8), cap})).assign(chosen=lambda t: t["cap"] == cap)
+    stats.write_table(table, cap_path(preset))
+    return cap, table
 
 
 # ------------------------------------------------------------------------------------------------ PMI and correctness
@@ -310,20 +414,182 @@ def pmi_ranking(
     return pd.DataFrame(rows)
 
 
+# ------------------------------------------------------------------------------------------------ PMI within a problem
+#: The final numbers a reply is made to end with in `within_problem_pmi`, the right answer first.
+VARIANTS: tuple[str, ...] = ("right", "operand", "random")
+#: Random final numbers are drawn from 0..RANDOM_MAX (the word level's answers are 0-40).
+RANDOM_MAX = 40
+#: Other problems x' per problem whose mean log pi0(N | x', prefix) estimates log pi0(N | prefix): each costs one more
+#: scored sequence per variant (3 x 200 more on the reference run). The same x' serve all three variants of a problem,
+#: so their noise is shared by the paired comparison.
+OTHER_PROBLEMS = 2
+
+
+def answer_prefix(reply: str) -> str:
+    """The reply up to its final number: the text through its last `Answer:` (the format the graded levels ask
+    for), or the whole reply followed by a new line `Answer:` when it has none, so every variant of it ends in the
+    same `Answer: N` line and differs only in N."""
+    marks = list(re.finditer(r"answer\s*:", reply, re.IGNORECASE))
+    if marks:
+        return reply[: marks[-1].end()]
+    return reply.rstrip() + "\nAnswer:"
+
+
+def answer_variants(example: Example, rng: np.random.Generator) -> dict[str, int] | None:
+    """The numbers a reply to `example` is made to end with: the right answer, an operand of the problem (a number
+    in its text other than the answer, drawn at random when there are several) and a random number in
+    0..`RANDOM_MAX` that is neither. The operand is the wrong answer a reply most plausibly gives by restating the
+    problem; the random number is the wrong answer with no link to it. None when every number of the problem is its
+    answer ("What is 0 + 0?"): there is no operand to compare with."""
+    right = int(float(example.answer))
+    operands = sorted({int(v) for v in numbers_in(example.request) if v != right})
+    if not operands:
+        return None
+    others = [v for v in range(RANDOM_MAX + 1) if v != right and v not in operands]
+    return {"right": right, "operand": int(rng.choice(operands)), "random": int(rng.choice(others))}
+
+
+def answer_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Any], prefixes: Sequence[str],
+                    numbers: Sequence[int], batch_size: int = 16, progress: bool = False) -> np.ndarray:
+    """log pi(N | x, reply prefix) for each (prompt x, prefix, number N): the summed log-probability of the tokens that
+    `prefix + " N"` adds to `prefix`, after x's chat prompt (the assistant turn as generation starts it).
+
+    The answer's tokens are those where the encodings of `prefix + " N"` and `prefix` part, so nothing but the
+    number (and the space before it) is scored.
+    """
+    from mipo_lib.generate import chat_prompt_ids
+    from mipo_lib.scoring import completion_logprobs
+
+    contexts, completions = [], []
+    for prompt, prefix, number in zip(prompts, prefixes, numbers):
+        full = tokenizer.encode(f"{prefix} {number}", add_special_tokens=False)
+        head = tokenizer.encode(prefix, add_special_tokens=False)
+        cut = next((i for i, (a, b) in enumerate(zip(full, head)) if a != b), min(len(full), len(head)))
+        contexts.append(chat_prompt_ids(tokenizer, prompt) + full[:cut])
+        completions.append(full[cut:])
+    return completion_logprobs(model, contexts, completions, tokenizer.pad_token_id, batch_size=batch_size,
+                               progress=progress, desc="answer log-probs")
+
+
+def within_problem_pmi(
+    task: Task, examples: Sequence[Example], replies: Sequence[str], score: Any, k_other: int = OTHER_PROBLEMS,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """PMI of a reply's final number, per problem and variant: log pi0(N | x, prefix) - mean over `k_other` other
+    problems x' of log pi0(N | x', prefix), with the same reply prefix (`answer_prefix`) and N the right answer, an
+    operand or a random number (`answer_variants`).
+
+    Each problem's variants share everything but N, so comparing them within the problem asks whether the model's
+    PMI prefers the right number, with no difference of length, wording or problem to explain it. The x' are drawn
+    per problem (seeded) among the other problems; a problem whose numbers all equal its answer has no operand and is
+    left out. `score(prompts, prefixes, numbers)` returns the log-probabilities
+    (`answer_logprobs` bound to a model). Columns: example_id, variant, number, logp_x, logp_x_prime, pmi.
+    """
+    if k_other < 1 or k_other >= len(examples):
+        raise MipoError(f"k_other={k_other} needs 1 <= k_other < {len(examples)} problems")
+    rng = np.random.default_rng(seed)
+    rows, prompts, prefixes, numbers = [], [], [], []
+    for i, (example, reply) in enumerate(zip(examples, replies)):
+        prefix = answer_prefix(str(reply))
+        others = rng.choice([j for j in range(len(examples)) if j != i], size=k_other, replace=False)
+        variants = answer_variants(example, rng)
+        for variant, number in (variants or {}).items():  # a problem without an operand is left out
+            rows.append({"example_id": example.id, "variant": variant, "number": number})
+            for x in [example, *(examples[j] for j in others)]:
+                prompts.append(task.prompt(x))
+                prefixes.append(prefix)
+                numbers.append(number)
+    lp = np.asarray(score(prompts, prefixes, numbers), dtype=float).reshape(len(rows), 1 + k_other)
+    out = pd.DataFrame(rows)
+    return out.assign(logp_x=lp[:, 0], logp_x_prime=lp[:, 1:].mean(axis=1), pmi=lp[:, 0] - lp[:, 1:].mean(axis=1))
+
+
+def base_reply_pmi(preset: Preset, records: pd.DataFrame, method: str, k_other: int = OTHER_PROBLEMS, seed: int = 0,
+                   progress: bool = True) -> pd.DataFrame:
+    """`within_problem_pmi` of `method`'s held-out replies (its first seed) under the base model, cached like
+    `answer_pmi` (`cache` stage 'pmi')."""
+    from mipo_lib import evaluate
+    from mipo_lib.models import load_for_preset
+
+    task = get_task(preset.task)
+    examples = {e.id: e for e in task.examples("test", preset.n_test_prompts)}
+    mine = records[records["method"] == method]
+    part = mine[mine["seed"] == mine["seed"].min()].sort_values("example_id").reset_index(drop=True)
+    if part.empty:
+        raise MipoError(f"no records of {method!r}; evaluate it first (pipeline.evaluate_all)")
+    exs, replies = [examples[i] for i in part["example_id"]], part["response"].fillna("").astype(str).tolist()
+    key = cache.stage_key(
+        "pmi", preset, f"within-problem answer PMI of the {method} replies (x' seed {seed}, {k_other} x')",
+        prompts=cache.prompts_digest(task, exs), responses=cache.content_digest(replies)[:16],
+        k_other=k_other, seed=seed, variants=list(VARIANTS), random_max=RANDOM_MAX,
+    )
+
+    def make() -> pd.DataFrame:
+        model, tokenizer = load_for_preset(preset)
+
+        def score(prompts: Sequence[Any], prefixes: Sequence[str], numbers: Sequence[int]) -> np.ndarray:
+            return answer_logprobs(model, tokenizer, prompts, prefixes, numbers, batch_size=preset.score_batch_size,
+                                   progress=progress)
+
+        return within_problem_pmi(task, exs, replies, score, k_other=k_other, seed=seed)
+
+    folder = run_dir(preset, preset.task, "eval")
+    slug = registry.get_method(method).slug
+    return evaluate.evaluate_cached(folder / f"within-problem-pmi-{slug}-{key.digest}.jsonl", make, key=key)
+
+
+def pmi_wins(frame: pd.DataFrame, measures: Sequence[str] = ("pmi", "logp_x"), n_boot: int = 2_000,
+             seed: int = 0) -> pd.DataFrame:
+    """How often the right answer's measure beats a wrong variant's within the same problem (ties count one half),
+    per wrong variant and measure, with a bootstrap 95% CI over problems (paired: each problem's comparison is one
+    unit) and a two-sided sign test's p-value (ties dropped). 0.5 is chance."""
+    wide = {m: frame.pivot(index="example_id", columns="variant", values=m) for m in measures}
+    rng = np.random.default_rng(seed)
+    rows = []
+    for measure, table in wide.items():
+        for wrong in [v for v in VARIANTS if v != "right" and v in table]:
+            diff = (table["right"] - table[wrong]).to_numpy(float)
+            win = np.where(diff > 0, 1.0, np.where(diff < 0, 0.0, 0.5))
+            idx = rng.integers(0, len(win), size=(n_boot, len(win)))
+            lo, hi = np.quantile(win[idx].mean(axis=1), [0.025, 0.975])
+            wins, losses = int((diff > 0).sum()), int((diff < 0).sum())
+            p = scipy.stats.binomtest(wins, wins + losses).pvalue if wins + losses else float("nan")
+            rows.append({"measure": measure, "versus": wrong, "n": len(win), "win_rate": float(win.mean()),
+                         "lo": float(lo), "hi": float(hi), "mean_difference": float(diff.mean()), "p_sign": float(p)})
+    return pd.DataFrame(rows)
+
+
 # ------------------------------------------------------------------------------------------------ command line
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
-    """`python -m mipo_lib.experiments.reasoning --preset cpu --n 100`: measure every level on validation, write
-    `reasoning_difficulty_<preset>.csv` (with the `chosen` level) into the preset's figures folder, print the table
-    and the chosen level."""
+    """`python -m mipo_lib.experiments.reasoning --preset cpu-reasoning --set dtype=float32`: measure every level on
+    validation at the cap's upper bound (`CAP_UPPER_BOUND` new tokens, so that replies finish), write
+    `reasoning_difficulty_<preset>.csv` (with the `chosen` level) into the preset's figures folder (`figures/..._cpu`
+    for the reference), print the table and the chosen level.
+
+    `--cap`: instead, choose the evaluation cap from the tuning sweep's validation replies (`choose_cap_on_validation`;
+    run `make tune PRESET=cpu-reasoning` with the same `--set` first) and write `reasoning_cap_<preset>.csv`."""
+    from mipo_lib.config import parse_assignments
+
     parser = argparse.ArgumentParser(prog="python -m mipo_lib.experiments.reasoning", description=main.__doc__)
-    parser.add_argument("--preset", default="cpu", help="model and evaluation settings to measure with (default cpu)")
+    parser.add_argument("--preset", default=REFERENCE_PRESET, help=f"model and settings (default {REFERENCE_PRESET})")
     parser.add_argument("--n", type=int, default=100, help="validation problems per level (default 100)")
     parser.add_argument("--levels", nargs="*", default=list(GRADED_LEVELS), help="levels to measure (default: all)")
+    parser.add_argument("--cap", action="store_true", help="choose the evaluation cap from the tuning sweep instead")
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="FIELD=VALUE",
+                        help="change one preset field, e.g. --set dtype=float32 (repeatable)")
     args = parser.parse_args(argv)
-    preset = get_preset(args.preset)
+    overrides = parse_assignments(args.overrides)
+    if args.cap:
+        preset = get_preset(args.preset, tuned=False, **overrides)
+        cap, table = choose_cap_on_validation(preset, progress=False)
+        print(table.pivot(index="cap", columns="method", values="finished").to_string())
+        print(f"wrote {cap_path(preset).name}; chosen cap: {cap} new tokens")
+        return table
+    preset = get_preset(args.preset, **{"eval_max_new_tokens": CAP_UPPER_BOUND, **overrides})
     summary, _ = measure_difficulty(preset, args.levels, args.n, progress=False)
     summary["chosen"] = summary["level"] == choose_level(summary)  # the level notebook 07's summary names
-    path = stats.write_table(summary, plots.figures_dir(preset) / f"reasoning_difficulty_{preset.name}.csv")
+    name = figures_preset(preset)
+    path = stats.write_table(summary, tables_dir(preset) / f"reasoning_difficulty_{name}.csv")
     print(summary.to_string(index=False))
     print(f"wrote {path.name}; chosen level: {choose_level(summary)}")
     return summary

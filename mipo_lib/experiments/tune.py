@@ -41,6 +41,10 @@ from mipo_lib.models import load_for_preset
 from mipo_lib.tasks import get_task
 
 EPOCH_GRID: tuple[int, ...] = (1, 2, 4, 8)
+#: Presets tuned over a shorter epoch grid: cpu-reasoning's sweep is 1 and 2 epochs (its pilot ran 2), because each
+#: snapshot's evaluation decodes 50 replies of up to 128 tokens, and on the shared 2-core machine of 2026-12-07 the
+#: sweep with 4 and 8 epochs would not have finished in the session (a limit of that day, not a finding).
+EPOCH_GRIDS: dict[str, tuple[int, ...]] = {"cpu-reasoning": (1, 2)}
 #: Learning rates tried for each trained method, as multiples of the preset's own (each costs one longest training).
 LR_FACTORS: tuple[float, ...] = (1.0, 4.0)
 CAD_GRID: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0)
@@ -152,10 +156,11 @@ def sweep(preset: Preset, seeds: Sequence[int], epoch_grid: Sequence[int] = EPOC
           cad_grid: Sequence[float] = CAD_GRID, n: int = N_VALIDATION, progress: bool = True,
           lr_factors: Sequence[float] = LR_FACTORS) -> pd.DataFrame:
     """Every tuned setting's validation records (columns of `evaluate.records` + `setting`, `value`,
-    `learning_rate`), and prompting's as the untuned reference line."""
+    `learning_rate`), and prompting's as the untuned reference line. CAD is swept only on a task with a context."""
     frames = [sweep_epochs(preset, m, s, epoch_grid, n, progress, learning_rate=getattr(preset, LR_FIELDS[m]) * f)
               for s in seeds for m in ("MIPO", "SFT") for f in lr_factors]
-    frames.append(sweep_cad(preset, cad_grid, n, progress))
+    if get_task(preset.task).conditional:  # without a context, CAD contrasts a prompt with itself: greedy decoding
+        frames.append(sweep_cad(preset, cad_grid, n, progress))
     prompting = _records(preset, "prompting", 0, "prompting (validation)", _eval_key(preset, "prompting", 0, n, None),
                          pipeline.variant_dir(preset, "tune", "eval"), None, n, progress)
     frames.append(prompting.assign(setting="none", value=float("nan")))
@@ -274,7 +279,8 @@ def run(preset_name: str = "cpu", seeds: Sequence[int] | None = None, overrides:
     """
     preset = get_preset(preset_name, tuned=False, **(overrides or {}))
     seeds = list(seeds) if seeds is not None else list(preset.seeds)
-    summary = summarize(sweep(preset, seeds, progress=progress))
+    grid = EPOCH_GRIDS.get(preset.name, EPOCH_GRID)
+    summary = summarize(sweep(preset, seeds, epoch_grid=grid, progress=progress))
     choices = choose(summary, seeds)
     if write:
         tuning_path(preset.name).parent.mkdir(parents=True, exist_ok=True)

@@ -36,9 +36,13 @@ TEST_PER_GROUP = 500  # at most; small groups (one-digit problems) hold out TEST
 VALIDATION_PER_GROUP = 100
 TEST_SHARE, VALIDATION_SHARE = 0.4, 0.2
 _SPLIT_SEED = 1234  # fixes the partition; never the caller's seed
-#: Appended to every graded level's question: asked plainly, the 135M model explains instead of answering (it rambles
-#: past any short token cap), which measures its verbosity, not its arithmetic.
-INSTRUCTION = "Reply with one short sentence."
+#: Appended to every graded level's question: an explicit final answer, and grading reads only that line
+#: (`final_answer`). The levels' earlier instruction, "Reply with one short sentence.", was graded on a reply's last
+#: number, which for a reply cut by the token cap is often an operand ("so Leo now has 7 + 5 ="): the grade measured
+#: where the cap fell, not the arithmetic. Followed by that sentence, the 135M model mostly drops the answer line (7 of
+#: 30 word problems had one, on validation); alone, 20 of 30 (measured 2026-12-07, greedy, 96 new tokens).
+ANSWER_FORMAT = "End your reply with 'Answer: <number>'."
+INSTRUCTION = ANSWER_FORMAT
 DEFAULT_LEVEL = "two_digit"  # the plain `arithmetic` task
 
 
@@ -60,6 +64,11 @@ class Level:
     description: str
     problems: Callable[[], dict[str, list[Problem]]]  # group -> every problem of the group, in a canonical order
     instruction: str | None = INSTRUCTION
+
+    @property
+    def answer_format(self) -> bool:
+        """Whether the prompt asks for `ANSWER_FORMAT`, so that grading reads only the final-answer line."""
+        return self.instruction is not None and ANSWER_FORMAT in self.instruction
 
 
 # ------------------------------------------------------------------------------------------------ problem spaces
@@ -144,7 +153,7 @@ LEVELS: dict[str, Level] = {
         Level("two_digit_carry", "two-digit + and - with a carry or borrow (47 + 38)", partial(_two_digit, True)),
         Level("two_step", "two operations, one-digit operands (7 + 5 - 3, 6 × 4 + 2)", _two_step),
         Level("word", "one-step word problems, numbers 2-20 (Sam has 7 apples, gets 5 more)", _word),
-        Level(DEFAULT_LEVEL, "two-digit + and -, asked plainly (the original arithmetic task)",
+        Level(DEFAULT_LEVEL, "two-digit + and -, asked plainly (the original arithmetic task, graded leniently)",
               partial(_two_digit, None), instruction=None),
     )
 }
@@ -167,8 +176,9 @@ def level_tasks() -> dict[str, Callable[[], "ArithmeticTask"]]:
 # ------------------------------------------------------------------------------------------------ answer parsing
 @dataclass(frozen=True)
 class ParsedAnswer:
-    """The number a reply commits to and how it was found: 'final_mark' (`#### 7`), 'answer_phrase'
-    ("The answer is 7"), 'last_number' (the last number of the reply) or 'none' (no number at all)."""
+    """The number a reply commits to and how it was found: 'answer_line' (`Answer: 7`, the format the graded levels
+    ask for, `final_answer`), or in the lenient reading (`parse_answer`) 'final_mark' (`#### 7`), 'answer_phrase'
+    ("The answer is 7"), 'last_number' (the last number of the reply); 'none': no final answer found."""
 
     value: float | None
     how: str
@@ -201,6 +211,24 @@ def parse_answer(text: str) -> ParsedAnswer:
     return ParsedAnswer(last, "none" if last is None else "last_number")
 
 
+#: `Answer:` (any case, optionally in bold) followed by a number ($ and spaces between): the line `ANSWER_FORMAT` asks for.
+_ANSWER_LINE = re.compile(r"\banswer\s*:\s*(?:\*\*)?\s*\$?\s*(?=-?\d)", re.IGNORECASE)
+
+
+def final_answer(text: str) -> ParsedAnswer:
+    """The final answer in the format the graded levels ask for: the number right after the last `Answer:`.
+
+    Strict on purpose: a reply without that line has no final answer (how 'none') and is graded wrong, so a reply the
+    token cap cut before its answer line, or one that ignores the instruction, is never graded on a number it
+    happened to mention. "Answer: 17 stickers." gives 17; "The answer is 17." gives none (no `Answer:` line).
+    """
+    text = text.replace("\u2212", "-")
+    marks = list(_ANSWER_LINE.finditer(text))
+    if not marks:
+        return ParsedAnswer(None, "none")
+    return ParsedAnswer(numbers_in(text[marks[-1].end():])[0], "answer_line")
+
+
 def extract_answer(text: str) -> float | None:
     """The number a reply answers with (`parse_answer`), None when it holds no number."""
     return parse_answer(text).value
@@ -208,7 +236,9 @@ def extract_answer(text: str) -> float | None:
 
 # ---------------------------------------------------------------------------------------------------------- task
 class ArithmeticTask:
-    """`What is 47 + 38?` -> 85 (or a word problem), scored by the reply's final answer (`parse_answer`)."""
+    """`What is 47 + 38?` -> 85 (or a word problem), scored by the reply's final answer (`parse`): the graded levels
+    read only the `Answer: N` line their prompt asks for (`final_answer`), the plain `arithmetic` task the lenient
+    `parse_answer`."""
 
     conditional = False
 
@@ -265,9 +295,14 @@ class ArithmeticTask:
         content = example.request if self.level.instruction is None else f"{example.request} {self.level.instruction}"
         return [{"role": "user", "content": content}]
 
+    def parse(self, response: str) -> ParsedAnswer:
+        """The reply's final answer as this task grades it: `final_answer` when the prompt asks for the answer
+        format, else `parse_answer`."""
+        return final_answer(response) if self.level.answer_format else parse_answer(response)
+
     def score(self, example: Example, response: str) -> float:
-        """1.0 when the reply's final answer equals the answer ("85", "= 85.", "The answer is 85" all count)."""
-        return float(same_number(extract_answer(response), float(example.answer)))
+        """1.0 when the reply's final answer (`parse`) equals the answer; a reply without one is wrong."""
+        return float(same_number(self.parse(response).value, float(example.answer)))
 
     def group(self, example: Example) -> str:
         return example.meta["operation"]
