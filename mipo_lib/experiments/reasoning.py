@@ -329,6 +329,17 @@ def choose_cap_on_validation(preset: Preset, seeds: Sequence[int] = (0,), share:
 
 
 # ------------------------------------------------------------------------------------------------ PMI and correctness
+def _first_seed_replies(preset: Preset, records: pd.DataFrame, method: str) -> tuple[dict[str, Example], pd.DataFrame]:
+    """({example id: held-out example}, `method`'s records of its first seed, ordered by example id): what the PMI
+    measurements score, one seed being enough to rank replies under the base model."""
+    examples = {e.id: e for e in get_task(preset.task).examples("test", preset.n_test_prompts)}
+    mine = records[records["method"] == method]
+    part = mine[mine["seed"] == mine["seed"].min()].sort_values("example_id").reset_index(drop=True)
+    if part.empty:
+        raise MipoError(f"no records of {method!r}; evaluate it first (pipeline.evaluate_all)")
+    return examples, part
+
+
 def answer_pmi(
     preset: Preset, records: pd.DataFrame, method: str, seed: int = 0, progress: bool = True
 ) -> pd.DataFrame:
@@ -344,11 +355,7 @@ def answer_pmi(
     from mipo_lib.scoring import sequence_logprobs
 
     task = get_task(preset.task)
-    examples = {e.id: e for e in task.examples("test", preset.n_test_prompts)}
-    mine = records[records["method"] == method]
-    part = mine[mine["seed"] == mine["seed"].min()].sort_values("example_id").reset_index(drop=True)
-    if part.empty:
-        raise MipoError(f"no records of {method!r}; evaluate it first (pipeline.evaluate_all)")
+    examples, part = _first_seed_replies(preset, records, method)
     order = derangement(len(part), np.random.default_rng(seed))
     replies = [[str(i), str(r)] for i, r in zip(part["example_id"], part["response"].fillna(""))]
     key = cache.stage_key(
@@ -512,11 +519,7 @@ def base_reply_pmi(preset: Preset, records: pd.DataFrame, method: str, k_other: 
     from mipo_lib.models import load_for_preset
 
     task = get_task(preset.task)
-    examples = {e.id: e for e in task.examples("test", preset.n_test_prompts)}
-    mine = records[records["method"] == method]
-    part = mine[mine["seed"] == mine["seed"].min()].sort_values("example_id").reset_index(drop=True)
-    if part.empty:
-        raise MipoError(f"no records of {method!r}; evaluate it first (pipeline.evaluate_all)")
+    examples, part = _first_seed_replies(preset, records, method)
     exs, replies = [examples[i] for i in part["example_id"]], part["response"].fillna("").astype(str).tolist()
     key = cache.stage_key(
         "pmi", preset, f"within-problem answer PMI of the {method} replies (x' seed {seed}, {k_other} x')",
