@@ -154,3 +154,21 @@ def test_make_constraints_evaluates_stored_adapters_writes_and_resumes(tmp_path,
     monkeypatch.setattr(evaluate, "generate_replies", no_generation)
     again, _, _ = constraints.run("smoke", seeds=[0], progress=False)
     pd.testing.assert_frame_equal(again.reset_index(drop=True), records.reset_index(drop=True))
+
+
+def test_evaluate_stored_decodes_an_untrained_method_once_for_all_seeds(monkeypatch):
+    """Prompting is deterministic: one decoding serves every seed (without a reply cache too)."""
+    from mipo_lib import evaluate
+    from mipo_lib.config import get_preset
+    from mipo_lib.experiments import pipeline
+    from mipo_lib.tasks import get_task
+
+    preset = get_preset("smoke")
+    task = get_task(preset.task)
+    examples = task.examples("test", 4)
+    calls = []
+    monkeypatch.setattr(pipeline, "load_for_preset", lambda p: (None, None))
+    monkeypatch.setattr(evaluate, "generate_replies",
+                        lambda *a, **k: calls.append(1) or (["a reply."] * len(examples), [False] * len(examples)))
+    frame = pipeline.evaluate_stored(preset, task, examples, {}, [0, 1, 2], ["prompting"], progress=False)
+    assert len(calls) == 1 and sorted(frame["seed"].unique()) == [0, 1, 2] and len(frame) == 3 * len(examples)

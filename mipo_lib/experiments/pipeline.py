@@ -190,8 +190,8 @@ def evaluate_stored(
         path = cache_dir / (f"{m.slug}-{key.digest}.jsonl" if m.deterministic else f"{m.slug}-seed{seed}-{key.digest}.jsonl")
         return evaluate.cached_records(path, key, lambda: replies(method, seed, adapter), task, examples)
 
-    untrained = [m for m in methods if not registry.get_method(m).training]
-    frames = [stored(m, seeds[0]).assign(seed=s) for m in untrained for s in seeds]
+    once = {m: stored(m, seeds[0]) for m in methods if not registry.get_method(m).training}
+    frames = [frame.assign(seed=s) for frame in once.values() for s in seeds]
     frames += [stored(m, s) for s in seeds for m in methods if (m, s) in found]
     return pd.concat(frames, ignore_index=True)
 
