@@ -350,7 +350,7 @@ def _validated_log() -> pd.DataFrame:
 
 def test_plot_validation_curves_draws_training_beside_validation(tmp_path):
     log = _validated_log()
-    meta = {**META, "n_validation_pairs": 20, "evals_per_epoch": 2}
+    meta = {**META, "n_validation_pairs": 20}
     fig = plots.plot_validation_curves(log, meta)
     assert _titles(fig) == ["DPO loss", "reward margin (chosen - rejected)"]
     assert "preset smoke" in fig._suptitle.get_text() and "tiny-random" in fig._suptitle.get_text()
@@ -365,6 +365,20 @@ def test_plot_validation_curves_draws_training_beside_validation(tmp_path):
     legend_box = fig.legends[0].get_window_extent()
     assert all(not legend_box.overlaps(ax.get_tightbbox()) for ax in fig.axes)
     _save(fig, "validation", tmp_path)
+    assert "(evaluated 3 times an epoch)" in fig.mipo_caption  # every 5 of an epoch's 15 steps, read from the log
+
+
+def test_validation_schedule_in_the_caption_is_read_from_the_logs():
+    """The caption says how often the plotted runs evaluated, not how often today's code would (a committed
+    reference run may predate a change of schedule)."""
+    log = _train_log()
+    log["epoch"] = log["step"] / 5  # 3 epochs of 5 steps
+    log.loc[(log.method == "MIPO") & (log.step % 5 == 0), "eval_loss"] = 0.5
+    fig = plots.plot_validation_curves(log, {**META, "n_validation_pairs": 20})
+    assert "(evaluated once an epoch)" in fig.mipo_caption
+    log.loc[(log.method == "MIPO") & (log.seed == 0) & (log.step == 3), "eval_loss"] = 0.5  # runs disagree
+    fig = plots.plot_validation_curves(log, {**META, "n_validation_pairs": 20})
+    assert "(evaluated a few times an epoch)" in fig.mipo_caption
 
 
 def test_plot_validation_curves_of_logs_without_validation_say_so():

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def preset():
-    # 16 pairs, 4 per step, 2 epochs: 8 optimizer steps, the validation pairs evaluated every 2 steps
+    # 16 pairs, 4 per step, 2 epochs: 8 optimizer steps, the validation pairs evaluated every 4 steps
     return get_preset("smoke", n_train_prompts=16, batch_size=4, epochs=2)
 
 
@@ -105,7 +105,7 @@ def test_validation_metrics_are_in_the_training_log(runs_with_and_without, prese
     for column in ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies"):
         assert column in log, column
     measured = log.dropna(subset=["eval_loss"])
-    assert measured["step"].tolist() == [2, 4, 6, 8]  # 4 steps an epoch, evaluated twice an epoch
+    assert measured["step"].tolist() == [4, 8]  # 4 steps an epoch, 2 epochs: evaluated once an epoch
     assert measured["eval_loss"].gt(0).all() and measured["eval_rewards/accuracies"].between(0, 1).all()
     assert len(log) == len(runs_with_and_without["without"].log)  # one row per step still
     assert "eval_loss" not in runs_with_and_without["without"].log
@@ -120,7 +120,9 @@ def test_an_adapter_trained_without_validation_pairs_is_reused_with_them(runs_wi
     assert again.reused
 
 
-def test_eval_schedule_is_twice_an_epoch():
-    cpu = get_preset("cpu")
-    assert dpo.evaluation_args(cpu, 60)["eval_steps"] == 8  # 15 steps an epoch
-    assert dpo.evaluation_args(get_preset("smoke", batch_size=4), 16)["eval_steps"] == 2
+def test_eval_schedule_is_twice_an_epoch_for_one_epoch_runs_and_once_otherwise():
+    # the cpu preset's 60 pairs in steps of 4: 15 steps an epoch
+    assert dpo.evaluation_args(get_preset("cpu", epochs=1), 60)["eval_steps"] == 8
+    for epochs in (2, 4, 8):
+        assert dpo.evaluation_args(get_preset("cpu", epochs=epochs), 60)["eval_steps"] == 15
+    assert dpo.evaluation_args(get_preset("smoke", batch_size=4, epochs=1), 16)["eval_steps"] == 2

@@ -338,7 +338,8 @@ def plot_validation_curves(train_log: pd.DataFrame, meta: dict[str, Any]) -> Any
     Why: the training curves measure the pairs the adapter is fitted to, so they keep improving as it memorizes them;
     the validation pairs were never trained on, and a validation loss that turns up while the training loss still
     falls is over-optimization seen directly. `meta` needs preset, model and `n_validation_pairs` (the title states
-    them with the number of seeds); logs of runs made before validation curves existed draw training lines only."""
+    them with the number of seeds); how often the validation pairs were evaluated is read from the logs; logs of runs
+    made before validation curves existed draw training lines only."""
     import matplotlib.lines as mlines
 
     dpo_methods = [m.name for m in registry.trained() if m.training == "dpo"]
@@ -372,8 +373,22 @@ def plot_validation_curves(train_log: pd.DataFrame, meta: dict[str, Any]) -> Any
     cap = _meta_caption(meta, bars="none; the validation pairs are the same for every seed", n_seeds=n_seeds,
                         n_examples=meta.get("n_validation_pairs"), examples_word="validation pairs", bars_word="CI",
                         dots="Solid: training pairs (logged every step); dashed with dots: validation pairs "
-                             f"(evaluated {meta.get('evals_per_epoch', 'a few')} times an epoch)")
+                             f"(evaluated {_evals_per_epoch(log)} an epoch)")
     return _finish(fig, cap)
+
+
+def _evals_per_epoch(log: pd.DataFrame) -> str:
+    """How often the logged runs evaluated their validation pairs, read from the logs (not from today's code, which
+    may schedule it differently from the run that wrote them): "once", "twice", "3 times" or "a few times"."""
+    if "eval_loss" not in log or not log["eval_loss"].notna().any():
+        return "a few times"
+    evaluated = log[log["eval_loss"].notna()].groupby(["method", "seed"]).size()
+    epochs = log.groupby(["method", "seed"])["epoch"].max().round().astype(int).reindex(evaluated.index)
+    per_epoch = {int(n // e) if e > 0 and n % e == 0 else 0 for n, e in zip(evaluated, epochs)}
+    if len(per_epoch) != 1 or 0 in per_epoch:
+        return "a few times"
+    n = per_epoch.pop()
+    return {1: "once", 2: "twice"}.get(n, f"{n} times")
 
 
 def plot_pmi_shift(pmi: pd.DataFrame, meta: dict[str, Any], n_boot: int = 5_000, seed: int = 0) -> Any:
