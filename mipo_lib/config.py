@@ -131,7 +131,8 @@ class Preset:
         "dominate its run), cpu-reasoning 128 (the upper bound its evaluation cap is chosen under), t4 256, paper and the official settings 512.")})
     gen_batch_size: int = field(default=32, metadata={"help": (
         "Prompts sampled together when making pairs (and in notebook 06's KL estimate): larger is faster until "
-        "memory runs out. The batch plan seeds the sampling, so another value samples other pairs.")})
+        "memory runs out (on a GPU the pairs stage checks it against the free memory first and names a value that "
+        "fits, `decode_memory`). The batch plan seeds the sampling, so another value samples other pairs.")})
     score_batch_size: int = field(default=16, metadata={"help": (
         "Pairs scored together under the base model (reference log-probs, PMI): a memory knob. Another value "
         "rescores the stored replies without sampling them again.")})

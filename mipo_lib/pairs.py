@@ -45,6 +45,7 @@ import numpy as np
 
 from mipo_lib import cache, files
 from mipo_lib.config import Preset, run_dir
+from mipo_lib.decode_memory import check_gen_batch
 from mipo_lib.errors import MipoError
 from mipo_lib.generate import GenerationStats, Messages, chat_prompt_ids, generate_reply_batches
 from mipo_lib.scoring import pair_tokens, sequence_logprobs, token_digest
@@ -419,6 +420,11 @@ def build_pairs(
         _prepare_folder(pairs_path, manifest_path, log_path, key, gen_key, redo)
     ranks.barrier()  # the folder is ready (or cleared) before any rank reads its log
     positives_prompts = [task.prompt(e) for e in examples]
+    # on a GPU: stop before sampling if the batch cannot fit, or say that a larger one could (the negatives' prompts
+    # are the positives' without the context, or other examples' of the same task: no longer)
+    longest = max((len(chat_prompt_ids(tokenizer, p)) for p in positives_prompts), default=0)
+    if (hint := check_gen_batch(model, preset.gen_batch_size, longest, preset.max_new_tokens)) and ranks.main and progress:
+        print(hint)
 
     rng = np.random.default_rng(seed)
     stats = GenerationStats()

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mipo_lib"
 #: Layers from the bottom up; inside a layer, a module may import only the ones listed before it.
 LAYERS: dict[str, tuple[str, ...]] = {
     "core": (
-        "errors", "files", "hardware", "memory", "generate", "scoring", "shared_prompt",
+        "errors", "files", "hardware", "memory", "decode_memory", "generate", "scoring", "shared_prompt",
         "tasks.numbers", "tasks.base", "tasks.personalization", "tasks.arithmetic", "tasks.datasets", "tasks",
         "config", "models", "cache", "methods", "mi", "pairs", "dpo", "evaluate",
     ),
