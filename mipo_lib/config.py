@@ -642,14 +642,20 @@ def get_preset(name: str, /, *, tuned: bool = True, **overrides: Any) -> Preset:
 
 
 _SAID: set[str] = set()
+#: Fields a preset chooses after its tuning, from the tuning's own validation replies, so that the choices tables'
+#: `tuned_under` holds another value by design, not by mistake: cpu-reasoning tunes at the cap's upper bound (128
+#: new tokens) and then picks its evaluation cap from those replies (figures/reasoning_cap_cpu.csv).
+CHOSEN_AFTER_TUNING: dict[str, tuple[str, ...]] = {"cpu-reasoning": ("eval_max_new_tokens",)}
 
 
 def _say_untuned(preset: Preset, applied: list[Choice], table: str, name: str) -> None:
-    """Print, once per process, which applied choices were tuned under settings this run does not have."""
+    """Print, once per process, which applied choices were tuned under settings this run does not have (other than
+    the preset's `CHOSEN_AFTER_TUNING` fields)."""
     differences: dict[str, tuple[Any, Any]] = {}
     affected = []
+    later = CHOSEN_AFTER_TUNING.get(name, ())
     for choice in applied:
-        if found := tuning_differences(preset, choice.tuned_under):
+        if found := {f: d for f, d in tuning_differences(preset, choice.tuned_under).items() if f not in later}:
             differences.update(found)
             affected.append(choice)
     if not affected:

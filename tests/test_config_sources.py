@@ -121,6 +121,20 @@ def test_cpu_with_lora_r_4_says_which_committed_choices_no_longer_match(cpu_nati
     assert "are applied but were not chosen for these settings (make tune PRESET=cpu SET=" in line
 
 
+def test_cpu_reasoning_is_quiet_about_its_cap_chosen_after_tuning(monkeypatch, capsys):
+    """cpu-reasoning tunes at the cap's upper bound (128 new tokens) and then picks its evaluation cap (106) from the
+    tuning's replies: that difference is the design, not stale choices, so a run as committed says nothing about it;
+    a field changed by the user is still named."""
+    monkeypatch.setattr(config, "_SAID", set())
+    choices = config.read_choices(config.choices_path("cpu-reasoning"))
+    assert {c.tuned_under["eval_max_new_tokens"] for c in choices} == {128}
+    assert get_preset("cpu-reasoning", dtype="float32").eval_max_new_tokens == 106
+    assert "eval_max_new_tokens" not in capsys.readouterr().out
+    get_preset("cpu-reasoning", dtype="float32", lora_r=4)
+    out = capsys.readouterr().out
+    assert "lora_r=8" in out and "eval_max_new_tokens" not in out
+
+
 def test_the_committed_choices_record_the_reference_settings():
     """Both committed choices tables were tuned under the cpu preset as written, in fp32 (`make tune SEEDS=0
     SET="dtype=float32"`, `make heldout SET="dtype=float32"`): a change to the cpu preset that a tuning read, without
