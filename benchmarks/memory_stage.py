@@ -5,6 +5,7 @@
     python benchmarks/memory_stage.py cad --prompts 20    # CAD on 20 held-out prompts (one batch of 20, not 100)
     python benchmarks/memory_stage.py train --train-prompts 8   # pairs from 8 prompts, then train MIPO on them
     python benchmarks/memory_stage.py train --set gradient_checkpointing=true   # the laptop option's training peak
+    python benchmarks/memory_stage.py train --pairs 4 --set epochs=1 --saved   # what one step keeps for backward
 
 The stage runs under `memory.stage` (the notebooks' measurement: VmHWM reset at the start, read at the end), with
 its own `runs/` folder (`MIPO_RUNS_DIR`, a temporary one unless given) so nothing cached is reused. A thread samples
@@ -65,6 +66,35 @@ class PeakSampler:
         self._thread.join()
 
 
+class SavedTensors:
+    """What autograd keeps for the backward pass (`torch.autograd.graph.saved_tensors_hooks`): each storage counted
+    once, the model's own parameters and buffers left out (they are resident anyway), grouped by the last dimension
+    (on SmolLM2-135M: 1536 the MLP's intermediates, 576 hidden states, 64 attention heads, 8 LoRA's rank)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, tuple[tuple[int, ...], int]] = {}
+        self.weights: set[int] = set()
+
+    def pack(self, tensor):  # type: ignore[no-untyped-def]
+        storage = tensor.untyped_storage()
+        self.seen.setdefault(storage.data_ptr(), (tuple(tensor.shape), storage.nbytes()))
+        return tensor
+
+    def note_model(self, model) -> None:  # type: ignore[no-untyped-def]
+        self.weights.update(t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()])
+
+    def report(self) -> str:
+        from collections import Counter
+
+        groups: Counter[int] = Counter()
+        for ptr, (shape, nbytes) in self.seen.items():
+            if ptr not in self.weights:
+                groups[shape[-1] if shape else 0] += nbytes
+        total = sum(groups.values())
+        parts = ", ".join(f"last dim {dim}: {nbytes / 2**20:.0f} MB" for dim, nbytes in groups.most_common(5))
+        return f"saved for backward (activations, weights excluded): {total / 2**20:.0f} MB; {parts}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("stage", choices=["train", "cad"])
@@ -74,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", default="", help="runs folder (default: a fresh temporary one)")
     parser.add_argument("--preset", default="cpu", help="the preset whose stage is measured (smoke: the tests' check)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="preset field overrides")
+    parser.add_argument("--saved", action="store_true", help="train: also count what autograd saves for backward "
+                        "(over the whole run: give --pairs 4 --set epochs=1 for one step)")
     args = parser.parse_args(argv)
     os.environ.setdefault("MIPO_RUNS_DIR", args.runs or tempfile.mkdtemp(prefix="mipo-memory-"))
 
@@ -93,10 +125,26 @@ def main(argv: list[str] | None = None) -> None:
             original = pipeline.pairs_for_seed
             pipeline.pairs_for_seed = lambda *a, **k: original(*a, **k)[: args.pairs]  # type: ignore[assignment]
         print(f"{len(pairs)} pairs, training on {args.pairs or len(pairs)}", flush=True)
+    saved = SavedTensors() if args.saved and args.stage == "train" else None
+    if saved is not None:
+        import torch
+
+        from mipo_lib import dpo
+
+        train = dpo.train
+
+        def noting_train(training, model, *a, **k):  # type: ignore[no-untyped-def]
+            saved.note_model(model)  # type: ignore[union-attr]
+            return train(training, model, *a, **k)
+
+        pipeline.dpo.train = noting_train  # type: ignore[assignment]
     start = time.perf_counter()
     sampler = PeakSampler()
     try:
-        if args.stage == "train":
+        if args.stage == "train" and saved is not None:
+            with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+                pipeline.train_for_seed(preset, "MIPO", 0, redo=True, progress=False)
+        elif args.stage == "train":
             pipeline.train_for_seed(preset, "MIPO", 0, redo=True, progress=False)
         else:
             pipeline.evaluate_method(preset, "CAD", 0, redo=True, progress=False)
@@ -105,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     row = memory.recorded()[-1]
     print(f"stage {row.stage!r}: peak {row.peak_rss_mb:.0f} MB (VmHWM), {time.perf_counter() - start:.0f} s; "
           f"sampled peak {sampler.peak_mb:.0f} MB at {sampler.where}")
+    if saved is not None:
+        print(saved.report())
 
 
 if __name__ == "__main__":

@@ -254,10 +254,58 @@ def compact_lm_head_on_cpu() -> None:
     trl_utils._use_triton = compact
 
 
+#: Rows of a fused-LM-head tile that TRL's torch fallback (CPU, MPS) transforms at once (`lm_head_tiles_in_row_blocks`).
+LM_HEAD_ROW_BLOCK = 64
+
+
+def lm_head_tiles_in_row_blocks() -> None:
+    """Make TRL's torch fallback of the fused LM head (`_forward_tile`, `_backward_tile`, used where there is no
+    Triton: CPUs, MPS) work through each logits tile `LM_HEAD_ROW_BLOCK` rows at a time.
+
+    Why: a tile is every scored token of the batch x a 32,768-token slice of the vocabulary (about 65 MB in fp32 on
+    the cpu preset), and the fallback's elementwise steps (scale, log-softmax, exp, the target mask, the gradient)
+    each make a temporary of the tile's size, about ten alive at once in the backward pass: that was the training
+    step's peak (`benchmarks/memory_stage.py train --saved` samples it in `_backward_tile`). Row blocks make those
+    temporaries a block's size. The tile's matrix products (`torch.mm`, the gradient's `addmm`) still run on the whole
+    tile, and every elementwise step and every per-row reduction computes each row from that row alone, so the
+    log-probs and gradients are bit-identical (`tests/test_dpo.py` compares a trained adapter bit for bit); only the
+    memory changes. A smaller token tile (TRL's TOKEN_CHUNK_SIZE) would also cut it but changes the products' shapes,
+    hence their rounding: measured, the adapter after 2 epochs differs (by up to 2.5e-6).
+    """
+    import trl.kernels.chunked_logprob as chunked
+
+    for name in ("_forward_tile", "_backward_tile"):
+        fold = getattr(chunked, name)
+        if not hasattr(fold, "trl_fold"):
+            setattr(chunked, name, _in_row_blocks(fold))
+
+
+def _in_row_blocks(fold: Callable[..., Any]) -> Callable[..., Any]:
+    """`fold(tile, *per_row_and_other_args)` called on row blocks of `tile` of even size (at most
+    `LM_HEAD_ROW_BLOCK`), slicing every 1-d argument that has one entry per tile row (targets, running statistics,
+    incoming gradients), passing the rest (strides, offsets, flags) unchanged."""
+
+    def blocked(tile: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        n = tile.shape[0]
+        blocks = math.ceil(n / LM_HEAD_ROW_BLOCK)
+        if blocks <= 1:
+            fold(tile, *args, **kwargs)
+            return
+        size = math.ceil(n / blocks)  # even blocks: no one-row tail
+        for start in range(0, n, size):
+            rows = slice(start, start + size)
+            fold(tile[rows], *(a[rows] if isinstance(a, torch.Tensor) and a.dim() == 1 and a.shape[0] == n else a
+                               for a in args), **kwargs)
+
+    blocked.trl_fold = fold  # type: ignore[attr-defined]  # TRL's own, for measuring without (benchmarks, tests)
+    return blocked
+
+
 def _trainer_classes() -> tuple[type, type, type, type]:
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     compact_lm_head_on_cpu()
+    lm_head_tiles_in_row_blocks()
 
     class FiniteLoss:
         """Stops the run at the first non-finite loss, before its backward pass: nothing of that step reaches the

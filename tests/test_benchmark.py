@@ -54,3 +54,13 @@ def test_memory_stage_script_reports_a_training_peak(tmp_path):
                       out, flags=re.MULTILINE)
     assert match, out[-2000:]
     assert int(match.group(1)) > 100, "a process that loaded torch and a model holds more than 100 MB"
+
+
+@pytest.mark.slow
+def test_memory_stage_script_counts_what_a_step_saves_for_backward(tmp_path):
+    """`--saved`: the activations autograd keeps (weights excluded), grouped by last dimension."""
+    out = _script(tmp_path, "benchmarks/memory_stage.py", "train", "--preset", "smoke", "--pairs", "4",
+                  "--runs", str(tmp_path / "runs"), "--set", "epochs=1", "--saved")
+    match = re.search(r"^saved for backward \(activations, weights excluded\): (\d+) MB; last dim \d+: \d+ MB", out,
+                      flags=re.MULTILINE)
+    assert match, out[-2000:]

@@ -467,6 +467,59 @@ def test_trainer_classes_compact_the_cpu_lm_head(monkeypatch):
     assert not hasattr(trl_utils._use_triton.trl_predicate, "trl_predicate")
 
 
+def _chunked_logprobs_and_grads(fold_wrapper, monkeypatch, rows=150):
+    """TRL's chunked log-prob function (torch fallback) on random data with several vocabulary chunks, its outputs
+    and the gradients of a loss that uses both the log-probs and the entropy."""
+    import trl.kernels.chunked_logprob as chunked
+
+    for name in ("_forward_tile", "_backward_tile"):
+        fold = getattr(chunked, name)
+        monkeypatch.setattr(chunked, name, fold_wrapper(getattr(fold, "trl_fold", fold)))
+    monkeypatch.setattr(chunked, "_use_triton", lambda device: False)
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(rows, 48, generator=gen).requires_grad_(True)
+    weight = torch.randn(1000, 48, generator=gen).requires_grad_(True)
+    targets = torch.randint(0, 1000, (rows,), generator=gen)
+    logps, entropy, *_ = chunked.ChunkedLogProbFunction.apply(hidden, weight, None, targets, 0.7, 384)
+    (logps.sum() + 0.1 * entropy.sum()).backward()
+    return logps.detach(), entropy.detach(), hidden.grad, weight.grad
+
+
+@pytest.mark.parametrize("rows", [150, 64, 1])
+def test_lm_head_tiles_in_row_blocks_are_bit_identical(monkeypatch, rows):
+    """Row blocks change which temporaries exist at once, not one bit of the log-probs, entropies or gradients: 150
+    rows make three blocks of 50 (no one-row tail), 64 and 1 fit in one."""
+    with monkeypatch.context() as m:
+        whole = _chunked_logprobs_and_grads(lambda fold: fold, m, rows)
+    with monkeypatch.context() as m:
+        blocked = _chunked_logprobs_and_grads(dpo._in_row_blocks, m, rows)
+    for a, b in zip(whole, blocked):
+        assert torch.equal(a, b)
+
+
+def test_row_blocks_call_the_fold_on_even_blocks_with_per_row_arguments_sliced():
+    calls = []
+    blocked = dpo._in_row_blocks(lambda tile, stride, targets, flag, **kw: calls.append((tile.shape[0], stride,
+                                                                                         targets.tolist(), flag, kw)))
+    tile = torch.zeros(130, 4)
+    blocked(tile, tile.stride(0), torch.arange(130), 7, BLOCK_SIZE=3)
+    assert [c[0] for c in calls] == [44, 44, 42]  # 130 rows: 3 blocks of at most 64, none tiny
+    assert calls[1][2] == list(range(44, 88)) and {c[1] for c in calls} == {4} and {c[3] for c in calls} == {7}
+    assert all(c[4] == {"BLOCK_SIZE": 3} for c in calls)
+
+
+def test_trainer_classes_put_the_cpu_lm_head_in_row_blocks(monkeypatch):
+    import trl.kernels.chunked_logprob as chunked
+
+    for name in ("_forward_tile", "_backward_tile"):
+        monkeypatch.setattr(chunked, name, getattr(getattr(chunked, name), "trl_fold", getattr(chunked, name)))
+    dpo._trainer_classes()
+    dpo.lm_head_tiles_in_row_blocks()  # idempotent: not wrapped twice
+    for name in ("_forward_tile", "_backward_tile"):
+        fold = getattr(chunked, name)
+        assert hasattr(fold, "trl_fold") and not hasattr(fold.trl_fold, "trl_fold")
+
+
 # ---------------------------------------------------------------------------------- the DPO step, by hand vs TRL
 def _hand_logprob(model, tokenizer, messages, reply, max_length):
     """Notebook 03's inline log pi(reply | messages), with gradients."""
