@@ -268,8 +268,9 @@ def lm_head_tiles_in_row_blocks() -> None:
     step's peak (`benchmarks/memory_stage.py train --saved` samples it in `_backward_tile`). Row blocks make those
     temporaries a block's size. The tile's matrix products (`torch.mm`, the gradient's `addmm`) still run on the whole
     tile, and every elementwise step and every per-row reduction computes each row from that row alone, so the
-    log-probs and gradients are bit-identical (`tests/test_dpo.py` compares a trained adapter bit for bit); only the
-    memory changes. A smaller token tile (TRL's TOKEN_CHUNK_SIZE) would also cut it but changes the products' shapes,
+    log-probs, entropies and gradients are bit-identical (`tests/test_dpo.py` compares them through TRL's chunked
+    function; seed 0's MIPO and SFT adapters of the cpu preset came out bit for bit the same,
+    `benchmarks/results_stages.md`); only the memory changes. A smaller token tile (TRL's TOKEN_CHUNK_SIZE) would also cut it but changes the products' shapes,
     hence their rounding: measured, the adapter after 2 epochs differs (by up to 2.5e-6).
     """
     import trl.kernels.chunked_logprob as chunked
@@ -740,8 +741,8 @@ def train_dpo(
 
     `eval_pairs` (pairs with reference log-probs, e.g. `pipeline.validation_pairs`) are evaluated
     `evals_per_epoch(preset.epochs)` times an epoch; their loss, reward margin and accuracy join the log (`eval_*`
-    columns). They are a diagnostic, not part of the key: the adapter is the same with or without them (tests/test_validation_curves.py compares every LoRA
-    tensor)."""
+    columns). They are a diagnostic, not part of the key: the adapter is the same with or without them
+    (tests/test_validation_curves.py compares every LoRA tensor)."""
     training = Training.of("dpo", trainer_args, weights)
     adapter_dir = Path(adapter_dir)
     if done := _start(training, preset, seed, pairs, adapter_dir, key, redo):

@@ -110,8 +110,9 @@ RESPONSE_LOG_FORMAT = 2
 #: The pairs' splits: `train` (one set per seed, what DPO trains on) and `validation` (one small set shared by every
 #: seed, on which training reports its validation loss and reward margin, `validation_pairs`).
 SPLITS = ("train", "validation")
-#: Prompts of the validation pairs: enough for a readable curve, few enough that evaluating them a few times per run
-#: costs little (cpu preset, five-seed reference run: 31 s to build them once, 4.9 s per evaluation, `dpo.evals_per_epoch`).
+#: Prompts of the validation pairs: enough for a readable curve, few enough that evaluating them once an epoch costs
+#: little (cpu preset, five-seed reference run: 31 s to build them once, about 5 s per evaluation,
+#: `dpo.evals_per_epoch`).
 N_VALIDATION_PROMPTS = 20
 #: The one seed the validation pairs are sampled with, whatever the training seed: every seed's run is then measured on
 #: the very same pairs, so seeds' validation curves differ by their training only, and the pairs are built once.
@@ -423,7 +424,8 @@ def build_pairs(
     # on a GPU: stop before sampling if the batch cannot fit, or say that a larger one could (the negatives' prompts
     # are the positives' without the context, or other examples' of the same task: no longer)
     longest = max((len(chat_prompt_ids(tokenizer, p)) for p in positives_prompts), default=0)
-    if (hint := check_gen_batch(model, preset.gen_batch_size, longest, preset.max_new_tokens)) and ranks.main and progress:
+    hint = check_gen_batch(model, preset.gen_batch_size, longest, preset.max_new_tokens)
+    if hint and ranks.main and progress:
         print(hint)
 
     rng = np.random.default_rng(seed)
