@@ -16,7 +16,7 @@ SET    ?=
 export HF_HUB_OFFLINE ?= $(if $(filter cpu% smoke%,$(PRESET)),1,0)
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup reproduce tune heldout constraints regime ablations reasoning reasoning-choices confirm test benchmark clean
+.PHONY: setup reproduce tune heldout constraints regime ablation-choices ablations reasoning reasoning-choices confirm test benchmark clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,11 @@ constraints: $(STAMP)
 # Opt-in: about an hour on 2 cores (figures/timings_cpu.csv): make regime SET="dtype=float32"
 regime: $(STAMP)
 	$(BIN)/python -m mipo_lib regime --preset $(PRESET) $(if $(SEEDS),--seeds $(SEEDS)) $(foreach s,$(SET),--set $(s))
+
+# Each ablation variant's epochs chosen on validation, seed 0 (notebook 06 reads them; one snapshot training and three
+# validation evaluations per variant, cheapest first, each written when done): make ablation-choices SET="dtype=float32"
+ablation-choices: $(STAMP)
+	$(BIN)/python -m mipo_lib ablation-choices --preset $(PRESET) $(foreach s,$(SET),--set $(s))
 
 ablations: $(STAMP)
 	$(BIN)/python -m mipo_lib reproduce --preset $(PRESET) --notebooks 06 $(if $(SEEDS),--seeds $(SEEDS)) $(foreach s,$(SET),--set $(s))

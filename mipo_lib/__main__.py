@@ -1,4 +1,4 @@
-"""Command line: `python -m mipo_lib {setup,reproduce,tune,heldout,constraints,regime,chat,readme,grade}`.
+"""Command line: `python -m mipo_lib {setup,reproduce,tune,heldout,constraints,regime,ablation-choices,chat,readme,grade}`.
 
 Any preset field can be changed with a repeatable `--set field=value` (parsed by the field's type: `beta=0.3`,
 `load_in_4bit=true`, `cad_alpha=none`, `lora_target_modules=q_proj,v_proj`, `seeds=0,1`); `reproduce` hands the same
@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
                                         "figures/regime_<preset>.csv", **with_fields)
     reg.add_argument("--seeds", type=_parse_seeds, default=None, help="seeds (default: the preset's; the first tunes)")
     reg.add_argument("--no-progress", action="store_true")
+    abl = sub.add_parser("ablation-choices", help="each ablation variant's epochs chosen on validation (seed 0) -> "
+                                                  "figures/ablation_choices_<preset>.csv, which notebook 06 reads",
+                         **with_fields)
+    abl.add_argument("--no-progress", action="store_true")
 
     rdm = sub.add_parser("readme", help="re-render the generated blocks and spans of README.md, docs/ and the notebooks' prose from the committed tables")
     rdm.add_argument("--preset", default="all", help="cpu, cpu-reasoning or all (default)")
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                           **with_fields)
     chat.add_argument("message")
     chat.add_argument("--max-new-tokens", type=int, default=64)
-    for command in (rep, chat, tun, held, neg, reg):
+    for command in (rep, chat, tun, held, neg, reg, abl):
         command.add_argument(
             "--set", action="append", default=[], dest="overrides", metavar="FIELD=VALUE",
             help="change one preset field, e.g. --set beta=0.3 (repeatable; every field is listed below)",
@@ -145,6 +149,16 @@ def main(argv: list[str] | None = None) -> int:
             for cost in costs:
                 print(cost)
             print(f"wrote {records_path(args.preset)}")
+        elif args.command == "ablation-choices":
+            from mipo_lib.config import get_preset
+            from mipo_lib.experiments import ablation_epochs, ablations
+            from mipo_lib.workbook.runner import say_settings
+
+            say_settings(args.preset, overrides)
+            preset = get_preset(args.preset, **overrides)
+            table = ablation_epochs.run(preset, ablations.tunable_variants(preset), progress=not args.no_progress)
+            print(table.drop(columns=["key", "rule"]).to_string(index=False))
+            print(f"wrote {ablation_epochs.choices_path(args.preset)}")
         elif args.command == "readme":
             from mipo_lib.workbook.readme import update_readme
 

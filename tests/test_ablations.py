@@ -206,6 +206,11 @@ def test_summary_table_carries_every_variant_with_its_cis_and_the_kl():
     assert len(k["per_seed_rate"].split()) == 3 and k["n_seeds"] == 3
     assert (k["mean_words"], k["optimizer_steps"], k["seeds"], k["model"], k["task"]) == (12, 60, "0 1 2", "M", "t")
     assert np.isnan(b["optimizer_steps"])  # only the K ablation counts its steps
+    assert np.isnan(k["epochs"]) and k["method"] == "MIPO"  # epochs: from a run's variant presets (none here)
+    named = ablations.summary_table({"K": {"table": gain.assign(variant="K=2 (InfoNCE)"),
+                                           "variants": {"K=2 (InfoNCE)": get_preset("smoke", epochs=3)}}},
+                                    model="M", task="t")
+    assert (named.loc[0, "epochs"], named.loc[0, "method"]) == (3, "MIPO-InfoNCE")
 
 
 def test_k_ablation_has_the_compute_matched_controls_it_asks_for(preset):

@@ -4,9 +4,11 @@ The paper reports means over (mostly) three seeds without error bars and leaves 
 one negative (K > 1), random-context vs dropped-context negatives, a beta sweep, MIPO vs context-aware decoding
 (CAD), diversity, win-or-tie vs strict win. This module runs them with the pipeline that already exists:
 
-- A *variant* is the preset with one field changed (`variant_presets`): `k_negatives`, `negative` or `beta`. Its
-  pairs, adapter and evaluation are keyed by their settings (`mipo_lib.cache`), so every run is cached and
-  resumable, and the variant equal to the preset reuses what notebooks 02-04 built.
+- A *variant* is the preset with one field changed (`variant_presets`): `k_negatives`, `negative` or `beta`, and
+  trained for its own epochs where `ablation_epochs` chose them on validation; K negatives are also trained with
+  the (K+1)-way InfoNCE contrast (`infonce_label`, `method_of`). Its pairs, adapter and evaluation are keyed by their
+  settings (`mipo_lib.cache`), so every run is cached and resumable, and the variant equal to the preset reuses what
+  notebooks 02-04 built.
 - `run_variants` evaluates MIPO for each variant and seed and adds a `variant` column to the per-example records,
   next to the `prompting` baseline (deterministic, evaluated once): `stats.paired_difference(..., unit="variant")`
   then compares any two of them on the same examples; `compare_variants` and `summary_table` tabulate them, and
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -43,6 +45,10 @@ from mipo_lib.tasks.base import Example, Task
 K_VALUES: tuple[int, ...] = (1, 2, 4)
 NEGATIVE_KINDS: tuple[str, ...] = NEGATIVES
 BETAS: tuple[float, ...] = (0.05, 0.1, 0.3)
+#: K values also trained with the K+1-way InfoNCE contrast (at K=1 it is DPO's loss exactly, tests/test_multi_negative.py).
+INFONCE_K: tuple[int, ...] = (2, 4)
+INFONCE_METHOD = "MIPO-InfoNCE"
+INFONCE_SUFFIX = "(InfoNCE)"
 BASELINE = "prompting"
 
 _FIELDS = {"K": "k_negatives", "negative": "negative", "beta": "beta"}
@@ -70,7 +76,8 @@ def compute_matched_label(k: int) -> str:
 
 
 def variant_presets(
-    preset: Preset, kind: str, values: Iterable[Any], *, compute_matched: Iterable[int] = ()
+    preset: Preset, kind: str, values: Iterable[Any], *, compute_matched: Iterable[int] = (),
+    infonce: Iterable[int] = (), epochs: Mapping[str, int] | None = None,
 ) -> dict[str, Preset]:
     """`{label: preset with one field changed}` for the ablation `kind` ('K', 'negative' or 'beta').
 
@@ -79,6 +86,11 @@ def variant_presets(
     so the same number of optimizer steps (K pairs per prompt are K times the steps): does a gain come from more
     negatives or from longer training? Each control costs a training K times as long as the reference's, which is
     why the notebook asks for K=2's only by default.
+
+    `infonce` (K only) lists the K values that are also trained with the K+1-way InfoNCE contrast over the same pairs
+    (`infonce_label`, method `INFONCE_METHOD`): the multi-negative objective whose bound notebook 01 derives, next to K
+    two-way DPO pairs. `epochs` maps labels to their own epochs (`ablation_epochs.chosen`: each variant at its own
+    best); a label it does not name keeps the preset's, and a control takes K=k's epochs times k.
     """
     if kind not in _FIELDS:
         raise MipoError(f"unknown ablation {kind!r}; choose one of: {', '.join(_FIELDS)}")
@@ -92,14 +104,42 @@ def variant_presets(
             raise MipoError(f"beta must be positive, got {value}")
         cast = int(value) if kind == "K" else float(value) if kind == "beta" else str(value)
         out.setdefault(variant_label(kind, cast), preset.with_overrides(**{_FIELDS[kind]: cast}))
-    matched = [int(k) for k in compute_matched]
-    if matched and kind != "K":
-        raise MipoError(f"compute-matched controls exist for the K ablation only, not for {kind!r}")
-    if any(k < 2 for k in matched):
-        raise MipoError(f"a compute-matched control needs K of at least 2, got {matched}")
+    matched, contrasts = [int(k) for k in compute_matched], [int(k) for k in infonce]
+    if (matched or contrasts) and kind != "K":
+        raise MipoError(f"compute-matched controls and InfoNCE variants exist for the K ablation only, not for {kind!r}")
+    if any(k < 2 for k in matched + contrasts):
+        raise MipoError(f"compute-matched controls and InfoNCE variants need K of at least 2, got {matched + contrasts}")
+    for k in contrasts:
+        out.setdefault(infonce_label(k), preset.with_overrides(k_negatives=k))
+    own = dict(epochs or {})
+    out = {label: p.with_overrides(epochs=own[label]) if label in own else p for label, p in out.items()}
     for k in matched:
-        out.setdefault(compute_matched_label(k), preset.with_overrides(k_negatives=1, epochs=preset.epochs * k))
+        steps_of = own.get(variant_label("K", k), preset.epochs)  # K=k's own epochs: the control matches its steps
+        out.setdefault(compute_matched_label(k), preset.with_overrides(k_negatives=1, epochs=steps_of * k))
     return out
+
+
+def infonce_label(k: int) -> str:
+    """The label of K negatives trained with the K+1-way InfoNCE contrast (`K=2 (InfoNCE)`)."""
+    return f"{variant_label('K', k)} {INFONCE_SUFFIX}"
+
+
+def method_of(label: str) -> str:
+    """The method a variant trains: InfoNCE's for an `infonce_label`, MIPO (DPO on two-way pairs) for every other."""
+    return INFONCE_METHOD if label.endswith(INFONCE_SUFFIX) else "MIPO"
+
+
+def tunable_variants(preset: Preset, k_values: Iterable[int] = K_VALUES, negatives: Iterable[str] = NEGATIVE_KINDS,
+                     betas: Iterable[float] = BETAS, infonce: Iterable[int] = INFONCE_K) -> dict[str, tuple[Preset, str]]:
+    """{label: (variant preset, method)} of every variant whose epochs `make ablation-choices` chooses: all but the
+    reference of each ablation (the preset itself, tuned by `make tune`) and the compute-matched controls, cheapest
+    training first (one negative, then K=2, then K=4)."""
+    out: dict[str, tuple[Preset, str]] = {}
+    for kind, values, extra in (("negative", negatives, {}), ("beta", betas, {}), ("K", k_values, {"infonce": infonce})):
+        variants = variant_presets(preset, kind, values, **extra)
+        reference = reference_label(preset, kind, list(variants))
+        out.update({label: (p, method_of(label)) for label, p in variants.items() if label != reference})
+    return dict(sorted(out.items(), key=lambda item: item[1][0].k_negatives))
 
 
 def reference_label(preset: Preset, kind: str, labels: Sequence[str]) -> str:
@@ -112,12 +152,12 @@ def run_variants(
     variants: dict[str, Preset],
     seeds: Sequence[int],
     *,
-    method: str = "MIPO",
     baseline: str | None = BASELINE,
     redo: bool = False,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Per-example records of `method` for every variant and seed, plus the baseline, with a `variant` column.
+    """Per-example records of every variant's method (`method_of`: MIPO, or InfoNCE for its variants) and seed, plus
+    the baseline, with a `variant` column.
 
     Each call goes through `pipeline.evaluate_method`, which builds (or reads back) the variant's pairs, adapter and
     evaluation, so an interrupted ablation resumes where it stopped. The baseline is evaluated with the first
@@ -128,7 +168,8 @@ def run_variants(
     frames = []
     for label, p in variants.items():
         for s in seeds:
-            frames.append(pipeline.evaluate_method(p, method, s, redo=redo, progress=progress).assign(variant=label))
+            frames.append(pipeline.evaluate_method(p, method_of(label), s, redo=redo, progress=progress)
+                          .assign(variant=label))
     if baseline is not None:
         first = next(iter(variants.values()))
         for i, s in enumerate(seeds):  # deterministic: one file shared by all seeds, so redo it once at most
@@ -211,12 +252,14 @@ def run_ablation(
     redo: bool = False,
     progress: bool = True,
     compute_matched: Iterable[int] = (),
+    infonce: Iterable[int] = (),
+    epochs: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """One ablation end to end: variants (for K, also the compute-matched controls of the K values listed in
-    `compute_matched`, see `variant_presets`), MIPO records of every variant and seed (plus prompting), the
-    comparison table and the prompting baseline's rate. Returns `dict(kind, variants, reference, records, table,
-    baseline)`."""
-    variants = variant_presets(preset, kind, values, compute_matched=compute_matched)
+    `compute_matched` and the InfoNCE variants of those in `infonce`, see `variant_presets`), each with its own
+    `epochs` where given, the records of every variant and seed (plus prompting), the comparison table and the
+    prompting baseline's rate. Returns `dict(kind, variants, reference, records, table, baseline)`."""
+    variants = variant_presets(preset, kind, values, compute_matched=compute_matched, infonce=infonce, epochs=epochs)
     labels = list(variants)
     reference = reference_label(preset, kind, labels)
     records = run_variants(variants, seeds, redo=redo, progress=progress)
@@ -240,7 +283,7 @@ def _cut_share(records: pd.DataFrame) -> float:
 SUMMARY_COLUMNS: tuple[str, ...] = (
     "ablation", "variant", "rate", "lo", "hi", "vs_prompting", "vs_prompting_lo", "vs_prompting_hi",
     "vs_reference", "vs_reference_lo", "vs_reference_hi", "kl_nats", "kl_lo", "kl_hi", "n_seeds", "n_examples",
-    "per_seed_rate", "truncated", "mean_words", "optimizer_steps", "seeds", "model", "task",
+    "per_seed_rate", "truncated", "mean_words", "optimizer_steps", "epochs", "method", "seeds", "model", "task",
 )
 
 
@@ -255,7 +298,8 @@ def summary_table(
     """Every ablation's variants in one long table (`SUMMARY_COLUMNS`): rate, paired differences vs prompting and
     vs the reference variant, each with its 95% CI, the share of replies cut at the token cap, mean words per
     reply, the KL to the base where `kl` (a `kl_table`) has the variant, optimizer steps where `counts` (a
-    `pair_counts` table) has them, and the run's seeds, model and task (the heading of notebook 06's reports).
+    `pair_counts` table) has them, the epochs and method it trained with, and the run's seeds, model and task (the
+    heading of notebook 06's reports).
 
     `results` maps a name ("K", "negative", "beta") to a `run_ablation` result. This is the variant table the notebook
     writes next to its figures (`figures/ablations_<preset>.csv`); its comparisons table holds the verdicts.
@@ -271,6 +315,8 @@ def summary_table(
                    "n_seeds": r.n_seeds, "n_examples": r.n_examples,
                    "per_seed_rate": " ".join(f"{v:.4g}" for v in r.per_seed), "truncated": r.truncated,
                    "mean_words": r.mean_words, "optimizer_steps": steps.get(r.variant, np.nan),
+                   "epochs": ab["variants"][r.variant].epochs if r.variant in ab.get("variants", {}) else np.nan,
+                   "method": method_of(r.variant),
                    "seeds": " ".join(str(s) for s in r.seeds), "model": model, "task": task}
             if kl_by is not None and r.variant in kl_by.index:
                 k = kl_by.loc[r.variant]
