@@ -109,3 +109,16 @@ def test_ablation_choices_end_to_end_resumable(preset, tables, monkeypatch):
 def test_no_variants_is_an_error(preset, tables):
     with pytest.raises(MipoError, match="no ablation variants"):
         ablation_epochs.run(preset, {})
+
+
+def test_the_docs_block_shows_each_choice_and_names_the_variants_without_one(tables):
+    from mipo_lib.workbook import readme
+
+    assert "Not run yet (`make ablation-choices`)" in readme.ablation_choices_block("cpu")
+    row = {c: "" for c in ablation_epochs.COLUMNS}
+    row.update(variant="K=2", method="MIPO", epochs=4, validation_rate=0.5, best_rate=0.5, se=0.07, grid="1 2 4",
+               seed=0, n_validation=50, at_grid_edge=True, wall_s=600.0, key="0123")
+    pd.DataFrame([row]).to_csv(ablation_epochs.choices_path("cpu"), index=False)
+    block = readme.ablation_choices_block("cpu")
+    assert "| K=2 | MIPO | 4 (the grid's largest) | 50% | 50% ± 7% | 10.0 min |" in block
+    assert "No choice yet (the reference's epochs): random_context, random_prompt, beta=0.05, beta=0.3, K=2 (InfoNCE)" in block

@@ -8,7 +8,8 @@ when a committed page and the committed tables disagree:
 - results (`results_block`, docs/results.md): `figures/results_<preset>.csv` (`stats.write_results`, notebook 05;
   notebook 07's `results_reasoning_cpu.csv` for `cpu-reasoning`, followed by its summary, `analysis.reasoning_findings`);
 - ablations (`ablations_block`, docs/ablations.md): notebook 06's variant, comparisons and findings tables
-  (`analysis.ablation_findings`);
+  (`analysis.ablation_findings`), and each variant's own epochs (`ablation_choices_block`: `make ablation-choices`'
+  `figures/ablation_choices_<preset>.csv`);
 - deviations from the paper (`deviations_block`, docs/protocol.md): read off the preset (and the paper-regime choices);
 - the paper's regime (`regime_block`, docs/results.md): `make regime`'s `figures/regime_results_<preset>.csv` and
   `figures/regime_choices_<preset>.csv` (MIPO at 1 epoch, full fine-tuning, each against prompting), or "not run yet".
@@ -45,7 +46,7 @@ from mipo_lib.analysis import ablation_findings, reasoning_findings, render, sta
 from mipo_lib.config import PRESETS, Preset, cli_text, get_preset, load_choices, repo_root
 from mipo_lib.dpo import LR_SCHEDULE
 from mipo_lib.errors import MipoError
-from mipo_lib.experiments import regime
+from mipo_lib.experiments import ablation_epochs, ablations, regime
 from mipo_lib.methods import Method, get_method
 from mipo_lib.tasks import get_task
 from mipo_lib.workbook.environment import clone_command, colab_badge
@@ -131,7 +132,7 @@ def _choice_lines(path: Path, lead: str, target: str, tail: str = "") -> list[st
 
 def _choices_lines(preset: str) -> list[str]:
     """The settings `make tune` chose on the validation split, if the preset has committed choices."""
-    from mipo_lib.config import choices_path
+    from mipo_lib.config import choices_path  # looked up at call time: tests point it at their own table
 
     return _choice_lines(choices_path(preset), "Settings chosen on the validation split", "make tune",
                          " The test prompts were evaluated with these; every evaluation ever made on them, under"
@@ -361,6 +362,7 @@ BLOCKS: tuple[Block, ...] = (
     Block("regime", "cpu", "docs/results.md"),
     Block("results", "cpu-reasoning", "docs/results.md"),
     Block("deviations", "cpu", "docs/protocol.md"),
+    Block("ablation-choices", "cpu", "docs/ablations.md"),
     Block("ablations", "cpu", "docs/ablations.md"),
     Block("memory", "cpu", "docs/colab-and-memory.md"),
 )
@@ -376,7 +378,8 @@ def markers(kind: str, preset: str) -> tuple[str, str]:
     """The two marker lines around a block of `kind` for `preset`."""
     begin, end = {"headline": (HEADLINE_BEGIN, HEADLINE_END), "results": (BEGIN, END),
                   "deviations": (DEVIATIONS_BEGIN, DEVIATIONS_END), "ablations": (ABLATIONS_BEGIN, ABLATIONS_END),
-                  "memory": (MEMORY_BEGIN, MEMORY_END), "regime": (REGIME_BEGIN, REGIME_END)}[kind]
+                  "memory": (MEMORY_BEGIN, MEMORY_END), "regime": (REGIME_BEGIN, REGIME_END),
+                  "ablation-choices": (ABLATION_CHOICES_BEGIN, ABLATION_CHOICES_END)}[kind]
     return begin.format(preset=preset, table=results_path(preset).name), end.format(preset=preset)
 
 
@@ -547,6 +550,50 @@ def ablations_block(preset: str = "cpu") -> str:
         if shown:
             body += ["", f"*{name}*", "", *(f"- {t}" for t in shown)]
     return "\n".join([*body, ABLATIONS_END.format(preset=preset)])
+
+
+ABLATION_CHOICES_BEGIN = ("<!-- ablation-choices:{preset}:begin (generated from figures/ablation_choices_{preset}.csv by "
+                          "`python -m mipo_lib readme`; do not edit) -->")
+ABLATION_CHOICES_END = "<!-- ablation-choices:{preset}:end -->"
+
+
+def ablation_choices_block(preset: str = "cpu") -> str:
+    """Each ablation variant's own epochs as `make ablation-choices` chose them on validation (a row per variant, the
+    grid's edge flagged), and the variants that still train with the reference's epochs because they have no row."""
+    begin, end = markers("ablation-choices", preset)
+    table = ablation_epochs.read(preset)
+    labels = list(ablations.tunable_variants(get_preset(preset, tuned=False)))  # labels: the preset's own values
+    missing = [label for label in labels if label not in set(table["variant"])]
+    if table.empty:
+        return "\n".join([begin, f"Not run yet (`make ablation-choices`): every variant trains with the reference's "
+                                 f"epochs.", end])
+    first = table.iloc[0]
+    rows = [(r.variant, r.method, f"{int(r.epochs)}" + (" (the grid's largest)" if r.at_grid_edge else ""),
+             render.pct(r.validation_rate, 0), f"{render.pct(r.best_rate, 0)} ± {render.pct(r.se, 0)}",
+             render.duration(r.wall_s)) for r in table.itertuples()]
+    lines = [begin,
+             f"Seed {first['seed']}, {first['n_validation']} validation prompts, epochs {first['grid']} at the "
+             f"reference's learning rate; the cheapest within one standard error of the best (`make tune`'s rule)."
+             + _reference_choice(preset), "",
+             *render.table(("variant", "method", "epochs chosen", "validation rate", "best rate ± 1 SE",
+                            "sweep time"), rows)]
+    if missing:
+        lines += ["", f"No choice yet (the reference's epochs): {', '.join(missing)}."]
+    return "\n".join([*lines, end])
+
+
+def _reference_choice(preset: str) -> str:
+    """" The reference: N epochs (validation R), chosen by `make tune`." from the preset's choices table, or ""."""
+    from mipo_lib.config import choices_path  # looked up at call time, as `_choices_lines` does
+
+    path = choices_path(preset)
+    rows = pd.read_csv(path, dtype=str) if path.exists() else pd.DataFrame(columns=["field", "value", "validation_rate"])
+    epochs = rows[rows["field"] == "epochs"]
+    if epochs.empty:
+        return ""
+    r = epochs.iloc[0]
+    return (f" The reference (the preset itself): {r['value']} epochs, validation rate "
+            f"{render.pct(float(r['validation_rate']), 0)}, chosen by `make tune` (`figures/{path.name}`).")
 
 
 # ------------------------------------------------------------------------------------------------------ timings
@@ -1013,6 +1060,7 @@ BLOCK_RENDERERS: dict[str, Callable[[str], str]] = {
     "results": lambda preset: results_block(pd.read_csv(results_path(preset)), preset),
     "deviations": deviations_block,
     "ablations": ablations_block,
+    "ablation-choices": ablation_choices_block,
     "memory": memory_block,
     "regime": lambda preset: regime_block(preset),
 }
