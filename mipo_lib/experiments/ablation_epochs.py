@@ -79,7 +79,8 @@ def chosen(preset: Preset, variants: Mapping[str, tuple[Preset, str]], table: pd
         row = rows.get(label)
         if row is None:
             missing[label] = f"no row in {choices_path(preset.name).name}"
-        elif row.method != method or str(row.grid) != _grid_text(GRID) or row.key != sweep_key(p, method, int(row.seed)):
+        elif (row.method != method or str(row.grid) != _grid_text(GRID)
+              or row.key != sweep_key(p, method, int(row.seed))):
             missing[label] = f"its row in {choices_path(preset.name).name} was made with other settings"
         else:
             epochs[label] = int(row.epochs)
@@ -101,8 +102,7 @@ def sweep_variant(label: str, preset: Preset, method: str, seed: int = SEED, gri
     return row, summary.assign(variant=label)
 
 
-def run(preset: Preset, variants: Mapping[str, tuple[Preset, str]], progress: bool = True, write: bool = True
-        ) -> pd.DataFrame:
+def run(preset: Preset, variants: Mapping[str, tuple[Preset, str]], progress: bool = True) -> pd.DataFrame:
     """`make ablation-choices`: sweep every variant whose committed row is missing or stale, cheapest first as given,
     writing the choices and the sweep after each (rows of other variants are kept). Returns the choices table."""
     if not variants:
@@ -117,10 +117,9 @@ def run(preset: Preset, variants: Mapping[str, tuple[Preset, str]], progress: bo
         table = pd.concat([table[table["variant"] != label], pd.DataFrame([row])], ignore_index=True)
         kept = sweeps[sweeps["variant"] != label] if len(sweeps) else sweeps
         sweeps = pd.concat([kept, summary], ignore_index=True)
-        if write:
-            choices_path(preset.name).parent.mkdir(parents=True, exist_ok=True)
-            table.reindex(columns=list(COLUMNS)).to_csv(choices_path(preset.name), index=False)
-            sweeps.to_csv(tuning_path(preset.name), index=False, float_format="%.6g")
+        choices_path(preset.name).parent.mkdir(parents=True, exist_ok=True)
+        table.reindex(columns=list(COLUMNS)).to_csv(choices_path(preset.name), index=False)
+        sweeps.to_csv(tuning_path(preset.name), index=False, float_format="%.6g")
     return table.reindex(columns=list(COLUMNS))
 
 
