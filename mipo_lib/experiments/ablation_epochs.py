@@ -31,6 +31,7 @@ import pandas as pd
 from mipo_lib.config import Preset, repo_root
 from mipo_lib.errors import MipoError
 from mipo_lib.experiments import pipeline, tune
+from mipo_lib.files import atomic
 
 #: The epoch counts each variant is scored after (one training of the largest).
 GRID: tuple[int, ...] = (1, 2, 4)
@@ -117,9 +118,10 @@ def run(preset: Preset, variants: Mapping[str, tuple[Preset, str]], progress: bo
         table = pd.concat([table[table["variant"] != label], pd.DataFrame([row])], ignore_index=True)
         kept = sweeps[sweeps["variant"] != label] if len(sweeps) else sweeps
         sweeps = pd.concat([kept, summary], ignore_index=True)
-        choices_path(preset.name).parent.mkdir(parents=True, exist_ok=True)
-        table.reindex(columns=list(COLUMNS)).to_csv(choices_path(preset.name), index=False)
-        sweeps.to_csv(tuning_path(preset.name), index=False, float_format="%.6g")
+        with atomic(choices_path(preset.name)) as tmp:  # an interrupted write leaves the last whole table
+            table.reindex(columns=list(COLUMNS)).to_csv(tmp, index=False)
+        with atomic(tuning_path(preset.name)) as tmp:
+            sweeps.to_csv(tmp, index=False, float_format="%.6g")
     return table.reindex(columns=list(COLUMNS))
 
 
