@@ -119,6 +119,9 @@ def test_the_docs_block_shows_each_choice_and_names_the_variants_without_one(tab
     row.update(variant="K=2", method="MIPO", epochs=4, validation_rate=0.5, best_rate=0.5, se=0.07, grid="1 2 4",
                seed=0, n_validation=50, at_grid_edge=True, wall_s=600.0, key="0123")
     pd.DataFrame([row]).to_csv(ablation_epochs.choices_path("cpu"), index=False)
+    assert "| K=2 | MIPO | 4 (the grid's largest) | 50% | 50% ± 7% | — | 10.0 min |" in readme.ablation_choices_block("cpu")
+    pd.DataFrame({"variant": ["K=2", "K=2"], "value": [2, 4], "truncated": [0.0, 0.14]}).to_csv(
+        ablation_epochs.tuning_path("cpu"), index=False)
     block = readme.ablation_choices_block("cpu")
-    assert "| K=2 | MIPO | 4 (the grid's largest) | 50% | 50% ± 7% | 10.0 min |" in block
+    assert "| K=2 | MIPO | 4 (the grid's largest) | 50% | 50% ± 7% | 14 | 10.0 min |" in block  # the chosen epochs' cut share
     assert "No choice yet (the reference's epochs): random_context, random_prompt, beta=0.05, beta=0.3, K=2 (InfoNCE)" in block

@@ -559,7 +559,8 @@ ABLATION_CHOICES_END = "<!-- ablation-choices:{preset}:end -->"
 
 def ablation_choices_block(preset: str = "cpu") -> str:
     """Each ablation variant's own epochs as `make ablation-choices` chose them on validation (a row per variant, the
-    grid's edge flagged), and the variants that still train with the reference's epochs because they have no row."""
+    grid's edge flagged, the share of its validation replies cut at the token cap from the sweep: the rule looks at the
+    rate only), and the variants that still train with the reference's epochs because they have no row."""
     begin, end = markers("ablation-choices", preset)
     table = ablation_epochs.read(preset)
     labels = list(ablations.tunable_variants(get_preset(preset, tuned=False)))  # labels: the preset's own values
@@ -568,15 +569,19 @@ def ablation_choices_block(preset: str = "cpu") -> str:
         return "\n".join([begin, f"Not run yet (`make ablation-choices`): every variant trains with the reference's "
                                  f"epochs.", end])
     first = table.iloc[0]
+    path = ablation_epochs.tuning_path(preset)
+    sweeps = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["variant", "value", "truncated"])
+    cut = {(v, int(e)): float(t) for v, e, t in zip(sweeps["variant"], sweeps["value"], sweeps["truncated"])}
     rows = [(r.variant, r.method, f"{int(r.epochs)}" + (" (the grid's largest)" if r.at_grid_edge else ""),
              render.pct(r.validation_rate, 0), f"{render.pct(r.best_rate, 0)} ± {render.pct(r.se, 0)}",
-             render.duration(r.wall_s)) for r in table.itertuples()]
+             _cut_cell(cut.get((r.variant, int(r.epochs)), float("nan"))), render.duration(r.wall_s))
+            for r in table.itertuples()]
     lines = [begin,
              f"Seed {first['seed']}, {first['n_validation']} validation prompts, epochs {first['grid']} at the "
              f"reference's learning rate; the cheapest within one standard error of the best (`make tune`'s rule)."
              + _reference_choice(preset), "",
              *render.table(("variant", "method", "epochs chosen", "validation rate", "best rate ± 1 SE",
-                            "sweep time"), rows)]
+                            "cut at the cap %", "sweep time"), rows)]
     if missing:
         lines += ["", f"No choice yet (the reference's epochs): {', '.join(missing)}."]
     return "\n".join([*lines, end])
