@@ -3,7 +3,7 @@
 Why: a variant that reuses the reference's epochs is compared at the reference's optimum, not its own. K = 4 takes
 four times the optimizer steps per epoch, beta = 0.05 lets the policy move further per step: either may peak at
 another epoch count, and "every variant is worse than the reference" is then what one expects even if a variant is
-better at its own best (issue 29). So each variant gets `make tune`'s treatment, on seed 0 as `make tune SEEDS=0`:
+better at its own best. So each variant gets `make tune`'s treatment, on seed 0 as `make tune SEEDS=0`:
 one training of `GRID`'s largest epochs with an adapter kept after each epoch of the grid (`tune.sweep_epochs`),
 each snapshot scored on the validation prompts, and `tune.within_one_se` (the one-standard-error rule) picks the
 cheapest. The learning rate stays the reference's (`make tune`'s choice): one more axis would double the cost.
