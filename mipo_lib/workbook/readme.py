@@ -566,8 +566,8 @@ def ablation_choices_block(preset: str = "cpu") -> str:
     labels = list(ablations.tunable_variants(get_preset(preset, tuned=False)))  # labels: the preset's own values
     missing = [label for label in labels if label not in set(table["variant"])]
     if table.empty:
-        return "\n".join([begin, f"Not run yet (`make ablation-choices`): every variant trains with the reference's "
-                                 f"epochs.", end])
+        return "\n".join([begin, "Not run yet (`make ablation-choices`): every variant trains with the reference's "
+                                 "epochs.", end])
     first = table.iloc[0]
     path = ablation_epochs.tuning_path(preset)
     sweeps = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["variant", "value", "truncated"])
