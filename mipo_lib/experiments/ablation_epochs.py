@@ -51,10 +51,10 @@ def tuning_path(preset_name: str) -> Path:
     return repo_root() / "figures" / f"ablation_tuning_{preset_name}.csv"
 
 
-def sweep_key(preset: Preset, method: str, seed: int = SEED, grid: tuple[int, ...] | None = None) -> str:
-    """Digest of the snapshot training a variant's choice comes from (its pairs, trainer, learning rate ..., and the
-    longest epochs of `grid`, default `GRID`)."""
-    return pipeline.training_key(preset.with_overrides(epochs=max(grid or GRID)), method, seed).digest
+def sweep_key(preset: Preset, method: str, seed: int = SEED) -> str:
+    """Digest of the snapshot training a variant's choice comes from (its pairs, trainer, learning rate ..., and
+    `GRID`'s longest epochs)."""
+    return pipeline.training_key(preset.with_overrides(epochs=max(GRID)), method, seed).digest
 
 
 def _grid_text(grid: tuple[int, ...]) -> str:
@@ -88,18 +88,18 @@ def chosen(preset: Preset, variants: Mapping[str, tuple[Preset, str]], table: pd
     return epochs, missing
 
 
-def sweep_variant(label: str, preset: Preset, method: str, seed: int = SEED, grid: tuple[int, ...] | None = None,
-                  progress: bool = True) -> tuple[dict[str, Any], pd.DataFrame]:
-    """(the choice row, the validation summary) of one variant: `tune.sweep_epochs` over `grid` (default `GRID`) at the
-    variant's own settings, then the one-standard-error rule."""
-    grid, start = tuple(grid or GRID), time.monotonic()
+def sweep_variant(label: str, preset: Preset, method: str, seed: int = SEED, progress: bool = True
+                  ) -> tuple[dict[str, Any], pd.DataFrame]:
+    """(the choice row, the validation summary) of one variant: `tune.sweep_epochs` over `GRID` at the variant's own
+    settings, then the one-standard-error rule."""
+    grid, start = GRID, time.monotonic()
     summary = tune.summarize(tune.sweep_epochs(preset, method, seed, grid, progress=progress))
     best_row, best_rate, se = tune.within_one_se(summary)
     row = {"variant": label, "method": method, "epochs": int(best_row["value"]),
            "validation_rate": round(float(best_row["rate"]), 4), "best_rate": round(best_rate, 4),
            "se": round(se, 4), "grid": _grid_text(grid), "seed": seed, "n_validation": int(best_row["n"]),
            "at_grid_edge": int(best_row["value"]) == max(grid), "wall_s": round(time.monotonic() - start, 1),
-           "key": sweep_key(preset, method, seed, grid), "rule": tune.RULE}
+           "key": sweep_key(preset, method, seed), "rule": tune.RULE}
     return row, summary.assign(variant=label)
 
 
@@ -108,7 +108,7 @@ def run(preset: Preset, variants: Mapping[str, tuple[Preset, str]], progress: bo
     writing the choices and the sweep after each (rows of other variants are kept). Returns the choices table."""
     if not variants:
         raise MipoError("no ablation variants to tune")
-    table, sweeps = read(preset.name), _read_sweeps(preset.name)
+    table, sweeps = read(preset.name), read_sweeps(preset.name)
     _, todo = chosen(preset, variants, table)
     for label, why in todo.items():
         p, method = variants[label]
@@ -125,6 +125,7 @@ def run(preset: Preset, variants: Mapping[str, tuple[Preset, str]], progress: bo
     return table.reindex(columns=list(COLUMNS))
 
 
-def _read_sweeps(preset_name: str) -> pd.DataFrame:
+def read_sweeps(preset_name: str) -> pd.DataFrame:
+    """The committed sweep: each variant's validation rate and cut share after each epoch count (empty without it)."""
     path = tuning_path(preset_name)
     return pd.read_csv(path) if path.exists() else pd.DataFrame()

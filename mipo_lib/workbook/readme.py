@@ -569,9 +569,9 @@ def ablation_choices_block(preset: str = "cpu") -> str:
         return "\n".join([begin, "Not run yet (`make ablation-choices`): every variant trains with the reference's "
                                  "epochs.", end])
     first = table.iloc[0]
-    path = ablation_epochs.tuning_path(preset)
-    sweeps = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["variant", "value", "truncated"])
-    cut = {(v, int(e)): float(t) for v, e, t in zip(sweeps["variant"], sweeps["value"], sweeps["truncated"])}
+    sweeps = ablation_epochs.read_sweeps(preset)
+    cut = ({(v, int(e)): float(t) for v, e, t in zip(sweeps["variant"], sweeps["value"], sweeps["truncated"])}
+           if len(sweeps) else {})
     rows = [(r.variant, r.method, f"{int(r.epochs)}" + (" (the grid's largest)" if r.at_grid_edge else ""),
              render.pct(r.validation_rate, 0), f"{render.pct(r.best_rate, 0)} ± {render.pct(r.se, 0)}",
              _cut_cell(cut.get((r.variant, int(r.epochs)), float("nan"))), render.duration(r.wall_s))
