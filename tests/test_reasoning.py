@@ -181,6 +181,7 @@ def test_reasoning_presets_keep_the_measured_settings():
     at_cap = caps[caps["cap"] == reas.eval_max_new_tokens]
     assert set(at_cap["method"]) == {"prompting", "SFT", "MIPO"}
     assert (at_cap["finished"] >= reasoning.FINISHED_SHARE).all()
+    assert set(caps["seeds"].astype(str)) == {" ".join(map(str, reas.seeds))}  # every seed's adapters answered
     for p in (reas, PRESETS["smoke-reasoning"]):
         assert p.negative == "random_prompt" and not get_task(p.task).conditional and len(p.seeds) == 3
         assert p.n_test_prompts <= len(get_task(p.task).examples("test"))
@@ -387,6 +388,25 @@ def test_base_reply_pmi_on_the_tiny_model_is_cached(one_thread, capsys):
     cache.say_reused()
     assert "reusing within-problem answer PMI" in capsys.readouterr().out
     pd.testing.assert_frame_equal(first, again)
+
+
+@pytest.mark.slow
+def test_the_cap_is_chosen_on_every_seeds_validation_replies_of_the_adapters_the_test_run_reads(one_thread, capsys):
+    from mipo_lib.experiments import pipeline, tune
+
+    preset = get_preset("smoke-reasoning")
+    cap, table = reasoning.choose_cap_on_validation(preset, seeds=(0, 1), share=0.0, upper=12, progress=False)
+    n = len(tune.validation_examples(preset))
+    assert cap == 1 and set(table["method"]) == {"prompting", "SFT", "MIPO"} and (table["seeds"] == "0 1").all()
+    assert (table["n"] == 2 * n).all() and table.loc[table["chosen"], "cap"].tolist() == [1] * 3
+    assert table.groupby("method")["finished"].apply(lambda f: f.is_monotonic_increasing).all()
+    # the adapters are the pipeline's own (the test run reuses them), and a second call generates nothing
+    assert set(pipeline.stored_adapters(preset, ["SFT", "MIPO"], [0, 1])) == {(m, s) for m in ("SFT", "MIPO") for s in (0, 1)}
+    capsys.readouterr()
+    again = reasoning.choose_cap_on_validation(preset, seeds=(0, 1), share=0.0, upper=12, progress=False)[1]
+    pd.testing.assert_frame_equal(table, again)
+    with pytest.raises(MipoError, match="finish within 12 new tokens"):
+        reasoning.choose_cap_on_validation(preset, seeds=(0, 1), share=1.0, upper=12, progress=False)
 
 
 def test_committed_reasoning_choices_were_tuned_under_the_preset_at_the_caps_upper_bound():

@@ -77,7 +77,8 @@ def tuning_path(preset_name: str) -> Path:
     return repo_root() / "figures" / f"tuning_{preset_name}.csv"
 
 
-def _validation(preset: Preset, n: int) -> list[Any]:
+def validation_examples(preset: Preset, n: int = N_VALIDATION) -> list[Any]:
+    """The first `n` validation prompts of the preset's task: what every tuned setting is scored on (a fixed draw)."""
     task = get_task(preset.task)
     try:
         examples = task.examples("validation")
@@ -90,7 +91,7 @@ def _records(preset: Preset, method: str, seed: int, label: str, key: cache.Key,
              n: int, progress: bool) -> pd.DataFrame:
     """Validation records of one setting: greedy replies (cached under `key`) judged like the test set's, on read."""
     m, task = registry.get_method(method), get_task(preset.task)
-    examples = _validation(preset, n)
+    examples = validation_examples(preset, n)
 
     def make() -> pd.DataFrame:
         model, tokenizer = load_for_preset(preset)
@@ -107,7 +108,7 @@ def _records(preset: Preset, method: str, seed: int, label: str, key: cache.Key,
 
 def _eval_key(preset: Preset, method: str, seed: int, n: int, adapter: cache.Key | None, **extra: Any) -> cache.Key:
     """A setting's validation records: `evaluate.evaluation_key` on the validation prompts (`extra`: the snapshot)."""
-    return evaluate.evaluation_key(preset, f"{method} validation (seed {seed})", _validation(preset, n), adapter,
+    return evaluate.evaluation_key(preset, f"{method} validation (seed {seed})", validation_examples(preset, n), adapter,
                                    method=method, **extra)
 
 
