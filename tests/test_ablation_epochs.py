@@ -125,3 +125,8 @@ def test_the_docs_block_shows_each_choice_and_names_the_variants_without_one(tab
     block = readme.ablation_choices_block("cpu")
     assert "| K=2 | MIPO | 4 (the grid's largest) | 50% | 50% ± 7% | 14 | 10.0 min |" in block  # the chosen epochs' cut share
     assert "No choice yet (the reference's epochs): random_context, random_prompt, beta=0.05, beta=0.3, K=2 (InfoNCE)" in block
+    # a chosen snapshot over the cut budget is named with its sweep's other shares; one within it is not
+    assert "Over the 5% budget for replies cut at the cap in the chosen snapshot: K=2 (14% cut; 0% at 2 epochs)." in block
+    pd.DataFrame({"variant": ["K=2", "K=2"], "value": [2, 4], "truncated": [0.5, 0.05]}).to_csv(
+        ablation_epochs.tuning_path("cpu"), index=False)
+    assert "Over the 5% budget" not in readme.ablation_choices_block("cpu")

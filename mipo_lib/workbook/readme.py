@@ -582,9 +582,31 @@ def ablation_choices_block(preset: str = "cpu") -> str:
              + _reference_choice(preset), "",
              *render.table(("variant", "method", "epochs chosen", "validation rate", "best rate ± 1 SE",
                             "cut at the cap %", "sweep time"), rows)]
+    if over := _over_budget_choices(table, sweeps):
+        lines += ["", f"Over the {render.pct(TRUNCATION_BUDGET, 0)} budget for replies cut at the cap in the chosen "
+                      f"snapshot: {'; '.join(over)}. The rule reads the rate only, as the reference's does, so these "
+                      "variants are compared on partly cut replies; notebook 06's findings flag them again on test."]
     if missing:
         lines += ["", f"No choice yet (the reference's epochs): {', '.join(missing)}."]
     return "\n".join([*lines, end])
+
+
+def _over_budget_choices(table: pd.DataFrame, sweeps: pd.DataFrame) -> list[str]:
+    """"K=4 (26% cut; 70% at 2 epochs, 94% at 4)" for each variant whose chosen snapshot cut more than
+    `TRUNCATION_BUDGET` of its validation replies, with its other snapshots' shares from the sweep."""
+    if sweeps.empty:
+        return []
+    out = []
+    for r in table.itertuples():
+        mine = sweeps[sweeps["variant"] == r.variant]
+        shares = {int(e): float(t) for e, t in zip(mine["value"], mine["truncated"])}
+        chosen = shares.get(int(r.epochs), float("nan"))
+        if not chosen > TRUNCATION_BUDGET:
+            continue
+        others = [f"{render.pct(t, 0)} at {e} epoch{'s' if e > 1 else ''}" for e, t in sorted(shares.items())
+                  if e != int(r.epochs)]
+        out.append(f"{r.variant} ({render.pct(chosen, 0)} cut" + (f"; {', '.join(others)}" if others else "") + ")")
+    return out
 
 
 def _reference_choice(preset: str) -> str:
