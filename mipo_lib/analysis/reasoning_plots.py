@@ -142,12 +142,15 @@ def plot_cap(shares: pd.DataFrame, cap: int, share: float, meta: dict[str, Any])
     ax.set_title("Which token cap lets every method's replies finish?")
     ax.legend(fontsize=8, loc="center right")
     n = int(shares["n"].min()) if len(shares) else None
+    if n is not None and "seeds" in shares:  # replies pooled over the seeds' adapters: n problems each
+        n //= len(str(shares["seeds"].iloc[0]).split())
     cap_text = plots.caption(str(meta.get("preset", "?")), str(meta.get("model", "?")), str(meta.get("task", "?")),
                              meta.get("n_seeds"), n, bars="none (the shares of these replies, not estimates)",
                              examples_word="validation problems", dots="Lines: one per method",
                              bars_word="error bars",
                              extra="Replies generated greedily at the upper bound, MIPO and SFT at the settings "
-                                   "chosen on validation; a reply finishes when the model ends it within the cap.")
+                                   "chosen on validation, every seed's adapters pooled; a reply finishes when the "
+                                   "model ends it within the cap.")
     fig.tight_layout()
     fig.mipo_caption = cap_text
     return fig
