@@ -30,8 +30,6 @@ from mipo_lib.errors import MipoError
 SECTIONS: tuple[str, ...] = ("K negatives", "kind of negative", "beta", "MIPO vs CAD", "diversity",
                              "win-or-tie vs strict win")
 
-#: The results protocol's budget for replies cut at the token cap (issue: at most 5% per method).
-CUT_BUDGET = 0.05
 
 #: One line of a report: its text, and whether the README's summary quotes it (False for a number the README's
 #: variant table already shows, or a diversity row of an ablation variant rather than of a method).
@@ -344,10 +342,11 @@ def _ties(run: AblationRun) -> str | None:
 
 def _cut_replies(run: AblationRun) -> str:
     shares = run.variants.drop_duplicates("variant").set_index("variant")["truncated"]
-    over = shares[shares > CUT_BUDGET]
+    over = shares[shares > stats.CUT_BUDGET]
     if over.empty:
-        return f"**Cut replies.** Every variant kept its replies cut at the token cap at or below {CUT_BUDGET:.0%}."
-    return (f"**Cut replies.** Over the protocol's {CUT_BUDGET:.0%} of replies cut at the token cap: "
+        return (f"**Cut replies.** Every variant kept its replies cut at the token cap at or below "
+                f"{stats.CUT_BUDGET:.0%}.")
+    return (f"**Cut replies.** Over the protocol's {stats.CUT_BUDGET:.0%} of replies cut at the token cap: "
             + ", ".join(f"{v} {share:.0%}" for v, share in over.items())
             + ". The judges fail a cut reply where more text could break the preference, so the success rates above "
               "already count those as failures.")

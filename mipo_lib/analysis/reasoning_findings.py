@@ -24,9 +24,6 @@ from mipo_lib.config import repo_root
 from mipo_lib.errors import MipoError
 from mipo_lib.tasks.arithmetic import task_name
 
-#: The largest share of a method's held-out replies the token cap may cut before the summary warns that the cap, not
-#: arithmetic, may explain a difference (the cap was chosen so that at least 95% of validation replies finish).
-CUT_LIMIT = 0.05
 
 TABLES = {"results": "results_reasoning_{preset}.csv", "difficulty": "reasoning_difficulty_{preset}.csv",
           "findings": "reasoning_{preset}_findings.csv"}
@@ -113,9 +110,9 @@ def lines(results: pd.DataFrame, difficulty: pd.DataFrame, findings: pd.DataFram
         f"a final answer) and {f.value('formats', 'correctness', 'MIPO'):+.1%} correctness (final answers more often "
         "right).",
     ]
-    over = [m for m in methods if cut[m] > CUT_LIMIT]
+    over = [m for m in methods if cut[m] > stats.CUT_BUDGET]
     if over:
-        out.append(f"- Caveat: the cap cut more than {CUT_LIMIT:.0%} of the held-out replies of "
+        out.append(f"- Caveat: the cap cut more than {stats.CUT_BUDGET:.0%} of the held-out replies of "
                    f"{', '.join(over)}; those replies have no final answer because of the cap, not the arithmetic.")
     wins = {(m, v): f.row("pmi within", f"right beats {v}", m) for m in ("pmi", "logp_x") for v in ("operand", "random")}
     out += [

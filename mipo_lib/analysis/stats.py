@@ -79,6 +79,10 @@ DEFAULT_DESIGN: str = RESULTS_DESIGNS[0]
 #: whose under-counting of the seed variance matters less for a rate than for a difference of two trained arms.
 RATE_DESIGN: str = "crossed"
 ALPHA = 0.05  # a comparison is "detectable" when its Holm-adjusted p-value is below ALPHA (the 95% CIs' level)
+#: The protocol's budget for a method's replies cut at the token cap (complete replies): a share above it is flagged
+#: wherever the method's result is shown (README, ablations, reasoning), since a judge may fail a reply for where the
+#: cap fell rather than for what it says.
+CUT_BUDGET = 0.05
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ REFERENCE_PRESET = "cpu-reasoning"
 #: plain task's lenient readings; "none" means no final answer.
 PARSE_KINDS: tuple[str, ...] = ("answer_line", "final_mark", "answer_phrase", "last_number", "none")
 #: The share of every method's replies that must finish within the evaluation's token cap (`choose_cap`).
-FINISHED_SHARE = 0.95
+FINISHED_SHARE = 1 - stats.CUT_BUDGET
 #: The largest evaluation cap `choose_cap` may pick: replies are generated at this cap to measure their lengths.
 CAP_UPPER_BOUND = 128
 

@@ -91,19 +91,17 @@ def _method_rows(per_seed: pd.DataFrame) -> list[str]:
                         rows)
 
 
-#: The protocol's limit on replies cut at the token cap, per method (issue: complete replies).
-TRUNCATION_BUDGET = 0.05
 
 
 def _truncation_line(per_seed: pd.DataFrame) -> list[str]:
     """Which methods exceed the truncation budget (said in the block, so the prose cannot forget or misstate it)."""
     rates = per_seed.groupby("method", sort=False)["truncated"].mean()
-    over = rates[rates > TRUNCATION_BUDGET]
+    over = rates[rates > stats.CUT_BUDGET]
     if over.empty:
-        return ["", f"Every method's replies stay within the {render.pct(TRUNCATION_BUDGET)} budget for hitting the "
+        return ["", f"Every method's replies stay within the {render.pct(stats.CUT_BUDGET)} budget for hitting the "
                     f"token cap (highest: {rates.idxmax()} {render.pct(rates.max())})."]
     listed = ", ".join(f"{m} {render.pct(r)}" for m, r in over.items())
-    return ["", f"**Over the {render.pct(TRUNCATION_BUDGET)} budget for replies cut at the token cap: {listed}** (a cut "
+    return ["", f"**Over the {render.pct(stats.CUT_BUDGET)} budget for replies cut at the token cap: {listed}** (a cut "
                 "reply fails every preference that more text could break)."]
 
 
@@ -583,7 +581,7 @@ def ablation_choices_block(preset: str = "cpu") -> str:
              *render.table(("variant", "method", "epochs chosen", "validation rate", "best rate ± 1 SE",
                             "cut at the cap %", "sweep time"), rows)]
     if over := _over_budget_choices(table, sweeps):
-        lines += ["", f"Over the {render.pct(TRUNCATION_BUDGET, 0)} budget for replies cut at the cap in the chosen "
+        lines += ["", f"Over the {render.pct(stats.CUT_BUDGET, 0)} budget for replies cut at the cap in the chosen "
                       f"snapshot: {'; '.join(over)}. The rule reads the rate only, as the reference's does, so these "
                       "variants are compared on partly cut replies; notebook 06's findings flag them again on test."]
     if missing:
@@ -593,7 +591,7 @@ def ablation_choices_block(preset: str = "cpu") -> str:
 
 def _over_budget_choices(table: pd.DataFrame, sweeps: pd.DataFrame) -> list[str]:
     """"K=4 (26% cut; 70% at 2 epochs, 94% at 4)" for each variant whose chosen snapshot cut more than
-    `TRUNCATION_BUDGET` of its validation replies, with its other snapshots' shares from the sweep."""
+    `stats.CUT_BUDGET` of its validation replies, with its other snapshots' shares from the sweep."""
     if sweeps.empty:
         return []
     out = []
@@ -601,7 +599,7 @@ def _over_budget_choices(table: pd.DataFrame, sweeps: pd.DataFrame) -> list[str]
         mine = sweeps[sweeps["variant"] == r.variant]
         shares = {int(e): float(t) for e, t in zip(mine["value"], mine["truncated"])}
         chosen = shares.get(int(r.epochs), float("nan"))
-        if not chosen > TRUNCATION_BUDGET:
+        if not chosen > stats.CUT_BUDGET:
             continue
         others = [f"{render.pct(t, 0)} at {e} epoch{'s' if e > 1 else ''}" for e, t in sorted(shares.items())
                   if e != int(r.epochs)]
