@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     reg = sub.add_parser("regime", help="the paper's regime (MIPO at 1 epoch; full fine-tuning) vs prompting -> "
                                         "figures/regime_<preset>.csv", **with_fields)
     reg.add_argument("--seeds", type=_parse_seeds, default=None, help="seeds (default: the preset's; the first tunes)")
+    reg.add_argument("--add-seeds", action="store_true", help="train and evaluate the committed choices on --seeds the "
+                     "committed records lack and add them (no sweep; the committed seeds are kept)")
     reg.add_argument("--no-progress", action="store_true")
     abl = sub.add_parser("ablation-choices", help="each ablation variant's epochs chosen on validation (seed 0) -> "
                                                   "figures/ablation_choices_<preset>.csv, which notebook 06 reads",
@@ -144,7 +146,14 @@ def main(argv: list[str] | None = None) -> int:
             from mipo_lib.workbook.runner import say_settings
 
             say_settings(args.preset, overrides)
-            _, table, costs = run_regime(args.preset, args.seeds, overrides, progress=not args.no_progress)
+            if args.add_seeds:
+                from mipo_lib.experiments.regime import add_seeds
+
+                if not args.seeds:
+                    raise MipoError("--add-seeds needs --seeds, the seeds to add (e.g. --seeds 3,4)")
+                _, table, costs = add_seeds(args.preset, args.seeds, overrides, progress=not args.no_progress)
+            else:
+                _, table, costs = run_regime(args.preset, args.seeds, overrides, progress=not args.no_progress)
             print(table[table["kind"] == "paired_difference"].to_string(index=False))
             for cost in costs:
                 print(cost)

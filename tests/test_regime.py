@@ -262,3 +262,30 @@ def test_a_reference_run_records_its_test_evaluation_in_the_ledger(fake_run, mon
     assert (table, commit) == ("results_path_smoke.csv", regime.ledger.PENDING)
     assert "MIPO, 1 epoch: 1 epoch(s) at learning rate 0.004" in protocol and regime.FAMILY in protocol
     assert "MIPO, full fine-tuning" in result and "vs prompting" in result
+
+
+def test_adding_seeds_keeps_the_committed_ones_sweeps_nothing_and_records_the_evaluation(fake_run, monkeypatch):
+    regime.run("smoke", seeds=[0, 1], progress=False)
+    path = regime.records_path("smoke")
+    before, choices_before = pd.read_csv(path), regime.choices_path("smoke").read_text()
+    monkeypatch.setattr(regime, "sweep", lambda *args, **kwargs: pytest.fail("adding seeds swept again"))
+    evaluated = []
+    real = pipeline.evaluate_all
+    monkeypatch.setattr(pipeline, "evaluate_all", lambda preset, seeds, **kw: evaluated.append(list(seeds)) or
+                        real(preset, seeds, **kw))
+    rows = []
+    monkeypatch.setattr(regime, "REFERENCE_PRESETS", ("smoke",))
+    monkeypatch.setattr(regime.ledger, "record", lambda *args, **kwargs: rows.append(args))
+    records, table, costs = regime.add_seeds("smoke", [1, 2], progress=False)
+    assert evaluated == [[2]] * 3  # prompting and both regimes, on the new seed only
+    after = pd.read_csv(path)
+    assert sorted(after["seed"].unique()) == [0, 1, 2] and len(after) == len(before) * 3 // 2
+    pd.testing.assert_frame_equal(after[after["seed"] < 2].reset_index(drop=True), before)  # kept as they were
+    assert regime.choices_path("smoke").read_text() == choices_before  # nothing chosen again
+    assert set(table.loc[table["kind"] == "paired_difference", "n_seeds"]) == {3}
+    assert len(rows) == 1 and "seeds 2 added to the committed 0 1" in rows[0][2]
+    assert [c["stage"] for c in costs] == [f"{r.label}: train and test (1 seeds)" for r in regime.REGIMES]
+    with pytest.raises(MipoError, match="already holds seeds"):
+        regime.add_seeds("smoke", [0, 2], progress=False)
+    with pytest.raises(MipoError, match="made with other settings"):
+        regime.add_seeds("smoke", [3], {"beta": 0.3}, progress=False)

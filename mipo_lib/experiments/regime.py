@@ -252,6 +252,41 @@ def run(preset_name: str = "cpu", seeds: Sequence[int] | None = None, overrides:
     return records, table, costs
 
 
+def add_seeds(preset_name: str, seeds: Sequence[int], overrides: dict[str, Any] | None = None,
+              progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, list[dict[str, Any]]]:
+    """`make regime-seeds SEEDS=3,4`: the committed choices trained and evaluated on `seeds` the committed records
+    lack, their records added to those the table holds, and the results (and a ledger row) rewritten from all of them.
+
+    Why: `make regime` sweeps each regime on the tuning seed again before its test runs (an hour of full fine-tuning
+    on 2 cores when the cache is gone); more seeds need none of it. The committed seeds' records are kept as they
+    are, read only while their keys match the current settings (`committed`), and nothing is chosen again: the
+    choices stay the committed ones, made on the tuning seed. Returns (records, results, costs) as `run` does."""
+    preset = get_preset(preset_name, **(overrides or {}))
+    choices = read_choices(preset.name)
+    path = records_path(preset.name)
+    if not choices or not path.exists():
+        raise MipoError(f"no committed {path.name} to add seeds to; run make regime first")
+    held = sorted({int(s) for s in pd.read_csv(path, usecols=["seed"])["seed"]})
+    old, why = committed(preset, held)
+    if old is None:
+        raise MipoError(f"cannot add seeds: {why}")
+    new = [int(s) for s in seeds if int(s) not in held]
+    if not new:
+        raise MipoError(f"{path.name} already holds seeds {held}; name seeds it lacks (e.g. SEEDS={max(held) + 1})")
+    added, test_costs = test_records(preset, new, choices, progress)
+    records = pd.concat([old, added], ignore_index=True)
+    table = results(records)
+    _write_records(preset, records, table)
+    all_seeds = held + new
+    if preset.name in REFERENCE_PRESETS:
+        ledger.record(results_path(preset.name).name, ledger.PENDING,
+                      f"{protocol(preset, all_seeds, choices)}; seeds {' '.join(map(str, new))} added to the committed "
+                      f"{' '.join(map(str, held))} (make regime-seeds)", ledger.headline(results_path(preset.name)))
+    costs = [{"stage": f"{c['regime']}: train and test ({len(new)} seeds)", "seconds": c["seconds"],
+              "train_seconds": c["train_seconds"], "train_peak_rss_mb": c["train_peak_rss_mb"]} for c in test_costs]
+    return records, table, costs
+
+
 def protocol(preset: Preset, seeds: Sequence[int], choices: Sequence[dict[str, Any]]) -> str:
     """The ledger's protocol line of a `make regime` run: the preset's (`ledger.protocol_of`) and each regime's
     setting as chosen on validation, and its family."""
@@ -264,14 +299,19 @@ def protocol(preset: Preset, seeds: Sequence[int], choices: Sequence[dict[str, A
 def _write(preset: Preset, summary: pd.DataFrame, choices: list[dict[str, Any]], records: pd.DataFrame,
            table: pd.DataFrame) -> None:
     """Write the four committed tables of a `make regime` run."""
-    path = records_path(preset.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    columns = ["task", "method", "seed", "example_id", "group", "response", "score", "n_words", "truncated", "key"]
-    records[columns].to_csv(path, index=False)
+    _write_records(preset, records, table)
     summary[["regime", *[c for c in summary.columns if c != "regime"]]].to_csv(tuning_path(preset.name), index=False,
                                                                                float_format="%.6g")
     under = [json.dumps(tune.tuned_under(preset, c["method"], ("epochs", "learning_rate")), separators=(",", ":"))
              for c in choices]
     pd.DataFrame([{**c, "tuned_under": u} for c, u in zip(choices, under)], columns=list(CHOICE_COLUMNS)).to_csv(
         choices_path(preset.name), index=False)
+
+
+def _write_records(preset: Preset, records: pd.DataFrame, table: pd.DataFrame) -> None:
+    """Write the per-prompt records (seeds in order) and the results table."""
+    path = records_path(preset.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = ["task", "method", "seed", "example_id", "group", "response", "score", "n_words", "truncated", "key"]
+    records[columns].to_csv(path, index=False)
     stats.write_table(table, results_path(preset.name))
