@@ -180,7 +180,9 @@ def test_reasoning_presets_keep_the_measured_settings():
     assert reas.max_new_tokens == reasoning.CAP_UPPER_BOUND and (reas.eval_batch_size, reas.eval_no_repeat_ngram) == (100, 0)
     at_cap = caps[caps["cap"] == reas.eval_max_new_tokens]
     assert set(at_cap["method"]) == {"prompting", "SFT", "MIPO"}
-    assert (at_cap["finished"] >= reasoning.FINISHED_SHARE).all()
+    # the rule met, or the cap at its bound with the shortfall in the table (notebook 07 and the findings say it)
+    met = (at_cap["finished"] >= reasoning.FINISHED_SHARE).all()
+    assert met or reas.eval_max_new_tokens == reasoning.CAP_UPPER_BOUND
     assert set(caps["seeds"].astype(str)) == {" ".join(map(str, reas.seeds))}  # every seed's adapters answered
     for p in (reas, PRESETS["smoke-reasoning"]):
         assert p.negative == "random_prompt" and not get_task(p.task).conditional and len(p.seeds) == 3
@@ -263,8 +265,10 @@ def test_reply_lengths_and_the_smallest_cap_at_which_every_method_finishes():
     assert shares[("prompting", 4)] == 0.5 and shares[("MIPO", 8)] == 0.75
     assert reasoning.choose_cap(lengths, share=0.75, upper=10) == 8  # MIPO needs 8 (3 of 4), prompting 5
     assert reasoning.choose_cap(lengths.iloc[:4], share=1.0, upper=10) == 10
-    with pytest.raises(MipoError, match="MIPO's replies finish"):
-        reasoning.choose_cap(lengths, share=0.95, upper=10)  # the cut reply never finishes
+    # the cut reply never finishes: no cap up to the bound meets the rule, so the cap is the bound, and MIPO falls short
+    assert reasoning.choose_cap(lengths, share=0.95, upper=10) == 10
+    table = reasoning.finished_shares(lengths, [8, 10])
+    assert reasoning.shortfall(table, 10, 0.95) == {"MIPO": 0.75} and reasoning.shortfall(table, 10, 0.75) == {}
 
 
 def test_answer_prefix_and_variants():
@@ -405,8 +409,8 @@ def test_the_cap_is_chosen_on_every_seeds_validation_replies_of_the_adapters_the
     capsys.readouterr()
     again = reasoning.choose_cap_on_validation(preset, seeds=(0, 1), share=0.0, upper=12, progress=False)[1]
     pd.testing.assert_frame_equal(table, again)
-    with pytest.raises(MipoError, match="finish within 12 new tokens"):
-        reasoning.choose_cap_on_validation(preset, seeds=(0, 1), share=1.0, upper=12, progress=False)
+    cap, strict = reasoning.choose_cap_on_validation(preset, seeds=(0, 1), share=1.0, upper=12, progress=False)
+    assert (strict["required"] == 1.0).all() and (cap == 12 or not reasoning.shortfall(strict, cap, 1.0))
 
 
 def test_committed_reasoning_choices_were_tuned_under_the_preset_at_the_caps_upper_bound():
