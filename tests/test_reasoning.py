@@ -17,7 +17,7 @@ from mipo_lib.config import PRESETS, get_preset, repo_root
 from mipo_lib.errors import MipoError
 from mipo_lib.tasks import get_task, task_names
 from mipo_lib.tasks.arithmetic import (
-    ANSWER_FORMAT, DEFAULT_LEVEL, GRADED_LEVELS, INSTRUCTION, LEVELS, SPLITS, ArithmeticTask, extract_answer,
+    ANSWER_FORMAT, DEFAULT_LEVEL, GRADED_LEVELS, LEVELS, SPLITS, ArithmeticTask, extract_answer,
     final_answer, parse_answer, task_name,
 )
 from mipo_lib.tasks.base import Example
