@@ -547,3 +547,18 @@ def test_constraints_span_renders_the_committed_comparison_or_says_it_is_missing
     assert "not detectable" in readme.constraints_text("cpu") and f"{-100 * row['diff']:+.1f} points" in readme.constraints_text("cpu")
     monkeypatch.setattr(constraints, "results_path", lambda name: tmp_path / "missing.csv")
     assert readme.constraints_text("cpu").startswith("not run yet")
+
+
+def test_the_reasoning_summary_says_when_the_cap_is_the_bound_because_a_method_falls_short():
+    tables = reasoning_findings.load_tables("cpu")
+    findings = tables["findings"]
+    base = findings[findings["quantity"] != "finished at the cap on validation"]
+    rows = [{"section": "setup", "quantity": "finished at the cap on validation", "subject": m, "value": v}
+            for m, v in (("prompting", 0.96), ("SFT", 0.99), ("MIPO", 0.93))]
+    short = pd.concat([base, pd.DataFrame(rows)], ignore_index=True)
+    text = "\n".join(reasoning_findings.lines(tables["results"], tables["difficulty"], short))
+    assert "the bound: no cap up to it lets 95% of every method's validation replies finish; MIPO 93% at the bound" in text
+    met = pd.concat([base, pd.DataFrame(rows).assign(value=0.97)], ignore_index=True)
+    text = "\n".join(reasoning_findings.lines(tables["results"], tables["difficulty"], met))
+    assert "the smallest at which at least 95% of every method's validation replies finish" in text
+    assert "the bound" not in text

@@ -67,6 +67,21 @@ def _base(methods: list[str]) -> str:
     return next(m for m in methods if m in registry.names() and registry.get_method(m).training is None)
 
 
+def _cap_rule(f: _Findings) -> str:
+    """How the chosen cap met the rule: the smallest at which the required share of every method's validation replies
+    finish, or the bound, with the methods that fall short there (the findings' `finished at the cap on validation`
+    rows; a table without them predates the bound's fallback and met the rule)."""
+    required = f.value("setup", "finished share required")
+    rule = f"the smallest at which at least {required:.0%} of every method's validation replies finish"
+    t = f.table
+    at_cap = t[(t["section"] == "setup") & (t["quantity"] == "finished at the cap on validation")]
+    short = [(r.subject, r.value) for r in at_cap.itertuples() if r.value < required - 1e-12]
+    if not short:
+        return rule
+    return (f"the bound: no cap up to it lets {required:.0%} of every method's validation replies finish; "
+            + ", ".join(f"{m} {v:.0%}" for m, v in short) + " at the bound")
+
+
 def lines(results: pd.DataFrame, difficulty: pd.DataFrame, findings: pd.DataFrame) -> list[str]:
     """The summary bullets (`- ...`) of a reasoning run, from its results, difficulty and findings tables."""
     f = _Findings(findings)
@@ -97,8 +112,7 @@ def lines(results: pd.DataFrame, difficulty: pd.DataFrame, findings: pd.DataFram
         f"{setting['SFT'][0]:.0f} epochs at {setting['SFT'][1]:g} ("
         + ("chosen on validation by the one-standard-error rule" if f.value("setup", "training settings chosen on "
            "validation") else "not the settings chosen on validation") + f"); evaluation cap {cap:.0f} new tokens ("
-        + (f"the smallest at which at least {f.value('setup', 'finished share required'):.0%} of every method's "
-           "validation replies finish" if cap == chosen_cap else f"not the cap chosen on validation, {chosen_cap:.0f}")
+        + (_cap_rule(f) if cap == chosen_cap else f"not the cap chosen on validation, {chosen_cap:.0f}")
         + f"); pairs sampled with a cap of {f.value('setup', 'pairs token cap'):.0f} "
         f"({f.value('setup', 'pairs cut'):.1%} of their replies cut).",
         f"- Accuracy: base {rates[base]:.1%}, SFT {rates['SFT']:.1%}, MIPO {rates['MIPO']:.1%}; replies cut by the "
@@ -113,7 +127,8 @@ def lines(results: pd.DataFrame, difficulty: pd.DataFrame, findings: pd.DataFram
     over = [m for m in methods if cut[m] > stats.CUT_BUDGET]
     if over:
         out.append(f"- Caveat: the cap cut more than {stats.CUT_BUDGET:.0%} of the held-out replies of "
-                   f"{', '.join(over)}; those replies have no final answer because of the cap, not the arithmetic.")
+                   f"{', '.join(over)}; those replies have no final answer because the cap cut them, whatever their "
+                   "arithmetic.")
     wins = {(m, v): f.row("pmi within", f"right beats {v}", m) for m in ("pmi", "logp_x") for v in ("operand", "random")}
     out += [
         f"- The pairs: positives are correct in {f.value('pairs', 'positive correct'):.0%} of pairs, negatives "
