@@ -241,8 +241,7 @@ def run(preset_name: str = "cpu", seeds: Sequence[int] | None = None, overrides:
               f"(validation {choices[-1]['validation_rate']:.1%}; best {choices[-1]['best_rate']:.1%}, se "
               f"{choices[-1]['se']:.1%})", flush=True)
     records, test_costs = test_records(preset, seeds, choices, progress)
-    costs += [{"stage": f"{c['regime']}: train and test ({len(seeds)} seeds)", "seconds": c["seconds"],
-               "train_seconds": c["train_seconds"], "train_peak_rss_mb": c["train_peak_rss_mb"]} for c in test_costs]
+    costs += _stage_costs(test_costs, len(seeds))
     table = results(records)
     if write:
         _write(preset, pd.concat(summaries, ignore_index=True), choices, records, table)
@@ -282,9 +281,13 @@ def add_seeds(preset_name: str, seeds: Sequence[int], overrides: dict[str, Any] 
         ledger.record(results_path(preset.name).name, ledger.PENDING,
                       f"{protocol(preset, all_seeds, choices)}; seeds {' '.join(map(str, new))} added to the committed "
                       f"{' '.join(map(str, held))} (make regime-seeds)", ledger.headline(results_path(preset.name)))
-    costs = [{"stage": f"{c['regime']}: train and test ({len(new)} seeds)", "seconds": c["seconds"],
-              "train_seconds": c["train_seconds"], "train_peak_rss_mb": c["train_peak_rss_mb"]} for c in test_costs]
-    return records, table, costs
+    return records, table, _stage_costs(test_costs, len(new))
+
+
+def _stage_costs(test_costs: Sequence[dict[str, Any]], n_seeds: int) -> list[dict[str, Any]]:
+    """`test_records`' costs as the stage rows `run` and `add_seeds` return."""
+    return [{"stage": f"{c['regime']}: train and test ({n_seeds} seeds)", "seconds": c["seconds"],
+             "train_seconds": c["train_seconds"], "train_peak_rss_mb": c["train_peak_rss_mb"]} for c in test_costs]
 
 
 def protocol(preset: Preset, seeds: Sequence[int], choices: Sequence[dict[str, Any]]) -> str:
