@@ -135,7 +135,9 @@ def plot_cap(shares: pd.DataFrame, cap: int, share: float, meta: dict[str, Any])
         ax.plot(part["cap"], 100 * part["finished"], marker="o", ms=3, color=plots.colour(method), label=method)
     ax.axhline(100 * share, color="black", ls="--", lw=1.0, label=f"{share:.0%} must finish")
     ax.axvline(cap, color="gray", ls=":", lw=1.2)
-    ax.annotate(f"chosen cap: {cap}", (cap, 5), xytext=(4, 0), textcoords="offset points", fontsize=9)
+    left = cap > 0.75 * float(shares["cap"].max()) if len(shares) else False  # near the right edge: label inside
+    ax.annotate(f"chosen cap: {cap}", (cap, 5), xytext=(-4 if left else 4, 0), textcoords="offset points", fontsize=9,
+                ha="right" if left else "left")
     ax.set_xlabel("token cap (new tokens)")
     ax.set_ylabel("replies that finish (%)")
     ax.set_ylim(0, 105)
