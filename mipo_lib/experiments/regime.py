@@ -312,7 +312,7 @@ def _write(preset: Preset, summary: pd.DataFrame, choices: list[dict[str, Any]],
 
 
 def _write_records(preset: Preset, records: pd.DataFrame, table: pd.DataFrame) -> None:
-    """Write the per-prompt records (seeds in order) and the results table."""
+    """Write the per-prompt records and the results table."""
     path = records_path(preset.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     columns = ["task", "method", "seed", "example_id", "group", "response", "score", "n_words", "truncated", "key"]

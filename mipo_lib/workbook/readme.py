@@ -91,8 +91,6 @@ def _method_rows(per_seed: pd.DataFrame) -> list[str]:
                         rows)
 
 
-
-
 def _truncation_line(per_seed: pd.DataFrame) -> list[str]:
     """Which methods exceed the truncation budget (said in the block, so the prose cannot forget or misstate it)."""
     rates = per_seed.groupby("method", sort=False)["truncated"].mean()
@@ -580,7 +578,7 @@ def ablation_choices_block(preset: str = "cpu") -> str:
              + _reference_choice(preset), "",
              *render.table(("variant", "method", "epochs chosen", "validation rate", "best rate ± 1 SE",
                             "cut at the cap %", "sweep time"), rows)]
-    if over := _over_budget_choices(table, sweeps):
+    if over := _over_budget_choices(table, cut):
         lines += ["", f"Over the {render.pct(stats.CUT_BUDGET, 0)} budget for replies cut at the cap in the chosen "
                       f"snapshot: {'; '.join(over)}. The rule reads the rate only, as the reference's does, so these "
                       "variants are compared on partly cut replies; notebook 06's findings flag them again on test."]
@@ -589,15 +587,13 @@ def ablation_choices_block(preset: str = "cpu") -> str:
     return "\n".join([*lines, end])
 
 
-def _over_budget_choices(table: pd.DataFrame, sweeps: pd.DataFrame) -> list[str]:
+def _over_budget_choices(table: pd.DataFrame, cut: dict[tuple[str, int], float]) -> list[str]:
     """"K=4 (26% cut; 70% at 2 epochs, 94% at 4)" for each variant whose chosen snapshot cut more than
-    `stats.CUT_BUDGET` of its validation replies, with its other snapshots' shares from the sweep."""
-    if sweeps.empty:
-        return []
+    `stats.CUT_BUDGET` of its validation replies, with its other snapshots' shares (`cut`: {(variant, epochs): share}
+    from the sweep)."""
     out = []
     for r in table.itertuples():
-        mine = sweeps[sweeps["variant"] == r.variant]
-        shares = {int(e): float(t) for e, t in zip(mine["value"], mine["truncated"])}
+        shares = {e: t for (v, e), t in cut.items() if v == r.variant}
         chosen = shares.get(int(r.epochs), float("nan"))
         if not chosen > stats.CUT_BUDGET:
             continue
