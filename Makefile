@@ -75,13 +75,13 @@ reasoning: $(STAMP)
 	$(BIN)/python -m mipo_lib reproduce --preset $(REASONING_PRESET) --notebooks 07 $(if $(SEEDS),--seeds $(SEEDS)) $(foreach s,$(SET),--set $(s))
 
 # Notebook 07's choices on validation, in order (the test split is never read): the difficulty level (all levels, 50
-# validation problems each, at the cap's upper bound of 128 tokens) -> figures/reasoning_difficulty_cpu.csv (set the
+# validation problems each, at the cap's upper bound of 256 tokens) -> figures/reasoning_difficulty_cpu.csv (set the
 # chosen level as cpu-reasoning's task in mipo_lib/config.py before going on); MIPO's and SFT's epochs and learning
 # rates on seed 0 -> figures/tuning_cpu-reasoning.csv, choices_cpu-reasoning.csv; the evaluation cap from every seed's
 # validation replies at those settings (their adapters are the test run's) -> figures/reasoning_cap_cpu.csv (set it as cpu-reasoning's eval_max_new_tokens): make reasoning-choices SET="dtype=float32"
 reasoning-choices: $(STAMP)
 	$(BIN)/python -m mipo_lib.experiments.reasoning --n 50 $(foreach s,$(SET),--set $(s))
-	$(BIN)/python -m mipo_lib tune --preset cpu-reasoning --seeds 0 --set eval_max_new_tokens=128 $(foreach s,$(SET),--set $(s))
+	$(BIN)/python -m mipo_lib tune --preset cpu-reasoning --seeds 0 --set eval_max_new_tokens=256 $(foreach s,$(SET),--set $(s))
 	$(BIN)/python -m mipo_lib.experiments.reasoning --cap $(foreach s,$(SET),--set $(s))
 
 # The confirmatory test (docs/confirmatory-plan.md): the adapters of the first reference run with >= 5 seeds committed

@@ -128,7 +128,8 @@ class Preset:
     max_new_tokens: int = field(default=48, metadata={"help": (
         "Token cap of the pairs' sampled replies; a reply cut there is flagged in the pairs (chosen_truncated, "
         "rejected_truncated) and DPO learns from the cut text. cpu 64 (a cost choice: sampling and training "
-        "dominate its run), cpu-reasoning 128 (the upper bound its evaluation cap is chosen under), t4 256, paper and the official settings 512.")})
+        "dominate its run), cpu-reasoning 128 (few of its pairs' replies reach it: notebook 07 counts them; its "
+        "evaluation cap is chosen under a bound of 256), t4 256, paper and the official settings 512.")})
     gen_batch_size: int = field(default=32, metadata={"help": (
         "Prompts sampled together when making pairs (and in notebook 06's KL estimate): larger is faster until "
         "memory runs out (on a GPU the pairs stage checks it against the free memory first and names a value that "
@@ -187,7 +188,7 @@ class Preset:
         "requests every greedy reply ends by 151 tokens but one context-free reply, which still runs at 1,024 "
         "(measured 2026-11-28; at 128 tokens, before the instruction, 40% of prompting and all context-free replies "
         "were cut). cpu-reasoning: the smallest cap at which at least 95% of every method's validation replies finish, "
-        "or the 128-token bound where none does (figures/reasoning_cap_cpu.csv); t4 256, paper 512.")})
+        "or the 256-token bound where none does (figures/reasoning_cap_cpu.csv); t4 256, paper 512.")})
     eval_batch_size: int = field(default=50, metadata={"help": (
         "Prompts decoded together in evaluation (and by the LLM judge): a speed and memory knob (cpu 100, t4 32, "
         "paper 64). Padding changes the numerics slightly, so evaluations are cached per value.")})
@@ -482,13 +483,14 @@ PRESETS: dict[str, Preset] = {
     # Notebook 07 (reasoning, `make reasoning`): unconditional MIPO, the negative is the answer to another problem. The
     # cpu preset's model, precision, batch sizes and LoRA; every other choice was made on validation problems
     # (`make reasoning-choices SET="dtype=float32"`, in this order): the task is the level whose base accuracy is the
-    # lowest inside 20-70% with the prompt's `Answer: <number>` format (figures/reasoning_difficulty_cpu.csv, 128 new
-    # tokens); MIPO's and SFT's epochs and learning rates come from figures/choices_cpu-reasoning.csv (seed 0, the
-    # one-standard-error rule); the evaluation cap is the smallest at which at least 95% of every method's validation
-    # replies finish, or the 128-token bound where none does (figures/reasoning_cap_cpu.csv: the replies of every seed's
-    # adapters at the chosen settings, generated at 128 tokens; MIPO's reach 93% there). The pairs are sampled at
-    # that upper bound, 128 tokens (a batch stops when all its replies have ended), and max_length 256 holds a prompt
-    # (at most 68 tokens on this level) with a 128-token reply.
+    # lowest inside 20-70% with the prompt's `Answer: <number>` format (figures/reasoning_difficulty_cpu.csv, at the
+    # cap's upper bound); MIPO's and SFT's epochs and learning rates come from figures/choices_cpu-reasoning.csv (seed 0,
+    # the one-standard-error rule, at the bound); the evaluation cap is the smallest at which at least 95% of every
+    # method's validation replies finish, or the bound where none does (figures/reasoning_cap_cpu.csv: the replies of
+    # every seed's adapters at the chosen settings, generated at the bound). The bound (`reasoning.CAP_UPPER_BOUND`) is
+    # 256 new tokens: at 128, MIPO's validation replies fell short of 95% finished, still rising (docs/results.md). The
+    # pairs are sampled with a cap of 128 (a batch stops when all its replies have ended), and max_length 256 holds a
+    # prompt (at most 68 tokens on this level) with a 128-token reply.
     "cpu-reasoning": dataclasses.replace(
         _CPU,
         name="cpu-reasoning",
@@ -502,7 +504,7 @@ PRESETS: dict[str, Preset] = {
         top_p=0.9,
         max_new_tokens=128,
         max_length=256,
-        eval_max_new_tokens=128,  # figures/reasoning_cap_cpu.csv: the bound (MIPO's replies reach 93% finished there)
+        eval_max_new_tokens=213,  # figures/reasoning_cap_cpu.csv: the smallest cap meeting the rule (MIPO's the last)
         eval_batch_new_tokens=48,  # most replies end by 48 tokens: the rest go on together, the batch does not wait
         eval_no_repeat_ngram=0,
     ),
@@ -644,7 +646,7 @@ def get_preset(name: str, /, *, tuned: bool = True, **overrides: Any) -> Preset:
 
 _SAID: set[str] = set()
 #: Fields a preset chooses after its tuning, from the tuning's own validation replies, so that the choices tables'
-#: `tuned_under` holds another value by design, not by mistake: cpu-reasoning tunes at the cap's upper bound (128
+#: `tuned_under` holds another value by design, not by mistake: cpu-reasoning tunes at the cap's upper bound (256
 #: new tokens) and then picks its evaluation cap from those replies (figures/reasoning_cap_cpu.csv).
 CHOSEN_AFTER_TUNING: dict[str, tuple[str, ...]] = {"cpu-reasoning": ("eval_max_new_tokens",)}
 

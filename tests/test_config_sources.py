@@ -122,14 +122,16 @@ def test_cpu_with_lora_r_4_says_which_committed_choices_no_longer_match(cpu_nati
 
 
 def test_cpu_reasoning_is_quiet_about_its_cap_chosen_after_tuning(monkeypatch, capsys):
-    """cpu-reasoning tunes at the cap's upper bound (128 new tokens) and then picks its evaluation cap (at most 128,
-    figures/reasoning_cap_cpu.csv) from validation replies: a difference there is the design, not stale choices, so
+    """cpu-reasoning tunes at the cap's upper bound (`reasoning.CAP_UPPER_BOUND` new tokens) and then picks its
+    evaluation cap (at most the bound, figures/reasoning_cap_cpu.csv) from validation replies: a difference there is the design, not stale choices, so
     a run says nothing about it; a field changed by the user is still named."""
     import pandas as pd
 
+    from mipo_lib.experiments.reasoning import CAP_UPPER_BOUND
+
     monkeypatch.setattr(config, "_SAID", set())
     choices = config.read_choices(config.choices_path("cpu-reasoning"))
-    assert {c.tuned_under["eval_max_new_tokens"] for c in choices} == {128}
+    assert {c.tuned_under["eval_max_new_tokens"] for c in choices} == {CAP_UPPER_BOUND}
     caps = pd.read_csv(config.repo_root() / "figures" / "reasoning_cap_cpu.csv")
     assert get_preset("cpu-reasoning", dtype="float32").eval_max_new_tokens == int(caps.loc[caps["chosen"], "cap"].iloc[0])
     get_preset("cpu-reasoning", dtype="float32", eval_max_new_tokens=106)  # a smaller cap, as the rule may choose

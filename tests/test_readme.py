@@ -562,3 +562,28 @@ def test_the_reasoning_summary_says_when_the_cap_is_the_bound_because_a_method_f
     text = "\n".join(reasoning_findings.lines(tables["results"], tables["difficulty"], met))
     assert "the smallest at which at least 95% of every method's validation replies finish" in text
     assert "the bound" not in text
+
+
+def test_the_reasoning_caveat_compares_the_held_out_cut_with_validation():
+    """A method cut past the budget on the test problems is named with its finished share at the same cap on
+    validation; only where validation met the rule does the caveat say the held-out problems drew longer replies."""
+    tables = reasoning_findings.load_tables("cpu")
+    results = tables["results"].copy()
+    results.loc[(results["kind"] == "per_seed") & (results["method"] == "MIPO"), "truncated"] = 0.2
+    findings = tables["findings"][tables["findings"]["quantity"] != "finished at the cap on validation"]
+
+    def caveat(mipo_share: float) -> str:
+        rows = [{"section": "setup", "quantity": "finished at the cap on validation", "subject": m, "value": v}
+                for m, v in (("prompting", 0.99), ("SFT", 0.99), ("MIPO", mipo_share))]
+        text = reasoning_findings.lines(results, tables["difficulty"], pd.concat([findings, pd.DataFrame(rows)]))
+        (line,) = [x for x in text if x.startswith("- Caveat:")]
+        return line
+
+    assert "held-out replies of MIPO;" in caveat(0.96)
+    assert "(finished at the same cap on validation: MIPO 96%; the held-out problems drew more" in caveat(0.96)
+    assert "(finished at the same cap on validation: MIPO 93%)." in caveat(0.93)
+    assert not any(x.startswith("- Caveat:") for x in reasoning_findings.lines(
+        results.assign(truncated=0.0), tables["difficulty"], tables["findings"]))
+    per_seed = results[results["kind"] == "per_seed"]
+    assert "(a cut reply has no final answer and is graded wrong)" in readme._truncation_line(per_seed)[1]
+    assert "preference" in readme._truncation_line(per_seed.assign(task="personalization"))[1]

@@ -126,9 +126,16 @@ def lines(results: pd.DataFrame, difficulty: pd.DataFrame, findings: pd.DataFram
     ]
     over = [m for m in methods if cut[m] > stats.CUT_BUDGET]
     if over:
+        on_validation = {r.subject: r.value for r in f.table.itertuples()
+                         if r.section == "setup" and r.quantity == "finished at the cap on validation"}
+        seen = {m: on_validation[m] for m in over if m in on_validation}
+        met = seen and min(seen.values()) >= 1 - stats.CUT_BUDGET - 1e-12  # the cap met the rule on validation
         out.append(f"- Caveat: the cap cut more than {stats.CUT_BUDGET:.0%} of the held-out replies of "
                    f"{', '.join(over)}; those replies have no final answer because the cap cut them, whatever their "
-                   "arithmetic.")
+                   "arithmetic" + (" (finished at the same cap on validation: "
+                                   + ", ".join(f"{m} {v:.0%}" for m, v in seen.items())
+                                   + ("; the held-out problems drew more replies that run on" if met else "") + ")"
+                                   if seen else "") + ".")
     wins = {(m, v): f.row("pmi within", f"right beats {v}", m) for m in ("pmi", "logp_x") for v in ("operand", "random")}
     out += [
         f"- The pairs: positives are correct in {f.value('pairs', 'positive correct'):.0%} of pairs, negatives "

@@ -99,8 +99,11 @@ def _truncation_line(per_seed: pd.DataFrame) -> list[str]:
         return ["", f"Every method's replies stay within the {render.pct(stats.CUT_BUDGET)} budget for hitting the "
                     f"token cap (highest: {rates.idxmax()} {render.pct(rates.max())})."]
     listed = ", ".join(f"{m} {render.pct(r)}" for m, r in over.items())
+    preferences = "task" not in per_seed or get_task(str(per_seed["task"].iloc[0])).conditional
+    cost = ("fails every preference that more text could break" if preferences  # a reasoning reply loses its answer
+            else "has no final answer and is graded wrong")
     return ["", f"**Over the {render.pct(stats.CUT_BUDGET)} budget for replies cut at the token cap: {listed}** (a cut "
-                "reply fails every preference that more text could break)."]
+                f"reply {cost})."]
 
 
 def _read_choices(path: Path) -> tuple[pd.DataFrame, str, str]:
