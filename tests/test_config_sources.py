@@ -123,8 +123,8 @@ def test_cpu_with_lora_r_4_says_which_committed_choices_no_longer_match(cpu_nati
 
 def test_cpu_reasoning_is_quiet_about_its_cap_chosen_after_tuning(monkeypatch, capsys):
     """cpu-reasoning tunes at the cap's upper bound (`reasoning.CAP_UPPER_BOUND` new tokens) and then picks its
-    evaluation cap (at most the bound, figures/reasoning_cap_cpu.csv) from validation replies: a difference there is the design, not stale choices, so
-    a run says nothing about it; a field changed by the user is still named."""
+    evaluation cap (at most the bound, figures/reasoning_cap_cpu.csv) from validation replies: a difference there is
+    the design, not stale choices, so a run says nothing about it; a field changed by the user is still named."""
     import pandas as pd
 
     from mipo_lib.experiments.reasoning import CAP_UPPER_BOUND

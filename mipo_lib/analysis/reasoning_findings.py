@@ -67,15 +67,21 @@ def _base(methods: list[str]) -> str:
     return next(m for m in methods if m in registry.names() and registry.get_method(m).training is None)
 
 
+def _finished_on_validation(f: _Findings) -> dict[str, float]:
+    """{method: share of its validation replies that finish within the chosen cap} (the findings' `finished at the
+    cap on validation` rows; empty for a table that predates them)."""
+    t = f.table
+    at_cap = t[(t["section"] == "setup") & (t["quantity"] == "finished at the cap on validation")]
+    return {str(r.subject): float(r.value) for r in at_cap.itertuples()}
+
+
 def _cap_rule(f: _Findings) -> str:
     """How the chosen cap met the rule: the smallest at which the required share of every method's validation replies
     finish, or the bound, with the methods that fall short there (the findings' `finished at the cap on validation`
     rows; a table without them predates the bound's fallback and met the rule)."""
     required = f.value("setup", "finished share required")
     rule = f"the smallest at which at least {required:.0%} of every method's validation replies finish"
-    t = f.table
-    at_cap = t[(t["section"] == "setup") & (t["quantity"] == "finished at the cap on validation")]
-    short = [(r.subject, r.value) for r in at_cap.itertuples() if r.value < required - 1e-12]
+    short = [(m, v) for m, v in _finished_on_validation(f).items() if v < required - 1e-12]
     if not short:
         return rule
     return (f"the bound: no cap up to it lets {required:.0%} of every method's validation replies finish; "
@@ -126,8 +132,7 @@ def lines(results: pd.DataFrame, difficulty: pd.DataFrame, findings: pd.DataFram
     ]
     over = [m for m in methods if cut[m] > stats.CUT_BUDGET]
     if over:
-        on_validation = {r.subject: r.value for r in f.table.itertuples()
-                         if r.section == "setup" and r.quantity == "finished at the cap on validation"}
+        on_validation = _finished_on_validation(f)
         seen = {m: on_validation[m] for m in over if m in on_validation}
         met = seen and min(seen.values()) >= 1 - stats.CUT_BUDGET - 1e-12  # the cap met the rule on validation
         out.append(f"- Caveat: the cap cut more than {stats.CUT_BUDGET:.0%} of the held-out replies of "

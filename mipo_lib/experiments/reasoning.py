@@ -52,8 +52,9 @@ PARSE_KINDS: tuple[str, ...] = ("answer_line", "final_mark", "answer_phrase", "l
 #: The share of every method's replies that must finish within the evaluation's token cap (`choose_cap`).
 FINISHED_SHARE = 1 - stats.CUT_BUDGET
 #: The largest evaluation cap `choose_cap` may pick: replies are generated at this cap to measure their lengths. It
-#: was 128 (the issue's bound) until MIPO's validation replies, on all three seeds, reached only 93% finished there,
-#: their curve still rising; every choice made at the bound (difficulty, tuning, cap) was then made again at 256.
+#: was 128 (the first protocol's bound) until MIPO's validation replies, on all three seeds, reached only 93%
+#: finished there, their curve still rising; every choice made at the bound (difficulty, tuning, cap) was then made
+#: again at 256.
 CAP_UPPER_BOUND = 256
 
 
