@@ -504,7 +504,7 @@ PRESETS: dict[str, Preset] = {
         top_p=0.9,
         max_new_tokens=128,
         max_length=256,
-        eval_max_new_tokens=213,  # figures/reasoning_cap_cpu.csv: the smallest cap at which 95% of MIPO's replies finish too
+        eval_max_new_tokens=213,  # figures/reasoning_cap_cpu.csv: the rule's smallest cap
         eval_batch_new_tokens=48,  # most replies end by 48 tokens: the rest go on together, the batch does not wait
         eval_no_repeat_ngram=0,
     ),
