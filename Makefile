@@ -81,7 +81,7 @@ reasoning: $(STAMP)
 # validation replies at those settings (their adapters are the test run's) -> figures/reasoning_cap_cpu.csv (set it as cpu-reasoning's eval_max_new_tokens): make reasoning-choices SET="dtype=float32"
 reasoning-choices: $(STAMP)
 	$(BIN)/python -m mipo_lib.experiments.reasoning --n 50 $(foreach s,$(SET),--set $(s))
-	$(BIN)/python -m mipo_lib tune --preset cpu-reasoning --seeds 0 --set eval_max_new_tokens=256 $(foreach s,$(SET),--set $(s))
+	$(BIN)/python -m mipo_lib tune --preset cpu-reasoning --seeds 0 --set eval_max_new_tokens=$$($(BIN)/python -c "from mipo_lib.experiments.reasoning import CAP_UPPER_BOUND; print(CAP_UPPER_BOUND)") $(foreach s,$(SET),--set $(s))
 	$(BIN)/python -m mipo_lib.experiments.reasoning --cap $(foreach s,$(SET),--set $(s))
 
 # The confirmatory test (docs/confirmatory-plan.md): the adapters of the first reference run with >= 5 seeds committed
