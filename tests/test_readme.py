@@ -587,3 +587,22 @@ def test_the_reasoning_caveat_compares_the_held_out_cut_with_validation():
     per_seed = results[results["kind"] == "per_seed"]
     assert "(a cut reply has no final answer and is graded wrong)" in readme._truncation_line(per_seed)[1]
     assert "preference" in readme._truncation_line(per_seed.assign(task="personalization"))[1]
+
+
+def test_the_reasoning_caveat_bounds_what_the_cut_replies_could_hide():
+    """Over the budget, the caveat states the trained method's accuracy and its difference from the base if every cut
+    reply had been right, computed from the per-seed rows (the base's cut replies kept wrong)."""
+    tables = reasoning_findings.load_tables("cpu")
+    results = tables["results"].copy()
+    per_seed = results["kind"] == "per_seed"
+    results.loc[per_seed & (results["method"] == "MIPO"), ["rate", "truncated"]] = [0.10, 0.25]
+    results.loc[per_seed & (results["method"] != "MIPO"), "truncated"] = 0.0
+    base_rate = results[per_seed & (results["method"] == "prompting")]["rate"].mean()
+    (line,) = [x for x in reasoning_findings.lines(results, tables["difficulty"], tables["findings"])
+               if x.startswith("- Caveat:")]
+    assert f"MIPO would score at most 35.0% and MIPO − base would be at most {100 * (0.35 - base_rate):+.1f} points" in line
+    only_base = results.assign(truncated=0.0)
+    only_base.loc[per_seed & (only_base["method"] == "prompting"), "truncated"] = 0.2
+    (line,) = [x for x in reasoning_findings.lines(only_base, tables["difficulty"], tables["findings"])
+               if x.startswith("- Caveat:")]
+    assert "would score at most" not in line

@@ -88,6 +88,19 @@ def _cap_rule(f: _Findings) -> str:
             + ", ".join(f"{m} {v:.0%}" for m, v in short) + " at the bound")
 
 
+def _best_case(over: list[str], base: str, rates: pd.Series, cut: pd.Series) -> str:
+    """How much the cap can hide: each over-budget trained method's accuracy and its difference from the base if every
+    one of its cut replies had been right and none of the base's (the most favourable case; '' when only the base is
+    over the budget). A bound on the point estimate, from the results table alone."""
+    trained = [m for m in over if m != base]
+    if not trained:
+        return ""
+    return (" If every cut reply had been right, " + "; ".join(
+        f"{m} would score at most {rates[m] + cut[m]:.1%} and {m} − base would be at most "
+        f"{100 * (rates[m] + cut[m] - rates[base]):+.1f} points" for m in trained)
+        + " (point estimates): the cap cannot hide a larger gain.")
+
+
 def lines(results: pd.DataFrame, difficulty: pd.DataFrame, findings: pd.DataFrame) -> list[str]:
     """The summary bullets (`- ...`) of a reasoning run, from its results, difficulty and findings tables."""
     f = _Findings(findings)
@@ -140,7 +153,7 @@ def lines(results: pd.DataFrame, difficulty: pd.DataFrame, findings: pd.DataFram
                    "arithmetic" + (" (finished at the same cap on validation: "
                                    + ", ".join(f"{m} {v:.0%}" for m, v in seen.items())
                                    + ("; the held-out problems drew more replies that run on" if met else "") + ")"
-                                   if seen else "") + ".")
+                                   if seen else "") + "." + _best_case(over, base, rates, cut))
     wins = {(m, v): f.row("pmi within", f"right beats {v}", m) for m in ("pmi", "logp_x") for v in ("operand", "random")}
     out += [
         f"- The pairs: positives are correct in {f.value('pairs', 'positive correct'):.0%} of pairs, negatives "
