@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     reg.add_argument("--seeds", type=_parse_seeds, default=None, help="seeds (default: the preset's; the first tunes)")
     reg.add_argument("--add-seeds", action="store_true", help="train and evaluate the committed choices on --seeds the "
                      "committed records lack and add them (no sweep; the committed seeds are kept)")
+    reg.add_argument("--sweep-only", action="store_true", help="sweep and choose again on validation, training only "
+                     "what the committed sweeps lack; write the sweep and choices (nothing evaluated on the test prompts)")
     reg.add_argument("--no-progress", action="store_true")
     abl = sub.add_parser("ablation-choices", help="each ablation variant's epochs chosen on validation (seed 0) -> "
                                                   "figures/ablation_choices_<preset>.csv, which notebook 06 reads",
@@ -152,6 +154,19 @@ def main(argv: list[str] | None = None) -> int:
                 if not args.seeds:
                     raise MipoError("--add-seeds needs --seeds, the seeds to add (e.g. --seeds 3,4)")
                 _, table, costs = add_seeds(args.preset, args.seeds, overrides, progress=not args.no_progress)
+            elif args.sweep_only:
+                from mipo_lib.experiments.regime import choices_path, choose_again
+
+                choices, stale, costs = choose_again(args.preset, args.seeds, overrides, progress=not args.no_progress)
+                for c in choices:
+                    print(f"{c['regime']}: {c['epochs']} epoch(s) at learning rate {c['learning_rate']:g} (validation "
+                          f"{c['validation_rate']:.1%}; best {c['best_rate']:.1%}, se {c['se']:.1%}; grid epochs "
+                          f"{c['epoch_grid']})")
+                for cost in costs:
+                    print(cost)
+                print(f"wrote {choices_path(args.preset)}; the committed test records "
+                      + (f"no longer match: {stale}" if stale else "still match these choices"))
+                return 0
             else:
                 _, table, costs = run_regime(args.preset, args.seeds, overrides, progress=not args.no_progress)
             print(table[table["kind"] == "paired_difference"].to_string(index=False))

@@ -171,6 +171,57 @@ def test_full_fine_tuning_reuses_nothing_of_make_tune(committed_tune):
     assert committed_tune == [(FULL, 0, regime.FULL.epoch_grid, lr) for lr in regime.FULL.lr_grid]
 
 
+@pytest.fixture
+def committed_regime_sweep(committed_tune, monkeypatch, tmp_path):
+    """Besides `committed_tune`: a committed regime sweep of full fine-tuning at 1 and 2 epochs for every rate of its
+    grid, and its choice (2 epochs at 1e-5) made on seed 0 under the smoke preset's settings, in tmp_path."""
+    preset = get_preset("smoke")
+    rows = [{"regime": regime.FULL.label, "method": FULL, "setting": "epochs", "value": float(e), "learning_rate": lr,
+             "rate": 0.4, "truncated": 0.0, "mean_words": 20.0, "n": 50, "n_seeds": 1, "per_seed": "0.400"}
+            for e in (1, 2) for lr in regime.FULL.lr_grid]
+    pd.DataFrame(rows).to_csv(tmp_path / "regime_tuning.csv", index=False)
+    monkeypatch.setattr(regime, "tuning_path", lambda name: tmp_path / "regime_tuning.csv")
+    monkeypatch.setattr(regime, "choices_path", lambda name: tmp_path / "regime_choices.csv")
+    choice = {"regime": regime.FULL.label, "method": FULL, "epochs": 2, "learning_rate": 1e-5, "validation_rate": 0.4,
+              "best_rate": 0.4, "se": 0.07, "n_validation": 50, "seeds": "0", "epoch_grid": "1 2",
+              "lr_grid": "1e-06 1e-05 0.0001", "rule": tune.RULE}
+    regime._write_choices(preset, pd.DataFrame(rows), [choice])
+    return committed_tune
+
+
+def test_a_grown_epoch_grid_trains_every_rate_again_over_the_whole_grid(committed_regime_sweep):
+    """The committed sweep lacks the grid's 4 epochs for every rate, so each rate is trained again (snapshots at 1, 2
+    and 4 epochs): a rate is read from a committed sweep only when every epoch of the grid is there."""
+    summary_ = regime.sweep(get_preset("smoke"), regime.FULL, [0], progress=False)
+    assert committed_regime_sweep == [(FULL, 0, regime.FULL.epoch_grid, lr) for lr in regime.FULL.lr_grid]
+    assert set(summary_["rate"]) == {0.5}  # the new training's rows, none of the committed 0.4
+
+
+def test_a_complete_committed_regime_sweep_is_read_not_trained(committed_regime_sweep, tmp_path):
+    sweep_ = pd.read_csv(tmp_path / "regime_tuning.csv")
+    four = sweep_[sweep_["value"] == 2.0].assign(value=4.0)
+    pd.concat([sweep_, four]).to_csv(tmp_path / "regime_tuning.csv", index=False)
+    summary_ = regime.sweep(get_preset("smoke"), regime.FULL, [0], progress=False)
+    assert committed_regime_sweep == [] and len(summary_) == 9 and set(summary_["rate"]) == {0.4}
+    regime.sweep(get_preset("smoke", beta=0.3), regime.FULL, [0], progress=False)  # other settings: trained again
+    assert [c[3] for c in committed_regime_sweep] == list(regime.FULL.lr_grid)
+
+
+def test_choose_again_writes_the_choices_and_says_whether_the_test_records_still_hold(fake_run, monkeypatch):
+    regime.run("smoke", seeds=[0, 1], progress=False)
+    choices, stale, _ = regime.choose_again("smoke", seeds=[0, 1], progress=False)
+    assert stale == "" and [c["epochs"] for c in regime.read_choices("smoke")] == [1, max(regime.FULL.epoch_grid)]
+
+    def lower_best(preset, regime_, seeds, progress=True):  # the best full fine-tuning moves to 1 epoch
+        return summary(regime_, [(e, lr, 0.9 if (e, lr) == (1, 1e-6) else 0.1)
+                                 for e in regime_.epoch_grid for lr in regime_.lr_grid])
+
+    monkeypatch.setattr(regime, "sweep", lower_best)
+    choices, stale, _ = regime.choose_again("smoke", seeds=[0, 1], progress=False)
+    assert (choices[1]["epochs"], choices[1]["learning_rate"]) == (1, 1e-6) and "made with other settings" in stale
+    assert regime.committed(get_preset("smoke"), [0, 1])[0] is None
+
+
 # ------------------------------------------------------------------------------------ the committed records
 @pytest.fixture
 def fake_run(monkeypatch, tmp_path):
@@ -202,7 +253,7 @@ def test_run_writes_tables_that_read_back_while_the_settings_match(fake_run):
     records, table, _ = regime.run("smoke", seeds=[0, 1], progress=False)
     choices = regime.read_choices("smoke")
     # each regime's largest learning rate at its largest epochs scored best in the fake sweep
-    assert [(c["epochs"], c["learning_rate"]) for c in choices] == [(1, 4e-3), (2, 1e-4)]
+    assert [(c["epochs"], c["learning_rate"]) for c in choices] == [(1, 4e-3), (max(regime.FULL.epoch_grid), 1e-4)]
     frame, why = regime.committed(get_preset("smoke"), [0, 1])
     assert why == "" and len(frame) == len(records) == 3 * 2 * 6
     diffs = table[table["kind"] == "paired_difference"]

@@ -61,7 +61,7 @@ class Regime:
 
 
 ONE_EPOCH = Regime("MIPO, 1 epoch", "MIPO", (1,), (2e-4, 8e-4, 2e-3, 4e-3))
-FULL = Regime("MIPO, full fine-tuning", "MIPO (full fine-tuning)", (1, 2), (1e-6, 1e-5, 1e-4))
+FULL = Regime("MIPO, full fine-tuning", "MIPO (full fine-tuning)", (1, 2, 4), (1e-6, 1e-5, 1e-4))
 REGIMES: tuple[Regime, ...] = (ONE_EPOCH, FULL)
 CHOICE_COLUMNS = ("regime", "method", "epochs", "learning_rate", "validation_rate", "best_rate", "se", "n_validation",
                   "seeds", "epoch_grid", "lr_grid", "rule", "tuned_under")
@@ -96,15 +96,38 @@ def get_regime(label: str) -> Regime:
 
 def sweep(preset: Preset, regime: Regime, seeds: Sequence[int], progress: bool = True) -> pd.DataFrame:
     """The validation summary of `regime` (`tune.summarize`, a `regime` column added): one training per seed and
-    learning rate for the grid's largest epochs, scored after each epoch of the grid. Settings `make tune` already
-    scored on the same seeds and settings are read from its committed sweep (`swept_by_tune`), not trained again."""
-    done = swept_by_tune(preset, regime, seeds)
-    todo = [lr for lr in regime.lr_grid if not (done["learning_rate"] == lr).any()]
+    learning rate for the grid's largest epochs, scored after each epoch of the grid. A learning rate whose every
+    epoch of the grid is already scored on the same seeds under the same settings, in `make tune`'s committed sweep
+    (`swept_by_tune`) or in this regime's own (`swept_before`), is read from there, not trained again; one that
+    lacks an epoch (the grid grew) is trained again over the whole grid."""
+    done = pd.concat([swept_by_tune(preset, regime, seeds), swept_before(preset, regime, seeds)], ignore_index=True)
+    done = done.drop_duplicates(["value", "learning_rate"]).reset_index(drop=True)
+    complete = [lr for lr in regime.lr_grid
+                if set(done.loc[done["learning_rate"] == lr, "value"]) >= set(map(float, regime.epoch_grid))]
+    done = done[done["learning_rate"].isin(complete)]
+    todo = [lr for lr in regime.lr_grid if lr not in complete]
     frames = [tune.sweep_epochs(preset, regime.method, int(s), regime.epoch_grid, progress=progress, learning_rate=lr)
               for s in seeds for lr in todo]
     swept = tune.summarize(pd.concat(frames, ignore_index=True)) if frames else done.iloc[:0]
     return (pd.concat([done, swept], ignore_index=True).sort_values(["value", "learning_rate"])
             .reset_index(drop=True).assign(regime=regime.label))
+
+
+def swept_before(preset: Preset, regime: Regime, seeds: Sequence[int]) -> pd.DataFrame:
+    """The rows of this regime's committed sweep (`figures/regime_tuning_<preset>.csv`) at an epoch and learning rate
+    of its grid, if its committed choice was made on `seeds` under the settings `preset` has (`tuned_under`), else
+    none: extending a grid trains only the learning rates that lack the new epochs."""
+    empty = pd.DataFrame(columns=["method", "setting", "value", "learning_rate"])
+    path = tuning_path(preset.name)
+    choice = next((c for c in read_choices(preset.name) if c["regime"] == regime.label), None)
+    if not path.exists() or choice is None or str(choice["seeds"]).split() != [str(s) for s in seeds]:
+        return empty
+    if config.tuning_differences(preset, json.loads(choice["tuned_under"])):
+        return empty
+    sweep_ = pd.read_csv(path)
+    keep = ((sweep_["regime"] == regime.label) & sweep_["value"].isin(regime.epoch_grid)
+            & sweep_["learning_rate"].isin(regime.lr_grid))
+    return sweep_[keep].drop(columns=["regime"]).reset_index(drop=True)
 
 
 def swept_by_tune(preset: Preset, regime: Regime, seeds: Sequence[int]) -> pd.DataFrame:
@@ -251,6 +274,30 @@ def run(preset_name: str = "cpu", seeds: Sequence[int] | None = None, overrides:
     return records, table, costs
 
 
+def choose_again(preset_name: str = "cpu", seeds: Sequence[int] | None = None, overrides: dict[str, Any] | None = None,
+                 progress: bool = True) -> tuple[list[dict[str, Any]], str, list[dict[str, Any]]]:
+    """`make regime-sweep`: each regime's validation sweep (only what the committed sweeps lack is trained, see
+    `sweep`) and choice, the sweep and choices tables written; nothing is evaluated on the test prompts.
+
+    Why: a grid that grows (full fine-tuning's epochs went from 1-2 to 1-2-4, its best at the old edge) must be
+    swept again before its choice can be trusted, and the test runs cost most of `make regime`. If the choices
+    stay as they were, the committed test records still hold (their keys depend on the chosen epochs and learning
+    rate only); if one moved, `committed` stops reading them and this says so: `make regime` recomputes them.
+    Returns (choices, "" or why the committed records no longer match, each regime's sweep seconds)."""
+    preset = get_preset(preset_name, **(overrides or {}))
+    seeds = list(seeds) if seeds is not None else list(preset.seeds)
+    summaries, choices, costs = [], [], []
+    for regime in REGIMES:
+        start = time.perf_counter()
+        summaries.append(sweep(preset, regime, seeds[:TUNING_SEEDS], progress))
+        choices.append(choose(summaries[-1], regime, seeds[:TUNING_SEEDS]))
+        costs.append({"stage": f"{regime.label}: validation sweep", "seconds": round(time.perf_counter() - start, 1)})
+    _write_choices(preset, pd.concat(summaries, ignore_index=True), choices)
+    held = (sorted({int(s) for s in pd.read_csv(records_path(preset.name), usecols=["seed"])["seed"]})
+            if records_path(preset.name).exists() else seeds)
+    return choices, committed(preset, held)[1], costs
+
+
 def add_seeds(preset_name: str, seeds: Sequence[int], overrides: dict[str, Any] | None = None,
               progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, list[dict[str, Any]]]:
     """`make regime-seeds SEEDS=3,4`: the committed choices trained and evaluated on `seeds` the committed records
@@ -303,6 +350,11 @@ def _write(preset: Preset, summary: pd.DataFrame, choices: list[dict[str, Any]],
            table: pd.DataFrame) -> None:
     """Write the four committed tables of a `make regime` run."""
     _write_records(preset, records, table)
+    _write_choices(preset, summary, choices)
+
+
+def _write_choices(preset: Preset, summary: pd.DataFrame, choices: list[dict[str, Any]]) -> None:
+    """Write the validation sweep and the choices, each choice with the settings its sweep read (`tuned_under`)."""
     summary[["regime", *[c for c in summary.columns if c != "regime"]]].to_csv(tuning_path(preset.name), index=False,
                                                                                float_format="%.6g")
     under = [json.dumps(tune.tuned_under(preset, c["method"], ("epochs", "learning_rate")), separators=(",", ":"))
