@@ -124,7 +124,7 @@ def swept_before(preset: Preset, regime: Regime, seeds: Sequence[int]) -> pd.Dat
         return empty
     if config.tuning_differences(preset, json.loads(choice["tuned_under"])):
         return empty
-    sweep_ = pd.read_csv(path)
+    sweep_ = pd.read_csv(path, dtype={"per_seed": str})  # the seeds' rates as written ("0.440")
     keep = ((sweep_["regime"] == regime.label) & sweep_["value"].isin(regime.epoch_grid)
             & sweep_["learning_rate"].isin(regime.lr_grid))
     return sweep_[keep].drop(columns=["regime"]).reset_index(drop=True)
