@@ -16,6 +16,9 @@ the best. Then every seed trains the chosen setting and is evaluated once on the
 baseline. The comparisons are their own family (`FAMILY`): a question about the paper's regime, read apart from the
 headline's Holm family ("main: MIPO vs baselines"), so adding them changes none of the headline's adjusted p-values.
 
+A grid that grows is swept again without the test runs (`choose_again`, `make regime-sweep`): only the learning
+rates that lack the new epochs are trained, and it says whether the committed test records still match the choices.
+
 It costs more than `make reproduce`'s budget (the sweep alone trains seven models), so it is its own target and
 notebook 05 reads its committed records (`figures/regime_<preset>.csv`) while their cache keys match the current
 settings, as it reads the held-out types' (`heldout.py`); otherwise it says why and shows no rows. The sweep goes to
