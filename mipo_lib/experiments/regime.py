@@ -296,9 +296,7 @@ def choose_again(preset_name: str = "cpu", seeds: Sequence[int] | None = None, o
         choices.append(choose(summaries[-1], regime, seeds[:TUNING_SEEDS]))
         costs.append({"stage": f"{regime.label}: validation sweep", "seconds": round(time.perf_counter() - start, 1)})
     _write_choices(preset, pd.concat(summaries, ignore_index=True), choices)
-    held = (sorted({int(s) for s in pd.read_csv(records_path(preset.name), usecols=["seed"])["seed"]})
-            if records_path(preset.name).exists() else seeds)
-    return choices, committed(preset, held)[1], costs
+    return choices, committed(preset, seeds)[1], costs  # as notebook 05 reads them: the run's seeds the table holds
 
 
 def add_seeds(preset_name: str, seeds: Sequence[int], overrides: dict[str, Any] | None = None,
