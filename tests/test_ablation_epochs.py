@@ -53,6 +53,18 @@ def test_own_epochs_reach_the_variants_and_the_control_matches_its_k(preset):
         ablations.variant_presets(preset, "K", (1,), infonce=(1,))
 
 
+def test_a_control_that_repeats_a_variant_is_that_variant(preset):
+    """K=2 at half the reference's epochs takes K=1's steps: its control would be K=1's adapter again, so it is not a
+    second row, and `matched_control` names K=1; the InfoNCE variant's control is never a DPO one."""
+    half = ablations.variant_presets(preset.with_overrides(epochs=2), "K", (1, 2), compute_matched=(2,), infonce=(2,),
+                                     epochs={"K=2": 1, "K=2 (InfoNCE)": 1})
+    assert list(half) == ["K=1", "K=2", "K=2 (InfoNCE)"] and ablations.matched_control(half, 2) == "K=1"
+    longer = ablations.variant_presets(preset.with_overrides(epochs=2), "K", (1, 2), compute_matched=(2,))
+    assert ablations.matched_control(longer, 2) == "K=1, 2x epochs" and longer["K=1, 2x epochs"].epochs == 4
+    with pytest.raises(MipoError, match="compute_matched=\\[2\\]"):
+        ablations.matched_control(ablations.variant_presets(preset, "K", (1, 2)), 2)
+
+
 def test_a_committed_choice_is_used_only_with_the_key_the_settings_give(preset, tables, monkeypatch):
     variants = {"beta=0.3": (preset.with_overrides(beta=0.3), "MIPO")}
     epochs, missing = ablation_epochs.chosen(preset, variants)

@@ -113,6 +113,17 @@ def test_a_run_without_the_control_says_the_two_are_confounded():
     assert "no compute-matched control" in k and "At equal optimizer steps" not in k
 
 
+def test_a_k2_at_k1s_steps_is_read_as_compute_matched_without_a_control():
+    """K=2 at half K=1's epochs trains as many steps: K=1 is its control, so neither text calls them confounded."""
+    equal = _variants(control=False)
+    equal.loc[equal["variant"] == "K=2", "optimizer_steps"] = 120
+    run = _run(equal, _comparisons(control=False))
+    k = _bullet(ablation_findings.findings(run), "**Number")
+    assert "K = 2 took as many optimizer steps as K = 1" in k and "no compute-matched control" not in k
+    assert "At their own epochs K=2 took as many steps as K=1" in ablation_findings.conclusions_text(run)
+    assert "At their own epochs" not in ablation_findings.conclusions_text(_run())  # 120 vs 240 steps: not equal
+
+
 @pytest.mark.parametrize("verdict, expected", [("loss", "taught the preference *less* well"),
                                                ("gain", "taught the preference best"), ("none", None)])
 def test_the_negative_reading_follows_its_direction(verdict, expected):

@@ -152,11 +152,22 @@ def _k_lines(run: AblationRun, rows: pd.DataFrame) -> list[Line]:
     lines += _comparison_lines(rows[~first])
     steps = k["optimizer_steps"].dropna()
     if len(steps):
+        equal = _equal_steps(steps)
         lines.append(("Caveat: K pairs per prompt also mean more optimizer steps (" +
                       ", ".join(f"{v}: {s:.0f}" for v, s in steps.items()) +
                       "), so K vs K=1 mixes more negatives with longer training; K vs its compute-matched control "
-                      "(K=1 for K x the epochs) separates them.", True))
+                      "(K=1 for K x the epochs) separates them." +
+                      (f" At their own epochs {', '.join(equal)} took as many steps as K=1: there K - K=1 is itself "
+                       "the compute-matched comparison." if equal else ""), True))
     return lines
+
+
+def _equal_steps(steps: pd.Series) -> list[str]:
+    """The K variants (by label) that trained as many optimizer steps as the reference K=1 (fewer epochs for more
+    pairs): for them K - K=1 already holds compute fixed, and no separate control is trained (`matched_control`)."""
+    if "K=1" not in steps.index:
+        return []
+    return [v for v, n in steps.items() if v != "K=1" and n == steps["K=1"]]
 
 
 def _twin_lines(run: AblationRun, rows: pd.DataFrame) -> list[Line]:
@@ -244,6 +255,9 @@ def _k_negatives(run: AblationRun) -> str | None:
                      "steps the second negative made no detectable difference.")
         else:
             text += "Neither the second negative nor the longer training made a detectable difference at this size."
+    elif "K=2" in _equal_steps(run.ablation("K")["optimizer_steps"].dropna()):
+        text += (". At its own epochs (chosen on validation) K = 2 took as many optimizer steps as K = 1, so K = 2 - "
+                 "K = 1 compares one and two negatives at equal compute; K = 1 is K = 2's compute-matched control.")
     else:
         text += (". This run has no compute-matched control, so more negatives and longer training (K pairs per "
                  "prompt are K times the optimizer steps) are confounded here.")

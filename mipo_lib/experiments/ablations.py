@@ -90,7 +90,9 @@ def variant_presets(
     `infonce` (K only) lists the K values that are also trained with the K+1-way InfoNCE contrast over the same pairs
     (`infonce_label`, method `INFONCE_METHOD`): the multi-negative objective whose bound notebook 01 derives, next to K
     two-way DPO pairs. `epochs` maps labels to their own epochs (`ablation_epochs.chosen`: each variant at its own
-    best); a label it does not name keeps the preset's, and a control takes K=k's epochs times k.
+    best); a label it does not name keeps the preset's, and a control takes K=k's epochs times k. A control whose
+    settings equal a variant's (K=2 at 1 epoch takes as many steps as K=1 at 2) is that variant, not a second row of
+    the same adapter: `matched_control` names it.
     """
     if kind not in _FIELDS:
         raise MipoError(f"unknown ablation {kind!r}; choose one of: {', '.join(_FIELDS)}")
@@ -115,8 +117,24 @@ def variant_presets(
     out = {label: p.with_overrides(epochs=own[label]) if label in own else p for label, p in out.items()}
     for k in matched:
         steps_of = own.get(variant_label("K", k), preset.epochs)  # K=k's own epochs: the control matches its steps
-        out.setdefault(compute_matched_label(k), preset.with_overrides(k_negatives=1, epochs=steps_of * k))
+        control = preset.with_overrides(k_negatives=1, epochs=steps_of * k)
+        if control not in out.values():
+            out.setdefault(compute_matched_label(k), control)
     return out
+
+
+def matched_control(variants: Mapping[str, Preset], k: int) -> str:
+    """The label of K=k's compute-matched control among `variants` (`variant_presets`): `K=1, kx epochs`, or the
+    variant whose settings it would repeat (the reference K=1 when K=k's own epochs are K=1's divided by k)."""
+    label = compute_matched_label(k)
+    if label in variants:
+        return label
+    plain = variants[variant_label("K", k)]
+    control = plain.with_overrides(k_negatives=1, epochs=plain.epochs * k)
+    for name, p in variants.items():
+        if p == control and method_of(name) == method_of(label):
+            return name
+    raise MipoError(f"no compute-matched control for K={k} among {', '.join(variants)}: pass compute_matched=[{k}]")
 
 
 def infonce_label(k: int) -> str:
