@@ -71,8 +71,10 @@ regime-seeds: $(STAMP)
 ablation-choices: $(STAMP)
 	$(BIN)/python -m mipo_lib ablation-choices --preset $(PRESET) $(foreach s,$(SET),--set $(s))
 
+# Notebook 06 on seeds 0-2 (its committed run's; eight variants per seed), after make reproduce: make ablations SET="dtype=float32"
+ABLATION_SEEDS ?= 0,1,2
 ablations: $(STAMP)
-	$(BIN)/python -m mipo_lib reproduce --preset $(PRESET) --notebooks 06 $(if $(SEEDS),--seeds $(SEEDS)) $(foreach s,$(SET),--set $(s))
+	$(BIN)/python -m mipo_lib reproduce --preset $(PRESET) --notebooks 06 --seeds $(if $(SEEDS),$(SEEDS),$(ABLATION_SEEDS)) $(foreach s,$(SET),--set $(s))
 
 # Notebook 07 (reasoning: unconditional MIPO on arithmetic) on its own preset; REASONING_PRESET=smoke-reasoning to try it
 REASONING_PRESET ?= cpu-reasoning

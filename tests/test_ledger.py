@@ -183,3 +183,16 @@ def test_headline_reads_the_committed_results():
     assert (f"MIPO {100 * r['rate']:.1f}% vs prompting {100 * r['baseline_rate']:.1f}%: {100 * r['diff']:+.1f} "
             f"[{100 * r['diff_lo']:+.1f}, {100 * r['diff_hi']:+.1f}]") in line
     assert line.endswith(f"[95% CIs: {design}; sensitivity: seed-aware cluster(group)]")
+
+
+def test_ablation_headline_reads_the_committed_variants_once_each():
+    table = pd.read_csv(ROOT / "figures" / "ablations_cpu.csv")
+    line = ledger.ablation_headline(ROOT / "figures" / "ablations_cpu.csv")
+    references = table[table["vs_reference"].isna()]
+    assert line.startswith(f"reference ({', '.join(references['variant'])}) {100 * references['rate'].iloc[0]:.1f}%")
+    for _, r in table[table["vs_reference"].notna()].iterrows():
+        assert (f"{r['variant']} {100 * r['rate']:.1f}% (vs reference {100 * r['vs_reference']:+.1f} "
+                f"[{100 * r['vs_reference_lo']:+.1f}, {100 * r['vs_reference_hi']:+.1f}])") in line
+    assert line.endswith(f"({table['n_seeds'].iloc[0]} seeds x {table['n_examples'].iloc[0]} prompts)")
+    with pytest.raises(MipoError, match="not an ablations table"):
+        ledger.ablation_headline(ROOT / "figures" / "results_cpu.csv")

@@ -76,6 +76,10 @@ def test_only_the_reference_run_publishes():
     assert not is_reference_run(get_preset("cpu"), {}, seeds=[0])  # the one-seed quick path writes under runs/
     assert is_reference_run(get_preset("cpu"), {}, seeds=[0, 1, 2, 3, 4])
     assert not is_reference_run(get_preset("cpu"), {}, seeds=[0, 1, 2])  # a subset of the preset's seeds
+    ablations = ["06_ablations"]  # notebook 06's committed run uses seeds 0-2 (make ablations)
+    assert is_reference_run(get_preset("cpu"), {"dtype": "float32"}, seeds=[0, 1, 2], notebooks=ablations)
+    assert not is_reference_run(get_preset("cpu"), {}, seeds=[0], notebooks=ablations)
+    assert not is_reference_run(get_preset("cpu"), {}, seeds=[0, 1, 2], notebooks=["05_results", "06_ablations"])
 
 
 def test_styled_tables_get_ids_from_their_content():

@@ -160,3 +160,19 @@ def headline(table_path: Path) -> str:
                      f"Holm p {float(r['p_holm']):.2g} ({_count(r['n_seeds'], 'seed')} x {r['n']} prompts)")
     sensitivity = f"; sensitivity: {', '.join(designs[1:])}" if designs[1:] else ""
     return "; ".join(parts) + f" [95% CIs: {designs[0]}{sensitivity}]"
+
+
+def ablation_headline(table_path: Path) -> str:
+    """One line from notebook 06's variants table (`ablations_<preset>.csv`): each variant's rate and, for every
+    variant but the references, its difference from the reference with the 95% CI."""
+    with Path(table_path).open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or "vs_reference" not in rows[0]:
+        raise MipoError(f"{table_path} is not an ablations table (notebook 06's ablations_<preset>.csv)")
+    references = [r for r in rows if not r["vs_reference"]]  # one run under each ablation's name for it
+    parts = [f"reference ({', '.join(r['variant'] for r in references)}) {render.pct(float(references[0]['rate']))}"]
+    parts += [f"{r['variant']} {render.pct(float(r['rate']))} (vs reference "
+              f"{render.interval(float(r['vs_reference']), float(r['vs_reference_lo']), float(r['vs_reference_hi']))})"
+              for r in rows if r["vs_reference"]]
+    return "; ".join(parts) + f" ({_count(rows[0]['n_seeds'], 'seed')} x {rows[0]['n_examples']} prompts)"
+

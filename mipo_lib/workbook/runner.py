@@ -183,7 +183,7 @@ def reproduce(
     (`--set name=...` keeps a variant's notebooks apart).
     """
     effective = say_settings(preset, overrides).preset  # fail fast on an unknown name, field or value
-    reference = is_reference_run(effective, overrides, seeds)
+    reference = is_reference_run(effective, overrides, seeds, [p.stem for p in list_notebooks(notebooks)])
     # only a run that computes everything measures the notebooks' cost (one that reuses its cache measures reading it)
     from_scratch = redo or not (runs_dir() / effective.name / effective.task).exists()
     out_dir = run_dir(effective, "notebooks")
@@ -218,6 +218,15 @@ def reproduce(
         table = results_path(effective.name)  # every evaluation of the test split has its ledger row (docs/ledger.md)
         ledger.record(table.name, ledger.PENDING, ledger.protocol_of(effective, seeds or effective.seeds), ledger.headline(table))
         print(f"[mipo] data/ledger.csv: a row for this evaluation of the test split (commit it with {table.name})", flush=True)
+    if reference and effective.name in ABLATION_SEEDS and any(r.notebook.startswith(ABLATIONS_NOTEBOOK) for r in runs):
+        from mipo_lib.experiments import ledger
+        from mipo_lib.analysis.plots import figures_dir
+
+        table = figures_dir(effective.name) / f"ablations_{effective.name}.csv"  # its variants met the test prompts too
+        ledger.record(table.name, ledger.PENDING, ledger.protocol_of(effective, seeds or effective.seeds)
+                      + "; each ablation variant at its own epochs (figures/ablation_choices_cpu.csv)",
+                      ledger.ablation_headline(table))
+        print(f"[mipo] data/ledger.csv: a row for this evaluation of the test split (commit it with {table.name})", flush=True)
     if reference and from_scratch and runs:
         from mipo_lib.workbook.readme import TIMINGS, update_readme, update_timings_table
 
@@ -239,12 +248,25 @@ RESULTS_NOTEBOOK: dict[str, str] = {"cpu": "05", "cpu-reasoning": "07"}
 README_NOTEBOOKS: dict[str, tuple[str, ...]] = {"cpu": ("05", "06"), "cpu-reasoning": ("07",)}
 
 
-def is_reference_run(preset: Any, overrides: Mapping[str, Any] | None, seeds: Sequence[int] | None = None) -> bool:
+#: The seeds of notebook 06's committed run: it trains eight variants per seed, so its reference uses three seeds,
+#: not the preset's five (`make ablations` passes them).
+ABLATION_SEEDS: dict[str, tuple[int, ...]] = {"cpu": (0, 1, 2)}
+ABLATIONS_NOTEBOOK = "06"
+
+
+def is_reference_run(
+    preset: Any, overrides: Mapping[str, Any] | None, seeds: Sequence[int] | None = None,
+    notebooks: Sequence[str] = (),
+) -> bool:
     """A reference run: a reference preset (`RESULTS_NOTEBOOK`) as committed (its validation choices included), at
-    most with `dtype` set, on all of its seeds. Only it writes the committed figures/, publishes its outputs into the
-    committed notebooks and regenerates the README's results block: a one-seed quick run (`make reproduce SEEDS=0`)
-    writes under runs/ like any other."""
+    most with `dtype` set, on all of its seeds, or notebook 06 alone (`notebooks`: the notebooks' file stems) on its
+    `ABLATION_SEEDS`. Only it writes the committed figures/, publishes its outputs into the committed notebooks and
+    regenerates the README's results block: a one-seed quick run (`make reproduce SEEDS=0`) writes under runs/ like
+    any other."""
     all_seeds = seeds is None or tuple(seeds) == tuple(preset.seeds)
+    ablations_only = bool(notebooks) and all(n.startswith(ABLATIONS_NOTEBOOK) for n in notebooks)
+    if ablations_only and seeds is not None and tuple(seeds) == ABLATION_SEEDS.get(preset.name):
+        all_seeds = True
     return preset.name in RESULTS_NOTEBOOK and set(overrides or {}) <= REFERENCE_OVERRIDES and all_seeds
 
 
