@@ -175,4 +175,3 @@ def ablation_headline(table_path: Path) -> str:
               f"{render.interval(float(r['vs_reference']), float(r['vs_reference_lo']), float(r['vs_reference_hi']))})"
               for r in rows if r["vs_reference"]]
     return "; ".join(parts) + f" ({_count(rows[0]['n_seeds'], 'seed')} x {rows[0]['n_examples']} prompts)"
-

@@ -224,7 +224,7 @@ def reproduce(
 
         table = figures_dir(effective.name) / f"ablations_{effective.name}.csv"  # its variants met the test prompts too
         ledger.record(table.name, ledger.PENDING, ledger.protocol_of(effective, seeds or effective.seeds)
-                      + "; each ablation variant at its own epochs (figures/ablation_choices_cpu.csv)",
+                      + f"; each ablation variant at its own epochs (figures/ablation_choices_{effective.name}.csv)",
                       ledger.ablation_headline(table))
         print(f"[mipo] data/ledger.csv: a row for this evaluation of the test split (commit it with {table.name})", flush=True)
     if reference and from_scratch and runs:
