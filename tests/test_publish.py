@@ -122,3 +122,26 @@ def test_only_a_from_scratch_reference_run_records_its_times(tmp_path, monkeypat
     runner.reproduce("cpu", overrides={"lora_r": 4}, redo=True, progress=False)  # not the reference
     assert recorded == ["cpu", "cpu"]
     assert evaluations == ["results_cpu.csv"] * 3
+
+
+def test_the_ablations_reference_run_records_its_ledger_row(tmp_path, monkeypatch):
+    """Notebook 06 on seeds 0-2 evaluates its variants on the test prompts: a ledger row for figures/ablations_cpu.csv,
+    with each variant's rate; on other seeds it is not the reference and records nothing."""
+    from mipo_lib.experiments import ledger
+    from mipo_lib.workbook import publish as publish_module
+    from mipo_lib.workbook import readme, runner
+
+    monkeypatch.setenv("MIPO_RUNS_DIR", str(tmp_path / "runs"))
+    (tmp_path / "runs" / "cpu" / "personalization").mkdir(parents=True)  # a cached run: no timings recorded
+    monkeypatch.setattr(runner, "list_notebooks", lambda names: [runner.notebooks_dir() / "06_ablations.ipynb"])
+    monkeypatch.setattr(runner, "run_notebook", lambda path, *a, **k: runner.NotebookRun(path.stem, "cpu", 1.0, 2.0, True))
+    monkeypatch.setattr(publish_module, "publish", lambda path: None)
+    monkeypatch.setattr(readme, "update_readme", lambda name: False)
+    rows = []
+    monkeypatch.setattr(ledger, "record", lambda table, commit, protocol, result: rows.append((table, protocol, result)))
+    runner.reproduce("cpu", seeds=[0], notebooks=["06"], progress=False)  # a quick look: not the reference
+    assert rows == []
+    runner.reproduce("cpu", seeds=[0, 1, 2], notebooks=["06"], overrides={"dtype": "float32"}, progress=False)
+    ((table, protocol, result),) = rows
+    assert table == "ablations_cpu.csv" and "seeds 0 1 2" in protocol and "ablation_choices_cpu.csv" in protocol
+    assert result == ledger.ablation_headline(repo_root() / "figures" / "ablations_cpu.csv")

@@ -219,10 +219,10 @@ def reproduce(
         ledger.record(table.name, ledger.PENDING, ledger.protocol_of(effective, seeds or effective.seeds), ledger.headline(table))
         print(f"[mipo] data/ledger.csv: a row for this evaluation of the test split (commit it with {table.name})", flush=True)
     if reference and effective.name in ABLATION_SEEDS and any(r.notebook.startswith(ABLATIONS_NOTEBOOK) for r in runs):
+        from mipo_lib.analysis.ablation_findings import table_paths
         from mipo_lib.experiments import ledger
-        from mipo_lib.analysis.plots import figures_dir
 
-        table = figures_dir(effective.name) / f"ablations_{effective.name}.csv"  # its variants met the test prompts too
+        table = table_paths(effective.name)["variants"]  # the committed table: its variants met the test prompts too
         ledger.record(table.name, ledger.PENDING, ledger.protocol_of(effective, seeds or effective.seeds)
                       + f"; each ablation variant at its own epochs (figures/ablation_choices_{effective.name}.csv)",
                       ledger.ablation_headline(table))
