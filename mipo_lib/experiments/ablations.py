@@ -116,8 +116,8 @@ def variant_presets(
     own = dict(epochs or {})
     out = {label: p.with_overrides(epochs=own[label]) if label in own else p for label, p in out.items()}
     for k in matched:
-        steps_of = own.get(variant_label("K", k), preset.epochs)  # K=k's own epochs: the control matches its steps
-        control = preset.with_overrides(k_negatives=1, epochs=steps_of * k)
+        # K=k's own epochs: the control matches its steps
+        control = _control_of(preset.with_overrides(k_negatives=k, epochs=own.get(variant_label("K", k), preset.epochs)))
         if control not in out.values():
             out.setdefault(compute_matched_label(k), control)
     return out
@@ -129,12 +129,16 @@ def matched_control(variants: Mapping[str, Preset], k: int) -> str:
     label = compute_matched_label(k)
     if label in variants:
         return label
-    plain = variants[variant_label("K", k)]
-    control = plain.with_overrides(k_negatives=1, epochs=plain.epochs * k)
+    control = _control_of(variants[variant_label("K", k)])
     for name, p in variants.items():
         if p == control and method_of(name) == method_of(label):
             return name
     raise MipoError(f"no compute-matched control for K={k} among {', '.join(variants)}: pass compute_matched=[{k}]")
+
+
+def _control_of(k_variant: Preset) -> Preset:
+    """The compute-matched control of a K variant: one negative, K times its epochs (as many optimizer steps)."""
+    return k_variant.with_overrides(k_negatives=1, epochs=k_variant.epochs * k_variant.k_negatives)
 
 
 def infonce_label(k: int) -> str:

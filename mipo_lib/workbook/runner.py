@@ -216,17 +216,15 @@ def reproduce(
         from mipo_lib.workbook.readme import results_path
 
         table = results_path(effective.name)  # every evaluation of the test split has its ledger row (docs/ledger.md)
-        ledger.record(table.name, ledger.PENDING, ledger.protocol_of(effective, seeds or effective.seeds), ledger.headline(table))
-        print(f"[mipo] data/ledger.csv: a row for this evaluation of the test split (commit it with {table.name})", flush=True)
+        _record_test_evaluation(table, ledger.protocol_of(effective, seeds or effective.seeds), ledger.headline(table))
     if reference and effective.name in ABLATION_SEEDS and any(r.notebook.startswith(ABLATIONS_NOTEBOOK) for r in runs):
         from mipo_lib.analysis.ablation_findings import table_paths
         from mipo_lib.experiments import ledger
 
         table = table_paths(effective.name)["variants"]  # the committed table: its variants met the test prompts too
-        ledger.record(table.name, ledger.PENDING, ledger.protocol_of(effective, seeds or effective.seeds)
-                      + f"; each ablation variant at its own epochs (figures/ablation_choices_{effective.name}.csv)",
-                      ledger.ablation_headline(table))
-        print(f"[mipo] data/ledger.csv: a row for this evaluation of the test split (commit it with {table.name})", flush=True)
+        _record_test_evaluation(table, ledger.protocol_of(effective, seeds or effective.seeds)
+                                + f"; each ablation variant at its own epochs (figures/ablation_choices_{effective.name}.csv)",
+                                ledger.ablation_headline(table))
     if reference and from_scratch and runs:
         from mipo_lib.workbook.readme import TIMINGS, update_readme, update_timings_table
 
@@ -234,6 +232,14 @@ def reproduce(
         update_readme(effective.name)  # its cost lines are rendered from the timings table
         print(f"[mipo] figures/{TIMINGS} records this from-scratch run's times", flush=True)
     return runs
+
+
+def _record_test_evaluation(table: Path, protocol: str, result: str) -> None:
+    """A reference run's ledger row for `table` (`ledger.record`, commit pending), and a line saying to commit both."""
+    from mipo_lib.experiments import ledger
+
+    ledger.record(table.name, ledger.PENDING, protocol, result)
+    print(f"[mipo] data/ledger.csv: a row for this evaluation of the test split (commit it with {table.name})", flush=True)
 
 
 #: Overrides that keep a run the reference: fp32 on a CPU with native bf16 reproduces what a CPU without it computes.
